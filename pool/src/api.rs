@@ -1,0 +1,394 @@
+//! The public surface: [`Pool`], its [`Builder`], and the [`State`] snapshot.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{BackoffConfig, Config, H2Config};
+use crate::endpoint::Endpoint;
+use crate::error::Error;
+use crate::inner::PoolInner;
+use crate::member::{EvictionReason, MemberState};
+
+/// A pool of HTTP/2 connections to the endpoints of one gRPC service.
+///
+/// `Pool` is a cheap handle (an `Arc` inside): clone it into every client. It implements
+/// `tower::Service<http::Request<B>>`, so a tonic-generated client works on it directly:
+/// `EchoClient::new(pool.clone())`. Each call takes a stream slot on the least loaded ready
+/// connection (power of two choices between endpoints), opens more connections when all are
+/// saturated, and waits at most `checkout_timeout` for room.
+///
+/// Dropping the last handle closes the pool: connections drain their in-flight streams and
+/// close, and every background task ends. [`Pool::close`] does the same and waits for it.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), grpc_pool_core::Error> {
+/// use std::time::Duration;
+/// let pool = grpc_pool_core::Pool::builder()
+///     .name("orders")
+///     .min_connections(1)
+///     .max_connections(4)
+///     .checkout_timeout(Duration::from_secs(2))
+///     .build(["http://10.0.0.7:50051", "http://10.0.0.8:50051"])
+///     .await?;
+/// println!("{:?}", pool.state().statistics);
+/// pool.close().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Pool {
+    handle: Arc<Handle>,
+}
+
+/// The user-held part: when the last one drops, the pool shuts down, even though in-flight
+/// calls and background tasks still hold `PoolInner`.
+struct Handle {
+    inner: Arc<PoolInner>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.inner.close();
+    }
+}
+
+impl Pool {
+    /// A builder with the defaults: `min_connections` 1, `max_connections` 8 (both per
+    /// endpoint), 100 streams per connection, 5 s checkout timeout, 10 s connect timeout, and
+    /// gRPC's reconnect backoff.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<PoolInner> {
+        &self.handle.inner
+    }
+
+    /// The pool's name, as in logs and metric labels.
+    pub fn name(&self) -> &str {
+        self.inner().name()
+    }
+
+    /// Stops taking new calls, lets the calls in flight finish, and returns when every
+    /// connection has closed. Calls that start afterwards fail with
+    /// [`ErrorKind::PoolClosed`](crate::ErrorKind::PoolClosed). A call whose stream never
+    /// ends keeps `close` waiting: bound it with `tokio::time::timeout` if that can happen.
+    pub async fn close(&self) {
+        self.inner().close();
+        self.inner().live.all_closed().await;
+    }
+
+    /// A snapshot of every endpoint and member, and the pool's statistics.
+    pub fn state(&self) -> State {
+        let inner = self.inner();
+        let endpoints = inner
+            .endpoints
+            .iter()
+            .map(|entry| {
+                let members = entry
+                    .members()
+                    .iter()
+                    .map(|m| MemberSnapshot {
+                        id: m.id,
+                        state: m.state(),
+                        in_flight: m.in_flight(),
+                        max_streams: m.max_streams(),
+                        age: m.age(),
+                        idle: m.idle(),
+                    })
+                    .collect();
+                let locked = entry.lock();
+                EndpointState {
+                    endpoint: entry.shared.endpoint.clone(),
+                    members,
+                    connecting: locked.connecting,
+                    in_flight: entry.in_flight(),
+                    consecutive_failures: locked.consecutive_failures,
+                    last_connect_error: locked.last_error.clone(),
+                }
+            })
+            .collect();
+        let s = &inner.stats;
+        State {
+            name: inner.name().to_owned(),
+            endpoints,
+            waiters: inner.waiters.len(),
+            open_connections: inner.live.count(),
+            closed: inner.is_closed(),
+            statistics: Statistics {
+                checkouts_direct: s.checkouts_direct.load(Ordering::Relaxed),
+                checkouts_waited: s.checkouts_waited.load(Ordering::Relaxed),
+                checkout_timeouts: s.checkout_timeouts.load(Ordering::Relaxed),
+                checkout_wait_time: Duration::from_nanos(s.checkout_wait_nanos.load(Ordering::Relaxed)),
+                connections_created: s.connections_created.load(Ordering::Relaxed),
+                connect_failures: s.connect_failures.load(Ordering::Relaxed),
+                retries: s.retries.load(Ordering::Relaxed),
+                connections_closed: EvictionReason::ALL
+                    .iter()
+                    .map(|r| (*r, s.closed_by_reason[r.index()].load(Ordering::Relaxed)))
+                    .collect(),
+            },
+        }
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool").field("name", &self.name()).finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Pool`]; every setting is checked at build, and a bad one fails with a message
+/// naming the field and the allowed range.
+///
+/// ```
+/// let err = grpc_pool_core::Pool::builder()
+///     .min_connections(5)
+///     .max_connections(2)
+///     .build_lazy(["http://127.0.0.1:50051"])
+///     .unwrap_err();
+/// assert!(err.to_string().contains("`min_connections` = 5 is above max_connections = 2"));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Builder {
+    config: Config,
+}
+
+impl Builder {
+    /// The pool's name in logs, errors and metric labels. Default `grpc-pool`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// Connections kept open per endpoint even when idle (0 to `max_connections`). Default 1.
+    pub fn min_connections(mut self, min: usize) -> Self {
+        self.config.min_connections = min;
+        self
+    }
+
+    /// Most connections per endpoint (1 to 10,000). Default 8.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.config.max_connections = max;
+        self
+    }
+
+    /// Most concurrent streams per connection (1 to 2^20); the server's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` lowers it further. Default 100.
+    pub fn max_streams_per_connection(mut self, max: u32) -> Self {
+        self.config.max_streams_per_connection = max;
+        self
+    }
+
+    /// Longest a call waits for a stream slot before failing (above zero). Default 5 s.
+    pub fn checkout_timeout(mut self, timeout: Duration) -> Self {
+        self.config.checkout_timeout = timeout;
+        self
+    }
+
+    /// Longest a connect may take, from TCP to the server's SETTINGS (above zero).
+    /// Default 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Reconnect backoff after failed connects. Default: gRPC's (1 s, x1.6, +/-20%, 120 s).
+    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.config.backoff = backoff;
+        self
+    }
+
+    /// HTTP/2 window, frame and header-list settings.
+    pub fn h2(mut self, h2: H2Config) -> Self {
+        self.config.h2 = h2;
+        self
+    }
+
+    fn prepare<I, S>(self, endpoints: I) -> Result<Arc<PoolInner>, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.config.validate()?;
+        let endpoints =
+            endpoints.into_iter().map(|e| Endpoint::parse(e.as_ref())).collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(Error::config("endpoints", "an empty list", "at least one endpoint URI"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for endpoint in &endpoints {
+            if !seen.insert(endpoint) {
+                return Err(Error::config(
+                    "endpoints",
+                    &format!("`{endpoint}` listed twice"),
+                    "each endpoint once (raise max_connections for more connections to one)",
+                ));
+            }
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::config(
+                "runtime",
+                "no Tokio runtime",
+                "building inside a Tokio runtime (the pool spawns its connection tasks there)",
+            ));
+        }
+        Ok(Arc::new(PoolInner::new(self.config, endpoints)))
+    }
+
+    /// Builds the pool and connects before returning: `max(min_connections, 1)` connections
+    /// per endpoint, all at once. Fails only if no endpoint can be reached, with every
+    /// endpoint's error; endpoints that failed keep retrying in the background.
+    pub async fn build<I, S>(self, endpoints: I) -> Result<Pool, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let inner = self.prepare(endpoints)?;
+        let pool = Pool { handle: Arc::new(Handle { inner: inner.clone() }) };
+        let per_endpoint = inner.config.min_connections.max(1);
+        let mut attempts = tokio::task::JoinSet::new();
+        for entry in &inner.endpoints {
+            for _ in 0..per_endpoint {
+                let (inner, entry) = (inner.clone(), entry.clone());
+                attempts.spawn(async move {
+                    let result = inner.open_member(&entry).await;
+                    if let Ok(member) = &result {
+                        inner.add_member(&entry, member.clone());
+                    }
+                    result.map(|_| ())
+                });
+            }
+        }
+        let mut errors = Vec::new();
+        let mut connected = 0;
+        while let Some(joined) = attempts.join_next().await {
+            match joined {
+                Ok(Ok(())) => connected += 1,
+                Ok(Err(error)) => errors.push(error),
+                Err(join) => {
+                    errors.push(Error::connect(inner.name(), "connect task failed", Some(Box::new(join))))
+                }
+            }
+        }
+        if connected == 0 {
+            drop(pool);
+            return Err(Error::no_endpoint_reachable(&inner.config.name, &errors));
+        }
+        for entry in &inner.endpoints {
+            inner.replenish(entry);
+        }
+        Ok(pool)
+    }
+
+    /// Builds the pool at once and connects in the background (`min_connections` per
+    /// endpoint); the first calls wait for a connection, up to `checkout_timeout`. Must be
+    /// called inside a Tokio runtime.
+    pub fn build_lazy<I, S>(self, endpoints: I) -> Result<Pool, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let inner = self.prepare(endpoints)?;
+        for entry in &inner.endpoints {
+            inner.replenish(entry);
+        }
+        Ok(Pool { handle: Arc::new(Handle { inner }) })
+    }
+}
+
+/// A snapshot of a pool, from [`Pool::state`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct State {
+    /// The pool's name.
+    pub name: String,
+    /// Every endpoint, in the order given to the builder.
+    pub endpoints: Vec<EndpointState>,
+    /// Calls queued for a stream slot.
+    pub waiters: usize,
+    /// Connections still open, counting draining ones no longer listed under an endpoint.
+    pub open_connections: usize,
+    /// Whether the pool was closed.
+    pub closed: bool,
+    /// Counters since the pool was built.
+    pub statistics: Statistics,
+}
+
+impl State {
+    /// Members over all endpoints.
+    pub fn members(&self) -> usize {
+        self.endpoints.iter().map(|e| e.members.len()).sum()
+    }
+
+    /// Streams in flight over all endpoints.
+    pub fn in_flight(&self) -> usize {
+        self.endpoints.iter().map(|e| e.in_flight).sum()
+    }
+}
+
+/// One endpoint in a [`State`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EndpointState {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// Its listed members (ready, or draining until they are unlisted).
+    pub members: Vec<MemberSnapshot>,
+    /// Connects under way.
+    pub connecting: usize,
+    /// Streams in flight over its members, draining ones included.
+    pub in_flight: usize,
+    /// Failed connects since the last successful one.
+    pub consecutive_failures: u32,
+    /// The most recent connect error, cleared by a success.
+    pub last_connect_error: Option<String>,
+}
+
+/// One member in a [`State`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct MemberSnapshot {
+    /// Unique within the pool; appears in logs as `member`.
+    pub id: u64,
+    /// Where it is in its life.
+    pub state: MemberState,
+    /// Streams open on it now.
+    pub in_flight: u32,
+    /// Its stream limit: the configured cap or the server's, whichever is lower.
+    pub max_streams: u32,
+    /// Time since it connected.
+    pub age: Duration,
+    /// Time since a stream last started on it.
+    pub idle: Duration,
+}
+
+/// Counters of a pool's life, in the manner of bb8's statistics.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Statistics {
+    /// Checkouts that found a free slot at once.
+    pub checkouts_direct: u64,
+    /// Checkouts that waited, then got a slot.
+    pub checkouts_waited: u64,
+    /// Checkouts that gave up after `checkout_timeout`.
+    pub checkout_timeouts: u64,
+    /// Total time waited by the checkouts that waited.
+    pub checkout_wait_time: Duration,
+    /// Connections opened.
+    pub connections_created: u64,
+    /// Connect attempts that failed.
+    pub connect_failures: u64,
+    /// Calls sent again on another connection because the first never carried them.
+    pub retries: u64,
+    /// Connections taken out of service, by reason.
+    pub connections_closed: Vec<(EvictionReason, u64)>,
+}
+
+impl Statistics {
+    /// Connections taken out of service for `reason`.
+    pub fn closed(&self, reason: EvictionReason) -> u64 {
+        self.connections_closed.iter().find(|(r, _)| *r == reason).map(|(_, n)| *n).unwrap_or(0)
+    }
+}

@@ -1,0 +1,233 @@
+//! Configuration values and their validation.
+//!
+//! Every limit is checked once, at build, so that a bad value fails with a message naming the
+//! field and the allowed range rather than misbehaving at run time.
+
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// Reconnect backoff after failed connects, as in gRPC's connection-backoff spec.
+///
+/// The delay before attempt `n + 1` after `n` consecutive failures is
+/// `base * multiplier^(n - 1)`, capped at `max`, and spread by `+/- jitter` (a fraction).
+///
+/// ```
+/// use std::time::Duration;
+/// let backoff = grpc_pool_core::BackoffConfig {
+///     base: Duration::from_millis(100),
+///     ..Default::default()
+/// };
+/// assert_eq!(backoff.max, Duration::from_secs(120));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackoffConfig {
+    /// Delay after the first failure. Default 1 s.
+    pub base: Duration,
+    /// Growth factor per further failure, at least 1.0. Default 1.6.
+    pub multiplier: f64,
+    /// Fraction of random spread, in `[0, 1)`. Default 0.2.
+    pub jitter: f64,
+    /// Upper bound of the delay before jitter. Default 120 s.
+    pub max: Duration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            base: Duration::from_secs(1),
+            multiplier: 1.6,
+            jitter: 0.2,
+            max: Duration::from_secs(120),
+        }
+    }
+}
+
+/// HTTP/2 settings the pool's connections announce.
+///
+/// The defaults favour gRPC's large messages: a 2 MiB stream window and a 4 MiB connection
+/// window, so that a multi-megabyte message does not stall on 64 KiB window updates.
+///
+/// ```
+/// let h2 = grpc_pool_core::H2Config { max_frame_size: 64 * 1024, ..Default::default() };
+/// assert_eq!(h2.initial_stream_window_size, 2 * 1024 * 1024);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct H2Config {
+    /// `SETTINGS_INITIAL_WINDOW_SIZE`: receive window of each stream, 1 to 2^31-1 bytes.
+    pub initial_stream_window_size: u32,
+    /// Receive window of the whole connection, 65,535 to 2^31-1 bytes.
+    pub initial_connection_window_size: u32,
+    /// `SETTINGS_MAX_FRAME_SIZE`: largest frame the server may send, 16,384 to 16,777,215.
+    pub max_frame_size: u32,
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE`: largest response header list accepted, at least 1.
+    pub max_header_list_size: u32,
+}
+
+impl Default for H2Config {
+    fn default() -> Self {
+        H2Config {
+            initial_stream_window_size: 2 * 1024 * 1024,
+            initial_connection_window_size: 4 * 1024 * 1024,
+            max_frame_size: 16 * 1024,
+            max_header_list_size: 16 * 1024,
+        }
+    }
+}
+
+/// Largest HTTP/2 flow-control window (RFC 9113, 6.9.1).
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+/// Largest `max_connections` and `min_connections`: far above any sane deployment, low enough
+/// to catch a unit mistake.
+pub(crate) const MAX_CONNECTIONS_LIMIT: usize = 10_000;
+/// Largest per-connection stream cap that HTTP/2 stream ids leave room for in practice.
+const MAX_STREAMS_LIMIT: u32 = 1 << 20;
+
+/// The whole validated configuration of one pool.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) name: String,
+    pub(crate) min_connections: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) max_streams_per_connection: u32,
+    pub(crate) checkout_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) backoff: BackoffConfig,
+    pub(crate) h2: H2Config,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: "grpc-pool".to_owned(),
+            min_connections: 1,
+            max_connections: 8,
+            max_streams_per_connection: 100,
+            checkout_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            backoff: BackoffConfig::default(),
+            h2: H2Config::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks every field; the first violation is returned with its field and allowed range.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.name.is_empty() {
+            return Err(Error::config("name", "is empty", "a non-empty name for logs and metrics"));
+        }
+        check_range("max_connections", self.max_connections, 1, MAX_CONNECTIONS_LIMIT)?;
+        check_range("min_connections", self.min_connections, 0, MAX_CONNECTIONS_LIMIT)?;
+        if self.min_connections > self.max_connections {
+            return Err(Error::config(
+                "min_connections",
+                &format!("{} is above max_connections = {}", self.min_connections, self.max_connections),
+                &format!("0 to max_connections ({})", self.max_connections),
+            ));
+        }
+        check_range("max_streams_per_connection", self.max_streams_per_connection, 1, MAX_STREAMS_LIMIT)?;
+        check_nonzero("checkout_timeout", self.checkout_timeout)?;
+        check_nonzero("connect_timeout", self.connect_timeout)?;
+        check_nonzero("backoff.base", self.backoff.base)?;
+        if self.backoff.max < self.backoff.base {
+            return Err(Error::config(
+                "backoff.max",
+                &format!("{:?} is below backoff.base = {:?}", self.backoff.max, self.backoff.base),
+                "a duration of at least backoff.base",
+            ));
+        }
+        if !(self.backoff.multiplier >= 1.0 && self.backoff.multiplier <= 100.0) {
+            return Err(Error::config(
+                "backoff.multiplier",
+                &format!("{}", self.backoff.multiplier),
+                "1.0 to 100.0",
+            ));
+        }
+        if !(self.backoff.jitter >= 0.0 && self.backoff.jitter < 1.0) {
+            return Err(Error::config(
+                "backoff.jitter",
+                &format!("{}", self.backoff.jitter),
+                "0.0 up to (not including) 1.0",
+            ));
+        }
+        check_range("h2.initial_stream_window_size", self.h2.initial_stream_window_size, 1, MAX_WINDOW)?;
+        check_range(
+            "h2.initial_connection_window_size",
+            self.h2.initial_connection_window_size,
+            65_535,
+            MAX_WINDOW,
+        )?;
+        check_range("h2.max_frame_size", self.h2.max_frame_size, 16_384, 16_777_215)?;
+        check_range("h2.max_header_list_size", self.h2.max_header_list_size, 1, u32::MAX)?;
+        Ok(())
+    }
+}
+
+fn check_range<T>(field: &str, value: T, min: T, max: T) -> Result<(), Error>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if value < min || value > max {
+        return Err(Error::config(field, &value.to_string(), &format!("{min} to {max}")));
+    }
+    Ok(())
+}
+
+fn check_nonzero(field: &str, value: Duration) -> Result<(), Error> {
+    if value.is_zero() {
+        return Err(Error::config(field, "0s", "a duration above zero"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message_for(change: impl FnOnce(&mut Config)) -> String {
+        let mut config = Config::default();
+        change(&mut config);
+        config.validate().expect_err("should be rejected").to_string()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn every_invalid_field_is_named_with_its_range() {
+        let cases: Vec<(Box<dyn FnOnce(&mut Config)>, &str, &str)> = vec![
+            (Box::new(|c| c.max_connections = 0), "max_connections", "1 to 10000"),
+            (Box::new(|c| c.min_connections = 20_000), "min_connections", "0 to 10000"),
+            (Box::new(|c| c.min_connections = 9), "min_connections", "above max_connections = 8"),
+            (Box::new(|c| c.max_streams_per_connection = 0), "max_streams_per_connection", "1 to"),
+            (Box::new(|c| c.checkout_timeout = Duration::ZERO), "checkout_timeout", "above zero"),
+            (Box::new(|c| c.connect_timeout = Duration::ZERO), "connect_timeout", "above zero"),
+            (Box::new(|c| c.backoff.base = Duration::ZERO), "backoff.base", "above zero"),
+            (Box::new(|c| c.backoff.max = Duration::from_millis(1)), "backoff.max", "at least backoff.base"),
+            (Box::new(|c| c.backoff.multiplier = 0.5), "backoff.multiplier", "1.0 to 100.0"),
+            (Box::new(|c| c.backoff.multiplier = f64::NAN), "backoff.multiplier", "1.0 to 100.0"),
+            (Box::new(|c| c.backoff.jitter = 1.0), "backoff.jitter", "0.0 up to"),
+            (
+                Box::new(|c| c.h2.initial_stream_window_size = 0),
+                "h2.initial_stream_window_size",
+                "1 to 2147483647",
+            ),
+            (
+                Box::new(|c| c.h2.initial_connection_window_size = 10),
+                "h2.initial_connection_window_size",
+                "65535 to",
+            ),
+            (Box::new(|c| c.h2.max_frame_size = 1024), "h2.max_frame_size", "16384 to 16777215"),
+            (Box::new(|c| c.h2.max_header_list_size = 0), "h2.max_header_list_size", "1 to"),
+            (Box::new(|c| c.name.clear()), "name", "non-empty"),
+        ];
+        for (change, field, allowed) in cases {
+            let message = message_for(change);
+            assert!(message.contains(&format!("`{field}`")), "{message} should name {field}");
+            assert!(message.contains(allowed), "{message} should say {allowed}");
+        }
+    }
+}

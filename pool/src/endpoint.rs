@@ -1,0 +1,140 @@
+//! Endpoint addresses: where a pool's members connect, and what their requests say in
+//! `:scheme` and `:authority`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use http::uri::{Authority, Scheme};
+use http::Uri;
+
+use crate::error::Error;
+
+/// One server address of a pool, parsed from an `http://host:port` URI.
+///
+/// The port is required: gRPC servers rarely listen on 80, and a silent default would send a
+/// pool to the wrong place.
+///
+/// ```
+/// use grpc_pool_core::Endpoint;
+/// let endpoint: Endpoint = "http://127.0.0.1:50051".parse().unwrap();
+/// assert_eq!(endpoint.port(), 50051);
+/// assert!("http://127.0.0.1".parse::<Endpoint>().unwrap_err().to_string().contains("port"));
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    scheme: Scheme,
+    authority: Authority,
+    host: String,
+    port: u16,
+}
+
+impl Endpoint {
+    /// Parses `http://host:port`; `https` is not supported yet.
+    pub fn parse(uri: &str) -> Result<Endpoint, Error> {
+        let parsed: Uri = uri
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| Error::invalid_endpoint(uri, &format!("not a URI ({e})")))?;
+        let scheme = match parsed.scheme() {
+            Some(s) if *s == Scheme::HTTP => Scheme::HTTP,
+            Some(s) => {
+                return Err(Error::invalid_endpoint(
+                    uri,
+                    &format!("unsupported scheme `{s}` (only `http` is supported)"),
+                ))
+            }
+            None => return Err(Error::invalid_endpoint(uri, "no scheme")),
+        };
+        let authority = parsed.authority().cloned().ok_or_else(|| Error::invalid_endpoint(uri, "no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(Error::invalid_endpoint(uri, "user information is not supported"));
+        }
+        let host = authority.host();
+        if host.is_empty() {
+            return Err(Error::invalid_endpoint(uri, "no host"));
+        }
+        let port = authority.port_u16().ok_or_else(|| Error::invalid_endpoint(uri, "no port"))?;
+        if port == 0 {
+            return Err(Error::invalid_endpoint(uri, "port 0"));
+        }
+        if !matches!(parsed.path(), "" | "/") || parsed.query().is_some() {
+            return Err(Error::invalid_endpoint(uri, "a path or query is not allowed"));
+        }
+        // `[::1]` in a URI is `::1` to the resolver.
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        Ok(Endpoint { scheme, authority, host, port })
+    }
+
+    /// The host name or address, without brackets.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The `:authority` requests to this endpoint carry (`host:port`).
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The `:scheme` requests to this endpoint carry.
+    pub fn scheme(&self) -> &Scheme {
+        &self.scheme
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Endpoint::parse(s)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hosts_and_addresses() {
+        let e = Endpoint::parse("http://localhost:8080").unwrap();
+        assert_eq!((e.host(), e.port()), ("localhost", 8080));
+        assert_eq!(e.to_string(), "http://localhost:8080");
+        let e = Endpoint::parse("http://[::1]:50051/").unwrap();
+        assert_eq!((e.host(), e.port()), ("::1", 50051));
+        assert_eq!(e.authority().as_str(), "[::1]:50051");
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_connect_to() {
+        for (uri, problem) in [
+            ("http://127.0.0.1", "no port"),
+            ("127.0.0.1:80", "no scheme"),
+            ("https://127.0.0.1:443", "unsupported scheme `https`"),
+            ("ftp://127.0.0.1:21", "unsupported scheme `ftp`"),
+            ("http://:80", "no host"),
+            ("http://127.0.0.1:0", "port 0"),
+            ("http://127.0.0.1:80/api", "path"),
+            ("http://u@127.0.0.1:80", "user information"),
+            ("not a uri", "not a URI"),
+        ] {
+            let message = Endpoint::parse(uri).unwrap_err().to_string();
+            assert!(message.contains(problem), "{uri}: {message}");
+            assert!(message.contains(uri), "{uri}: {message}");
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The one error type of the pool.
+//!
+//! Every error says what happened, to which endpoint, and what to do. Each also carries the
+//! gRPC status a caller should see, so that tonic, which looks for a `tonic::Status` in an
+//! error's source chain, reports `UNAVAILABLE` for a lost connection rather than `UNKNOWN`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What kind of failure an [`Error`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A configuration value is out of range; nothing was started.
+    Config,
+    /// An endpoint URI could not be used (no host, no port, unsupported scheme).
+    InvalidEndpoint,
+    /// Connecting to an endpoint failed (TCP, timeout, or the HTTP/2 handshake).
+    Connect,
+    /// No stream slot became free within `checkout_timeout`.
+    CheckoutTimeout,
+    /// The pool was closed; it takes no new calls.
+    PoolClosed,
+    /// The connection under a call failed or went away while the call was on it.
+    Connection,
+    /// The server reset the call's stream, or the stream failed on its own.
+    Stream,
+    /// The caller's request body failed.
+    RequestBody,
+}
+
+/// An error from the pool: configuration, connecting, checkout, or a call on a connection.
+///
+/// `Display` gives the whole story; [`Error::kind`] tells what kind it is, and
+/// [`Error::grpc_code`] the gRPC status code a caller sees through tonic.
+///
+/// ```
+/// let err = grpc_pool_core::Pool::builder().max_connections(0).build_lazy(["http://127.0.0.1:1"]).unwrap_err();
+/// assert_eq!(err.kind(), grpc_pool_core::ErrorKind::Config);
+/// assert!(err.to_string().contains("max_connections"));
+/// ```
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    message: String,
+    status: Status,
+    /// Whether the request provably never reached the server, so it may be sent again.
+    unprocessed: bool,
+}
+
+impl Error {
+    fn new(kind: ErrorKind, code: Code, message: String, cause: Option<BoxError>) -> Error {
+        let mut status = Status::new(code, message.clone());
+        if let Some(cause) = cause {
+            status.set_source(Arc::from(cause));
+        }
+        Error { inner: Box::new(Inner { kind, message, status, unprocessed: false }) }
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The gRPC status code this error maps to.
+    pub fn grpc_code(&self) -> Code {
+        self.inner.status.code()
+    }
+
+    /// Whether the server provably never saw the request (refused, or never sent), so that
+    /// sending it again cannot run it twice.
+    pub fn is_unprocessed(&self) -> bool {
+        self.inner.unprocessed
+    }
+
+    pub(crate) fn mark_unprocessed(mut self) -> Error {
+        self.inner.unprocessed = true;
+        self
+    }
+
+    pub(crate) fn config(field: &str, value: &str, allowed: &str) -> Error {
+        Error::new(
+            ErrorKind::Config,
+            Code::InvalidArgument,
+            format!("invalid pool configuration: `{field}` = {value}; allowed: {allowed}"),
+            None,
+        )
+    }
+
+    pub(crate) fn invalid_endpoint(uri: &str, problem: &str) -> Error {
+        Error::new(
+            ErrorKind::InvalidEndpoint,
+            Code::InvalidArgument,
+            format!("invalid endpoint `{uri}`: {problem}; expected `http://host:port`"),
+            None,
+        )
+    }
+
+    pub(crate) fn connect(endpoint: &str, what: &str, cause: Option<BoxError>) -> Error {
+        let detail = cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default();
+        Error::new(
+            ErrorKind::Connect,
+            Code::Unavailable,
+            format!("connecting to {endpoint} failed: {what}{detail}"),
+            cause,
+        )
+    }
+
+    /// The pool could not be built eagerly because no endpoint could be reached.
+    pub(crate) fn no_endpoint_reachable(pool: &str, errors: &[Error]) -> Error {
+        let each: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();
+        Error::new(
+            ErrorKind::Connect,
+            Code::Unavailable,
+            format!(
+                "pool `{pool}`: no endpoint could be reached at build; check the addresses and \
+                 that the servers run, or use build_lazy() to connect in the background:\n{}",
+                each.join("\n")
+            ),
+            None,
+        )
+    }
+
+    pub(crate) fn checkout_timeout(pool: &str, waited: Duration, detail: &str) -> Error {
+        Error::new(
+            ErrorKind::CheckoutTimeout,
+            Code::Unavailable,
+            format!(
+                "pool `{pool}`: no stream slot within checkout_timeout ({waited:?}); {detail}. \
+                 Raise max_connections or checkout_timeout, or lower the load"
+            ),
+            None,
+        )
+    }
+
+    pub(crate) fn pool_closed(pool: &str) -> Error {
+        Error::new(
+            ErrorKind::PoolClosed,
+            Code::Unavailable,
+            format!("pool `{pool}` is closed and takes no new calls"),
+            None,
+        )
+    }
+
+    /// The connection under a call failed; the server may or may not have processed it.
+    pub(crate) fn from_h2(endpoint: &str, err: h2::Error) -> Error {
+        let code = code_for_h2(&err);
+        let (kind, what) = if err.is_io() {
+            (ErrorKind::Connection, "connection failed")
+        } else if err.is_go_away() {
+            (ErrorKind::Connection, "connection closed by GOAWAY")
+        } else if err.is_remote() && err.reason().is_some() {
+            (ErrorKind::Stream, "stream reset by the server")
+        } else if err.reason().is_some() {
+            (ErrorKind::Stream, "stream reset")
+        } else {
+            (ErrorKind::Connection, "HTTP/2 error")
+        };
+        Error::new(kind, code, format!("call to {endpoint}: {what}: {err}"), Some(Box::new(err)))
+    }
+
+    pub(crate) fn request_body(endpoint: &str, cause: BoxError) -> Error {
+        Error::new(
+            ErrorKind::RequestBody,
+            Code::Internal,
+            format!("call to {endpoint}: the request body failed: {cause}"),
+            Some(cause),
+        )
+    }
+}
+
+/// The gRPC code for an HTTP/2 failure, per gRPC's "HTTP/2 to gRPC status" mapping.
+fn code_for_h2(err: &h2::Error) -> Code {
+    if err.is_io() {
+        return Code::Unavailable;
+    }
+    if err.is_go_away() && err.is_remote() {
+        return Code::Unavailable;
+    }
+    match err.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => Code::Unavailable,
+        Some(h2::Reason::CANCEL) => Code::Cancelled,
+        Some(h2::Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
+        Some(h2::Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
+        _ => Code::Internal,
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.inner.message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.inner.kind)
+            .field("code", &self.inner.status.code())
+            .field("message", &self.inner.message)
+            .finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // tonic walks this chain and reports the status it finds here.
+        Some(&self.inner.status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tonic_sees_the_status_in_the_chain() {
+        let err = Error::pool_closed("orders");
+        let status = Status::from_error(Box::new(err));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("pool `orders` is closed"), "{}", status.message());
+    }
+
+    #[test]
+    fn refused_streams_are_unavailable() {
+        let err = Error::from_h2("127.0.0.1:1", h2::Error::from(h2::Reason::REFUSED_STREAM));
+        assert_eq!(err.grpc_code(), Code::Unavailable);
+        assert_eq!(err.kind(), ErrorKind::Stream);
+    }
+}

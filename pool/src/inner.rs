@@ -1,0 +1,616 @@
+//! The pool's logic: choosing a slot, waiting for one, opening and replacing members, and
+//! reacting to what connections report (GOAWAY, close).
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::backoff;
+use crate::config::Config;
+use crate::endpoint::Endpoint;
+use crate::error::Error;
+use crate::internals::{EndpointEntry, WaitQueue};
+use crate::member::{EvictionReason, Member, MemberState, Slot};
+use crate::metrics as names;
+use crate::proto::h2::client::{self, Connection};
+use crate::proto::h2::frames::ConnSignals;
+
+/// Counters behind `Pool::state().statistics`.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) checkouts_direct: AtomicU64,
+    pub(crate) checkouts_waited: AtomicU64,
+    pub(crate) checkout_timeouts: AtomicU64,
+    pub(crate) checkout_wait_nanos: AtomicU64,
+    pub(crate) connections_created: AtomicU64,
+    pub(crate) connect_failures: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) closed_by_reason: [AtomicU64; EvictionReason::ALL.len()],
+}
+
+/// Pre-registered handles for the metrics touched on every call.
+struct HotMetrics {
+    checkouts_direct: metrics::Counter,
+}
+
+/// Tells background tasks that the pool is gone.
+#[derive(Debug, Default)]
+pub(crate) struct Shutdown {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl Shutdown {
+    pub(crate) fn is_triggered(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    fn trigger(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    async fn triggered(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_triggered() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Counts live connection driver tasks, so that `close()` can wait for the last one.
+#[derive(Debug, Default)]
+pub(crate) struct LiveConnections {
+    count: AtomicUsize,
+    zero: Notify,
+}
+
+impl LiveConnections {
+    fn enter(self: &Arc<Self>) -> LiveGuard {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        LiveGuard(self.clone())
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn all_closed(&self) {
+        loop {
+            let notified = self.zero.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct LiveGuard(Arc<LiveConnections>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
+        }
+    }
+}
+
+/// Aborts a spawned task when dropped, unless disarmed.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+        }
+    }
+}
+
+pub(crate) struct PoolInner {
+    pub(crate) config: Config,
+    pub(crate) endpoints: Vec<Arc<EndpointEntry>>,
+    pub(crate) waiters: Arc<WaitQueue>,
+    pub(crate) stats: Stats,
+    pub(crate) shutdown: Arc<Shutdown>,
+    pub(crate) live: Arc<LiveConnections>,
+    closed: AtomicBool,
+    next_member_id: AtomicU64,
+    hot: HotMetrics,
+}
+
+impl PoolInner {
+    pub(crate) fn new(config: Config, endpoints: Vec<Endpoint>) -> PoolInner {
+        let hot = HotMetrics {
+            checkouts_direct: metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => config.name.clone(), names::LABEL_RESULT => "direct"),
+        };
+        PoolInner {
+            endpoints: endpoints.into_iter().map(|e| Arc::new(EndpointEntry::new(e))).collect(),
+            config,
+            waiters: Arc::new(WaitQueue::default()),
+            stats: Stats::default(),
+            shutdown: Arc::new(Shutdown::default()),
+            live: Arc::new(LiveConnections::default()),
+            closed: AtomicBool::new(false),
+            next_member_id: AtomicU64::new(1),
+            hot,
+        }
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    // ----- checkout -----
+
+    /// A free slot, without waiting: power of two choices between endpoints by streams in
+    /// flight, then the least loaded member of the chosen one; the other endpoints if it is
+    /// full. Lock-free.
+    pub(crate) fn try_checkout(&self) -> Option<Slot> {
+        let endpoints = &self.endpoints;
+        let n = endpoints.len();
+        let first = match n {
+            0 => return None,
+            1 => 0,
+            _ => {
+                let a = crate::rand::below(n);
+                let mut b = crate::rand::below(n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                if endpoints[b].in_flight() < endpoints[a].in_flight() {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        if let Some(slot) = endpoints[first].try_acquire() {
+            return Some(slot);
+        }
+        (1..n).find_map(|i| endpoints[(first + i) % n].try_acquire())
+    }
+
+    /// The fast path: a slot now, if one is free and nobody is queued before us.
+    pub(crate) fn checkout_now(&self) -> Option<Slot> {
+        if self.waiters.has_waiters() || self.is_closed() {
+            return None;
+        }
+        let slot = self.try_checkout()?;
+        self.stats.checkouts_direct.fetch_add(1, Ordering::Relaxed);
+        self.hot.checkouts_direct.increment(1);
+        Some(slot)
+    }
+
+    /// The slow path: queue, make room if the pool may grow, and wait up to
+    /// `checkout_timeout`.
+    pub(crate) async fn checkout_wait(self: Arc<Self>) -> Result<Slot, Error> {
+        if self.is_closed() {
+            metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "closed").increment(1);
+            return Err(Error::pool_closed(self.name()));
+        }
+        let started = Instant::now();
+        let (tx, mut rx) = oneshot::channel();
+        self.waiters.push(tx);
+        // A slot freed between our fast path and the push was not handed to us: look again.
+        let slot = if let Some(slot) = self.try_checkout() {
+            Ok(slot)
+        } else {
+            self.grow();
+            match tokio::time::timeout(self.config.checkout_timeout, &mut rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(Error::pool_closed(self.name())),
+                Err(_) => match rx.try_recv() {
+                    Ok(result) => result,
+                    Err(_) => {
+                        drop(rx);
+                        self.waiters.prune();
+                        self.stats.checkout_timeouts.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "timeout").increment(1);
+                        return Err(Error::checkout_timeout(
+                            self.name(),
+                            started.elapsed(),
+                            &self.busy_summary(),
+                        ));
+                    }
+                },
+            }
+        };
+        if slot.is_ok() {
+            let waited = started.elapsed();
+            self.stats.checkouts_waited.fetch_add(1, Ordering::Relaxed);
+            self.stats.checkout_wait_nanos.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+            metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "waited").increment(1);
+            metrics::histogram!(names::CHECKOUT_WAIT, names::LABEL_POOL => self.config.name.clone())
+                .record(waited.as_secs_f64());
+        }
+        slot
+    }
+
+    /// What every endpoint looked like when a checkout gave up.
+    fn busy_summary(&self) -> String {
+        let parts: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|entry| {
+                let members = entry.members();
+                let ready = members.iter().filter(|m| m.state() == MemberState::Ready).count();
+                let streams: u32 = members.iter().map(|m| m.in_flight()).sum();
+                let capacity: u32 = members
+                    .iter()
+                    .filter(|m| m.state() == MemberState::Ready)
+                    .map(|m| m.max_streams())
+                    .sum();
+                let locked = entry.lock();
+                let mut text = format!(
+                    "{}: {ready} ready member(s) of max_connections {}, {streams}/{capacity} streams busy, {} connecting",
+                    entry.label(),
+                    self.config.max_connections,
+                    locked.connecting,
+                );
+                if let Some(error) = &locked.last_error {
+                    text.push_str(&format!(", last connect error: {error}"));
+                }
+                text
+            })
+            .collect();
+        format!("{} waiter(s) queued; {}", self.waiters.len(), parts.join("; "))
+    }
+
+    /// Starts a connect where it can add capacity for queued waiters: the endpoint with the
+    /// fewest members below `max_connections`, unless connects under way already cover the
+    /// queue.
+    fn grow(self: &Arc<Self>) {
+        let waiting = self.waiters.len();
+        let per_member = self.config.max_streams_per_connection as usize;
+        let mut best: Option<(&Arc<EndpointEntry>, usize)> = None;
+        for entry in &self.endpoints {
+            let locked = entry.lock();
+            let total = entry.members().len() + locked.connecting;
+            if total >= self.config.max_connections {
+                continue;
+            }
+            if locked.connecting > 0 && waiting <= locked.connecting * per_member {
+                return; // enough capacity is on its way
+            }
+            if best.is_none_or(|(_, t)| total < t) {
+                best = Some((entry, total));
+            }
+        }
+        if let Some((entry, _)) = best {
+            self.spawn_connect(entry.clone());
+        }
+    }
+
+    // ----- members -----
+
+    /// Keeps `min_connections` per endpoint, counting connects under way.
+    pub(crate) fn replenish(self: &Arc<Self>, entry: &Arc<EndpointEntry>) {
+        if self.is_closed() || self.shutdown.is_triggered() {
+            return;
+        }
+        let missing = {
+            let locked = entry.lock();
+            self.config.min_connections.saturating_sub(entry.members().len() + locked.connecting)
+        };
+        for _ in 0..missing {
+            self.spawn_connect(entry.clone());
+        }
+    }
+
+    /// Starts a task that opens one member of `entry`, retrying with backoff while the pool
+    /// still wants it.
+    pub(crate) fn spawn_connect(self: &Arc<Self>, entry: Arc<EndpointEntry>) {
+        {
+            let mut locked = entry.lock();
+            if entry.members().len() + locked.connecting >= self.config.max_connections {
+                return;
+            }
+            locked.connecting += 1;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let shutdown = pool.shutdown.clone();
+            tokio::select! {
+                _ = pool.clone().connect_loop(entry.clone()) => {}
+                _ = shutdown.triggered() => {}
+            }
+            entry.lock().connecting -= 1;
+        });
+    }
+
+    async fn connect_loop(self: Arc<Self>, entry: Arc<EndpointEntry>) {
+        loop {
+            let wait = entry.lock().next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
+            if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+                tokio::time::sleep(wait).await;
+            }
+            match self.open_member(&entry).await {
+                Ok(member) => {
+                    self.add_member(&entry, member);
+                    return;
+                }
+                Err(_) => {
+                    // Still wanted? Below the minimum, or callers are waiting.
+                    let locked = entry.lock();
+                    let others = entry.members().len() + locked.connecting - 1;
+                    if others >= self.config.min_connections && !self.waiters.has_waiters() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens one connection and waits for the server's SETTINGS; records the outcome in the
+    /// endpoint's backoff state, metrics and logs.
+    pub(crate) async fn open_member(
+        self: &Arc<Self>,
+        entry: &Arc<EndpointEntry>,
+    ) -> Result<Arc<Member>, Error> {
+        let started = Instant::now();
+        let span = tracing::debug_span!("connect", pool = %self.name(), endpoint = %entry.label());
+        let attempt = async {
+            let hs = client::handshake(&entry.shared.endpoint, &self.config.h2).await?;
+            let id = self.next_member_id.fetch_add(1, Ordering::Relaxed);
+            let member = Arc::new(Member::new(
+                id,
+                entry.shared.clone(),
+                hs.send,
+                hs.signals.clone(),
+                self.waiters.clone(),
+                self.config.max_streams_per_connection,
+            ));
+            let driver = tokio::spawn(drive(
+                hs.connection,
+                hs.signals.clone(),
+                Arc::downgrade(&member),
+                Arc::downgrade(self),
+                self.live.clone(),
+            ));
+            let abort = AbortOnDrop(Some(driver.abort_handle()));
+            if !hs.signals.settings_or_closed().await {
+                return Err(Error::connect(
+                    entry.label(),
+                    "the server closed the connection before sending HTTP/2 SETTINGS (is it an HTTP/2 server?)",
+                    None,
+                ));
+            }
+            abort.disarm();
+            Ok(member)
+        };
+        let result = match tokio::time::timeout(
+            self.config.connect_timeout,
+            tracing::Instrument::instrument(attempt, span),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(Error::connect(
+                entry.label(),
+                &format!("no HTTP/2 SETTINGS within connect_timeout ({:?})", self.config.connect_timeout),
+                None,
+            )),
+        };
+        let elapsed = started.elapsed();
+        let pool_label = self.config.name.clone();
+        let endpoint_label = entry.label().to_owned();
+        match &result {
+            Ok(member) => {
+                let mut locked = entry.lock();
+                locked.consecutive_failures = 0;
+                locked.next_attempt = None;
+                locked.last_error = None;
+                drop(locked);
+                self.stats.connections_created.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::CONNECTS, names::LABEL_POOL => pool_label.clone(), names::LABEL_ENDPOINT => endpoint_label.clone(), names::LABEL_RESULT => "ok").increment(1);
+                metrics::histogram!(names::CONNECT_DURATION, names::LABEL_POOL => pool_label, names::LABEL_ENDPOINT => endpoint_label).record(elapsed.as_secs_f64());
+                tracing::debug!(pool = %self.name(), endpoint = %entry.label(), member = member.id, elapsed = ?elapsed, "connection established");
+            }
+            Err(error) => {
+                let mut locked = entry.lock();
+                locked.consecutive_failures = locked.consecutive_failures.saturating_add(1);
+                let delay = backoff::delay(&self.config.backoff, locked.consecutive_failures);
+                locked.next_attempt = Some(Instant::now() + delay);
+                locked.last_error = Some(error.to_string());
+                let failures = locked.consecutive_failures;
+                drop(locked);
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::CONNECTS, names::LABEL_POOL => pool_label, names::LABEL_ENDPOINT => endpoint_label, names::LABEL_RESULT => "error").increment(1);
+                tracing::warn!(pool = %self.name(), endpoint = %entry.label(), failures, retry_in = ?delay, error = %error, "connect failed");
+            }
+        }
+        result
+    }
+
+    /// Puts a freshly connected member in service and gives its slots to waiters.
+    pub(crate) fn add_member(self: &Arc<Self>, entry: &Arc<EndpointEntry>, member: Arc<Member>) {
+        if self.is_closed() || self.shutdown.is_triggered() || member.signals.is_closed() {
+            member.set_closed();
+            return; // dropping it closes the connection
+        }
+        if !member.set_ready() {
+            return;
+        }
+        {
+            let mut locked = entry.lock();
+            entry.insert(&mut locked, member.clone());
+        }
+        if member.max_streams() == 0 {
+            tracing::warn!(pool = %self.name(), endpoint = %entry.label(), member = member.id, "server allows 0 concurrent streams on this connection; it carries no calls until it raises the limit");
+        }
+        tracing::info!(pool = %self.name(), endpoint = %entry.label(), member = member.id, state = "ready", max_streams = member.max_streams(), "member ready");
+        self.waiters.serve(&member);
+    }
+
+    /// Takes a member out of service with `reason`: no new streams; the ones in flight
+    /// finish, and the connection closes once the last slot is returned.
+    pub(crate) fn evict(self: &Arc<Self>, member: &Arc<Member>, reason: EvictionReason, detail: &str) {
+        if !member.set_draining() {
+            return;
+        }
+        let entry = self.entry_of(member);
+        if let Some(entry) = &entry {
+            let mut locked = entry.lock();
+            entry.remove(&mut locked, member.id);
+        }
+        self.count_eviction(member, reason, MemberState::Draining, detail);
+        if let Some(entry) = entry {
+            self.replenish(&entry);
+            if self.waiters.has_waiters() {
+                self.grow();
+            }
+        }
+    }
+
+    /// The connection of `member` ended (its driver task is finishing).
+    fn on_connection_closed(self: &Arc<Self>, member: &Arc<Member>, result: Result<(), h2::Error>) {
+        let before = member.set_closed();
+        let entry = self.entry_of(member);
+        if let Some(entry) = &entry {
+            let mut locked = entry.lock();
+            entry.remove(&mut locked, member.id);
+        }
+        match before {
+            MemberState::Ready => {
+                let (reason, detail) = match &result {
+                    Err(e) if e.is_io() => (EvictionReason::IoError, e.to_string()),
+                    Err(e) if e.is_go_away() && e.is_remote() => (EvictionReason::GoAway, e.to_string()),
+                    Err(e) => (EvictionReason::IoError, e.to_string()),
+                    Ok(()) => (EvictionReason::ClosedByPeer, "connection closed".to_owned()),
+                };
+                self.count_eviction(member, reason, MemberState::Closed, &detail);
+            }
+            MemberState::Draining => {
+                tracing::debug!(pool = %self.name(), endpoint = %member.endpoint.label, member = member.id, state = "closed", "drained member closed");
+            }
+            MemberState::Connecting | MemberState::Closed => {}
+        }
+        if let Some(entry) = entry {
+            self.replenish(&entry);
+            if self.waiters.has_waiters() {
+                self.grow();
+            }
+        }
+    }
+
+    fn count_eviction(&self, member: &Member, reason: EvictionReason, to: MemberState, detail: &str) {
+        self.stats.closed_by_reason[reason.index()].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::EVICTIONS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => member.endpoint.label.clone(), names::LABEL_REASON => reason.as_str()).increment(1);
+        let level_warn = matches!(
+            reason,
+            EvictionReason::IoError | EvictionReason::PingTimeout | EvictionReason::HealthFailed
+        );
+        if level_warn {
+            tracing::warn!(pool = %self.name(), endpoint = %member.endpoint.label, member = member.id, reason = reason.as_str(), state = to.as_str(), in_flight = member.in_flight(), detail, "member evicted");
+        } else {
+            tracing::info!(pool = %self.name(), endpoint = %member.endpoint.label, member = member.id, reason = reason.as_str(), state = to.as_str(), in_flight = member.in_flight(), detail, "member evicted");
+        }
+    }
+
+    fn entry_of(&self, member: &Member) -> Option<Arc<EndpointEntry>> {
+        self.endpoints.iter().find(|e| Arc::ptr_eq(&e.shared, &member.endpoint)).cloned()
+    }
+
+    /// A call found the member's connection unusable before sending anything.
+    pub(crate) fn on_send_failed(self: &Arc<Self>, member: &Arc<Member>, error: &h2::Error) {
+        let reason = if error.is_go_away() { EvictionReason::GoAway } else { EvictionReason::IoError };
+        self.evict(member, reason, &error.to_string());
+    }
+
+    pub(crate) fn count_retry(&self, reason: &'static str) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::RETRIES, names::LABEL_POOL => self.config.name.clone(), names::LABEL_REASON => reason).increment(1);
+    }
+
+    // ----- shutdown -----
+
+    /// Stops taking calls; every member drains (in-flight streams finish). Returns at once;
+    /// `live.all_closed()` tells when the last connection is gone.
+    pub(crate) fn close(self: &Arc<Self>) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shutdown.trigger();
+        let name = self.config.name.clone();
+        self.waiters.fail_all(|| Error::pool_closed(&name));
+        for entry in &self.endpoints {
+            let members = {
+                let mut locked = entry.lock();
+                entry.take_all(&mut locked)
+            };
+            for member in members.iter() {
+                if member.set_draining() {
+                    self.count_eviction(
+                        member,
+                        EvictionReason::PoolClosed,
+                        MemberState::Draining,
+                        "pool closed",
+                    );
+                }
+            }
+        }
+        tracing::info!(pool = %self.name(), "pool closed");
+    }
+}
+
+/// A member's connection task: polls the `h2` connection until it ends, and tells the pool
+/// at once when the server sends GOAWAY and when the connection closes. Holds only weak
+/// references, so a dropped pool is not kept alive by its connections.
+async fn drive(
+    mut connection: Connection,
+    signals: Arc<ConnSignals>,
+    member: Weak<Member>,
+    pool: Weak<PoolInner>,
+    live: Arc<LiveConnections>,
+) {
+    let _live = live.enter();
+    let mut goaway_reported = false;
+    let result = poll_fn(|cx| {
+        let result = Pin::new(&mut connection).poll(cx);
+        if !goaway_reported && signals.goaway_seen() {
+            goaway_reported = true;
+            if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {
+                let detail = signals
+                    .goaway()
+                    .map(|g| {
+                        format!(
+                            "GOAWAY {:?} last_stream_id={} debug={:?}",
+                            g.reason(),
+                            g.last_stream_id,
+                            String::from_utf8_lossy(&g.debug_data)
+                        )
+                    })
+                    .unwrap_or_default();
+                pool.evict(&member, EvictionReason::GoAway, &detail);
+            }
+        }
+        result
+    })
+    .await;
+    signals.mark_closed();
+    if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {
+        pool.on_connection_closed(&member, result);
+    }
+}

@@ -1,0 +1,202 @@
+//! The pool's shared data: per-endpoint member lists and their locked bookkeeping, and the
+//! queue of checkouts waiting for a slot.
+//!
+//! The hot path reads member lists through `ArcSwap` snapshots and takes slots with atomics;
+//! the mutexes here are taken only when membership changes or when callers have to wait.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio::sync::oneshot;
+
+use crate::endpoint::Endpoint;
+use crate::error::Error;
+use crate::member::{Member, Slot};
+
+/// What members need to know of their endpoint (no member list: members point here, and the
+/// list points at members).
+#[derive(Debug)]
+pub(crate) struct EndpointShared {
+    pub(crate) endpoint: Endpoint,
+    /// `endpoint` as text, for errors, logs and metric labels.
+    pub(crate) label: String,
+    /// Streams in flight over all members, for choosing between endpoints.
+    pub(crate) in_flight: AtomicUsize,
+}
+
+/// One endpoint of the pool: its members and its connect bookkeeping.
+#[derive(Debug)]
+pub(crate) struct EndpointEntry {
+    pub(crate) shared: Arc<EndpointShared>,
+    /// Members that take streams or drain; replaced whole on every change.
+    members: ArcSwap<Vec<Arc<Member>>>,
+    internals: Mutex<EndpointInternals>,
+}
+
+/// Bookkeeping changed under the endpoint's lock.
+#[derive(Debug, Default)]
+pub(crate) struct EndpointInternals {
+    /// Connect tasks under way (each opens one member, retrying with backoff).
+    pub(crate) connecting: usize,
+    /// Failed attempts since the last success; drives the backoff.
+    pub(crate) consecutive_failures: u32,
+    /// No connect attempt before this instant.
+    pub(crate) next_attempt: Option<Instant>,
+    pub(crate) last_error: Option<String>,
+}
+
+impl EndpointEntry {
+    pub(crate) fn new(endpoint: Endpoint) -> EndpointEntry {
+        let label = endpoint.to_string();
+        EndpointEntry {
+            shared: Arc::new(EndpointShared { endpoint, label, in_flight: AtomicUsize::new(0) }),
+            members: ArcSwap::from_pointee(Vec::new()),
+            internals: Mutex::new(EndpointInternals::default()),
+        }
+    }
+
+    pub(crate) fn label(&self) -> &str {
+        &self.shared.label
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, EndpointInternals> {
+        self.internals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn members(&self) -> arc_swap::Guard<Arc<Vec<Arc<Member>>>> {
+        self.members.load()
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Adds a member; call with the endpoint's lock held so list changes don't race.
+    pub(crate) fn insert(&self, _locked: &mut EndpointInternals, member: Arc<Member>) {
+        let mut list = Vec::clone(&self.members.load());
+        list.push(member);
+        self.members.store(Arc::new(list));
+    }
+
+    /// Removes a member; returns whether it was listed. Call with the endpoint's lock held.
+    pub(crate) fn remove(&self, _locked: &mut EndpointInternals, member_id: u64) -> bool {
+        let current = self.members.load();
+        if !current.iter().any(|m| m.id == member_id) {
+            return false;
+        }
+        let list: Vec<_> = current.iter().filter(|m| m.id != member_id).cloned().collect();
+        self.members.store(Arc::new(list));
+        true
+    }
+
+    /// Takes every member out of the list.
+    pub(crate) fn take_all(&self, _locked: &mut EndpointInternals) -> Arc<Vec<Arc<Member>>> {
+        self.members.swap(Arc::new(Vec::new()))
+    }
+
+    /// A slot on the least loaded ready member with room, if any.
+    pub(crate) fn try_acquire(&self) -> Option<Slot> {
+        let members = self.members.load();
+        match members.len() {
+            0 => return None,
+            1 => return members[0].try_acquire(),
+            _ => {}
+        }
+        // Least in-flight first; on a lost race for its last slot, try the rest in order.
+        let mut best: Option<&Arc<Member>> = None;
+        let mut best_load = u32::MAX;
+        for member in members.iter() {
+            let load = member.in_flight();
+            if load < best_load && load < member.max_streams() {
+                best = Some(member);
+                best_load = load;
+            }
+        }
+        if let Some(slot) = best.and_then(|m| m.try_acquire()) {
+            return Some(slot);
+        }
+        members.iter().find_map(|m| m.try_acquire())
+    }
+}
+
+/// Checkouts waiting for a slot, served first come, first served.
+///
+/// A freed slot goes straight to the longest waiter instead of back to the member, so a burst
+/// of new callers cannot overtake the ones already queued (bb8's starvation at high
+/// concurrency comes from exactly that).
+#[derive(Debug, Default)]
+pub(crate) struct WaitQueue {
+    len: AtomicUsize,
+    queue: Mutex<VecDeque<oneshot::Sender<Result<Slot, Error>>>>,
+}
+
+impl WaitQueue {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<oneshot::Sender<Result<Slot, Error>>>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.len.load(Ordering::SeqCst) > 0
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn push(&self, waiter: oneshot::Sender<Result<Slot, Error>>) {
+        let mut queue = self.lock();
+        queue.push_back(waiter);
+        self.len.store(queue.len(), Ordering::SeqCst);
+    }
+
+    /// Hands slots of `member` to waiters, oldest first, while it has room.
+    pub(crate) fn serve(&self, member: &Arc<Member>) {
+        let mut leftover = None;
+        {
+            let mut queue = self.lock();
+            while let Some(waiter) = queue.pop_front() {
+                if waiter.is_closed() {
+                    continue;
+                }
+                let slot = match leftover.take() {
+                    Some(slot) => slot,
+                    None => match member.try_acquire() {
+                        Some(slot) => slot,
+                        None => {
+                            queue.push_front(waiter);
+                            break;
+                        }
+                    },
+                };
+                if let Err(Ok(slot)) = waiter.send(Ok(slot)) {
+                    leftover = Some(slot); // gave up meanwhile; offer it to the next one
+                }
+            }
+            self.len.store(queue.len(), Ordering::SeqCst);
+            if let Some(slot) = leftover.take() {
+                // Nobody left to take it; free it here, under the lock, so a waiter that
+                // queues next sees it when it re-checks.
+                slot.release_quietly();
+            }
+        }
+    }
+
+    /// Forgets waiters that gave up (timed out or dropped).
+    pub(crate) fn prune(&self) {
+        let mut queue = self.lock();
+        queue.retain(|w| !w.is_closed());
+        self.len.store(queue.len(), Ordering::SeqCst);
+    }
+
+    /// Fails every waiter with `error()`.
+    pub(crate) fn fail_all(&self, error: impl Fn() -> Error) {
+        let mut queue = self.lock();
+        for waiter in queue.drain(..) {
+            let _ = waiter.send(Err(error()));
+        }
+        self.len.store(0, Ordering::SeqCst);
+    }
+}

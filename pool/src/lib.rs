@@ -1,0 +1,39 @@
+//! The connection pool behind [grpc-pool](https://docs.rs/grpc-pool): several HTTP/2
+//! connections ("members") per endpoint, a checkout that spreads streams over them, and a
+//! [`tower_service::Service`] that any tonic-generated client can send its calls through.
+//!
+//! Most users depend on the facade crate `grpc-pool`, which re-exports everything here and
+//! wires in the health task. The layout follows bb8's: [`api`] holds the public surface
+//! ([`Pool`], [`Builder`], [`State`]), `inner` the logic, `internals` the locked data; the
+//! HTTP/2 protocol code lives apart in `proto::h2`, and the `tower` service in [`service`].
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), grpc_pool_core::Error> {
+//! let pool = grpc_pool_core::Pool::builder()
+//!     .max_connections(4)
+//!     .build(["http://127.0.0.1:50051", "http://127.0.0.1:50052"])
+//!     .await?;
+//! // `pool.clone()` is cheap: hand it to any tonic client, e.g. `EchoClient::new(pool.clone())`.
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod api;
+mod backoff;
+mod config;
+mod endpoint;
+mod error;
+mod inner;
+mod internals;
+mod member;
+pub mod metrics;
+mod proto;
+mod rand;
+pub mod service;
+
+pub use api::{Builder, EndpointState, MemberSnapshot, Pool, State, Statistics};
+pub use config::{BackoffConfig, H2Config};
+pub use endpoint::Endpoint;
+pub use error::{Error, ErrorKind};
+pub use member::{EvictionReason, MemberState};
+pub use service::ResponseBody;

@@ -1,0 +1,284 @@
+//! A member: one HTTP/2 connection of the pool, its state and its stream slots.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::internals::{EndpointShared, WaitQueue};
+use crate::proto::h2::frames::ConnSignals;
+
+/// Where a member is in its life: `Connecting -> Ready -> Draining -> Closed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemberState {
+    /// TCP and the HTTP/2 handshake are under way; the server has not sent SETTINGS yet.
+    Connecting,
+    /// Takes new streams.
+    Ready,
+    /// Takes no new streams; the ones in flight finish, then the connection closes.
+    Draining,
+    /// The connection is gone.
+    Closed,
+}
+
+impl MemberState {
+    fn from_u8(value: u8) -> MemberState {
+        match value {
+            0 => MemberState::Connecting,
+            1 => MemberState::Ready,
+            2 => MemberState::Draining,
+            _ => MemberState::Closed,
+        }
+    }
+
+    /// The name used in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Connecting => "connecting",
+            MemberState::Ready => "ready",
+            MemberState::Draining => "draining",
+            MemberState::Closed => "closed",
+        }
+    }
+}
+
+/// Why a member stopped taking streams. Each is a `reason` label value of
+/// [`EVICTIONS`](crate::metrics::EVICTIONS) and a field of every eviction's `tracing` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum EvictionReason {
+    /// Carried no stream for `idle_timeout`.
+    IdleTimeout,
+    /// Reached its (jittered) `max_lifetime`; drained gracefully.
+    MaxLifetime,
+    /// The server sent GOAWAY; drained gracefully.
+    GoAway,
+    /// A keepalive PING got no answer in time.
+    PingTimeout,
+    /// The endpoint's health checks failed.
+    HealthFailed,
+    /// The connection failed: reset, broken pipe, protocol error.
+    IoError,
+    /// The server closed the connection without a GOAWAY.
+    ClosedByPeer,
+    /// The pool was closed or dropped.
+    PoolClosed,
+}
+
+impl EvictionReason {
+    /// Every reason, in a fixed order (for statistics tables).
+    pub const ALL: [EvictionReason; 8] = [
+        EvictionReason::IdleTimeout,
+        EvictionReason::MaxLifetime,
+        EvictionReason::GoAway,
+        EvictionReason::PingTimeout,
+        EvictionReason::HealthFailed,
+        EvictionReason::IoError,
+        EvictionReason::ClosedByPeer,
+        EvictionReason::PoolClosed,
+    ];
+
+    /// The name used in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictionReason::IdleTimeout => "idle_timeout",
+            EvictionReason::MaxLifetime => "max_lifetime",
+            EvictionReason::GoAway => "goaway",
+            EvictionReason::PingTimeout => "ping_timeout",
+            EvictionReason::HealthFailed => "health_failed",
+            EvictionReason::IoError => "io_error",
+            EvictionReason::ClosedByPeer => "closed_by_peer",
+            EvictionReason::PoolClosed => "pool_closed",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        EvictionReason::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for EvictionReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+const STATE_CONNECTING: u8 = 0;
+const STATE_READY: u8 = 1;
+const STATE_DRAINING: u8 = 2;
+const STATE_CLOSED: u8 = 3;
+
+/// One HTTP/2 connection of an endpoint.
+pub(crate) struct Member {
+    pub(crate) id: u64,
+    pub(crate) endpoint: Arc<EndpointShared>,
+    /// Cloned per call: each clone may open one stream without waiting on the others.
+    send: h2::client::SendRequest<Bytes>,
+    pub(crate) signals: Arc<ConnSignals>,
+    waiters: Arc<WaitQueue>,
+    state: AtomicU8,
+    in_flight: AtomicU32,
+    /// The configured per-connection cap; the server's own limit applies too.
+    cap: u32,
+    created: Instant,
+    /// Nanoseconds after `created` when a stream last started.
+    last_used: AtomicU64,
+}
+
+impl Member {
+    pub(crate) fn new(
+        id: u64,
+        endpoint: Arc<EndpointShared>,
+        send: h2::client::SendRequest<Bytes>,
+        signals: Arc<ConnSignals>,
+        waiters: Arc<WaitQueue>,
+        cap: u32,
+    ) -> Member {
+        Member {
+            id,
+            endpoint,
+            send,
+            signals,
+            waiters,
+            state: AtomicU8::new(STATE_CONNECTING),
+            in_flight: AtomicU32::new(0),
+            cap,
+            created: Instant::now(),
+            last_used: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn state(&self) -> MemberState {
+        MemberState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// `Connecting -> Ready`; false if the member moved on meanwhile.
+    pub(crate) fn set_ready(&self) -> bool {
+        self.state
+            .compare_exchange(STATE_CONNECTING, STATE_READY, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// `Ready -> Draining`; returns whether this call made the change.
+    pub(crate) fn set_draining(&self) -> bool {
+        self.state.compare_exchange(STATE_READY, STATE_DRAINING, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Any state `-> Closed`; returns the state before.
+    pub(crate) fn set_closed(&self) -> MemberState {
+        MemberState::from_u8(self.state.swap(STATE_CLOSED, Ordering::AcqRel))
+    }
+
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The most streams this member carries at once: the configured cap, or less if the
+    /// server's `SETTINGS_MAX_CONCURRENT_STREAMS` says so.
+    pub(crate) fn max_streams(&self) -> u32 {
+        self.cap.min(self.signals.server_max_streams())
+    }
+
+    pub(crate) fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    pub(crate) fn idle(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_used.load(Ordering::Relaxed));
+        self.created.elapsed().saturating_sub(last)
+    }
+
+    /// A sender for one new stream.
+    pub(crate) fn sender(&self) -> h2::client::SendRequest<Bytes> {
+        self.send.clone()
+    }
+
+    /// Takes a stream slot if the member is `Ready` and below its limit.
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        if self.state.load(Ordering::Acquire) != STATE_READY {
+            return None;
+        }
+        let limit = self.max_streams();
+        let mut current = self.in_flight.load(Ordering::Relaxed);
+        loop {
+            if current >= limit {
+                return None;
+            }
+            match self.in_flight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
+        }
+        self.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.last_used.store(self.created.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Some(Slot { member: self.clone(), serve_waiters: true })
+    }
+
+    fn release(self: &Arc<Self>) {
+        self.release_quietly();
+        // Decrement first, then look for waiters: a waiter that queued after our look
+        // re-checks the slots itself, so no free slot is ever left with a waiter queued.
+        if self.waiters.has_waiters() && self.state.load(Ordering::Acquire) == STATE_READY {
+            self.waiters.serve(self);
+        }
+    }
+
+    fn release_quietly(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Member")
+            .field("id", &self.id)
+            .field("endpoint", &self.endpoint.endpoint)
+            .field("state", &self.state())
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// The right to one stream on a member. Dropping it frees the slot, or hands it straight to
+/// the longest waiting checkout.
+pub(crate) struct Slot {
+    member: Arc<Member>,
+    /// False only for the wait queue's own leftovers, which it frees under its lock.
+    serve_waiters: bool,
+}
+
+impl Slot {
+    pub(crate) fn member(&self) -> &Arc<Member> {
+        &self.member
+    }
+
+    /// Frees the slot without serving waiters; for the wait queue itself, which holds its
+    /// lock while it calls this.
+    pub(crate) fn release_quietly(mut self) {
+        self.serve_waiters = false;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.serve_waiters {
+            self.member.release();
+        } else {
+            self.member.release_quietly();
+        }
+    }
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot").field("member", &self.member.id).finish()
+    }
+}

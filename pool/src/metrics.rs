@@ -1,0 +1,28 @@
+//! Every metric the pool records, by name, in one place.
+//!
+//! Metrics go through the [`metrics`](https://docs.rs/metrics) facade, so they reach whatever
+//! recorder the application installed (Prometheus, StatsD, ...), and cost nothing without one.
+//! Names follow Prometheus conventions; every series carries the `pool` label (the builder's
+//! `name`) and, where it concerns one endpoint, `endpoint` (`http://host:port`).
+
+/// Counter: connection attempts, by `result` (`ok`, `error`).
+pub const CONNECTS: &str = "grpc_pool_connects_total";
+/// Histogram (seconds): time to open a connection and receive the server's SETTINGS.
+pub const CONNECT_DURATION: &str = "grpc_pool_connect_duration_seconds";
+/// Counter: members taken out of service, by `reason` (see `EvictionReason::as_str`).
+pub const EVICTIONS: &str = "grpc_pool_evictions_total";
+/// Counter: checkouts, by `result` (`direct`: a slot was free; `waited`; `timeout`; `closed`).
+pub const CHECKOUTS: &str = "grpc_pool_checkouts_total";
+/// Histogram (seconds): how long checkouts that had to wait waited.
+pub const CHECKOUT_WAIT: &str = "grpc_pool_checkout_wait_seconds";
+/// Counter: calls sent again on another member because the first never left (by `reason`).
+pub const RETRIES: &str = "grpc_pool_retries_total";
+
+/// Label: the pool's name.
+pub const LABEL_POOL: &str = "pool";
+/// Label: the endpoint, as `http://host:port`.
+pub const LABEL_ENDPOINT: &str = "endpoint";
+/// Label: an outcome (`ok`, `error`, `direct`, `waited`, `timeout`, `closed`).
+pub const LABEL_RESULT: &str = "result";
+/// Label: why something happened (an eviction or retry reason).
+pub const LABEL_REASON: &str = "reason";

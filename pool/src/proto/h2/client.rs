@@ -1,0 +1,47 @@
+//! Opening one HTTP/2 connection: TCP with `TCP_NODELAY`, then the `h2` client handshake with
+//! the pool's window, frame and header-list settings.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+use super::frames::{ConnSignals, ObservedIo};
+use crate::config::H2Config;
+use crate::endpoint::Endpoint;
+use crate::error::Error;
+
+/// The transport under every member.
+pub(crate) type Io = ObservedIo<TcpStream>;
+/// The `h2` connection future that a member's driver task polls.
+pub(crate) type Connection = h2::client::Connection<Io, Bytes>;
+
+/// A fresh HTTP/2 connection whose preface has been queued. The server has not necessarily
+/// answered yet: the caller drives `connection` and waits for `signals.settings_or_closed()`.
+pub(crate) struct Handshaken {
+    pub(crate) send: h2::client::SendRequest<Bytes>,
+    pub(crate) connection: Connection,
+    pub(crate) signals: Arc<ConnSignals>,
+}
+
+/// Opens TCP to `endpoint` and starts the HTTP/2 handshake. The caller bounds the time.
+pub(crate) async fn handshake(endpoint: &Endpoint, config: &H2Config) -> Result<Handshaken, Error> {
+    let tcp = TcpStream::connect((endpoint.host(), endpoint.port()))
+        .await
+        .map_err(|e| Error::connect(&endpoint.to_string(), "TCP connect", Some(Box::new(e))))?;
+    // gRPC messages are small and latency-bound: never wait to coalesce them.
+    tcp.set_nodelay(true)
+        .map_err(|e| Error::connect(&endpoint.to_string(), "setting TCP_NODELAY", Some(Box::new(e))))?;
+    let signals = Arc::new(ConnSignals::new());
+    let io = ObservedIo::new(tcp, signals.clone());
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(config.initial_stream_window_size)
+        .initial_connection_window_size(config.initial_connection_window_size)
+        .max_frame_size(config.max_frame_size)
+        .max_header_list_size(config.max_header_list_size)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| Error::connect(&endpoint.to_string(), "HTTP/2 handshake", Some(Box::new(e))))?;
+    Ok(Handshaken { send, connection, signals })
+}

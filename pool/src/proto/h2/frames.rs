@@ -1,0 +1,333 @@
+//! Watching the frames a server sends, without touching them.
+//!
+//! `h2` keeps two facts to itself that the pool needs the moment they arrive: the server's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` (to never put more streams on a member than it accepts)
+//! and a GOAWAY with its error code and debug data (to stop handing the member out, and, for
+//! `ENHANCE_YOUR_CALM`/`too_many_pings`, to back off keepalive). [`ObservedIo`] sits between
+//! the socket and `h2`, reads the 9-byte frame headers as the bytes go by, and records those
+//! two frames in [`ConnSignals`]. It copies at most a few hundred bytes per SETTINGS or GOAWAY
+//! frame and nothing else; every other payload is skipped by length.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+const FRAME_HEADER_LEN: usize = 9;
+const TYPE_SETTINGS: u8 = 0x4;
+const TYPE_GOAWAY: u8 = 0x7;
+const FLAG_ACK: u8 = 0x1;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+/// How much of a SETTINGS or GOAWAY payload is kept: SETTINGS has six bytes per setting and
+/// servers send a handful; GOAWAY debug data is a short reason like `too_many_pings`.
+const CAPTURE_LIMIT: usize = 1024;
+
+/// A GOAWAY frame as the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct GoAway {
+    pub(crate) last_stream_id: u32,
+    pub(crate) error_code: u32,
+    pub(crate) debug_data: Bytes,
+}
+
+impl GoAway {
+    /// The error code's name, as in RFC 9113 section 7.
+    pub(crate) fn reason(&self) -> h2::Reason {
+        h2::Reason::from(self.error_code)
+    }
+}
+
+/// What the server has told us so far on one connection, shared between the connection's
+/// reader and the pool.
+#[derive(Debug)]
+pub(crate) struct ConnSignals {
+    /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS`; `u32::MAX` until it sends one
+    /// (unlimited, as RFC 9113 says of a setting not yet received).
+    server_max_streams: AtomicU32,
+    settings_seen: AtomicBool,
+    goaway_seen: AtomicBool,
+    goaway: Mutex<Option<GoAway>>,
+    closed: AtomicBool,
+    /// Woken on the first SETTINGS, on GOAWAY and on close.
+    changed: Notify,
+}
+
+impl ConnSignals {
+    pub(crate) fn new() -> ConnSignals {
+        ConnSignals {
+            server_max_streams: AtomicU32::new(u32::MAX),
+            settings_seen: AtomicBool::new(false),
+            goaway_seen: AtomicBool::new(false),
+            goaway: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    pub(crate) fn server_max_streams(&self) -> u32 {
+        self.server_max_streams.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn settings_seen(&self) -> bool {
+        self.settings_seen.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn goaway_seen(&self) -> bool {
+        self.goaway_seen.load(Ordering::Acquire)
+    }
+
+    /// The most recent GOAWAY, if any.
+    pub(crate) fn goaway(&self) -> Option<GoAway> {
+        self.goaway.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_closed(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until the server's first SETTINGS frame arrives or the connection closes;
+    /// returns whether SETTINGS came.
+    pub(crate) async fn settings_or_closed(&self) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.settings_seen() {
+                return true;
+            }
+            if self.is_closed() {
+                return false;
+            }
+            changed.await;
+        }
+    }
+
+    fn on_settings(&self, payload: &[u8]) {
+        for setting in payload.chunks_exact(6) {
+            let id = u16::from_be_bytes([setting[0], setting[1]]);
+            if id == SETTINGS_MAX_CONCURRENT_STREAMS {
+                let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+                self.server_max_streams.store(value, Ordering::Relaxed);
+            }
+        }
+        if !self.settings_seen.swap(true, Ordering::AcqRel) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn on_goaway(&self, payload: &[u8]) {
+        if payload.len() < 8 {
+            return; // malformed; h2 will fail the connection with a protocol error.
+        }
+        let goaway = GoAway {
+            last_stream_id: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                & 0x7fff_ffff,
+            error_code: u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
+            debug_data: Bytes::copy_from_slice(&payload[8..]),
+        };
+        *self.goaway.lock().unwrap_or_else(|e| e.into_inner()) = Some(goaway);
+        self.goaway_seen.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+}
+
+/// Incremental parser of the server-to-client frame sequence.
+#[derive(Debug, Default)]
+struct FrameReader {
+    header: [u8; FRAME_HEADER_LEN],
+    header_len: usize,
+    /// Payload bytes of the current frame still to come.
+    remaining: usize,
+    kind: u8,
+    /// Whether the current frame's payload is kept (SETTINGS without ACK, GOAWAY).
+    capturing: bool,
+    payload: Vec<u8>,
+}
+
+impl FrameReader {
+    fn feed(&mut self, mut bytes: &[u8], signals: &ConnSignals) {
+        while !bytes.is_empty() {
+            if self.header_len < FRAME_HEADER_LEN {
+                let take = (FRAME_HEADER_LEN - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + take].copy_from_slice(&bytes[..take]);
+                self.header_len += take;
+                bytes = &bytes[take..];
+                if self.header_len == FRAME_HEADER_LEN {
+                    self.start_frame(signals);
+                }
+                continue;
+            }
+            let take = self.remaining.min(bytes.len());
+            if self.capturing {
+                let room = CAPTURE_LIMIT.saturating_sub(self.payload.len());
+                self.payload.extend_from_slice(&bytes[..take.min(room)]);
+            }
+            self.remaining -= take;
+            bytes = &bytes[take..];
+            if self.remaining == 0 {
+                self.end_frame(signals);
+            }
+        }
+    }
+
+    fn start_frame(&mut self, signals: &ConnSignals) {
+        let h = &self.header;
+        self.remaining = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+        self.kind = h[3];
+        let flags = h[4];
+        self.capturing = (self.kind == TYPE_SETTINGS && flags & FLAG_ACK == 0) || self.kind == TYPE_GOAWAY;
+        self.payload.clear();
+        if self.remaining == 0 {
+            self.end_frame(signals);
+        }
+    }
+
+    fn end_frame(&mut self, signals: &ConnSignals) {
+        if self.capturing {
+            match self.kind {
+                TYPE_SETTINGS => signals.on_settings(&self.payload),
+                TYPE_GOAWAY => signals.on_goaway(&self.payload),
+                _ => {}
+            }
+        }
+        self.header_len = 0;
+        self.capturing = false;
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A transport that reports SETTINGS and GOAWAY frames to [`ConnSignals`] as `h2` reads
+    /// them; writes pass straight through.
+    pub(crate) struct ObservedIo<T> {
+        #[pin]
+        io: T,
+        reader: FrameReader,
+        signals: std::sync::Arc<ConnSignals>,
+    }
+}
+
+impl<T> ObservedIo<T> {
+    pub(crate) fn new(io: T, signals: std::sync::Arc<ConnSignals>) -> ObservedIo<T> {
+        ObservedIo { io, reader: FrameReader::default(), signals }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for ObservedIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let result = this.io.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            this.reader.feed(&buf.filled()[before..], this.signals);
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for ObservedIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags, 0, 0, 0, 0];
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn settings(max_streams: u32) -> Vec<u8> {
+        let mut payload = vec![0, 0x4, 0, 0, 0xff, 0xff]; // INITIAL_WINDOW_SIZE first
+        payload.extend_from_slice(&[0, 0x3]);
+        payload.extend_from_slice(&max_streams.to_be_bytes());
+        frame(TYPE_SETTINGS, 0, &payload)
+    }
+
+    fn goaway(last: u32, code: u32, debug: &[u8]) -> Vec<u8> {
+        let mut payload = last.to_be_bytes().to_vec();
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(debug);
+        frame(TYPE_GOAWAY, 0, &payload)
+    }
+
+    fn stream() -> Vec<u8> {
+        let mut bytes = settings(50);
+        bytes.extend(frame(0x0, 0x1, &[7u8; 300])); // DATA
+        bytes.extend(frame(TYPE_SETTINGS, FLAG_ACK, &[]));
+        bytes.extend(frame(0x6, 0, &[1u8; 8])); // PING
+        bytes.extend(goaway(41, 0xb, b"too_many_pings"));
+        bytes
+    }
+
+    fn check(signals: &ConnSignals) {
+        assert!(signals.settings_seen());
+        assert_eq!(signals.server_max_streams(), 50);
+        let goaway = signals.goaway().expect("goaway seen");
+        assert_eq!(goaway.last_stream_id, 41);
+        assert_eq!(goaway.reason(), h2::Reason::ENHANCE_YOUR_CALM);
+        assert_eq!(&goaway.debug_data[..], b"too_many_pings");
+    }
+
+    #[test]
+    fn reads_settings_and_goaway_in_one_piece() {
+        let signals = ConnSignals::new();
+        FrameReader::default().feed(&stream(), &signals);
+        check(&signals);
+    }
+
+    #[test]
+    fn reads_them_split_at_every_byte() {
+        let signals = ConnSignals::new();
+        let mut reader = FrameReader::default();
+        for byte in stream() {
+            reader.feed(&[byte], &signals);
+        }
+        check(&signals);
+    }
+
+    #[test]
+    fn a_later_settings_frame_lowers_the_limit() {
+        let signals = ConnSignals::new();
+        let mut reader = FrameReader::default();
+        reader.feed(&settings(100), &signals);
+        assert_eq!(signals.server_max_streams(), 100);
+        reader.feed(&settings(0), &signals);
+        assert_eq!(signals.server_max_streams(), 0);
+        assert!(!signals.goaway_seen());
+    }
+}

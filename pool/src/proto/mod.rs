@@ -1,0 +1,2 @@
+//! Protocol code, kept apart from the pool's client API (as hyper keeps `proto/h2`).
+pub(crate) mod h2;

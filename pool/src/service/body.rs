@@ -1,0 +1,114 @@
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::task::AbortHandle;
+
+use crate::error::Error;
+use crate::member::Slot;
+
+/// The body of a response from the pool: the stream's data, then its trailers (where gRPC
+/// puts `grpc-status`).
+///
+/// It holds the call's stream slot until the stream ends, so a streaming call counts against
+/// its connection for as long as it lasts. Dropping it early cancels the stream
+/// (`RST_STREAM CANCEL`) and frees the slot at once.
+pub struct ResponseBody {
+    recv: h2::RecvStream,
+    slot: Option<Slot>,
+    /// The task still sending the request body (client and bidirectional streaming).
+    pump: Option<AbortHandle>,
+    data_done: bool,
+}
+
+impl ResponseBody {
+    pub(crate) fn new(recv: h2::RecvStream, slot: Slot, pump: Option<AbortHandle>) -> ResponseBody {
+        ResponseBody { recv, slot: Some(slot), pump, data_done: false }
+    }
+
+    fn endpoint(&self) -> &str {
+        self.slot.as_ref().map(|s| s.member().endpoint.label.as_str()).unwrap_or("the endpoint")
+    }
+
+    /// The call is over: stop sending and give back the slot.
+    fn finish(&mut self) {
+        if let Some(pump) = self.pump.take() {
+            pump.abort();
+        }
+        self.slot = None;
+    }
+
+    fn fail(&mut self, err: h2::Error) -> Error {
+        let error = Error::from_h2(self.endpoint(), err);
+        self.finish();
+        error
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match this.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(data))) => {
+                    // The caller has the bytes: let the server send more.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(this.fail(err)))),
+                Poll::Ready(None) => this.data_done = true,
+            }
+        }
+        match this.recv.poll_trailers(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(trailers))) => {
+                this.finish();
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+            Poll::Ready(Ok(None)) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Some(Err(this.fail(err)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Dropping `recv` (and the aborted pump's send half) makes h2 reset the stream with
+        // CANCEL if it is still open; the slot returns with `self.slot`.
+        if let Some(pump) = self.pump.take() {
+            pump.abort();
+        }
+    }
+}
+
+impl fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody").field("slot", &self.slot).field("data_done", &self.data_done).finish()
+    }
+}
+
+// tonic needs response bodies that can move between threads.
+const _: fn() = || {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<ResponseBody>();
+};

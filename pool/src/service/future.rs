@@ -1,0 +1,220 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, Request, Uri, Version};
+use http_body::Body;
+
+use super::body::ResponseBody;
+use crate::error::Error;
+use crate::inner::PoolInner;
+use crate::member::Slot;
+use crate::proto::h2::body::{Pump, PumpError};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+type Checkout = Pin<Box<dyn Future<Output = Result<Slot, Error>> + Send>>;
+
+/// Attempts per call when the chosen connection turns out to be going away before anything
+/// was sent on it (a GOAWAY the pool had not seen yet, or a connection that just died).
+const MAX_ATTEMPTS: u8 = 3;
+
+/// The future of [`Pool::call`](tower_service::Service::call): a stream slot, then the
+/// response head.
+pub struct ResponseFuture<B> {
+    pool: Arc<PoolInner>,
+    state: State<B>,
+    attempts: u8,
+}
+
+enum State<B> {
+    Checkout { request: Option<Request<B>>, waiting: Option<Checkout> },
+    Sending { slot: Option<Slot>, response: h2::client::ResponseFuture, pump: Option<Pin<Box<Pump<B>>>> },
+    Done,
+}
+
+// The request body is never pinned in place: it is moved into a boxed pump before it is
+// polled, so the future itself may move freely.
+impl<B> Unpin for ResponseFuture<B> {}
+
+/// What a send attempt came to.
+enum Started<B> {
+    Sent(State<B>),
+    /// The member could not open a stream and nothing was sent; the request comes back.
+    Again(Request<B>, Error),
+}
+
+impl<B> ResponseFuture<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    pub(crate) fn new(pool: Arc<PoolInner>, request: Request<B>) -> ResponseFuture<B> {
+        ResponseFuture { pool, state: State::Checkout { request: Some(request), waiting: None }, attempts: 0 }
+    }
+
+    /// Opens the stream on the slot's member and starts sending the body.
+    fn start(&mut self, slot: Slot, request: Request<B>) -> Result<Started<B>, Error> {
+        let member = slot.member().clone();
+        let endpoint = &member.endpoint.endpoint;
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let uri = Uri::builder()
+            .scheme(endpoint.scheme().clone())
+            .authority(endpoint.authority().clone())
+            .path_and_query(path.clone())
+            .build()
+            .map_err(|e| Error::request_body(&member.endpoint.label, Box::new(e)))?;
+        // Kept only while another attempt is allowed: h2 consumes the head even when it
+        // refuses to open the stream.
+        let again =
+            (self.attempts + 1 < MAX_ATTEMPTS).then(|| (parts.method.clone(), path, parts.headers.clone()));
+        let mut head = Request::new(());
+        *head.method_mut() = parts.method;
+        *head.uri_mut() = uri;
+        *head.version_mut() = Version::HTTP_2;
+        *head.headers_mut() = parts.headers;
+        let end_of_stream = body.is_end_stream();
+        match member.sender().send_request(head, end_of_stream) {
+            Ok((response, stream)) => {
+                let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream)));
+                Ok(Started::Sent(State::Sending { slot: Some(slot), response, pump }))
+            }
+            Err(err) if err.is_go_away() || err.is_io() => {
+                // The connection is going away and never saw this request.
+                self.pool.on_send_failed(&member, &err);
+                drop(slot);
+                let error = Error::from_h2(&member.endpoint.label, err).mark_unprocessed();
+                match again {
+                    Some((method, path, headers)) => {
+                        Ok(Started::Again(rebuild(method, path, headers, body), error))
+                    }
+                    None => Err(error),
+                }
+            }
+            Err(err) => Err(Error::from_h2(&member.endpoint.label, err)),
+        }
+    }
+}
+
+fn rebuild<B>(method: Method, path: PathAndQuery, headers: HeaderMap, body: B) -> Request<B> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = Uri::from(path);
+    *request.headers_mut() = headers;
+    request
+}
+
+impl<B> Future for ResponseFuture<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<http::Response<ResponseBody>, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                State::Checkout { request, waiting } => {
+                    let slot = match waiting {
+                        Some(checkout) => {
+                            let result = ready!(checkout.as_mut().poll(cx));
+                            *waiting = None;
+                            match result {
+                                Ok(slot) => slot,
+                                Err(error) => {
+                                    this.state = State::Done;
+                                    return Poll::Ready(Err(error));
+                                }
+                            }
+                        }
+                        None => match this.pool.checkout_now() {
+                            Some(slot) => slot,
+                            None => {
+                                *waiting = Some(Box::pin(this.pool.clone().checkout_wait()));
+                                continue;
+                            }
+                        },
+                    };
+                    let Some(request) = request.take() else {
+                        this.state = State::Done;
+                        return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
+                    };
+                    match this.start(slot, request) {
+                        Ok(Started::Sent(sending)) => this.state = sending,
+                        Ok(Started::Again(request, error)) => {
+                            this.attempts += 1;
+                            if this.attempts >= MAX_ATTEMPTS {
+                                this.state = State::Done;
+                                return Poll::Ready(Err(error));
+                            }
+                            this.pool.count_retry("not_sent");
+                            this.state = State::Checkout { request: Some(request), waiting: None };
+                        }
+                        Err(error) => {
+                            this.state = State::Done;
+                            return Poll::Ready(Err(error));
+                        }
+                    }
+                }
+                State::Sending { slot, response, pump } => {
+                    if let Some(sending) = pump {
+                        match sending.as_mut().poll(cx) {
+                            Poll::Pending => {}
+                            Poll::Ready(Ok(())) | Poll::Ready(Err(PumpError::Stream)) => *pump = None,
+                            Poll::Ready(Err(PumpError::Body(cause))) => {
+                                let label = slot
+                                    .as_ref()
+                                    .map(|s| s.member().endpoint.label.clone())
+                                    .unwrap_or_default();
+                                this.state = State::Done;
+                                return Poll::Ready(Err(Error::request_body(&label, cause)));
+                            }
+                        }
+                    }
+                    let result = ready!(Pin::new(response).poll(cx));
+                    let slot = slot.take().expect("slot is held until the response head");
+                    let pump = pump.take();
+                    this.state = State::Done;
+                    return Poll::Ready(match result {
+                        Ok(response) => {
+                            // The server answered before the request body ended (streaming):
+                            // keep sending from a task of its own.
+                            let pump = pump.map(|p| {
+                                tokio::spawn(async move {
+                                    let _ = p.await;
+                                })
+                                .abort_handle()
+                            });
+                            Ok(response.map(|recv| ResponseBody::new(recv, slot, pump)))
+                        }
+                        Err(err) => {
+                            let refused = err.reason() == Some(h2::Reason::REFUSED_STREAM);
+                            let error = Error::from_h2(&slot.member().endpoint.label, err);
+                            Err(if refused { error.mark_unprocessed() } else { error })
+                        }
+                    });
+                }
+                State::Done => {
+                    return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
+                }
+            }
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseFuture<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Checkout { waiting: None, .. } => "checkout",
+            State::Checkout { waiting: Some(_), .. } => "waiting",
+            State::Sending { .. } => "sending",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture").field("state", &state).field("attempts", &self.attempts).finish()
+    }
+}

@@ -1,0 +1,11 @@
+//! The `tower::Service` through which callers send requests over the pool.
+//!
+//! [`Pool`](crate::Pool) implements `Service<http::Request<B>>`; its future takes a stream
+//! slot, sends the request on the member's `h2` connection from the caller's own task (no
+//! channel hop to a worker), and resolves to an `http::Response<`[`ResponseBody`]`>`.
+mod body;
+mod future;
+mod service;
+
+pub use body::ResponseBody;
+pub use future::ResponseFuture;

@@ -1,0 +1,37 @@
+//! Test support shared by grpc-pool's tests, examples and benches: the echo service, tonic
+//! servers started in-process on 127.0.0.1, and a TCP relay that injects faults.
+pub mod echo;
+pub mod relay;
+pub mod server;
+
+pub use relay::Relay;
+pub use server::{EchoServer, ServerOptions, TestServer};
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Polls `condition` every few milliseconds until it holds, for at most `limit`; panics with
+/// `what` if it never does. Tests wait on state this way instead of sleeping for a guess.
+pub async fn wait_until<F>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> bool,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Like [`wait_until`], with an async condition.
+pub async fn wait_until_async<F, Fut>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

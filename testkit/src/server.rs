@@ -1,0 +1,220 @@
+//! tonic echo servers on 127.0.0.1, with the limits tests need and a graceful shutdown.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::echo::echo_server::{Echo, EchoServer as EchoService};
+use crate::echo::{EchoRequest, EchoResponse};
+
+/// Counts what a server saw, for tests that check where calls went.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Calls of any kind that reached the handler.
+    pub calls: AtomicU64,
+    /// Calls whose handler is running now.
+    pub active: AtomicUsize,
+}
+
+/// The echo service; every method honours `delay_ms`.
+#[derive(Debug, Clone, Default)]
+pub struct EchoServer {
+    counters: Arc<Counters>,
+}
+
+struct ActiveGuard(Arc<Counters>);
+
+impl ActiveGuard {
+    fn new(counters: &Arc<Counters>) -> ActiveGuard {
+        counters.calls.fetch_add(1, Ordering::Relaxed);
+        counters.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(counters.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn delay(ms: u32) {
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms.into())).await;
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Echo for EchoServer {
+    async fn unary_echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
+        let _active = ActiveGuard::new(&self.counters);
+        let request = request.into_inner();
+        delay(request.delay_ms).await;
+        Ok(Response::new(EchoResponse { message: request.message }))
+    }
+
+    type ServerStreamingEchoStream = ResponseStream;
+
+    async fn server_streaming_echo(
+        &self,
+        request: Request<EchoRequest>,
+    ) -> Result<Response<Self::ServerStreamingEchoStream>, Status> {
+        let active = ActiveGuard::new(&self.counters);
+        let request = request.into_inner();
+        let repeat = request.repeat.max(1);
+        let stream = async_stream(repeat, request);
+        Ok(Response::new(Box::pin(stream.map(move |item| {
+            let _keep = &active;
+            item
+        }))))
+    }
+
+    async fn client_streaming_echo(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoResponse>, Status> {
+        let _active = ActiveGuard::new(&self.counters);
+        let mut stream = request.into_inner();
+        let mut message = Vec::new();
+        while let Some(item) = stream.next().await {
+            let item = item?;
+            delay(item.delay_ms).await;
+            message.extend_from_slice(&item.message);
+        }
+        Ok(Response::new(EchoResponse { message: message.into() }))
+    }
+
+    type BidirectionalStreamingEchoStream = ResponseStream;
+
+    async fn bidirectional_streaming_echo(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Self::BidirectionalStreamingEchoStream>, Status> {
+        let active = ActiveGuard::new(&self.counters);
+        let stream = request.into_inner().then(|item| async move {
+            let item = item?;
+            delay(item.delay_ms).await;
+            Ok(EchoResponse { message: item.message })
+        });
+        Ok(Response::new(Box::pin(stream.map(move |item| {
+            let _keep = &active;
+            item
+        }))))
+    }
+}
+
+/// `repeat` responses echoing `request`, each after `delay_ms`.
+fn async_stream(
+    repeat: u32,
+    request: EchoRequest,
+) -> impl Stream<Item = Result<EchoResponse, Status>> + Send {
+    tokio_stream::iter(0..repeat).then(move |_| {
+        let message = request.message.clone();
+        let ms = request.delay_ms;
+        async move {
+            delay(ms).await;
+            Ok(EchoResponse { message })
+        }
+    })
+}
+
+/// How to run a [`TestServer`].
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` per connection; `None` for tonic's default.
+    pub max_concurrent_streams: Option<u32>,
+    /// Bind to this port instead of a free one (to restart a server in place).
+    pub port: Option<u16>,
+}
+
+/// An echo server on 127.0.0.1, stopped gracefully (GOAWAY, in-flight calls finish) by
+/// [`TestServer::shutdown`] or abruptly when dropped.
+pub struct TestServer {
+    addr: SocketAddr,
+    counters: Arc<Counters>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server with default options.
+    pub async fn start() -> TestServer {
+        TestServer::start_with(ServerOptions::default()).await
+    }
+
+    /// Starts a server with `options`.
+    pub async fn start_with(options: ServerOptions) -> TestServer {
+        let listener =
+            TcpListener::bind(("127.0.0.1", options.port.unwrap_or(0))).await.expect("bind 127.0.0.1");
+        let addr = listener.local_addr().expect("local address");
+        let service = EchoServer::default();
+        let counters = service.counters.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(max) = options.max_concurrent_streams {
+            builder = builder.max_concurrent_streams(max);
+        }
+        let router = builder.add_service(
+            EchoService::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20),
+        );
+        let task = tokio::spawn(async move {
+            let incoming = TcpListenerStream::new(listener);
+            let _ = router
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        TestServer { addr, counters, stop: Some(stop), task: Some(task) }
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:port`, for a pool.
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Calls that reached the handlers so far.
+    pub fn calls(&self) -> u64 {
+        self.counters.calls.load(Ordering::Relaxed)
+    }
+
+    /// Calls running in the handlers now.
+    pub fn active(&self) -> usize {
+        self.counters.active.load(Ordering::Relaxed)
+    }
+
+    /// Graceful shutdown: GOAWAY on every connection, in-flight calls finish, then the
+    /// listener closes. Returns when the server has stopped.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The pool against real tonic servers on 127.0.0.1: every RPC kind, growth under load,
+//! saturation, GOAWAY, dead connections, cancellation, and bb8's pool semantics re-expressed
+//! for a multiplexed pool.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use grpc_pool::{BackoffConfig, ErrorKind, EvictionReason, MemberState, Pool};
+use grpc_pool_testkit::echo::echo_client::EchoClient;
+use grpc_pool_testkit::echo::EchoRequest;
+use grpc_pool_testkit::{wait_until, Relay, ServerOptions, TestServer};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn request(message: &'static [u8], delay_ms: u32) -> EchoRequest {
+    EchoRequest { message: Bytes::from_static(message), repeat: 0, delay_ms }
+}
+
+fn client(pool: &Pool) -> EchoClient<Pool> {
+    EchoClient::new(pool.clone()).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+}
+
+fn fast_backoff() -> BackoffConfig {
+    BackoffConfig { base: Duration::from_millis(20), max: Duration::from_millis(200), ..Default::default() }
+}
+
+#[tokio::test]
+async fn all_four_rpc_kinds_with_large_messages() {
+    let server = TestServer::start().await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    let mut client = client(&pool);
+    let big = Bytes::from(vec![0xa5u8; 5 << 20]);
+
+    // Unary, 5 MiB each way.
+    let reply = client
+        .unary_echo(EchoRequest { message: big.clone(), repeat: 0, delay_ms: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.message, big);
+
+    // Server streaming: three 5 MiB messages back.
+    let mut stream = client
+        .server_streaming_echo(EchoRequest { message: big.clone(), repeat: 3, delay_ms: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0;
+    while let Some(item) = stream.next().await {
+        assert_eq!(item.unwrap().message, big);
+        received += 1;
+    }
+    assert_eq!(received, 3);
+
+    // Client streaming: two 5 MiB messages up, 10 MiB back.
+    let parts = vec![
+        EchoRequest { message: big.clone(), repeat: 0, delay_ms: 0 },
+        EchoRequest { message: big.clone(), repeat: 0, delay_ms: 0 },
+    ];
+    let reply = client.client_streaming_echo(tokio_stream::iter(parts)).await.unwrap().into_inner();
+    assert_eq!(reply.message.len(), 10 << 20);
+
+    // Bidirectional: each message echoed as it arrives, with the request stream still open.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = client
+        .bidirectional_streaming_echo(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..4u8 {
+        let message = Bytes::from(vec![i; if i == 3 { 5 << 20 } else { 10 }]);
+        tx.send(EchoRequest { message: message.clone(), repeat: 0, delay_ms: 0 }).await.unwrap();
+        assert_eq!(replies.next().await.unwrap().unwrap().message, message);
+    }
+    drop(tx);
+    assert!(replies.next().await.is_none());
+
+    wait_until(WAIT, "every slot is returned", || pool.state().in_flight() == 0).await;
+    assert_eq!(server.calls(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_concurrent_calls_grow_the_pool_over_capped_servers() {
+    let options = ServerOptions { max_concurrent_streams: Some(50), ..Default::default() };
+    let (a, b) = (TestServer::start_with(options.clone()).await, TestServer::start_with(options).await);
+    let pool = Pool::builder()
+        .max_connections(8)
+        .checkout_timeout(Duration::from_secs(30))
+        .build([a.uri(), b.uri()])
+        .await
+        .unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..2_000 {
+        let mut client = client(&pool);
+        calls.spawn(
+            async move { client.unary_echo(request(b"hi", 20)).await.map(|r| r.into_inner().message) },
+        );
+    }
+    let mut peak_members = 0;
+    let mut failures = Vec::new();
+    while let Some(result) = calls.join_next().await {
+        peak_members = peak_members.max(pool.state().members());
+        match result.unwrap() {
+            Ok(message) => assert_eq!(&message[..], b"hi"),
+            Err(status) => failures.push(status),
+        }
+    }
+    assert!(failures.is_empty(), "{} calls failed, first: {:?}", failures.len(), failures.first());
+    let state = pool.state();
+    assert!(
+        peak_members > 2,
+        "the pool should have grown past one member per endpoint, peaked at {peak_members}"
+    );
+    for endpoint in &state.endpoints {
+        assert!(endpoint.members.len() <= 8, "{endpoint:?}");
+        for member in &endpoint.members {
+            assert_eq!(member.max_streams, 50, "the server's limit applies: {member:?}");
+        }
+    }
+    assert_eq!(a.calls() + b.calls(), 2_000);
+    assert!(a.calls() > 200 && b.calls() > 200, "both endpoints carry load: {} / {}", a.calls(), b.calls());
+    assert!(state.statistics.checkouts_waited > 0, "{:?}", state.statistics);
+}
+
+#[tokio::test]
+async fn saturation_past_max_connections_waits_then_fails_with_a_clear_error() {
+    let server =
+        TestServer::start_with(ServerOptions { max_concurrent_streams: Some(2), ..Default::default() }).await;
+    let timeout = Duration::from_millis(300);
+    let pool = Pool::builder()
+        .name("saturated")
+        .max_connections(1)
+        .checkout_timeout(timeout)
+        .build([server.uri()])
+        .await
+        .unwrap();
+    let mut long_calls = Vec::new();
+    for _ in 0..2 {
+        let mut client = client(&pool);
+        long_calls.push(tokio::spawn(async move { client.unary_echo(request(b"slow", 2_000)).await }));
+    }
+    wait_until(WAIT, "both slots are taken", || pool.state().in_flight() == 2).await;
+
+    let started = Instant::now();
+    let status = client(&pool).unary_echo(request(b"late", 0)).await.unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(status.code(), Code::Unavailable);
+    let message = status.message();
+    for part in
+        ["pool `saturated`", &server.uri(), "checkout_timeout", "2/2 streams busy", "max_connections 1"]
+    {
+        assert!(message.contains(part), "`{part}` missing from: {message}");
+    }
+    assert!(waited >= timeout, "gave up after {waited:?}, before checkout_timeout");
+    assert_eq!(pool.state().statistics.checkout_timeouts, 1);
+    for call in long_calls {
+        call.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_of_one_endpoint_under_load_fails_no_call() {
+    let (a, b) = (TestServer::start().await, TestServer::start().await);
+    let pool = Pool::builder().backoff(fast_backoff()).build([a.uri(), b.uri()]).await.unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut callers = Vec::new();
+    for _ in 0..32 {
+        let (mut client, stop, done) = (client(&pool), stop.clone(), done.clone());
+        callers.push(tokio::spawn(async move {
+            let stopped = stop.notified();
+            tokio::pin!(stopped);
+            let mut failures = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return failures,
+                    result = client.unary_echo(request(b"x", 2)) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                        if let Err(status) = result { failures.push(status) }
+                    }
+                }
+            }
+        }));
+    }
+    wait_until(WAIT, "load is running", || done.load(Ordering::Relaxed) > 500).await;
+    let a_calls = a.calls();
+    a.shutdown().await;
+    let after = done.load(Ordering::Relaxed);
+    wait_until(WAIT, "more load has run", || done.load(Ordering::Relaxed) > after + 1_000).await;
+    stop.notify_waiters();
+    let mut failures = Vec::new();
+    for caller in callers {
+        failures.extend(caller.await.unwrap());
+    }
+    assert!(failures.is_empty(), "{} calls failed, first: {:?}", failures.len(), failures.first());
+    assert!(a_calls > 0);
+    assert!(pool.state().statistics.closed(EvictionReason::GoAway) >= 1, "{:?}", pool.state().statistics);
+    drop(b);
+}
+
+#[tokio::test]
+async fn a_killed_member_is_replaced_and_never_used_again() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    let pool = Pool::builder().backoff(fast_backoff()).build([relay.uri()]).await.unwrap();
+    let mut client = client(&pool);
+    client.unary_echo(request(b"before", 0)).await.unwrap();
+    let old = pool.state().endpoints[0].members[0].id;
+
+    relay.reset();
+    wait_until(WAIT, "the killed member is gone and replaced", || {
+        let state = pool.state();
+        let members = &state.endpoints[0].members;
+        !members.iter().any(|m| m.id == old) && members.iter().any(|m| m.state == MemberState::Ready)
+    })
+    .await;
+    for _ in 0..20 {
+        client.unary_echo(request(b"after", 0)).await.unwrap();
+    }
+    let state = pool.state();
+    assert!(state.endpoints[0].members.iter().all(|m| m.id != old));
+    let killed = state.statistics.closed(EvictionReason::IoError)
+        + state.statistics.closed(EvictionReason::ClosedByPeer);
+    assert_eq!(killed, 1, "{:?}", state.statistics);
+    assert_eq!(relay.accepted(), 2, "one replacement connection");
+}
+
+#[tokio::test]
+async fn cancelling_a_call_frees_its_slot() {
+    let server = TestServer::start().await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+
+    // A unary call dropped while the server works on it.
+    let mut slow = client(&pool);
+    let call = tokio::spawn(async move { slow.unary_echo(request(b"slow", 30_000)).await });
+    wait_until(WAIT, "the call is in flight", || pool.state().in_flight() == 1 && server.active() == 1).await;
+    call.abort();
+    wait_until(WAIT, "the slot is freed", || pool.state().in_flight() == 0).await;
+    wait_until(WAIT, "the server saw the cancel", || server.active() == 0).await;
+
+    // A server stream dropped after its first message.
+    let mut stream = client(&pool)
+        .server_streaming_echo(EchoRequest { message: Bytes::from_static(b"s"), repeat: 1_000, delay_ms: 10 })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    assert_eq!(pool.state().in_flight(), 1);
+    drop(stream);
+    wait_until(WAIT, "the stream's slot is freed", || pool.state().in_flight() == 0).await;
+    wait_until(WAIT, "the server stream ended", || server.active() == 0).await;
+}
+
+#[tokio::test]
+async fn max_connections_is_respected_and_thousands_of_waiters_are_all_served() {
+    let server =
+        TestServer::start_with(ServerOptions { max_concurrent_streams: Some(4), ..Default::default() }).await;
+    let pool = Pool::builder()
+        .max_connections(2)
+        .checkout_timeout(Duration::from_secs(60))
+        .build([server.uri()])
+        .await
+        .unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..3_000 {
+        let mut client = client(&pool);
+        calls.spawn(async move { client.unary_echo(request(b"w", 0)).await });
+    }
+    let mut served = 0;
+    while let Some(result) = calls.join_next().await {
+        result.unwrap().unwrap();
+        served += 1;
+        let state = pool.state();
+        assert!(state.members() <= 2, "max_connections exceeded: {state:?}");
+        assert!(state.in_flight() <= 8, "more streams than 2 x 4: {state:?}");
+    }
+    assert_eq!(served, 3_000);
+    let stats = pool.state().statistics;
+    assert_eq!(stats.checkouts_direct + stats.checkouts_waited, 3_000, "{stats:?}");
+    assert!(stats.checkouts_waited > 0);
+    assert_eq!(stats.checkout_timeouts, 0);
+}
+
+#[tokio::test]
+async fn min_connections_are_kept_warm_without_calls() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    let pool = Pool::builder()
+        .min_connections(3)
+        .max_connections(5)
+        .backoff(fast_backoff())
+        .build_lazy([relay.uri()])
+        .unwrap();
+    wait_until(WAIT, "three members are ready", || pool.state().members() == 3).await;
+    relay.reset();
+    wait_until(WAIT, "three fresh members replace them", || {
+        relay.accepted() == 6
+            && pool.state().endpoints[0].members.iter().filter(|m| m.state == MemberState::Ready).count() == 3
+    })
+    .await;
+    assert_eq!(server.calls(), 0);
+}
+
+#[tokio::test]
+async fn connects_retry_with_backoff_until_the_server_comes_up() {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let uri = format!("http://127.0.0.1:{port}");
+    let pool = Pool::builder()
+        .backoff(fast_backoff())
+        .checkout_timeout(Duration::from_secs(20))
+        .build_lazy([&uri])
+        .unwrap();
+    wait_until(WAIT, "connects have failed a few times", || {
+        pool.state().endpoints[0].consecutive_failures >= 3
+    })
+    .await;
+    let error = pool.state().endpoints[0].last_connect_error.clone().unwrap();
+    assert!(error.contains(&uri) && error.contains("TCP connect"), "{error}");
+
+    let server = TestServer::start_with(ServerOptions { port: Some(port), ..Default::default() }).await;
+    let reply = client(&pool).unary_echo(request(b"up", 0)).await.unwrap();
+    assert_eq!(&reply.into_inner().message[..], b"up");
+    let state = pool.state();
+    assert_eq!(state.endpoints[0].consecutive_failures, 0);
+    assert!(state.statistics.connect_failures >= 3);
+    drop(server);
+}
+
+#[tokio::test]
+async fn eager_build_fails_when_nothing_answers_and_lazy_build_fails_the_call() {
+    let dead = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", probe.local_addr().unwrap())
+    };
+    let other_dead = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", probe.local_addr().unwrap())
+    };
+    let error = Pool::builder().name("eager").build([&dead, &other_dead]).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Connect);
+    let message = error.to_string();
+    for part in ["pool `eager`", "no endpoint could be reached", &dead, &other_dead, "build_lazy"] {
+        assert!(message.contains(part), "`{part}` missing from: {message}");
+    }
+
+    let pool = Pool::builder()
+        .checkout_timeout(Duration::from_millis(500))
+        .backoff(fast_backoff())
+        .build_lazy([&dead])
+        .unwrap();
+    let status = client(&pool).unary_echo(request(b"x", 0)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("last connect error"), "{}", status.message());
+    assert!(status.message().contains(&dead), "{}", status.message());
+}
+
+#[tokio::test]
+async fn eager_build_succeeds_when_one_endpoint_answers() {
+    let server = TestServer::start().await;
+    let dead = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", probe.local_addr().unwrap())
+    };
+    let pool = Pool::builder().backoff(fast_backoff()).build([&dead, &server.uri()]).await.unwrap();
+    for _ in 0..10 {
+        client(&pool).unary_echo(request(b"ok", 0)).await.unwrap();
+    }
+    assert_eq!(server.calls(), 10);
+}
+
+#[tokio::test]
+async fn dropping_the_pool_closes_its_connections_and_tasks() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    let pool = Pool::builder().min_connections(2).build([relay.uri()]).await.unwrap();
+    client(&pool).unary_echo(request(b"x", 0)).await.unwrap();
+    assert_eq!(relay.open_connections(), 2);
+    let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    drop(pool);
+    wait_until(WAIT, "the pool's connections are closed", || relay.open_connections() == 0).await;
+    wait_until(WAIT, "the pool's tasks are gone", || {
+        tokio::runtime::Handle::current().metrics().num_alive_tasks() <= tasks_before - 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn close_waits_for_calls_in_flight_and_then_refuses_new_ones() {
+    let server = TestServer::start().await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    let mut client_a = client(&pool);
+    let call = tokio::spawn(async move { client_a.unary_echo(request(b"finishing", 300)).await });
+    wait_until(WAIT, "the call is in flight", || server.active() == 1).await;
+    pool.close().await;
+    assert_eq!(&call.await.unwrap().unwrap().into_inner().message[..], b"finishing");
+    let state = pool.state();
+    assert_eq!(state.open_connections, 0);
+    assert!(state.closed);
+    let status = client(&pool).unary_echo(request(b"late", 0)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("is closed"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn statistics_count_checkouts_and_connections() {
+    let server = TestServer::start().await;
+    let pool = Pool::builder().min_connections(2).build([server.uri()]).await.unwrap();
+    for _ in 0..25 {
+        client(&pool).unary_echo(request(b"s", 0)).await.unwrap();
+    }
+    let stats = pool.state().statistics;
+    assert_eq!(stats.checkouts_direct, 25);
+    assert_eq!(stats.checkouts_waited, 0);
+    assert_eq!(stats.connections_created, 2);
+    assert_eq!(stats.connect_failures, 0);
+    assert!(stats.connections_closed.iter().all(|(_, n)| *n == 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_rejected_at_build_with_the_field_named() {
+    let cases: Vec<(grpc_pool::Builder, Vec<&str>, &str)> = vec![
+        (
+            Pool::builder().max_connections(0),
+            vec!["http://127.0.0.1:1"],
+            "`max_connections` = 0; allowed: 1 to 10000",
+        ),
+        (
+            Pool::builder().min_connections(3).max_connections(2),
+            vec!["http://127.0.0.1:1"],
+            "`min_connections` = 3 is above max_connections = 2",
+        ),
+        (
+            Pool::builder().checkout_timeout(Duration::ZERO),
+            vec!["http://127.0.0.1:1"],
+            "`checkout_timeout` = 0s",
+        ),
+        (
+            Pool::builder().connect_timeout(Duration::ZERO),
+            vec!["http://127.0.0.1:1"],
+            "`connect_timeout` = 0s",
+        ),
+        (
+            Pool::builder().max_streams_per_connection(0),
+            vec!["http://127.0.0.1:1"],
+            "`max_streams_per_connection` = 0",
+        ),
+        (Pool::builder(), vec![], "`endpoints` = an empty list"),
+        (Pool::builder(), vec!["http://127.0.0.1"], "no port"),
+        (Pool::builder(), vec!["http://:50051"], "no host"),
+        (Pool::builder(), vec!["https://127.0.0.1:443"], "unsupported scheme `https`"),
+        (Pool::builder(), vec!["http://127.0.0.1:1", "http://127.0.0.1:1"], "listed twice"),
+    ];
+    for (builder, endpoints, expected) in cases {
+        let lazy = builder.clone().build_lazy(endpoints.clone()).unwrap_err();
+        assert!(lazy.to_string().contains(expected), "{lazy} should say {expected}");
+        let eager = builder.build(endpoints).await.unwrap_err();
+        assert!(eager.to_string().contains(expected), "{eager} should say {expected}");
+    }
+}
+
+#[test]
+fn building_outside_a_runtime_is_an_error_not_a_panic() {
+    let error = Pool::builder().build_lazy(["http://127.0.0.1:1"]).unwrap_err();
+    assert!(error.to_string().contains("Tokio runtime"), "{error}");
+}
