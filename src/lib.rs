@@ -20,7 +20,7 @@
 #![warn(missing_docs)]
 
 pub use grpc_pool_core::{
-    api, metrics, service, BackoffConfig, Builder, Endpoint, EndpointState, Error, ErrorKind, EvictionReason,
-    H2Config, MemberSnapshot, MemberState, Pool, ResponseBody, State, Statistics,
+    api, call, metrics, BackoffConfig, Builder, Endpoint, EndpointState, Error, ErrorKind, EvictionReason,
+    H2Config, MemberSnapshot, MemberState, Pool, ResponseBody, ResponseFuture, State, Statistics,
 };
 pub use grpc_pool_health as health;

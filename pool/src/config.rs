@@ -198,7 +198,8 @@ mod tests {
 
     #[test]
     fn every_invalid_field_is_named_with_its_range() {
-        let cases: Vec<(Box<dyn FnOnce(&mut Config)>, &str, &str)> = vec![
+        type Change = Box<dyn FnOnce(&mut Config)>;
+        let cases: Vec<(Change, &str, &str)> = vec![
             (Box::new(|c| c.max_connections = 0), "max_connections", "1 to 10000"),
             (Box::new(|c| c.min_connections = 20_000), "min_connections", "0 to 10000"),
             (Box::new(|c| c.min_connections = 9), "min_connections", "above max_connections = 8"),

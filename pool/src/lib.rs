@@ -5,7 +5,8 @@
 //! Most users depend on the facade crate `grpc-pool`, which re-exports everything here and
 //! wires in the health task. The layout follows bb8's: [`api`] holds the public surface
 //! ([`Pool`], [`Builder`], [`State`]), `inner` the logic, `internals` the locked data; the
-//! HTTP/2 protocol code lives apart in `proto::h2`, and the `tower` service in [`service`].
+//! HTTP/2 protocol code lives apart in `proto::h2`, and the request path (the `tower` service, its
+//! future and the response body) in [`call`].
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), grpc_pool_core::Error> {
@@ -29,11 +30,11 @@ mod member;
 pub mod metrics;
 mod proto;
 mod rand;
-pub mod service;
+pub mod call;
 
 pub use api::{Builder, EndpointState, MemberSnapshot, Pool, State, Statistics};
 pub use config::{BackoffConfig, H2Config};
 pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
 pub use member::{EvictionReason, MemberState};
-pub use service::ResponseBody;
+pub use call::{ResponseBody, ResponseFuture};

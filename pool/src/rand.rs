@@ -32,7 +32,7 @@ pub(crate) fn next_u64() -> u64 {
 
 /// A number in `0..n`; `n` must be above zero.
 pub(crate) fn below(n: usize) -> usize {
-    ((next_u64() >> 32) * n as u64 >> 32) as usize
+    (((next_u64() >> 32) * n as u64) >> 32) as usize
 }
 
 /// A float in `[-1.0, 1.0)`, for symmetric jitter.

@@ -1,8 +1,8 @@
 //! Moving a request body into an `h2` stream, with flow control.
 //!
-//! Data is sent no faster than the server's window allows: each chunk is split to the
-//! capacity `h2` assigns, so at most one chunk of the caller's body is held at a time and a
-//! slow server applies back-pressure all the way to the caller's body stream.
+//! A chunk is handed to `h2` only once the previous one has been given flow-control window,
+//! so at most one chunk of the caller's body waits in `h2`'s buffer and a slow server applies
+//! back-pressure all the way to the caller's body stream.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,6 +26,7 @@ pin_project_lite::pin_project! {
         pending: Bytes,
         // Whether END_STREAM goes with the last byte of `pending`.
         end_after_pending: bool,
+        sent_any: bool,
     }
 }
 
@@ -39,7 +40,7 @@ pub(crate) enum PumpError {
 
 impl<B> Pump<B> {
     pub(crate) fn new(body: B, stream: SendStream<Bytes>) -> Pump<B> {
-        Pump { body, stream, pending: Bytes::new(), end_after_pending: false }
+        Pump { body, stream, pending: Bytes::new(), end_after_pending: false, sent_any: false }
     }
 }
 
@@ -54,19 +55,26 @@ where
         let mut this = self.project();
         loop {
             if !this.pending.is_empty() {
-                this.stream.reserve_capacity(this.pending.len());
-                let capacity = this.stream.capacity();
-                if capacity == 0 {
-                    match ready!(this.stream.poll_capacity(cx)) {
-                        Some(Ok(_)) => continue,
-                        Some(Err(_)) | None => return Poll::Ready(Err(PumpError::Stream)),
+                // The first chunk goes out at once, behind the HEADERS: a new stream has no
+                // window until the connection task opens it, and waiting for that costs a
+                // task round trip on every unary call. Each later chunk waits until the
+                // previous one has been given window, so at most one chunk sits in h2's
+                // buffer beyond what the server allows.
+                if *this.sent_any {
+                    this.stream.reserve_capacity(this.pending.len());
+                    if this.stream.capacity() == 0 {
+                        match ready!(this.stream.poll_capacity(cx)) {
+                            Some(Ok(_)) => continue,
+                            Some(Err(_)) | None => return Poll::Ready(Err(PumpError::Stream)),
+                        }
                     }
                 }
-                let part = this.pending.split_to(capacity.min(this.pending.len()));
-                let end = this.pending.is_empty() && *this.end_after_pending;
-                if this.stream.send_data(part, end).is_err() {
+                let chunk = std::mem::take(this.pending);
+                let end = *this.end_after_pending;
+                if this.stream.send_data(chunk, end).is_err() {
                     return Poll::Ready(Err(PumpError::Stream));
                 }
+                *this.sent_any = true;
                 if end {
                     return Poll::Ready(Ok(()));
                 }
@@ -76,7 +84,7 @@ where
                 Poll::Pending => {
                     // While the caller's body is quiet, notice a reset so that the pump does
                     // not outlive its stream.
-                    if let Poll::Ready(_) = this.stream.poll_reset(cx) {
+                    if this.stream.poll_reset(cx).is_ready() {
                         return Poll::Ready(Err(PumpError::Stream));
                     }
                     return Poll::Pending;
