@@ -32,7 +32,10 @@ impl http_body::Body for BareBody {
     type Data = Bytes;
     type Error = h2::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
         if !this.1 {
             match std::task::ready!(this.0.poll_data(cx)) {
@@ -131,7 +134,11 @@ fn unary(c: &mut Criterion) {
     let (pool, bare, channel) = rt.block_on(async {
         let pool = Pool::builder().max_connections(1).build([format!("http://{addr}")]).await.unwrap();
         let bare = bare_h2(addr).await;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         (EchoClient::new(pool), EchoClient::new(bare), EchoClient::new(channel))
     });
 

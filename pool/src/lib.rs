@@ -21,6 +21,7 @@
 
 pub mod api;
 mod backoff;
+pub mod call;
 mod config;
 mod endpoint;
 mod error;
@@ -30,11 +31,10 @@ mod member;
 pub mod metrics;
 mod proto;
 mod rand;
-pub mod call;
 
 pub use api::{Builder, EndpointState, MemberSnapshot, Pool, State, Statistics};
+pub use call::{ResponseBody, ResponseFuture};
 pub use config::{BackoffConfig, H2Config};
 pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
 pub use member::{EvictionReason, MemberState};
-pub use call::{ResponseBody, ResponseFuture};
