@@ -470,3 +470,45 @@ fn building_outside_a_runtime_is_an_error_not_a_panic() {
     let error = Pool::builder().build_lazy(["http://127.0.0.1:1"]).unwrap_err();
     assert!(error.to_string().contains("Tokio runtime"), "{error}");
 }
+
+#[tokio::test]
+async fn broken_connections_do_not_starve_queued_callers() {
+    let server = TestServer::start_with(ServerOptions { max_concurrent_streams: Some(2), ..Default::default() }).await;
+    let relay = Relay::start(server.addr()).await;
+    let pool = Pool::builder()
+        .max_connections(1)
+        .checkout_timeout(Duration::from_secs(30))
+        .backoff(fast_backoff())
+        .build([relay.uri()])
+        .await
+        .unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let (mut client, done) = (client(&pool), done.clone());
+        calls.spawn(async move {
+            let result = client.unary_echo(request(b"q", 30)).await;
+            done.fetch_add(1, Ordering::Relaxed);
+            result
+        });
+    }
+    // Two connection deaths while most callers are still queued behind two slots.
+    for after in [6, 16] {
+        wait_until(WAIT, "calls have completed", || done.load(Ordering::Relaxed) >= after).await;
+        relay.reset();
+    }
+    let mut failed = 0;
+    while let Some(result) = calls.join_next().await {
+        if let Err(status) = result.unwrap() {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            failed += 1;
+        }
+    }
+    // Only the (at most two) calls on the connection at each reset may fail; every queued
+    // caller is served by the replacement.
+    assert!(failed <= 4, "{failed} calls failed");
+    let stats = pool.state().statistics;
+    assert_eq!(stats.checkout_timeouts, 0);
+    assert_eq!(stats.connections_created, 3, "{stats:?}");
+    assert!(stats.checkouts_waited >= 30, "{stats:?}");
+}
