@@ -473,7 +473,8 @@ fn building_outside_a_runtime_is_an_error_not_a_panic() {
 
 #[tokio::test]
 async fn broken_connections_do_not_starve_queued_callers() {
-    let server = TestServer::start_with(ServerOptions { max_concurrent_streams: Some(2), ..Default::default() }).await;
+    let server =
+        TestServer::start_with(ServerOptions { max_concurrent_streams: Some(2), ..Default::default() }).await;
     let relay = Relay::start(server.addr()).await;
     let pool = Pool::builder()
         .max_connections(1)
@@ -511,4 +512,34 @@ async fn broken_connections_do_not_starve_queued_callers() {
     assert_eq!(stats.checkout_timeouts, 0);
     assert_eq!(stats.connections_created, 3, "{stats:?}");
     assert!(stats.checkouts_waited >= 30, "{stats:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_does_not_stop_the_others_from_growing() {
+    let server =
+        TestServer::start_with(ServerOptions { max_concurrent_streams: Some(2), ..Default::default() }).await;
+    let dead = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", probe.local_addr().unwrap())
+    };
+    let pool = Pool::builder()
+        .max_connections(4)
+        .checkout_timeout(Duration::from_secs(30))
+        .backoff(BackoffConfig { base: Duration::from_secs(5), ..Default::default() })
+        .build([dead.as_str(), &server.uri()])
+        .await
+        .unwrap();
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let mut client = client(&pool);
+        calls.push(tokio::spawn(async move { client.unary_echo(request(b"g", 3_000)).await }));
+    }
+    wait_until(WAIT, "the live endpoint grew to carry all four calls at once", || {
+        let state = pool.state();
+        state.endpoints[1].members.len() == 2 && server.active() == 4
+    })
+    .await;
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
 }

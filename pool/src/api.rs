@@ -239,7 +239,9 @@ impl Builder {
 
     /// Builds the pool and connects before returning: `max(min_connections, 1)` connections
     /// per endpoint, all at once. Fails only if no endpoint can be reached, with every
-    /// endpoint's error; endpoints that failed keep retrying in the background.
+    /// endpoint's error. Endpoints that failed keep retrying in the background (with backoff)
+    /// while they are below `min_connections`; with `min_connections(0)` they connect again
+    /// when calls need them.
     pub async fn build<I, S>(self, endpoints: I) -> Result<Pool, Error>
     where
         I: IntoIterator<Item = S>,

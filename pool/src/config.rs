@@ -80,6 +80,8 @@ const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// Largest `max_connections` and `min_connections`: far above any sane deployment, low enough
 /// to catch a unit mistake.
 pub(crate) const MAX_CONNECTIONS_LIMIT: usize = 10_000;
+/// Longest reconnect backoff: beyond an hour a pool is as good as stopped.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Largest per-connection stream cap that HTTP/2 stream ids leave room for in practice.
 const MAX_STREAMS_LIMIT: u32 = 1 << 20;
 
@@ -130,6 +132,13 @@ impl Config {
         check_nonzero("checkout_timeout", self.checkout_timeout)?;
         check_nonzero("connect_timeout", self.connect_timeout)?;
         check_nonzero("backoff.base", self.backoff.base)?;
+        if self.backoff.max > MAX_BACKOFF {
+            return Err(Error::config(
+                "backoff.max",
+                &format!("{:?}", self.backoff.max),
+                &format!("backoff.base to {MAX_BACKOFF:?}"),
+            ));
+        }
         if self.backoff.max < self.backoff.base {
             return Err(Error::config(
                 "backoff.max",
@@ -208,6 +217,7 @@ mod tests {
             (Box::new(|c| c.connect_timeout = Duration::ZERO), "connect_timeout", "above zero"),
             (Box::new(|c| c.backoff.base = Duration::ZERO), "backoff.base", "above zero"),
             (Box::new(|c| c.backoff.max = Duration::from_millis(1)), "backoff.max", "at least backoff.base"),
+            (Box::new(|c| c.backoff.max = Duration::MAX), "backoff.max", "backoff.base to 3600s"),
             (Box::new(|c| c.backoff.multiplier = 0.5), "backoff.multiplier", "1.0 to 100.0"),
             (Box::new(|c| c.backoff.multiplier = f64::NAN), "backoff.multiplier", "1.0 to 100.0"),
             (Box::new(|c| c.backoff.jitter = 1.0), "backoff.jitter", "0.0 up to"),

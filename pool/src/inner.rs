@@ -5,9 +5,9 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
 use crate::backoff;
 use crate::config::Config;
@@ -107,6 +107,16 @@ impl Drop for LiveGuard {
     }
 }
 
+/// Counts a connect task out of its endpoint's `connecting` when the task ends.
+struct ConnectingGuard(Arc<EndpointEntry>);
+
+impl Drop for ConnectingGuard {
+    fn drop(&mut self) {
+        let mut locked = self.0.lock();
+        locked.connecting = locked.connecting.saturating_sub(1);
+    }
+}
+
 /// Aborts a spawned task when dropped, unless disarmed.
 struct AbortOnDrop(Option<tokio::task::AbortHandle>);
 
@@ -123,6 +133,9 @@ impl Drop for AbortOnDrop {
         }
     }
 }
+
+/// A member that closes sooner than this after connecting counts as a failed connect.
+const SHORT_LIFE: Duration = Duration::from_secs(1);
 
 pub(crate) struct PoolInner {
     pub(crate) config: Config,
@@ -179,7 +192,7 @@ impl PoolInner {
                 if b >= a {
                     b += 1;
                 }
-                if endpoints[b].in_flight() < endpoints[a].in_flight() {
+                if endpoints[b].load() < endpoints[a].load() {
                     b
                 } else {
                     a
@@ -189,7 +202,10 @@ impl PoolInner {
         if let Some(slot) = endpoints[first].try_acquire() {
             return Some(slot);
         }
-        (1..n).find_map(|i| endpoints[(first + i) % n].try_acquire())
+        // The chosen one is full: the others, from a random place so no endpoint is always
+        // the first fallback.
+        let offset = crate::rand::below(n);
+        (0..n).map(|i| (offset + i) % n).filter(|i| *i != first).find_map(|i| endpoints[i].try_acquire())
     }
 
     /// The fast path: a slot now, if one is free and nobody is queued before us.
@@ -206,46 +222,52 @@ impl PoolInner {
     /// The slow path: queue, make room if the pool may grow, and wait up to
     /// `checkout_timeout`.
     pub(crate) async fn checkout_wait(self: Arc<Self>) -> Result<Slot, Error> {
+        let started = Instant::now();
+        let mut waiting = self.waiters.enqueue();
+        // A slot freed, or a close, between our fast path and joining the queue was not
+        // handed to us: look again.
         if self.is_closed() {
             metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "closed").increment(1);
             return Err(Error::pool_closed(self.name()));
         }
-        let started = Instant::now();
-        let (tx, mut rx) = oneshot::channel();
-        self.waiters.push(tx);
-        // A slot freed between our fast path and the push was not handed to us: look again.
-        let slot = if let Some(slot) = self.try_checkout() {
-            Ok(slot)
-        } else {
-            self.grow();
-            match tokio::time::timeout(self.config.checkout_timeout, &mut rx).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(Error::pool_closed(self.name())),
-                Err(_) => match rx.try_recv() {
-                    Ok(result) => result,
-                    Err(_) => {
-                        drop(rx);
-                        self.waiters.prune();
-                        self.stats.checkout_timeouts.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "timeout").increment(1);
-                        return Err(Error::checkout_timeout(
-                            self.name(),
-                            started.elapsed(),
-                            &self.busy_summary(),
-                        ));
-                    }
-                },
+        let result = match self.try_checkout() {
+            Some(slot) => Ok(slot),
+            None => {
+                self.grow();
+                match tokio::time::timeout(self.config.checkout_timeout, &mut waiting.slot).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(_)) => Err(Error::pool_closed(self.name())),
+                    Err(_) => match waiting.slot.try_recv() {
+                        Ok(result) => result,
+                        Err(_) => {
+                            drop(waiting);
+                            self.stats.checkout_timeouts.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "timeout").increment(1);
+                            return Err(Error::checkout_timeout(
+                                self.name(),
+                                started.elapsed(),
+                                &self.busy_summary(),
+                            ));
+                        }
+                    },
+                }
             }
         };
-        if slot.is_ok() {
-            let waited = started.elapsed();
-            self.stats.checkouts_waited.fetch_add(1, Ordering::Relaxed);
-            self.stats.checkout_wait_nanos.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
-            metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "waited").increment(1);
-            metrics::histogram!(names::CHECKOUT_WAIT, names::LABEL_POOL => self.config.name.clone())
-                .record(waited.as_secs_f64());
+        drop(waiting);
+        match &result {
+            Ok(_) => {
+                let waited = started.elapsed();
+                self.stats.checkouts_waited.fetch_add(1, Ordering::Relaxed);
+                self.stats.checkout_wait_nanos.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+                metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "waited").increment(1);
+                metrics::histogram!(names::CHECKOUT_WAIT, names::LABEL_POOL => self.config.name.clone())
+                    .record(waited.as_secs_f64());
+            }
+            Err(_) => {
+                metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "closed").increment(1);
+            }
         }
-        slot
+        result
     }
 
     /// What every endpoint looked like when a checkout gave up.
@@ -278,27 +300,46 @@ impl PoolInner {
         format!("{} waiter(s) queued; {}", self.waiters.len(), parts.join("; "))
     }
 
-    /// Starts a connect where it can add capacity for queued waiters: the endpoint with the
-    /// fewest members below `max_connections`, unless connects under way already cover the
-    /// queue.
-    fn grow(self: &Arc<Self>) {
+    /// Starts a connect where it adds capacity for queued waiters, unless the connects under
+    /// way already cover the queue. Endpoints whose connects are failing are tried only when
+    /// no healthy endpoint has room, and their connects in backoff count for nothing.
+    pub(crate) fn grow(self: &Arc<Self>) {
         let waiting = self.waiters.len();
-        let per_member = self.config.max_streams_per_connection as usize;
-        let mut best: Option<(&Arc<EndpointEntry>, usize)> = None;
+        if waiting == 0 || self.is_closed() {
+            return;
+        }
+        let mut incoming = 0;
+        // (entry, failing, members + connecting): the best candidate so far.
+        let mut best: Option<(&Arc<EndpointEntry>, bool, usize)> = None;
         for entry in &self.endpoints {
+            let members = entry.members();
             let locked = entry.lock();
-            let total = entry.members().len() + locked.connecting;
+            let failing = locked.consecutive_failures > 0;
+            if !failing {
+                let per_member = members
+                    .iter()
+                    .map(|m| m.max_streams())
+                    .max()
+                    .unwrap_or(self.config.max_streams_per_connection)
+                    as usize;
+                incoming += locked.connecting * per_member;
+            }
+            let total = members.len() + locked.connecting;
             if total >= self.config.max_connections {
                 continue;
             }
-            if locked.connecting > 0 && waiting <= locked.connecting * per_member {
-                return; // enough capacity is on its way
-            }
-            if best.is_none_or(|(_, t)| total < t) {
-                best = Some((entry, total));
+            let better = match best {
+                None => true,
+                Some((_, best_failing, best_total)) => (failing, total) < (best_failing, best_total),
+            };
+            if better {
+                best = Some((entry, failing, total));
             }
         }
-        if let Some((entry, _)) = best {
+        if incoming >= waiting {
+            return;
+        }
+        if let Some((entry, _, _)) = best {
             self.spawn_connect(entry.clone());
         }
     }
@@ -331,12 +372,13 @@ impl PoolInner {
         }
         let pool = self.clone();
         tokio::spawn(async move {
+            // Counted out however the task ends: done, cancelled by shutdown, or panicked.
+            let _connecting = ConnectingGuard(entry.clone());
             let shutdown = pool.shutdown.clone();
             tokio::select! {
-                _ = pool.clone().connect_loop(entry.clone()) => {}
+                _ = pool.connect_loop(entry) => {}
                 _ = shutdown.triggered() => {}
             }
-            entry.lock().connecting -= 1;
         });
     }
 
@@ -344,7 +386,10 @@ impl PoolInner {
         loop {
             let wait = entry.lock().next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
             if let Some(wait) = wait.filter(|w| !w.is_zero()) {
-                tokio::time::sleep(wait).await;
+                // Connect tasks of one endpoint share its backoff; a little spread of their
+                // own keeps them from reconnecting in lockstep.
+                let spread = wait.mul_f64(0.1 * (crate::rand::symmetric_unit() + 1.0) / 2.0);
+                tokio::time::sleep(wait + spread).await;
             }
             match self.open_member(&entry).await {
                 Ok(member) => {
@@ -354,7 +399,7 @@ impl PoolInner {
                 Err(_) => {
                     // Still wanted? Below the minimum, or callers are waiting.
                     let locked = entry.lock();
-                    let others = entry.members().len() + locked.connecting - 1;
+                    let others = (entry.members().len() + locked.connecting).saturating_sub(1);
                     if others >= self.config.min_connections && !self.waiters.has_waiters() {
                         return;
                     }
@@ -446,22 +491,30 @@ impl PoolInner {
 
     /// Puts a freshly connected member in service and gives its slots to waiters.
     pub(crate) fn add_member(self: &Arc<Self>, entry: &Arc<EndpointEntry>, member: Arc<Member>) {
-        if self.is_closed() || self.shutdown.is_triggered() || member.signals.is_closed() {
-            member.set_closed();
-            return; // dropping it closes the connection
-        }
-        if !member.set_ready() {
-            return;
-        }
         {
+            // Under the endpoint's lock, so that a close or the connection's end cannot slip
+            // in between the checks and the listing.
             let mut locked = entry.lock();
+            let gone = self.is_closed() || member.signals.is_closed() || member.signals.goaway_seen();
+            if gone || !member.set_ready() {
+                member.set_closed();
+                return; // dropping it closes the connection
+            }
             entry.insert(&mut locked, member.clone());
         }
         if member.max_streams() == 0 {
             tracing::warn!(pool = %self.name(), endpoint = %entry.label(), member = member.id, "server allows 0 concurrent streams on this connection; it carries no calls until it raises the limit");
         }
         tracing::info!(pool = %self.name(), endpoint = %entry.label(), member = member.id, state = "ready", max_streams = member.max_streams(), "member ready");
-        self.waiters.serve(&member);
+        self.serve_waiters(&member);
+    }
+
+    /// Gives free slots of `member` to queued waiters; if some remain, grows the pool.
+    pub(crate) fn serve_waiters(self: &Arc<Self>, member: &Arc<Member>) {
+        if self.waiters.has_waiters() {
+            self.waiters.serve(member);
+            self.grow();
+        }
     }
 
     /// Takes a member out of service with `reason`: no new streams; the ones in flight
@@ -477,6 +530,7 @@ impl PoolInner {
         }
         self.count_eviction(member, reason, MemberState::Draining, detail);
         if let Some(entry) = entry {
+            self.note_short_life(&entry, member);
             self.replenish(&entry);
             if self.waiters.has_waiters() {
                 self.grow();
@@ -508,11 +562,27 @@ impl PoolInner {
             MemberState::Connecting | MemberState::Closed => {}
         }
         if let Some(entry) = entry {
+            if before == MemberState::Ready {
+                self.note_short_life(&entry, member);
+            }
             self.replenish(&entry);
             if self.waiters.has_waiters() {
                 self.grow();
             }
         }
+    }
+
+    /// A member that dies young (a server that accepts and then closes or sends GOAWAY at
+    /// once) counts as a failed connect, so its replacements back off instead of looping.
+    fn note_short_life(&self, entry: &EndpointEntry, member: &Member) {
+        if member.age() >= SHORT_LIFE {
+            return;
+        }
+        let mut locked = entry.lock();
+        locked.consecutive_failures = locked.consecutive_failures.saturating_add(1);
+        let delay = backoff::delay(&self.config.backoff, locked.consecutive_failures);
+        locked.next_attempt = Some(Instant::now() + delay);
+        locked.last_error = Some(format!("connection closed {:?} after it opened", member.age()));
     }
 
     fn count_eviction(&self, member: &Member, reason: EvictionReason, to: MemberState, detail: &str) {
@@ -589,6 +659,11 @@ async fn drive(
     let mut goaway_reported = false;
     let result = poll_fn(|cx| {
         let result = Pin::new(&mut connection).poll(cx);
+        if signals.take_limit_raised() {
+            if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {
+                pool.serve_waiters(&member);
+            }
+        }
         if !goaway_reported && signals.goaway_seen() {
             goaway_reported = true;
             if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {

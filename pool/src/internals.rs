@@ -70,6 +70,16 @@ impl EndpointEntry {
         self.members.load()
     }
 
+    /// Load for choosing between endpoints: streams in flight, or the most possible when the
+    /// endpoint has no member to take a stream (so an endpoint that is down never wins).
+    pub(crate) fn load(&self) -> usize {
+        if self.members.load().is_empty() {
+            usize::MAX
+        } else {
+            self.in_flight()
+        }
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::Relaxed)
     }
@@ -127,10 +137,29 @@ impl EndpointEntry {
 /// A freed slot goes straight to the longest waiter instead of back to the member, so a burst
 /// of new callers cannot overtake the ones already queued (bb8's starvation at high
 /// concurrency comes from exactly that).
+///
+/// `waiting` counts the checkouts that are waiting now; each one decrements it itself when it
+/// stops waiting, however it stops (slot, timeout, cancellation), so the fast path's "is
+/// anybody queued?" never sees stale entries. The queue may still hold senders of waiters that
+/// left; they are skipped when served and swept when they pile up.
 #[derive(Debug, Default)]
 pub(crate) struct WaitQueue {
-    len: AtomicUsize,
+    waiting: AtomicUsize,
     queue: Mutex<VecDeque<oneshot::Sender<Result<Slot, Error>>>>,
+}
+
+/// One waiting checkout; dropping it (whatever the outcome) stops the count of waiters
+/// including it.
+pub(crate) struct Waiting<'a> {
+    queue: &'a WaitQueue,
+    pub(crate) slot: oneshot::Receiver<Result<Slot, Error>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.slot.close();
+        self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl WaitQueue {
@@ -139,56 +168,52 @@ impl WaitQueue {
     }
 
     pub(crate) fn has_waiters(&self) -> bool {
-        self.len.load(Ordering::SeqCst) > 0
+        self.waiting.load(Ordering::SeqCst) > 0
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        self.waiting.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn push(&self, waiter: oneshot::Sender<Result<Slot, Error>>) {
+    /// Joins the end of the queue.
+    pub(crate) fn enqueue(&self) -> Waiting<'_> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         let mut queue = self.lock();
-        queue.push_back(waiter);
-        self.len.store(queue.len(), Ordering::SeqCst);
+        if queue.len() > 2 * self.waiting.load(Ordering::Relaxed) + 64 {
+            queue.retain(|w| !w.is_closed());
+        }
+        queue.push_back(tx);
+        Waiting { queue: self, slot: rx }
     }
 
     /// Hands slots of `member` to waiters, oldest first, while it has room.
     pub(crate) fn serve(&self, member: &Arc<Member>) {
+        let mut queue = self.lock();
         let mut leftover = None;
-        {
-            let mut queue = self.lock();
-            while let Some(waiter) = queue.pop_front() {
-                if waiter.is_closed() {
-                    continue;
-                }
-                let slot = match leftover.take() {
-                    Some(slot) => slot,
-                    None => match member.try_acquire() {
-                        Some(slot) => slot,
-                        None => {
-                            queue.push_front(waiter);
-                            break;
-                        }
-                    },
-                };
-                if let Err(Ok(slot)) = waiter.send(Ok(slot)) {
-                    leftover = Some(slot); // gave up meanwhile; offer it to the next one
-                }
+        while let Some(waiter) = queue.pop_front() {
+            if waiter.is_closed() {
+                continue;
             }
-            self.len.store(queue.len(), Ordering::SeqCst);
-            if let Some(slot) = leftover.take() {
-                // Nobody left to take it; free it here, under the lock, so a waiter that
-                // queues next sees it when it re-checks.
-                slot.release_quietly();
+            let slot = match leftover.take() {
+                Some(slot) => slot,
+                None => match member.try_acquire() {
+                    Some(slot) => slot,
+                    None => {
+                        queue.push_front(waiter);
+                        break;
+                    }
+                },
+            };
+            if let Err(Ok(slot)) = waiter.send(Ok(slot)) {
+                leftover = Some(slot); // gave up meanwhile; offer it to the next one
             }
         }
-    }
-
-    /// Forgets waiters that gave up (timed out or dropped).
-    pub(crate) fn prune(&self) {
-        let mut queue = self.lock();
-        queue.retain(|w| !w.is_closed());
-        self.len.store(queue.len(), Ordering::SeqCst);
+        if let Some(slot) = leftover {
+            // Nobody left to take it; free it here, under the lock, so that a waiter queueing
+            // next sees it when it looks at the slots again.
+            slot.release_quietly();
+        }
     }
 
     /// Fails every waiter with `error()`.
@@ -197,6 +222,5 @@ impl WaitQueue {
         for waiter in queue.drain(..) {
             let _ = waiter.send(Err(error()));
         }
-        self.len.store(0, Ordering::SeqCst);
     }
 }

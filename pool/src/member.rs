@@ -46,6 +46,9 @@ impl MemberState {
 
 /// Why a member stopped taking streams. Each is a `reason` label value of
 /// [`EVICTIONS`](crate::metrics::EVICTIONS) and a field of every eviction's `tracing` event.
+///
+/// `IdleTimeout`, `MaxLifetime`, `PingTimeout` and `HealthFailed` come from the eviction
+/// policy and health task of `grpc-pool-health`; the pool itself produces the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum EvictionReason {
@@ -63,13 +66,15 @@ pub enum EvictionReason {
     IoError,
     /// The server closed the connection without a GOAWAY.
     ClosedByPeer,
+    /// Carried its lifetime's worth of streams (HTTP/2 stream ids run out at 2^31).
+    MaxStreams,
     /// The pool was closed or dropped.
     PoolClosed,
 }
 
 impl EvictionReason {
     /// Every reason, in a fixed order (for statistics tables).
-    pub const ALL: [EvictionReason; 8] = [
+    pub const ALL: [EvictionReason; 9] = [
         EvictionReason::IdleTimeout,
         EvictionReason::MaxLifetime,
         EvictionReason::GoAway,
@@ -77,6 +82,7 @@ impl EvictionReason {
         EvictionReason::HealthFailed,
         EvictionReason::IoError,
         EvictionReason::ClosedByPeer,
+        EvictionReason::MaxStreams,
         EvictionReason::PoolClosed,
     ];
 
@@ -90,6 +96,7 @@ impl EvictionReason {
             EvictionReason::HealthFailed => "health_failed",
             EvictionReason::IoError => "io_error",
             EvictionReason::ClosedByPeer => "closed_by_peer",
+            EvictionReason::MaxStreams => "max_streams",
             EvictionReason::PoolClosed => "pool_closed",
         }
     }
@@ -201,7 +208,9 @@ impl Member {
             return None;
         }
         let limit = self.max_streams();
-        let mut current = self.in_flight.load(Ordering::Relaxed);
+        // SeqCst pairs with the wait queue: a waiter counts itself in, then reads this; a
+        // releaser decrements this, then reads the count. One of the two sees the other.
+        let mut current = self.in_flight.load(Ordering::SeqCst);
         loop {
             if current >= limit {
                 return None;

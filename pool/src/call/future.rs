@@ -12,7 +12,7 @@ use http_body::Body;
 use super::body::ResponseBody;
 use crate::error::Error;
 use crate::inner::PoolInner;
-use crate::member::Slot;
+use crate::member::{EvictionReason, Slot};
 use crate::proto::h2::body::{Pump, PumpError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -21,6 +21,10 @@ type Checkout = Pin<Box<dyn Future<Output = Result<Slot, Error>> + Send>>;
 /// Attempts per call when the chosen connection turns out to be going away before anything
 /// was sent on it (a GOAWAY the pool had not seen yet, or a connection that just died).
 const MAX_ATTEMPTS: u8 = 3;
+
+/// A member is drained once its stream ids reach this, well before they run out at 2^31 - 1
+/// (millions of streams of margin for the calls already checked out on it).
+const RETIRE_AT_STREAM_ID: u32 = (1 << 31) - (1 << 24);
 
 /// The future of [`Pool::call`](tower_service::Service::call): a stream slot, then the
 /// response head.
@@ -31,8 +35,16 @@ pub struct ResponseFuture<B> {
 }
 
 enum State<B> {
-    Checkout { request: Option<Request<B>>, waiting: Option<Checkout> },
-    Sending { slot: Option<Slot>, response: h2::client::ResponseFuture, pump: Option<Pin<Box<Pump<B>>>> },
+    Checkout {
+        request: Option<Request<B>>,
+        waiting: Option<Checkout>,
+    },
+    Sending {
+        slot: Option<Slot>,
+        response: h2::client::ResponseFuture,
+        pump: Option<Pin<Box<Pump<B>>>>,
+        stream_id: u32,
+    },
     Done,
 }
 
@@ -80,8 +92,12 @@ where
         let end_of_stream = body.is_end_stream();
         match member.sender().send_request(head, end_of_stream) {
             Ok((response, stream)) => {
+                let stream_id = u32::from(response.stream_id());
+                if stream_id >= RETIRE_AT_STREAM_ID {
+                    self.pool.evict(&member, EvictionReason::MaxStreams, &format!("stream id {stream_id}"));
+                }
                 let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream)));
-                Ok(Started::Sent(State::Sending { slot: Some(slot), response, pump }))
+                Ok(Started::Sent(State::Sending { slot: Some(slot), response, pump, stream_id }))
             }
             Err(err) if err.is_go_away() || err.is_io() => {
                 // The connection is going away and never saw this request.
@@ -97,6 +113,41 @@ where
             }
             Err(err) => Err(Error::from_h2(&member.endpoint.label, err)),
         }
+    }
+}
+
+/// Runs the rest of a request body on a task of its own.
+fn spawn_pump<B>(pump: Pin<Box<Pump<B>>>) -> Result<tokio::task::AbortHandle, Error>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+        Error::request_body(
+            "the endpoint",
+            "a streaming request must be polled inside a Tokio runtime (its body is sent from a task)".into(),
+        )
+    })?;
+    Ok(runtime
+        .spawn(async move {
+            let _ = pump.await;
+        })
+        .abort_handle())
+}
+
+/// The error of a call whose response head failed; marked unprocessed when the server
+/// provably never saw the stream (refused, or above a GOAWAY's last stream id).
+fn response_error(slot: &Slot, stream_id: u32, err: h2::Error) -> Error {
+    let member = slot.member();
+    let refused = err.reason() == Some(h2::Reason::REFUSED_STREAM);
+    let above_goaway = err.is_go_away()
+        && err.is_remote()
+        && member.signals.goaway().is_some_and(|goaway| stream_id > goaway.last_stream_id);
+    let error = Error::from_h2(&member.endpoint.label, err);
+    if refused || above_goaway {
+        error.mark_unprocessed()
+    } else {
+        error
     }
 }
 
@@ -161,7 +212,7 @@ where
                         }
                     }
                 }
-                State::Sending { slot, response, pump } => {
+                State::Sending { slot, response, pump, stream_id } => {
                     if let Some(sending) = pump {
                         match sending.as_mut().poll(cx) {
                             Poll::Pending => {}
@@ -177,26 +228,24 @@ where
                         }
                     }
                     let result = ready!(Pin::new(response).poll(cx));
-                    let slot = slot.take().expect("slot is held until the response head");
+                    let Some(slot) = slot.take() else {
+                        this.state = State::Done;
+                        return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
+                    };
+                    let stream_id = *stream_id;
                     let pump = pump.take();
                     this.state = State::Done;
                     return Poll::Ready(match result {
                         Ok(response) => {
                             // The server answered before the request body ended (streaming):
                             // keep sending from a task of its own.
-                            let pump = pump.map(|p| {
-                                tokio::spawn(async move {
-                                    let _ = p.await;
-                                })
-                                .abort_handle()
-                            });
+                            let pump = match pump.map(spawn_pump).transpose() {
+                                Ok(pump) => pump,
+                                Err(error) => return Poll::Ready(Err(error)),
+                            };
                             Ok(response.map(|recv| ResponseBody::new(recv, slot, pump)))
                         }
-                        Err(err) => {
-                            let refused = err.reason() == Some(h2::Reason::REFUSED_STREAM);
-                            let error = Error::from_h2(&slot.member().endpoint.label, err);
-                            Err(if refused { error.mark_unprocessed() } else { error })
-                        }
+                        Err(err) => Err(response_error(&slot, stream_id, err)),
                     });
                 }
                 State::Done => {

@@ -50,6 +50,9 @@ pub(crate) struct ConnSignals {
     /// (unlimited, as RFC 9113 says of a setting not yet received).
     server_max_streams: AtomicU32,
     settings_seen: AtomicBool,
+    /// Set when the server raises its stream limit; taken by the driver, which then hands
+    /// the new room to queued callers.
+    limit_raised: AtomicBool,
     goaway_seen: AtomicBool,
     goaway: Mutex<Option<GoAway>>,
     closed: AtomicBool,
@@ -62,6 +65,7 @@ impl ConnSignals {
         ConnSignals {
             server_max_streams: AtomicU32::new(u32::MAX),
             settings_seen: AtomicBool::new(false),
+            limit_raised: AtomicBool::new(false),
             goaway_seen: AtomicBool::new(false),
             goaway: Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -75,6 +79,11 @@ impl ConnSignals {
 
     pub(crate) fn settings_seen(&self) -> bool {
         self.settings_seen.load(Ordering::Acquire)
+    }
+
+    /// Whether the server raised its stream limit since the last call.
+    pub(crate) fn take_limit_raised(&self) -> bool {
+        self.limit_raised.load(Ordering::Relaxed) && self.limit_raised.swap(false, Ordering::AcqRel)
     }
 
     pub(crate) fn goaway_seen(&self) -> bool {
@@ -117,7 +126,10 @@ impl ConnSignals {
             let id = u16::from_be_bytes([setting[0], setting[1]]);
             if id == SETTINGS_MAX_CONCURRENT_STREAMS {
                 let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
-                self.server_max_streams.store(value, Ordering::Relaxed);
+                let before = self.server_max_streams.swap(value, Ordering::Relaxed);
+                if value > before && self.settings_seen() {
+                    self.limit_raised.store(true, Ordering::Release);
+                }
             }
         }
         if !self.settings_seen.swap(true, Ordering::AcqRel) {
@@ -321,13 +333,17 @@ mod tests {
     }
 
     #[test]
-    fn a_later_settings_frame_lowers_the_limit() {
+    fn later_settings_frames_lower_and_raise_the_limit() {
         let signals = ConnSignals::new();
         let mut reader = FrameReader::default();
         reader.feed(&settings(100), &signals);
         assert_eq!(signals.server_max_streams(), 100);
         reader.feed(&settings(0), &signals);
         assert_eq!(signals.server_max_streams(), 0);
+        assert!(!signals.take_limit_raised());
+        reader.feed(&settings(10), &signals);
+        assert!(signals.take_limit_raised());
+        assert!(!signals.take_limit_raised(), "taken once");
         assert!(!signals.goaway_seen());
     }
 }
