@@ -10,7 +10,7 @@ use bytes::Bytes;
 use grpc_pool::{BackoffConfig, ErrorKind, EvictionReason, MemberState, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{wait_until, Relay, ServerOptions, TestServer};
+use grpc_pool_testkit::{unused_uri, wait_until, Relay, ServerOptions, TestServer};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -307,11 +307,8 @@ async fn min_connections_are_kept_warm_without_calls() {
 
 #[tokio::test]
 async fn connects_retry_with_backoff_until_the_server_comes_up() {
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
-    let uri = format!("http://127.0.0.1:{port}");
+    let uri = unused_uri();
+    let port: u16 = uri.rsplit(':').next().unwrap().parse().unwrap();
     let pool = Pool::builder()
         .backoff(fast_backoff())
         .checkout_timeout(Duration::from_secs(20))
@@ -335,14 +332,8 @@ async fn connects_retry_with_backoff_until_the_server_comes_up() {
 
 #[tokio::test]
 async fn eager_build_fails_when_nothing_answers_and_lazy_build_fails_the_call() {
-    let dead = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", probe.local_addr().unwrap())
-    };
-    let other_dead = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", probe.local_addr().unwrap())
-    };
+    let dead = unused_uri();
+    let other_dead = unused_uri();
     let error = Pool::builder().name("eager").build([&dead, &other_dead]).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Connect);
     let message = error.to_string();
@@ -364,10 +355,7 @@ async fn eager_build_fails_when_nothing_answers_and_lazy_build_fails_the_call() 
 #[tokio::test]
 async fn eager_build_succeeds_when_one_endpoint_answers() {
     let server = TestServer::start().await;
-    let dead = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", probe.local_addr().unwrap())
-    };
+    let dead = unused_uri();
     let pool = Pool::builder().backoff(fast_backoff()).build([&dead, &server.uri()]).await.unwrap();
     for _ in 0..10 {
         client(&pool).unary_echo(request(b"ok", 0)).await.unwrap();
@@ -518,10 +506,7 @@ async fn broken_connections_do_not_starve_queued_callers() {
 async fn an_unreachable_endpoint_does_not_stop_the_others_from_growing() {
     let server =
         TestServer::start_with(ServerOptions { max_concurrent_streams: Some(2), ..Default::default() }).await;
-    let dead = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", probe.local_addr().unwrap())
-    };
+    let dead = unused_uri();
     let pool = Pool::builder()
         .max_connections(4)
         .checkout_timeout(Duration::from_secs(30))

@@ -10,6 +10,13 @@ pub use server::{EchoServer, ServerOptions, TestServer};
 use std::future::Future;
 use std::time::Duration;
 
+/// `http://127.0.0.1:port` of a port that nothing listens on (it was free a moment ago):
+/// an endpoint whose connects are refused.
+pub fn unused_uri() -> String {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    format!("http://{}", probe.local_addr().expect("local address"))
+}
+
 /// Polls `condition` every few milliseconds until it holds, for at most `limit`; panics with
 /// `what` if it never does. Tests wait on state this way instead of sleeping for a guess.
 pub async fn wait_until<F>(limit: Duration, what: &str, mut condition: F)
