@@ -2,13 +2,19 @@
 //!
 //! A pool of HTTP/2 connections for gRPC clients: several connections per endpoint, spread
 //! over several endpoints, checked out per call through a `tower::Service` that any
-//! tonic-generated client can wrap.
+//! tonic-generated client can wrap, and a background health task that PINGs quiet
+//! connections and retires old, idle or dead ones before a caller meets them.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), grpc_pool::Error> {
-//! let pool = grpc_pool::Pool::builder()
+//! use std::time::Duration;
+//! use grpc_pool::{Keepalive, Pool};
+//!
+//! let pool = Pool::builder()
 //!     .name("echo")
 //!     .max_connections(4)
+//!     .keepalive(Keepalive::new(Duration::from_secs(30), Duration::from_secs(5)))
+//!     .max_lifetime(Duration::from_secs(30 * 60))
 //!     .build(["http://127.0.0.1:50051", "http://127.0.0.1:50052"])
 //!     .await?;
 //! // let mut client = EchoClient::new(pool.clone());
@@ -16,11 +22,235 @@
 //! # Ok(()) }
 //! ```
 //!
-//! See the README for the architecture, and [`grpc_pool_core`] for the pool itself.
+//! The pool itself is [`grpc_pool_core`]; the health task is [`grpc_pool_health`]. This
+//! crate wires them together.
 #![warn(missing_docs)]
 
+use std::fmt;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Body;
+use tower_service::Service;
+
 pub use grpc_pool_core::{
-    api, call, metrics, BackoffConfig, Builder, Endpoint, EndpointState, Error, ErrorKind, EvictionReason,
-    H2Config, MemberSnapshot, MemberState, Pool, ResponseBody, ResponseFuture, State, Statistics,
+    api, call, metrics, monitor, BackoffConfig, Endpoint, EndpointState, Error, ErrorKind, EvictionReason,
+    H2Config, MemberHandle, MemberSnapshot, MemberState, PoolEvent, PoolMonitor, ResponseBody,
+    ResponseFuture, State, Statistics,
 };
 pub use grpc_pool_health as health;
+pub use grpc_pool_health::{EvictionPolicy, HealthConfig, Keepalive};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A pool of HTTP/2 connections to the endpoints of one gRPC service, kept healthy by a
+/// background task.
+///
+/// A cheap handle: clone it into every client (`EchoClient::new(pool.clone())`). Dropping the
+/// last handle closes the pool and ends its tasks. See [`grpc_pool_core::Pool`] for how calls
+/// are spread and queued, and [`Builder`] for the settings.
+#[derive(Clone)]
+pub struct Pool {
+    core: grpc_pool_core::Pool,
+}
+
+impl Pool {
+    /// A builder with the defaults: see [`Builder`].
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The pool's name, as in logs and metric labels.
+    pub fn name(&self) -> &str {
+        self.core.name()
+    }
+
+    /// A snapshot of every endpoint and member, and the pool's statistics.
+    pub fn state(&self) -> State {
+        self.core.state()
+    }
+
+    /// Stops taking calls, lets the ones in flight finish, and returns when every
+    /// connection has closed.
+    pub async fn close(&self) {
+        self.core.close().await
+    }
+
+    /// The pool without its facade (same pool, same connections).
+    pub fn core(&self) -> &grpc_pool_core::Pool {
+        &self.core
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.core.fmt(f)
+    }
+}
+
+impl<B> Service<http::Request<B>> for Pool
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = http::Response<ResponseBody>;
+    type Error = Error;
+    type Future = ResponseFuture<B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Service::<http::Request<B>>::poll_ready(&mut self.core, cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        self.core.call(request)
+    }
+}
+
+/// Builds a [`Pool`] and starts its health task. Every setting is checked at build; a bad one
+/// fails with a message naming the field and the allowed range.
+///
+/// Defaults: `min_connections` 1 and `max_connections` 8 per endpoint, 100 concurrent streams
+/// per connection, 5 s checkout timeout, 10 s connect timeout, gRPC's reconnect backoff;
+/// keepalive PINGs after 310 s of quiet with a 20 s timeout (just above the 5-minute minimum
+/// that gRPC servers enforce by default, so default servers never see them as abuse);
+/// `idle_timeout` 10 minutes; no `max_lifetime`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let err = grpc_pool::Pool::builder()
+///     .keepalive(grpc_pool::Keepalive::new(std::time::Duration::ZERO, std::time::Duration::from_secs(1)))
+///     .build_lazy(["http://127.0.0.1:50051"])
+///     .unwrap_err();
+/// assert!(err.to_string().contains("`keepalive.time`"));
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    core: grpc_pool_core::Builder,
+    health: HealthConfig,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            core: grpc_pool_core::Builder::default(),
+            health: HealthConfig {
+                keepalive: Some(Keepalive::new(Duration::from_secs(310), Duration::from_secs(20))),
+                eviction: EvictionPolicy {
+                    idle_timeout: Some(Duration::from_secs(600)),
+                    ..Default::default()
+                },
+            },
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($($(#[$doc:meta])* $name:ident($ty:ty);)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.core = self.core.$name(value);
+                self
+            }
+        )*
+    };
+}
+
+impl Builder {
+    delegate! {
+        /// The pool's name in logs, errors and metric labels. Default `grpc-pool`.
+        name(&str);
+        /// Connections kept open per endpoint even when idle (0 to `max_connections`).
+        min_connections(usize);
+        /// Most connections per endpoint (1 to 10,000).
+        max_connections(usize);
+        /// Most concurrent streams per connection (1 to 2^20); the server's
+        /// `SETTINGS_MAX_CONCURRENT_STREAMS` lowers it further.
+        max_concurrent_streams(u32);
+        /// Longest a call waits for a stream slot before failing (above zero).
+        checkout_timeout(Duration);
+        /// Longest a connect may take, from TCP to the server's SETTINGS (above zero).
+        connect_timeout(Duration);
+        /// Reconnect backoff after failed connects.
+        backoff(BackoffConfig);
+        /// HTTP/2 window, frame and header-list settings.
+        h2(H2Config);
+    }
+
+    /// Keepalive PINGs (see [`Keepalive`]); `timeout` also becomes the sockets'
+    /// `TCP_USER_TIMEOUT` on Linux.
+    pub fn keepalive(mut self, keepalive: Keepalive) -> Self {
+        self.health.keepalive = Some(keepalive);
+        self
+    }
+
+    /// No keepalive PINGs: a connection that dies silently is found only by the call that
+    /// uses it.
+    pub fn no_keepalive(mut self) -> Self {
+        self.health.keepalive = None;
+        self
+    }
+
+    /// Close members above `min_connections` that started no stream for this long (`None`:
+    /// never).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.health.eviction.idle_timeout = timeout;
+        self
+    }
+
+    /// Drain and replace members this old, +/-10% jitter, one at a time per endpoint.
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.health.eviction.max_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Drain and replace members after this many streams in all.
+    pub fn max_streams_per_connection(mut self, streams: u64) -> Self {
+        self.health.eviction.max_streams_per_connection = Some(streams);
+        self
+    }
+
+    /// The whole health configuration at once.
+    pub fn health(mut self, health: HealthConfig) -> Self {
+        self.health = health;
+        self
+    }
+
+    fn prepared(self) -> Result<(grpc_pool_core::Builder, HealthConfig), Error> {
+        self.health.validate()?;
+        let timeout = self.health.keepalive.as_ref().map(|k| k.timeout);
+        let core = self
+            .core
+            .tcp_user_timeout(timeout)
+            .max_streams_per_connection(self.health.eviction.max_streams_per_connection);
+        Ok((core, self.health))
+    }
+
+    /// Connects before returning (see [`grpc_pool_core::Builder::build`]), then starts the
+    /// health task.
+    pub async fn build<I, S>(self, endpoints: I) -> Result<Pool, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let (core, health) = self.prepared()?;
+        let core = core.build(endpoints).await?;
+        grpc_pool_health::spawn(core.monitor(), health);
+        Ok(Pool { core })
+    }
+
+    /// Builds at once and connects in the background (see
+    /// [`grpc_pool_core::Builder::build_lazy`]); starts the health task.
+    pub fn build_lazy<I, S>(self, endpoints: I) -> Result<Pool, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let (core, health) = self.prepared()?;
+        let core = core.build_lazy(endpoints)?;
+        grpc_pool_health::spawn(core.monitor(), health);
+        Ok(Pool { core })
+    }
+}

@@ -435,9 +435,9 @@ async fn invalid_configuration_is_rejected_at_build_with_the_field_named() {
             "`connect_timeout` = 0s",
         ),
         (
-            Pool::builder().max_streams_per_connection(0),
+            Pool::builder().max_concurrent_streams(0),
             vec!["http://127.0.0.1:1"],
-            "`max_streams_per_connection` = 0",
+            "`max_concurrent_streams` = 0",
         ),
         (Pool::builder(), vec![], "`endpoints` = an empty list"),
         (Pool::builder(), vec!["http://127.0.0.1"], "no port"),

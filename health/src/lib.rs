@@ -1,7 +1,15 @@
-//! grpc-pool's health task: keepalive PINGs, `grpc.health.v1` checks and the eviction policy.
+//! grpc-pool's health task: keepalive PINGs and the eviction policy (idle timeout, jittered
+//! max lifetime, streams per connection), driven by one timer queue per pool.
 //!
 //! This crate depends on `grpc-pool-core` and never the other way round: the pool knows
-//! nothing of gRPC health. Its task and configuration arrive with the health work; until
-//! then it only re-exports the eviction reasons it will use.
+//! nothing of health. It watches the pool through a
+//! [`PoolMonitor`](grpc_pool_core::PoolMonitor), and acts through member handles: PING,
+//! drain, kill. The facade crate `grpc-pool` starts the task for every pool it builds.
+#![warn(missing_docs)]
 
+mod config;
+mod task;
+
+pub use config::{EvictionPolicy, HealthConfig, Keepalive};
 pub use grpc_pool_core::EvictionReason;
+pub use task::spawn;

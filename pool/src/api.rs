@@ -79,6 +79,12 @@ impl Pool {
         self.inner().live.all_closed().await;
     }
 
+    /// The maintenance view of the pool, for a health task: members, PINGs, events. It does
+    /// not keep the pool open.
+    pub fn monitor(&self) -> crate::monitor::PoolMonitor {
+        crate::monitor::PoolMonitor::new(self.inner().clone())
+    }
+
     /// A snapshot of every endpoint and member, and the pool's statistics.
     pub fn state(&self) -> State {
         let inner = self.inner();
@@ -96,6 +102,7 @@ impl Pool {
                         max_streams: m.max_streams(),
                         age: m.age(),
                         idle: m.idle(),
+                        last_ping_rtt: m.pinger.last_rtt(),
                     })
                     .collect();
                 let locked = entry.lock();
@@ -157,8 +164,8 @@ pub struct Builder {
 
 impl Builder {
     /// The pool's name in logs, errors and metric labels. Default `grpc-pool`.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.config.name = name.into();
+    pub fn name(mut self, name: &str) -> Self {
+        self.config.name = name.to_owned();
         self
     }
 
@@ -176,7 +183,14 @@ impl Builder {
 
     /// Most concurrent streams per connection (1 to 2^20); the server's
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` lowers it further. Default 100.
-    pub fn max_streams_per_connection(mut self, max: u32) -> Self {
+    pub fn max_concurrent_streams(mut self, max: u32) -> Self {
+        self.config.max_concurrent_streams = max;
+        self
+    }
+
+    /// Drain and replace a member once it has carried this many streams in all (1 to about
+    /// 2^30; `None`: only when HTTP/2 stream ids run out). Default `None`.
+    pub fn max_streams_per_connection(mut self, max: Option<u64>) -> Self {
         self.config.max_streams_per_connection = max;
         self
     }
@@ -191,6 +205,14 @@ impl Builder {
     /// Default 10 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// `TCP_USER_TIMEOUT` on Linux: how long sent data may go unacknowledged before the
+    /// kernel drops the connection, so writes to a dead peer fail fast. Off by default; the
+    /// facade sets it from the keepalive timeout.
+    pub fn tcp_user_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.tcp_user_timeout = timeout;
         self
     }
 
@@ -364,6 +386,8 @@ pub struct MemberSnapshot {
     pub age: Duration,
     /// Time since a stream last started on it.
     pub idle: Duration,
+    /// Round trip of its last answered keepalive PING.
+    pub last_ping_rtt: Option<Duration>,
 }
 
 /// Counters of a pool's life, in the manner of bb8's statistics.

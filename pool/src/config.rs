@@ -80,6 +80,9 @@ const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// Largest `max_connections` and `min_connections`: far above any sane deployment, low enough
 /// to catch a unit mistake.
 pub(crate) const MAX_CONNECTIONS_LIMIT: usize = 10_000;
+/// Most streams one connection can carry: HTTP/2 client stream ids are the odd numbers below
+/// 2^31, less a margin for the calls already checked out when the limit is reached.
+pub(crate) const MAX_LIFETIME_STREAMS: u64 = (1 << 30) - (1 << 23);
 /// Longest reconnect backoff: beyond an hour a pool is as good as stopped.
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Largest per-connection stream cap that HTTP/2 stream ids leave room for in practice.
@@ -91,9 +94,11 @@ pub(crate) struct Config {
     pub(crate) name: String,
     pub(crate) min_connections: usize,
     pub(crate) max_connections: usize,
-    pub(crate) max_streams_per_connection: u32,
+    pub(crate) max_concurrent_streams: u32,
+    pub(crate) max_streams_per_connection: Option<u64>,
     pub(crate) checkout_timeout: Duration,
     pub(crate) connect_timeout: Duration,
+    pub(crate) tcp_user_timeout: Option<Duration>,
     pub(crate) backoff: BackoffConfig,
     pub(crate) h2: H2Config,
 }
@@ -104,9 +109,11 @@ impl Default for Config {
             name: "grpc-pool".to_owned(),
             min_connections: 1,
             max_connections: 8,
-            max_streams_per_connection: 100,
+            max_concurrent_streams: 100,
+            max_streams_per_connection: None,
             checkout_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            tcp_user_timeout: None,
             backoff: BackoffConfig::default(),
             h2: H2Config::default(),
         }
@@ -128,9 +135,22 @@ impl Config {
                 &format!("0 to max_connections ({})", self.max_connections),
             ));
         }
-        check_range("max_streams_per_connection", self.max_streams_per_connection, 1, MAX_STREAMS_LIMIT)?;
+        check_range("max_concurrent_streams", self.max_concurrent_streams, 1, MAX_STREAMS_LIMIT)?;
+        if let Some(max) = self.max_streams_per_connection {
+            check_range("max_streams_per_connection", max, 1, MAX_LIFETIME_STREAMS)?;
+        }
         check_nonzero("checkout_timeout", self.checkout_timeout)?;
         check_nonzero("connect_timeout", self.connect_timeout)?;
+        if let Some(timeout) = self.tcp_user_timeout {
+            check_nonzero("tcp_user_timeout", timeout)?;
+            if timeout > MAX_BACKOFF {
+                return Err(Error::config(
+                    "tcp_user_timeout",
+                    &format!("{timeout:?}"),
+                    "above zero, up to 3600s",
+                ));
+            }
+        }
         check_nonzero("backoff.base", self.backoff.base)?;
         if self.backoff.max > MAX_BACKOFF {
             return Err(Error::config(
@@ -212,10 +232,16 @@ mod tests {
             (Box::new(|c| c.max_connections = 0), "max_connections", "1 to 10000"),
             (Box::new(|c| c.min_connections = 20_000), "min_connections", "0 to 10000"),
             (Box::new(|c| c.min_connections = 9), "min_connections", "above max_connections = 8"),
-            (Box::new(|c| c.max_streams_per_connection = 0), "max_streams_per_connection", "1 to"),
+            (Box::new(|c| c.max_concurrent_streams = 0), "max_concurrent_streams", "1 to"),
             (Box::new(|c| c.checkout_timeout = Duration::ZERO), "checkout_timeout", "above zero"),
             (Box::new(|c| c.connect_timeout = Duration::ZERO), "connect_timeout", "above zero"),
             (Box::new(|c| c.backoff.base = Duration::ZERO), "backoff.base", "above zero"),
+            (Box::new(|c| c.tcp_user_timeout = Some(Duration::ZERO)), "tcp_user_timeout", "above zero"),
+            (
+                Box::new(|c| c.max_streams_per_connection = Some(0)),
+                "max_streams_per_connection",
+                "1 to 1065353216",
+            ),
             (Box::new(|c| c.backoff.max = Duration::from_millis(1)), "backoff.max", "at least backoff.base"),
             (Box::new(|c| c.backoff.max = Duration::MAX), "backoff.max", "backoff.base to 3600s"),
             (Box::new(|c| c.backoff.multiplier = 0.5), "backoff.multiplier", "1.0 to 100.0"),

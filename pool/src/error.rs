@@ -32,6 +32,8 @@ pub enum ErrorKind {
     Stream,
     /// The caller's request body failed.
     RequestBody,
+    /// A PING got no answer (the connection failed, or another PING was in flight).
+    Ping,
 }
 
 /// An error from the pool: configuration, connecting, checkout, or a call on a connection.
@@ -93,6 +95,12 @@ impl Error {
             format!("invalid pool configuration: `{field}` = {value}; allowed: {allowed}"),
             None,
         )
+    }
+
+    /// A configuration error for settings outside this crate (the health task's), worded
+    /// like the pool's own: the field, its value, and what is allowed.
+    pub fn invalid_config(field: &str, value: &str, allowed: &str) -> Error {
+        Error::config(field, value, allowed)
     }
 
     pub(crate) fn invalid_endpoint(uri: &str, problem: &str) -> Error {
@@ -165,6 +173,15 @@ impl Error {
             (ErrorKind::Connection, "HTTP/2 error")
         };
         Error::new(kind, code, format!("call to {endpoint}: {what}: {err}"), Some(Box::new(err)))
+    }
+
+    pub(crate) fn ping(endpoint: &str, member: u64, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Ping,
+            Code::Unavailable,
+            format!("PING on member {member} of {endpoint}: {what}"),
+            None,
+        )
     }
 
     pub(crate) fn request_body(endpoint: &str, cause: BoxError) -> Error {

@@ -4,10 +4,10 @@
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use crate::backoff;
 use crate::config::Config;
@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::internals::{EndpointEntry, WaitQueue};
 use crate::member::{EvictionReason, Member, MemberState, Slot};
 use crate::metrics as names;
+use crate::monitor::{MemberHandle, PoolEvent};
 use crate::proto::h2::client::{self, Connection};
 use crate::proto::h2::frames::ConnSignals;
 
@@ -54,7 +55,7 @@ impl Shutdown {
         self.notify.notify_waiters();
     }
 
-    async fn triggered(&self) {
+    pub(crate) async fn triggered(&self) {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -134,6 +135,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The stream id of a member's last stream before it retires: client stream ids are odd, so
+/// stream number `n` has id `2n - 1`.
+fn retire_at_stream_id(max_streams: Option<u64>) -> u32 {
+    let max =
+        max_streams.unwrap_or(crate::config::MAX_LIFETIME_STREAMS).min(crate::config::MAX_LIFETIME_STREAMS);
+    (2 * max - 1) as u32
+}
+
 /// A member that closes sooner than this after connecting counts as a failed connect.
 const SHORT_LIFE: Duration = Duration::from_secs(1);
 
@@ -147,6 +156,8 @@ pub(crate) struct PoolInner {
     closed: AtomicBool,
     next_member_id: AtomicU64,
     hot: HotMetrics,
+    /// Subscribers to membership events (the health task).
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<PoolEvent>>>,
 }
 
 impl PoolInner {
@@ -164,6 +175,7 @@ impl PoolInner {
             closed: AtomicBool::new(false),
             next_member_id: AtomicU64::new(1),
             hot,
+            subscribers: Mutex::new(Vec::new()),
         }
     }
 
@@ -173,6 +185,19 @@ impl PoolInner {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    // ----- events -----
+
+    pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<PoolEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+        rx
+    }
+
+    fn emit(&self, event: impl Fn() -> PoolEvent) {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        subscribers.retain(|tx| tx.send(event()).is_ok());
     }
 
     // ----- checkout -----
@@ -320,8 +345,7 @@ impl PoolInner {
                     .iter()
                     .map(|m| m.max_streams())
                     .max()
-                    .unwrap_or(self.config.max_streams_per_connection)
-                    as usize;
+                    .unwrap_or(self.config.max_concurrent_streams) as usize;
                 incoming += locked.connecting * per_member;
             }
             let total = members.len() + locked.connecting;
@@ -417,15 +441,18 @@ impl PoolInner {
         let started = Instant::now();
         let span = tracing::debug_span!("connect", pool = %self.name(), endpoint = %entry.label());
         let attempt = async {
-            let hs = client::handshake(&entry.shared.endpoint, &self.config.h2).await?;
+            let hs = client::handshake(&entry.shared.endpoint, &self.config.h2, self.config.tcp_user_timeout)
+                .await?;
             let id = self.next_member_id.fetch_add(1, Ordering::Relaxed);
             let member = Arc::new(Member::new(
                 id,
                 entry.shared.clone(),
                 hs.send,
                 hs.signals.clone(),
+                hs.pinger,
                 self.waiters.clone(),
-                self.config.max_streams_per_connection,
+                self.config.max_concurrent_streams,
+                retire_at_stream_id(self.config.max_streams_per_connection),
             ));
             let driver = tokio::spawn(drive(
                 hs.connection,
@@ -434,6 +461,7 @@ impl PoolInner {
                 Arc::downgrade(self),
                 self.live.clone(),
             ));
+            member.set_driver(driver.abort_handle());
             let abort = AbortOnDrop(Some(driver.abort_handle()));
             if !hs.signals.settings_or_closed().await {
                 return Err(Error::connect(
@@ -506,6 +534,7 @@ impl PoolInner {
             tracing::warn!(pool = %self.name(), endpoint = %entry.label(), member = member.id, "server allows 0 concurrent streams on this connection; it carries no calls until it raises the limit");
         }
         tracing::info!(pool = %self.name(), endpoint = %entry.label(), member = member.id, state = "ready", max_streams = member.max_streams(), "member ready");
+        self.emit(|| PoolEvent::MemberReady(MemberHandle::new(self, &member)));
         self.serve_waiters(&member);
     }
 
@@ -518,10 +547,16 @@ impl PoolInner {
     }
 
     /// Takes a member out of service with `reason`: no new streams; the ones in flight
-    /// finish, and the connection closes once the last slot is returned.
-    pub(crate) fn evict(self: &Arc<Self>, member: &Arc<Member>, reason: EvictionReason, detail: &str) {
+    /// finish, and the connection closes once the last slot is returned. Returns whether
+    /// this call made the change.
+    pub(crate) fn evict(
+        self: &Arc<Self>,
+        member: &Arc<Member>,
+        reason: EvictionReason,
+        detail: &str,
+    ) -> bool {
         if !member.set_draining() {
-            return;
+            return false;
         }
         let entry = self.entry_of(member);
         if let Some(entry) = &entry {
@@ -530,12 +565,42 @@ impl PoolInner {
         }
         self.count_eviction(member, reason, MemberState::Draining, detail);
         if let Some(entry) = entry {
-            self.note_short_life(&entry, member);
+            if reason == EvictionReason::GoAway {
+                // The server's doing, not the pool's policy: maybe a server that refuses us.
+                self.note_short_life(&entry, member);
+            }
             self.replenish(&entry);
             if self.waiters.has_waiters() {
                 self.grow();
             }
         }
+        true
+    }
+
+    /// Takes a member out of service and closes its connection now: streams in flight on it
+    /// fail at once (`UNAVAILABLE`) instead of hanging on a dead peer.
+    pub(crate) fn kill(self: &Arc<Self>, member: &Arc<Member>, reason: EvictionReason, detail: &str) -> bool {
+        let before = member.set_closed();
+        if before == MemberState::Closed {
+            return false;
+        }
+        member.signals.mark_closed();
+        member.abort_connection();
+        let entry = self.entry_of(member);
+        if let Some(entry) = &entry {
+            let mut locked = entry.lock();
+            entry.remove(&mut locked, member.id);
+        }
+        if before != MemberState::Draining {
+            self.count_eviction(member, reason, MemberState::Closed, detail);
+        }
+        if let Some(entry) = entry {
+            self.replenish(&entry);
+            if self.waiters.has_waiters() {
+                self.grow();
+            }
+        }
+        true
     }
 
     /// The connection of `member` ended (its driver task is finishing).
@@ -667,6 +732,13 @@ async fn drive(
         if !goaway_reported && signals.goaway_seen() {
             goaway_reported = true;
             if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {
+                if let Some(goaway) = signals.goaway() {
+                    pool.emit(|| PoolEvent::GoAway {
+                        member: MemberHandle::new(&pool, &member),
+                        reason: goaway.reason(),
+                        debug_data: goaway.debug_data.clone(),
+                    });
+                }
                 let detail = signals
                     .goaway()
                     .map(|g| {

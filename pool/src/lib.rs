@@ -29,6 +29,7 @@ mod inner;
 mod internals;
 mod member;
 pub mod metrics;
+pub mod monitor;
 mod proto;
 mod rand;
 
@@ -38,3 +39,4 @@ pub use config::{BackoffConfig, H2Config};
 pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
 pub use member::{EvictionReason, MemberState};
+pub use monitor::{MemberHandle, PoolEvent, PoolMonitor};

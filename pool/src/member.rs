@@ -2,13 +2,14 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::internals::{EndpointShared, WaitQueue};
 use crate::proto::h2::frames::ConnSignals;
+use crate::proto::h2::ping::Pinger;
 
 /// Where a member is in its life: `Connecting -> Ready -> Draining -> Closed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,34 +125,48 @@ pub(crate) struct Member {
     /// Cloned per call: each clone may open one stream without waiting on the others.
     send: h2::client::SendRequest<Bytes>,
     pub(crate) signals: Arc<ConnSignals>,
+    pub(crate) pinger: Pinger,
+    /// The connection's driver task; aborting it closes the connection at once.
+    driver: OnceLock<tokio::task::AbortHandle>,
     waiters: Arc<WaitQueue>,
     state: AtomicU8,
+    /// The id of the newest stream opened on it (ids go 1, 3, 5, ...).
+    last_stream_id: AtomicU32,
     in_flight: AtomicU32,
     /// The configured per-connection cap; the server's own limit applies too.
     cap: u32,
+    /// The stream id at which it retires (`max_streams_per_connection`, or the id space).
+    pub(crate) retire_at_stream_id: u32,
     created: Instant,
     /// Nanoseconds after `created` when a stream last started.
     last_used: AtomicU64,
 }
 
 impl Member {
+    #[allow(clippy::too_many_arguments)] // one call site, each argument a different part
     pub(crate) fn new(
         id: u64,
         endpoint: Arc<EndpointShared>,
         send: h2::client::SendRequest<Bytes>,
         signals: Arc<ConnSignals>,
+        pinger: Pinger,
         waiters: Arc<WaitQueue>,
         cap: u32,
+        retire_at_stream_id: u32,
     ) -> Member {
         Member {
             id,
             endpoint,
             send,
             signals,
+            pinger,
+            driver: OnceLock::new(),
             waiters,
             state: AtomicU8::new(STATE_CONNECTING),
+            last_stream_id: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             cap,
+            retire_at_stream_id,
             created: Instant::now(),
             last_used: AtomicU64::new(0),
         }
@@ -195,6 +210,26 @@ impl Member {
     pub(crate) fn idle(&self) -> Duration {
         let last = Duration::from_nanos(self.last_used.load(Ordering::Relaxed));
         self.created.elapsed().saturating_sub(last)
+    }
+
+    pub(crate) fn set_driver(&self, driver: tokio::task::AbortHandle) {
+        let _ = self.driver.set(driver);
+    }
+
+    /// Drops the connection now: every stream on it fails at once.
+    pub(crate) fn abort_connection(&self) {
+        if let Some(driver) = self.driver.get() {
+            driver.abort();
+        }
+    }
+
+    pub(crate) fn record_stream_id(&self, id: u32) {
+        self.last_stream_id.store(id, Ordering::Relaxed);
+    }
+
+    /// Streams opened on it so far.
+    pub(crate) fn streams_opened(&self) -> u64 {
+        u64::from(self.last_stream_id.load(Ordering::Relaxed)).div_ceil(2)
     }
 
     /// A sender for one new stream.

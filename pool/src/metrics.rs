@@ -18,6 +18,13 @@ pub const CHECKOUT_WAIT: &str = "grpc_pool_checkout_wait_seconds";
 /// Counter: calls sent again on another member because the first never left (by `reason`).
 pub const RETRIES: &str = "grpc_pool_retries_total";
 
+/// Counter: keepalive PINGs, by `result` (`ok`, `timeout`, `error`).
+pub const PINGS: &str = "grpc_pool_pings_total";
+/// Histogram (seconds): round trip of answered keepalive PINGs.
+pub const PING_RTT: &str = "grpc_pool_ping_rtt_seconds";
+/// Counter: keepalive time doublings after a server's GOAWAY `too_many_pings`.
+pub const KEEPALIVE_BACKOFFS: &str = "grpc_pool_keepalive_backoffs_total";
+
 /// Label: the pool's name.
 pub const LABEL_POOL: &str = "pool";
 /// Label: the endpoint, as `http://host:port`.

@@ -22,10 +22,6 @@ type Checkout = Pin<Box<dyn Future<Output = Result<Slot, Error>> + Send>>;
 /// was sent on it (a GOAWAY the pool had not seen yet, or a connection that just died).
 const MAX_ATTEMPTS: u8 = 3;
 
-/// A member is drained once its stream ids reach this, well before they run out at 2^31 - 1
-/// (millions of streams of margin for the calls already checked out on it).
-const RETIRE_AT_STREAM_ID: u32 = (1 << 31) - (1 << 24);
-
 /// The future of [`Pool::call`](tower_service::Service::call): a stream slot, then the
 /// response head.
 pub struct ResponseFuture<B> {
@@ -93,8 +89,13 @@ where
         match member.sender().send_request(head, end_of_stream) {
             Ok((response, stream)) => {
                 let stream_id = u32::from(response.stream_id());
-                if stream_id >= RETIRE_AT_STREAM_ID {
-                    self.pool.evict(&member, EvictionReason::MaxStreams, &format!("stream id {stream_id}"));
+                member.record_stream_id(stream_id);
+                if stream_id >= member.retire_at_stream_id {
+                    self.pool.evict(
+                        &member,
+                        EvictionReason::MaxStreams,
+                        &format!("carried its last stream (id {stream_id})"),
+                    );
                 }
                 let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream)));
                 Ok(Started::Sent(State::Sending { slot: Some(slot), response, pump, stream_id }))

@@ -2,11 +2,13 @@
 //! the pool's window, frame and header-list settings.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
 use super::frames::{ConnSignals, ObservedIo};
+use super::ping::Pinger;
 use crate::config::H2Config;
 use crate::endpoint::Endpoint;
 use crate::error::Error;
@@ -22,19 +24,32 @@ pub(crate) struct Handshaken {
     pub(crate) send: h2::client::SendRequest<Bytes>,
     pub(crate) connection: Connection,
     pub(crate) signals: Arc<ConnSignals>,
+    pub(crate) pinger: Pinger,
 }
 
 /// Opens TCP to `endpoint` and starts the HTTP/2 handshake. The caller bounds the time.
-pub(crate) async fn handshake(endpoint: &Endpoint, config: &H2Config) -> Result<Handshaken, Error> {
+///
+/// `tcp_user_timeout` (Linux) bounds how long written data may stay unacknowledged before
+/// the kernel gives up on the connection, so a write to a dead peer fails fast too.
+pub(crate) async fn handshake(
+    endpoint: &Endpoint,
+    config: &H2Config,
+    tcp_user_timeout: Option<Duration>,
+) -> Result<Handshaken, Error> {
     let tcp = TcpStream::connect((endpoint.host(), endpoint.port()))
         .await
         .map_err(|e| Error::connect(&endpoint.to_string(), "TCP connect", Some(Box::new(e))))?;
     // gRPC messages are small and latency-bound: never wait to coalesce them.
     tcp.set_nodelay(true)
         .map_err(|e| Error::connect(&endpoint.to_string(), "setting TCP_NODELAY", Some(Box::new(e))))?;
+    if let Some(timeout) = tcp_user_timeout {
+        set_tcp_user_timeout(&tcp, timeout).map_err(|e| {
+            Error::connect(&endpoint.to_string(), "setting TCP_USER_TIMEOUT", Some(Box::new(e)))
+        })?;
+    }
     let signals = Arc::new(ConnSignals::new());
     let io = ObservedIo::new(tcp, signals.clone());
-    let (send, connection) = h2::client::Builder::new()
+    let (send, mut connection) = h2::client::Builder::new()
         .initial_window_size(config.initial_stream_window_size)
         .initial_connection_window_size(config.initial_connection_window_size)
         .max_frame_size(config.max_frame_size)
@@ -43,5 +58,16 @@ pub(crate) async fn handshake(endpoint: &Endpoint, config: &H2Config) -> Result<
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| Error::connect(&endpoint.to_string(), "HTTP/2 handshake", Some(Box::new(e))))?;
-    Ok(Handshaken { send, connection, signals })
+    let pinger = Pinger::new(connection.ping_pong());
+    Ok(Handshaken { send, connection, signals, pinger })
+}
+
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+fn set_tcp_user_timeout(tcp: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(timeout))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "fuchsia")))]
+fn set_tcp_user_timeout(_tcp: &TcpStream, _timeout: Duration) -> std::io::Result<()> {
+    Ok(()) // not available here; keepalive PINGs still find dead connections
 }

@@ -10,9 +10,10 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -42,10 +43,24 @@ impl GoAway {
     }
 }
 
+/// The instant all read timestamps count from; nanoseconds since it fit in a `u64` for
+/// five centuries.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_nanos() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
 /// What the server has told us so far on one connection, shared between the connection's
 /// reader and the pool.
 #[derive(Debug)]
 pub(crate) struct ConnSignals {
+    /// When bytes last arrived from the server (nanoseconds after `epoch()`): keepalive
+    /// PINGs only connections that have been quiet.
+    last_read: AtomicU64,
     /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS`; `u32::MAX` until it sends one
     /// (unlimited, as RFC 9113 says of a setting not yet received).
     server_max_streams: AtomicU32,
@@ -63,6 +78,7 @@ pub(crate) struct ConnSignals {
 impl ConnSignals {
     pub(crate) fn new() -> ConnSignals {
         ConnSignals {
+            last_read: AtomicU64::new(now_nanos()),
             server_max_streams: AtomicU32::new(u32::MAX),
             settings_seen: AtomicBool::new(false),
             limit_raised: AtomicBool::new(false),
@@ -71,6 +87,11 @@ impl ConnSignals {
             closed: AtomicBool::new(false),
             changed: Notify::new(),
         }
+    }
+
+    /// Time since bytes last arrived from the server.
+    pub(crate) fn since_last_read(&self) -> Duration {
+        Duration::from_nanos(now_nanos().saturating_sub(self.last_read.load(Ordering::Relaxed)))
     }
 
     pub(crate) fn server_max_streams(&self) -> u32 {
@@ -240,7 +261,11 @@ impl<T: AsyncRead> AsyncRead for ObservedIo<T> {
         let before = buf.filled().len();
         let result = this.io.poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            this.reader.feed(&buf.filled()[before..], this.signals);
+            let read = &buf.filled()[before..];
+            if !read.is_empty() {
+                this.signals.last_read.store(now_nanos(), Ordering::Relaxed);
+                this.reader.feed(read, this.signals);
+            }
         }
         result
     }

@@ -1,0 +1,218 @@
+//! What a pool shows to its maintenance task: members to watch, PINGs to send, members to
+//! drain or kill, and events as members come and go.
+//!
+//! The health task of `grpc-pool-health` is built on this; so can be any other policy. A
+//! [`PoolMonitor`] does not keep the pool open (dropping the last [`Pool`](crate::Pool) handle
+//! still closes it), and a [`MemberHandle`] does not keep its connection open.
+
+use std::fmt;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::endpoint::Endpoint;
+use crate::error::Error;
+use crate::inner::PoolInner;
+use crate::member::{EvictionReason, Member, MemberState};
+use crate::proto::h2::ping::PingError;
+
+/// A pool's maintenance view, from [`Pool::monitor`](crate::Pool::monitor).
+///
+/// ```no_run
+/// # async fn run(pool: grpc_pool_core::Pool) {
+/// let monitor = pool.monitor();
+/// let mut events = monitor.subscribe();
+/// tokio::select! {
+///     _ = monitor.closed() => {}
+///     Some(event) = events.recv() => println!("{event:?}"),
+/// }
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PoolMonitor {
+    inner: Arc<PoolInner>,
+}
+
+impl PoolMonitor {
+    pub(crate) fn new(inner: Arc<PoolInner>) -> PoolMonitor {
+        PoolMonitor { inner }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// The pool's endpoints, in the builder's order.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.inner.endpoints.iter().map(|e| e.shared.endpoint.clone()).collect()
+    }
+
+    /// `min_connections` per endpoint.
+    pub fn min_connections(&self) -> usize {
+        self.inner.config.min_connections
+    }
+
+    /// Every member listed now (ready or draining), over all endpoints.
+    pub fn members(&self) -> Vec<MemberHandle> {
+        self.inner
+            .endpoints
+            .iter()
+            .flat_map(|entry| {
+                entry.members().iter().map(|m| MemberHandle::new(&self.inner, m)).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Events from now on: members that become ready, GOAWAYs received.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<PoolEvent> {
+        self.inner.subscribe()
+    }
+
+    /// Whether the pool was closed (or its last handle dropped).
+    pub fn is_closed(&self) -> bool {
+        self.inner.shutdown.is_triggered()
+    }
+
+    /// Resolves when the pool is closed (or its last handle dropped).
+    pub async fn closed(&self) {
+        self.inner.shutdown.triggered().await
+    }
+}
+
+impl fmt::Debug for PoolMonitor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolMonitor").field("pool", &self.name()).finish()
+    }
+}
+
+/// Something that happened to a pool's members.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum PoolEvent {
+    /// A member connected and takes streams.
+    MemberReady(MemberHandle),
+    /// The server sent GOAWAY on a member (the pool drains it already).
+    GoAway {
+        /// The member.
+        member: MemberHandle,
+        /// The GOAWAY's error code (`ENHANCE_YOUR_CALM` with `too_many_pings` means the server
+        /// thinks it was PINGed too often).
+        reason: h2::Reason,
+        /// The GOAWAY's debug data, as the server sent it.
+        debug_data: Bytes,
+    },
+}
+
+/// A member, seen from outside the pool. Holds no strong reference: once the pool lets go
+/// of the member, every query answers as for a closed one.
+#[derive(Clone)]
+pub struct MemberHandle {
+    id: u64,
+    endpoint: Endpoint,
+    member: Weak<Member>,
+    pool: Weak<PoolInner>,
+}
+
+impl MemberHandle {
+    pub(crate) fn new(pool: &Arc<PoolInner>, member: &Arc<Member>) -> MemberHandle {
+        MemberHandle {
+            id: member.id,
+            endpoint: member.endpoint.endpoint.clone(),
+            member: Arc::downgrade(member),
+            pool: Arc::downgrade(pool),
+        }
+    }
+
+    /// The member's id, unique in its pool (`member` in logs).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The member's endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Where the member is in its life; `Closed` once the pool let go of it.
+    pub fn state(&self) -> MemberState {
+        self.member.upgrade().map(|m| m.state()).unwrap_or(MemberState::Closed)
+    }
+
+    /// Streams open on it now.
+    pub fn in_flight(&self) -> u32 {
+        self.member.upgrade().map(|m| m.in_flight()).unwrap_or(0)
+    }
+
+    /// Time since it connected.
+    pub fn age(&self) -> Duration {
+        self.member.upgrade().map(|m| m.age()).unwrap_or_default()
+    }
+
+    /// Time since a stream last started on it (since it connected, if none did).
+    pub fn idle(&self) -> Duration {
+        self.member.upgrade().map(|m| m.idle()).unwrap_or_default()
+    }
+
+    /// Time since the server last sent anything on it: a quiet connection is the one to
+    /// PING.
+    pub fn since_last_read(&self) -> Duration {
+        self.member.upgrade().map(|m| m.signals.since_last_read()).unwrap_or_default()
+    }
+
+    /// Streams opened on it since it connected.
+    pub fn streams_opened(&self) -> u64 {
+        self.member.upgrade().map(|m| m.streams_opened()).unwrap_or(0)
+    }
+
+    /// The round trip of its last answered PING.
+    pub fn last_ping_rtt(&self) -> Option<Duration> {
+        self.member.upgrade().and_then(|m| m.pinger.last_rtt())
+    }
+
+    /// Sends an HTTP/2 PING and waits for the PONG; returns the round trip. Bound it with a
+    /// timeout: an unanswered PING waits as long as the connection lives. Fails at once if
+    /// another PING is in flight on this member or the member is gone.
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        let member = self.member.upgrade().ok_or_else(|| self.gone())?;
+        match member.pinger.ping().await {
+            Ok(rtt) => Ok(rtt),
+            Err(PingError::Busy) => {
+                Err(Error::ping(&self.endpoint.to_string(), self.id, "a PING is already in flight"))
+            }
+            Err(PingError::Connection(e)) => {
+                Err(Error::ping(&self.endpoint.to_string(), self.id, &format!("connection failed: {e}")))
+            }
+        }
+    }
+
+    /// Stops new streams on it; the ones in flight finish, then it closes. The pool
+    /// replaces it as `min_connections` requires. Returns whether this call drained it.
+    pub fn drain(&self, reason: EvictionReason, detail: &str) -> bool {
+        match (self.pool.upgrade(), self.member.upgrade()) {
+            (Some(pool), Some(member)) => pool.evict(&member, reason, detail),
+            _ => false,
+        }
+    }
+
+    /// Closes its connection now: streams in flight on it fail at once with `UNAVAILABLE`.
+    /// For a connection known dead (no PONG), where draining would only make callers wait.
+    pub fn kill(&self, reason: EvictionReason, detail: &str) -> bool {
+        match (self.pool.upgrade(), self.member.upgrade()) {
+            (Some(pool), Some(member)) => pool.kill(&member, reason, detail),
+            _ => false,
+        }
+    }
+
+    fn gone(&self) -> Error {
+        Error::ping(&self.endpoint.to_string(), self.id, "the member is closed")
+    }
+}
+
+impl fmt::Debug for MemberHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemberHandle").field("id", &self.id).field("endpoint", &self.endpoint).finish()
+    }
+}

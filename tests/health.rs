@@ -1,0 +1,271 @@
+//! The health task against real servers on 127.0.0.1 and a fault relay: keepalive PINGs
+//! find silently dropped connections, and the eviction policy retires idle, old and busy
+//! members without failing calls.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use grpc_pool::{EvictionReason, Keepalive, MemberState, Pool};
+use grpc_pool_testkit::echo::echo_client::EchoClient;
+use grpc_pool_testkit::echo::EchoRequest;
+use grpc_pool_testkit::{wait_until, Relay, ServerOptions, TestServer};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(15);
+/// Scheduling slack on top of a keepalive bound, for a shared 2-core machine.
+const SLACK: Duration = Duration::from_secs(2);
+
+fn request(delay_ms: u32) -> EchoRequest {
+    EchoRequest { message: Bytes::from_static(b"health"), repeat: 0, delay_ms }
+}
+
+fn keepalive() -> Keepalive {
+    Keepalive::new(Duration::from_millis(300), Duration::from_millis(300))
+}
+
+fn bound(keepalive: &Keepalive) -> Duration {
+    keepalive.time + keepalive.timeout + SLACK
+}
+
+#[tokio::test]
+async fn keepalive_replaces_a_silently_dropped_idle_member_before_the_next_call() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    let pool = Pool::builder().keepalive(keepalive()).build([relay.uri()]).await.unwrap();
+    let mut client = EchoClient::new(pool.clone());
+    client.unary_echo(request(0)).await.unwrap();
+    let dropped = pool.state().endpoints[0].members[0].id;
+
+    relay.freeze();
+    let frozen_at = Instant::now();
+    wait_until(WAIT, "the dropped member is evicted for ping_timeout", || {
+        pool.state().statistics.closed(EvictionReason::PingTimeout) == 1
+    })
+    .await;
+    let found_after = frozen_at.elapsed();
+    assert!(found_after <= bound(&keepalive()), "found after {found_after:?}");
+
+    // The next call never meets the dead connection.
+    let started = Instant::now();
+    client.unary_echo(request(0)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "the call waited {:?}", started.elapsed());
+    let state = pool.state();
+    assert!(state.endpoints[0].members.iter().all(|m| m.id != dropped), "{state:?}");
+    assert_eq!(relay.accepted(), 2);
+}
+
+#[tokio::test]
+async fn keepalive_fails_calls_on_a_dead_connection_at_once_instead_of_at_their_deadline() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    let pool = Pool::builder().keepalive(keepalive()).build([relay.uri()]).await.unwrap();
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let mut client = EchoClient::new(pool.clone());
+        calls.push(tokio::spawn(async move { client.unary_echo(request(60_000)).await }));
+    }
+    wait_until(WAIT, "the calls are on the server", || server.active() == 4).await;
+    relay.freeze();
+    let frozen_at = Instant::now();
+    for call in calls {
+        let status = call.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    let failed_after = frozen_at.elapsed();
+    assert!(failed_after <= bound(&keepalive()), "calls failed after {failed_after:?}");
+    assert_eq!(pool.state().statistics.closed(EvictionReason::PingTimeout), 1);
+}
+
+#[tokio::test]
+async fn without_keepalive_a_call_on_a_silently_dropped_connection_hangs() {
+    // The contrast: the failure keepalive prevents.
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    let pool = Pool::builder().no_keepalive().build([relay.uri()]).await.unwrap();
+    let mut client = EchoClient::new(pool.clone());
+    client.unary_echo(request(0)).await.unwrap();
+    relay.freeze();
+    let hung = tokio::time::timeout(Duration::from_secs(2), client.unary_echo(request(0))).await;
+    assert!(hung.is_err(), "the call should hang on the dead connection, got {hung:?}");
+    assert_eq!(pool.state().endpoints[0].members[0].state, MemberState::Ready, "nothing noticed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_drop_under_load_moves_calls_to_the_other_endpoint() {
+    let (a, b) = (TestServer::start().await, TestServer::start().await);
+    let relay = Relay::start(a.addr()).await;
+    relay.freeze_new_connections(false);
+    let pool = Pool::builder().keepalive(keepalive()).build([relay.uri(), b.uri()]).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let evicted_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let mut callers = Vec::new();
+    for _ in 0..8 {
+        let (mut client, stop, evicted_at) =
+            (EchoClient::new(pool.clone()), stop.clone(), evicted_at.clone());
+        callers.push(tokio::spawn(async move {
+            let mut late_failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                if let Err(status) = client.unary_echo(request(5)).await {
+                    // Calls that started after the eviction must not fail.
+                    if evicted_at.lock().unwrap().is_some_and(|at| started > at) {
+                        late_failures.push(status);
+                    }
+                }
+            }
+            late_failures
+        }));
+    }
+    wait_until(WAIT, "load runs on both endpoints", || a.calls() > 50 && b.calls() > 50).await;
+    // From now on, connections to A go nowhere: the member dies, and so would a new one.
+    relay.freeze_new_connections(true);
+    relay.freeze();
+    let frozen_at = Instant::now();
+    wait_until(WAIT, "the frozen member is evicted", || {
+        pool.state().statistics.closed(EvictionReason::PingTimeout) >= 1
+    })
+    .await;
+    *evicted_at.lock().unwrap() = Some(Instant::now());
+    assert!(frozen_at.elapsed() <= bound(&keepalive()), "evicted after {:?}", frozen_at.elapsed());
+    let b_before = b.calls();
+    wait_until(WAIT, "calls keep flowing to B", || b.calls() > b_before + 200).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut late_failures = Vec::new();
+    for caller in callers {
+        late_failures.extend(caller.await.unwrap());
+    }
+    assert!(
+        late_failures.is_empty(),
+        "{} calls started after the eviction failed: {:?}",
+        late_failures.len(),
+        late_failures.first()
+    );
+}
+
+#[tokio::test]
+async fn idle_members_are_pinged_only_when_permitted() {
+    let server = TestServer::start().await;
+    let quiet = Keepalive {
+        permit_without_stream: false,
+        ..Keepalive::new(Duration::from_millis(50), Duration::from_secs(1))
+    };
+    let pool = Pool::builder().keepalive(quiet).build([server.uri()]).await.unwrap();
+    let permitted = Pool::builder()
+        .keepalive(Keepalive::new(Duration::from_millis(50), Duration::from_secs(1)))
+        .build([server.uri()])
+        .await
+        .unwrap();
+    wait_until(WAIT, "the permitted pool has pinged its idle member", || {
+        permitted.state().endpoints[0].members[0].last_ping_rtt.is_some()
+    })
+    .await;
+    // By now the other pool's member has been idle for several keepalive times.
+    assert_eq!(pool.state().endpoints[0].members[0].last_ping_rtt, None, "an idle member was pinged");
+
+    // With a stream open, it is pinged.
+    let mut client = EchoClient::new(pool.clone());
+    let call = tokio::spawn(async move { client.unary_echo(request(1_000)).await });
+    wait_until(WAIT, "the busy member is pinged", || {
+        pool.state().endpoints[0].members[0].last_ping_rtt.is_some()
+    })
+    .await;
+    call.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_members_above_the_minimum() {
+    let server =
+        TestServer::start_with(ServerOptions { max_concurrent_streams: Some(1), ..Default::default() }).await;
+    let pool = Pool::builder()
+        .min_connections(1)
+        .max_connections(4)
+        .idle_timeout(Some(Duration::from_millis(300)))
+        .build([server.uri()])
+        .await
+        .unwrap();
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let mut client = EchoClient::new(pool.clone());
+        calls.push(tokio::spawn(async move { client.unary_echo(request(200)).await }));
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(pool.state().statistics.connections_created, 4);
+    wait_until(WAIT, "idle members above the minimum are closed", || pool.state().members() == 1).await;
+    let stats = pool.state().statistics;
+    assert_eq!(stats.closed(EvictionReason::IdleTimeout), 3, "{stats:?}");
+    // It stays at the minimum.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(pool.state().members(), 1);
+    assert_eq!(pool.state().statistics.closed(EvictionReason::IdleTimeout), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_lifetime_replaces_members_one_at_a_time_without_failing_calls() {
+    let server = TestServer::start().await;
+    let pool = Pool::builder()
+        .min_connections(3)
+        .max_connections(3)
+        .max_lifetime(Duration::from_millis(400))
+        .build([server.uri()])
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut callers = Vec::new();
+    for _ in 0..16 {
+        let (mut client, stop, calls) = (EchoClient::new(pool.clone()), stop.clone(), calls.clone());
+        callers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(status) = client.unary_echo(request(2)).await {
+                    failures.push(status);
+                }
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+            failures
+        }));
+    }
+    let mut fewest_ready = usize::MAX;
+    let deadline = Instant::now() + WAIT;
+    while pool.state().statistics.closed(EvictionReason::MaxLifetime) < 6 {
+        assert!(Instant::now() < deadline, "members were not retired: {:?}", pool.state().statistics);
+        let ready =
+            pool.state().endpoints[0].members.iter().filter(|m| m.state == MemberState::Ready).count();
+        fewest_ready = fewest_ready.min(ready);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for caller in callers {
+        failures.extend(caller.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failures.len(),
+        calls.load(Ordering::Relaxed),
+        failures.first()
+    );
+    // One retirement at a time: never more than one member out of three missing.
+    assert!(fewest_ready >= 2, "ready members fell to {fewest_ready}");
+}
+
+#[tokio::test]
+async fn members_are_retired_after_max_streams_per_connection() {
+    let server = TestServer::start().await;
+    let pool = Pool::builder().max_streams_per_connection(50).build([server.uri()]).await.unwrap();
+    let mut client = EchoClient::new(pool.clone());
+    for _ in 0..200 {
+        client.unary_echo(request(0)).await.unwrap();
+    }
+    // Each member retires on its 50th stream: four of them carried the 200 calls, and a
+    // fifth replaces the last (min_connections).
+    let stats = pool.state().statistics;
+    assert_eq!(stats.closed(EvictionReason::MaxStreams), 4, "{stats:?}");
+    wait_until(WAIT, "the last one is replaced", || pool.state().statistics.connections_created == 5).await;
+    assert_eq!(pool.state().statistics.connect_failures, 0);
+}
