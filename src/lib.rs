@@ -34,13 +34,14 @@ use bytes::Bytes;
 use http_body::Body;
 use tower_service::Service;
 
+pub use grpc_pool_core::AllUnhealthy;
 pub use grpc_pool_core::{
     api, call, metrics, monitor, BackoffConfig, Endpoint, EndpointState, Error, ErrorKind, EvictionReason,
     H2Config, MemberHandle, MemberSnapshot, MemberState, PoolEvent, PoolMonitor, ResponseBody,
     ResponseFuture, State, Statistics,
 };
 pub use grpc_pool_health as health;
-pub use grpc_pool_health::{EvictionPolicy, HealthConfig, Keepalive};
+pub use grpc_pool_health::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -141,6 +142,7 @@ impl Default for Builder {
                     idle_timeout: Some(Duration::from_secs(600)),
                     ..Default::default()
                 },
+                checks: None,
             },
         }
     }
@@ -177,6 +179,15 @@ impl Builder {
         backoff(BackoffConfig);
         /// HTTP/2 window, frame and header-list settings.
         h2(H2Config);
+        /// What calls do when every endpoint is unhealthy: fail fast (default), or route
+        /// to all of them anyway.
+        when_all_unhealthy(AllUnhealthy);
+    }
+
+    /// gRPC health checks per endpoint (`grpc.health.v1.Health`); off by default.
+    pub fn health_checks(mut self, checks: HealthCheck) -> Self {
+        self.health.checks = Some(checks);
+        self
     }
 
     /// Keepalive PINGs (see [`Keepalive`]); `timeout` also becomes the sockets'

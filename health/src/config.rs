@@ -57,6 +57,60 @@ pub struct EvictionPolicy {
     pub max_streams_per_connection: Option<u64>,
 }
 
+/// How endpoints are health-checked with `grpc.health.v1.Health`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CheckMode {
+    /// A `Check` call every `interval` (with +/-10% jitter).
+    #[default]
+    Poll,
+    /// A `Watch` stream per endpoint: the verdict changes as soon as the server's status
+    /// does; a broken stream counts as a failed check and is reopened after `interval`.
+    Watch,
+}
+
+/// gRPC health checks per endpoint (`grpc.health.v1.Health`).
+///
+/// `unhealthy_threshold` failed checks in a row mark an endpoint unhealthy: no new streams
+/// go there. `healthy_threshold` successes in a row bring it back. `NOT_SERVING` and
+/// `SERVICE_UNKNOWN` are failures. A server without the health service (`UNIMPLEMENTED`) is
+/// healthy unless `unimplemented_is_healthy` is false; it is logged once.
+///
+/// ```
+/// let checks = grpc_pool_health::HealthCheck { service: "echo.Echo".into(), ..Default::default() };
+/// assert_eq!(checks.unhealthy_threshold, 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The service name to ask about; `""` asks about the server as a whole.
+    pub service: String,
+    /// Time between checks (at least 10 ms). Default 5 s.
+    pub interval: Duration,
+    /// Longest a check may take (at least 1 ms). Default 1 s.
+    pub timeout: Duration,
+    /// Failures in a row that mark an endpoint unhealthy (1 to 100). Default 2.
+    pub unhealthy_threshold: u32,
+    /// Successes in a row that mark it healthy again (1 to 100). Default 2.
+    pub healthy_threshold: u32,
+    /// Whether a server without the health service counts as healthy. Default true.
+    pub unimplemented_is_healthy: bool,
+    /// Poll with `Check`, or follow `Watch`. Default `Poll`.
+    pub mode: CheckMode,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            service: String::new(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+            unimplemented_is_healthy: true,
+            mode: CheckMode::Poll,
+        }
+    }
+}
+
 /// Everything the health task does for one pool.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HealthConfig {
@@ -64,6 +118,8 @@ pub struct HealthConfig {
     pub keepalive: Option<Keepalive>,
     /// Retirement of members that still work.
     pub eviction: EvictionPolicy,
+    /// gRPC health checks per endpoint; `None` turns them off.
+    pub checks: Option<HealthCheck>,
 }
 
 impl HealthConfig {
@@ -78,6 +134,18 @@ impl HealthConfig {
         }
         if let Some(lifetime) = self.eviction.max_lifetime {
             at_least("eviction.max_lifetime", lifetime, Duration::from_millis(100))?;
+        }
+        if let Some(checks) = &self.checks {
+            at_least("checks.interval", checks.interval, Duration::from_millis(10))?;
+            at_least("checks.timeout", checks.timeout, Duration::from_millis(1))?;
+            for (field, value) in [
+                ("checks.unhealthy_threshold", checks.unhealthy_threshold),
+                ("checks.healthy_threshold", checks.healthy_threshold),
+            ] {
+                if !(1..=100).contains(&value) {
+                    return Err(Error::invalid_config(field, &value.to_string(), "1 to 100"));
+                }
+            }
         }
         if self.eviction.max_streams_per_connection == Some(0) {
             return Err(Error::invalid_config(
@@ -141,6 +209,20 @@ mod tests {
                     ..Default::default()
                 },
                 "`eviction.max_streams_per_connection` = 0",
+            ),
+            (
+                HealthConfig {
+                    checks: Some(HealthCheck { unhealthy_threshold: 0, ..Default::default() }),
+                    ..Default::default()
+                },
+                "`checks.unhealthy_threshold` = 0; allowed: 1 to 100",
+            ),
+            (
+                HealthConfig {
+                    checks: Some(HealthCheck { interval: Duration::ZERO, ..Default::default() }),
+                    ..Default::default()
+                },
+                "`checks.interval` = 0ns; allowed: at least 10ms",
             ),
         ];
         for (config, expected) in cases {

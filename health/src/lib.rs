@@ -1,5 +1,6 @@
-//! grpc-pool's health task: keepalive PINGs and the eviction policy (idle timeout, jittered
-//! max lifetime, streams per connection), driven by one timer queue per pool.
+//! grpc-pool's health task: keepalive PINGs, `grpc.health.v1` checks per endpoint, and the
+//! eviction policy (idle timeout, jittered max lifetime, streams per connection), driven by
+//! one timer queue per pool.
 //!
 //! This crate depends on `grpc-pool-core` and never the other way round: the pool knows
 //! nothing of health. It watches the pool through a
@@ -7,9 +8,10 @@
 //! drain, kill. The facade crate `grpc-pool` starts the task for every pool it builds.
 #![warn(missing_docs)]
 
+mod checks;
 mod config;
 mod task;
 
-pub use config::{EvictionPolicy, HealthConfig, Keepalive};
+pub use config::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
 pub use grpc_pool_core::EvictionReason;
 pub use task::spawn;

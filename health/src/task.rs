@@ -19,11 +19,15 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use grpc_pool_core::metrics as names;
 use grpc_pool_core::{Endpoint, Error, EvictionReason, MemberHandle, MemberState, PoolEvent, PoolMonitor};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::error::Elapsed;
 use tokio::time::Instant;
 use tokio_util::time::delay_queue::{DelayQueue, Key};
 
-use crate::config::{HealthConfig, Keepalive};
+use crate::checks::{self, Verdict};
+use crate::config::{CheckMode, HealthConfig, Keepalive};
+use grpc_pool_core::call::EndpointChannel;
 
 /// Longest keepalive time after `too_many_pings` doublings.
 const MAX_KEEPALIVE_TIME: Duration = Duration::from_secs(2 * 60 * 60);
@@ -35,8 +39,40 @@ const DRAIN_HOLD: Duration = Duration::from_secs(30);
 /// Entries are never due sooner than this after being looked at: bounds the work per member.
 const MIN_RECHECK: Duration = Duration::from_millis(5);
 
-type Ping =
-    Pin<Box<dyn Future<Output = (u64, Result<Result<Duration, Error>, tokio::time::error::Elapsed>)> + Send>>;
+/// A probe of one member: PING or health-check RPC, bounded by the keepalive timeout.
+type Probe = Pin<Box<dyn Future<Output = (u64, Result<Result<Duration, String>, Elapsed>)> + Send>>;
+/// One `Check` of one endpoint.
+type Check = Pin<Box<dyn Future<Output = (usize, Verdict, Option<Duration>)> + Send>>;
+/// One endpoint's `Watch` stream, running until it ends.
+type Watcher = Pin<Box<dyn Future<Output = usize> + Send>>;
+
+/// What a queue entry is due for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Member(u64),
+    Endpoint(usize),
+}
+
+/// One endpoint's health-check state.
+struct EndpointHealth {
+    endpoint: Endpoint,
+    channel: Option<EndpointChannel>,
+    healthy: bool,
+    successes: u32,
+    failures: u32,
+    unimplemented_logged: bool,
+}
+
+/// `interval` spread by +/-10%, differently for each `salt` and each call.
+fn jittered(interval: Duration, state: &RandomState, salt: u64) -> Duration {
+    let mut hasher = state.build_hasher();
+    hasher.write_u64(salt);
+    hasher.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+    );
+    let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+    interval.mul_f64(1.0 + 0.1 * unit)
+}
 
 /// Starts the health task of the pool behind `monitor`. It ends by itself when the pool
 /// closes or its last handle is dropped.
@@ -56,10 +92,19 @@ struct Tracked {
 struct Task {
     monitor: PoolMonitor,
     config: HealthConfig,
-    queue: DelayQueue<u64>,
+    queue: DelayQueue<Due>,
     members: HashMap<u64, Tracked>,
     by_endpoint: HashMap<Endpoint, HashSet<u64>>,
-    pings: FuturesUnordered<Ping>,
+    probes: FuturesUnordered<Probe>,
+    endpoints: Vec<EndpointHealth>,
+    checks: FuturesUnordered<Check>,
+    watchers: FuturesUnordered<Watcher>,
+    /// `Watch` streams report here: (endpoint index, verdict).
+    reports_tx: mpsc::UnboundedSender<(usize, Verdict)>,
+    reports_rx: mpsc::UnboundedReceiver<(usize, Verdict)>,
+    /// Endpoints that answered PINGs with `too_many_pings`: their idle members are probed
+    /// with a health-check RPC (a real stream, which such servers accept) instead.
+    ping_limited: HashSet<Endpoint>,
     /// Keepalive time per endpoint, raised after `too_many_pings`.
     keepalive_time: HashMap<Endpoint, Duration>,
     /// The member each endpoint last drained for its lifetime, when, and how many of the
@@ -70,13 +115,32 @@ struct Task {
 
 impl Task {
     fn new(monitor: PoolMonitor, config: HealthConfig) -> Task {
+        let endpoints = monitor
+            .endpoints()
+            .into_iter()
+            .map(|endpoint| EndpointHealth {
+                channel: monitor.endpoint_channel(&endpoint),
+                endpoint,
+                healthy: true,
+                successes: 0,
+                failures: 0,
+                unimplemented_logged: false,
+            })
+            .collect();
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         Task {
             monitor,
             config,
             queue: DelayQueue::new(),
             members: HashMap::new(),
             by_endpoint: HashMap::new(),
-            pings: FuturesUnordered::new(),
+            probes: FuturesUnordered::new(),
+            endpoints,
+            checks: FuturesUnordered::new(),
+            watchers: FuturesUnordered::new(),
+            reports_tx,
+            reports_rx,
+            ping_limited: HashSet::new(),
             keepalive_time: HashMap::new(),
             lifetime_drain: HashMap::new(),
             jitter: RandomState::new(),
@@ -89,6 +153,11 @@ impl Task {
         for member in self.monitor.members() {
             self.track(member);
         }
+        if self.config.checks.is_some() {
+            for index in 0..self.endpoints.len() {
+                self.queue.insert(Due::Endpoint(index), Duration::ZERO);
+            }
+        }
         let monitor = self.monitor.clone();
         let closed = monitor.closed();
         tokio::pin!(closed);
@@ -100,14 +169,34 @@ impl Task {
                     None => break,
                 },
                 Some(expired) = poll_fn(|cx| self.queue.poll_expired(cx)), if !self.queue.is_empty() => {
-                    let id = expired.into_inner();
-                    if let Some(tracked) = self.members.get_mut(&id) {
-                        tracked.key = None;
+                    match expired.into_inner() {
+                        Due::Member(id) => {
+                            if let Some(tracked) = self.members.get_mut(&id) {
+                                tracked.key = None;
+                            }
+                            self.check(id);
+                        }
+                        Due::Endpoint(index) => self.start_check(index),
                     }
-                    self.check(id);
                 }
-                Some((id, result)) = self.pings.next(), if !self.pings.is_empty() => {
+                Some((id, result)) = self.probes.next(), if !self.probes.is_empty() => {
                     self.on_pong(id, result);
+                }
+                Some((index, verdict, latency)) = self.checks.next(), if !self.checks.is_empty() => {
+                    self.on_verdict(index, verdict, latency, false);
+                    if let Some(checks) = &self.config.checks {
+                        let next = jittered(checks.interval, &self.jitter, index as u64);
+                        self.queue.insert(Due::Endpoint(index), next);
+                    }
+                }
+                Some(index) = self.watchers.next(), if !self.watchers.is_empty() => {
+                    // The stream ended (its last report said why): reopen it after a while.
+                    if let Some(checks) = &self.config.checks {
+                        self.queue.insert(Due::Endpoint(index), checks.interval);
+                    }
+                }
+                Some((index, verdict)) = self.reports_rx.recv() => {
+                    self.on_verdict(index, verdict, None, true);
                 }
             }
         }
@@ -128,14 +217,9 @@ impl Task {
         if self.members.contains_key(&id) || member.state() == MemberState::Closed {
             return;
         }
-        let lifetime = self.config.eviction.max_lifetime.map(|lifetime| {
-            let mut hasher = self.jitter.build_hasher();
-            hasher.write_u64(id);
-            let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
-            lifetime.mul_f64(1.0 + 0.1 * unit)
-        });
+        let lifetime = self.config.eviction.max_lifetime.map(|lifetime| jittered(lifetime, &self.jitter, id));
         self.by_endpoint.entry(member.endpoint().clone()).or_default().insert(id);
-        let key = Some(self.queue.insert(id, MIN_RECHECK));
+        let key = Some(self.queue.insert(Due::Member(id), MIN_RECHECK));
         self.members.insert(id, Tracked { member, key, lifetime, pinging: false });
         // Look at it right away (the entry is due at once), so a member that is already
         // old or quiet is handled on the next turn.
@@ -170,6 +254,7 @@ impl Task {
     /// grpc-go does, and say which server setting to align.
     fn back_off_keepalive(&mut self, endpoint: &Endpoint) {
         let Some(current) = self.keepalive_time(endpoint) else { return };
+        self.ping_limited.insert(endpoint.clone());
         let raised = (current * 2).min(MAX_KEEPALIVE_TIME);
         self.keepalive_time.insert(endpoint.clone(), raised);
         metrics::counter!(names::KEEPALIVE_BACKOFFS, names::LABEL_POOL => self.monitor.name().to_owned(), names::LABEL_ENDPOINT => endpoint.to_string()).increment(1);
@@ -180,7 +265,8 @@ impl Task {
             "server sent GOAWAY ENHANCE_YOUR_CALM \"too_many_pings\": keepalive time doubled. Align the \
              server's ping policy with the pool's keepalive (gRPC C core: \
              grpc.http2.min_ping_interval_without_data_ms and grpc.keepalive_permit_without_calls; \
-             grpc-go: keepalive.EnforcementPolicy MinTime and PermitWithoutStream), or raise keepalive.time"
+             grpc-go: keepalive.EnforcementPolicy MinTime and PermitWithoutStream), or raise keepalive.time. \
+             Idle connections to it are now probed with health-check calls instead of PINGs"
         );
     }
 
@@ -234,9 +320,10 @@ impl Task {
             let quiet = member.since_last_read();
             let permitted = keepalive.permit_without_stream || in_flight > 0;
             if pinging {
-                // Its PING's timeout brings it back.
+                // Its probe's timeout brings it back.
             } else if quiet >= time && permitted {
-                self.start_ping(id, &member, keepalive.timeout);
+                let rpc = in_flight == 0 && self.ping_limited.contains(member.endpoint());
+                self.start_probe(id, &member, keepalive.timeout, rpc);
             } else if permitted {
                 next = next.min(time - quiet);
             } else {
@@ -259,12 +346,87 @@ impl Task {
         self.reschedule(id, next);
     }
 
+    /// An endpoint check fell due: a `Check` call (poll mode), or (re)opening its `Watch`.
+    fn start_check(&mut self, index: usize) {
+        let (Some(checks), Some(channel)) =
+            (self.config.checks.clone(), self.endpoints[index].channel.clone())
+        else {
+            return;
+        };
+        match checks.mode {
+            CheckMode::Poll => {
+                self.checks.push(Box::pin(async move {
+                    let (verdict, latency) = checks::check(channel, checks.service, checks.timeout).await;
+                    (index, verdict, latency)
+                }));
+            }
+            CheckMode::Watch => {
+                let reports = self.reports_tx.clone();
+                self.watchers.push(Box::pin(async move {
+                    checks::watch(channel, checks.service, |verdict| {
+                        let _ = reports.send((index, verdict));
+                    })
+                    .await;
+                    index
+                }));
+            }
+        }
+    }
+
+    /// Applies one check's verdict with the thresholds; a `Watch` status message changes the
+    /// verdict at once.
+    fn on_verdict(&mut self, index: usize, verdict: Verdict, latency: Option<Duration>, from_watch: bool) {
+        let Some(checks) = self.config.checks.clone() else { return };
+        let pool = self.monitor.name().to_owned();
+        let health = &mut self.endpoints[index];
+        let endpoint_label = health.endpoint.to_string();
+        metrics::counter!(names::HEALTH_CHECKS, names::LABEL_POOL => pool.clone(), names::LABEL_ENDPOINT => endpoint_label.clone(), names::LABEL_RESULT => verdict.result()).increment(1);
+        if let Some(latency) = latency {
+            metrics::histogram!(names::HEALTH_CHECK_DURATION, names::LABEL_POOL => pool.clone(), names::LABEL_ENDPOINT => endpoint_label.clone()).record(latency.as_secs_f64());
+        }
+        let passed = match &verdict {
+            Verdict::Serving => true,
+            Verdict::Unimplemented => {
+                if !health.unimplemented_logged {
+                    health.unimplemented_logged = true;
+                    tracing::info!(pool = %pool, endpoint = %endpoint_label, healthy = checks.unimplemented_is_healthy, "the server has no grpc.health.v1 service (UNIMPLEMENTED); treating it as {}", if checks.unimplemented_is_healthy { "healthy" } else { "unhealthy" });
+                }
+                checks.unimplemented_is_healthy
+            }
+            Verdict::Failed { .. } => false,
+        };
+        let immediate =
+            from_watch && !matches!(&verdict, Verdict::Failed { result: "error" | "timeout", .. });
+        if passed {
+            health.successes += 1;
+            health.failures = 0;
+        } else {
+            health.failures += 1;
+            health.successes = 0;
+        }
+        tracing::debug!(pool = %pool, endpoint = %endpoint_label, result = verdict.result(), latency = ?latency, "health check");
+        let turn_healthy =
+            !health.healthy && passed && (immediate || health.successes >= checks.healthy_threshold);
+        let turn_unhealthy =
+            health.healthy && !passed && (immediate || health.failures >= checks.unhealthy_threshold);
+        if turn_healthy || turn_unhealthy {
+            health.healthy = turn_healthy;
+            let reason = match &verdict {
+                Verdict::Failed { detail, .. } => Some(format!("health check: {detail}")),
+                Verdict::Unimplemented => Some("health check: no health service (UNIMPLEMENTED)".to_owned()),
+                Verdict::Serving => None,
+            };
+            let endpoint = health.endpoint.clone();
+            self.monitor.set_endpoint_health(&endpoint, turn_healthy, reason.as_deref());
+        }
+    }
+
     fn reschedule(&mut self, id: u64, after: Duration) {
         if let Some(tracked) = self.members.get_mut(&id) {
             let after = after.max(MIN_RECHECK);
             match &tracked.key {
                 Some(key) => self.queue.reset(key, after),
-                None => tracked.key = Some(self.queue.insert(id, after)),
+                None => tracked.key = Some(self.queue.insert(Due::Member(id), after)),
             }
         }
     }
@@ -295,15 +457,26 @@ impl Task {
             .unwrap_or(0)
     }
 
-    fn start_ping(&mut self, id: u64, member: &MemberHandle, timeout: Duration) {
+    /// Probes a quiet member: an HTTP/2 PING, or for `rpc` a health-check call on that
+    /// connection (for servers that limit PINGs on idle connections).
+    fn start_probe(&mut self, id: u64, member: &MemberHandle, timeout: Duration, rpc: bool) {
         if let Some(tracked) = self.members.get_mut(&id) {
             tracked.pinging = true;
         }
         let member = member.clone();
-        self.pings.push(Box::pin(async move { (id, tokio::time::timeout(timeout, member.ping()).await) }));
+        let service = self.config.checks.as_ref().map(|c| c.service.clone()).unwrap_or_default();
+        self.probes.push(Box::pin(async move {
+            let probe = async {
+                match (rpc, member.channel()) {
+                    (true, Some(channel)) => checks::probe(channel, service).await,
+                    _ => member.ping().await.map_err(|e: Error| e.to_string()),
+                }
+            };
+            (id, tokio::time::timeout(timeout, probe).await)
+        }));
     }
 
-    fn on_pong(&mut self, id: u64, result: Result<Result<Duration, Error>, tokio::time::error::Elapsed>) {
+    fn on_pong(&mut self, id: u64, result: Result<Result<Duration, String>, Elapsed>) {
         let Some(tracked) = self.members.get_mut(&id) else { return };
         tracked.pinging = false;
         let member = tracked.member.clone();
@@ -319,7 +492,7 @@ impl Task {
             }
             Ok(Err(error)) => {
                 metrics::counter!(names::PINGS, names::LABEL_POOL => pool, names::LABEL_ENDPOINT => endpoint, names::LABEL_RESULT => "error").increment(1);
-                tracing::debug!(member = id, error = %error, "keepalive PING failed");
+                tracing::debug!(member = id, error = %error, "keepalive probe failed");
                 // The connection failed; the pool is taking it out already.
                 self.reschedule(id, MIN_RECHECK);
             }

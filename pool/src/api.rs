@@ -108,6 +108,8 @@ impl Pool {
                 let locked = entry.lock();
                 EndpointState {
                     endpoint: entry.shared.endpoint.clone(),
+                    healthy: entry.is_healthy(),
+                    health_reason: locked.health_reason.clone(),
                     members,
                     connecting: locked.connecting,
                     in_flight: entry.in_flight(),
@@ -213,6 +215,12 @@ impl Builder {
     /// facade sets it from the keepalive timeout.
     pub fn tcp_user_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config.tcp_user_timeout = timeout;
+        self
+    }
+
+    /// What calls do when every endpoint is unhealthy. Default: fail fast.
+    pub fn when_all_unhealthy(mut self, policy: crate::config::AllUnhealthy) -> Self {
+        self.config.all_unhealthy = policy;
         self
     }
 
@@ -358,6 +366,10 @@ impl State {
 pub struct EndpointState {
     /// The endpoint.
     pub endpoint: Endpoint,
+    /// Whether the health task lets new streams go there.
+    pub healthy: bool,
+    /// Why it is unhealthy, when it is.
+    pub health_reason: Option<String>,
     /// Its listed members (ready, or draining until they are unlisted).
     pub members: Vec<MemberSnapshot>,
     /// Connects under way.

@@ -75,6 +75,21 @@ impl Default for H2Config {
     }
 }
 
+/// What checkouts do when the health task has marked every endpoint unhealthy.
+///
+/// ```
+/// assert_eq!(grpc_pool_core::AllUnhealthy::default(), grpc_pool_core::AllUnhealthy::FailFast);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AllUnhealthy {
+    /// Fail at once with `UNAVAILABLE`, listing each endpoint and why it is unhealthy.
+    #[default]
+    FailFast,
+    /// Route to all endpoints anyway, as if all were healthy (Envoy's "panic mode"): better
+    /// a chance than a certain failure when health checks themselves are what broke.
+    RouteToAll,
+}
+
 /// Largest HTTP/2 flow-control window (RFC 9113, 6.9.1).
 const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// Largest `max_connections` and `min_connections`: far above any sane deployment, low enough
@@ -99,6 +114,7 @@ pub(crate) struct Config {
     pub(crate) checkout_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) tcp_user_timeout: Option<Duration>,
+    pub(crate) all_unhealthy: AllUnhealthy,
     pub(crate) backoff: BackoffConfig,
     pub(crate) h2: H2Config,
 }
@@ -114,6 +130,7 @@ impl Default for Config {
             checkout_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             tcp_user_timeout: None,
+            all_unhealthy: AllUnhealthy::FailFast,
             backoff: BackoffConfig::default(),
             h2: H2Config::default(),
         }

@@ -26,6 +26,8 @@ pub enum ErrorKind {
     CheckoutTimeout,
     /// The pool was closed; it takes no new calls.
     PoolClosed,
+    /// Every endpoint is marked unhealthy by its health checks.
+    AllUnhealthy,
     /// The connection under a call failed or went away while the call was on it.
     Connection,
     /// The server reset the call's stream, or the stream failed on its own.
@@ -149,6 +151,20 @@ impl Error {
         )
     }
 
+    pub(crate) fn all_unhealthy(pool: &str, endpoints: &[(String, String)]) -> Error {
+        let each: Vec<String> = endpoints.iter().map(|(e, why)| format!("{e}: {why}")).collect();
+        Error::new(
+            ErrorKind::AllUnhealthy,
+            Code::Unavailable,
+            format!(
+                "pool `{pool}`: every endpoint is unhealthy ({}); failing fast. Fix the servers, or \
+                 route to all of them anyway with when_all_unhealthy(AllUnhealthy::RouteToAll)",
+                each.join("; ")
+            ),
+            None,
+        )
+    }
+
     pub(crate) fn pool_closed(pool: &str) -> Error {
         Error::new(
             ErrorKind::PoolClosed,
@@ -173,6 +189,10 @@ impl Error {
             (ErrorKind::Connection, "HTTP/2 error")
         };
         Error::new(kind, code, format!("call to {endpoint}: {what}: {err}"), Some(Box::new(err)))
+    }
+
+    pub(crate) fn no_member(endpoint: &str, what: &str) -> Error {
+        Error::new(ErrorKind::Connection, Code::Unavailable, format!("call to {endpoint}: {what}"), None)
     }
 
     pub(crate) fn ping(endpoint: &str, member: u64, what: &str) -> Error {

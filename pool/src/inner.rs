@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::backoff;
-use crate::config::Config;
+use crate::config::{AllUnhealthy, Config};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::internals::{EndpointEntry, WaitQueue};
@@ -154,6 +154,8 @@ pub(crate) struct PoolInner {
     pub(crate) shutdown: Arc<Shutdown>,
     pub(crate) live: Arc<LiveConnections>,
     closed: AtomicBool,
+    /// Endpoints marked unhealthy now.
+    unhealthy: AtomicUsize,
     next_member_id: AtomicU64,
     hot: HotMetrics,
     /// Subscribers to membership events (the health task).
@@ -173,6 +175,7 @@ impl PoolInner {
             shutdown: Arc::new(Shutdown::default()),
             live: Arc::new(LiveConnections::default()),
             closed: AtomicBool::new(false),
+            unhealthy: AtomicUsize::new(0),
             next_member_id: AtomicU64::new(1),
             hot,
             subscribers: Mutex::new(Vec::new()),
@@ -208,6 +211,8 @@ impl PoolInner {
     pub(crate) fn try_checkout(&self) -> Option<Slot> {
         let endpoints = &self.endpoints;
         let n = endpoints.len();
+        let usable = |i: usize| endpoints[i].is_routable();
+        let load = |i: usize| if usable(i) { endpoints[i].load() } else { usize::MAX };
         let first = match n {
             0 => return None,
             1 => 0,
@@ -217,20 +222,73 @@ impl PoolInner {
                 if b >= a {
                     b += 1;
                 }
-                if endpoints[b].load() < endpoints[a].load() {
+                if load(b) < load(a) {
                     b
                 } else {
                     a
                 }
             }
         };
-        if let Some(slot) = endpoints[first].try_acquire() {
-            return Some(slot);
+        if usable(first) {
+            if let Some(slot) = endpoints[first].try_acquire() {
+                return Some(slot);
+            }
         }
         // The chosen one is full: the others, from a random place so no endpoint is always
         // the first fallback.
         let offset = crate::rand::below(n);
-        (0..n).map(|i| (offset + i) % n).filter(|i| *i != first).find_map(|i| endpoints[i].try_acquire())
+        (0..n)
+            .map(|i| (offset + i) % n)
+            .filter(|i| *i != first && usable(*i))
+            .find_map(|i| endpoints[i].try_acquire())
+    }
+
+    fn all_unhealthy(&self) -> bool {
+        self.unhealthy.load(Ordering::Acquire) >= self.endpoints.len()
+    }
+
+    /// The health task's verdict on an endpoint.
+    pub(crate) fn set_endpoint_health(self: &Arc<Self>, index: usize, healthy: bool, reason: Option<String>) {
+        let entry = &self.endpoints[index];
+        if !entry.set_healthy(healthy, reason.clone()) {
+            return;
+        }
+        if healthy {
+            self.unhealthy.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.unhealthy.fetch_add(1, Ordering::AcqRel);
+        }
+        // Unhealthy endpoints take no new streams, unless all are and the pool routes to all
+        // of them then.
+        let route_all = self.config.all_unhealthy == AllUnhealthy::RouteToAll && self.all_unhealthy();
+        for e in &self.endpoints {
+            e.shared.routable.store(e.is_healthy() || route_all, Ordering::Release);
+        }
+        // Members that became routable can take queued callers now.
+        for e in self.endpoints.iter().filter(|e| e.is_routable()) {
+            for member in e.members().iter() {
+                self.serve_waiters(member);
+            }
+        }
+        if healthy {
+            tracing::info!(pool = %self.name(), endpoint = %entry.label(), "endpoint healthy again; it takes new streams");
+        } else {
+            tracing::warn!(pool = %self.name(), endpoint = %entry.label(), reason = reason.as_deref().unwrap_or(""), "endpoint unhealthy; no new streams go there");
+        }
+        metrics::gauge!(names::ENDPOINT_HEALTHY, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).set(if healthy { 1.0 } else { 0.0 });
+    }
+
+    /// Every endpoint and why it is unhealthy, for the fail-fast error.
+    fn unhealthy_summary(&self) -> Vec<(String, String)> {
+        self.endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.label().to_owned(),
+                    e.lock().health_reason.clone().unwrap_or_else(|| "unhealthy".to_owned()),
+                )
+            })
+            .collect()
     }
 
     /// The fast path: a slot now, if one is free and nobody is queued before us.
@@ -247,6 +305,10 @@ impl PoolInner {
     /// The slow path: queue, make room if the pool may grow, and wait up to
     /// `checkout_timeout`.
     pub(crate) async fn checkout_wait(self: Arc<Self>) -> Result<Slot, Error> {
+        if self.config.all_unhealthy == AllUnhealthy::FailFast && self.all_unhealthy() {
+            metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "unhealthy").increment(1);
+            return Err(Error::all_unhealthy(self.name(), &self.unhealthy_summary()));
+        }
         let started = Instant::now();
         let mut waiting = self.waiters.enqueue();
         // A slot freed, or a close, between our fast path and joining the queue was not
@@ -337,6 +399,9 @@ impl PoolInner {
         // (entry, failing, members + connecting): the best candidate so far.
         let mut best: Option<(&Arc<EndpointEntry>, bool, usize)> = None;
         for entry in &self.endpoints {
+            if !entry.is_routable() {
+                continue;
+            }
             let members = entry.members();
             let locked = entry.lock();
             let failing = locked.consecutive_failures > 0;
@@ -369,6 +434,11 @@ impl PoolInner {
     }
 
     // ----- members -----
+
+    /// Whether new streams may go to `member`'s endpoint now.
+    pub(crate) fn member_usable(&self, member: &Member) -> bool {
+        member.endpoint.routable.load(Ordering::Acquire)
+    }
 
     /// Keeps `min_connections` per endpoint, counting connects under way.
     pub(crate) fn replenish(self: &Arc<Self>, entry: &Arc<EndpointEntry>) {
@@ -540,7 +610,7 @@ impl PoolInner {
 
     /// Gives free slots of `member` to queued waiters; if some remain, grows the pool.
     pub(crate) fn serve_waiters(self: &Arc<Self>, member: &Arc<Member>) {
-        if self.waiters.has_waiters() {
+        if self.waiters.has_waiters() && self.member_usable(member) {
             self.waiters.serve(member);
             self.grow();
         }

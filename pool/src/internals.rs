@@ -5,7 +5,7 @@
 //! the mutexes here are taken only when membership changes or when callers have to wait.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -25,6 +25,9 @@ pub(crate) struct EndpointShared {
     pub(crate) label: String,
     /// Streams in flight over all members, for choosing between endpoints.
     pub(crate) in_flight: AtomicUsize,
+    /// Whether new streams may go here: healthy, or every endpoint unhealthy and the pool
+    /// routing to all of them then. Kept by the pool; read on every checkout.
+    pub(crate) routable: AtomicBool,
 }
 
 /// One endpoint of the pool: its members and its connect bookkeeping.
@@ -34,6 +37,8 @@ pub(crate) struct EndpointEntry {
     /// Members that take streams or drain; replaced whole on every change.
     members: ArcSwap<Vec<Arc<Member>>>,
     internals: Mutex<EndpointInternals>,
+    /// The health task's verdict.
+    healthy: AtomicBool,
 }
 
 /// Bookkeeping changed under the endpoint's lock.
@@ -46,20 +51,43 @@ pub(crate) struct EndpointInternals {
     /// No connect attempt before this instant.
     pub(crate) next_attempt: Option<Instant>,
     pub(crate) last_error: Option<String>,
+    /// Why the endpoint is unhealthy, when it is.
+    pub(crate) health_reason: Option<String>,
 }
 
 impl EndpointEntry {
     pub(crate) fn new(endpoint: Endpoint) -> EndpointEntry {
         let label = endpoint.to_string();
         EndpointEntry {
-            shared: Arc::new(EndpointShared { endpoint, label, in_flight: AtomicUsize::new(0) }),
+            shared: Arc::new(EndpointShared {
+                endpoint,
+                label,
+                in_flight: AtomicUsize::new(0),
+                routable: AtomicBool::new(true),
+            }),
             members: ArcSwap::from_pointee(Vec::new()),
             internals: Mutex::new(EndpointInternals::default()),
+            healthy: AtomicBool::new(true),
         }
     }
 
     pub(crate) fn label(&self) -> &str {
         &self.shared.label
+    }
+
+    pub(crate) fn is_routable(&self) -> bool {
+        self.shared.routable.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Records the health task's verdict; returns whether it changed.
+    pub(crate) fn set_healthy(&self, healthy: bool, reason: Option<String>) -> bool {
+        let mut locked = self.lock();
+        locked.health_reason = reason;
+        self.healthy.swap(healthy, Ordering::AcqRel) != healthy
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, EndpointInternals> {
@@ -105,6 +133,16 @@ impl EndpointEntry {
     /// Takes every member out of the list.
     pub(crate) fn take_all(&self, _locked: &mut EndpointInternals) -> Arc<Vec<Arc<Member>>> {
         self.members.swap(Arc::new(Vec::new()))
+    }
+
+    /// A slot on the least loaded ready member, room or not (see `Member::force_acquire`).
+    pub(crate) fn force_acquire(&self) -> Option<Slot> {
+        let members = self.members.load();
+        members
+            .iter()
+            .filter(|m| m.state() == crate::member::MemberState::Ready)
+            .min_by_key(|m| m.in_flight())
+            .and_then(|m| m.force_acquire())
     }
 
     /// A slot on the least loaded ready member with room, if any.

@@ -35,7 +35,7 @@ mod rand;
 
 pub use api::{Builder, EndpointState, MemberSnapshot, Pool, State, Statistics};
 pub use call::{ResponseBody, ResponseFuture};
-pub use config::{BackoffConfig, H2Config};
+pub use config::{AllUnhealthy, BackoffConfig, H2Config};
 pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
 pub use member::{EvictionReason, MemberState};

@@ -265,11 +265,25 @@ impl Member {
         Some(Slot { member: self.clone(), serve_waiters: true })
     }
 
+    /// Takes a stream slot if the member is `Ready`, even above its limit: the stream then
+    /// waits in h2 until the server has room. For probes and health checks only.
+    pub(crate) fn force_acquire(self: &Arc<Self>) -> Option<Slot> {
+        if self.state.load(Ordering::Acquire) != STATE_READY {
+            return None;
+        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(Slot { member: self.clone(), serve_waiters: true })
+    }
+
     fn release(self: &Arc<Self>) {
         self.release_quietly();
         // Decrement first, then look for waiters: a waiter that queued after our look
         // re-checks the slots itself, so no free slot is ever left with a waiter queued.
-        if self.waiters.has_waiters() && self.state.load(Ordering::Acquire) == STATE_READY {
+        if self.waiters.has_waiters()
+            && self.state.load(Ordering::Acquire) == STATE_READY
+            && self.endpoint.routable.load(Ordering::Acquire)
+        {
             self.waiters.serve(self);
         }
     }

@@ -11,7 +11,8 @@ pub const CONNECTS: &str = "grpc_pool_connects_total";
 pub const CONNECT_DURATION: &str = "grpc_pool_connect_duration_seconds";
 /// Counter: members taken out of service, by `reason` (see `EvictionReason::as_str`).
 pub const EVICTIONS: &str = "grpc_pool_evictions_total";
-/// Counter: checkouts, by `result` (`direct`: a slot was free; `waited`; `timeout`; `closed`).
+/// Counter: checkouts, by `result` (`direct`: a slot was free; `waited`; `timeout`; `closed`;
+/// `unhealthy`: every endpoint was unhealthy).
 pub const CHECKOUTS: &str = "grpc_pool_checkouts_total";
 /// Histogram (seconds): how long checkouts that had to wait waited.
 pub const CHECKOUT_WAIT: &str = "grpc_pool_checkout_wait_seconds";
@@ -24,6 +25,14 @@ pub const PINGS: &str = "grpc_pool_pings_total";
 pub const PING_RTT: &str = "grpc_pool_ping_rtt_seconds";
 /// Counter: keepalive time doublings after a server's GOAWAY `too_many_pings`.
 pub const KEEPALIVE_BACKOFFS: &str = "grpc_pool_keepalive_backoffs_total";
+
+/// Gauge: 1 while an endpoint is healthy (takes new streams), 0 while it is not.
+pub const ENDPOINT_HEALTHY: &str = "grpc_pool_endpoint_healthy";
+/// Counter: gRPC health checks, by `result` (`serving`, `not_serving`, `unknown`,
+/// `unimplemented`, `error`, `timeout`).
+pub const HEALTH_CHECKS: &str = "grpc_pool_health_checks_total";
+/// Histogram (seconds): latency of health checks that got an answer.
+pub const HEALTH_CHECK_DURATION: &str = "grpc_pool_health_check_duration_seconds";
 
 /// Label: the pool's name.
 pub const LABEL_POOL: &str = "pool";

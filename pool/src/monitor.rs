@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::call::{EndpointChannel, MemberChannel};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::inner::PoolInner;
@@ -64,6 +65,25 @@ impl PoolMonitor {
                 entry.members().iter().map(|m| MemberHandle::new(&self.inner, m)).collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    /// Marks an endpoint healthy (it takes new streams) or unhealthy (it takes none, unless
+    /// every endpoint is unhealthy and the pool routes to all then), with the reason shown in
+    /// `Pool::state()` and the fail-fast error. Unknown endpoints are ignored.
+    pub fn set_endpoint_health(&self, endpoint: &Endpoint, healthy: bool, reason: Option<&str>) {
+        if let Some(index) = self.index_of(endpoint) {
+            self.inner.set_endpoint_health(index, healthy, reason.map(str::to_owned));
+        }
+    }
+
+    /// A `tower::Service` that sends calls to `endpoint` only, healthy or not: for health
+    /// checks. `None` for an endpoint the pool does not have.
+    pub fn endpoint_channel(&self, endpoint: &Endpoint) -> Option<EndpointChannel> {
+        self.index_of(endpoint).map(|index| EndpointChannel::new(self.inner.clone(), index))
+    }
+
+    fn index_of(&self, endpoint: &Endpoint) -> Option<usize> {
+        self.inner.endpoints.iter().position(|e| &e.shared.endpoint == endpoint)
     }
 
     /// Events from now on: members that become ready, GOAWAYs received.
@@ -170,6 +190,13 @@ impl MemberHandle {
     /// The round trip of its last answered PING.
     pub fn last_ping_rtt(&self) -> Option<Duration> {
         self.member.upgrade().and_then(|m| m.pinger.last_rtt())
+    }
+
+    /// A `tower::Service` that sends calls on this member only: for probing its connection
+    /// with a real stream (a health check), which servers that limit PINGs accept. Calls fail
+    /// with `UNAVAILABLE` once the member is no longer ready.
+    pub fn channel(&self) -> Option<MemberChannel> {
+        self.pool.upgrade().map(|pool| MemberChannel::new(pool, self.member.clone()))
     }
 
     /// Sends an HTTP/2 PING and waits for the PONG; returns the round trip. Bound it with a

@@ -1,9 +1,11 @@
 //! Test support shared by grpc-pool's tests, examples and benches: the echo service, tonic
 //! servers started in-process on 127.0.0.1, and a TCP relay that injects faults.
 pub mod echo;
+pub mod peer;
 pub mod relay;
 pub mod server;
 
+pub use peer::{PeerOptions, PythonPeer};
 pub use relay::Relay;
 pub use server::{EchoServer, ServerOptions, TestServer};
 

@@ -1,7 +1,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -10,9 +10,10 @@ use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body::Body;
 
 use super::body::ResponseBody;
-use crate::error::Error;
+use crate::call::replay::{CallBody, Recording};
+use crate::error::{Error, ErrorKind};
 use crate::inner::PoolInner;
-use crate::member::{EvictionReason, Slot};
+use crate::member::{EvictionReason, Member, Slot};
 use crate::proto::h2::body::{Pump, PumpError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -26,20 +27,45 @@ const MAX_ATTEMPTS: u8 = 3;
 /// response head.
 pub struct ResponseFuture<B> {
     pool: Arc<PoolInner>,
+    target: Target,
     state: State<B>,
     attempts: u8,
 }
 
+/// Where a call may go.
+#[derive(Clone)]
+pub(crate) enum Target {
+    /// Any member of any healthy endpoint: the pool's own checkout.
+    Pool,
+    /// The least loaded ready member of one endpoint, even if it is full (the stream then
+    /// waits in h2 for the server's room) or the endpoint is marked unhealthy: for health
+    /// checks, which must not be starved by the traffic they judge.
+    Endpoint(usize),
+    /// One member and no other: for probing that connection.
+    Member(Weak<Member>),
+}
+
+/// The request head kept for another attempt: h2 consumes the head it sends.
+struct Head {
+    method: Method,
+    path: PathAndQuery,
+    headers: HeaderMap,
+}
+
 enum State<B> {
     Checkout {
-        request: Option<Request<B>>,
+        request: Option<Request<CallBody<B>>>,
         waiting: Option<Checkout>,
     },
     Sending {
         slot: Option<Slot>,
         response: h2::client::ResponseFuture,
-        pump: Option<Pin<Box<Pump<B>>>>,
+        pump: Option<Pin<Box<Pump<CallBody<B>>>>>,
         stream_id: u32,
+        /// For a replay, while one is possible: the head, and the body once it has gone out
+        /// whole (`None` until then; an empty body counts as whole from the start).
+        head: Option<Head>,
+        sent_body: Option<Recording>,
     },
     Done,
 }
@@ -52,7 +78,7 @@ impl<B> Unpin for ResponseFuture<B> {}
 enum Started<B> {
     Sent(State<B>),
     /// The member could not open a stream and nothing was sent; the request comes back.
-    Again(Request<B>, Error),
+    Again(Request<CallBody<B>>, Error),
 }
 
 impl<B> ResponseFuture<B>
@@ -61,11 +87,20 @@ where
     B::Error: Into<BoxError>,
 {
     pub(crate) fn new(pool: Arc<PoolInner>, request: Request<B>) -> ResponseFuture<B> {
-        ResponseFuture { pool, state: State::Checkout { request: Some(request), waiting: None }, attempts: 0 }
+        ResponseFuture::to(pool, Target::Pool, request)
+    }
+
+    pub(crate) fn to(pool: Arc<PoolInner>, target: Target, request: Request<B>) -> ResponseFuture<B> {
+        ResponseFuture {
+            pool,
+            target,
+            state: State::Checkout { request: Some(request.map(CallBody::original)), waiting: None },
+            attempts: 0,
+        }
     }
 
     /// Opens the stream on the slot's member and starts sending the body.
-    fn start(&mut self, slot: Slot, request: Request<B>) -> Result<Started<B>, Error> {
+    fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Result<Started<B>, Error> {
         let member = slot.member().clone();
         let endpoint = &member.endpoint.endpoint;
         let (parts, body) = request.into_parts();
@@ -78,8 +113,12 @@ where
             .map_err(|e| Error::request_body(&member.endpoint.label, Box::new(e)))?;
         // Kept only while another attempt is allowed: h2 consumes the head even when it
         // refuses to open the stream.
-        let again =
-            (self.attempts + 1 < MAX_ATTEMPTS).then(|| (parts.method.clone(), path, parts.headers.clone()));
+        let retry_allowed = matches!(self.target, Target::Pool) && self.attempts + 1 < MAX_ATTEMPTS;
+        let again = retry_allowed.then(|| Head {
+            method: parts.method.clone(),
+            path,
+            headers: parts.headers.clone(),
+        });
         let mut head = Request::new(());
         *head.method_mut() = parts.method;
         *head.uri_mut() = uri;
@@ -97,8 +136,17 @@ where
                         &format!("carried its last stream (id {stream_id})"),
                     );
                 }
-                let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream)));
-                Ok(Started::Sent(State::Sending { slot: Some(slot), response, pump, stream_id }))
+                let record = again.is_some();
+                let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream, record)));
+                let sent_body = end_of_stream.then(Recording::default);
+                Ok(Started::Sent(State::Sending {
+                    slot: Some(slot),
+                    response,
+                    pump,
+                    stream_id,
+                    head: again,
+                    sent_body,
+                }))
             }
             Err(err) if err.is_go_away() || err.is_io() => {
                 // The connection is going away and never saw this request.
@@ -106,9 +154,7 @@ where
                 drop(slot);
                 let error = Error::from_h2(&member.endpoint.label, err).mark_unprocessed();
                 match again {
-                    Some((method, path, headers)) => {
-                        Ok(Started::Again(rebuild(method, path, headers, body), error))
-                    }
+                    Some(head) => Ok(Started::Again(rebuild(head, body), error)),
                     None => Err(error),
                 }
             }
@@ -118,7 +164,7 @@ where
 }
 
 /// Runs the rest of a request body on a task of its own.
-fn spawn_pump<B>(pump: Pin<Box<Pump<B>>>) -> Result<tokio::task::AbortHandle, Error>
+fn spawn_pump<B>(pump: Pin<Box<Pump<CallBody<B>>>>) -> Result<tokio::task::AbortHandle, Error>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -152,11 +198,31 @@ fn response_error(slot: &Slot, stream_id: u32, err: h2::Error) -> Error {
     }
 }
 
-fn rebuild<B>(method: Method, path: PathAndQuery, headers: HeaderMap, body: B) -> Request<B> {
+/// A slot at `target` now, or `Err` with the reason there is none; `Ok(None)` means queue in
+/// the pool's checkout.
+fn slot_now(pool: &Arc<PoolInner>, target: &Target) -> Result<Option<Slot>, Error> {
+    match target {
+        Target::Pool => Ok(pool.checkout_now()),
+        Target::Endpoint(index) => {
+            let entry = &pool.endpoints[*index];
+            entry.force_acquire().map(Some).ok_or_else(|| {
+                pool.replenish(entry);
+                Error::no_member(entry.label(), "no ready connection to this endpoint")
+            })
+        }
+        Target::Member(member) => member
+            .upgrade()
+            .and_then(|m| m.force_acquire())
+            .map(Some)
+            .ok_or_else(|| Error::no_member(pool.name(), "the member is no longer ready")),
+    }
+}
+
+fn rebuild<B>(head: Head, body: B) -> Request<B> {
     let mut request = Request::new(body);
-    *request.method_mut() = method;
-    *request.uri_mut() = Uri::from(path);
-    *request.headers_mut() = headers;
+    *request.method_mut() = head.method;
+    *request.uri_mut() = Uri::from(head.path);
+    *request.headers_mut() = head.headers;
     request
 }
 
@@ -184,11 +250,15 @@ where
                                 }
                             }
                         }
-                        None => match this.pool.checkout_now() {
-                            Some(slot) => slot,
-                            None => {
+                        None => match slot_now(&this.pool, &this.target) {
+                            Ok(Some(slot)) => slot,
+                            Ok(None) => {
                                 *waiting = Some(Box::pin(this.pool.clone().checkout_wait()));
                                 continue;
+                            }
+                            Err(error) => {
+                                this.state = State::Done;
+                                return Poll::Ready(Err(error));
                             }
                         },
                     };
@@ -213,11 +283,15 @@ where
                         }
                     }
                 }
-                State::Sending { slot, response, pump, stream_id } => {
+                State::Sending { slot, response, pump, stream_id, head, sent_body } => {
                     if let Some(sending) = pump {
                         match sending.as_mut().poll(cx) {
                             Poll::Pending => {}
-                            Poll::Ready(Ok(())) | Poll::Ready(Err(PumpError::Stream)) => *pump = None,
+                            Poll::Ready(Ok(())) => {
+                                *sent_body = sending.as_mut().take_recording();
+                                *pump = None;
+                            }
+                            Poll::Ready(Err(PumpError::Stream)) => *pump = None,
                             Poll::Ready(Err(PumpError::Body(cause))) => {
                                 let label = slot
                                     .as_ref()
@@ -235,8 +309,12 @@ where
                     };
                     let stream_id = *stream_id;
                     let pump = pump.take();
+                    let replay = match (head.take(), sent_body.take()) {
+                        (Some(head), Some(body)) => Some((head, body)),
+                        _ => None,
+                    };
                     this.state = State::Done;
-                    return Poll::Ready(match result {
+                    match result {
                         Ok(response) => {
                             // The server answered before the request body ended (streaming):
                             // keep sending from a task of its own.
@@ -244,10 +322,29 @@ where
                                 Ok(pump) => pump,
                                 Err(error) => return Poll::Ready(Err(error)),
                             };
-                            Ok(response.map(|recv| ResponseBody::new(recv, slot, pump)))
+                            return Poll::Ready(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump))));
                         }
-                        Err(err) => Err(response_error(&slot, stream_id, err)),
-                    });
+                        Err(err) => {
+                            let error = response_error(&slot, stream_id, err);
+                            drop(slot);
+                            match replay {
+                                // Never processed, and the whole body is at hand: again, on
+                                // another member.
+                                Some((head, body)) if error.is_unprocessed() => {
+                                    this.attempts += 1;
+                                    this.pool.count_retry(if error.kind() == ErrorKind::Stream {
+                                        "refused"
+                                    } else {
+                                        "goaway"
+                                    });
+                                    tracing::debug!(pool = %this.pool.name(), error = %error, "resending a call the server never processed");
+                                    let request = rebuild(head, CallBody::replay(body));
+                                    this.state = State::Checkout { request: Some(request), waiting: None };
+                                }
+                                _ => return Poll::Ready(Err(error)),
+                            }
+                        }
+                    }
                 }
                 State::Done => {
                     return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
@@ -265,6 +362,9 @@ impl<B> fmt::Debug for ResponseFuture<B> {
             State::Sending { .. } => "sending",
             State::Done => "done",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).field("attempts", &self.attempts).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
     }
 }

@@ -4,8 +4,11 @@
 //! slot, sends the request on the member's `h2` connection from the caller's own task (no
 //! channel hop to a worker), and resolves to an `http::Response<`[`ResponseBody`]`>`.
 mod body;
+mod channel;
 mod future;
+pub(crate) mod replay;
 mod service;
 
 pub use body::ResponseBody;
+pub use channel::{EndpointChannel, MemberChannel};
 pub use future::ResponseFuture;

@@ -12,6 +12,8 @@ use bytes::{Buf, Bytes};
 use h2::SendStream;
 use http_body::Body;
 
+use crate::call::replay::Recording;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pin_project_lite::pin_project! {
@@ -27,6 +29,8 @@ pin_project_lite::pin_project! {
         // Whether END_STREAM goes with the last byte of `pending`.
         end_after_pending: bool,
         sent_any: bool,
+        // What went out, for a replay; dropped once over its limit.
+        recording: Option<Recording>,
     }
 }
 
@@ -39,8 +43,21 @@ pub(crate) enum PumpError {
 }
 
 impl<B> Pump<B> {
-    pub(crate) fn new(body: B, stream: SendStream<Bytes>) -> Pump<B> {
-        Pump { body, stream, pending: Bytes::new(), end_after_pending: false, sent_any: false }
+    /// A pump that keeps what it sends for a replay when `record` is set.
+    pub(crate) fn new(body: B, stream: SendStream<Bytes>, record: bool) -> Pump<B> {
+        Pump {
+            body,
+            stream,
+            pending: Bytes::new(),
+            end_after_pending: false,
+            sent_any: false,
+            recording: record.then(Recording::default),
+        }
+    }
+
+    /// The whole body as sent, if it was kept and fit the limit.
+    pub(crate) fn take_recording(self: Pin<&mut Self>) -> Option<Recording> {
+        self.project().recording.take()
     }
 }
 
@@ -71,6 +88,11 @@ where
                 }
                 let chunk = std::mem::take(this.pending);
                 let end = *this.end_after_pending;
+                if let Some(recording) = this.recording.as_mut() {
+                    if !recording.data(&chunk) {
+                        *this.recording = None;
+                    }
+                }
                 if this.stream.send_data(chunk, end).is_err() {
                     return Poll::Ready(Err(PumpError::Stream));
                 }
@@ -114,6 +136,9 @@ where
                 }
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
+                        if let Some(recording) = this.recording.as_mut() {
+                            recording.trailers(&trailers);
+                        }
                         return Poll::Ready(
                             this.stream.send_trailers(trailers).map_err(|_| PumpError::Stream),
                         );

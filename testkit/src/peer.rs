@@ -1,0 +1,155 @@
+//! The non-Rust peer: an echo and health server on the gRPC C core (Python grpcio), run as a
+//! child process. `scripts/setup-peer` installs it (the README's test command does); tests
+//! that need it fail with instructions when it is missing, never skip.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+/// Server-side limits of the peer, as the C core's channel arguments.
+#[derive(Debug, Clone, Default)]
+pub struct PeerOptions {
+    /// Bind this port instead of a free one.
+    pub port: Option<u16>,
+    /// `grpc.max_connection_idle_ms`: GOAWAY after this long without streams.
+    pub max_connection_idle_ms: Option<u64>,
+    /// `grpc.max_connection_age_ms`: GOAWAY once a connection is this old.
+    pub max_connection_age_ms: Option<u64>,
+    /// `grpc.max_connection_age_grace_ms`: then close it this long after.
+    pub max_connection_age_grace_ms: Option<u64>,
+    /// `grpc.keepalive_permit_without_calls`.
+    pub keepalive_permit_without_calls: Option<bool>,
+    /// `grpc.http2.min_ping_interval_without_data_ms`.
+    pub min_ping_interval_without_data_ms: Option<u64>,
+    /// `grpc.http2.max_ping_strikes`.
+    pub max_ping_strikes: Option<u32>,
+    /// `grpc.max_concurrent_streams`.
+    pub max_concurrent_streams: Option<u32>,
+}
+
+impl PeerOptions {
+    fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        let mut add = |flag: &str, value: Option<String>| {
+            if let Some(value) = value {
+                args.push(flag.to_owned());
+                args.push(value);
+            }
+        };
+        add("--port", self.port.map(|v| v.to_string()));
+        add("--max-connection-idle-ms", self.max_connection_idle_ms.map(|v| v.to_string()));
+        add("--max-connection-age-ms", self.max_connection_age_ms.map(|v| v.to_string()));
+        add("--max-connection-age-grace-ms", self.max_connection_age_grace_ms.map(|v| v.to_string()));
+        add(
+            "--keepalive-permit-without-calls",
+            self.keepalive_permit_without_calls.map(|v| u8::from(v).to_string()),
+        );
+        add(
+            "--min-ping-interval-without-data-ms",
+            self.min_ping_interval_without_data_ms.map(|v| v.to_string()),
+        );
+        add("--max-ping-strikes", self.max_ping_strikes.map(|v| v.to_string()));
+        add("--max-concurrent-streams", self.max_concurrent_streams.map(|v| v.to_string()));
+        args
+    }
+}
+
+/// A running peer; killed when dropped.
+pub struct PythonPeer {
+    port: u16,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+fn python() -> PathBuf {
+    if let Some(path) = std::env::var_os("GRPC_POOL_PEER_PYTHON") {
+        return PathBuf::from(path);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
+}
+
+impl PythonPeer {
+    /// Starts the peer and waits until it listens.
+    pub async fn start(options: PeerOptions) -> PythonPeer {
+        let python = python();
+        assert!(
+            python.exists(),
+            "the Python gRPC peer is not installed ({} is missing): run scripts/setup-peer, or \
+             scripts/test, which runs it",
+            python.display()
+        );
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peer/echo_peer.py");
+        let mut child = Command::new(&python)
+            .arg(&script)
+            .args(options.args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", python.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+            .await
+            .expect("the peer did not start within 30 s")
+            .expect("reading the peer's output")
+            .expect("the peer exited before listening");
+        let port = line
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from the peer: {line}"));
+        PythonPeer { port, child, stdin, stdout }
+    }
+
+    /// The peer's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn uri(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The peer's address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Sets the health status of `""` and `echo.Echo` to SERVING or NOT_SERVING, and waits
+    /// until the peer has done it.
+    pub async fn set_serving(&mut self, serving: bool) {
+        let command = if serving { "serving" } else { "not_serving" };
+        let reply = self.command(command).await;
+        assert_eq!(reply, format!("ok {command}"));
+    }
+
+    /// Echo calls the peer has served so far.
+    pub async fn calls(&mut self) -> u64 {
+        let reply = self.command("count").await;
+        reply
+            .strip_prefix("ok count ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected answer to count: {reply}"))
+    }
+
+    async fn command(&mut self, command: &str) -> String {
+        self.stdin.write_all(format!("{command}\n").as_bytes()).await.expect("writing to the peer");
+        self.stdin.flush().await.expect("writing to the peer");
+        tokio::time::timeout(Duration::from_secs(10), self.stdout.next_line())
+            .await
+            .expect("the peer did not answer within 10 s")
+            .expect("reading the peer's output")
+            .expect("the peer exited")
+    }
+
+    /// Kills the peer at once (SIGKILL), as a crash would.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
