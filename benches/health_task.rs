@@ -20,7 +20,8 @@ fn cpu_seconds() -> f64 {
     // utime and stime, fields 14 and 15 of /proc/self/stat, in clock ticks (100 per second).
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()).unwrap_or(0.0);
+    let ticks: f64 =
+        fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()).unwrap_or(0.0);
     ticks / 100.0
 }
 
@@ -49,12 +50,22 @@ fn serve() {
     });
 }
 
-async fn measure(label: &str, builder: grpc_pool::Builder, uris: &[String], members: usize, window: Duration) {
+async fn measure(
+    label: &str,
+    builder: grpc_pool::Builder,
+    uris: &[String],
+    members: usize,
+    window: Duration,
+) {
     let rss_before = rss_bytes();
     let started = Instant::now();
     let pool = builder.build_lazy(uris).unwrap();
     while pool.state().members() < members {
-        assert!(started.elapsed() < Duration::from_secs(300), "only {} members after 300 s", pool.state().members());
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "only {} members after 300 s",
+            pool.state().members()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let connect_time = started.elapsed();
@@ -65,7 +76,13 @@ async fn measure(label: &str, builder: grpc_pool::Builder, uris: &[String], memb
     tokio::time::sleep(window).await;
     let cpu = cpu_seconds() - cpu0;
     let wall = t0.elapsed().as_secs_f64();
-    let pinged = pool.state().endpoints.iter().flat_map(|e| e.members.iter()).filter(|m| m.last_ping_rtt.is_some()).count();
+    let pinged = pool
+        .state()
+        .endpoints
+        .iter()
+        .flat_map(|e| e.members.iter())
+        .filter(|m| m.last_ping_rtt.is_some())
+        .count();
     println!(
         "{label:<22} {members} members up in {:.1}s; CPU {:.2}% of one core over {:.0}s; {:.1} KiB RSS per member; {pinged} members answered a PING",
         connect_time.as_secs_f64(),
@@ -112,7 +129,14 @@ fn main() {
                 .idle_timeout(None)
         };
         let window = Duration::from_secs(seconds);
-        measure("keepalive 10s/5s", base().keepalive(Keepalive::new(Duration::from_secs(10), Duration::from_secs(5))), &uris, members, window).await;
+        measure(
+            "keepalive 10s/5s",
+            base().keepalive(Keepalive::new(Duration::from_secs(10), Duration::from_secs(5))),
+            &uris,
+            members,
+            window,
+        )
+        .await;
         measure("no keepalive", base().no_keepalive(), &uris, members, window).await;
     });
     drop(child.stdin.take());

@@ -1,8 +1,9 @@
 //! The README's first command: `cargo run --release --example demo`.
 //!
-//! Two embedded echo servers, a pool in front of them, a steady load of unary calls, and two
-//! faults on the way: a graceful server restart (GOAWAY, then the port comes back) and a
-//! connection reset by a relay (as a crashed middlebox would). A line per endpoint shows the
+//! Two embedded echo servers, a pool in front of them, a steady load of unary calls, and
+//! three faults on the way: a graceful server restart (GOAWAY, then the port comes back), a
+//! connection reset by a relay (as a crashed middlebox would), and a silent drop (as a NAT
+//! that forgot the flow would), which keepalive PINGs find. A line per endpoint shows the
 //! pool's members as they change; a summary closes the run.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use grpc_pool::{BackoffConfig, EvictionReason, Pool, State};
+use grpc_pool::{BackoffConfig, EvictionReason, Keepalive, Pool, State};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::{Relay, ServerOptions, TestServer};
@@ -28,7 +29,9 @@ OPTIONS:
 
 Faults, at fixed points of the run:
   25%  server A shuts down gracefully (GOAWAY, in-flight calls finish) and restarts
-  60%  every connection to server B is reset (TCP RST) by the relay in front of it
+  50%  every connection to server B is reset (TCP RST) by the relay in front of it
+  75%  every connection to server B goes silent (a NAT that forgot the flow): keepalive
+       PINGs (every 500 ms of quiet, 500 ms timeout) find it and the pool replaces it
 ";
 
 struct Options {
@@ -120,6 +123,7 @@ async fn main() {
             max: Duration::from_secs(2),
             ..Default::default()
         })
+        .keepalive(Keepalive::new(Duration::from_millis(500), Duration::from_millis(500)))
         .build([server_a.uri(), relay_b.uri()])
         .await
         .expect("the embedded servers are up");
@@ -147,7 +151,9 @@ async fn main() {
 
     let started = Instant::now();
     let restart_at = options.duration.mul_f64(0.25);
-    let reset_at = options.duration.mul_f64(0.60);
+    let reset_at = options.duration.mul_f64(0.50);
+    let freeze_at = options.duration.mul_f64(0.75);
+    let mut freeze_done = false;
     let mut server_a = Some(server_a);
     let mut restarted_a = None;
     let mut reset_done = false;
@@ -167,6 +173,13 @@ async fn main() {
             println!("-- fault: the relay resets every connection to server B");
             relay_b.reset();
             reset_done = true;
+        }
+        if !freeze_done && elapsed >= freeze_at {
+            println!(
+                "-- fault: every connection to server B goes silent (nothing forwarded, nothing closed)"
+            );
+            relay_b.freeze();
+            freeze_done = true;
         }
         if !options.quiet {
             let ok = tally.ok.load(Ordering::Relaxed);
@@ -192,7 +205,9 @@ async fn main() {
     let failed = tally.failed.load(Ordering::Relaxed);
     println!("\nsummary after {:.1}s", started.elapsed().as_secs_f64());
     println!("  calls ok          {ok} ({:.0}/s)", ok as f64 / started.elapsed().as_secs_f64());
-    println!("  calls failed      {failed} (only calls in flight on a reset connection can fail)");
+    println!(
+        "  calls failed      {failed} (only calls in flight on a reset or silenced connection can fail)"
+    );
     println!("  worst latency     {:.1} ms", tally.worst_micros.load(Ordering::Relaxed) as f64 / 1000.0);
     println!(
         "  checkouts         {} direct, {} waited, {} timed out",

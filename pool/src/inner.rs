@@ -485,19 +485,25 @@ impl PoolInner {
                 let spread = wait.mul_f64(0.1 * (crate::rand::symmetric_unit() + 1.0) / 2.0);
                 tokio::time::sleep(wait + spread).await;
             }
-            match self.open_member(&entry).await {
+            let listed = match self.open_member(&entry).await {
                 Ok(member) => {
-                    self.add_member(&entry, member);
-                    return;
-                }
-                Err(_) => {
-                    // Still wanted? Below the minimum, or callers are waiting.
-                    let locked = entry.lock();
-                    let others = (entry.members().len() + locked.connecting).saturating_sub(1);
-                    if others >= self.config.min_connections && !self.waiters.has_waiters() {
-                        return;
+                    let listed = self.add_member(&entry, member.clone());
+                    if !listed {
+                        // It ended before it could serve: as good as a failed connect.
+                        self.note_failure(&entry, "the connection ended as soon as it opened");
                     }
+                    listed
                 }
+                Err(_) => false,
+            };
+            if listed || self.is_closed() {
+                return;
+            }
+            // Still wanted? Below the minimum, or callers are waiting.
+            let locked = entry.lock();
+            let others = (entry.members().len() + locked.connecting).saturating_sub(1);
+            if others >= self.config.min_connections && !self.waiters.has_waiters() {
+                return;
             }
         }
     }
@@ -587,8 +593,10 @@ impl PoolInner {
         result
     }
 
-    /// Puts a freshly connected member in service and gives its slots to waiters.
-    pub(crate) fn add_member(self: &Arc<Self>, entry: &Arc<EndpointEntry>, member: Arc<Member>) {
+    /// Puts a freshly connected member in service and gives its slots to waiters. Returns
+    /// false if it could not be listed (the pool closed, or the connection already ended or
+    /// got a GOAWAY).
+    pub(crate) fn add_member(self: &Arc<Self>, entry: &Arc<EndpointEntry>, member: Arc<Member>) -> bool {
         {
             // Under the endpoint's lock, so that a close or the connection's end cannot slip
             // in between the checks and the listing.
@@ -596,7 +604,7 @@ impl PoolInner {
             let gone = self.is_closed() || member.signals.is_closed() || member.signals.goaway_seen();
             if gone || !member.set_ready() {
                 member.set_closed();
-                return; // dropping it closes the connection
+                return false; // dropping it closes the connection
             }
             entry.insert(&mut locked, member.clone());
         }
@@ -606,6 +614,7 @@ impl PoolInner {
         tracing::info!(pool = %self.name(), endpoint = %entry.label(), member = member.id, state = "ready", max_streams = member.max_streams(), "member ready");
         self.emit(|| PoolEvent::MemberReady(MemberHandle::new(self, &member)));
         self.serve_waiters(&member);
+        true
     }
 
     /// Gives free slots of `member` to queued waiters; if some remain, grows the pool.
@@ -710,14 +719,18 @@ impl PoolInner {
     /// A member that dies young (a server that accepts and then closes or sends GOAWAY at
     /// once) counts as a failed connect, so its replacements back off instead of looping.
     fn note_short_life(&self, entry: &EndpointEntry, member: &Member) {
-        if member.age() >= SHORT_LIFE {
-            return;
+        if member.age() < SHORT_LIFE {
+            self.note_failure(entry, &format!("connection closed {:?} after it opened", member.age()));
         }
+    }
+
+    /// Counts a failure in the endpoint's reconnect backoff.
+    fn note_failure(&self, entry: &EndpointEntry, what: &str) {
         let mut locked = entry.lock();
         locked.consecutive_failures = locked.consecutive_failures.saturating_add(1);
         let delay = backoff::delay(&self.config.backoff, locked.consecutive_failures);
         locked.next_attempt = Some(Instant::now() + delay);
-        locked.last_error = Some(format!("connection closed {:?} after it opened", member.age()));
+        locked.last_error = Some(what.to_owned());
     }
 
     fn count_eviction(&self, member: &Member, reason: EvictionReason, to: MemberState, detail: &str) {
