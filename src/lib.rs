@@ -130,6 +130,7 @@ where
 pub struct Builder {
     core: grpc_pool_core::Builder,
     health: HealthConfig,
+    ping_before_use: Option<Duration>,
 }
 
 impl Default for Builder {
@@ -144,6 +145,7 @@ impl Default for Builder {
                 },
                 checks: None,
             },
+            ping_before_use: None,
         }
     }
 }
@@ -197,6 +199,14 @@ impl Builder {
         self
     }
 
+    /// PING a member before it carries a call when it has been unused for `after` (no
+    /// stream started, nothing received); no PONG within the keepalive timeout (20 s
+    /// without keepalive) closes it and the call goes to another member.
+    pub fn ping_before_use(mut self, after: Duration) -> Self {
+        self.ping_before_use = Some(after);
+        self
+    }
+
     /// No keepalive PINGs: a connection that dies silently is found only by the call that
     /// uses it.
     pub fn no_keepalive(mut self) -> Self {
@@ -235,6 +245,7 @@ impl Builder {
         let core = self
             .core
             .tcp_user_timeout(timeout)
+            .ping_before_use(self.ping_before_use, timeout.unwrap_or(Duration::from_secs(20)))
             .max_streams_per_connection(self.health.eviction.max_streams_per_connection);
         Ok((core, self.health))
     }

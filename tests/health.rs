@@ -269,3 +269,39 @@ async fn members_are_retired_after_max_streams_per_connection() {
     wait_until(WAIT, "the last one is replaced", || pool.state().statistics.connections_created == 5).await;
     assert_eq!(pool.state().statistics.connect_failures, 0);
 }
+
+#[tokio::test]
+async fn a_member_unused_for_long_is_pinged_before_use_and_replaced_if_dead() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    // Keepalive PINGs too rare to matter here; their timeout bounds the PING before use.
+    let keepalive = Keepalive::new(Duration::from_secs(3600), Duration::from_millis(300));
+    let pool = Pool::builder()
+        .keepalive(keepalive.clone())
+        .ping_before_use(Duration::from_millis(200))
+        .build([relay.uri()])
+        .await
+        .unwrap();
+    let mut client = EchoClient::new(pool.clone());
+    client.unary_echo(request(0)).await.unwrap();
+    let first = pool.state().endpoints[0].members[0].id;
+
+    // Still alive after a pause: PINGed, answered, used.
+    tokio::time::sleep(Duration::from_millis(300)).await; // unused past the interval
+    client.unary_echo(request(0)).await.unwrap();
+    let state = pool.state();
+    assert_eq!(state.endpoints[0].members[0].id, first);
+    assert!(state.endpoints[0].members[0].last_ping_rtt.is_some(), "it was PINGed before use");
+
+    // Silently dropped while unused: the PING finds it, the call goes to a new member.
+    relay.freeze();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(30), client.unary_echo(request(0))).await;
+    assert!(reply.expect("the call hung").is_ok());
+    let took = started.elapsed();
+    assert!(took <= keepalive.timeout + SLACK, "the call took {took:?}");
+    let state = pool.state();
+    assert_eq!(state.statistics.closed(EvictionReason::PingTimeout), 1, "{:?}", state.statistics);
+    assert!(state.endpoints[0].members.iter().all(|m| m.id != first));
+}

@@ -218,6 +218,15 @@ impl Builder {
         self
     }
 
+    /// PING a member before it carries a call when it has been unused (no stream started,
+    /// nothing received) for `after`, as Envoy's `connection_idle_interval` does; no PONG
+    /// within `timeout` closes it and the call goes to another member. `None` (the default)
+    /// turns it off.
+    pub fn ping_before_use(mut self, after: Option<Duration>, timeout: Duration) -> Self {
+        self.config.ping_before_use = after.map(|after| (after, timeout));
+        self
+    }
+
     /// What calls do when every endpoint is unhealthy. Default: fail fast.
     pub fn when_all_unhealthy(mut self, policy: crate::config::AllUnhealthy) -> Self {
         self.config.all_unhealthy = policy;

@@ -114,6 +114,9 @@ pub(crate) struct Config {
     pub(crate) checkout_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) tcp_user_timeout: Option<Duration>,
+    /// PING a member before use when no stream started on it and the server sent nothing
+    /// for this long; wait this long for the PONG.
+    pub(crate) ping_before_use: Option<(Duration, Duration)>,
     pub(crate) all_unhealthy: AllUnhealthy,
     pub(crate) backoff: BackoffConfig,
     pub(crate) h2: H2Config,
@@ -130,6 +133,7 @@ impl Default for Config {
             checkout_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             tcp_user_timeout: None,
+            ping_before_use: None,
             all_unhealthy: AllUnhealthy::FailFast,
             backoff: BackoffConfig::default(),
             h2: H2Config::default(),
@@ -167,6 +171,10 @@ impl Config {
                     "above zero, up to 3600s",
                 ));
             }
+        }
+        if let Some((after, timeout)) = self.ping_before_use {
+            check_nonzero("ping_before_use.after", after)?;
+            check_nonzero("ping_before_use.timeout", timeout)?;
         }
         check_nonzero("backoff.base", self.backoff.base)?;
         if self.backoff.max > MAX_BACKOFF {

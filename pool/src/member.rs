@@ -1,7 +1,7 @@
 //! A member: one HTTP/2 connection of the pool, its state and its stream slots.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -132,6 +132,9 @@ pub(crate) struct Member {
     state: AtomicU8,
     /// The id of the newest stream opened on it (ids go 1, 3, 5, ...).
     last_stream_id: AtomicU32,
+    /// Set while a call PINGs it before use; other calls that picked it wait for the answer.
+    probing: AtomicBool,
+    probe_done: tokio::sync::Notify,
     in_flight: AtomicU32,
     /// The configured per-connection cap; the server's own limit applies too.
     cap: u32,
@@ -164,6 +167,8 @@ impl Member {
             waiters,
             state: AtomicU8::new(STATE_CONNECTING),
             last_stream_id: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
+            probe_done: tokio::sync::Notify::new(),
             in_flight: AtomicU32::new(0),
             cap,
             retire_at_stream_id,
@@ -223,6 +228,34 @@ impl Member {
         }
     }
 
+    /// Whether a call is PINGing it before use right now.
+    pub(crate) fn is_probing(&self) -> bool {
+        self.probing.load(Ordering::Acquire)
+    }
+
+    /// Takes the prober's role; false if another call has it.
+    pub(crate) fn start_probe(&self) -> bool {
+        !self.probing.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn end_probe(&self) {
+        self.probing.store(false, Ordering::Release);
+        self.probe_done.notify_waiters();
+    }
+
+    /// Waits until no call is PINGing it.
+    pub(crate) async fn probe_finished(&self) {
+        loop {
+            let done = self.probe_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if !self.is_probing() {
+                return;
+            }
+            done.await;
+        }
+    }
+
     pub(crate) fn record_stream_id(&self, id: u32) {
         self.last_stream_id.store(id, Ordering::Relaxed);
     }
@@ -261,8 +294,10 @@ impl Member {
             }
         }
         self.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.last_used.store(self.created.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Some(Slot { member: self.clone(), serve_waiters: true })
+        let now = self.created.elapsed().as_nanos() as u64;
+        let before = self.last_used.swap(now, Ordering::Relaxed);
+        let unused_for = Duration::from_nanos(now.saturating_sub(before));
+        Some(Slot { member: self.clone(), serve_waiters: true, unused_for })
     }
 
     /// Takes a stream slot if the member is `Ready`, even above its limit: the stream then
@@ -273,7 +308,7 @@ impl Member {
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some(Slot { member: self.clone(), serve_waiters: true })
+        Some(Slot { member: self.clone(), serve_waiters: true, unused_for: Duration::ZERO })
     }
 
     fn release(self: &Arc<Self>) {
@@ -311,6 +346,9 @@ pub(crate) struct Slot {
     member: Arc<Member>,
     /// False only for the wait queue's own leftovers, which it frees under its lock.
     serve_waiters: bool,
+    /// How long no stream had started on the member before this one: a member unused for
+    /// long is PINGed before use when the pool is configured so.
+    pub(crate) unused_for: Duration,
 }
 
 impl Slot {

@@ -15,6 +15,7 @@ use crate::error::{Error, ErrorKind};
 use crate::inner::PoolInner;
 use crate::member::{EvictionReason, Member, Slot};
 use crate::proto::h2::body::{Pump, PumpError};
+use crate::proto::h2::ping::PingError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type Checkout = Pin<Box<dyn Future<Output = Result<Slot, Error>> + Send>>;
@@ -56,6 +57,12 @@ enum State<B> {
     Checkout {
         request: Option<Request<CallBody<B>>>,
         waiting: Option<Checkout>,
+    },
+    /// PINGing the slot's member before use (or waiting for another call's PING of it).
+    Verifying {
+        slot: Option<Slot>,
+        request: Option<Request<CallBody<B>>>,
+        check: Pin<Box<dyn Future<Output = bool> + Send>>,
     },
     Sending {
         slot: Option<Slot>,
@@ -198,6 +205,46 @@ fn response_error(slot: &Slot, stream_id: u32, err: h2::Error) -> Error {
     }
 }
 
+/// The check a slot's member needs before the call may go out on it, if any: a PING when it
+/// has been unused for `ping_before_use`, or waiting for another call's PING of it.
+fn needs_check(
+    pool: &Arc<PoolInner>,
+    target: &Target,
+    slot: &Slot,
+) -> Option<Pin<Box<dyn Future<Output = bool> + Send>>> {
+    let (after, timeout) = pool.config.ping_before_use?;
+    if !matches!(target, Target::Pool) {
+        return None;
+    }
+    let member = slot.member();
+    let stale = slot.unused_for >= after && member.signals.since_last_read() >= after;
+    if !stale && !member.is_probing() {
+        return None;
+    }
+    let (pool, member) = (pool.clone(), member.clone());
+    Some(Box::pin(async move {
+        if !member.start_probe() {
+            member.probe_finished().await;
+            return member.state() == crate::member::MemberState::Ready;
+        }
+        let alive = match tokio::time::timeout(timeout, member.pinger.ping()).await {
+            Ok(Ok(_)) => true,
+            // A keepalive PING is out already; its own timeout decides.
+            Ok(Err(PingError::Busy)) => true,
+            Ok(Err(PingError::Connection(_))) | Err(_) => false,
+        };
+        if !alive {
+            pool.kill(
+                &member,
+                EvictionReason::PingTimeout,
+                &format!("no PONG within {timeout:?} when PINGed before use"),
+            );
+        }
+        member.end_probe();
+        alive
+    }))
+}
+
 /// A slot at `target` now, or `Err` with the reason there is none; `Ok(None)` means queue in
 /// the pool's checkout.
 fn slot_now(pool: &Arc<PoolInner>, target: &Target) -> Result<Option<Slot>, Error> {
@@ -266,6 +313,10 @@ where
                         this.state = State::Done;
                         return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
                     };
+                    if let Some(check) = needs_check(&this.pool, &this.target, &slot) {
+                        this.state = State::Verifying { slot: Some(slot), request: Some(request), check };
+                        continue;
+                    }
                     match this.start(slot, request) {
                         Ok(Started::Sent(sending)) => this.state = sending,
                         Ok(Started::Again(request, error)) => {
@@ -281,6 +332,33 @@ where
                             this.state = State::Done;
                             return Poll::Ready(Err(error));
                         }
+                    }
+                }
+                State::Verifying { slot, request, check } => {
+                    let alive = ready!(check.as_mut().poll(cx));
+                    let (Some(slot), Some(request)) = (slot.take(), request.take()) else {
+                        this.state = State::Done;
+                        return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
+                    };
+                    if alive {
+                        match this.start(slot, request) {
+                            Ok(Started::Sent(sending)) => this.state = sending,
+                            Ok(Started::Again(request, _)) => {
+                                this.attempts += 1;
+                                this.pool.count_retry("not_sent");
+                                this.state = State::Checkout { request: Some(request), waiting: None };
+                            }
+                            Err(error) => {
+                                this.state = State::Done;
+                                return Poll::Ready(Err(error));
+                            }
+                        }
+                    } else {
+                        // The member is dead and the call never left: another member.
+                        drop(slot);
+                        this.attempts += 1;
+                        this.pool.count_retry("ping_before_use");
+                        this.state = State::Checkout { request: Some(request), waiting: None };
                     }
                 }
                 State::Sending { slot, response, pump, stream_id, head, sent_body } => {
@@ -359,6 +437,7 @@ impl<B> fmt::Debug for ResponseFuture<B> {
         let state = match &self.state {
             State::Checkout { waiting: None, .. } => "checkout",
             State::Checkout { waiting: Some(_), .. } => "waiting",
+            State::Verifying { .. } => "verifying",
             State::Sending { .. } => "sending",
             State::Done => "done",
         };
