@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use grpc_pool::{EvictionReason, Keepalive, MemberState, Pool};
+use grpc_pool::{EvictionReason, HealthCheck, Keepalive, MemberState, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::{wait_until, Relay, ServerOptions, TestServer};
@@ -304,4 +304,25 @@ async fn a_member_unused_for_long_is_pinged_before_use_and_replaced_if_dead() {
     let state = pool.state();
     assert_eq!(state.statistics.closed(EvictionReason::PingTimeout), 1, "{:?}", state.statistics);
     assert!(state.endpoints[0].members.iter().all(|m| m.id != first));
+}
+
+#[tokio::test]
+async fn a_server_without_the_health_service_is_healthy_unless_configured_otherwise() {
+    // tonic's test server has no grpc.health.v1 service: checks answer UNIMPLEMENTED.
+    let server = TestServer::start().await;
+    let checks = HealthCheck { interval: Duration::from_millis(50), ..Default::default() };
+    let lenient = Pool::builder().health_checks(checks.clone()).build([server.uri()]).await.unwrap();
+    let strict = Pool::builder()
+        .health_checks(HealthCheck { unimplemented_is_healthy: false, ..checks })
+        .build([server.uri()])
+        .await
+        .unwrap();
+    wait_until(WAIT, "the strict pool marks it unhealthy", || !strict.state().endpoints[0].healthy).await;
+    let reason = strict.state().endpoints[0].health_reason.clone().unwrap_or_default();
+    assert!(reason.contains("UNIMPLEMENTED"), "{reason}");
+    // The lenient pool has seen the same answers by now, and still routes there.
+    assert!(lenient.state().endpoints[0].healthy);
+    EchoClient::new(lenient.clone()).unary_echo(request(0)).await.unwrap();
+    let status = EchoClient::new(strict.clone()).unary_echo(request(0)).await.unwrap_err();
+    assert!(status.message().contains("every endpoint is unhealthy"), "{}", status.message());
 }

@@ -12,6 +12,11 @@ use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::{wait_until, PeerOptions, PythonPeer, Relay};
 use tonic::Code;
 
+fn is_too_many_pings(event: &PoolEvent) -> bool {
+    matches!(event, PoolEvent::GoAway { reason, debug_data, .. }
+        if *reason == h2::Reason::ENHANCE_YOUR_CALM && debug_data.as_ref() == b"too_many_pings")
+}
+
 fn request(delay_ms: u32) -> EchoRequest {
     EchoRequest { message: Bytes::from_static(b"peer"), repeat: 0, delay_ms }
 }
@@ -105,10 +110,8 @@ async fn ping_enforcement_backs_keepalive_off_and_fails_no_call() {
         let seen = seen.clone();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
-                if let PoolEvent::GoAway { reason, debug_data, .. } = event {
-                    if reason == h2::Reason::ENHANCE_YOUR_CALM && debug_data.as_ref() == b"too_many_pings" {
-                        seen.lock().unwrap().push(started.elapsed());
-                    }
+                if is_too_many_pings(&event) {
+                    seen.lock().unwrap().push(started.elapsed());
                 }
             }
         })
@@ -265,4 +268,31 @@ async fn every_endpoint_unhealthy_fails_fast_or_routes_to_all() {
         assert!(status.message().contains(part), "`{part}` missing from: {}", status.message());
     }
     EchoClient::new(lenient.clone()).unary_echo(request(0)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pool_idle_for_a_minute_against_default_ping_limits_serves_without_failures() {
+    // The scenario: a default server, keepalive 10 s / 5 s with PINGs on idle
+    // connections allowed. The server objects to the third PING within its 5 minutes
+    // (too_many_pings); the pool backs off, probes with health-check calls from then on, and
+    // serves every call after the minute.
+    let peer = PythonPeer::start(PeerOptions::default()).await;
+    let pool = Pool::builder()
+        .keepalive(Keepalive::new(Duration::from_secs(10), Duration::from_secs(5)))
+        .build([peer.uri()])
+        .await
+        .unwrap();
+    let mut events = pool.core().monitor().subscribe();
+    let mut client = EchoClient::new(pool.clone());
+    client.unary_echo(request(0)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    for _ in 0..20 {
+        client.unary_echo(request(0)).await.unwrap();
+    }
+    let mut too_many_pings = 0;
+    while let Ok(event) = events.try_recv() {
+        too_many_pings += usize::from(is_too_many_pings(&event));
+    }
+    assert!(too_many_pings <= 2, "{too_many_pings} too_many_pings in a minute");
+    println!("idle minute: {too_many_pings} too_many_pings, 20 calls after it, 0 failed");
 }

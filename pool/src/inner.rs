@@ -56,15 +56,7 @@ impl Shutdown {
     }
 
     pub(crate) async fn triggered(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_triggered() {
-                return;
-            }
-            notified.await;
-        }
+        crate::notify::until(&self.notify, || self.is_triggered()).await
     }
 }
 
@@ -86,15 +78,7 @@ impl LiveConnections {
     }
 
     pub(crate) async fn all_closed(&self) {
-        loop {
-            let notified = self.zero.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.count() == 0 {
-                return;
-            }
-            notified.await;
-        }
+        crate::notify::until(&self.zero, || self.count() == 0).await
     }
 }
 

@@ -30,6 +30,7 @@ mod internals;
 mod member;
 pub mod metrics;
 pub mod monitor;
+mod notify;
 mod proto;
 mod rand;
 

@@ -245,15 +245,7 @@ impl Member {
 
     /// Waits until no call is PINGing it.
     pub(crate) async fn probe_finished(&self) {
-        loop {
-            let done = self.probe_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            if !self.is_probing() {
-                return;
-            }
-            done.await;
-        }
+        crate::notify::until(&self.probe_done, || !self.is_probing()).await
     }
 
     pub(crate) fn record_stream_id(&self, id: u32) {

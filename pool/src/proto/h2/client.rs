@@ -71,3 +71,17 @@ fn set_tcp_user_timeout(tcp: &TcpStream, timeout: Duration) -> std::io::Result<(
 fn set_tcp_user_timeout(_tcp: &TcpStream, _timeout: Duration) -> std::io::Result<()> {
     Ok(()) // not available here; keepalive PINGs still find dead connections
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tcp_user_timeout_is_set_on_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        set_tcp_user_timeout(&tcp, Duration::from_millis(1_500)).unwrap();
+        let read_back = socket2::SockRef::from(&tcp).tcp_user_timeout().unwrap();
+        assert_eq!(read_back, Some(Duration::from_millis(1_500)));
+    }
+}

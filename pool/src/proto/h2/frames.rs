@@ -128,18 +128,8 @@ impl ConnSignals {
     /// Waits until the server's first SETTINGS frame arrives or the connection closes;
     /// returns whether SETTINGS came.
     pub(crate) async fn settings_or_closed(&self) -> bool {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.settings_seen() {
-                return true;
-            }
-            if self.is_closed() {
-                return false;
-            }
-            changed.await;
-        }
+        crate::notify::until(&self.changed, || self.settings_seen() || self.is_closed()).await;
+        self.settings_seen()
     }
 
     fn on_settings(&self, payload: &[u8]) {
