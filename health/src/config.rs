@@ -126,18 +126,18 @@ impl HealthConfig {
     /// Checks every field; the first violation names the field and its allowed range.
     pub fn validate(&self) -> Result<(), Error> {
         if let Some(keepalive) = &self.keepalive {
-            at_least("keepalive.time", keepalive.time, Duration::from_millis(10))?;
-            at_least("keepalive.timeout", keepalive.timeout, Duration::from_millis(1))?;
+            within("keepalive.time", keepalive.time, Duration::from_millis(10), DAY)?;
+            within("keepalive.timeout", keepalive.timeout, Duration::from_millis(1), HOUR)?;
         }
         if let Some(idle) = self.eviction.idle_timeout {
-            at_least("eviction.idle_timeout", idle, Duration::from_millis(10))?;
+            within("eviction.idle_timeout", idle, Duration::from_millis(10), 30 * DAY)?;
         }
         if let Some(lifetime) = self.eviction.max_lifetime {
-            at_least("eviction.max_lifetime", lifetime, Duration::from_millis(100))?;
+            within("eviction.max_lifetime", lifetime, Duration::from_millis(100), 30 * DAY)?;
         }
         if let Some(checks) = &self.checks {
-            at_least("checks.interval", checks.interval, Duration::from_millis(10))?;
-            at_least("checks.timeout", checks.timeout, Duration::from_millis(1))?;
+            within("checks.interval", checks.interval, Duration::from_millis(10), HOUR)?;
+            within("checks.timeout", checks.timeout, Duration::from_millis(1), HOUR)?;
             for (field, value) in [
                 ("checks.unhealthy_threshold", checks.unhealthy_threshold),
                 ("checks.healthy_threshold", checks.healthy_threshold),
@@ -158,9 +158,14 @@ impl HealthConfig {
     }
 }
 
-fn at_least(field: &str, value: Duration, min: Duration) -> Result<(), Error> {
-    if value < min {
-        return Err(Error::invalid_config(field, &format!("{value:?}"), &format!("at least {min:?}")));
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Durations have a floor (below it the task would spin) and a ceiling (far past any real
+/// use, and low enough that jitter and doubling cannot overflow).
+fn within(field: &str, value: Duration, min: Duration, max: Duration) -> Result<(), Error> {
+    if value < min || value > max {
+        return Err(Error::invalid_config(field, &format!("{value:?}"), &format!("{min:?} to {max:?}")));
     }
     Ok(())
 }
@@ -177,14 +182,14 @@ mod tests {
                     keepalive: Some(Keepalive::new(Duration::ZERO, Duration::from_secs(1))),
                     ..Default::default()
                 },
-                "`keepalive.time` = 0ns; allowed: at least 10ms",
+                "`keepalive.time` = 0ns; allowed: 10ms to 86400s",
             ),
             (
                 HealthConfig {
                     keepalive: Some(Keepalive::new(Duration::from_secs(1), Duration::ZERO)),
                     ..Default::default()
                 },
-                "`keepalive.timeout` = 0ns; allowed: at least 1ms",
+                "`keepalive.timeout` = 0ns; allowed: 1ms to 3600s",
             ),
             (
                 HealthConfig {
@@ -201,7 +206,7 @@ mod tests {
                     },
                     ..Default::default()
                 },
-                "`eviction.max_lifetime` = 1ms; allowed: at least 100ms",
+                "`eviction.max_lifetime` = 1ms; allowed: 100ms to 2592000s",
             ),
             (
                 HealthConfig {
@@ -222,7 +227,7 @@ mod tests {
                     checks: Some(HealthCheck { interval: Duration::ZERO, ..Default::default() }),
                     ..Default::default()
                 },
-                "`checks.interval` = 0ns; allowed: at least 10ms",
+                "`checks.interval` = 0ns; allowed: 10ms to 3600s",
             ),
         ];
         for (config, expected) in cases {
