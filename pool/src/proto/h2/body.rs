@@ -10,7 +10,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
 use h2::SendStream;
-use http_body::Body;
+use http_body::{Body, Frame};
 
 use crate::call::replay::Recording;
 
@@ -31,6 +31,8 @@ pin_project_lite::pin_project! {
         sent_any: bool,
         // What went out, for a replay; dropped once over its limit.
         recording: Option<Recording>,
+        // A frame read ahead of time, sent next.
+        lookahead: Option<Frame<Bytes>>,
     }
 }
 
@@ -52,6 +54,7 @@ impl<B> Pump<B> {
             end_after_pending: false,
             sent_any: false,
             recording: record.then(Recording::default),
+            lookahead: None,
         }
     }
 
@@ -102,7 +105,11 @@ where
                 }
                 continue;
             }
-            let frame = match this.body.as_mut().poll_frame(cx) {
+            let next = match this.lookahead.take() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => this.body.as_mut().poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
+            };
+            let frame = match next {
                 Poll::Pending => {
                     // While the caller's body is quiet, notice a reset so that the pump does
                     // not outlive its stream.
@@ -117,13 +124,27 @@ where
                 }
                 Poll::Ready(Some(Err(err))) => {
                     this.stream.send_reset(h2::Reason::CANCEL);
-                    return Poll::Ready(Err(PumpError::Body(err.into())));
+                    return Poll::Ready(Err(PumpError::Body(err)));
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
             match frame.into_data() {
                 Ok(mut data) => {
-                    let end = this.body.is_end_stream();
+                    let mut end = this.body.is_end_stream();
+                    if !end {
+                        // Look one frame ahead: a unary body ends right after its message, and
+                        // knowing it now puts END_STREAM on this DATA frame instead of an empty
+                        // one of its own.
+                        match this.body.as_mut().poll_frame(cx) {
+                            Poll::Ready(None) => end = true,
+                            Poll::Ready(Some(Ok(frame))) => *this.lookahead = Some(frame),
+                            Poll::Ready(Some(Err(err))) => {
+                                this.stream.send_reset(h2::Reason::CANCEL);
+                                return Poll::Ready(Err(PumpError::Body(err.into())));
+                            }
+                            Poll::Pending => {}
+                        }
+                    }
                     if !data.has_remaining() {
                         if end {
                             let _ = this.stream.send_data(Bytes::new(), true);
