@@ -528,3 +528,39 @@ async fn an_unreachable_endpoint_does_not_stop_the_others_from_growing() {
         call.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_streams_are_sent_again_and_fail_no_call() {
+    // Every second stream to A is refused before A reads it: the pool sends those calls again
+    // (their bodies were kept) on another endpoint, so no caller sees a failure.
+    let server = grpc_pool_testkit::RawServer::start(grpc_pool_testkit::Misbehaviour::RefuseEvery(2)).await;
+    let healthy = TestServer::start().await;
+    let pool = Pool::builder().build([server.uri(), healthy.uri()]).await.unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..32u8 {
+        let mut client = client(&pool);
+        calls.spawn(async move {
+            let mut failures = Vec::new();
+            for _ in 0..20 {
+                let message = Bytes::from(vec![i; 100]);
+                match client
+                    .unary_echo(EchoRequest { message: message.clone(), repeat: 0, delay_ms: 0 })
+                    .await
+                {
+                    Ok(reply) => assert_eq!(reply.into_inner().message, message),
+                    Err(status) => failures.push(status),
+                }
+            }
+            failures
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(result) = calls.join_next().await {
+        failures.extend(result.unwrap());
+    }
+    assert!(failures.is_empty(), "{} calls failed, first: {:?}", failures.len(), failures.first());
+    let stats = pool.state().statistics;
+    assert_eq!(server.answered() + healthy.calls(), 640);
+    assert!(server.refused() > 50, "the server refused {}", server.refused());
+    assert_eq!(stats.retries, server.refused(), "{stats:?}");
+}

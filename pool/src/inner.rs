@@ -13,7 +13,7 @@ use crate::backoff;
 use crate::config::{AllUnhealthy, Config};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
-use crate::internals::{EndpointEntry, WaitQueue};
+use crate::internals::{EndpointEntry, EndpointShared, WaitQueue};
 use crate::member::{EvictionReason, Member, MemberState, Slot};
 use crate::metrics as names;
 use crate::monitor::{MemberHandle, PoolEvent};
@@ -284,6 +284,20 @@ impl PoolInner {
         self.stats.checkouts_direct.fetch_add(1, Ordering::Relaxed);
         self.hot.checkouts_direct.increment(1);
         Some(slot)
+    }
+
+    /// A free slot on any routable endpoint but `avoid`, for a call sent again after `avoid`
+    /// refused or lost it. Ignores the queue: the call was already admitted once.
+    pub(crate) fn checkout_elsewhere(&self, avoid: &Arc<EndpointShared>) -> Option<Slot> {
+        if self.is_closed() {
+            return None;
+        }
+        let n = self.endpoints.len();
+        let offset = crate::rand::below(n);
+        (0..n)
+            .map(|i| &self.endpoints[(offset + i) % n])
+            .filter(|e| e.is_routable() && !Arc::ptr_eq(&e.shared, avoid))
+            .find_map(|e| e.try_acquire())
     }
 
     /// The slow path: queue, make room if the pool may grow, and wait up to

@@ -2,10 +2,12 @@
 //! servers started in-process on 127.0.0.1, and a TCP relay that injects faults.
 pub mod echo;
 pub mod peer;
+pub mod raw;
 pub mod relay;
 pub mod server;
 
 pub use peer::{PeerOptions, PythonPeer};
+pub use raw::{Misbehaviour, RawServer};
 pub use relay::Relay;
 pub use server::{EchoServer, ServerOptions, TestServer};
 

@@ -13,6 +13,7 @@ use super::body::ResponseBody;
 use crate::call::replay::{CallBody, Recording};
 use crate::error::{Error, ErrorKind};
 use crate::inner::PoolInner;
+use crate::internals::EndpointShared;
 use crate::member::{EvictionReason, Member, Slot};
 use crate::proto::h2::body::{Pump, PumpError};
 use crate::proto::h2::ping::PingError;
@@ -29,6 +30,8 @@ const MAX_ATTEMPTS: u8 = 3;
 pub struct ResponseFuture<B> {
     pool: Arc<PoolInner>,
     target: Target,
+    /// On a resend: the endpoint that refused or lost the call, tried last.
+    avoid: Option<Arc<EndpointShared>>,
     state: State<B>,
     attempts: u8,
 }
@@ -101,6 +104,7 @@ where
         ResponseFuture {
             pool,
             target,
+            avoid: None,
             state: State::Checkout { request: Some(request.map(CallBody::original)), waiting: None },
             attempts: 0,
         }
@@ -247,9 +251,15 @@ fn needs_check(
 
 /// A slot at `target` now, or `Err` with the reason there is none; `Ok(None)` means queue in
 /// the pool's checkout.
-fn slot_now(pool: &Arc<PoolInner>, target: &Target) -> Result<Option<Slot>, Error> {
+fn slot_now(
+    pool: &Arc<PoolInner>,
+    target: &Target,
+    avoid: Option<&Arc<EndpointShared>>,
+) -> Result<Option<Slot>, Error> {
     match target {
-        Target::Pool => Ok(pool.checkout_now()),
+        Target::Pool => {
+            Ok(avoid.and_then(|avoid| pool.checkout_elsewhere(avoid)).or_else(|| pool.checkout_now()))
+        }
         Target::Endpoint(index) => {
             let entry = &pool.endpoints[*index];
             entry.force_acquire().map(Some).ok_or_else(|| {
@@ -297,7 +307,7 @@ where
                                 }
                             }
                         }
-                        None => match slot_now(&this.pool, &this.target) {
+                        None => match slot_now(&this.pool, &this.target, this.avoid.as_ref()) {
                             Ok(Some(slot)) => slot,
                             Ok(None) => {
                                 *waiting = Some(Box::pin(this.pool.clone().checkout_wait()));
@@ -355,6 +365,7 @@ where
                         }
                     } else {
                         // The member is dead and the call never left: another member.
+                        this.avoid = Some(slot.member().endpoint.clone());
                         drop(slot);
                         this.attempts += 1;
                         this.pool.count_retry("ping_before_use");
@@ -404,12 +415,14 @@ where
                         }
                         Err(err) => {
                             let error = response_error(&slot, stream_id, err);
+                            let slot_endpoint = slot.member().endpoint.clone();
                             drop(slot);
                             match replay {
                                 // Never processed, and the whole body is at hand: again, on
                                 // another member.
                                 Some((head, body)) if error.is_unprocessed() => {
                                     this.attempts += 1;
+                                    this.avoid = Some(slot_endpoint.clone());
                                     this.pool.count_retry(if error.kind() == ErrorKind::Stream {
                                         "refused"
                                     } else {

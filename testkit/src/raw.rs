@@ -1,0 +1,105 @@
+//! A hand-written HTTP/2 gRPC echo server on `h2` directly, for server behaviour tonic will
+//! not produce, such as refusing streams (`REFUSED_STREAM`). It echoes the request's gRPC frame back as the
+//! response (an `EchoRequest`'s `message` is field 1, as in `EchoResponse`; the other fields
+//! are unknown to the response and skipped).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// What the server does wrong.
+#[derive(Debug, Clone, Copy)]
+pub enum Misbehaviour {
+    /// Refuse every `n`-th stream with `RST_STREAM(REFUSED_STREAM)`, before reading it.
+    RefuseEvery(u64),
+}
+
+/// A misbehaving echo server on 127.0.0.1.
+pub struct RawServer {
+    addr: SocketAddr,
+    answered: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl RawServer {
+    /// Starts the server.
+    pub async fn start(misbehaviour: Misbehaviour) -> RawServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let answered = Arc::new(AtomicU64::new(0));
+        let refused = Arc::new(AtomicU64::new(0));
+        let (a, r) = (answered.clone(), refused.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(serve(tcp, misbehaviour, a.clone(), r.clone()));
+            }
+        });
+        RawServer { addr, answered, refused, task }
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Calls answered.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Streams refused.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    tcp: tokio::net::TcpStream,
+    misbehaviour: Misbehaviour,
+    answered: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+) {
+    let Ok(mut connection) = h2::server::handshake(tcp).await else { return };
+    let mut seen = 0u64;
+    while let Some(Ok((request, mut respond))) = connection.accept().await {
+        seen += 1;
+        let Misbehaviour::RefuseEvery(n) = misbehaviour;
+        if seen % n == 0 {
+            refused.fetch_add(1, Ordering::Relaxed);
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            continue;
+        }
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            let mut body = request.into_body();
+            let mut frame = BytesMut::new();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                frame.extend_from_slice(&chunk);
+            }
+            let response = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("response head");
+            let Ok(mut send) = respond.send_response(response, false) else { return };
+            let _ = send.send_data(frame.freeze(), false);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let _ = send.send_trailers(trailers);
+            answered.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+}
