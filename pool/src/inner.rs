@@ -635,21 +635,14 @@ impl PoolInner {
         if !member.set_draining() {
             return false;
         }
-        let entry = self.entry_of(member);
-        if let Some(entry) = &entry {
-            let mut locked = entry.lock();
-            entry.remove(&mut locked, member.id);
-        }
+        let entry = self.unlist(member);
         self.count_eviction(member, reason, MemberState::Draining, detail);
         if let Some(entry) = entry {
             if reason == EvictionReason::GoAway {
                 // The server's doing, not the pool's policy: maybe a server that refuses us.
                 self.note_short_life(&entry, member);
             }
-            self.replenish(&entry);
-            if self.waiters.has_waiters() {
-                self.grow();
-            }
+            self.replace(&entry);
         }
         true
     }
@@ -663,19 +656,12 @@ impl PoolInner {
         }
         member.signals.mark_closed();
         member.abort_connection();
-        let entry = self.entry_of(member);
-        if let Some(entry) = &entry {
-            let mut locked = entry.lock();
-            entry.remove(&mut locked, member.id);
-        }
+        let entry = self.unlist(member);
         if before != MemberState::Draining {
             self.count_eviction(member, reason, MemberState::Closed, detail);
         }
         if let Some(entry) = entry {
-            self.replenish(&entry);
-            if self.waiters.has_waiters() {
-                self.grow();
-            }
+            self.replace(&entry);
         }
         true
     }
@@ -683,11 +669,7 @@ impl PoolInner {
     /// The connection of `member` ended (its driver task is finishing).
     fn on_connection_closed(self: &Arc<Self>, member: &Arc<Member>, result: Result<(), h2::Error>) {
         let before = member.set_closed();
-        let entry = self.entry_of(member);
-        if let Some(entry) = &entry {
-            let mut locked = entry.lock();
-            entry.remove(&mut locked, member.id);
-        }
+        let entry = self.unlist(member);
         match before {
             MemberState::Ready => {
                 let (reason, detail) = match &result {
@@ -707,10 +689,24 @@ impl PoolInner {
             if before == MemberState::Ready {
                 self.note_short_life(&entry, member);
             }
-            self.replenish(&entry);
-            if self.waiters.has_waiters() {
-                self.grow();
-            }
+            self.replace(&entry);
+        }
+    }
+
+    /// Takes `member` off its endpoint's list; returns the endpoint.
+    fn unlist(&self, member: &Member) -> Option<Arc<EndpointEntry>> {
+        let entry = self.entry_of(member)?;
+        let mut locked = entry.lock();
+        entry.remove(&mut locked, member.id);
+        drop(locked);
+        Some(entry)
+    }
+
+    /// After a member left: keep `min_connections`, and grow if callers are waiting.
+    fn replace(self: &Arc<Self>, entry: &Arc<EndpointEntry>) {
+        self.replenish(entry);
+        if self.waiters.has_waiters() {
+            self.grow();
         }
     }
 
