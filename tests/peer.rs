@@ -195,16 +195,24 @@ async fn health_flip_under_load(mode: CheckMode) {
             (calls, failures)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.calls().await == 0 {
+        assert!(Instant::now() < deadline, "A takes no traffic while healthy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let a_before_flip = a.calls().await;
-    assert!(a_before_flip > 0, "A takes traffic while healthy");
 
     a.set_serving(false).await;
     wait_until(Duration::from_secs(5), "A is marked unhealthy", || !pool.state().endpoints[0].healthy).await;
     let reason = pool.state().endpoints[0].health_reason.clone().unwrap_or_default();
     assert!(reason.contains("NOT_SERVING"), "{reason}");
     // Calls already on A finish; then A gets nothing for the rest of the 3 s.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // (A Watch keeps its one stream to A open.)
+    let health_streams = usize::from(mode == CheckMode::Watch);
+    wait_until(Duration::from_secs(5), "the calls on A have finished", || {
+        pool.state().endpoints[0].in_flight <= health_streams
+    })
+    .await;
     let a_drained = a.calls().await;
     tokio::time::sleep(Duration::from_millis(2_400)).await;
     let a_while_unhealthy = a.calls().await - a_drained;
@@ -213,8 +221,11 @@ async fn health_flip_under_load(mode: CheckMode) {
     a.set_serving(true).await;
     wait_until(Duration::from_secs(5), "A is healthy again", || pool.state().endpoints[0].healthy).await;
     let a_back = a.calls().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(a.calls().await > a_back, "traffic returns to A");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.calls().await <= a_back {
+        assert!(Instant::now() < deadline, "traffic does not return to A");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     stop.store(true, Ordering::Relaxed);
     let (mut calls, mut failures) = (0, Vec::new());
