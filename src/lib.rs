@@ -177,6 +177,8 @@ impl Builder {
         checkout_timeout(Duration);
         /// Longest a connect may take, from TCP to the server's SETTINGS (above zero).
         connect_timeout(Duration);
+        /// Connects under way at once to one endpoint; the others wait their turn. Default 8.
+        max_concurrent_connects(usize);
         /// Reconnect backoff after failed connects.
         backoff(BackoffConfig);
         /// HTTP/2 window, frame and header-list settings.

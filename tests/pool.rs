@@ -331,6 +331,46 @@ async fn connects_retry_with_backoff_until_the_server_comes_up() {
 }
 
 #[tokio::test]
+async fn connects_to_one_endpoint_are_paced_by_max_concurrent_connects() {
+    // A server that accepts, never answers, and hangs up 100 ms later: each connect fails
+    // when the server hangs up, and only then may the next one start. The server closes
+    // before the client can learn of it, so the connections it holds at an accept are an
+    // upper bound on the connects under way at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!("http://{}", listener.local_addr().unwrap());
+    let held = Arc::new(AtomicUsize::new(0));
+    let most_held = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (h, m, a) = (held.clone(), most_held.clone(), accepted.clone());
+    let acceptor = tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else { return };
+            a.fetch_add(1, Ordering::SeqCst);
+            m.fetch_max(h.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            let h = h.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                h.fetch_sub(1, Ordering::SeqCst);
+                drop(socket);
+            });
+        }
+    });
+    let pool = Pool::builder()
+        .min_connections(6)
+        .max_connections(6)
+        .max_concurrent_connects(2)
+        .backoff(fast_backoff())
+        .build_lazy([&uri])
+        .unwrap();
+    wait_until(WAIT, "eight connects have reached the server", || accepted.load(Ordering::SeqCst) >= 8).await;
+    assert_eq!(most_held.load(Ordering::SeqCst), 2, "connects under way at once");
+    let error = pool.state().endpoints[0].last_connect_error.clone().unwrap();
+    assert!(error.contains("before sending HTTP/2 SETTINGS"), "{error}");
+    drop(pool);
+    acceptor.abort();
+}
+
+#[tokio::test]
 async fn eager_build_fails_when_nothing_answers_and_lazy_build_fails_the_call() {
     let dead = unused_uri();
     let other_dead = unused_uri();

@@ -210,6 +210,15 @@ impl Builder {
         self
     }
 
+    /// Connects under way at once to one endpoint (1 to 10,000); the others wait their turn,
+    /// outside `connect_timeout`. A pool that opens hundreds of connections at once would
+    /// otherwise overflow the server's accept queue, and the dropped SYNs cost a second or
+    /// more each. Default 8.
+    pub fn max_concurrent_connects(mut self, max: usize) -> Self {
+        self.config.max_concurrent_connects = max;
+        self
+    }
+
     /// `TCP_USER_TIMEOUT` on Linux: how long sent data may go unacknowledged before the
     /// kernel drops the connection, so writes to a dead peer fail fast. Off by default; the
     /// facade sets it from the keepalive timeout.

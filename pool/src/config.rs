@@ -113,6 +113,8 @@ pub(crate) struct Config {
     pub(crate) max_streams_per_connection: Option<u64>,
     pub(crate) checkout_timeout: Duration,
     pub(crate) connect_timeout: Duration,
+    /// Connects under way at once per endpoint; the rest wait their turn.
+    pub(crate) max_concurrent_connects: usize,
     pub(crate) tcp_user_timeout: Option<Duration>,
     /// PING a member before use when no stream started on it and the server sent nothing
     /// for this long; wait this long for the PONG.
@@ -132,6 +134,7 @@ impl Default for Config {
             max_streams_per_connection: None,
             checkout_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            max_concurrent_connects: 8,
             tcp_user_timeout: None,
             ping_before_use: None,
             all_unhealthy: AllUnhealthy::FailFast,
@@ -162,6 +165,7 @@ impl Config {
         }
         check_nonzero("checkout_timeout", self.checkout_timeout)?;
         check_nonzero("connect_timeout", self.connect_timeout)?;
+        check_range("max_concurrent_connects", self.max_concurrent_connects, 1, MAX_CONNECTIONS_LIMIT)?;
         if let Some(timeout) = self.tcp_user_timeout {
             check_nonzero("tcp_user_timeout", timeout)?;
             if timeout > MAX_BACKOFF {
@@ -260,6 +264,7 @@ mod tests {
             (Box::new(|c| c.max_concurrent_streams = 0), "max_concurrent_streams", "1 to"),
             (Box::new(|c| c.checkout_timeout = Duration::ZERO), "checkout_timeout", "above zero"),
             (Box::new(|c| c.connect_timeout = Duration::ZERO), "connect_timeout", "above zero"),
+            (Box::new(|c| c.max_concurrent_connects = 0), "max_concurrent_connects", "1 to 10000"),
             (Box::new(|c| c.backoff.base = Duration::ZERO), "backoff.base", "above zero"),
             (Box::new(|c| c.tcp_user_timeout = Some(Duration::ZERO)), "tcp_user_timeout", "above zero"),
             (

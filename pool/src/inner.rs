@@ -152,7 +152,10 @@ impl PoolInner {
             checkouts_direct: metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => config.name.clone(), names::LABEL_RESULT => "direct"),
         };
         PoolInner {
-            endpoints: endpoints.into_iter().map(|e| Arc::new(EndpointEntry::new(e))).collect(),
+            endpoints: endpoints
+                .into_iter()
+                .map(|e| Arc::new(EndpointEntry::new(e, config.max_concurrent_connects)))
+                .collect(),
             config,
             waiters: Arc::new(WaitQueue::default()),
             stats: Stats::default(),
@@ -512,6 +515,8 @@ impl PoolInner {
         self: &Arc<Self>,
         entry: &Arc<EndpointEntry>,
     ) -> Result<Arc<Member>, Error> {
+        // Paced per endpoint; the wait for a turn is not part of the connect's time.
+        let _permit = entry.connect_permits.acquire().await;
         let started = Instant::now();
         let span = tracing::debug_span!("connect", pool = %self.name(), endpoint = %entry.label());
         let attempt = async {

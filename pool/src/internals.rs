@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::endpoint::Endpoint;
 use crate::error::Error;
@@ -39,6 +39,8 @@ pub(crate) struct EndpointEntry {
     internals: Mutex<EndpointInternals>,
     /// The health task's verdict.
     healthy: AtomicBool,
+    /// One permit per connect that may be under way at once.
+    pub(crate) connect_permits: Semaphore,
 }
 
 /// Bookkeeping changed under the endpoint's lock.
@@ -56,7 +58,7 @@ pub(crate) struct EndpointInternals {
 }
 
 impl EndpointEntry {
-    pub(crate) fn new(endpoint: Endpoint) -> EndpointEntry {
+    pub(crate) fn new(endpoint: Endpoint, concurrent_connects: usize) -> EndpointEntry {
         let label = endpoint.to_string();
         EndpointEntry {
             shared: Arc::new(EndpointShared {
@@ -68,6 +70,7 @@ impl EndpointEntry {
             members: ArcSwap::from_pointee(Vec::new()),
             internals: Mutex::new(EndpointInternals::default()),
             healthy: AtomicBool::new(true),
+            connect_permits: Semaphore::new(concurrent_connects),
         }
     }
 
