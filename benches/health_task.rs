@@ -1,5 +1,10 @@
 //! What keepalive costs at scale: 10,000 idle members PINGed every 10 s.
 //!
+//! Three runs: the pool with keepalive 10 s/5 s, the pool without keepalive, and the floor
+//! to compare with: as many bare `h2` connections, each PINGed every 10 s by a task of its own.
+//! CPU is split into user and kernel time; on loopback the kernel time includes the server
+//! side's TCP receive work, which runs in the sender's system call.
+//!
 //! Run: `cargo bench --bench health_task [-- --members N --seconds S]`. The servers run in a
 //! child process (this same binary, re-executed), so that the numbers are the client's
 //! alone: process CPU time over a quiet window (PINGs, PONGs and the health task's timer
@@ -16,13 +21,23 @@ use grpc_pool_testkit::TestServer;
 const SERVER_ENV: &str = "GRPC_POOL_BENCH_SERVER";
 const PORTS: usize = 10;
 
-fn cpu_seconds() -> f64 {
+/// (user, kernel) CPU seconds of this process so far.
+fn cpu_seconds() -> (f64, f64) {
     // utime and stime, fields 14 and 15 of /proc/self/stat, in clock ticks (100 per second).
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 =
-        fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()).unwrap_or(0.0);
-    ticks / 100.0
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
+    (ticks(11), ticks(12))
+}
+
+/// Measures CPU over `window`: "X% of one core (user Y%, kernel Z%)".
+async fn cpu_over(window: Duration) -> String {
+    let ((user0, sys0), t0) = (cpu_seconds(), Instant::now());
+    tokio::time::sleep(window).await;
+    let (user1, sys1) = cpu_seconds();
+    let wall = t0.elapsed().as_secs_f64();
+    let (user, sys) = (100.0 * (user1 - user0) / wall, 100.0 * (sys1 - sys0) / wall);
+    format!("CPU {:.2}% of one core (user {user:.2}%, kernel {sys:.2}%) over {wall:.0}s", user + sys)
 }
 
 fn rss_bytes() -> u64 {
@@ -72,10 +87,7 @@ async fn measure(
     // Let connection setup settle, then watch a quiet window.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_bytes();
-    let (cpu0, t0) = (cpu_seconds(), Instant::now());
-    tokio::time::sleep(window).await;
-    let cpu = cpu_seconds() - cpu0;
-    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_over(window).await;
     let pinged = pool
         .state()
         .endpoints
@@ -84,13 +96,58 @@ async fn measure(
         .filter(|m| m.last_ping_rtt.is_some())
         .count();
     println!(
-        "{label:<22} {members} members up in {:.1}s; CPU {:.2}% of one core over {:.0}s; {:.1} KiB RSS per member; {pinged} members answered a PING",
+        "{label:<18} {members} members up in {:.1}s; {cpu}; {:.1} KiB RSS per member; {pinged} members answered a PING",
         connect_time.as_secs_f64(),
-        100.0 * cpu / wall,
-        wall,
         (rss_after.saturating_sub(rss_before)) as f64 / members as f64 / 1024.0,
     );
     pool.close().await;
+}
+
+/// The floor: the same number of bare `h2` connections, each PINGed every `keepalive` by a
+/// task of its own (a sleep and a PING in a loop), with no pool and no health task. What the
+/// pool costs above this is the price of its bookkeeping; the rest is HTTP/2 and TCP.
+async fn measure_bare_h2(uris: &[String], members: usize, keepalive: Duration, window: Duration) {
+    let rss_before = rss_bytes();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for i in 0..members {
+        let addr = uris[i % uris.len()].trim_start_matches("http://").to_owned();
+        // Opened one endpoint-batch at a time, as the pool's connect pacing does.
+        let tcp = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        let _ = tcp.set_nodelay(true);
+        let (_send, mut connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        let mut ping_pong = connection.ping_pong().expect("ping_pong");
+        let answered = answered.clone();
+        tasks.spawn(async move {
+            let _send = _send;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            // Spread like the pool's first PINGs: somewhere in the second half of the period.
+            let phase = keepalive.mul_f64(0.5 + 0.5 * (i as f64 / members as f64));
+            tokio::time::sleep(phase).await;
+            loop {
+                if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
+                    return;
+                }
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(keepalive).await;
+            }
+        });
+    }
+    let connect_time = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_bytes();
+    let cpu = cpu_over(window).await;
+    println!(
+        "{:<18} {members} connections up in {:.1}s; {cpu}; {:.1} KiB RSS per connection; {} PINGs answered",
+        "bare h2, 10s PING",
+        connect_time.as_secs_f64(),
+        (rss_after.saturating_sub(rss_before)) as f64 / members as f64 / 1024.0,
+        answered.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    tasks.shutdown().await;
 }
 
 fn main() {
@@ -138,6 +195,7 @@ fn main() {
         )
         .await;
         measure("no keepalive", base().no_keepalive(), &uris, members, window).await;
+        measure_bare_h2(&uris, members, Duration::from_secs(10), window).await;
     });
     drop(child.stdin.take());
     let _ = child.wait();

@@ -57,6 +57,45 @@ async fn keepalive_replaces_a_silently_dropped_idle_member_before_the_next_call(
 }
 
 #[tokio::test]
+async fn members_opened_together_send_their_first_pings_spread_over_half_a_keepalive_time() {
+    let server = TestServer::start().await;
+    let time = Duration::from_secs(2);
+    let pool = Pool::builder()
+        .min_connections(24)
+        .max_connections(24)
+        .keepalive(Keepalive::new(time, Duration::from_secs(2)))
+        .build([server.uri()])
+        .await
+        .unwrap();
+    let opened = Instant::now();
+    // When each member's first PING was answered, as seen by polling the pool's state.
+    let mut first_pong: std::collections::HashMap<u64, Duration> = Default::default();
+    while first_pong.len() < 24 {
+        assert!(
+            opened.elapsed() < time + SLACK,
+            "only {} members PINGed after {:?}",
+            first_pong.len(),
+            opened.elapsed()
+        );
+        for member in &pool.state().endpoints[0].members {
+            if member.last_ping_rtt.is_some() {
+                first_pong.entry(member.id).or_insert_with(|| opened.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let earliest = first_pong.values().min().copied().unwrap();
+    let latest = first_pong.values().max().copied().unwrap();
+    // Quiet for half the keepalive time at least; and not all at once: 24 draws from a
+    // uniform spread over 1 s land within 250 ms of each other with odds below 1e-13.
+    assert!(earliest >= time / 2, "a first PING after {earliest:?}");
+    assert!(
+        latest - earliest >= Duration::from_millis(250),
+        "first PINGs between {earliest:?} and {latest:?}"
+    );
+}
+
+#[tokio::test]
 async fn keepalive_fails_calls_on_a_dead_connection_at_once_instead_of_at_their_deadline() {
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;

@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use grpc_pool_core::metrics as names;
-use grpc_pool_core::{Endpoint, Error, EvictionReason, MemberHandle, MemberState, PoolEvent, PoolMonitor};
+use grpc_pool_core::{
+    Endpoint, Error, EvictionReason, MemberHandle, MemberState, MemberStatus, PoolEvent, PoolMonitor,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::error::Elapsed;
 use tokio::time::Instant;
 use tokio_util::time::delay_queue::{DelayQueue, Key};
 
@@ -38,9 +39,14 @@ const RETRY_RETIREMENT: Duration = Duration::from_millis(250);
 const DRAIN_HOLD: Duration = Duration::from_secs(30);
 /// Entries are never due sooner than this after being looked at: bounds the work per member.
 const MIN_RECHECK: Duration = Duration::from_millis(5);
+/// Due times are rounded up to a multiple of this, so that the work of members falling due
+/// close together is done in one wake-up of the task (and of the runtime's threads) rather
+/// than one each.
+const BATCH: Duration = Duration::from_millis(50);
 
-/// A probe of one member: PING or health-check RPC, bounded by the keepalive timeout.
-type Probe = Pin<Box<dyn Future<Output = (u64, Result<Result<Duration, String>, Elapsed>)> + Send>>;
+/// A probe of one member, PING or health-check RPC: (member id, probe number, round trip).
+/// Its deadline is the member's queue entry, not a timer of its own.
+type Probe = Pin<Box<dyn Future<Output = (u64, u64, Result<Duration, String>)> + Send>>;
 /// One `Check` of one endpoint.
 type Check = Pin<Box<dyn Future<Output = (usize, Verdict, Option<Duration>)> + Send>>;
 /// One endpoint's `Watch` stream, running until it ends.
@@ -63,15 +69,28 @@ struct EndpointHealth {
     unimplemented_logged: bool,
 }
 
-/// `interval` spread by +/-10%, differently for each `salt` and each call.
-fn jittered(interval: Duration, state: &RandomState, salt: u64) -> Duration {
+/// A number in `[-1, 1)`, different for each `salt` and each call.
+fn symmetric_unit(state: &RandomState, salt: u64) -> f64 {
     let mut hasher = state.build_hasher();
     hasher.write_u64(salt);
     hasher.write_u128(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
     );
-    let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
-    interval.mul_f64(1.0 + 0.1 * unit)
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+}
+
+/// `interval` spread by +/-10%, differently for each `salt` and each call.
+fn jittered(interval: Duration, state: &RandomState, salt: u64) -> Duration {
+    interval.mul_f64(1.0 + 0.1 * symmetric_unit(state, salt))
+}
+
+/// `at`, rounded up to the next multiple of [`BATCH`] since `epoch`: members due within one
+/// batch are looked at, and PINGed, in one turn of the task.
+fn batched(epoch: Instant, at: Instant) -> Instant {
+    let since = at.saturating_duration_since(epoch).as_nanos();
+    let batch = BATCH.as_nanos();
+    let rounded = since.div_ceil(batch) * batch;
+    epoch + Duration::from_nanos(rounded as u64)
 }
 
 /// Starts the health task of the pool behind `monitor`. It ends by itself when the pool
@@ -86,7 +105,13 @@ struct Tracked {
     key: Option<Key>,
     /// This member's jittered `max_lifetime`.
     lifetime: Option<Duration>,
-    pinging: bool,
+    /// The number of the probe in flight, if one is: its queue entry is then its deadline.
+    probe: Option<u64>,
+    /// How quiet it must be for its first keepalive PING: somewhere between half the
+    /// keepalive time and all of it, so that connections opened together (a pool starting,
+    /// an endpoint coming back) do not PING together ever after. Later PINGs wait the full
+    /// keepalive time, which the server's PING policy may be tuned to.
+    first_ping_after: Option<Duration>,
 }
 
 struct Task {
@@ -111,6 +136,33 @@ struct Task {
     /// endpoint's members were ready then.
     lifetime_drain: HashMap<Endpoint, (MemberHandle, Instant, usize)>,
     jitter: RandomState,
+    /// The grid [`BATCH`] rounds to.
+    epoch: Instant,
+    /// Probes started so far; numbers them, so that a late answer is not taken for the
+    /// current probe's.
+    probes_started: u64,
+    /// PING metrics per endpoint, labelled once.
+    ping_metrics: HashMap<Endpoint, PingMetrics>,
+}
+
+/// One endpoint's PING counters and round-trip histogram.
+struct PingMetrics {
+    ok: metrics::Counter,
+    error: metrics::Counter,
+    timeout: metrics::Counter,
+    rtt: metrics::Histogram,
+}
+
+impl PingMetrics {
+    fn new(pool: &str, endpoint: &Endpoint) -> PingMetrics {
+        let counter = |result: &'static str| metrics::counter!(names::PINGS, names::LABEL_POOL => pool.to_owned(), names::LABEL_ENDPOINT => endpoint.to_string(), names::LABEL_RESULT => result);
+        PingMetrics {
+            ok: counter("ok"),
+            error: counter("error"),
+            timeout: counter("timeout"),
+            rtt: metrics::histogram!(names::PING_RTT, names::LABEL_POOL => pool.to_owned(), names::LABEL_ENDPOINT => endpoint.to_string()),
+        }
+    }
 }
 
 impl Task {
@@ -144,6 +196,9 @@ impl Task {
             keepalive_time: HashMap::new(),
             lifetime_drain: HashMap::new(),
             jitter: RandomState::new(),
+            epoch: Instant::now(),
+            probes_started: 0,
+            ping_metrics: HashMap::new(),
         }
     }
 
@@ -179,8 +234,8 @@ impl Task {
                         Due::Endpoint(index) => self.start_check(index),
                     }
                 }
-                Some((id, result)) = self.probes.next(), if !self.probes.is_empty() => {
-                    self.on_pong(id, result);
+                Some((id, probe, result)) = self.probes.next(), if !self.probes.is_empty() => {
+                    self.on_pong(id, probe, result);
                 }
                 Some((index, verdict, latency)) = self.checks.next(), if !self.checks.is_empty() => {
                     self.on_verdict(index, verdict, latency, false);
@@ -220,7 +275,10 @@ impl Task {
         let lifetime = self.config.eviction.max_lifetime.map(|lifetime| jittered(lifetime, &self.jitter, id));
         self.by_endpoint.entry(member.endpoint().clone()).or_default().insert(id);
         let key = Some(self.queue.insert(Due::Member(id), MIN_RECHECK));
-        self.members.insert(id, Tracked { member, key, lifetime, pinging: false });
+        let first_ping_after = self
+            .keepalive_time(member.endpoint())
+            .map(|time| time.mul_f64(0.75 + 0.25 * symmetric_unit(&self.jitter, id)));
+        self.members.insert(id, Tracked { member, key, lifetime, probe: None, first_ping_after });
         // Look at it right away (the entry is due at once), so a member that is already
         // old or quiet is handled on the next turn.
     }
@@ -274,16 +332,19 @@ impl Task {
     fn check(&mut self, id: u64) {
         let Some(tracked) = self.members.get(&id) else { return };
         let member = tracked.member.clone();
-        let state = member.state();
-        if matches!(state, MemberState::Closed | MemberState::Draining) {
+        let status = member.status();
+        if matches!(status.state, MemberState::Closed | MemberState::Draining) {
             // Nothing more to do for it; the pool closes it when its streams end.
             self.untrack(id);
             return;
         }
-        let (lifetime, pinging) = (tracked.lifetime, tracked.pinging);
-        let age = member.age();
-        let idle = member.idle();
-        let in_flight = member.in_flight();
+        if tracked.probe.is_some() {
+            // Its entry fired while a probe was out: the probe's deadline passed.
+            self.on_probe_timeout(id, &member);
+            return;
+        }
+        let (lifetime, first_ping_after) = (tracked.lifetime, tracked.first_ping_after);
+        let MemberStatus { age, idle, in_flight, since_last_read: quiet, .. } = status;
 
         if let Some(lifetime) = lifetime.filter(|l| age >= *l) {
             if self.may_retire_for_lifetime(member.endpoint()) {
@@ -317,13 +378,14 @@ impl Task {
         if let (Some(keepalive), Some(time)) =
             (self.keepalive().cloned(), self.keepalive_time(member.endpoint()))
         {
-            let quiet = member.since_last_read();
+            let time = first_ping_after.map_or(time, |first| first.min(time));
             let permitted = keepalive.permit_without_stream || in_flight > 0;
-            if pinging {
-                // Its probe's timeout brings it back.
-            } else if quiet >= time && permitted {
+            if quiet >= time && permitted {
                 let rpc = in_flight == 0 && self.ping_limited.contains(member.endpoint());
-                self.start_probe(id, &member, keepalive.timeout, rpc);
+                self.start_probe(id, &member, rpc);
+                // The entry comes back at the probe's deadline.
+                self.reschedule(id, keepalive.timeout);
+                return;
             } else if permitted {
                 next = next.min(time - quiet);
             } else {
@@ -423,10 +485,10 @@ impl Task {
 
     fn reschedule(&mut self, id: u64, after: Duration) {
         if let Some(tracked) = self.members.get_mut(&id) {
-            let after = after.max(MIN_RECHECK);
+            let at = batched(self.epoch, Instant::now() + after.max(MIN_RECHECK));
             match &tracked.key {
-                Some(key) => self.queue.reset(key, after),
-                None => tracked.key = Some(self.queue.insert(Due::Member(id), after)),
+                Some(key) => self.queue.reset_at(key, at),
+                None => tracked.key = Some(self.queue.insert_at(Due::Member(id), at)),
             }
         }
     }
@@ -459,52 +521,63 @@ impl Task {
 
     /// Probes a quiet member: an HTTP/2 PING, or for `rpc` a health-check call on that
     /// connection (for servers that limit PINGs on idle connections).
-    fn start_probe(&mut self, id: u64, member: &MemberHandle, timeout: Duration, rpc: bool) {
+    fn start_probe(&mut self, id: u64, member: &MemberHandle, rpc: bool) {
+        self.probes_started += 1;
+        let probe = self.probes_started;
         if let Some(tracked) = self.members.get_mut(&id) {
-            tracked.pinging = true;
+            tracked.probe = Some(probe);
         }
         let member = member.clone();
-        let service = self.config.checks.as_ref().map(|c| c.service.clone()).unwrap_or_default();
+        let service = if rpc { self.config.checks.as_ref().map(|c| c.service.clone()) } else { None };
         self.probes.push(Box::pin(async move {
-            let probe = async {
-                match (rpc, member.channel()) {
-                    (true, Some(channel)) => checks::probe(channel, service).await,
-                    _ => member.ping().await.map_err(|e: Error| e.to_string()),
-                }
+            let result = match (rpc, member.channel()) {
+                (true, Some(channel)) => checks::probe(channel, service.unwrap_or_default()).await,
+                _ => member.ping().await.map_err(|e: Error| e.to_string()),
             };
-            (id, tokio::time::timeout(timeout, probe).await)
+            (id, probe, result)
         }));
     }
 
-    fn on_pong(&mut self, id: u64, result: Result<Result<Duration, String>, Elapsed>) {
+    fn ping_metrics(&mut self, endpoint: &Endpoint) -> &PingMetrics {
+        if !self.ping_metrics.contains_key(endpoint) {
+            let metrics = PingMetrics::new(self.monitor.name(), endpoint);
+            self.ping_metrics.insert(endpoint.clone(), metrics);
+        }
+        &self.ping_metrics[endpoint]
+    }
+
+    fn on_pong(&mut self, id: u64, probe: u64, result: Result<Duration, String>) {
         let Some(tracked) = self.members.get_mut(&id) else { return };
-        tracked.pinging = false;
+        if tracked.probe != Some(probe) {
+            return; // answered after its deadline; the member was dealt with then
+        }
+        tracked.probe = None;
+        tracked.first_ping_after = None;
         let member = tracked.member.clone();
-        let pool = self.monitor.name().to_owned();
-        let endpoint = member.endpoint().to_string();
         match result {
-            Ok(Ok(rtt)) => {
-                metrics::counter!(names::PINGS, names::LABEL_POOL => pool.clone(), names::LABEL_ENDPOINT => endpoint.clone(), names::LABEL_RESULT => "ok").increment(1);
-                metrics::histogram!(names::PING_RTT, names::LABEL_POOL => pool, names::LABEL_ENDPOINT => endpoint).record(rtt.as_secs_f64());
+            Ok(rtt) => {
+                let metrics = self.ping_metrics(member.endpoint());
+                metrics.ok.increment(1);
+                metrics.rtt.record(rtt.as_secs_f64());
                 tracing::trace!(member = id, rtt = ?rtt, "keepalive PONG");
-                let time = self.keepalive_time(member.endpoint()).unwrap_or(Duration::from_secs(60));
-                self.reschedule(id, time);
+                // Due again at whichever comes first: the next PING, its idle or lifetime end.
+                self.check(id);
             }
-            Ok(Err(error)) => {
-                metrics::counter!(names::PINGS, names::LABEL_POOL => pool, names::LABEL_ENDPOINT => endpoint, names::LABEL_RESULT => "error").increment(1);
+            Err(error) => {
+                self.ping_metrics(member.endpoint()).error.increment(1);
                 tracing::debug!(member = id, error = %error, "keepalive probe failed");
                 // The connection failed; the pool is taking it out already.
                 self.reschedule(id, MIN_RECHECK);
             }
-            Err(_) => {
-                metrics::counter!(names::PINGS, names::LABEL_POOL => pool, names::LABEL_ENDPOINT => endpoint, names::LABEL_RESULT => "timeout").increment(1);
-                let timeout = self.keepalive().map(|k| k.timeout).unwrap_or_default();
-                member.kill(
-                    EvictionReason::PingTimeout,
-                    &format!("no PONG within keepalive timeout {timeout:?}"),
-                );
-                self.untrack(id);
-            }
         }
+    }
+
+    /// A probe got no answer within the keepalive timeout: the connection is dead.
+    fn on_probe_timeout(&mut self, id: u64, member: &MemberHandle) {
+        self.ping_metrics(member.endpoint()).timeout.increment(1);
+        let timeout = self.keepalive().map(|k| k.timeout).unwrap_or_default();
+        member.kill(EvictionReason::PingTimeout, &format!("no PONG within keepalive timeout {timeout:?}"));
+        // Its probe ends when the connection does; the answer finds no member.
+        self.untrack(id);
     }
 }

@@ -40,4 +40,4 @@ pub use config::{AllUnhealthy, BackoffConfig, H2Config};
 pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
 pub use member::{EvictionReason, MemberState};
-pub use monitor::{MemberHandle, PoolEvent, PoolMonitor};
+pub use monitor::{MemberHandle, MemberStatus, PoolEvent, PoolMonitor};

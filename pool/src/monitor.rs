@@ -126,6 +126,22 @@ pub enum PoolEvent {
     },
 }
 
+/// What [`MemberHandle::status`] read of a member; a closed member reads as `Closed` with
+/// zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// Where it is in its life.
+    pub state: MemberState,
+    /// Streams open on it.
+    pub in_flight: u32,
+    /// Time since it connected.
+    pub age: Duration,
+    /// Time since a stream last started on it.
+    pub idle: Duration,
+    /// Time since the server last sent anything on it.
+    pub since_last_read: Duration,
+}
+
 /// A member, seen from outside the pool. Holds no strong reference: once the pool lets go
 /// of the member, every query answers as for a closed one.
 #[derive(Clone)]
@@ -180,6 +196,27 @@ impl MemberHandle {
     /// PING.
     pub fn since_last_read(&self) -> Duration {
         self.member.upgrade().map(|m| m.signals.since_last_read()).unwrap_or_default()
+    }
+
+    /// Its state, in-flight streams, age, idle and quiet time, read together: one look at
+    /// the member instead of one per question.
+    pub fn status(&self) -> MemberStatus {
+        match self.member.upgrade() {
+            Some(m) => MemberStatus {
+                state: m.state(),
+                in_flight: m.in_flight(),
+                age: m.age(),
+                idle: m.idle(),
+                since_last_read: m.signals.since_last_read(),
+            },
+            None => MemberStatus {
+                state: MemberState::Closed,
+                in_flight: 0,
+                age: Duration::ZERO,
+                idle: Duration::ZERO,
+                since_last_read: Duration::ZERO,
+            },
+        }
     }
 
     /// Streams opened on it since it connected.
