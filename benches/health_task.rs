@@ -11,58 +11,21 @@
 //! queue, all of it), once with keepalive at 10 s and once without, and resident memory per
 //! idle member.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use grpc_pool::{Keepalive, Pool};
-use grpc_pool_testkit::TestServer;
+use grpc_pool_testkit::process;
 
-const SERVER_ENV: &str = "GRPC_POOL_BENCH_SERVER";
 const PORTS: usize = 10;
-
-/// (user, kernel) CPU seconds of this process so far.
-fn cpu_seconds() -> (f64, f64) {
-    // utime and stime, fields 14 and 15 of /proc/self/stat, in clock ticks (100 per second).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
-    (ticks(11), ticks(12))
-}
 
 /// Measures CPU over `window`: "X% of one core (user Y%, kernel Z%)".
 async fn cpu_over(window: Duration) -> String {
-    let ((user0, sys0), t0) = (cpu_seconds(), Instant::now());
+    let ((user0, sys0), t0) = (process::cpu_seconds(), Instant::now());
     tokio::time::sleep(window).await;
-    let (user1, sys1) = cpu_seconds();
+    let (user1, sys1) = process::cpu_seconds();
     let wall = t0.elapsed().as_secs_f64();
     let (user, sys) = (100.0 * (user1 - user0) / wall, 100.0 * (sys1 - sys0) / wall);
     format!("CPU {:.2}% of one core (user {user:.2}%, kernel {sys:.2}%) over {wall:.0}s", user + sys)
-}
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    statm.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 4096
-}
-
-fn serve() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    rt.block_on(async {
-        let mut servers = Vec::new();
-        for _ in 0..PORTS {
-            servers.push(TestServer::start().await);
-        }
-        let ports: Vec<String> = servers.iter().map(|s| s.addr().port().to_string()).collect();
-        println!("{}", ports.join(" "));
-        std::io::stdout().flush().unwrap();
-        // Until the parent closes our stdin.
-        tokio::task::spawn_blocking(|| {
-            let mut line = String::new();
-            while std::io::stdin().read_line(&mut line).map(|n| n > 0).unwrap_or(false) {}
-        })
-        .await
-        .unwrap();
-    });
 }
 
 async fn measure(
@@ -72,7 +35,7 @@ async fn measure(
     members: usize,
     window: Duration,
 ) {
-    let rss_before = rss_bytes();
+    let rss_before = process::rss_bytes();
     let started = Instant::now();
     let pool = builder.build_lazy(uris).unwrap();
     while pool.state().members() < members {
@@ -86,7 +49,7 @@ async fn measure(
     let connect_time = started.elapsed();
     // Let connection setup settle, then watch a quiet window.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after = rss_bytes();
+    let rss_after = process::rss_bytes();
     let cpu = cpu_over(window).await;
     let pinged = pool
         .state()
@@ -107,7 +70,7 @@ async fn measure(
 /// task of its own (a sleep and a PING in a loop), with no pool and no health task. What the
 /// pool costs above this is the price of its bookkeeping; the rest is HTTP/2 and TCP.
 async fn measure_bare_h2(uris: &[String], members: usize, keepalive: Duration, window: Duration) {
-    let rss_before = rss_bytes();
+    let rss_before = process::rss_bytes();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -138,7 +101,7 @@ async fn measure_bare_h2(uris: &[String], members: usize, keepalive: Duration, w
     }
     let connect_time = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after = rss_bytes();
+    let rss_after = process::rss_bytes();
     let cpu = cpu_over(window).await;
     println!(
         "{:<18} {members} connections up in {:.1}s; {cpu}; {:.1} KiB RSS per connection; {} PINGs answered",
@@ -151,8 +114,8 @@ async fn measure_bare_h2(uris: &[String], members: usize, keepalive: Duration, w
 }
 
 fn main() {
-    if std::env::var_os(SERVER_ENV).is_some() {
-        return serve();
+    if process::is_server_process() {
+        return process::serve_until_stdin_closes(PORTS);
     }
     let mut members = 10_000usize;
     let mut seconds = 20u64;
@@ -164,15 +127,7 @@ fn main() {
             _ => {} // cargo bench passes --bench
         }
     }
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .env(SERVER_ENV, "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the server process");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let uris: Vec<String> = line.split_whitespace().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let (mut child, uris) = process::start_server_process();
     let per_endpoint = members.div_ceil(uris.len());
     let members = per_endpoint * uris.len();
 

@@ -5,8 +5,6 @@
 //! thread), the clients on another (one worker thread), so that both sides get a core.
 
 use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,89 +14,6 @@ use grpc_pool::Pool;
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::TestServer;
-use http_body::Frame;
-
-/// The baseline: tonic's codec over one `h2` connection, no pool. Each call clones the
-/// `SendRequest`, sends, and wraps the receive stream; nothing else.
-#[derive(Clone)]
-struct BareH2 {
-    send: h2::client::SendRequest<Bytes>,
-    authority: http::uri::Authority,
-}
-
-struct BareBody(h2::RecvStream, bool);
-
-impl http_body::Body for BareBody {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        if !this.1 {
-            match std::task::ready!(this.0.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.0.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => this.1 = true,
-            }
-        }
-        match std::task::ready!(this.0.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
-}
-
-impl tower_service::Service<http::Request<tonic::body::Body>> for BareH2 {
-    type Response = http::Response<BareBody>;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let mut send = self.send.clone();
-        let authority = self.authority.clone();
-        Box::pin(async move {
-            use http_body_util::BodyExt;
-            let (mut parts, body) = request.into_parts();
-            parts.uri = http::Uri::builder()
-                .scheme("http")
-                .authority(authority)
-                .path_and_query(parts.uri.path_and_query().unwrap().clone())
-                .build()?;
-            // Unary bodies are one message: collect it and send head and data together.
-            let data = body.collect().await.map_err(|e| -> Self::Error { Box::new(e) })?.to_bytes();
-            let (response, mut stream) = send.send_request(http::Request::from_parts(parts, ()), false)?;
-            stream.send_data(data, true)?;
-            let response = response.await?;
-            Ok(response.map(|recv| BareBody(recv, false)))
-        })
-    }
-}
-
-async fn bare_h2(addr: std::net::SocketAddr) -> BareH2 {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let (send, connection) = h2::client::Builder::new()
-        .initial_window_size(2 << 20)
-        .initial_connection_window_size(4 << 20)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    BareH2 { send, authority: addr.to_string().parse().unwrap() }
-}
 
 fn request() -> EchoRequest {
     EchoRequest { message: Bytes::from_static(&[7u8; 64]), repeat: 0, delay_ms: 0 }
@@ -133,7 +48,7 @@ fn unary(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let (pool, bare, channel) = rt.block_on(async {
         let pool = Pool::builder().max_connections(1).build([format!("http://{addr}")]).await.unwrap();
-        let bare = bare_h2(addr).await;
+        let bare = grpc_pool_testkit::BareH2::connect(addr).await;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()

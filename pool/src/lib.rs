@@ -41,3 +41,13 @@ pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
 pub use member::{EvictionReason, MemberState};
 pub use monitor::{MemberHandle, MemberStatus, PoolEvent, PoolMonitor};
+
+/// For the crate's benchmarks only: not part of the API, and may change in any release.
+#[doc(hidden)]
+pub mod __bench {
+    /// Takes a stream slot the way a call does (endpoint and member selection, then the
+    /// slot), and frees it again. False if no slot was free.
+    pub fn checkout_and_release(pool: &crate::Pool) -> bool {
+        pool.inner().checkout_now().is_some()
+    }
+}

@@ -1,11 +1,14 @@
 //! Test support shared by grpc-pool's tests, examples and benches: the echo service, tonic
 //! servers started in-process on 127.0.0.1, and a TCP relay that injects faults.
+pub mod bare;
 pub mod echo;
 pub mod peer;
+pub mod process;
 pub mod raw;
 pub mod relay;
 pub mod server;
 
+pub use bare::BareH2;
 pub use peer::{PeerOptions, PythonPeer};
 pub use raw::{Misbehaviour, RawServer};
 pub use relay::Relay;

@@ -5,8 +5,9 @@ use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Method, Request, Uri, Version};
+use http::{Method, Request, Uri, Version};
 use http_body::Body;
 
 use super::body::ResponseBody;
@@ -49,11 +50,13 @@ pub(crate) enum Target {
     Member(Weak<Member>),
 }
 
-/// The request head kept for another attempt: h2 consumes the head it sends.
+/// The request head kept for another attempt: h2 consumes the head it sends. The headers
+/// are kept as a list, which is cheaper to make than a `HeaderMap` clone and is only turned
+/// back into a map on the rare resend.
 struct Head {
     method: Method,
     path: PathAndQuery,
-    headers: HeaderMap,
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 enum State<B> {
@@ -128,7 +131,7 @@ where
         let again = retry_allowed.then(|| Head {
             method: parts.method.clone(),
             path,
-            headers: parts.headers.clone(),
+            headers: parts.headers.iter().map(|(name, value)| (name.clone(), value.clone())).collect(),
         });
         let mut head = Request::new(());
         *head.method_mut() = parts.method;
@@ -279,7 +282,11 @@ fn rebuild<B>(head: Head, body: B) -> Request<B> {
     let mut request = Request::new(body);
     *request.method_mut() = head.method;
     *request.uri_mut() = Uri::from(head.path);
-    *request.headers_mut() = head.headers;
+    let headers = request.headers_mut();
+    headers.reserve(head.headers.len());
+    for (name, value) in head.headers {
+        headers.append(name, value);
+    }
     request
 }
 

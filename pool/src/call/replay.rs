@@ -21,7 +21,10 @@ pub(crate) const REPLAY_LIMIT: usize = 256 * 1024;
 /// The body as it went out: data chunks, then trailers if any.
 #[derive(Debug, Default)]
 pub(crate) struct Recording {
-    chunks: VecDeque<Bytes>,
+    /// The first chunk, kept apart: a unary call's body is one chunk, and keeping it then
+    /// costs no allocation.
+    first: Option<Bytes>,
+    rest: VecDeque<Bytes>,
     len: usize,
     trailers: Option<HeaderMap>,
 }
@@ -33,8 +36,20 @@ impl Recording {
         if self.len > REPLAY_LIMIT {
             return false;
         }
-        self.chunks.push_back(chunk.clone());
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(chunk.clone());
+        } else {
+            self.rest.push_back(chunk.clone());
+        }
         true
+    }
+
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty() && self.trailers.is_none()
     }
 
     pub(crate) fn trailers(&mut self, trailers: &HeaderMap) {
@@ -75,7 +90,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             CallBodyProj::Original { body } => body.poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
-            CallBodyProj::Replay { recording } => Poll::Ready(match recording.chunks.pop_front() {
+            CallBodyProj::Replay { recording } => Poll::Ready(match recording.next_chunk() {
                 Some(chunk) => Some(Ok(Frame::data(chunk))),
                 None => recording.trailers.take().map(|t| Ok(Frame::trailers(t))),
             }),
@@ -85,7 +100,7 @@ where
     fn is_end_stream(&self) -> bool {
         match self {
             CallBody::Original { body } => body.is_end_stream(),
-            CallBody::Replay { recording } => recording.chunks.is_empty() && recording.trailers.is_none(),
+            CallBody::Replay { recording } => recording.is_empty(),
         }
     }
 
@@ -94,5 +109,42 @@ where
             CallBody::Original { body } => body.size_hint(),
             CallBody::Replay { recording } => SizeHint::with_exact(recording.len as u64),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_replay_sends_the_chunks_in_order_then_the_trailers() {
+        let mut recording = Recording::default();
+        for chunk in ["one", "two", "three"] {
+            assert!(recording.data(&Bytes::from_static(chunk.as_bytes())));
+        }
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        recording.trailers(&trailers);
+        let mut body = CallBody::<http_body_util::Empty<Bytes>>::replay(recording);
+        let mut data = Vec::new();
+        let mut got_trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            match frame.into_data() {
+                Ok(chunk) => data.push(chunk),
+                Err(frame) => got_trailers = frame.into_trailers().ok(),
+            }
+        }
+        assert_eq!(data, ["one", "two", "three"]);
+        assert_eq!(got_trailers, Some(trailers));
+        assert!(body.is_end_stream());
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_not_kept() {
+        let mut recording = Recording::default();
+        assert!(recording.data(&Bytes::from(vec![0u8; REPLAY_LIMIT])));
+        assert!(!recording.data(&Bytes::from_static(b"x")));
     }
 }
