@@ -7,15 +7,17 @@
 //! with each client's ratio to `bare_h2`.
 //!
 //! CPU time on a shared machine still moves by a few percent between runs; for a count that
-//! does not, run one client under callgrind, which counts instructions in the measured calls
-//! only:
+//! does not, run one client twice under callgrind, which counts instructions, and divide the
+//! difference of the two `Collected` totals by the difference in calls (5,000 here). The
+//! subtraction removes start-up and shut-down and keeps everything a call costs, including
+//! the connection task that `h2` runs beside the caller:
 //!
 //! ```text
-//! valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*measured_calls*' \
-//!     target/release/deps/call_cost-<hash> --client pool --calls 20000
+//! for n in 3000 8000; do
+//!   valgrind --tool=callgrind --callgrind-out-file=cg.pool.$n \
+//!     target/release/deps/call_cost-<hash> --client pool --calls $n
+//! done
 //! ```
-//!
-//! and divide the `Collected` total by the number of calls.
 
 use std::time::Instant;
 

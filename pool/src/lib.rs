@@ -22,6 +22,7 @@
 pub mod api;
 mod backoff;
 pub mod call;
+mod clock;
 mod config;
 mod endpoint;
 mod error;

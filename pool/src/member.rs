@@ -141,7 +141,7 @@ pub(crate) struct Member {
     /// The stream id at which it retires (`max_streams_per_connection`, or the id space).
     pub(crate) retire_at_stream_id: u32,
     created: Instant,
-    /// Nanoseconds after `created` when a stream last started.
+    /// When a stream last started (a `clock::coarse_now_nanos` reading).
     last_used: AtomicU64,
 }
 
@@ -173,7 +173,7 @@ impl Member {
             cap,
             retire_at_stream_id,
             created: Instant::now(),
-            last_used: AtomicU64::new(0),
+            last_used: AtomicU64::new(crate::clock::coarse_now_nanos()),
         }
     }
 
@@ -213,8 +213,7 @@ impl Member {
     }
 
     pub(crate) fn idle(&self) -> Duration {
-        let last = Duration::from_nanos(self.last_used.load(Ordering::Relaxed));
-        self.created.elapsed().saturating_sub(last)
+        crate::clock::since(self.last_used.load(Ordering::Relaxed))
     }
 
     pub(crate) fn set_driver(&self, driver: tokio::task::AbortHandle) {
@@ -286,7 +285,7 @@ impl Member {
             }
         }
         self.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        let now = self.created.elapsed().as_nanos() as u64;
+        let now = crate::clock::coarse_now_nanos();
         let before = self.last_used.swap(now, Ordering::Relaxed);
         let unused_for = Duration::from_nanos(now.saturating_sub(before));
         Some(Slot { member: self.clone(), serve_waiters: true, unused_for })

@@ -11,9 +11,9 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -43,22 +43,11 @@ impl GoAway {
     }
 }
 
-/// The instant all read timestamps count from; nanoseconds since it fit in a `u64` for
-/// five centuries.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn now_nanos() -> u64 {
-    epoch().elapsed().as_nanos() as u64
-}
-
 /// What the server has told us so far on one connection, shared between the connection's
 /// reader and the pool.
 #[derive(Debug)]
 pub(crate) struct ConnSignals {
-    /// When bytes last arrived from the server (nanoseconds after `epoch()`): keepalive
+    /// When bytes last arrived from the server (a `clock::coarse_now_nanos` reading): keepalive
     /// PINGs only connections that have been quiet.
     last_read: AtomicU64,
     /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS`; `u32::MAX` until it sends one
@@ -78,7 +67,7 @@ pub(crate) struct ConnSignals {
 impl ConnSignals {
     pub(crate) fn new() -> ConnSignals {
         ConnSignals {
-            last_read: AtomicU64::new(now_nanos()),
+            last_read: AtomicU64::new(crate::clock::coarse_now_nanos()),
             server_max_streams: AtomicU32::new(u32::MAX),
             settings_seen: AtomicBool::new(false),
             limit_raised: AtomicBool::new(false),
@@ -91,7 +80,7 @@ impl ConnSignals {
 
     /// Time since bytes last arrived from the server.
     pub(crate) fn since_last_read(&self) -> Duration {
-        Duration::from_nanos(now_nanos().saturating_sub(self.last_read.load(Ordering::Relaxed)))
+        crate::clock::since(self.last_read.load(Ordering::Relaxed))
     }
 
     pub(crate) fn server_max_streams(&self) -> u32 {
@@ -253,7 +242,7 @@ impl<T: AsyncRead> AsyncRead for ObservedIo<T> {
         if let Poll::Ready(Ok(())) = result {
             let read = &buf.filled()[before..];
             if !read.is_empty() {
-                this.signals.last_read.store(now_nanos(), Ordering::Relaxed);
+                this.signals.last_read.store(crate::clock::coarse_now_nanos(), Ordering::Relaxed);
                 this.reader.feed(read, this.signals);
             }
         }
