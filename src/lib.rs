@@ -38,7 +38,7 @@ pub use grpc_pool_core::AllUnhealthy;
 pub use grpc_pool_core::{
     api, call, metrics, monitor, BackoffConfig, Endpoint, EndpointState, Error, ErrorKind, EvictionReason,
     H2Config, MemberHandle, MemberSnapshot, MemberState, PoolEvent, PoolMonitor, ResponseBody,
-    ResponseFuture, State, Statistics,
+    ResponseFuture, RetryReason, State, Statistics,
 };
 pub use grpc_pool_health as health;
 pub use grpc_pool_health::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
@@ -179,6 +179,13 @@ impl Builder {
         connect_timeout(Duration);
         /// Connects under way at once to one endpoint; the others wait their turn. Default 8.
         max_concurrent_connects(usize);
+        /// Attempts per call in all, the first included (1 to 10), for calls the server
+        /// provably never processed (refused, above a GOAWAY's last stream id, or never
+        /// written). Default 3.
+        max_attempts(u32);
+        /// Most request-body bytes a call keeps so it can be sent again (0 to 64 MiB); a
+        /// larger call is not sent again and its error says so. Default 256 KiB.
+        replay_buffer_limit(usize);
         /// Reconnect backoff after failed connects.
         backoff(BackoffConfig);
         /// HTTP/2 window, frame and header-list settings.

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use grpc_pool::{BackoffConfig, ErrorKind, EvictionReason, MemberState, Pool};
+use grpc_pool::{BackoffConfig, ErrorKind, EvictionReason, MemberState, Pool, RetryReason};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{unused_uri, wait_until, Relay, ServerOptions, TestServer};
+use grpc_pool_testkit::{unused_uri, wait_until, GoAwayServer, GoAwayWhen, Relay, ServerOptions, TestServer};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -603,4 +603,158 @@ async fn refused_streams_are_sent_again_and_fail_no_call() {
     assert_eq!(server.answered() + healthy.calls(), 640);
     assert!(server.refused() > 50, "the server refused {}", server.refused());
     assert_eq!(stats.retries, server.refused(), "{stats:?}");
+}
+
+/// Runs `callers` concurrent callers of unary echoes through `pool` for `duration`; returns
+/// the number of calls made and the failures.
+async fn unary_load(pool: &Pool, callers: u8, duration: Duration) -> (usize, Vec<tonic::Status>) {
+    let until = Instant::now() + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..callers {
+        let mut client = client(pool);
+        tasks.spawn(async move {
+            let (mut calls, mut failures) = (0, Vec::new());
+            while Instant::now() < until {
+                let message = Bytes::from(vec![i; 100]);
+                calls += 1;
+                match client
+                    .unary_echo(EchoRequest { message: message.clone(), repeat: 0, delay_ms: 0 })
+                    .await
+                {
+                    Ok(reply) => assert_eq!(reply.into_inner().message, message),
+                    Err(status) => failures.push(status),
+                }
+            }
+            (calls, failures)
+        });
+    }
+    let (mut calls, mut failures) = (0, Vec::new());
+    while let Some(result) = tasks.join_next().await {
+        let (made, failed) = result.unwrap();
+        calls += made;
+        failures.extend(failed);
+    }
+    (calls, failures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_with_a_low_last_stream_id_under_load_fails_no_call() {
+    // Each connection, once 100-300 ms old, goes away at the next stream, naming the last
+    // stream it answered: every stream above it (in flight at the client, or still on the
+    // wire) was never processed. The pool sends each of those again, to the other endpoint
+    // first.
+    let servers = [
+        GoAwayServer::start(GoAwayWhen::AfterAge(Duration::from_millis(200))).await,
+        GoAwayServer::start(GoAwayWhen::AfterAge(Duration::from_millis(200))).await,
+    ];
+    let pool = Pool::builder()
+        .max_connections(2)
+        .backoff(fast_backoff())
+        .build(servers.iter().map(|s| s.uri()))
+        .await
+        .unwrap();
+    let (calls, failures) = unary_load(&pool, 32, Duration::from_millis(1500)).await;
+    let stats = pool.state().statistics;
+    let mut why: Vec<String> =
+        failures.iter().map(|s| s.message().rsplit("; ").next().unwrap_or("").to_owned()).collect();
+    why.sort();
+    why.dedup();
+    assert!(
+        failures.is_empty(),
+        "{} calls failed ({why:?}), first: {:?}; {stats:?}",
+        failures.len(),
+        failures.first()
+    );
+    let (answered, goaways, unanswered) = servers
+        .iter()
+        .fold((0, 0, 0), |(a, g, u), s| (a + s.answered(), g + s.goaways(), u + s.unanswered()));
+    assert_eq!(answered, calls as u64, "{stats:?}");
+    assert!(goaways >= 10, "the servers sent {goaways} GOAWAYs");
+    // Each stream a server left unanswered failed at the client above the GOAWAY's last
+    // stream id, and was counted as such when it was sent again.
+    assert!(unanswered > 0);
+    assert!(stats.retried(RetryReason::GoAway) >= unanswered, "{unanswered} streams unanswered, {stats:?}");
+}
+
+#[tokio::test]
+async fn a_large_client_streaming_call_cut_by_goaway_is_not_resent_and_says_why() {
+    // 1 MiB of client stream, then a GOAWAY that says the server processed nothing. The call
+    // could be resent safely, but its body was larger than the replay buffer, so the bytes
+    // are gone: the error must say that, and the server must have seen the call once.
+    let server = GoAwayServer::start(GoAwayWhen::AtFirstRequestEnd).await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    let chunks: Vec<EchoRequest> = (0..16)
+        .map(|_| EchoRequest { message: Bytes::from(vec![1u8; 64 * 1024]), repeat: 0, delay_ms: 0 })
+        .collect();
+    let status = client(&pool).client_streaming_echo(tokio_stream::iter(chunks)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("not retried: its request body is over the replay buffer limit (262144 bytes)"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(server.goaways(), 1);
+    assert!(server.body_bytes() >= 1 << 20, "the server got {} bytes", server.body_bytes());
+    assert_eq!(pool.state().statistics.retries, 0);
+}
+
+#[tokio::test]
+async fn a_call_refused_on_every_attempt_fails_after_max_attempts_and_says_so() {
+    let server = grpc_pool_testkit::RawServer::start(grpc_pool_testkit::Misbehaviour::RefuseEvery(1)).await;
+    let pool = Pool::builder().max_attempts(2).build([server.uri()]).await.unwrap();
+    let status = client(&pool).unary_echo(request(b"x", 0)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("not retried: all 2 attempts used"), "{}", status.message());
+    assert_eq!(server.refused(), 2);
+    assert_eq!(pool.state().statistics.retried(RetryReason::Refused), 1);
+
+    let once = Pool::builder().max_attempts(1).build([server.uri()]).await.unwrap();
+    let status = client(&once).unary_echo(request(b"x", 0)).await.unwrap_err();
+    assert!(status.message().contains("not retried: max_attempts is 1"), "{}", status.message());
+    assert_eq!(server.refused(), 3);
+}
+
+#[tokio::test]
+async fn a_call_the_server_may_have_processed_is_not_resent_and_says_why() {
+    // The connection is cut (RST) while the server works on the call: it may have acted on it.
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    let pool = Pool::builder().build([relay.uri()]).await.unwrap();
+    let mut call = client(&pool);
+    let pending = tokio::spawn(async move { call.unary_echo(request(b"x", 5_000)).await });
+    wait_until(WAIT, "the call reached the server", || server.active() == 1).await;
+    relay.reset();
+    let status = pending.await.unwrap().unwrap_err();
+    assert!(
+        status.message().contains("not retried: the server may have processed it"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(pool.state().statistics.retries, 0);
+}
+
+#[tokio::test]
+async fn a_streaming_call_cut_before_its_body_ended_is_resent_with_all_of_it() {
+    // The first connection goes away as the call's HEADERS arrive, while the caller has sent
+    // one message and holds back the rest. The resend carries the message kept from the first
+    // attempt, then the ones the caller sends afterwards.
+    let server = GoAwayServer::start(GoAwayWhen::AtFirstHeadersOnce).await;
+    let pool = Pool::builder().backoff(fast_backoff()).build([server.uri()]).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<EchoRequest>(4);
+    let messages = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut call_client = client(&pool);
+    let call = tokio::spawn(async move { call_client.client_streaming_echo(messages).await });
+    tx.send(request(b"one ", 0)).await.unwrap();
+    wait_until(WAIT, "the first attempt was cut by the GOAWAY and sent again", || {
+        pool.state().statistics.retried(RetryReason::GoAway) == 1
+    })
+    .await;
+    tx.send(request(b"two ", 0)).await.unwrap();
+    tx.send(request(b"three", 0)).await.unwrap();
+    drop(tx);
+    let reply = call.await.unwrap().unwrap().into_inner();
+    assert_eq!(reply.message, Bytes::from_static(b"one two three"));
+    assert_eq!((server.goaways(), server.answered()), (1, 1));
 }

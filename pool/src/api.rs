@@ -133,6 +133,10 @@ impl Pool {
                 connections_created: s.connections_created.load(Ordering::Relaxed),
                 connect_failures: s.connect_failures.load(Ordering::Relaxed),
                 retries: s.retries.load(Ordering::Relaxed),
+                retries_by_reason: RetryReason::ALL
+                    .iter()
+                    .map(|r| (*r, s.retries_by_reason[*r as usize].load(Ordering::Relaxed)))
+                    .collect(),
                 connections_closed: EvictionReason::ALL
                     .iter()
                     .map(|r| (*r, s.closed_by_reason[r.index()].load(Ordering::Relaxed)))
@@ -239,6 +243,25 @@ impl Builder {
     /// What calls do when every endpoint is unhealthy. Default: fail fast.
     pub fn when_all_unhealthy(mut self, policy: crate::config::AllUnhealthy) -> Self {
         self.config.all_unhealthy = policy;
+        self
+    }
+
+    /// Attempts per call in all, the first included (1 to 10; 1 never sends a call again).
+    /// Only a call the server provably never processed is sent again: its stream was
+    /// refused (`REFUSED_STREAM`), it was above a GOAWAY's last stream id, or the connection
+    /// was found gone before any of it was written. Each attempt after the first goes to
+    /// another member, on another endpoint when there is one. Default 3.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.config.max_attempts = attempts;
+        self
+    }
+
+    /// Most request-body bytes a call keeps so that it can be sent again (0 to 64 MiB;
+    /// grpc-go keeps 256 KiB). A call whose body is larger, or still being sent when the
+    /// call fails, is not sent again, and its error says so. The bytes are kept as
+    /// reference-counted `Bytes`, not copied. Default 256 KiB.
+    pub fn replay_buffer_limit(mut self, bytes: usize) -> Self {
+        self.config.replay_buffer_limit = bytes;
         self
     }
 
@@ -436,8 +459,10 @@ pub struct Statistics {
     pub connections_created: u64,
     /// Connect attempts that failed.
     pub connect_failures: u64,
-    /// Calls sent again on another connection because the first never carried them.
+    /// Calls sent again on another connection because the server never processed them.
     pub retries: u64,
+    /// The same, by reason.
+    pub retries_by_reason: Vec<(RetryReason, u64)>,
     /// Connections taken out of service, by reason.
     pub connections_closed: Vec<(EvictionReason, u64)>,
 }
@@ -446,5 +471,45 @@ impl Statistics {
     /// Connections taken out of service for `reason`.
     pub fn closed(&self, reason: EvictionReason) -> u64 {
         self.connections_closed.iter().find(|(r, _)| *r == reason).map(|(_, n)| *n).unwrap_or(0)
+    }
+
+    /// Calls sent again for `reason`.
+    pub fn retried(&self, reason: RetryReason) -> u64 {
+        self.retries_by_reason.iter().find(|(r, _)| *r == reason).map(|(_, n)| *n).unwrap_or(0)
+    }
+}
+
+/// Why a call was sent again. Each is a case where the server provably never processed it.
+///
+/// ```
+/// assert_eq!(grpc_pool_core::RetryReason::Refused.as_str(), "refused");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RetryReason {
+    /// The connection was going away or gone when the stream was to be opened: nothing
+    /// was written.
+    NotSent,
+    /// The server reset the stream with `REFUSED_STREAM`.
+    Refused,
+    /// The stream was above the last stream id of the server's GOAWAY.
+    GoAway,
+    /// The member failed its PING before use; the call had not been sent.
+    PingBeforeUse,
+}
+
+impl RetryReason {
+    /// Every reason, in a fixed order.
+    pub const ALL: [RetryReason; 4] =
+        [RetryReason::NotSent, RetryReason::Refused, RetryReason::GoAway, RetryReason::PingBeforeUse];
+
+    /// The reason as the `reason` label of the retries metric.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::NotSent => "not_sent",
+            RetryReason::Refused => "refused",
+            RetryReason::GoAway => "goaway",
+            RetryReason::PingBeforeUse => "ping_before_use",
+        }
     }
 }

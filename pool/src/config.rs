@@ -102,6 +102,12 @@ pub(crate) const MAX_LIFETIME_STREAMS: u64 = (1 << 30) - (1 << 23);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Largest per-connection stream cap that HTTP/2 stream ids leave room for in practice.
 const MAX_STREAMS_LIMIT: u32 = 1 << 20;
+/// Most attempts per call: each resend goes to another member, and past a handful the
+/// endpoints are going away faster than a resend can help.
+const MAX_ATTEMPTS_LIMIT: u32 = 10;
+/// Largest replay buffer per call: beyond this, memory held per call matters more than the
+/// resend it buys.
+const MAX_REPLAY_BUFFER: usize = 64 * 1024 * 1024;
 
 /// The whole validated configuration of one pool.
 #[derive(Debug, Clone)]
@@ -120,6 +126,10 @@ pub(crate) struct Config {
     /// for this long; wait this long for the PONG.
     pub(crate) ping_before_use: Option<(Duration, Duration)>,
     pub(crate) all_unhealthy: AllUnhealthy,
+    /// Attempts per call in all, the first included, for calls the server never processed.
+    pub(crate) max_attempts: u32,
+    /// Most request-body bytes kept per call so that it can be sent again.
+    pub(crate) replay_buffer_limit: usize,
     pub(crate) backoff: BackoffConfig,
     pub(crate) h2: H2Config,
 }
@@ -138,6 +148,8 @@ impl Default for Config {
             tcp_user_timeout: None,
             ping_before_use: None,
             all_unhealthy: AllUnhealthy::FailFast,
+            max_attempts: 3,
+            replay_buffer_limit: 256 * 1024,
             backoff: BackoffConfig::default(),
             h2: H2Config::default(),
         }
@@ -180,6 +192,8 @@ impl Config {
             check_nonzero("ping_before_use.after", after)?;
             check_nonzero("ping_before_use.timeout", timeout)?;
         }
+        check_range("max_attempts", self.max_attempts, 1, MAX_ATTEMPTS_LIMIT)?;
+        check_range("replay_buffer_limit", self.replay_buffer_limit, 0, MAX_REPLAY_BUFFER)?;
         check_nonzero("backoff.base", self.backoff.base)?;
         if self.backoff.max > MAX_BACKOFF {
             return Err(Error::config(
@@ -290,6 +304,8 @@ mod tests {
             (Box::new(|c| c.h2.max_frame_size = 1024), "h2.max_frame_size", "16384 to 16777215"),
             (Box::new(|c| c.h2.max_header_list_size = 0), "h2.max_header_list_size", "1 to"),
             (Box::new(|c| c.name.clear()), "name", "non-empty"),
+            (Box::new(|c| c.max_attempts = 0), "max_attempts", "1 to 10"),
+            (Box::new(|c| c.replay_buffer_limit = usize::MAX), "replay_buffer_limit", "0 to 67108864"),
         ];
         for (change, field, allowed) in cases {
             let message = message_for(change);

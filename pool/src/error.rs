@@ -56,17 +56,25 @@ struct Inner {
     kind: ErrorKind,
     message: String,
     status: Status,
+    /// Kept apart from `status` so that a note added later can rebuild the status with it.
+    cause: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
     /// Whether the request provably never reached the server, so it may be sent again.
     unprocessed: bool,
 }
 
 impl Error {
     fn new(kind: ErrorKind, code: Code, message: String, cause: Option<BoxError>) -> Error {
-        let mut status = Status::new(code, message.clone());
-        if let Some(cause) = cause {
-            status.set_source(Arc::from(cause));
-        }
-        Error { inner: Box::new(Inner { kind, message, status, unprocessed: false }) }
+        let cause: Option<Arc<dyn std::error::Error + Send + Sync + 'static>> = cause.map(Arc::from);
+        let status = status_of(code, &message, cause.as_ref());
+        Error { inner: Box::new(Inner { kind, message, status, cause, unprocessed: false }) }
+    }
+
+    /// Adds why the call was not sent again: "...; not retried: {why}".
+    pub(crate) fn not_retried(mut self, why: &str) -> Error {
+        let inner = &mut *self.inner;
+        inner.message = format!("{}; not retried: {why}", inner.message);
+        inner.status = status_of(inner.status.code(), &inner.message, inner.cause.as_ref());
+        self
     }
 
     /// The kind of failure.
@@ -214,6 +222,18 @@ impl Error {
     }
 }
 
+fn status_of(
+    code: Code,
+    message: &str,
+    cause: Option<&Arc<dyn std::error::Error + Send + Sync + 'static>>,
+) -> Status {
+    let mut status = Status::new(code, message.to_owned());
+    if let Some(cause) = cause {
+        status.set_source(cause.clone());
+    }
+    status
+}
+
 /// The gRPC code for an HTTP/2 failure, per gRPC's "HTTP/2 to gRPC status" mapping.
 fn code_for_h2(err: &h2::Error) -> Code {
     if err.is_io() {
@@ -264,6 +284,16 @@ mod tests {
         let status = Status::from_error(Box::new(err));
         assert_eq!(status.code(), Code::Unavailable);
         assert!(status.message().contains("pool `orders` is closed"), "{}", status.message());
+    }
+
+    #[test]
+    fn a_note_on_why_a_call_was_not_retried_reaches_the_status() {
+        let err = Error::from_h2("127.0.0.1:1", h2::Error::from(h2::Reason::REFUSED_STREAM))
+            .not_retried("all 3 attempts used");
+        assert!(err.to_string().ends_with("; not retried: all 3 attempts used"), "{err}");
+        let status = Status::from_error(Box::new(err));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("not retried: all 3 attempts used"), "{}", status.message());
     }
 
     #[test]

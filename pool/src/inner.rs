@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
+use crate::api::RetryReason;
 use crate::backoff;
 use crate::config::{AllUnhealthy, Config};
 use crate::endpoint::Endpoint;
@@ -30,6 +31,7 @@ pub(crate) struct Stats {
     pub(crate) connections_created: AtomicU64,
     pub(crate) connect_failures: AtomicU64,
     pub(crate) retries: AtomicU64,
+    pub(crate) retries_by_reason: [AtomicU64; RetryReason::ALL.len()],
     pub(crate) closed_by_reason: [AtomicU64; EvictionReason::ALL.len()],
 }
 
@@ -756,9 +758,10 @@ impl PoolInner {
         self.evict(member, reason, &error.to_string());
     }
 
-    pub(crate) fn count_retry(&self, reason: &'static str) {
+    pub(crate) fn count_retry(&self, reason: RetryReason) {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(names::RETRIES, names::LABEL_POOL => self.config.name.clone(), names::LABEL_REASON => reason).increment(1);
+        self.stats.retries_by_reason[reason as usize].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::RETRIES, names::LABEL_POOL => self.config.name.clone(), names::LABEL_REASON => reason.as_str()).increment(1);
     }
 
     // ----- shutdown -----

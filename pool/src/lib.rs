@@ -35,7 +35,7 @@ mod notify;
 mod proto;
 mod rand;
 
-pub use api::{Builder, EndpointState, MemberSnapshot, Pool, State, Statistics};
+pub use api::{Builder, EndpointState, MemberSnapshot, Pool, RetryReason, State, Statistics};
 pub use call::{ResponseBody, ResponseFuture};
 pub use config::{AllUnhealthy, BackoffConfig, H2Config};
 pub use endpoint::Endpoint;

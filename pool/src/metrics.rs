@@ -16,7 +16,8 @@ pub const EVICTIONS: &str = "grpc_pool_evictions_total";
 pub const CHECKOUTS: &str = "grpc_pool_checkouts_total";
 /// Histogram (seconds): how long checkouts that had to wait waited.
 pub const CHECKOUT_WAIT: &str = "grpc_pool_checkout_wait_seconds";
-/// Counter: calls sent again on another member because the first never left (by `reason`).
+/// Counter: calls sent again on another member because the server never processed them (by
+/// `reason`, see `RetryReason::as_str`).
 pub const RETRIES: &str = "grpc_pool_retries_total";
 
 /// Counter: keepalive PINGs, by `result` (`ok`, `timeout`, `error`).

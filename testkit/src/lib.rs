@@ -2,6 +2,7 @@
 //! servers started in-process on 127.0.0.1, and a TCP relay that injects faults.
 pub mod bare;
 pub mod echo;
+pub mod goaway;
 pub mod peer;
 pub mod process;
 pub mod raw;
@@ -9,6 +10,7 @@ pub mod relay;
 pub mod server;
 
 pub use bare::BareH2;
+pub use goaway::{GoAwayServer, GoAwayWhen};
 pub use peer::{PeerOptions, PythonPeer};
 pub use raw::{Misbehaviour, RawServer};
 pub use relay::Relay;

@@ -11,20 +11,17 @@ use http::{Method, Request, Uri, Version};
 use http_body::Body;
 
 use super::body::ResponseBody;
-use crate::call::replay::{CallBody, Recording};
+use crate::api::RetryReason;
+use crate::call::replay::{CallBody, Recording, UnsentBody};
 use crate::error::{Error, ErrorKind};
 use crate::inner::PoolInner;
 use crate::internals::EndpointShared;
 use crate::member::{EvictionReason, Member, Slot};
-use crate::proto::h2::body::{Pump, PumpError};
+use crate::proto::h2::body::{Pump, PumpError, Unsent};
 use crate::proto::h2::ping::PingError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type Checkout = Pin<Box<dyn Future<Output = Result<Slot, Error>> + Send>>;
-
-/// Attempts per call when the chosen connection turns out to be going away before anything
-/// was sent on it (a GOAWAY the pool had not seen yet, or a connection that just died).
-const MAX_ATTEMPTS: u8 = 3;
 
 /// The future of [`Pool::call`](tower_service::Service::call): a stream slot, then the
 /// response head.
@@ -34,7 +31,8 @@ pub struct ResponseFuture<B> {
     /// On a resend: the endpoint that refused or lost the call, tried last.
     avoid: Option<Arc<EndpointShared>>,
     state: State<B>,
-    attempts: u8,
+    /// Attempts made so far, the current one included once it has started.
+    attempts: u32,
 }
 
 /// Where a call may go.
@@ -79,6 +77,11 @@ enum State<B> {
         /// whole (`None` until then; an empty body counts as whole from the start).
         head: Option<Head>,
         sent_body: Option<Recording>,
+        /// The body went past the replay limit, so no replay is possible.
+        body_over_limit: bool,
+        /// The pump stopped because its stream failed; it is kept, unpolled, for what it
+        /// had not sent yet.
+        pump_stopped: bool,
     },
     Done,
 }
@@ -129,7 +132,8 @@ where
             Uri::from_parts(uri).map_err(|e| Error::request_body(&member.endpoint.label, Box::new(e)))?;
         // Kept only while another attempt is allowed: h2 consumes the head even when it
         // refuses to open the stream.
-        let retry_allowed = matches!(self.target, Target::Pool) && self.attempts + 1 < MAX_ATTEMPTS;
+        let retry_allowed =
+            matches!(self.target, Target::Pool) && self.attempts + 1 < self.pool.config.max_attempts;
         let again = retry_allowed.then(|| Head {
             method: parts.method.clone(),
             path,
@@ -152,8 +156,8 @@ where
                         &format!("carried its last stream (id {stream_id})"),
                     );
                 }
-                let record = again.is_some();
-                let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream, record)));
+                let replay_limit = again.as_ref().map(|_| self.pool.config.replay_buffer_limit);
+                let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream, replay_limit)));
                 let sent_body = end_of_stream.then(Recording::default);
                 Ok(Started::Sent(State::Sending {
                     slot: Some(slot),
@@ -162,6 +166,8 @@ where
                     stream_id,
                     head: again,
                     sent_body,
+                    body_over_limit: false,
+                    pump_stopped: false,
                 }))
             }
             Err(err) if err.is_go_away() || err.is_io() => {
@@ -171,11 +177,50 @@ where
                 let error = Error::from_h2(&member.endpoint.label, err).mark_unprocessed();
                 match again {
                     Some(head) => Ok(Started::Again(rebuild(head, body), error)),
-                    None => Err(error),
+                    None => Err(self.not_retried(error, false, false)),
                 }
             }
-            Err(err) => Err(Error::from_h2(&member.endpoint.label, err)),
+            Err(err) => Err(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false)),
         }
+    }
+
+    /// Adds to a failed call's error why it is not sent again. Calls aimed at one endpoint
+    /// or member (health checks, probes) are never resent, and their errors stay as they are.
+    fn not_retried(&self, error: Error, body_over_limit: bool, body_not_whole: bool) -> Error {
+        if !matches!(self.target, Target::Pool) {
+            return error;
+        }
+        let config = &self.pool.config;
+        let why = if !error.is_unprocessed() {
+            "the server may have processed it".to_owned()
+        } else if body_over_limit {
+            format!("its request body is over the replay buffer limit ({} bytes)", config.replay_buffer_limit)
+        } else if body_not_whole {
+            "its request body had not been sent whole when the call failed".to_owned()
+        } else if config.max_attempts == 1 {
+            "max_attempts is 1".to_owned()
+        } else {
+            format!("all {} attempts used", config.max_attempts)
+        };
+        error.not_retried(&why)
+    }
+
+    /// Counts the failed attempt of a call that never reached the server and queues the call
+    /// for another one; the error to return when no attempt is left.
+    fn again(
+        &mut self,
+        reason: RetryReason,
+        request: Request<CallBody<B>>,
+        error: Error,
+    ) -> Result<(), Error> {
+        self.attempts += 1;
+        if self.attempts >= self.pool.config.max_attempts {
+            self.state = State::Done;
+            return Err(self.not_retried(error, false, false));
+        }
+        self.pool.count_retry(reason);
+        self.state = State::Checkout { request: Some(request), waiting: None };
+        Ok(())
     }
 }
 
@@ -339,13 +384,9 @@ where
                     match this.start(slot, request) {
                         Ok(Started::Sent(sending)) => this.state = sending,
                         Ok(Started::Again(request, error)) => {
-                            this.attempts += 1;
-                            if this.attempts >= MAX_ATTEMPTS {
-                                this.state = State::Done;
+                            if let Err(error) = this.again(RetryReason::NotSent, request, error) {
                                 return Poll::Ready(Err(error));
                             }
-                            this.pool.count_retry("not_sent");
-                            this.state = State::Checkout { request: Some(request), waiting: None };
                         }
                         Err(error) => {
                             this.state = State::Done;
@@ -362,10 +403,10 @@ where
                     if alive {
                         match this.start(slot, request) {
                             Ok(Started::Sent(sending)) => this.state = sending,
-                            Ok(Started::Again(request, _)) => {
-                                this.attempts += 1;
-                                this.pool.count_retry("not_sent");
-                                this.state = State::Checkout { request: Some(request), waiting: None };
+                            Ok(Started::Again(request, error)) => {
+                                if let Err(error) = this.again(RetryReason::NotSent, request, error) {
+                                    return Poll::Ready(Err(error));
+                                }
                             }
                             Err(error) => {
                                 this.state = State::Done;
@@ -374,22 +415,35 @@ where
                         }
                     } else {
                         // The member is dead and the call never left: another member.
+                        let label = slot.member().endpoint.label.clone();
                         this.avoid = Some(slot.member().endpoint.clone());
                         drop(slot);
-                        this.attempts += 1;
-                        this.pool.count_retry("ping_before_use");
-                        this.state = State::Checkout { request: Some(request), waiting: None };
+                        let error = Error::no_member(&label, "the connection failed its PING before use")
+                            .mark_unprocessed();
+                        if let Err(error) = this.again(RetryReason::PingBeforeUse, request, error) {
+                            return Poll::Ready(Err(error));
+                        }
                     }
                 }
-                State::Sending { slot, response, pump, stream_id, head, sent_body } => {
-                    if let Some(sending) = pump {
+                State::Sending {
+                    slot,
+                    response,
+                    pump,
+                    stream_id,
+                    head,
+                    sent_body,
+                    body_over_limit,
+                    pump_stopped,
+                } => {
+                    if let Some(sending) = pump.as_mut().filter(|_| !*pump_stopped) {
                         match sending.as_mut().poll(cx) {
                             Poll::Pending => {}
                             Poll::Ready(Ok(())) => {
                                 *sent_body = sending.as_mut().take_recording();
+                                *body_over_limit = sending.over_replay_limit();
                                 *pump = None;
                             }
-                            Poll::Ready(Err(PumpError::Stream)) => *pump = None,
+                            Poll::Ready(Err(PumpError::Stream)) => *pump_stopped = true,
                             Poll::Ready(Err(PumpError::Body(cause))) => {
                                 let label = slot
                                     .as_ref()
@@ -407,16 +461,21 @@ where
                     };
                     let stream_id = *stream_id;
                     let pump = pump.take();
-                    let replay = match (head.take(), sent_body.take()) {
-                        (Some(head), Some(body)) => Some((head, body)),
-                        _ => None,
-                    };
+                    // Why a replay may be impossible, for the error: with no head kept, the
+                    // attempts are used up; with a head but no whole body, the body is to blame.
+                    let body_kept = head.is_some();
+                    let over_limit = body_kept
+                        && (*body_over_limit || pump.as_ref().is_some_and(|p| p.over_replay_limit()));
+                    let body_not_whole = body_kept && sent_body.is_none();
+                    let pump_stopped = *pump_stopped;
+                    let sent_body = sent_body.take();
+                    let head = head.take();
                     this.state = State::Done;
                     match result {
                         Ok(response) => {
                             // The server answered before the request body ended (streaming):
                             // keep sending from a task of its own.
-                            let pump = match pump.map(spawn_pump).transpose() {
+                            let pump = match pump.filter(|_| !pump_stopped).map(spawn_pump).transpose() {
                                 Ok(pump) => pump,
                                 Err(error) => return Poll::Ready(Err(error)),
                             };
@@ -426,22 +485,38 @@ where
                             let error = response_error(&slot, stream_id, err);
                             let slot_endpoint = slot.member().endpoint.clone();
                             drop(slot);
+                            // Never processed, and the whole body is at hand (kept as it went
+                            // out, plus what had not gone out yet): again, on another member.
+                            let replay = match (head, sent_body, pump) {
+                                (Some(head), Some(sent), _) => Some((head, CallBody::replay(sent, None))),
+                                (Some(head), None, Some(mut pump)) if error.is_unprocessed() => {
+                                    pump.as_mut().take_recording().map(|sent| {
+                                        let rest: UnsentBody = Box::pin(Unsent::new(pump));
+                                        (head, CallBody::replay(sent, Some(rest)))
+                                    })
+                                }
+                                _ => None,
+                            };
                             match replay {
-                                // Never processed, and the whole body is at hand: again, on
-                                // another member.
                                 Some((head, body)) if error.is_unprocessed() => {
                                     this.attempts += 1;
                                     this.avoid = Some(slot_endpoint.clone());
                                     this.pool.count_retry(if error.kind() == ErrorKind::Stream {
-                                        "refused"
+                                        RetryReason::Refused
                                     } else {
-                                        "goaway"
+                                        RetryReason::GoAway
                                     });
                                     tracing::debug!(pool = %this.pool.name(), error = %error, "resending a call the server never processed");
-                                    let request = rebuild(head, CallBody::replay(body));
+                                    let request = rebuild(head, body);
                                     this.state = State::Checkout { request: Some(request), waiting: None };
                                 }
-                                _ => return Poll::Ready(Err(error)),
+                                _ => {
+                                    return Poll::Ready(Err(this.not_retried(
+                                        error,
+                                        over_limit,
+                                        body_not_whole,
+                                    )));
+                                }
                             }
                         }
                     }

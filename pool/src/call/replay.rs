@@ -15,8 +15,9 @@ use http_body::{Body, Frame, SizeHint};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// Most body bytes kept for a replay (grpc-go keeps 256 KiB per call for retries).
-pub(crate) const REPLAY_LIMIT: usize = 256 * 1024;
+/// The part of a body an earlier attempt had not sent; boxed, as it holds that attempt's
+/// pump (and so, through the pump, a `CallBody` of its own).
+pub(crate) type UnsentBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
 
 /// The body as it went out: data chunks, then trailers if any.
 #[derive(Debug, Default)]
@@ -30,10 +31,11 @@ pub(crate) struct Recording {
 }
 
 impl Recording {
-    /// Keeps `chunk`; false once the body is over the limit (the recording is then useless).
-    pub(crate) fn data(&mut self, chunk: &Bytes) -> bool {
+    /// Keeps `chunk`; false once the body is over `limit` bytes (the recording is then
+    /// useless).
+    pub(crate) fn data(&mut self, chunk: &Bytes, limit: usize) -> bool {
         self.len += chunk.len();
-        if self.len > REPLAY_LIMIT {
+        if self.len > limit {
             return false;
         }
         if self.first.is_none() && self.rest.is_empty() {
@@ -58,11 +60,12 @@ impl Recording {
 }
 
 pin_project_lite::pin_project! {
-    /// The body a call sends: the caller's, or, on a replay, the recording of it.
+    /// The body a call sends: the caller's, or, on a replay, the recording of what went out
+    /// before, followed by what had not gone out yet, if anything.
     #[project = CallBodyProj]
     pub(crate) enum CallBody<B> {
         Original { #[pin] body: B },
-        Replay { recording: Recording },
+        Replay { recording: Recording, rest: Option<UnsentBody> },
     }
 }
 
@@ -71,8 +74,9 @@ impl<B> CallBody<B> {
         CallBody::Original { body }
     }
 
-    pub(crate) fn replay(recording: Recording) -> CallBody<B> {
-        CallBody::Replay { recording }
+    /// A body that sends `recording` again, then `rest`.
+    pub(crate) fn replay(recording: Recording, rest: Option<UnsentBody>) -> CallBody<B> {
+        CallBody::Replay { recording, rest }
     }
 }
 
@@ -90,24 +94,39 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             CallBodyProj::Original { body } => body.poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
-            CallBodyProj::Replay { recording } => Poll::Ready(match recording.next_chunk() {
-                Some(chunk) => Some(Ok(Frame::data(chunk))),
-                None => recording.trailers.take().map(|t| Ok(Frame::trailers(t))),
-            }),
+            CallBodyProj::Replay { recording, rest } => {
+                if let Some(chunk) = recording.next_chunk() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                if let Some(trailers) = recording.trailers.take() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                match rest {
+                    Some(rest) => rest.as_mut().poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             CallBody::Original { body } => body.is_end_stream(),
-            CallBody::Replay { recording } => recording.is_empty(),
+            CallBody::Replay { recording, rest } => {
+                recording.is_empty() && rest.as_ref().is_none_or(|rest| rest.is_end_stream())
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             CallBody::Original { body } => body.size_hint(),
-            CallBody::Replay { recording } => SizeHint::with_exact(recording.len as u64),
+            CallBody::Replay { recording, rest: None } => SizeHint::with_exact(recording.len as u64),
+            CallBody::Replay { recording, rest: Some(_) } => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(recording.len as u64);
+                hint
+            }
         }
     }
 }
@@ -121,12 +140,12 @@ mod tests {
     async fn a_replay_sends_the_chunks_in_order_then_the_trailers() {
         let mut recording = Recording::default();
         for chunk in ["one", "two", "three"] {
-            assert!(recording.data(&Bytes::from_static(chunk.as_bytes())));
+            assert!(recording.data(&Bytes::from_static(chunk.as_bytes()), 64));
         }
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         recording.trailers(&trailers);
-        let mut body = CallBody::<http_body_util::Empty<Bytes>>::replay(recording);
+        let mut body = CallBody::<http_body_util::Empty<Bytes>>::replay(recording, None);
         let mut data = Vec::new();
         let mut got_trailers = None;
         while let Some(frame) = body.frame().await {
@@ -144,7 +163,7 @@ mod tests {
     #[test]
     fn a_body_over_the_limit_is_not_kept() {
         let mut recording = Recording::default();
-        assert!(recording.data(&Bytes::from(vec![0u8; REPLAY_LIMIT])));
-        assert!(!recording.data(&Bytes::from_static(b"x")));
+        assert!(recording.data(&Bytes::from(vec![0u8; 1024]), 1024));
+        assert!(!recording.data(&Bytes::from_static(b"x"), 1024));
     }
 }

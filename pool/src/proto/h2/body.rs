@@ -29,8 +29,10 @@ pin_project_lite::pin_project! {
         // Whether END_STREAM goes with the last byte of `pending`.
         end_after_pending: bool,
         sent_any: bool,
-        // What went out, for a replay; dropped once over its limit.
+        // What went out, for a replay; dropped once over `replay_limit` bytes.
         recording: Option<Recording>,
+        replay_limit: usize,
+        over_replay_limit: bool,
         // A frame read ahead of time, sent next.
         lookahead: Option<Frame<Bytes>>,
     }
@@ -45,15 +47,17 @@ pub(crate) enum PumpError {
 }
 
 impl<B> Pump<B> {
-    /// A pump that keeps what it sends for a replay when `record` is set.
-    pub(crate) fn new(body: B, stream: SendStream<Bytes>, record: bool) -> Pump<B> {
+    /// A pump that keeps up to `replay_limit` bytes of what it sends for a replay, if any.
+    pub(crate) fn new(body: B, stream: SendStream<Bytes>, replay_limit: Option<usize>) -> Pump<B> {
         Pump {
             body,
             stream,
             pending: Bytes::new(),
             end_after_pending: false,
             sent_any: false,
-            recording: record.then(Recording::default),
+            recording: replay_limit.map(|_| Recording::default()),
+            replay_limit: replay_limit.unwrap_or(0),
+            over_replay_limit: false,
             lookahead: None,
         }
     }
@@ -61,6 +65,11 @@ impl<B> Pump<B> {
     /// The whole body as sent, if it was kept and fit the limit.
     pub(crate) fn take_recording(self: Pin<&mut Self>) -> Option<Recording> {
         self.project().recording.take()
+    }
+
+    /// Whether the body went past the replay limit (it can then not be sent again).
+    pub(crate) fn over_replay_limit(&self) -> bool {
+        self.over_replay_limit
     }
 }
 
@@ -92,8 +101,9 @@ where
                 let chunk = std::mem::take(this.pending);
                 let end = *this.end_after_pending;
                 if let Some(recording) = this.recording.as_mut() {
-                    if !recording.data(&chunk) {
+                    if !recording.data(&chunk, *this.replay_limit) {
                         *this.recording = None;
+                        *this.over_replay_limit = true;
                     }
                 }
                 if this.stream.send_data(chunk, end).is_err() {
@@ -168,5 +178,52 @@ where
                 }
             }
         }
+    }
+}
+
+/// What a pump has not sent yet, as a body: a chunk still waiting for window, a frame read
+/// ahead, then the rest of the caller's body. With the pump's recording of what it did send,
+/// it makes up the whole body again, for a call that must be resent before it was sent whole.
+pub(crate) struct Unsent<B> {
+    pump: Pin<Box<Pump<B>>>,
+    ended: bool,
+}
+
+impl<B> Unsent<B> {
+    /// The pump must not be polled again: its stream is gone.
+    pub(crate) fn new(pump: Pin<Box<Pump<B>>>) -> Unsent<B> {
+        Unsent { pump, ended: false }
+    }
+}
+
+impl<B> Body for Unsent<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let pump = this.pump.as_mut().project();
+        if !pump.pending.is_empty() {
+            this.ended = *pump.end_after_pending;
+            return Poll::Ready(Some(Ok(Frame::data(std::mem::take(pump.pending)))));
+        }
+        if let Some(frame) = pump.lookahead.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        pump.body.poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
     }
 }

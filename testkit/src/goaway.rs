@@ -1,0 +1,364 @@
+//! An HTTP/2 gRPC echo server written at the frame level, without the `h2` crate, for GOAWAYs
+//! whose last stream id the test decides.
+//!
+//! `h2`'s server puts the highest stream id it has *read* in a GOAWAY, whether or not the
+//! application ever saw the stream, so it cannot say "streams above N were never processed"
+//! for an N below what is in flight. This server answers each stream as soon as its request
+//! has arrived whole, and when it decides to go away it names the last stream it answered:
+//! every stream above it, received or not, was never processed, which is exactly what a
+//! client may send again.
+//!
+//! It speaks just enough HTTP/2 for a gRPC client: the preface, SETTINGS and their ACKs,
+//! PING ACKs, flow-control credit for what it receives, and responses encoded with HPACK
+//! literals only (no dynamic table, so it never needs to decode the client's headers).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::echo::{EchoRequest, EchoResponse};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+/// How long a connection stays open after its GOAWAY for the client to finish and close it.
+const LINGER: Duration = Duration::from_secs(10);
+
+/// When the server sends its GOAWAY.
+#[derive(Debug, Clone, Copy)]
+pub enum GoAwayWhen {
+    /// On every connection once it is about this old (drawn per connection between half and
+    /// one and a half times it, as servers spread their maximum connection age so that
+    /// connections do not all go at once), but without grace: at the first stream's HEADERS
+    /// after that, GOAWAY names the last stream answered, and that stream and every later
+    /// one go unanswered.
+    AfterAge(Duration),
+    /// When the first stream's request has arrived whole (however large): GOAWAY with last
+    /// stream id 0, and the stream goes unanswered.
+    AtFirstRequestEnd,
+    /// On the server's first connection only, as soon as its first stream's HEADERS arrive:
+    /// GOAWAY with last stream id 0. Later connections serve every stream.
+    AtFirstHeadersOnce,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    answered: AtomicU64,
+    goaways: AtomicU64,
+    unanswered: AtomicU64,
+    body_bytes: AtomicU64,
+    /// Connections accepted so far.
+    connections: AtomicU64,
+}
+
+/// The server, listening on 127.0.0.1 until dropped.
+pub struct GoAwayServer {
+    addr: SocketAddr,
+    counts: Arc<Counts>,
+    task: JoinHandle<()>,
+}
+
+impl GoAwayServer {
+    /// Starts the server.
+    pub async fn start(when: GoAwayWhen) -> GoAwayServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let counts = Arc::new(Counts::default());
+        let shared = counts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                let counts = shared.clone();
+                tokio::spawn(async move {
+                    let _ = Connection::new(when, counts).serve(tcp).await;
+                });
+            }
+        });
+        GoAwayServer { addr, counts, task }
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Streams answered.
+    pub fn answered(&self) -> u64 {
+        self.counts.answered.load(Ordering::Relaxed)
+    }
+
+    /// GOAWAY frames sent.
+    pub fn goaways(&self) -> u64 {
+        self.counts.goaways.load(Ordering::Relaxed)
+    }
+
+    /// Streams whose HEADERS arrived but that were left unanswered because they were above a
+    /// GOAWAY's last stream id.
+    pub fn unanswered(&self) -> u64 {
+        self.counts.unanswered.load(Ordering::Relaxed)
+    }
+
+    /// Request body bytes received, on all streams.
+    pub fn body_bytes(&self) -> u64 {
+        self.counts.body_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for GoAwayServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Connection {
+    when: GoAwayWhen,
+    counts: Arc<Counts>,
+    /// Which connection of the server this is, from 0.
+    index: u64,
+    /// Streams whose request is still arriving: id -> the body so far.
+    open: HashMap<u32, BytesMut>,
+    /// When this connection goes away, for `AfterAge`.
+    deadline: std::time::Instant,
+    last_answered: u32,
+    /// The last stream id of the GOAWAY sent, once sent.
+    went_away: Option<u32>,
+    out: BytesMut,
+}
+
+impl Connection {
+    fn new(when: GoAwayWhen, counts: Arc<Counts>) -> Connection {
+        let index = counts.connections.fetch_add(1, Ordering::Relaxed);
+        Connection {
+            when,
+            counts,
+            index,
+            open: HashMap::new(),
+            deadline: match when {
+                GoAwayWhen::AfterAge(age) => std::time::Instant::now() + age.mul_f64(0.5 + spread()),
+                GoAwayWhen::AtFirstRequestEnd | GoAwayWhen::AtFirstHeadersOnce => std::time::Instant::now(),
+            },
+            last_answered: 0,
+            went_away: None,
+            out: BytesMut::new(),
+        }
+    }
+
+    async fn serve(mut self, mut tcp: TcpStream) -> std::io::Result<()> {
+        let mut preface = [0u8; PREFACE.len()];
+        tcp.read_exact(&mut preface).await?;
+        if preface != PREFACE {
+            return Ok(());
+        }
+        // Room for any request: the largest stream window, and the connection window opened
+        // as far as it goes (and topped up as data arrives).
+        let mut settings = BytesMut::new();
+        settings.put_u16(0x3); // MAX_CONCURRENT_STREAMS
+        settings.put_u32(1000);
+        settings.put_u16(0x4); // INITIAL_WINDOW_SIZE
+        settings.put_u32(MAX_WINDOW);
+        frame(&mut self.out, SETTINGS, 0, 0, &settings);
+        frame(&mut self.out, WINDOW_UPDATE, 0, 0, &(MAX_WINDOW - 65_535).to_be_bytes());
+        tcp.write_all(&self.out).await?;
+        self.out.clear();
+
+        let mut input = BytesMut::with_capacity(64 * 1024);
+        loop {
+            let read = match self.went_away {
+                None => tcp.read_buf(&mut input).await?,
+                // After the GOAWAY the client finishes its streams below it and hangs up.
+                Some(_) => match tokio::time::timeout(LINGER, tcp.read_buf(&mut input)).await {
+                    Ok(read) => read?,
+                    Err(_) => return Ok(()),
+                },
+            };
+            if read == 0 {
+                return Ok(());
+            }
+            while input.len() >= 9 {
+                let length =
+                    (usize::from(input[0]) << 16) | (usize::from(input[1]) << 8) | usize::from(input[2]);
+                if input.len() < 9 + length {
+                    break;
+                }
+                let kind = input[3];
+                let flags = input[4];
+                let stream = u32::from_be_bytes([input[5], input[6], input[7], input[8]]) & 0x7fff_ffff;
+                input.advance(9);
+                let payload = input.split_to(length);
+                self.on_frame(kind, flags, stream, payload);
+            }
+            if !self.out.is_empty() {
+                tcp.write_all(&self.out).await?;
+                self.out.clear();
+            }
+        }
+    }
+
+    fn on_frame(&mut self, kind: u8, flags: u8, stream: u32, payload: BytesMut) {
+        match kind {
+            SETTINGS if flags & ACK == 0 => frame(&mut self.out, SETTINGS, ACK, 0, &[]),
+            PING if flags & ACK == 0 => frame(&mut self.out, PING, ACK, 0, &payload),
+            HEADERS => self.on_headers(flags, stream),
+            DATA => {
+                if !payload.is_empty() {
+                    // Give the connection window back at once; streams have the largest.
+                    frame(&mut self.out, WINDOW_UPDATE, 0, 0, &(payload.len() as u32).to_be_bytes());
+                }
+                let data = unpadded(flags, payload);
+                self.counts.body_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Some(body) = self.open.get_mut(&stream) {
+                    body.extend_from_slice(&data);
+                }
+                if flags & END_STREAM != 0 {
+                    self.on_request_end(stream);
+                }
+            }
+            RST_STREAM => {
+                self.open.remove(&stream);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_headers(&mut self, flags: u8, stream: u32) {
+        // Trailers of a stream already open carry nothing this server needs.
+        if self.open.contains_key(&stream) {
+            if flags & END_STREAM != 0 {
+                self.on_request_end(stream);
+            }
+            return;
+        }
+        if let Some(last) = self.went_away {
+            if stream > last {
+                self.counts.unanswered.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let now = match self.when {
+            GoAwayWhen::AfterAge(_) => std::time::Instant::now() >= self.deadline,
+            GoAwayWhen::AtFirstHeadersOnce => self.index == 0,
+            GoAwayWhen::AtFirstRequestEnd => false,
+        };
+        if now {
+            let last = self.last_answered;
+            self.go_away(last);
+            self.counts.unanswered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.open.insert(stream, BytesMut::new());
+        if flags & END_STREAM != 0 {
+            self.on_request_end(stream);
+        }
+    }
+
+    fn on_request_end(&mut self, stream: u32) {
+        let Some(body) = self.open.remove(&stream) else { return };
+        if let GoAwayWhen::AtFirstRequestEnd = self.when {
+            if self.went_away.is_none() {
+                self.go_away(0);
+                self.counts.unanswered.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        self.answer(stream, body);
+    }
+
+    fn go_away(&mut self, last: u32) {
+        let mut payload = BytesMut::new();
+        payload.put_u32(last);
+        payload.put_u32(0); // NO_ERROR
+        frame(&mut self.out, GOAWAY, 0, 0, &payload);
+        self.went_away = Some(last);
+        // Streams above `last` whose requests were still arriving are dropped with the rest:
+        // the GOAWAY said they were never processed.
+        let before = self.open.len();
+        self.open.retain(|&stream, _| stream <= last);
+        self.counts.unanswered.fetch_add((before - self.open.len()) as u64, Ordering::Relaxed);
+        self.counts.goaways.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers as the echo service's unary and client-streaming methods do: one
+    /// `EchoResponse` carrying the request messages' `message` fields, concatenated.
+    fn answer(&mut self, stream: u32, mut body: BytesMut) {
+        let mut echoed = Vec::new();
+        while body.len() >= 5 {
+            let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+            if body.len() < 5 + length {
+                break;
+            }
+            body.advance(5);
+            if let Ok(request) = EchoRequest::decode(body.split_to(length)) {
+                echoed.extend_from_slice(&request.message);
+            }
+        }
+        let response = EchoResponse { message: echoed.into() }.encode_to_vec();
+        let mut message = BytesMut::with_capacity(5 + response.len());
+        message.put_u8(0);
+        message.put_u32(response.len() as u32);
+        message.put_slice(&response);
+        // HPACK: `:status: 200` is static entry 8; `content-type` is static entry 31, sent as
+        // a literal without indexing (4-bit prefix: 15, then 16); `grpc-status` is a literal
+        // with a new name. No Huffman coding, no dynamic table.
+        let mut head = BytesMut::new();
+        head.put_u8(0x88);
+        head.put_slice(&[0x0f, 0x10, 16]);
+        head.put_slice(b"application/grpc");
+        frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);
+        frame(&mut self.out, DATA, 0, stream, &message);
+        let mut trailers = BytesMut::new();
+        trailers.put_slice(&[0x00, 11]);
+        trailers.put_slice(b"grpc-status");
+        trailers.put_slice(&[1, b'0']);
+        frame(&mut self.out, HEADERS, END_HEADERS | END_STREAM, stream, &trailers);
+        self.last_answered = self.last_answered.max(stream);
+        self.counts.answered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Appends one frame.
+fn frame(out: &mut BytesMut, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let length = payload.len() as u32;
+    out.put_slice(&length.to_be_bytes()[1..]);
+    out.put_u8(kind);
+    out.put_u8(flags);
+    out.put_u32(stream);
+    out.put_slice(payload);
+}
+
+/// A DATA payload without its padding.
+fn unpadded(flags: u8, mut payload: BytesMut) -> BytesMut {
+    if flags & PADDED == 0 || payload.is_empty() {
+        return payload;
+    }
+    let pad = usize::from(payload[0]);
+    payload.advance(1);
+    payload.truncate(payload.len().saturating_sub(pad));
+    payload
+}
+
+/// A number in [0, 1), different for each call: a hash of a counter and the clock.
+fn spread() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
