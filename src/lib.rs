@@ -36,9 +36,9 @@ use tower_service::Service;
 
 pub use grpc_pool_core::AllUnhealthy;
 pub use grpc_pool_core::{
-    api, call, metrics, monitor, BackoffConfig, Endpoint, EndpointState, Error, ErrorKind, EvictionReason,
-    H2Config, MemberHandle, MemberSnapshot, MemberState, PoolEvent, PoolMonitor, ResponseBody,
-    ResponseFuture, RetryReason, State, Statistics,
+    api, call, discover, dns, metrics, monitor, BackoffConfig, Endpoint, EndpointState, Error, ErrorKind,
+    EvictionReason, H2Config, MemberHandle, MemberSnapshot, MemberState, PoolEvent, PoolMonitor,
+    ResponseBody, ResponseFuture, RetryReason, State, Statistics,
 };
 pub use grpc_pool_health as health;
 pub use grpc_pool_health::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
@@ -70,6 +70,30 @@ impl Pool {
     /// A snapshot of every endpoint and member, and the pool's statistics.
     pub fn state(&self) -> State {
         self.core.state()
+    }
+
+    /// Adds an endpoint at run time; `Ok(false)` if the pool has it already. See
+    /// [`grpc_pool_core::Pool::add_endpoint`].
+    pub fn add_endpoint(&self, uri: &str) -> Result<bool, Error> {
+        self.core.add_endpoint(uri)
+    }
+
+    /// Removes an endpoint at run time: no new calls go there, the ones in flight finish,
+    /// then its connections close. `Ok(false)` if the pool does not have it.
+    pub fn remove_endpoint(&self, uri: &str) -> Result<bool, Error> {
+        self.core.remove_endpoint(uri)
+    }
+
+    /// Follows a `tower::discover::Discover` stream of endpoints (inserts and removals) until
+    /// it ends or the pool closes. See [`grpc_pool_core::Pool::discover`].
+    pub fn discover<D>(&self, discover: D) -> tokio::task::JoinHandle<()>
+    where
+        D: discover::Discover + Send + 'static,
+        D::Key: Send,
+        D::Service: fmt::Display,
+        D::Error: fmt::Display,
+    {
+        self.core.discover(discover)
     }
 
     /// Stops taking calls, lets the ones in flight finish, and returns when every

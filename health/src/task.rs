@@ -47,16 +47,18 @@ const BATCH: Duration = Duration::from_millis(50);
 /// A probe of one member, PING or health-check RPC: (member id, probe number, round trip).
 /// Its deadline is the member's queue entry, not a timer of its own.
 type Probe = Pin<Box<dyn Future<Output = (u64, u64, Result<Duration, String>)> + Send>>;
-/// One `Check` of one endpoint.
-type Check = Pin<Box<dyn Future<Output = (usize, Verdict, Option<Duration>)> + Send>>;
+/// One `Check` of one endpoint (by its id in the task).
+type Check = Pin<Box<dyn Future<Output = (u64, Verdict, Option<Duration>)> + Send>>;
 /// One endpoint's `Watch` stream, running until it ends.
-type Watcher = Pin<Box<dyn Future<Output = usize> + Send>>;
+type Watcher = Pin<Box<dyn Future<Output = u64> + Send>>;
 
 /// What a queue entry is due for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Due {
     Member(u64),
-    Endpoint(usize),
+    /// An endpoint by its id in the task: ids are never reused, so an entry or a check
+    /// result of a removed endpoint finds nothing and is dropped.
+    Endpoint(u64),
 }
 
 /// One endpoint's health-check state.
@@ -121,12 +123,15 @@ struct Task {
     members: HashMap<u64, Tracked>,
     by_endpoint: HashMap<Endpoint, HashSet<u64>>,
     probes: FuturesUnordered<Probe>,
-    endpoints: Vec<EndpointHealth>,
+    /// Endpoints by id, and ids by endpoint.
+    endpoints: HashMap<u64, EndpointHealth>,
+    endpoint_ids: HashMap<Endpoint, u64>,
+    next_endpoint_id: u64,
     checks: FuturesUnordered<Check>,
     watchers: FuturesUnordered<Watcher>,
-    /// `Watch` streams report here: (endpoint index, verdict).
-    reports_tx: mpsc::UnboundedSender<(usize, Verdict)>,
-    reports_rx: mpsc::UnboundedReceiver<(usize, Verdict)>,
+    /// `Watch` streams report here: (endpoint id, verdict).
+    reports_tx: mpsc::UnboundedSender<(u64, Verdict)>,
+    reports_rx: mpsc::UnboundedReceiver<(u64, Verdict)>,
     /// Endpoints that answered PINGs with `too_many_pings`: their idle members are probed
     /// with a health-check RPC (a real stream, which such servers accept) instead.
     ping_limited: HashSet<Endpoint>,
@@ -167,18 +172,6 @@ impl PingMetrics {
 
 impl Task {
     fn new(monitor: PoolMonitor, config: HealthConfig) -> Task {
-        let endpoints = monitor
-            .endpoints()
-            .into_iter()
-            .map(|endpoint| EndpointHealth {
-                channel: monitor.endpoint_channel(&endpoint),
-                endpoint,
-                healthy: true,
-                successes: 0,
-                failures: 0,
-                unimplemented_logged: false,
-            })
-            .collect();
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         Task {
             monitor,
@@ -187,7 +180,9 @@ impl Task {
             members: HashMap::new(),
             by_endpoint: HashMap::new(),
             probes: FuturesUnordered::new(),
-            endpoints,
+            endpoints: HashMap::new(),
+            endpoint_ids: HashMap::new(),
+            next_endpoint_id: 0,
             checks: FuturesUnordered::new(),
             watchers: FuturesUnordered::new(),
             reports_tx,
@@ -208,10 +203,8 @@ impl Task {
         for member in self.monitor.members() {
             self.track(member);
         }
-        if self.config.checks.is_some() {
-            for index in 0..self.endpoints.len() {
-                self.queue.insert(Due::Endpoint(index), Duration::ZERO);
-            }
+        for endpoint in self.monitor.endpoints() {
+            self.add_endpoint(endpoint);
         }
         let monitor = self.monitor.clone();
         let closed = monitor.closed();
@@ -231,27 +224,27 @@ impl Task {
                             }
                             self.check(id);
                         }
-                        Due::Endpoint(index) => self.start_check(index),
+                        Due::Endpoint(id) => self.start_check(id),
                     }
                 }
                 Some((id, probe, result)) = self.probes.next(), if !self.probes.is_empty() => {
                     self.on_pong(id, probe, result);
                 }
-                Some((index, verdict, latency)) = self.checks.next(), if !self.checks.is_empty() => {
-                    self.on_verdict(index, verdict, latency, false);
-                    if let Some(checks) = &self.config.checks {
-                        let next = jittered(checks.interval, &self.jitter, index as u64);
-                        self.queue.insert(Due::Endpoint(index), next);
+                Some((id, verdict, latency)) = self.checks.next(), if !self.checks.is_empty() => {
+                    self.on_verdict(id, verdict, latency, false);
+                    if let (Some(checks), true) = (&self.config.checks, self.endpoints.contains_key(&id)) {
+                        let next = jittered(checks.interval, &self.jitter, id);
+                        self.queue.insert(Due::Endpoint(id), next);
                     }
                 }
-                Some(index) = self.watchers.next(), if !self.watchers.is_empty() => {
+                Some(id) = self.watchers.next(), if !self.watchers.is_empty() => {
                     // The stream ended (its last report said why): reopen it after a while.
-                    if let Some(checks) = &self.config.checks {
-                        self.queue.insert(Due::Endpoint(index), checks.interval);
+                    if let (Some(checks), true) = (&self.config.checks, self.endpoints.contains_key(&id)) {
+                        self.queue.insert(Due::Endpoint(id), checks.interval);
                     }
                 }
-                Some((index, verdict)) = self.reports_rx.recv() => {
-                    self.on_verdict(index, verdict, None, true);
+                Some((id, verdict)) = self.reports_rx.recv() => {
+                    self.on_verdict(id, verdict, None, true);
                 }
             }
         }
@@ -297,6 +290,8 @@ impl Task {
     fn on_event(&mut self, event: PoolEvent) {
         match event {
             PoolEvent::MemberReady(member) => self.track(member),
+            PoolEvent::EndpointAdded(endpoint) => self.add_endpoint(endpoint),
+            PoolEvent::EndpointRemoved(endpoint) => self.remove_endpoint(&endpoint),
             PoolEvent::GoAway { member, reason, debug_data } => {
                 let too_many_pings =
                     reason == h2::Reason::ENHANCE_YOUR_CALM && debug_data.as_ref() == b"too_many_pings";
@@ -306,6 +301,43 @@ impl Task {
             }
             _ => {}
         }
+    }
+
+    /// Starts health-checking a new endpoint (once; the task may hear of it twice).
+    fn add_endpoint(&mut self, endpoint: Endpoint) {
+        if self.endpoint_ids.contains_key(&endpoint) {
+            return;
+        }
+        let id = self.next_endpoint_id;
+        self.next_endpoint_id += 1;
+        self.endpoint_ids.insert(endpoint.clone(), id);
+        self.endpoints.insert(
+            id,
+            EndpointHealth {
+                channel: self.monitor.endpoint_channel(&endpoint),
+                endpoint,
+                healthy: true,
+                successes: 0,
+                failures: 0,
+                unimplemented_logged: false,
+            },
+        );
+        if self.config.checks.is_some() {
+            self.queue.insert(Due::Endpoint(id), Duration::ZERO);
+        }
+    }
+
+    /// Forgets an endpoint the pool removed. Its members drain and close on their own (the
+    /// task stops tracking each as it closes); a check or `Watch` still under way for it
+    /// reports to an id that is gone, and is dropped.
+    fn remove_endpoint(&mut self, endpoint: &Endpoint) {
+        if let Some(id) = self.endpoint_ids.remove(endpoint) {
+            self.endpoints.remove(&id);
+        }
+        self.ping_limited.remove(endpoint);
+        self.keepalive_time.remove(endpoint);
+        self.lifetime_drain.remove(endpoint);
+        self.ping_metrics.remove(endpoint);
     }
 
     /// The server thinks it is PINGed too often: double this endpoint's keepalive time, as
@@ -409,9 +441,9 @@ impl Task {
     }
 
     /// An endpoint check fell due: a `Check` call (poll mode), or (re)opening its `Watch`.
-    fn start_check(&mut self, index: usize) {
+    fn start_check(&mut self, id: u64) {
         let (Some(checks), Some(channel)) =
-            (self.config.checks.clone(), self.endpoints[index].channel.clone())
+            (self.config.checks.clone(), self.endpoints.get(&id).and_then(|e| e.channel.clone()))
         else {
             return;
         };
@@ -419,17 +451,17 @@ impl Task {
             CheckMode::Poll => {
                 self.checks.push(Box::pin(async move {
                     let (verdict, latency) = checks::check(channel, checks.service, checks.timeout).await;
-                    (index, verdict, latency)
+                    (id, verdict, latency)
                 }));
             }
             CheckMode::Watch => {
                 let reports = self.reports_tx.clone();
                 self.watchers.push(Box::pin(async move {
                     checks::watch(channel, checks.service, |verdict| {
-                        let _ = reports.send((index, verdict));
+                        let _ = reports.send((id, verdict));
                     })
                     .await;
-                    index
+                    id
                 }));
             }
         }
@@ -437,10 +469,10 @@ impl Task {
 
     /// Applies one check's verdict with the thresholds; a `Watch` status message changes the
     /// verdict at once.
-    fn on_verdict(&mut self, index: usize, verdict: Verdict, latency: Option<Duration>, from_watch: bool) {
+    fn on_verdict(&mut self, id: u64, verdict: Verdict, latency: Option<Duration>, from_watch: bool) {
         let Some(checks) = self.config.checks.clone() else { return };
         let pool = self.monitor.name().to_owned();
-        let health = &mut self.endpoints[index];
+        let Some(health) = self.endpoints.get_mut(&id) else { return };
         let endpoint_label = health.endpoint.to_string();
         metrics::counter!(names::HEALTH_CHECKS, names::LABEL_POOL => pool.clone(), names::LABEL_ENDPOINT => endpoint_label.clone(), names::LABEL_RESULT => verdict.result()).increment(1);
         if let Some(latency) = latency {

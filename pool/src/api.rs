@@ -85,11 +85,60 @@ impl Pool {
         crate::monitor::PoolMonitor::new(self.inner().clone())
     }
 
+    /// Adds an endpoint at run time; it opens its `min_connections` and takes calls as soon as
+    /// a connection is ready. Returns `Ok(false)` if the pool has it already, and an error
+    /// if `uri` is not a valid endpoint.
+    ///
+    /// ```no_run
+    /// # async fn run(pool: grpc_pool_core::Pool) -> Result<(), grpc_pool_core::Error> {
+    /// pool.add_endpoint("http://10.0.0.9:50051")?;
+    /// pool.remove_endpoint("http://10.0.0.7:50051")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn add_endpoint(&self, uri: &str) -> Result<bool, Error> {
+        let endpoint = Endpoint::parse(uri)?;
+        Ok(self.inner().add_endpoint(endpoint))
+    }
+
+    /// Removes an endpoint at run time: it takes no new calls and opens no connections; the
+    /// calls in flight on it finish, then its connections close. Returns `Ok(false)` if the
+    /// pool does not have it.
+    pub fn remove_endpoint(&self, uri: &str) -> Result<bool, Error> {
+        let endpoint = Endpoint::parse(uri)?;
+        Ok(self.inner().remove_endpoint(&endpoint))
+    }
+
+    /// Follows an endpoint set that changes at run time: every `Change::Insert` of the
+    /// `discover` stream adds an endpoint (its service is the endpoint's URI, anything that
+    /// displays as one: a `String`, an [`Endpoint`]), every `Change::Remove` removes the one
+    /// its key named, as [`Pool::add_endpoint`] and [`Pool::remove_endpoint`] do. A discovery
+    /// error or an invalid URI is logged and the set stays as it is; when the stream ends,
+    /// the endpoints stay. The task stops when the pool closes; it does not keep the pool
+    /// open.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use grpc_pool_core::dns::{DnsDiscover, SystemResolver};
+    /// # async fn run(pool: grpc_pool_core::Pool) -> Result<(), grpc_pool_core::Error> {
+    /// // Every address `orders.internal` resolves to, looked up again every 30 s.
+    /// pool.discover(DnsDiscover::new("http://orders.internal:50051", Duration::from_secs(30), SystemResolver)?);
+    /// # Ok(()) }
+    /// ```
+    pub fn discover<D>(&self, discover: D) -> tokio::task::JoinHandle<()>
+    where
+        D: crate::discover::Discover + Send + 'static,
+        D::Key: Send,
+        D::Service: fmt::Display,
+        D::Error: fmt::Display,
+    {
+        crate::discover::spawn(self.inner(), discover)
+    }
+
     /// A snapshot of every endpoint and member, and the pool's statistics.
     pub fn state(&self) -> State {
         let inner = self.inner();
         let endpoints = inner
-            .endpoints
+            .endpoints()
             .iter()
             .map(|entry| {
                 let members = entry
@@ -277,7 +326,7 @@ impl Builder {
         self
     }
 
-    fn prepare<I, S>(self, endpoints: I) -> Result<Arc<PoolInner>, Error>
+    fn prepare<I, S>(self, endpoints: I, allow_empty: bool) -> Result<Arc<PoolInner>, Error>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -285,8 +334,12 @@ impl Builder {
         self.config.validate()?;
         let endpoints =
             endpoints.into_iter().map(|e| Endpoint::parse(e.as_ref())).collect::<Result<Vec<_>, _>>()?;
-        if endpoints.is_empty() {
-            return Err(Error::config("endpoints", "an empty list", "at least one endpoint URI"));
+        if endpoints.is_empty() && !allow_empty {
+            return Err(Error::config(
+                "endpoints",
+                "an empty list",
+                "at least one endpoint URI (build_lazy takes none, for endpoints added later)",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for endpoint in &endpoints {
@@ -318,11 +371,11 @@ impl Builder {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let inner = self.prepare(endpoints)?;
+        let inner = self.prepare(endpoints, false)?;
         let pool = Pool { handle: Arc::new(Handle { inner: inner.clone() }) };
         let per_endpoint = inner.config.min_connections.max(1);
         let mut attempts = tokio::task::JoinSet::new();
-        for entry in &inner.endpoints {
+        for entry in inner.endpoints().iter() {
             for _ in 0..per_endpoint {
                 let (inner, entry) = (inner.clone(), entry.clone());
                 attempts.spawn(async move {
@@ -349,22 +402,23 @@ impl Builder {
             drop(pool);
             return Err(Error::no_endpoint_reachable(&inner.config.name, &errors));
         }
-        for entry in &inner.endpoints {
+        for entry in inner.endpoints().iter() {
             inner.replenish(entry);
         }
         Ok(pool)
     }
 
     /// Builds the pool at once and connects in the background (`min_connections` per
-    /// endpoint); the first calls wait for a connection, up to `checkout_timeout`. Must be
+    /// endpoint); the first calls wait for a connection, up to `checkout_timeout`. The list
+    /// may be empty when endpoints come later ([`Pool::add_endpoint`], discovery). Must be
     /// called inside a Tokio runtime.
     pub fn build_lazy<I, S>(self, endpoints: I) -> Result<Pool, Error>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let inner = self.prepare(endpoints)?;
-        for entry in &inner.endpoints {
+        let inner = self.prepare(endpoints, true)?;
+        for entry in inner.endpoints().iter() {
             inner.replenish(entry);
         }
         Ok(Pool { handle: Arc::new(Handle { inner }) })
@@ -377,7 +431,7 @@ impl Builder {
 pub struct State {
     /// The pool's name.
     pub name: String,
-    /// Every endpoint, in the order given to the builder.
+    /// Every endpoint, in the order they were added.
     pub endpoints: Vec<EndpointState>,
     /// Calls queued for a stream slot.
     pub waiters: usize,

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+
 use tokio::sync::{mpsc, Notify};
 
 use crate::api::RetryReason;
@@ -134,7 +136,11 @@ const SHORT_LIFE: Duration = Duration::from_secs(1);
 
 pub(crate) struct PoolInner {
     pub(crate) config: Config,
-    pub(crate) endpoints: Vec<Arc<EndpointEntry>>,
+    /// The endpoints now, replaced whole when one is added or removed; checkouts read it
+    /// without a lock.
+    endpoints: ArcSwap<Vec<Arc<EndpointEntry>>>,
+    /// Held while the endpoint list or the endpoints' routing changes.
+    membership: Mutex<()>,
     pub(crate) waiters: Arc<WaitQueue>,
     pub(crate) stats: Stats,
     pub(crate) shutdown: Arc<Shutdown>,
@@ -154,10 +160,13 @@ impl PoolInner {
             checkouts_direct: metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => config.name.clone(), names::LABEL_RESULT => "direct"),
         };
         PoolInner {
-            endpoints: endpoints
-                .into_iter()
-                .map(|e| Arc::new(EndpointEntry::new(e, config.max_concurrent_connects)))
-                .collect(),
+            endpoints: ArcSwap::from_pointee(
+                endpoints
+                    .into_iter()
+                    .map(|e| EndpointEntry::new(e, config.max_concurrent_connects))
+                    .collect(),
+            ),
+            membership: Mutex::new(()),
             config,
             waiters: Arc::new(WaitQueue::default()),
             stats: Stats::default(),
@@ -179,6 +188,20 @@ impl PoolInner {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// The endpoints now.
+    pub(crate) fn endpoints(&self) -> arc_swap::Guard<Arc<Vec<Arc<EndpointEntry>>>> {
+        self.endpoints.load()
+    }
+
+    /// The entry of `endpoint`, if the pool has it now.
+    pub(crate) fn entry(&self, endpoint: &Endpoint) -> Option<Arc<EndpointEntry>> {
+        self.endpoints.load().iter().find(|e| e.endpoint() == endpoint).cloned()
+    }
+
+    fn lock_membership(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.membership.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     // ----- events -----
 
     pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<PoolEvent> {
@@ -198,7 +221,7 @@ impl PoolInner {
     /// flight, then the least loaded member of the chosen one; the other endpoints if it is
     /// full. Lock-free.
     pub(crate) fn try_checkout(&self) -> Option<Slot> {
-        let endpoints = &self.endpoints;
+        let endpoints = self.endpoints.load();
         let n = endpoints.len();
         let usable = |i: usize| endpoints[i].is_routable();
         let load = |i: usize| if usable(i) { endpoints[i].load() } else { usize::MAX };
@@ -232,33 +255,50 @@ impl PoolInner {
             .find_map(|i| endpoints[i].try_acquire())
     }
 
+    /// Whether the pool has endpoints and every one is marked unhealthy.
     fn all_unhealthy(&self) -> bool {
-        self.unhealthy.load(Ordering::Acquire) >= self.endpoints.len()
+        let n = self.endpoints.load().len();
+        n > 0 && self.unhealthy.load(Ordering::Acquire) >= n
     }
 
-    /// The health task's verdict on an endpoint.
-    pub(crate) fn set_endpoint_health(self: &Arc<Self>, index: usize, healthy: bool, reason: Option<String>) {
-        let entry = &self.endpoints[index];
-        if !entry.set_healthy(healthy, reason.clone()) {
-            return;
-        }
-        if healthy {
-            self.unhealthy.fetch_sub(1, Ordering::AcqRel);
-        } else {
-            self.unhealthy.fetch_add(1, Ordering::AcqRel);
-        }
-        // Unhealthy endpoints take no new streams, unless all are and the pool routes to all
-        // of them then.
+    /// Sets which endpoints take new streams: the healthy ones, or all of them when all are
+    /// unhealthy and the pool routes to all then. Call with the membership lock held.
+    fn update_routing(&self, _membership: &std::sync::MutexGuard<'_, ()>) {
         let route_all = self.config.all_unhealthy == AllUnhealthy::RouteToAll && self.all_unhealthy();
-        for e in &self.endpoints {
-            e.shared.routable.store(e.is_healthy() || route_all, Ordering::Release);
+        for e in self.endpoints.load().iter() {
+            e.shared.routable.store(!e.is_removed() && (e.is_healthy() || route_all), Ordering::Release);
         }
-        // Members that became routable can take queued callers now.
-        for e in self.endpoints.iter().filter(|e| e.is_routable()) {
+    }
+
+    /// Members that became routable take queued callers now.
+    fn serve_waiters_everywhere(self: &Arc<Self>) {
+        for e in self.endpoints.load().iter().filter(|e| e.is_routable()) {
             for member in e.members().iter() {
                 self.serve_waiters(member);
             }
         }
+    }
+
+    /// The health task's verdict on an endpoint.
+    pub(crate) fn set_endpoint_health(
+        self: &Arc<Self>,
+        entry: &Arc<EndpointEntry>,
+        healthy: bool,
+        reason: Option<String>,
+    ) {
+        {
+            let membership = self.lock_membership();
+            if entry.is_removed() || !entry.set_healthy(healthy, reason.clone()) {
+                return;
+            }
+            if healthy {
+                self.unhealthy.fetch_sub(1, Ordering::AcqRel);
+            } else {
+                self.unhealthy.fetch_add(1, Ordering::AcqRel);
+            }
+            self.update_routing(&membership);
+        }
+        self.serve_waiters_everywhere();
         if healthy {
             tracing::info!(pool = %self.name(), endpoint = %entry.label(), "endpoint healthy again; it takes new streams");
         } else {
@@ -270,6 +310,7 @@ impl PoolInner {
     /// Every endpoint and why it is unhealthy, for the fail-fast error.
     fn unhealthy_summary(&self) -> Vec<(String, String)> {
         self.endpoints
+            .load()
             .iter()
             .map(|e| {
                 (
@@ -297,10 +338,14 @@ impl PoolInner {
         if self.is_closed() {
             return None;
         }
-        let n = self.endpoints.len();
+        let endpoints = self.endpoints.load();
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
         let offset = crate::rand::below(n);
         (0..n)
-            .map(|i| &self.endpoints[(offset + i) % n])
+            .map(|i| &endpoints[(offset + i) % n])
             .filter(|e| e.is_routable() && !Arc::ptr_eq(&e.shared, avoid))
             .find_map(|e| e.try_acquire())
     }
@@ -362,8 +407,11 @@ impl PoolInner {
 
     /// What every endpoint looked like when a checkout gave up.
     fn busy_summary(&self) -> String {
-        let parts: Vec<String> = self
-            .endpoints
+        let endpoints = self.endpoints.load();
+        if endpoints.is_empty() {
+            return format!("{} waiter(s) queued; the pool has no endpoints", self.waiters.len());
+        }
+        let parts: Vec<String> = endpoints
             .iter()
             .map(|entry| {
                 let members = entry.members();
@@ -401,7 +449,8 @@ impl PoolInner {
         let mut incoming = 0;
         // (entry, failing, members + connecting): the best candidate so far.
         let mut best: Option<(&Arc<EndpointEntry>, bool, usize)> = None;
-        for entry in &self.endpoints {
+        let endpoints = self.endpoints.load();
+        for entry in endpoints.iter() {
             if !entry.is_routable() {
                 continue;
             }
@@ -445,7 +494,7 @@ impl PoolInner {
 
     /// Keeps `min_connections` per endpoint, counting connects under way.
     pub(crate) fn replenish(self: &Arc<Self>, entry: &Arc<EndpointEntry>) {
-        if self.is_closed() || self.shutdown.is_triggered() {
+        if self.is_closed() || self.shutdown.is_triggered() || entry.is_removed() {
             return;
         }
         let missing = {
@@ -481,6 +530,9 @@ impl PoolInner {
 
     async fn connect_loop(self: Arc<Self>, entry: Arc<EndpointEntry>) {
         loop {
+            if entry.is_removed() {
+                return;
+            }
             let wait = entry.lock().next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
             if let Some(wait) = wait.filter(|w| !w.is_zero()) {
                 // Connect tasks of one endpoint share its backoff; a little spread of their
@@ -606,7 +658,10 @@ impl PoolInner {
             // Under the endpoint's lock, so that a close or the connection's end cannot slip
             // in between the checks and the listing.
             let mut locked = entry.lock();
-            let gone = self.is_closed() || member.signals.is_closed() || member.signals.goaway_seen();
+            let gone = self.is_closed()
+                || entry.is_removed()
+                || member.signals.is_closed()
+                || member.signals.goaway_seen();
             if gone || !member.set_ready() {
                 member.set_closed();
                 return false; // dropping it closes the connection
@@ -717,10 +772,13 @@ impl PoolInner {
         }
     }
 
-    /// A member that dies young (a server that accepts and then closes or sends GOAWAY at
-    /// once) counts as a failed connect, so its replacements back off instead of looping.
+    /// A member that dies young without having carried a call (a server that accepts and
+    /// then closes or sends GOAWAY at once) counts as a failed connect, so its replacements
+    /// back off instead of looping. One that carried calls had a working server: a short
+    /// `max_connection_age` is not a failure, and backing off from it would leave callers
+    /// with no connection at all when members age out together.
     fn note_short_life(&self, entry: &EndpointEntry, member: &Member) {
-        if member.age() < SHORT_LIFE {
+        if member.age() < SHORT_LIFE && member.streams_opened() == 0 {
             self.note_failure(entry, &format!("connection closed {:?} after it opened", member.age()));
         }
     }
@@ -749,7 +807,7 @@ impl PoolInner {
     }
 
     fn entry_of(&self, member: &Member) -> Option<Arc<EndpointEntry>> {
-        self.endpoints.iter().find(|e| Arc::ptr_eq(&e.shared, &member.endpoint)).cloned()
+        member.endpoint.entry.upgrade()
     }
 
     /// A call found the member's connection unusable before sending anything.
@@ -764,6 +822,83 @@ impl PoolInner {
         metrics::counter!(names::RETRIES, names::LABEL_POOL => self.config.name.clone(), names::LABEL_REASON => reason.as_str()).increment(1);
     }
 
+    // ----- endpoints coming and going -----
+
+    /// Adds `endpoint` (if the pool does not have it yet) and opens its `min_connections`;
+    /// returns whether it was added.
+    pub(crate) fn add_endpoint(self: &Arc<Self>, endpoint: Endpoint) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        let entry = {
+            let membership = self.lock_membership();
+            let current = self.endpoints.load();
+            if current.iter().any(|e| e.endpoint() == &endpoint) {
+                return false;
+            }
+            let entry = EndpointEntry::new(endpoint.clone(), self.config.max_concurrent_connects);
+            let mut list = Vec::clone(&current);
+            list.push(entry.clone());
+            self.endpoints.store(Arc::new(list));
+            // A healthy newcomer ends "all unhealthy", or joins the others in it.
+            self.update_routing(&membership);
+            entry
+        };
+        tracing::info!(pool = %self.name(), endpoint = %entry.label(), "endpoint added");
+        self.emit(|| PoolEvent::EndpointAdded(endpoint.clone()));
+        self.replenish(&entry);
+        if self.waiters.has_waiters() {
+            self.grow();
+        }
+        true
+    }
+
+    /// Removes `endpoint`: it takes no new streams and opens no connection; its members
+    /// drain (the streams on them finish) and close. Returns whether the pool had it.
+    pub(crate) fn remove_endpoint(self: &Arc<Self>, endpoint: &Endpoint) -> bool {
+        let entry = {
+            let membership = self.lock_membership();
+            let current = self.endpoints.load();
+            let Some(entry) = current.iter().find(|e| e.endpoint() == endpoint).cloned() else {
+                return false;
+            };
+            let rest: Vec<_> = current.iter().filter(|e| !Arc::ptr_eq(e, &entry)).cloned().collect();
+            self.endpoints.store(Arc::new(rest));
+            entry.set_removed();
+            if !entry.is_healthy() {
+                self.unhealthy.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.update_routing(&membership);
+            entry
+        };
+        let draining =
+            self.drain_all(&entry, EvictionReason::EndpointRemoved, "endpoint removed from the pool");
+        tracing::info!(pool = %self.name(), endpoint = %entry.label(), draining, "endpoint removed; its connections drain");
+        self.emit(|| PoolEvent::EndpointRemoved(endpoint.clone()));
+        // Removing the last unhealthy endpoint may leave only healthy ones with room.
+        self.serve_waiters_everywhere();
+        if self.waiters.has_waiters() {
+            self.grow();
+        }
+        true
+    }
+
+    /// Unlists every member of `entry` and drains it (its streams finish, then it closes);
+    /// returns how many there were. Under the entry's lock, so a connect finishing meanwhile
+    /// either sees why (closed, removed) and is not listed, or is taken here.
+    fn drain_all(&self, entry: &EndpointEntry, reason: EvictionReason, detail: &str) -> usize {
+        let members = {
+            let mut locked = entry.lock();
+            entry.take_all(&mut locked)
+        };
+        for member in members.iter() {
+            if member.set_draining() {
+                self.count_eviction(member, reason, MemberState::Draining, detail);
+            }
+        }
+        members.len()
+    }
+
     // ----- shutdown -----
 
     /// Stops taking calls; every member drains (in-flight streams finish). Returns at once;
@@ -775,21 +910,8 @@ impl PoolInner {
         self.shutdown.trigger();
         let name = self.config.name.clone();
         self.waiters.fail_all(|| Error::pool_closed(&name));
-        for entry in &self.endpoints {
-            let members = {
-                let mut locked = entry.lock();
-                entry.take_all(&mut locked)
-            };
-            for member in members.iter() {
-                if member.set_draining() {
-                    self.count_eviction(
-                        member,
-                        EvictionReason::PoolClosed,
-                        MemberState::Draining,
-                        "pool closed",
-                    );
-                }
-            }
+        for entry in self.endpoints.load().iter() {
+            self.drain_all(entry, EvictionReason::PoolClosed, "pool closed");
         }
         tracing::info!(pool = %self.name(), "pool closed");
     }

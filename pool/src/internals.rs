@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -26,8 +26,11 @@ pub(crate) struct EndpointShared {
     /// Streams in flight over all members, for choosing between endpoints.
     pub(crate) in_flight: AtomicUsize,
     /// Whether new streams may go here: healthy, or every endpoint unhealthy and the pool
-    /// routing to all of them then. Kept by the pool; read on every checkout.
+    /// routing to all of them then, and not removed. Kept by the pool; read on every checkout.
     pub(crate) routable: AtomicBool,
+    /// The entry this belongs to, for a member to find its list (gone once the entry is
+    /// removed from the pool and its last member has closed).
+    pub(crate) entry: Weak<EndpointEntry>,
 }
 
 /// One endpoint of the pool: its members and its connect bookkeeping.
@@ -41,6 +44,8 @@ pub(crate) struct EndpointEntry {
     healthy: AtomicBool,
     /// One permit per connect that may be under way at once.
     pub(crate) connect_permits: Semaphore,
+    /// Removed from the pool (discovery): no new streams or connects; members drain.
+    removed: AtomicBool,
 }
 
 /// Bookkeeping changed under the endpoint's lock.
@@ -58,20 +63,36 @@ pub(crate) struct EndpointInternals {
 }
 
 impl EndpointEntry {
-    pub(crate) fn new(endpoint: Endpoint, concurrent_connects: usize) -> EndpointEntry {
+    pub(crate) fn new(endpoint: Endpoint, concurrent_connects: usize) -> Arc<EndpointEntry> {
         let label = endpoint.to_string();
-        EndpointEntry {
+        Arc::new_cyclic(|entry| EndpointEntry {
             shared: Arc::new(EndpointShared {
                 endpoint,
                 label,
                 in_flight: AtomicUsize::new(0),
                 routable: AtomicBool::new(true),
+                entry: entry.clone(),
             }),
             members: ArcSwap::from_pointee(Vec::new()),
             internals: Mutex::new(EndpointInternals::default()),
             healthy: AtomicBool::new(true),
             connect_permits: Semaphore::new(concurrent_connects),
-        }
+            removed: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.shared.endpoint
+    }
+
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// Marks it removed and takes it out of routing; returns false if it already was.
+    pub(crate) fn set_removed(&self) -> bool {
+        self.shared.routable.store(false, Ordering::Release);
+        !self.removed.swap(true, Ordering::AcqRel)
     }
 
     pub(crate) fn label(&self) -> &str {

@@ -24,6 +24,8 @@ mod backoff;
 pub mod call;
 mod clock;
 mod config;
+pub mod discover;
+pub mod dns;
 mod endpoint;
 mod error;
 mod inner;

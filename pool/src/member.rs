@@ -71,11 +71,13 @@ pub enum EvictionReason {
     MaxStreams,
     /// The pool was closed or dropped.
     PoolClosed,
+    /// Its endpoint was removed from the pool (discovery); drained gracefully.
+    EndpointRemoved,
 }
 
 impl EvictionReason {
     /// Every reason, in a fixed order (for statistics tables).
-    pub const ALL: [EvictionReason; 9] = [
+    pub const ALL: [EvictionReason; 10] = [
         EvictionReason::IdleTimeout,
         EvictionReason::MaxLifetime,
         EvictionReason::GoAway,
@@ -85,6 +87,7 @@ impl EvictionReason {
         EvictionReason::ClosedByPeer,
         EvictionReason::MaxStreams,
         EvictionReason::PoolClosed,
+        EvictionReason::EndpointRemoved,
     ];
 
     /// The name used in logs and metric labels.
@@ -99,6 +102,7 @@ impl EvictionReason {
             EvictionReason::ClosedByPeer => "closed_by_peer",
             EvictionReason::MaxStreams => "max_streams",
             EvictionReason::PoolClosed => "pool_closed",
+            EvictionReason::EndpointRemoved => "endpoint_removed",
         }
     }
 

@@ -46,9 +46,9 @@ impl PoolMonitor {
         self.inner.name()
     }
 
-    /// The pool's endpoints, in the builder's order.
+    /// The pool's endpoints now, in the order they were added.
     pub fn endpoints(&self) -> Vec<Endpoint> {
-        self.inner.endpoints.iter().map(|e| e.shared.endpoint.clone()).collect()
+        self.inner.endpoints().iter().map(|e| e.endpoint().clone()).collect()
     }
 
     /// `min_connections` per endpoint.
@@ -59,7 +59,7 @@ impl PoolMonitor {
     /// Every member listed now (ready or draining), over all endpoints.
     pub fn members(&self) -> Vec<MemberHandle> {
         self.inner
-            .endpoints
+            .endpoints()
             .iter()
             .flat_map(|entry| {
                 entry.members().iter().map(|m| MemberHandle::new(&self.inner, m)).collect::<Vec<_>>()
@@ -71,22 +71,20 @@ impl PoolMonitor {
     /// every endpoint is unhealthy and the pool routes to all then), with the reason shown in
     /// `Pool::state()` and the fail-fast error. Unknown endpoints are ignored.
     pub fn set_endpoint_health(&self, endpoint: &Endpoint, healthy: bool, reason: Option<&str>) {
-        if let Some(index) = self.index_of(endpoint) {
-            self.inner.set_endpoint_health(index, healthy, reason.map(str::to_owned));
+        if let Some(entry) = self.inner.entry(endpoint) {
+            self.inner.set_endpoint_health(&entry, healthy, reason.map(str::to_owned));
         }
     }
 
     /// A `tower::Service` that sends calls to `endpoint` only, healthy or not: for health
-    /// checks. `None` for an endpoint the pool does not have.
+    /// checks. `None` for an endpoint the pool does not have; once the endpoint is removed,
+    /// its calls fail at once.
     pub fn endpoint_channel(&self, endpoint: &Endpoint) -> Option<EndpointChannel> {
-        self.index_of(endpoint).map(|index| EndpointChannel::new(self.inner.clone(), index))
+        self.inner.entry(endpoint).map(|entry| EndpointChannel::new(self.inner.clone(), &entry))
     }
 
-    fn index_of(&self, endpoint: &Endpoint) -> Option<usize> {
-        self.inner.endpoints.iter().position(|e| &e.shared.endpoint == endpoint)
-    }
-
-    /// Events from now on: members that become ready, GOAWAYs received.
+    /// Events from now on: members that become ready, GOAWAYs received, endpoints added and
+    /// removed.
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<PoolEvent> {
         self.inner.subscribe()
     }
@@ -124,6 +122,10 @@ pub enum PoolEvent {
         /// The GOAWAY's debug data, as the server sent it.
         debug_data: Bytes,
     },
+    /// An endpoint joined the pool (discovery, or `Pool::add_endpoint`).
+    EndpointAdded(Endpoint),
+    /// An endpoint left the pool; its members drain and close.
+    EndpointRemoved(Endpoint),
 }
 
 /// What [`MemberHandle::status`] read of a member; a closed member reads as `Closed` with

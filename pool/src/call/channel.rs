@@ -10,6 +10,7 @@ use tower_service::Service;
 use super::future::{ResponseFuture, Target};
 use crate::error::Error;
 use crate::inner::PoolInner;
+use crate::internals::EndpointEntry;
 use crate::member::Member;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -22,12 +23,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[derive(Clone)]
 pub struct EndpointChannel {
     pool: Arc<PoolInner>,
-    index: usize,
+    entry: Weak<EndpointEntry>,
+    label: String,
 }
 
 impl EndpointChannel {
-    pub(crate) fn new(pool: Arc<PoolInner>, index: usize) -> EndpointChannel {
-        EndpointChannel { pool, index }
+    pub(crate) fn new(pool: Arc<PoolInner>, entry: &Arc<EndpointEntry>) -> EndpointChannel {
+        EndpointChannel { pool, entry: Arc::downgrade(entry), label: entry.label().to_owned() }
     }
 }
 
@@ -70,12 +72,12 @@ macro_rules! channel_service {
     };
 }
 
-channel_service!(EndpointChannel, |c: &EndpointChannel| Target::Endpoint(c.index));
+channel_service!(EndpointChannel, |c: &EndpointChannel| Target::Endpoint(c.entry.clone(), c.label.clone()));
 channel_service!(MemberChannel, |c: &MemberChannel| Target::Member(c.member.clone()));
 
 impl fmt::Debug for EndpointChannel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EndpointChannel").field("endpoint", &self.pool.endpoints[self.index].label()).finish()
+        f.debug_struct("EndpointChannel").field("endpoint", &self.label).finish()
     }
 }
 

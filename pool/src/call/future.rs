@@ -15,7 +15,7 @@ use crate::api::RetryReason;
 use crate::call::replay::{CallBody, Recording, UnsentBody};
 use crate::error::{Error, ErrorKind};
 use crate::inner::PoolInner;
-use crate::internals::EndpointShared;
+use crate::internals::{EndpointEntry, EndpointShared};
 use crate::member::{EvictionReason, Member, Slot};
 use crate::proto::h2::body::{Pump, PumpError, Unsent};
 use crate::proto::h2::ping::PingError;
@@ -42,8 +42,9 @@ pub(crate) enum Target {
     Pool,
     /// The least loaded ready member of one endpoint, even if it is full (the stream then
     /// waits in h2 for the server's room) or the endpoint is marked unhealthy: for health
-    /// checks, which must not be starved by the traffic they judge.
-    Endpoint(usize),
+    /// checks, which must not be starved by the traffic they judge. With its label, for the
+    /// error once it is removed.
+    Endpoint(Weak<EndpointEntry>, String),
     /// One member and no other: for probing that connection.
     Member(Weak<Member>),
 }
@@ -310,10 +311,12 @@ fn slot_now(
         Target::Pool => {
             Ok(avoid.and_then(|avoid| pool.checkout_elsewhere(avoid)).or_else(|| pool.checkout_now()))
         }
-        Target::Endpoint(index) => {
-            let entry = &pool.endpoints[*index];
+        Target::Endpoint(entry, label) => {
+            let Some(entry) = entry.upgrade().filter(|e| !e.is_removed()) else {
+                return Err(Error::no_member(label, "the endpoint was removed from the pool"));
+            };
             entry.force_acquire().map(Some).ok_or_else(|| {
-                pool.replenish(entry);
+                pool.replenish(&entry);
                 Error::no_member(entry.label(), "no ready connection to this endpoint")
             })
         }

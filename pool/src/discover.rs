@@ -1,0 +1,138 @@
+//! Following an endpoint set that changes at run time, from any `tower::discover::Discover`
+//! stream: each `Insert` adds an endpoint to the pool, each `Remove` drains one away.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::sync::{Arc, Weak};
+
+pub use tower::discover::{Change, Discover};
+
+use crate::endpoint::Endpoint;
+use crate::inner::PoolInner;
+
+/// Applies the changes of `discover` to the pool until the stream ends or the pool closes.
+pub(crate) async fn follow<D>(pool: Weak<PoolInner>, discover: D)
+where
+    D: Discover + Send + 'static,
+    D::Key: Send,
+    D::Service: fmt::Display,
+    D::Error: fmt::Display,
+{
+    let Some(shutdown) = pool.upgrade().map(|p| p.shutdown.clone()) else { return };
+    let mut discover = Box::pin(discover);
+    let mut keys = Keys::default();
+    loop {
+        let change = tokio::select! {
+            change = poll_fn(|cx| discover.as_mut().poll_discover(cx)) => change,
+            _ = shutdown.triggered() => return,
+        };
+        let Some(pool) = pool.upgrade() else { return };
+        match change {
+            None => {
+                tracing::info!(pool = %pool.name(), "endpoint discovery ended; the endpoints stay as they are");
+                return;
+            }
+            Some(Err(error)) => {
+                tracing::warn!(pool = %pool.name(), error = %error, "endpoint discovery failed; the endpoints stay as they are");
+            }
+            Some(Ok(Change::Insert(key, service))) => {
+                let uri = service.to_string();
+                match Endpoint::parse(&uri) {
+                    Ok(endpoint) => {
+                        if let Some(replaced) = keys.insert(key, endpoint.clone()) {
+                            pool.remove_endpoint(&replaced);
+                        }
+                        pool.add_endpoint(endpoint);
+                    }
+                    Err(error) => {
+                        tracing::warn!(pool = %pool.name(), endpoint = %uri, error = %error, "discovered endpoint ignored");
+                    }
+                }
+            }
+            Some(Ok(Change::Remove(key))) => {
+                if let Some(removed) = keys.remove(&key) {
+                    pool.remove_endpoint(&removed);
+                }
+            }
+        }
+    }
+}
+
+/// Which endpoint each discovery key stands for. `Discover` keys need only `Eq`, so this is a
+/// list; endpoint sets are small. Two keys may name one endpoint: it stays in the pool until
+/// neither does.
+struct Keys<K> {
+    entries: Vec<(K, Endpoint)>,
+}
+
+impl<K> Default for Keys<K> {
+    fn default() -> Self {
+        Keys { entries: Vec::new() }
+    }
+}
+
+impl<K: Eq> Keys<K> {
+    /// Maps `key` to `endpoint`; returns the endpoint it named before if no key names that
+    /// one any more (the caller removes it from the pool).
+    fn insert(&mut self, key: K, endpoint: Endpoint) -> Option<Endpoint> {
+        let before = match self.entries.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, current)) => Some(std::mem::replace(current, endpoint)),
+            None => {
+                self.entries.push((key, endpoint));
+                None
+            }
+        };
+        before.filter(|old| !self.names(old))
+    }
+
+    /// Forgets `key`; returns its endpoint if no other key names it.
+    fn remove(&mut self, key: &K) -> Option<Endpoint> {
+        let index = self.entries.iter().position(|(k, _)| k == key)?;
+        let (_, endpoint) = self.entries.swap_remove(index);
+        (!self.names(&endpoint)).then_some(endpoint)
+    }
+
+    fn names(&self, endpoint: &Endpoint) -> bool {
+        self.entries.iter().any(|(_, e)| e == endpoint)
+    }
+}
+
+/// Starts [`follow`] on a task that holds the pool weakly, so that it does not keep the pool
+/// open.
+pub(crate) fn spawn<D>(pool: &Arc<PoolInner>, discover: D) -> tokio::task::JoinHandle<()>
+where
+    D: Discover + Send + 'static,
+    D::Key: Send,
+    D::Service: fmt::Display,
+    D::Error: fmt::Display,
+{
+    tokio::spawn(follow(Arc::downgrade(pool), discover))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(port: u16) -> Endpoint {
+        Endpoint::parse(&format!("http://127.0.0.1:{port}")).unwrap()
+    }
+
+    #[test]
+    fn an_endpoint_named_by_two_keys_leaves_only_when_neither_names_it() {
+        let mut keys = Keys::default();
+        assert_eq!(keys.insert("a", endpoint(1)), None);
+        assert_eq!(keys.insert("b", endpoint(1)), None);
+        assert_eq!(keys.remove(&"a"), None);
+        assert_eq!(keys.remove(&"b"), Some(endpoint(1)));
+        assert_eq!(keys.remove(&"b"), None);
+    }
+
+    #[test]
+    fn a_key_inserted_again_replaces_its_endpoint() {
+        let mut keys = Keys::default();
+        keys.insert(1, endpoint(1));
+        assert_eq!(keys.insert(1, endpoint(2)), Some(endpoint(1)));
+        assert_eq!(keys.insert(1, endpoint(2)), None);
+        assert_eq!(keys.remove(&1), Some(endpoint(2)));
+    }
+}
