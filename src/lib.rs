@@ -37,8 +37,8 @@ use tower_service::Service;
 pub use grpc_pool_core::AllUnhealthy;
 pub use grpc_pool_core::{
     api, call, discover, dns, metrics, monitor, BackoffConfig, Endpoint, EndpointState, Error, ErrorKind,
-    EvictionReason, H2Config, MemberHandle, MemberSnapshot, MemberState, PoolEvent, PoolMonitor,
-    ResponseBody, ResponseFuture, RetryReason, State, Statistics,
+    EvictionReason, H2Config, MemberHandle, MemberSnapshot, MemberState, OutlierDetection, PoolEvent,
+    PoolMonitor, ResponseBody, ResponseFuture, RetryReason, State, Statistics,
 };
 pub use grpc_pool_health as health;
 pub use grpc_pool_health::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
@@ -210,6 +210,9 @@ impl Builder {
         /// Most request-body bytes a call keeps so it can be sent again (0 to 64 MiB); a
         /// larger call is not sent again and its error says so. Default 256 KiB.
         replay_buffer_limit(usize);
+        /// Outlier ejection: an endpoint whose calls fail `consecutive_failures` times in a
+        /// row takes no new streams for a while. Off (`None`) by default.
+        outlier_detection(Option<OutlierDetection>);
         /// Reconnect backoff after failed connects.
         backoff(BackoffConfig);
         /// HTTP/2 window, frame and header-list settings.

@@ -762,3 +762,85 @@ async fn a_streaming_call_cut_before_its_body_ended_is_resent_with_all_of_it() {
     assert_eq!(reply.message, Bytes::from_static(b"one two three"));
     assert_eq!((server.goaways(), server.answered()), (1, 1));
 }
+
+fn outliers(percent: u32) -> grpc_pool::OutlierDetection {
+    grpc_pool::OutlierDetection {
+        consecutive_failures: 3,
+        base_ejection_time: Duration::from_millis(300),
+        max_ejection_time: Duration::from_secs(1),
+        max_ejection_percent: percent,
+    }
+}
+
+/// Calls until `done` holds (at most `limit` calls); returns how many failed.
+async fn call_until(client: &mut EchoClient<Pool>, limit: usize, mut done: impl FnMut() -> bool) -> usize {
+    let mut failed = 0;
+    for _ in 0..limit {
+        if done() {
+            return failed;
+        }
+        if client.unary_echo(request(b"x", 0)).await.is_err() {
+            failed += 1;
+        }
+    }
+    assert!(done(), "not done after {limit} calls");
+    failed
+}
+
+#[tokio::test]
+async fn an_endpoint_failing_every_call_is_ejected_and_returns_when_its_time_is_up() {
+    let servers = [TestServer::start().await, TestServer::start().await, TestServer::start().await];
+    servers[0].set_unavailable(true);
+    let pool = Pool::builder()
+        .outlier_detection(Some(outliers(50)))
+        .build(servers.iter().map(|s| s.uri()))
+        .await
+        .unwrap();
+    let ejected = |pool: &Pool| pool.state().endpoints[0].ejected_for.is_some();
+    let mut client = client(&pool);
+    // Only the calls that reach the failing server fail, and the third in a row ejects it.
+    let failed = call_until(&mut client, 500, || ejected(&pool)).await;
+    assert_eq!(failed, 3);
+    assert_eq!(servers[0].calls(), 3);
+    // Ejected: it takes no call, and no call fails.
+    for _ in 0..50 {
+        client.unary_echo(request(b"x", 0)).await.unwrap();
+    }
+    assert_eq!(servers[0].calls(), 3);
+    // Repaired; after its 300 ms it takes calls again.
+    servers[0].set_unavailable(false);
+    wait_until(WAIT, "the ejection ended", || !ejected(&pool)).await;
+    for _ in 0..100 {
+        client.unary_echo(request(b"x", 0)).await.unwrap();
+    }
+    assert!(servers[0].calls() > 3, "the endpoint took no call after its ejection");
+    assert_eq!(pool.state().statistics.ejections, 1);
+}
+
+#[tokio::test]
+async fn no_more_endpoints_are_ejected_than_max_ejection_percent_allows() {
+    // Two of three fail every call; 10% of three rounds to zero, and one may always go: one
+    // is ejected, the other keeps taking (and failing) calls.
+    let servers = [TestServer::start().await, TestServer::start().await, TestServer::start().await];
+    servers[0].set_unavailable(true);
+    servers[1].set_unavailable(true);
+    let pool = Pool::builder()
+        .outlier_detection(Some(outliers(10)))
+        .build(servers.iter().map(|s| s.uri()))
+        .await
+        .unwrap();
+    let ejected = |pool: &Pool| pool.state().endpoints.iter().filter(|e| e.ejected_for.is_some()).count();
+    let mut client = client(&pool);
+    call_until(&mut client, 500, || ejected(&pool) == 1).await;
+    let failed_before = servers[0].calls() + servers[1].calls();
+    let mut failed = 0;
+    for _ in 0..100 {
+        if client.unary_echo(request(b"x", 0)).await.is_err() {
+            failed += 1;
+        }
+    }
+    assert_eq!(ejected(&pool), 1, "{:?}", pool.state().endpoints);
+    assert!(failed > 0, "the endpoint over the cap should still take calls");
+    assert_eq!(servers[0].calls() + servers[1].calls() - failed_before, failed as u64);
+    assert_eq!(pool.state().statistics.ejections, 1);
+}

@@ -164,6 +164,9 @@ impl Pool {
                     in_flight: entry.in_flight(),
                     consecutive_failures: locked.consecutive_failures,
                     last_connect_error: locked.last_error.clone(),
+                    ejected_for: locked
+                        .ejected_until
+                        .map(|until| until.saturating_duration_since(std::time::Instant::now())),
                 }
             })
             .collect();
@@ -182,6 +185,7 @@ impl Pool {
                 connections_created: s.connections_created.load(Ordering::Relaxed),
                 connect_failures: s.connect_failures.load(Ordering::Relaxed),
                 retries: s.retries.load(Ordering::Relaxed),
+                ejections: s.ejections.load(Ordering::Relaxed),
                 retries_by_reason: RetryReason::ALL
                     .iter()
                     .map(|r| (*r, s.retries_by_reason[*r as usize].load(Ordering::Relaxed)))
@@ -314,6 +318,14 @@ impl Builder {
         self
     }
 
+    /// Outlier ejection (Envoy's outlier detection): an endpoint whose calls fail
+    /// `consecutive_failures` times in a row takes no new streams for a while. `None` (the
+    /// default) turns it off.
+    pub fn outlier_detection(mut self, outliers: Option<crate::OutlierDetection>) -> Self {
+        self.config.outlier_detection = outliers;
+        self
+    }
+
     /// Reconnect backoff after failed connects. Default: gRPC's (1 s, x1.6, +/-20%, 120 s).
     pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
         self.config.backoff = backoff;
@@ -358,7 +370,11 @@ impl Builder {
                 "building inside a Tokio runtime (the pool spawns its connection tasks there)",
             ));
         }
-        Ok(Arc::new(PoolInner::new(self.config, endpoints)))
+        let inner = Arc::new(PoolInner::new(self.config, endpoints));
+        if let Some(outliers) = &inner.outliers {
+            outliers.set_pool(&inner);
+        }
+        Ok(inner)
     }
 
     /// Builds the pool and connects before returning: `max(min_connections, 1)` connections
@@ -475,6 +491,8 @@ pub struct EndpointState {
     pub consecutive_failures: u32,
     /// The most recent connect error, cleared by a success.
     pub last_connect_error: Option<String>,
+    /// While outlier detection has it ejected: the time left.
+    pub ejected_for: Option<Duration>,
 }
 
 /// One member in a [`State`].
@@ -517,6 +535,8 @@ pub struct Statistics {
     pub retries: u64,
     /// The same, by reason.
     pub retries_by_reason: Vec<(RetryReason, u64)>,
+    /// Endpoints ejected by outlier detection.
+    pub ejections: u64,
     /// Connections taken out of service, by reason.
     pub connections_closed: Vec<(EvictionReason, u64)>,
 }

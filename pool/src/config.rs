@@ -130,6 +130,7 @@ pub(crate) struct Config {
     pub(crate) max_attempts: u32,
     /// Most request-body bytes kept per call so that it can be sent again.
     pub(crate) replay_buffer_limit: usize,
+    pub(crate) outlier_detection: Option<crate::outlier::OutlierDetection>,
     pub(crate) backoff: BackoffConfig,
     pub(crate) h2: H2Config,
 }
@@ -150,6 +151,7 @@ impl Default for Config {
             all_unhealthy: AllUnhealthy::FailFast,
             max_attempts: 3,
             replay_buffer_limit: 256 * 1024,
+            outlier_detection: None,
             backoff: BackoffConfig::default(),
             h2: H2Config::default(),
         }
@@ -194,6 +196,21 @@ impl Config {
         }
         check_range("max_attempts", self.max_attempts, 1, MAX_ATTEMPTS_LIMIT)?;
         check_range("replay_buffer_limit", self.replay_buffer_limit, 0, MAX_REPLAY_BUFFER)?;
+        if let Some(outliers) = &self.outlier_detection {
+            check_range("outlier_detection.consecutive_failures", outliers.consecutive_failures, 1, 10_000)?;
+            check_nonzero("outlier_detection.base_ejection_time", outliers.base_ejection_time)?;
+            if outliers.max_ejection_time < outliers.base_ejection_time {
+                return Err(Error::config(
+                    "outlier_detection.max_ejection_time",
+                    &format!(
+                        "{:?} is below base_ejection_time = {:?}",
+                        outliers.max_ejection_time, outliers.base_ejection_time
+                    ),
+                    "a duration of at least base_ejection_time",
+                ));
+            }
+            check_range("outlier_detection.max_ejection_percent", outliers.max_ejection_percent, 0, 100)?;
+        }
         check_nonzero("backoff.base", self.backoff.base)?;
         if self.backoff.max > MAX_BACKOFF {
             return Err(Error::config(
@@ -305,6 +322,36 @@ mod tests {
             (Box::new(|c| c.h2.max_header_list_size = 0), "h2.max_header_list_size", "1 to"),
             (Box::new(|c| c.name.clear()), "name", "non-empty"),
             (Box::new(|c| c.max_attempts = 0), "max_attempts", "1 to 10"),
+            (
+                Box::new(|c| {
+                    c.outlier_detection = Some(crate::outlier::OutlierDetection {
+                        consecutive_failures: 0,
+                        ..Default::default()
+                    })
+                }),
+                "outlier_detection.consecutive_failures",
+                "1 to 10000",
+            ),
+            (
+                Box::new(|c| {
+                    c.outlier_detection = Some(crate::outlier::OutlierDetection {
+                        max_ejection_percent: 101,
+                        ..Default::default()
+                    })
+                }),
+                "outlier_detection.max_ejection_percent",
+                "0 to 100",
+            ),
+            (
+                Box::new(|c| {
+                    c.outlier_detection = Some(crate::outlier::OutlierDetection {
+                        max_ejection_time: Duration::from_secs(1),
+                        ..Default::default()
+                    })
+                }),
+                "outlier_detection.max_ejection_time",
+                "at least base_ejection_time",
+            ),
             (Box::new(|c| c.replay_buffer_limit = usize::MAX), "replay_buffer_limit", "0 to 67108864"),
         ];
         for (change, field, allowed) in cases {

@@ -20,6 +20,7 @@ use crate::internals::{EndpointEntry, EndpointShared, WaitQueue};
 use crate::member::{EvictionReason, Member, MemberState, Slot};
 use crate::metrics as names;
 use crate::monitor::{MemberHandle, PoolEvent};
+use crate::outlier::Outliers;
 use crate::proto::h2::client::{self, Connection};
 use crate::proto::h2::frames::ConnSignals;
 
@@ -34,6 +35,7 @@ pub(crate) struct Stats {
     pub(crate) connect_failures: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) retries_by_reason: [AtomicU64; RetryReason::ALL.len()],
+    pub(crate) ejections: AtomicU64,
     pub(crate) closed_by_reason: [AtomicU64; EvictionReason::ALL.len()],
 }
 
@@ -141,6 +143,8 @@ pub(crate) struct PoolInner {
     endpoints: ArcSwap<Vec<Arc<EndpointEntry>>>,
     /// Held while the endpoint list or the endpoints' routing changes.
     membership: Mutex<()>,
+    /// Outlier detection, when configured; every endpoint shares it.
+    pub(crate) outliers: Option<Arc<Outliers>>,
     pub(crate) waiters: Arc<WaitQueue>,
     pub(crate) stats: Stats,
     pub(crate) shutdown: Arc<Shutdown>,
@@ -159,14 +163,16 @@ impl PoolInner {
         let hot = HotMetrics {
             checkouts_direct: metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => config.name.clone(), names::LABEL_RESULT => "direct"),
         };
+        let outliers = config.outlier_detection.clone().map(Outliers::new);
         PoolInner {
             endpoints: ArcSwap::from_pointee(
                 endpoints
                     .into_iter()
-                    .map(|e| EndpointEntry::new(e, config.max_concurrent_connects))
+                    .map(|e| EndpointEntry::new(e, config.max_concurrent_connects, outliers.clone()))
                     .collect(),
             ),
             membership: Mutex::new(()),
+            outliers,
             config,
             waiters: Arc::new(WaitQueue::default()),
             stats: Stats::default(),
@@ -261,13 +267,85 @@ impl PoolInner {
         n > 0 && self.unhealthy.load(Ordering::Acquire) >= n
     }
 
-    /// Sets which endpoints take new streams: the healthy ones, or all of them when all are
-    /// unhealthy and the pool routes to all then. Call with the membership lock held.
+    /// Sets which endpoints take new streams: the healthy ones that are not ejected, or, when
+    /// all are unhealthy and the pool routes to all then, every one not ejected. Call with the
+    /// membership lock held.
     fn update_routing(&self, _membership: &std::sync::MutexGuard<'_, ()>) {
         let route_all = self.config.all_unhealthy == AllUnhealthy::RouteToAll && self.all_unhealthy();
         for e in self.endpoints.load().iter() {
-            e.shared.routable.store(!e.is_removed() && (e.is_healthy() || route_all), Ordering::Release);
+            let routable = !e.is_removed() && !e.is_ejected() && (e.is_healthy() || route_all);
+            e.shared.routable.store(routable, Ordering::Release);
         }
+    }
+
+    /// Outlier detection: `failures` calls in a row failed on `entry`. Ejects it unless it
+    /// is ejected already or the cap on ejected endpoints is reached.
+    pub(crate) fn eject(self: &Arc<Self>, entry: &Arc<EndpointEntry>, failures: u32) {
+        let Some(outliers) = self.outliers.clone() else { return };
+        let duration = {
+            let membership = self.lock_membership();
+            if entry.is_removed() || entry.is_ejected() {
+                return;
+            }
+            let endpoints = self.endpoints.load();
+            let ejected = endpoints.iter().filter(|e| e.is_ejected()).count();
+            if ejected >= outliers.max_ejected(endpoints.len()) {
+                tracing::debug!(pool = %self.name(), endpoint = %entry.label(), failures, ejected, "not ejected: max_ejection_percent reached");
+                return;
+            }
+            let mut locked = entry.lock();
+            // Time back in service earns the multiplier down again.
+            if let Some(back) = locked.back_since {
+                let base = outliers.config.base_ejection_time.as_nanos().max(1);
+                let earned = (back.elapsed().as_nanos() / base).min(u128::from(u32::MAX)) as u32;
+                locked.ejections = locked.ejections.saturating_sub(earned);
+            }
+            locked.ejections = locked.ejections.saturating_add(1);
+            let duration = outliers.ejection_time(locked.ejections);
+            locked.ejected_until = Some(Instant::now() + duration);
+            drop(locked);
+            entry.set_ejected(true);
+            entry.shared.failures_in_a_row.store(0, Ordering::Relaxed);
+            self.update_routing(&membership);
+            duration
+        };
+        self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::EJECTIONS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).increment(1);
+        metrics::gauge!(names::ENDPOINT_EJECTED, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).set(1.0);
+        tracing::warn!(pool = %self.name(), endpoint = %entry.label(), failures, ejected_for = ?duration, "endpoint ejected: its calls failed {failures} times in a row; no new streams go there until the ejection ends");
+        let (pool, entry) = (Arc::downgrade(self), Arc::downgrade(entry));
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(duration) => {}
+                _ = shutdown.triggered() => return,
+            }
+            if let (Some(pool), Some(entry)) = (pool.upgrade(), entry.upgrade()) {
+                pool.end_ejection(&entry);
+            }
+        });
+    }
+
+    /// An ejection's time is up: the endpoint takes new streams again, once its health
+    /// checks (if any) pass.
+    fn end_ejection(self: &Arc<Self>, entry: &Arc<EndpointEntry>) {
+        {
+            let membership = self.lock_membership();
+            let mut locked = entry.lock();
+            locked.ejected_until = None;
+            locked.back_since = Some(Instant::now());
+            drop(locked);
+            entry.set_ejected(false);
+            entry.shared.failures_in_a_row.store(0, Ordering::Relaxed);
+            self.update_routing(&membership);
+        }
+        metrics::gauge!(names::ENDPOINT_EJECTED, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).set(0.0);
+        if entry.is_healthy() {
+            tracing::info!(pool = %self.name(), endpoint = %entry.label(), "ejection over; the endpoint takes new streams again");
+        } else {
+            tracing::info!(pool = %self.name(), endpoint = %entry.label(), "ejection over; the endpoint takes new streams once its health checks pass");
+        }
+        self.serve_waiters_everywhere();
     }
 
     /// Members that became routable take queued callers now.
@@ -836,7 +914,11 @@ impl PoolInner {
             if current.iter().any(|e| e.endpoint() == &endpoint) {
                 return false;
             }
-            let entry = EndpointEntry::new(endpoint.clone(), self.config.max_concurrent_connects);
+            let entry = EndpointEntry::new(
+                endpoint.clone(),
+                self.config.max_concurrent_connects,
+                self.outliers.clone(),
+            );
             let mut list = Vec::clone(&current);
             list.push(entry.clone());
             self.endpoints.store(Arc::new(list));

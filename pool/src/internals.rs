@@ -5,7 +5,7 @@
 //! the mutexes here are taken only when membership changes or when callers have to wait.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
@@ -15,6 +15,7 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::member::{Member, Slot};
+use crate::outlier::Outliers;
 
 /// What members need to know of their endpoint (no member list: members point here, and the
 /// list points at members).
@@ -31,6 +32,19 @@ pub(crate) struct EndpointShared {
     /// The entry this belongs to, for a member to find its list (gone once the entry is
     /// removed from the pool and its last member has closed).
     pub(crate) entry: Weak<EndpointEntry>,
+    /// Outlier detection, when the pool has it: calls report how they ended here.
+    pub(crate) outliers: Option<Arc<Outliers>>,
+    /// Calls that failed in a row, for outlier detection.
+    pub(crate) failures_in_a_row: AtomicU32,
+}
+
+impl EndpointShared {
+    /// Reports how a call on this endpoint ended, for outlier detection.
+    pub(crate) fn record_outcome(&self, failed: bool) {
+        if let Some(outliers) = &self.outliers {
+            outliers.record(self, failed);
+        }
+    }
 }
 
 /// One endpoint of the pool: its members and its connect bookkeeping.
@@ -46,6 +60,8 @@ pub(crate) struct EndpointEntry {
     pub(crate) connect_permits: Semaphore,
     /// Removed from the pool (discovery): no new streams or connects; members drain.
     removed: AtomicBool,
+    /// Ejected by outlier detection: no new streams until the ejection ends.
+    ejected: AtomicBool,
 }
 
 /// Bookkeeping changed under the endpoint's lock.
@@ -60,10 +76,20 @@ pub(crate) struct EndpointInternals {
     pub(crate) last_error: Option<String>,
     /// Why the endpoint is unhealthy, when it is.
     pub(crate) health_reason: Option<String>,
+    /// Ejections so far, less one for each `base_ejection_time` spent back in service.
+    pub(crate) ejections: u32,
+    /// When the last ejection ended.
+    pub(crate) back_since: Option<Instant>,
+    /// When the ejection under way ends.
+    pub(crate) ejected_until: Option<Instant>,
 }
 
 impl EndpointEntry {
-    pub(crate) fn new(endpoint: Endpoint, concurrent_connects: usize) -> Arc<EndpointEntry> {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        concurrent_connects: usize,
+        outliers: Option<Arc<Outliers>>,
+    ) -> Arc<EndpointEntry> {
         let label = endpoint.to_string();
         Arc::new_cyclic(|entry| EndpointEntry {
             shared: Arc::new(EndpointShared {
@@ -72,13 +98,24 @@ impl EndpointEntry {
                 in_flight: AtomicUsize::new(0),
                 routable: AtomicBool::new(true),
                 entry: entry.clone(),
+                outliers,
+                failures_in_a_row: AtomicU32::new(0),
             }),
             members: ArcSwap::from_pointee(Vec::new()),
             internals: Mutex::new(EndpointInternals::default()),
             healthy: AtomicBool::new(true),
             connect_permits: Semaphore::new(concurrent_connects),
             removed: AtomicBool::new(false),
+            ejected: AtomicBool::new(false),
         })
+    }
+
+    pub(crate) fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_ejected(&self, ejected: bool) {
+        self.ejected.store(ejected, Ordering::Release);
     }
 
     pub(crate) fn endpoint(&self) -> &Endpoint {

@@ -34,6 +34,7 @@ mod member;
 pub mod metrics;
 pub mod monitor;
 mod notify;
+mod outlier;
 mod proto;
 mod rand;
 
@@ -44,6 +45,7 @@ pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
 pub use member::{EvictionReason, MemberState};
 pub use monitor::{MemberHandle, MemberStatus, PoolEvent, PoolMonitor};
+pub use outlier::OutlierDetection;
 
 /// For the crate's benchmarks only: not part of the API, and may change in any release.
 #[doc(hidden)]

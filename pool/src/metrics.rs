@@ -35,6 +35,11 @@ pub const HEALTH_CHECKS: &str = "grpc_pool_health_checks_total";
 /// Histogram (seconds): latency of health checks that got an answer.
 pub const HEALTH_CHECK_DURATION: &str = "grpc_pool_health_check_duration_seconds";
 
+/// Counter: endpoints ejected by outlier detection.
+pub const EJECTIONS: &str = "grpc_pool_ejections_total";
+/// Gauge: 1 while outlier detection keeps the endpoint out of routing, 0 after.
+pub const ENDPOINT_EJECTED: &str = "grpc_pool_endpoint_ejected";
+
 /// Label: the pool's name.
 pub const LABEL_POOL: &str = "pool";
 /// Label: the endpoint, as `http://host:port`.

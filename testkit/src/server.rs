@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ pub struct Counters {
 #[derive(Debug, Clone, Default)]
 pub struct EchoServer {
     counters: Arc<Counters>,
+    /// While set, unary calls end with `UNAVAILABLE` (an overloaded or broken backend).
+    unavailable: Arc<AtomicBool>,
 }
 
 struct ActiveGuard(Arc<Counters>);
@@ -61,6 +63,9 @@ impl Echo for EchoServer {
         let _active = ActiveGuard::new(&self.counters);
         let request = request.into_inner();
         delay(request.delay_ms).await;
+        if self.unavailable.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("the test made this server unavailable"));
+        }
         Ok(Response::new(EchoResponse { message: request.message }))
     }
 
@@ -143,6 +148,7 @@ pub struct ServerOptions {
 pub struct TestServer {
     addr: SocketAddr,
     counters: Arc<Counters>,
+    unavailable: Arc<AtomicBool>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -160,6 +166,7 @@ impl TestServer {
         let addr = listener.local_addr().expect("local address");
         let service = EchoServer::default();
         let counters = service.counters.clone();
+        let unavailable = service.unavailable.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let mut builder = tonic::transport::Server::builder();
         if let Some(max) = options.max_concurrent_streams {
@@ -177,7 +184,7 @@ impl TestServer {
                 })
                 .await;
         });
-        TestServer { addr, counters, stop: Some(stop), task: Some(task) }
+        TestServer { addr, counters, unavailable, stop: Some(stop), task: Some(task) }
     }
 
     /// The server's address.
@@ -193,6 +200,11 @@ impl TestServer {
     /// Calls that reached the handlers so far.
     pub fn calls(&self) -> u64 {
         self.counters.calls.load(Ordering::Relaxed)
+    }
+
+    /// While `on`, unary calls end with `UNAVAILABLE` (after their `delay_ms`).
+    pub fn set_unavailable(&self, on: bool) {
+        self.unavailable.store(on, Ordering::Relaxed);
     }
 
     /// Calls running in the handlers now.

@@ -41,6 +41,9 @@ impl ResponseBody {
     }
 
     fn fail(&mut self, err: h2::Error) -> Error {
+        if let Some(slot) = &self.slot {
+            slot.member().endpoint.record_outcome(crate::outlier::is_failure(&err));
+        }
         let error = Error::from_h2(self.endpoint(), err);
         self.finish();
         error
@@ -71,6 +74,10 @@ impl Body for ResponseBody {
         match this.recv.poll_trailers(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(Some(trailers))) => {
+                if let Some(slot) = &this.slot {
+                    let unavailable = crate::outlier::unavailable(&trailers).unwrap_or(false);
+                    slot.member().endpoint.record_outcome(unavailable);
+                }
                 this.finish();
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
