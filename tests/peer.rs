@@ -307,3 +307,97 @@ async fn a_pool_idle_for_a_minute_against_default_ping_limits_serves_without_fai
     assert!(too_many_pings <= 2, "{too_many_pings} too_many_pings in a minute");
     println!("idle minute: {too_many_pings} too_many_pings, 20 calls after it, 0 failed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_of_two_servers_fails_only_the_calls_in_flight_on_it() {
+    // 32 callers against two gRPC C-core servers; one is killed with SIGKILL, as a crash
+    // would. Only calls already running on it may fail; once its members are evicted every
+    // call succeeds; restarted on the same port, it takes calls again.
+    let survivor = PythonPeer::start(PeerOptions::default()).await;
+    let doomed = PythonPeer::start(PeerOptions::default()).await;
+    let port = doomed.port();
+    let doomed_uri = doomed.uri();
+    let pool = Pool::builder()
+        .backoff(grpc_pool::BackoffConfig {
+            base: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+            ..Default::default()
+        })
+        .build([survivor.uri(), doomed.uri()])
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for _ in 0..32 {
+        let (mut client, stop) = (EchoClient::new(pool.clone()), stop.clone());
+        callers.push(tokio::spawn(async move {
+            // (when the call started, whether it failed)
+            let mut calls: Vec<(Instant, bool)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let failed = client.unary_echo(request(10)).await.is_err();
+                calls.push((started, failed));
+            }
+            calls
+        }));
+    }
+    let doomed_members = |pool: &Pool| {
+        pool.state()
+            .endpoints
+            .iter()
+            .find(|e| e.endpoint.to_string() == doomed_uri)
+            .map_or(0, |e| e.members.len())
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let kill_started = Instant::now();
+    doomed.kill().await;
+    let killed_at = Instant::now();
+    wait_until(Duration::from_secs(10), "the killed server's members are evicted", || {
+        doomed_members(&pool) == 0
+    })
+    .await;
+    let evicted_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut restarted = PythonPeer::start(PeerOptions { port: Some(port), ..Default::default() }).await;
+    wait_until(Duration::from_secs(10), "the restarted server has a member again", || {
+        doomed_members(&pool) > 0
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while restarted.calls().await == 0 {
+        assert!(Instant::now() < deadline, "the restarted server took no call within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+
+    let mut calls = Vec::new();
+    for caller in callers {
+        calls.extend(caller.await.unwrap());
+    }
+    let failed: Vec<Instant> =
+        calls.iter().filter(|(_, failed)| *failed).map(|(started, _)| *started).collect();
+    let n = |a: Instant, b: Instant| failed.iter().filter(|s| **s >= a && **s < b).count();
+    println!(
+        "failures: before kill {}, during kill {}, kill..evicted {}, after {}; kill took {:?}, eviction {:?}",
+        n(kill_started - Duration::from_secs(100), kill_started),
+        n(kill_started, killed_at),
+        n(killed_at, evicted_at),
+        n(evicted_at, Instant::now()),
+        killed_at - kill_started,
+        evicted_at - killed_at
+    );
+    assert!(
+        failed.iter().all(|started| *started < killed_at),
+        "a call that started after the kill failed ({} failures)",
+        failed.len()
+    );
+    assert!(failed.len() <= 32, "{} calls failed; at most one per caller was in flight", failed.len());
+    let after = calls.iter().filter(|(started, _)| *started > evicted_at).count();
+    assert!(after > 100, "only {after} calls after the eviction");
+    println!(
+        "kill -9: {} calls, {} failed (in flight at the kill), eviction {:?} after the kill",
+        calls.len(),
+        failed.len(),
+        evicted_at - killed_at
+    );
+}
