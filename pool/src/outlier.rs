@@ -107,16 +107,17 @@ impl Outliers {
     }
 }
 
-/// Whether an `h2` failure of a call counts against its endpoint.
-pub(crate) fn is_failure(err: &h2::Error) -> bool {
+/// Whether an `h2` failure of a call counts against its endpoint: `Some(true)` if it does,
+/// `None` if it says nothing either way (a refused or cancelled stream, a graceful GOAWAY,
+/// a failure of our own making).
+pub(crate) fn is_failure(err: &h2::Error) -> Option<bool> {
     if err.is_io() {
-        return true;
+        return Some(true);
     }
     match err.reason() {
-        // Refused or cancelled streams, and graceful GOAWAYs, are not the endpoint failing.
-        Some(h2::Reason::REFUSED_STREAM | h2::Reason::CANCEL | h2::Reason::NO_ERROR) => false,
-        Some(_) => err.is_remote(),
-        None => false,
+        Some(h2::Reason::REFUSED_STREAM | h2::Reason::CANCEL | h2::Reason::NO_ERROR) => None,
+        Some(_) if err.is_remote() => Some(true),
+        _ => None,
     }
 }
 

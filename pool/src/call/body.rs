@@ -41,8 +41,8 @@ impl ResponseBody {
     }
 
     fn fail(&mut self, err: h2::Error) -> Error {
-        if let Some(slot) = &self.slot {
-            slot.member().endpoint.record_outcome(crate::outlier::is_failure(&err));
+        if let (Some(slot), Some(failed)) = (&self.slot, crate::outlier::is_failure(&err)) {
+            slot.member().endpoint.record_outcome(failed);
         }
         let error = Error::from_h2(self.endpoint(), err);
         self.finish();

@@ -490,7 +490,9 @@ where
                             return Poll::Ready(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump))));
                         }
                         Err(err) => {
-                            slot.member().endpoint.record_outcome(crate::outlier::is_failure(&err));
+                            if let Some(failed) = crate::outlier::is_failure(&err) {
+                                slot.member().endpoint.record_outcome(failed);
+                            }
                             let error = response_error(&slot, stream_id, err);
                             let slot_endpoint = slot.member().endpoint.clone();
                             drop(slot);
