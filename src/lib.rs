@@ -26,6 +26,8 @@
 //! crate wires them together.
 #![warn(missing_docs)]
 
+pub mod config;
+
 use std::fmt;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,6 +36,7 @@ use bytes::Bytes;
 use http_body::Body;
 use tower_service::Service;
 
+pub use config::PoolConfig;
 pub use grpc_pool_core::AllUnhealthy;
 pub use grpc_pool_core::{
     api, call, discover, dns, metrics, monitor, BackoffConfig, Endpoint, EndpointState, Error, ErrorKind,

@@ -1,0 +1,85 @@
+//! `PoolConfig` from TOML and JSON: the example file, defaults, and the errors a bad file
+//! gets (unknown fields and bad durations named; out-of-range values with the builder's
+//! messages).
+
+use std::time::Duration;
+
+use grpc_pool::config::{Mode, WhenAllUnhealthy};
+use grpc_pool::PoolConfig;
+
+fn example() -> PoolConfig {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pool.toml")).unwrap();
+    toml::from_str(&text).unwrap()
+}
+
+#[test]
+fn the_example_file_parses_and_says_the_defaults() {
+    let config = example();
+    let defaults = PoolConfig::default();
+    assert_eq!(config.endpoints.len(), 2);
+    assert_eq!(config.max_connections, defaults.max_connections);
+    assert_eq!(config.checkout_timeout, defaults.checkout_timeout);
+    assert_eq!(config.keepalive.time, Duration::from_secs(310));
+    assert_eq!(config.keepalive.time, defaults.keepalive.time);
+    assert_eq!(config.eviction.idle_timeout, Some(Duration::from_secs(600)));
+    assert_eq!(config.eviction.max_lifetime, None);
+    assert_eq!(config.ping_before_use, None);
+    assert_eq!(config.when_all_unhealthy, WhenAllUnhealthy::FailFast);
+    // The optional sections are written out in the example with their defaults.
+    let check = config.health_check.as_ref().unwrap();
+    assert_eq!((check.interval, check.mode), (Duration::from_secs(5), Mode::Poll));
+    assert_eq!(config.outlier_detection.as_ref().unwrap().max_ejection_time, Duration::from_secs(300));
+    assert_eq!(config.backoff.multiplier, defaults.backoff.multiplier);
+    assert_eq!(config.h2.max_frame_size, defaults.h2.max_frame_size);
+}
+
+#[tokio::test]
+async fn the_example_file_builds_a_pool() {
+    let pool = example().build_lazy().unwrap();
+    assert_eq!(pool.state().endpoints.len(), 2);
+}
+
+#[test]
+fn json_works_the_same_and_empty_means_defaults() {
+    let config: PoolConfig = serde_json::from_str(
+        r#"{"name": "orders", "checkout_timeout": "1m 30s", "eviction": {"idle_timeout": "off"},
+            "health_check": {"mode": "watch"}}"#,
+    )
+    .unwrap();
+    assert_eq!(config.name, "orders");
+    assert_eq!(config.checkout_timeout, Duration::from_secs(90));
+    assert_eq!(config.eviction.idle_timeout, None);
+    assert_eq!(config.health_check.unwrap().mode, Mode::Watch);
+    let empty: PoolConfig = toml::from_str("").unwrap();
+    assert_eq!(empty.max_connections, 8);
+    assert!(empty.health_check.is_none());
+}
+
+#[test]
+fn unknown_fields_are_errors_that_name_them() {
+    let top = toml::from_str::<PoolConfig>("max_conections = 3").unwrap_err().to_string();
+    assert!(top.contains("unknown field `max_conections`"), "{top}");
+    let nested = toml::from_str::<PoolConfig>("[keepalive]\ntimout = \"5s\"").unwrap_err().to_string();
+    assert!(nested.contains("unknown field `timout`"), "{nested}");
+}
+
+#[test]
+fn a_bad_duration_says_how_to_write_one() {
+    let err = toml::from_str::<PoolConfig>("checkout_timeout = \"5 parsecs\"").unwrap_err().to_string();
+    assert!(err.contains("invalid duration `5 parsecs`"), "{err}");
+    assert!(err.contains("\"30s\""), "{err}");
+    assert!(err.contains("checkout_timeout"), "the error should point at the field: {err}");
+}
+
+#[tokio::test]
+async fn out_of_range_values_get_the_builders_messages() {
+    let config: PoolConfig =
+        toml::from_str("endpoints = [\"http://127.0.0.1:1\"]\nmax_connections = 0").unwrap();
+    let err = config.build_lazy().unwrap_err().to_string();
+    assert!(err.contains("`max_connections` = 0"), "{err}");
+    assert!(err.contains("1 to 10000"), "{err}");
+    let config: PoolConfig =
+        toml::from_str("endpoints = [\"http://127.0.0.1:1\"]\n[keepalive]\ntime = \"0s\"").unwrap();
+    let err = config.build_lazy().unwrap_err().to_string();
+    assert!(err.contains("`keepalive.time`"), "{err}");
+}
