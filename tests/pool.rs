@@ -32,7 +32,34 @@ fn fast_backoff() -> BackoffConfig {
 async fn all_four_rpc_kinds_with_large_messages() {
     let server = TestServer::start().await;
     let pool = Pool::builder().build([server.uri()]).await.unwrap();
-    let mut client = client(&pool);
+    all_four_rpc_kinds(&pool).await;
+    assert_eq!(server.calls(), 4);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_unix_socket_endpoint_serves_all_four_rpc_kinds() {
+    let server = grpc_pool_testkit::UnixTestServer::start().await;
+    assert!(server.uri().starts_with("unix:///"), "{}", server.uri());
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    let state = pool.state();
+    assert_eq!(state.endpoints[0].endpoint.to_string(), server.uri());
+    assert!(state.endpoints[0].members.iter().any(|m| m.state == MemberState::Ready));
+    all_four_rpc_kinds(&pool).await;
+    assert_eq!(server.calls(), 4);
+}
+
+#[tokio::test]
+async fn a_missing_unix_socket_fails_the_build_with_its_path() {
+    let path = std::env::temp_dir().join(format!("grpc-pool-missing-{}.sock", std::process::id()));
+    let err = Pool::builder().build([format!("unix://{}", path.display())]).await.unwrap_err();
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+}
+
+/// A unary, a server-streaming, a client-streaming and a bidirectional call through `pool`,
+/// with 5 MiB messages, each checked; then every slot is back.
+async fn all_four_rpc_kinds(pool: &Pool) {
+    let mut client = client(pool);
     let big = Bytes::from(vec![0xa5u8; 5 << 20]);
 
     // Unary, 5 MiB each way.
@@ -80,7 +107,6 @@ async fn all_four_rpc_kinds_with_large_messages() {
     assert!(replies.next().await.is_none());
 
     wait_until(WAIT, "every slot is returned", || pool.state().in_flight() == 0).await;
-    assert_eq!(server.calls(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 //! `:scheme` and `:authority`.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -10,16 +11,24 @@ use http::Uri;
 
 use crate::error::Error;
 
-/// One server address of a pool, parsed from an `http://host:port` URI.
+/// One server address of a pool, parsed from an `http://host:port` URI, or, for a server on
+/// this machine (a sidecar), a Unix domain socket: `unix:///absolute/path` (or
+/// `unix:/absolute/path`).
 ///
 /// The port is required: gRPC servers rarely listen on 80, and a silent default would send a
-/// pool to the wrong place.
+/// pool to the wrong place. Requests over a Unix socket carry `:authority` `localhost`, as
+/// gRPC's own clients send.
 ///
 /// ```
 /// use grpc_pool_core::Endpoint;
 /// let endpoint: Endpoint = "http://127.0.0.1:50051".parse().unwrap();
 /// assert_eq!(endpoint.port(), 50051);
 /// assert!("http://127.0.0.1".parse::<Endpoint>().unwrap_err().to_string().contains("port"));
+/// # #[cfg(unix)] {
+/// let sidecar: Endpoint = "unix:///run/envoy/grpc.sock".parse().unwrap();
+/// assert_eq!(sidecar.unix_path(), Some(std::path::Path::new("/run/envoy/grpc.sock")));
+/// assert_eq!(sidecar.authority().as_str(), "localhost");
+/// # }
 /// ```
 ///
 /// Cloning is cheap (a reference count): endpoints label every member, event and metric.
@@ -30,13 +39,21 @@ pub struct Endpoint(Arc<Parts>);
 struct Parts {
     scheme: Scheme,
     authority: Authority,
+    /// For TCP; `localhost` and 0 for a Unix socket.
     host: String,
     port: u16,
+    /// Set for a Unix-socket endpoint.
+    unix_path: Option<PathBuf>,
+    /// The URI as given, for labels: a Unix path is not in `authority`.
+    label: String,
 }
 
 impl Endpoint {
-    /// Parses `http://host:port`; `https` is not supported yet.
+    /// Parses `http://host:port` or `unix:///path`; `https` is not supported yet.
     pub fn parse(uri: &str) -> Result<Endpoint, Error> {
+        if let Some(rest) = uri.strip_prefix("unix:") {
+            return Endpoint::parse_unix(uri, rest);
+        }
         let parsed: Uri = uri
             .parse()
             .map_err(|e: http::uri::InvalidUri| Error::invalid_endpoint(uri, &format!("not a URI ({e})")))?;
@@ -67,15 +84,63 @@ impl Endpoint {
         }
         // `[::1]` in a URI is `::1` to the resolver.
         let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        Ok(Endpoint(Arc::new(Parts { scheme, authority, host, port })))
+        let label = format!("{scheme}://{authority}");
+        Ok(Endpoint(Arc::new(Parts { scheme, authority, host, port, unix_path: None, label })))
     }
 
-    /// The host name or address, without brackets.
+    /// `unix:///absolute/path` or `unix:/absolute/path` (gRPC's naming), `rest` being what
+    /// follows `unix:`.
+    fn parse_unix(uri: &str, rest: &str) -> Result<Endpoint, Error> {
+        if !cfg!(unix) {
+            return Err(Error::invalid_endpoint(
+                uri,
+                "Unix domain sockets are not supported on this platform",
+            ));
+        }
+        // `unix://` must be followed by an empty authority and an absolute path.
+        let path = match rest.strip_prefix("//") {
+            Some(after) if after.starts_with('/') => after,
+            Some(_) => {
+                return Err(Error::invalid_endpoint(
+                    uri,
+                    "a Unix socket URI names an absolute path: unix:///path/to.sock",
+                ))
+            }
+            None => rest,
+        };
+        if !path.starts_with('/') {
+            return Err(Error::invalid_endpoint(
+                uri,
+                "the Unix socket path must be absolute (unix:///path/to.sock)",
+            ));
+        }
+        if path.len() < 2 || path.ends_with('/') {
+            return Err(Error::invalid_endpoint(uri, "no socket file in the path"));
+        }
+        if path.contains(['?', '#']) {
+            return Err(Error::invalid_endpoint(uri, "a query or fragment is not allowed"));
+        }
+        Ok(Endpoint(Arc::new(Parts {
+            scheme: Scheme::HTTP,
+            authority: Authority::from_static("localhost"),
+            host: "localhost".to_owned(),
+            port: 0,
+            unix_path: Some(PathBuf::from(path)),
+            label: format!("unix://{path}"),
+        })))
+    }
+
+    /// The socket file of a Unix-socket endpoint; `None` for TCP.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.0.unix_path.as_deref()
+    }
+
+    /// The host name or address, without brackets (`localhost` for a Unix socket).
     pub fn host(&self) -> &str {
         &self.0.host
     }
 
-    /// The TCP port.
+    /// The TCP port (0 for a Unix socket).
     pub fn port(&self) -> u16 {
         self.0.port
     }
@@ -101,7 +166,7 @@ impl FromStr for Endpoint {
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}", self.0.scheme, self.0.authority)
+        f.write_str(&self.0.label)
     }
 }
 
@@ -114,6 +179,20 @@ impl fmt::Debug for Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn parses_unix_socket_paths_in_both_spellings() {
+        for uri in ["unix:///tmp/grpc.sock", "unix:/tmp/grpc.sock"] {
+            let e = Endpoint::parse(uri).unwrap();
+            assert_eq!(e.unix_path(), Some(Path::new("/tmp/grpc.sock")), "{uri}");
+            assert_eq!(e.authority().as_str(), "localhost");
+            assert_eq!(e.to_string(), "unix:///tmp/grpc.sock");
+        }
+        // Labels round-trip, as discovery turns endpoints back into URIs.
+        let e = Endpoint::parse("unix:///tmp/grpc.sock").unwrap();
+        assert_eq!(Endpoint::parse(&e.to_string()).unwrap(), e);
+    }
 
     #[test]
     fn parses_hosts_and_addresses() {
@@ -137,6 +216,11 @@ mod tests {
             ("http://127.0.0.1:80/api", "path"),
             ("http://u@127.0.0.1:80", "user information"),
             ("not a uri", "not a URI"),
+            ("unix:relative.sock", "must be absolute"),
+            ("unix://host/tmp/a.sock", "absolute path"),
+            ("unix:///", "no socket file"),
+            ("unix:///tmp/", "no socket file"),
+            ("unix:///tmp/a.sock?x=1", "query"),
         ] {
             let message = Endpoint::parse(uri).unwrap_err().to_string();
             assert!(message.contains(problem), "{uri}: {message}");

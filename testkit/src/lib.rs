@@ -14,6 +14,8 @@ pub use goaway::{GoAwayServer, GoAwayWhen};
 pub use peer::{PeerOptions, PythonPeer};
 pub use raw::{Misbehaviour, RawServer};
 pub use relay::Relay;
+#[cfg(unix)]
+pub use server::UnixTestServer;
 pub use server::{EchoServer, ServerOptions, TestServer};
 
 use std::future::Future;

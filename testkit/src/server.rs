@@ -231,3 +231,52 @@ impl Drop for TestServer {
         }
     }
 }
+
+/// An echo server on a Unix domain socket in the temporary directory, for endpoints on the
+/// same machine (sidecars). Stopped, and its socket file removed, when dropped.
+#[cfg(unix)]
+pub struct UnixTestServer {
+    path: std::path::PathBuf,
+    counters: Arc<Counters>,
+    task: JoinHandle<()>,
+}
+
+#[cfg(unix)]
+impl UnixTestServer {
+    /// Starts a server on a fresh socket path.
+    pub async fn start() -> UnixTestServer {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!("grpc-pool-{}-{}.sock", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let path = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind the Unix socket");
+        let service = EchoServer::default();
+        let counters = service.counters.clone();
+        let router = tonic::transport::Server::builder().add_service(
+            EchoService::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20),
+        );
+        let task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let _ = router.serve_with_incoming(incoming).await;
+        });
+        UnixTestServer { path, counters, task }
+    }
+
+    /// `unix:///tmp/...sock`, for a pool.
+    pub fn uri(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    /// Calls that reached the handlers so far.
+    pub fn calls(&self) -> u64 {
+        self.counters.calls.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(unix)]
+impl Drop for UnixTestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

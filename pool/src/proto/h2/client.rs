@@ -1,10 +1,14 @@
-//! Opening one HTTP/2 connection: TCP with `TCP_NODELAY`, then the `h2` client handshake with
-//! the pool's window, frame and header-list settings.
+//! Opening one HTTP/2 connection: TCP with `TCP_NODELAY` (or a Unix domain socket), then the
+//! `h2` client handshake with the pool's window, frame and header-list settings.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::frames::{ConnSignals, ObservedIo};
@@ -14,7 +18,73 @@ use crate::endpoint::Endpoint;
 use crate::error::Error;
 
 /// The transport under every member.
-pub(crate) type Io = ObservedIo<TcpStream>;
+pub(crate) type Io = ObservedIo<Transport>;
+
+/// A member's socket: TCP, or a Unix domain socket for an endpoint on this machine.
+pub(crate) enum Transport {
+    Tcp(TcpStream),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixStream),
+}
+
+// Each method forwards to the socket; both are `Unpin`, so no pin projection is needed.
+impl AsyncRead for Transport {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(unix)]
+            Transport::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(unix)]
+            Transport::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    // h2 writes frames as several buffers at once; without these it would copy them into
+    // one or write them one system call each.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            #[cfg(unix)]
+            Transport::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Tcp(s) => s.is_write_vectored(),
+            #[cfg(unix)]
+            Transport::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(unix)]
+            Transport::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(unix)]
+            Transport::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 /// The `h2` connection future that a member's driver task polls.
 pub(crate) type Connection = h2::client::Connection<Io, Bytes>;
 
@@ -27,7 +97,8 @@ pub(crate) struct Handshaken {
     pub(crate) pinger: Pinger,
 }
 
-/// Opens TCP to `endpoint` and starts the HTTP/2 handshake. The caller bounds the time.
+/// Opens the socket to `endpoint` and starts the HTTP/2 handshake. The caller bounds the
+/// time.
 ///
 /// `tcp_user_timeout` (Linux) bounds how long written data may stay unacknowledged before
 /// the kernel gives up on the connection, so a write to a dead peer fails fast too.
@@ -36,19 +107,9 @@ pub(crate) async fn handshake(
     config: &H2Config,
     tcp_user_timeout: Option<Duration>,
 ) -> Result<Handshaken, Error> {
-    let tcp = TcpStream::connect((endpoint.host(), endpoint.port()))
-        .await
-        .map_err(|e| Error::connect(&endpoint.to_string(), "TCP connect", Some(Box::new(e))))?;
-    // gRPC messages are small and latency-bound: never wait to coalesce them.
-    tcp.set_nodelay(true)
-        .map_err(|e| Error::connect(&endpoint.to_string(), "setting TCP_NODELAY", Some(Box::new(e))))?;
-    if let Some(timeout) = tcp_user_timeout {
-        set_tcp_user_timeout(&tcp, timeout).map_err(|e| {
-            Error::connect(&endpoint.to_string(), "setting TCP_USER_TIMEOUT", Some(Box::new(e)))
-        })?;
-    }
+    let transport = connect(endpoint, tcp_user_timeout).await?;
     let signals = Arc::new(ConnSignals::new());
-    let io = ObservedIo::new(tcp, signals.clone());
+    let io = ObservedIo::new(transport, signals.clone());
     let (send, mut connection) = h2::client::Builder::new()
         .initial_window_size(config.initial_stream_window_size)
         .initial_connection_window_size(config.initial_connection_window_size)
@@ -60,6 +121,32 @@ pub(crate) async fn handshake(
         .map_err(|e| Error::connect(&endpoint.to_string(), "HTTP/2 handshake", Some(Box::new(e))))?;
     let pinger = Pinger::new(connection.ping_pong());
     Ok(Handshaken { send, connection, signals, pinger })
+}
+
+async fn connect(endpoint: &Endpoint, tcp_user_timeout: Option<Duration>) -> Result<Transport, Error> {
+    #[cfg(unix)]
+    if let Some(path) = endpoint.unix_path() {
+        let socket = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+            Error::connect(
+                &endpoint.to_string(),
+                &format!("Unix socket connect to {}", path.display()),
+                Some(Box::new(e)),
+            )
+        })?;
+        return Ok(Transport::Unix(socket));
+    }
+    let tcp = TcpStream::connect((endpoint.host(), endpoint.port()))
+        .await
+        .map_err(|e| Error::connect(&endpoint.to_string(), "TCP connect", Some(Box::new(e))))?;
+    // gRPC messages are small and latency-bound: never wait to coalesce them.
+    tcp.set_nodelay(true)
+        .map_err(|e| Error::connect(&endpoint.to_string(), "setting TCP_NODELAY", Some(Box::new(e))))?;
+    if let Some(timeout) = tcp_user_timeout {
+        set_tcp_user_timeout(&tcp, timeout).map_err(|e| {
+            Error::connect(&endpoint.to_string(), "setting TCP_USER_TIMEOUT", Some(Box::new(e)))
+        })?;
+    }
+    Ok(Transport::Tcp(tcp))
 }
 
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
