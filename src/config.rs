@@ -55,6 +55,9 @@ pub struct PoolConfig {
     pub replay_buffer_limit: usize,
     /// What calls do when every endpoint is unhealthy.
     pub when_all_unhealthy: WhenAllUnhealthy,
+    /// How often the gauges are sampled.
+    #[serde(deserialize_with = "duration")]
+    pub metrics_interval: Duration,
     /// PING a member unused for this long before a call goes out on it; `"off"` by default.
     #[serde(deserialize_with = "optional_duration")]
     pub ping_before_use: Option<Duration>,
@@ -279,6 +282,7 @@ impl Default for PoolConfig {
             max_attempts: 3,
             replay_buffer_limit: 256 * 1024,
             when_all_unhealthy: WhenAllUnhealthy::FailFast,
+            metrics_interval: Duration::from_secs(1),
             ping_before_use: None,
             keepalive: KeepaliveSection::default(),
             eviction: EvictionSection::default(),
@@ -303,6 +307,7 @@ impl PoolConfig {
             .connect_timeout(self.connect_timeout)
             .max_attempts(self.max_attempts)
             .replay_buffer_limit(self.replay_buffer_limit)
+            .metrics_interval(self.metrics_interval)
             .when_all_unhealthy(match self.when_all_unhealthy {
                 WhenAllUnhealthy::FailFast => AllUnhealthy::FailFast,
                 WhenAllUnhealthy::RouteToAll => AllUnhealthy::RouteToAll,

@@ -216,6 +216,8 @@ impl Builder {
         /// Outlier ejection: an endpoint whose calls fail `consecutive_failures` times in a
         /// row takes no new streams for a while. Off (`None`) by default.
         outlier_detection(Option<OutlierDetection>);
+        /// How often the connection, stream and waiter gauges are sampled. Default 1 s.
+        metrics_interval(Duration);
         /// Reconnect backoff after failed connects.
         backoff(BackoffConfig);
         /// HTTP/2 window, frame and header-list settings.

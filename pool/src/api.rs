@@ -326,6 +326,14 @@ impl Builder {
         self
     }
 
+    /// How often the gauges (connections by state, streams in flight, waiters) are sampled
+    /// (10 ms to 1 h). They are sampled rather than updated on every change so that calls
+    /// pay nothing for them. Default 1 s.
+    pub fn metrics_interval(mut self, interval: Duration) -> Self {
+        self.config.metrics_interval = interval;
+        self
+    }
+
     /// Reconnect backoff after failed connects. Default: gRPC's (1 s, x1.6, +/-20%, 120 s).
     pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
         self.config.backoff = backoff;
@@ -374,6 +382,7 @@ impl Builder {
         if let Some(outliers) = &inner.outliers {
             outliers.set_pool(&inner);
         }
+        inner.spawn_gauge_sampler(inner.config.metrics_interval);
         Ok(inner)
     }
 

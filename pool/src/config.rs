@@ -131,6 +131,8 @@ pub(crate) struct Config {
     /// Most request-body bytes kept per call so that it can be sent again.
     pub(crate) replay_buffer_limit: usize,
     pub(crate) outlier_detection: Option<crate::outlier::OutlierDetection>,
+    /// How often the connection and stream gauges are sampled.
+    pub(crate) metrics_interval: Duration,
     pub(crate) backoff: BackoffConfig,
     pub(crate) h2: H2Config,
 }
@@ -152,6 +154,7 @@ impl Default for Config {
             max_attempts: 3,
             replay_buffer_limit: 256 * 1024,
             outlier_detection: None,
+            metrics_interval: Duration::from_secs(1),
             backoff: BackoffConfig::default(),
             h2: H2Config::default(),
         }
@@ -210,6 +213,13 @@ impl Config {
                 ));
             }
             check_range("outlier_detection.max_ejection_percent", outliers.max_ejection_percent, 0, 100)?;
+        }
+        if self.metrics_interval < Duration::from_millis(10) || self.metrics_interval > MAX_BACKOFF {
+            return Err(Error::config(
+                "metrics_interval",
+                &format!("{:?}", self.metrics_interval),
+                "10ms to 3600s",
+            ));
         }
         check_nonzero("backoff.base", self.backoff.base)?;
         if self.backoff.max > MAX_BACKOFF {

@@ -93,7 +93,11 @@ impl<R: Resolve> DnsDiscover<R> {
     pub fn new(uri: &str, interval: Duration, resolver: R) -> Result<DnsDiscover<R>, Error> {
         let endpoint = Endpoint::parse(uri)?;
         if endpoint.unix_path().is_some() {
-            return Err(Error::config("dns.uri", uri, "an http://host:port URI (a Unix socket has no DNS name)"));
+            return Err(Error::config(
+                "dns.uri",
+                uri,
+                "an http://host:port URI (a Unix socket has no DNS name)",
+            ));
         }
         if interval < Duration::from_millis(1) || interval > Duration::from_secs(24 * 3600) {
             return Err(Error::config("dns.interval", &format!("{interval:?}"), "1ms to 86400s"));

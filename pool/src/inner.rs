@@ -671,6 +671,7 @@ impl PoolInner {
                 Arc::downgrade(&member),
                 Arc::downgrade(self),
                 self.live.clone(),
+                entry.shared.clone(),
             ));
             member.set_driver(driver.abort_handle());
             let abort = AbortOnDrop(Some(driver.abort_handle()));
@@ -981,6 +982,48 @@ impl PoolInner {
         members.len()
     }
 
+    // ----- gauges -----
+
+    /// Sets the pool's gauges from its state now: connections per endpoint by state, and
+    /// streams in flight. Sampled rather than kept up to date on every change, so calls pay
+    /// nothing for them.
+    pub(crate) fn sample_gauges(&self) {
+        let pool = self.config.name.clone();
+        for entry in self.endpoints.load().iter() {
+            let members = entry.members();
+            let ready = members.iter().filter(|m| m.state() == MemberState::Ready).count();
+            let open = entry.shared.open_connections.load(Ordering::Relaxed);
+            let connecting = entry.lock().connecting;
+            let endpoint = entry.label().to_owned();
+            for (state, count) in
+                [("ready", ready), ("draining", open.saturating_sub(ready)), ("connecting", connecting)]
+            {
+                metrics::gauge!(names::CONNECTIONS, names::LABEL_POOL => pool.clone(), names::LABEL_ENDPOINT => endpoint.clone(), names::LABEL_STATE => state).set(count as f64);
+            }
+            metrics::gauge!(names::IN_FLIGHT, names::LABEL_POOL => pool.clone(), names::LABEL_ENDPOINT => endpoint).set(entry.in_flight() as f64);
+        }
+        metrics::gauge!(names::WAITERS, names::LABEL_POOL => pool).set(self.waiters.len() as f64);
+    }
+
+    /// Samples the gauges every `interval` until the pool closes.
+    pub(crate) fn spawn_gauge_sampler(self: &Arc<Self>, interval: Duration) {
+        let (pool, shutdown) = (Arc::downgrade(self), self.shutdown.clone());
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = shutdown.triggered() => return,
+                }
+                match pool.upgrade() {
+                    Some(pool) => pool.sample_gauges(),
+                    None => return,
+                }
+            }
+        });
+    }
+
     // ----- shutdown -----
 
     /// Stops taking calls; every member drains (in-flight streams finish). Returns at once;
@@ -999,6 +1042,22 @@ impl PoolInner {
     }
 }
 
+/// Counts a connection open on its endpoint for as long as its driver task runs.
+struct OpenConnection(Arc<EndpointShared>);
+
+impl OpenConnection {
+    fn enter(endpoint: Arc<EndpointShared>) -> OpenConnection {
+        endpoint.open_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(endpoint)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A member's connection task: polls the `h2` connection until it ends, and tells the pool
 /// at once when the server sends GOAWAY and when the connection closes. Holds only weak
 /// references, so a dropped pool is not kept alive by its connections.
@@ -1008,8 +1067,10 @@ async fn drive(
     member: Weak<Member>,
     pool: Weak<PoolInner>,
     live: Arc<LiveConnections>,
+    endpoint: Arc<EndpointShared>,
 ) {
     let _live = live.enter();
+    let _open = OpenConnection::enter(endpoint);
     let mut goaway_reported = false;
     let result = poll_fn(|cx| {
         let result = Pin::new(&mut connection).poll(cx);

@@ -36,6 +36,8 @@ pub(crate) struct EndpointShared {
     pub(crate) outliers: Option<Arc<Outliers>>,
     /// Calls that failed in a row, for outlier detection.
     pub(crate) failures_in_a_row: AtomicU32,
+    /// Connections open now (their driver tasks running), listed or draining.
+    pub(crate) open_connections: AtomicUsize,
 }
 
 impl EndpointShared {
@@ -100,6 +102,7 @@ impl EndpointEntry {
                 entry: entry.clone(),
                 outliers,
                 failures_in_a_row: AtomicU32::new(0),
+                open_connections: AtomicUsize::new(0),
             }),
             members: ArcSwap::from_pointee(Vec::new()),
             internals: Mutex::new(EndpointInternals::default()),

@@ -40,11 +40,21 @@ pub const EJECTIONS: &str = "grpc_pool_ejections_total";
 /// Gauge: 1 while outlier detection keeps the endpoint out of routing, 0 after.
 pub const ENDPOINT_EJECTED: &str = "grpc_pool_endpoint_ejected";
 
+/// Gauge: connections per endpoint, by `state` (`ready`, `draining`, `connecting`); sampled
+/// every `metrics_interval`.
+pub const CONNECTIONS: &str = "grpc_pool_connections";
+/// Gauge: streams in flight per endpoint; sampled every `metrics_interval`.
+pub const IN_FLIGHT: &str = "grpc_pool_in_flight_streams";
+/// Gauge: checkouts waiting for a slot; sampled every `metrics_interval`.
+pub const WAITERS: &str = "grpc_pool_waiters";
+
 /// Label: the pool's name.
 pub const LABEL_POOL: &str = "pool";
 /// Label: the endpoint, as `http://host:port`.
 pub const LABEL_ENDPOINT: &str = "endpoint";
 /// Label: an outcome (`ok`, `error`, `direct`, `waited`, `timeout`, `closed`).
 pub const LABEL_RESULT: &str = "result";
+/// Label: a connection's state (`ready`, `draining`, `connecting`).
+pub const LABEL_STATE: &str = "state";
 /// Label: why something happened (an eviction or retry reason).
 pub const LABEL_REASON: &str = "reason";
