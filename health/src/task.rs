@@ -442,27 +442,36 @@ impl Task {
 
     /// An endpoint check fell due: a `Check` call (poll mode), or (re)opening its `Watch`.
     fn start_check(&mut self, id: u64) {
-        let (Some(checks), Some(channel)) =
-            (self.config.checks.clone(), self.endpoints.get(&id).and_then(|e| e.channel.clone()))
-        else {
+        let (Some(checks), Some((channel, endpoint))) = (
+            self.config.checks.clone(),
+            self.endpoints.get(&id).and_then(|e| e.channel.clone().map(|c| (c, e.endpoint.clone()))),
+        ) else {
             return;
         };
         match checks.mode {
             CheckMode::Poll => {
-                self.checks.push(Box::pin(async move {
-                    let (verdict, latency) = checks::check(channel, checks.service, checks.timeout).await;
-                    (id, verdict, latency)
-                }));
+                let span = tracing::debug_span!("health_check", pool = %self.monitor.name(), endpoint = %endpoint, mode = "check");
+                self.checks.push(Box::pin(tracing::Instrument::instrument(
+                    async move {
+                        let (verdict, latency) = checks::check(channel, checks.service, checks.timeout).await;
+                        (id, verdict, latency)
+                    },
+                    span,
+                )));
             }
             CheckMode::Watch => {
                 let reports = self.reports_tx.clone();
-                self.watchers.push(Box::pin(async move {
-                    checks::watch(channel, checks.service, |verdict| {
-                        let _ = reports.send((id, verdict));
-                    })
-                    .await;
-                    id
-                }));
+                let span = tracing::debug_span!("health_check", pool = %self.monitor.name(), endpoint = %endpoint, mode = "watch");
+                self.watchers.push(Box::pin(tracing::Instrument::instrument(
+                    async move {
+                        checks::watch(channel, checks.service, |verdict| {
+                            let _ = reports.send((id, verdict));
+                        })
+                        .await;
+                        id
+                    },
+                    span,
+                )));
             }
         }
     }

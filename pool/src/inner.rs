@@ -431,6 +431,13 @@ impl PoolInner {
     /// The slow path: queue, make room if the pool may grow, and wait up to
     /// `checkout_timeout`.
     pub(crate) async fn checkout_wait(self: Arc<Self>) -> Result<Slot, Error> {
+        // A span for the checkouts that wait (the fast path has nothing to trace and must
+        // stay cheap): what a waiting call waited for shows up under it.
+        let span = tracing::debug_span!("checkout", pool = %self.name(), waiters = self.waiters.len());
+        tracing::Instrument::instrument(self.checkout_wait_in_span(), span).await
+    }
+
+    async fn checkout_wait_in_span(self: Arc<Self>) -> Result<Slot, Error> {
         if self.config.all_unhealthy == AllUnhealthy::FailFast && self.all_unhealthy() {
             metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "unhealthy").increment(1);
             return Err(Error::all_unhealthy(self.name(), &self.unhealthy_summary()));
