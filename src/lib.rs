@@ -39,9 +39,9 @@ use tower_service::Service;
 pub use config::PoolConfig;
 pub use grpc_pool_core::AllUnhealthy;
 pub use grpc_pool_core::{
-    api, call, discover, dns, metrics, monitor, BackoffConfig, Endpoint, EndpointState, Error, ErrorKind,
-    EvictionReason, H2Config, MemberHandle, MemberSnapshot, MemberState, OutlierDetection, PoolEvent,
-    PoolMonitor, ResponseBody, ResponseFuture, RetryReason, State, Statistics,
+    api, call, discover, dns, metrics, monitor, BackoffConfig, ClientIdentity, Endpoint, EndpointState,
+    Error, ErrorKind, EvictionReason, H2Config, MemberHandle, MemberSnapshot, MemberState, OutlierDetection,
+    PoolEvent, PoolMonitor, ResponseBody, ResponseFuture, RetryReason, State, Statistics, TlsConfig,
 };
 pub use grpc_pool_health as health;
 pub use grpc_pool_health::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
@@ -218,6 +218,9 @@ impl Builder {
         outlier_detection(Option<OutlierDetection>);
         /// How often the connection, stream and waiter gauges are sampled. Default 1 s.
         metrics_interval(Duration);
+        /// TLS for the `https://` endpoints; without it they verify servers against the
+        /// system's roots.
+        tls(TlsConfig);
         /// Reconnect backoff after failed connects.
         backoff(BackoffConfig);
         /// HTTP/2 window, frame and header-list settings.

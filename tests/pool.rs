@@ -391,7 +391,7 @@ async fn connects_to_one_endpoint_are_paced_by_max_concurrent_connects() {
     wait_until(WAIT, "eight connects have reached the server", || accepted.load(Ordering::SeqCst) >= 8).await;
     assert_eq!(most_held.load(Ordering::SeqCst), 2, "connects under way at once");
     let error = pool.state().endpoints[0].last_connect_error.clone().unwrap();
-    assert!(error.contains("before sending HTTP/2 SETTINGS"), "{error}");
+    assert!(error.contains("before the server's HTTP/2 SETTINGS"), "{error}");
     drop(pool);
     acceptor.abort();
 }
@@ -507,7 +507,7 @@ async fn invalid_configuration_is_rejected_at_build_with_the_field_named() {
         ),
         (Pool::builder(), vec!["http://127.0.0.1"], "no port"),
         (Pool::builder(), vec!["http://:50051"], "no host"),
-        (Pool::builder(), vec!["https://127.0.0.1:443"], "unsupported scheme `https`"),
+        (Pool::builder(), vec!["ftp://127.0.0.1:21"], "unsupported scheme `ftp`"),
         (Pool::builder(), vec!["http://127.0.0.1:1", "http://127.0.0.1:1"], "listed twice"),
     ];
     for (builder, endpoints, expected) in cases {
@@ -669,13 +669,15 @@ async fn unary_load(pool: &Pool, callers: u8, duration: Duration) -> (usize, Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goaway_with_a_low_last_stream_id_under_load_fails_no_call() {
-    // Each connection, once 100-300 ms old, goes away at the next stream, naming the last
+    // Each connection, once 0.4-1.2 s old, goes away at the next stream, naming the last
     // stream it answered: every stream above it (in flight at the client, or still on the
     // wire) was never processed. The pool sends each of those again, to the other endpoint
-    // first.
+    // first. (Ages are far shorter than real servers' so that a few seconds see many
+    // GOAWAYs; at 0.1-0.3 s, a loaded machine occasionally saw a call doomed on all three
+    // attempts, each on a connection that went away while the call was on it.)
     let servers = [
-        GoAwayServer::start(GoAwayWhen::AfterAge(Duration::from_millis(200))).await,
-        GoAwayServer::start(GoAwayWhen::AfterAge(Duration::from_millis(200))).await,
+        GoAwayServer::start(GoAwayWhen::AfterAge(Duration::from_millis(800))).await,
+        GoAwayServer::start(GoAwayWhen::AfterAge(Duration::from_millis(800))).await,
     ];
     let pool = Pool::builder()
         .max_connections(2)
@@ -683,7 +685,7 @@ async fn goaway_with_a_low_last_stream_id_under_load_fails_no_call() {
         .build(servers.iter().map(|s| s.uri()))
         .await
         .unwrap();
-    let (calls, failures) = unary_load(&pool, 32, Duration::from_millis(1500)).await;
+    let (calls, failures) = unary_load(&pool, 32, Duration::from_secs(3)).await;
     let stats = pool.state().statistics;
     let mut why: Vec<String> =
         failures.iter().map(|s| s.message().rsplit("; ").next().unwrap_or("").to_owned()).collect();
@@ -699,7 +701,7 @@ async fn goaway_with_a_low_last_stream_id_under_load_fails_no_call() {
         .iter()
         .fold((0, 0, 0), |(a, g, u), s| (a + s.answered(), g + s.goaways(), u + s.unanswered()));
     assert_eq!(answered, calls as u64, "{stats:?}");
-    assert!(goaways >= 10, "the servers sent {goaways} GOAWAYs");
+    assert!(goaways >= 6, "the servers sent {goaways} GOAWAYs");
     // Each stream a server left unanswered failed at the client above the GOAWAY's last
     // stream id, and was counted as such when it was sent again.
     assert!(unanswered > 0);

@@ -326,6 +326,13 @@ impl Builder {
         self
     }
 
+    /// TLS for the `https://` endpoints (see [`TlsConfig`](crate::TlsConfig)); without it,
+    /// they verify servers against the system's roots. `http://` endpoints stay plaintext.
+    pub fn tls(mut self, tls: crate::TlsConfig) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+
     /// How often the gauges (connections by state, streams in flight, waiters) are sampled
     /// (10 ms to 1 h). They are sampled rather than updated on every change so that calls
     /// pay nothing for them. Default 1 s.
@@ -378,7 +385,18 @@ impl Builder {
                 "building inside a Tokio runtime (the pool spawns its connection tasks there)",
             ));
         }
+        // TLS is loaded once, here, so a bad certificate file fails the build, not a connect.
+        let tls = match &self.config.tls {
+            Some(tls) => Some(Arc::new(crate::proto::tls::Tls::new(tls, &self.config.name)?)),
+            None if endpoints.iter().any(|e| e.is_tls()) => {
+                Some(Arc::new(crate::proto::tls::Tls::new(&Default::default(), &self.config.name)?))
+            }
+            None => None,
+        };
         let inner = Arc::new(PoolInner::new(self.config, endpoints));
+        if let Some(tls) = tls {
+            let _ = inner.tls.set(tls);
+        }
         if let Some(outliers) = &inner.outliers {
             outliers.set_pool(&inner);
         }

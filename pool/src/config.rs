@@ -133,6 +133,8 @@ pub(crate) struct Config {
     pub(crate) outlier_detection: Option<crate::outlier::OutlierDetection>,
     /// How often the connection and stream gauges are sampled.
     pub(crate) metrics_interval: Duration,
+    /// TLS for `https://` endpoints; `None`: the defaults (system roots) when one is used.
+    pub(crate) tls: Option<crate::proto::tls::TlsConfig>,
     pub(crate) backoff: BackoffConfig,
     pub(crate) h2: H2Config,
 }
@@ -155,6 +157,7 @@ impl Default for Config {
             replay_buffer_limit: 256 * 1024,
             outlier_detection: None,
             metrics_interval: Duration::from_secs(1),
+            tls: None,
             backoff: BackoffConfig::default(),
             h2: H2Config::default(),
         }

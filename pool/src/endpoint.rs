@@ -49,7 +49,7 @@ struct Parts {
 }
 
 impl Endpoint {
-    /// Parses `http://host:port` or `unix:///path`; `https` is not supported yet.
+    /// Parses `http://host:port`, `https://host:port` (TLS) or `unix:///path`.
     pub fn parse(uri: &str) -> Result<Endpoint, Error> {
         if let Some(rest) = uri.strip_prefix("unix:") {
             return Endpoint::parse_unix(uri, rest);
@@ -59,10 +59,11 @@ impl Endpoint {
             .map_err(|e: http::uri::InvalidUri| Error::invalid_endpoint(uri, &format!("not a URI ({e})")))?;
         let scheme = match parsed.scheme() {
             Some(s) if *s == Scheme::HTTP => Scheme::HTTP,
+            Some(s) if *s == Scheme::HTTPS => Scheme::HTTPS,
             Some(s) => {
                 return Err(Error::invalid_endpoint(
                     uri,
-                    &format!("unsupported scheme `{s}` (only `http` is supported)"),
+                    &format!("unsupported scheme `{s}` (`http`, `https` or `unix`)"),
                 ))
             }
             None => return Err(Error::invalid_endpoint(uri, "no scheme")),
@@ -128,6 +129,11 @@ impl Endpoint {
             unix_path: Some(PathBuf::from(path)),
             label: format!("unix://{path}"),
         })))
+    }
+
+    /// Whether connections to it use TLS (`https://`).
+    pub fn is_tls(&self) -> bool {
+        self.0.scheme == Scheme::HTTPS
     }
 
     /// The socket file of a Unix-socket endpoint; `None` for TCP.
@@ -199,6 +205,9 @@ mod tests {
         let e = Endpoint::parse("http://localhost:8080").unwrap();
         assert_eq!((e.host(), e.port()), ("localhost", 8080));
         assert_eq!(e.to_string(), "http://localhost:8080");
+        let e = Endpoint::parse("https://grpc.example.com:443").unwrap();
+        assert!(e.is_tls());
+        assert_eq!(e.scheme(), &Scheme::HTTPS);
         let e = Endpoint::parse("http://[::1]:50051/").unwrap();
         assert_eq!((e.host(), e.port()), ("::1", 50051));
         assert_eq!(e.authority().as_str(), "[::1]:50051");
@@ -209,7 +218,6 @@ mod tests {
         for (uri, problem) in [
             ("http://127.0.0.1", "no port"),
             ("127.0.0.1:80", "no scheme"),
-            ("https://127.0.0.1:443", "unsupported scheme `https`"),
             ("ftp://127.0.0.1:21", "unsupported scheme `ftp`"),
             ("http://:80", "no host"),
             ("http://127.0.0.1:0", "port 0"),

@@ -145,6 +145,9 @@ pub(crate) struct PoolInner {
     membership: Mutex<()>,
     /// Outlier detection, when configured; every endpoint shares it.
     pub(crate) outliers: Option<Arc<Outliers>>,
+    /// The TLS client for `https://` endpoints: loaded at build when the configuration has
+    /// one or an endpoint needs it, else on the first `https://` connect (system roots).
+    pub(crate) tls: std::sync::OnceLock<Arc<crate::proto::tls::Tls>>,
     pub(crate) waiters: Arc<WaitQueue>,
     pub(crate) stats: Stats,
     pub(crate) shutdown: Arc<Shutdown>,
@@ -173,6 +176,7 @@ impl PoolInner {
             ),
             membership: Mutex::new(()),
             outliers,
+            tls: std::sync::OnceLock::new(),
             config,
             waiters: Arc::new(WaitQueue::default()),
             stats: Stats::default(),
@@ -659,8 +663,17 @@ impl PoolInner {
         let started = Instant::now();
         let span = tracing::debug_span!("connect", pool = %self.name(), endpoint = %entry.label());
         let attempt = async {
-            let hs = client::handshake(&entry.shared.endpoint, &self.config.h2, self.config.tcp_user_timeout)
-                .await?;
+            let tls = match entry.endpoint().is_tls() {
+                true => Some(self.tls_client()?),
+                false => None,
+            };
+            let hs = client::handshake(
+                &entry.shared.endpoint,
+                &self.config.h2,
+                self.config.tcp_user_timeout,
+                tls.as_deref(),
+            )
+            .await?;
             let id = self.next_member_id.fetch_add(1, Ordering::Relaxed);
             let member = Arc::new(Member::new(
                 id,
@@ -683,11 +696,12 @@ impl PoolInner {
             member.set_driver(driver.abort_handle());
             let abort = AbortOnDrop(Some(driver.abort_handle()));
             if !hs.signals.settings_or_closed().await {
-                return Err(Error::connect(
-                    entry.label(),
-                    "the server closed the connection before sending HTTP/2 SETTINGS (is it an HTTP/2 server?)",
-                    None,
-                ));
+                let what = match hs.signals.close_error() {
+                    Some(error) => format!("the connection failed before the server's HTTP/2 SETTINGS: {error}"),
+                    None => "the server closed the connection before sending HTTP/2 SETTINGS (is it an HTTP/2 server?)"
+                        .to_owned(),
+                };
+                return Err(Error::connect(entry.label(), &what, None));
             }
             abort.disarm();
             Ok(member)
@@ -989,6 +1003,15 @@ impl PoolInner {
         members.len()
     }
 
+    /// The TLS client, loading the default one (system roots) on first use.
+    fn tls_client(&self) -> Result<Arc<crate::proto::tls::Tls>, Error> {
+        if let Some(tls) = self.tls.get() {
+            return Ok(tls.clone());
+        }
+        let tls = Arc::new(crate::proto::tls::Tls::new(&Default::default(), self.name())?);
+        Ok(self.tls.get_or_init(|| tls).clone())
+    }
+
     // ----- gauges -----
 
     /// Sets the pool's gauges from its state now: connections per endpoint by state, and
@@ -1113,6 +1136,9 @@ async fn drive(
         result
     })
     .await;
+    if let Err(error) = &result {
+        signals.set_close_error(error.to_string());
+    }
     signals.mark_closed();
     if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {
         pool.on_connection_closed(&member, result);

@@ -46,6 +46,7 @@ pub use error::{Error, ErrorKind};
 pub use member::{EvictionReason, MemberState};
 pub use monitor::{MemberHandle, MemberStatus, PoolEvent, PoolMonitor};
 pub use outlier::OutlierDetection;
+pub use proto::tls::{ClientIdentity, TlsConfig};
 
 /// For the crate's benchmarks only: not part of the API, and may change in any release.
 #[doc(hidden)]

@@ -16,7 +16,7 @@ pub use raw::{Misbehaviour, RawServer};
 pub use relay::Relay;
 #[cfg(unix)]
 pub use server::UnixTestServer;
-pub use server::{EchoServer, ServerOptions, TestServer};
+pub use server::{EchoServer, ServerOptions, ServerTls, TestServer};
 
 use std::future::Future;
 use std::time::Duration;

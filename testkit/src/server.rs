@@ -141,12 +141,27 @@ pub struct ServerOptions {
     pub max_concurrent_streams: Option<u32>,
     /// Bind to this port instead of a free one (to restart a server in place).
     pub port: Option<u16>,
+    /// Serve TLS (ALPN h2) with this certificate; `https://` URIs then.
+    pub tls: Option<ServerTls>,
+}
+
+/// A TLS server's certificate chain and key (PEM), and the CA its clients must present a
+/// certificate from, if it requires one.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The server's certificate chain.
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
+    /// Require client certificates signed by this CA (mTLS).
+    pub client_ca_pem: Option<String>,
 }
 
 /// An echo server on 127.0.0.1, stopped gracefully (GOAWAY, in-flight calls finish) by
 /// [`TestServer::shutdown`] or abruptly when dropped.
 pub struct TestServer {
     addr: SocketAddr,
+    scheme: &'static str,
     counters: Arc<Counters>,
     unavailable: Arc<AtomicBool>,
     stop: Option<oneshot::Sender<()>>,
@@ -172,6 +187,15 @@ impl TestServer {
         if let Some(max) = options.max_concurrent_streams {
             builder = builder.max_concurrent_streams(max);
         }
+        let scheme = if options.tls.is_some() { "https" } else { "http" };
+        if let Some(tls) = &options.tls {
+            let mut config = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            if let Some(ca) = &tls.client_ca_pem {
+                config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+            }
+            builder = builder.tls_config(config).expect("server TLS configuration");
+        }
         let router = builder.add_service(
             EchoService::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20),
         );
@@ -184,7 +208,7 @@ impl TestServer {
                 })
                 .await;
         });
-        TestServer { addr, counters, unavailable, stop: Some(stop), task: Some(task) }
+        TestServer { addr, scheme, counters, unavailable, stop: Some(stop), task: Some(task) }
     }
 
     /// The server's address.
@@ -192,9 +216,9 @@ impl TestServer {
         self.addr
     }
 
-    /// `http://127.0.0.1:port`, for a pool.
+    /// `http://127.0.0.1:port` (`https://` with TLS), for a pool.
     pub fn uri(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Calls that reached the handlers so far.

@@ -1,2 +1,3 @@
 //! Protocol code, kept apart from the pool's client API (as hyper keeps `proto/h2`).
 pub(crate) mod h2;
+pub(crate) mod tls;

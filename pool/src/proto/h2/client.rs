@@ -16,6 +16,7 @@ use super::ping::Pinger;
 use crate::config::H2Config;
 use crate::endpoint::Endpoint;
 use crate::error::Error;
+use crate::proto::tls::Tls;
 
 /// The transport under every member.
 pub(crate) type Io = ObservedIo<Transport>;
@@ -23,6 +24,8 @@ pub(crate) type Io = ObservedIo<Transport>;
 /// A member's socket: TCP, or a Unix domain socket for an endpoint on this machine.
 pub(crate) enum Transport {
     Tcp(TcpStream),
+    /// Boxed: the TLS state is large, and plaintext members should not pay for its size.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     #[cfg(unix)]
     Unix(tokio::net::UnixStream),
 }
@@ -32,6 +35,7 @@ impl AsyncRead for Transport {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -42,6 +46,7 @@ impl AsyncWrite for Transport {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -56,6 +61,7 @@ impl AsyncWrite for Transport {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
@@ -64,6 +70,7 @@ impl AsyncWrite for Transport {
     fn is_write_vectored(&self) -> bool {
         match self {
             Transport::Tcp(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
             #[cfg(unix)]
             Transport::Unix(s) => s.is_write_vectored(),
         }
@@ -72,6 +79,7 @@ impl AsyncWrite for Transport {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_flush(cx),
         }
@@ -80,6 +88,7 @@ impl AsyncWrite for Transport {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
@@ -106,8 +115,9 @@ pub(crate) async fn handshake(
     endpoint: &Endpoint,
     config: &H2Config,
     tcp_user_timeout: Option<Duration>,
+    tls: Option<&Tls>,
 ) -> Result<Handshaken, Error> {
-    let transport = connect(endpoint, tcp_user_timeout).await?;
+    let transport = connect(endpoint, tcp_user_timeout, tls).await?;
     let signals = Arc::new(ConnSignals::new());
     let io = ObservedIo::new(transport, signals.clone());
     let (send, mut connection) = h2::client::Builder::new()
@@ -123,7 +133,11 @@ pub(crate) async fn handshake(
     Ok(Handshaken { send, connection, signals, pinger })
 }
 
-async fn connect(endpoint: &Endpoint, tcp_user_timeout: Option<Duration>) -> Result<Transport, Error> {
+async fn connect(
+    endpoint: &Endpoint,
+    tcp_user_timeout: Option<Duration>,
+    tls: Option<&Tls>,
+) -> Result<Transport, Error> {
     #[cfg(unix)]
     if let Some(path) = endpoint.unix_path() {
         let socket = tokio::net::UnixStream::connect(path).await.map_err(|e| {
@@ -146,7 +160,10 @@ async fn connect(endpoint: &Endpoint, tcp_user_timeout: Option<Duration>) -> Res
             Error::connect(&endpoint.to_string(), "setting TCP_USER_TIMEOUT", Some(Box::new(e)))
         })?;
     }
-    Ok(Transport::Tcp(tcp))
+    match tls {
+        Some(tls) if endpoint.is_tls() => Ok(Transport::Tls(Box::new(tls.connect(endpoint, tcp).await?))),
+        _ => Ok(Transport::Tcp(tcp)),
+    }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]

@@ -60,6 +60,9 @@ pub(crate) struct ConnSignals {
     goaway_seen: AtomicBool,
     goaway: Mutex<Option<GoAway>>,
     closed: AtomicBool,
+    /// Why the connection ended, when it ended with an error: a connect that fails before
+    /// the server's SETTINGS reports it (a TLS alert, a reset).
+    close_error: Mutex<Option<String>>,
     /// Woken on the first SETTINGS, on GOAWAY and on close.
     changed: Notify,
 }
@@ -74,6 +77,7 @@ impl ConnSignals {
             goaway_seen: AtomicBool::new(false),
             goaway: Mutex::new(None),
             closed: AtomicBool::new(false),
+            close_error: Mutex::new(None),
             changed: Notify::new(),
         }
     }
@@ -107,6 +111,15 @@ impl ConnSignals {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Records why the connection ended, before `mark_closed`.
+    pub(crate) fn set_close_error(&self, error: String) {
+        *self.close_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+    }
+
+    pub(crate) fn close_error(&self) -> Option<String> {
+        self.close_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub(crate) fn mark_closed(&self) {

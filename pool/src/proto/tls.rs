@@ -1,0 +1,238 @@
+//! TLS for `https://` endpoints, with rustls (ring): ALPN `h2` required, SNI from the
+//! endpoint's host (or an override), the system's roots or given CAs, an optional client
+//! certificate. Certificates are verified unless `insecure_skip_verify` says otherwise, and a
+//! pool built that way says so in a warning.
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use tokio_rustls::rustls::crypto::{self, CryptoProvider};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio_rustls::rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_rustls::TlsConnector;
+
+use crate::endpoint::Endpoint;
+use crate::error::Error;
+
+/// How the pool's `https://` connections are secured.
+///
+/// The default verifies servers against the operating system's root certificates and sends
+/// no client certificate.
+///
+/// ```no_run
+/// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let tls = grpc_pool_core::TlsConfig {
+///     ca_pem: Some(std::fs::read("ca.pem")?),
+///     client_identity: Some(grpc_pool_core::ClientIdentity {
+///         cert_chain_pem: std::fs::read("client.pem")?,
+///         key_pem: std::fs::read("client.key")?,
+///     }),
+///     ..Default::default()
+/// };
+/// let pool = grpc_pool_core::Pool::builder().tls(tls).build_lazy(["https://orders.internal:443"])?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub struct TlsConfig {
+    /// PEM certificates of the CAs to trust, instead of the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and key, for servers that require one (mTLS).
+    pub client_identity: Option<ClientIdentity>,
+    /// The name to verify the server's certificate against and send as SNI, instead of each
+    /// endpoint's host: for endpoints given as addresses.
+    pub server_name: Option<String>,
+    /// Accept any certificate. For tests against self-signed servers only: it makes the
+    /// connection open to anyone in the path. Logged as a warning when the pool is built.
+    pub insecure_skip_verify: bool,
+}
+
+/// A client certificate chain and its private key, in PEM.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    /// The certificate, then any intermediates.
+    pub cert_chain_pem: Vec<u8>,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|p| format!("{} bytes", p.len())))
+            .field("client_identity", &self.client_identity.as_ref().map(|_| "set"))
+            .field("server_name", &self.server_name)
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .finish()
+    }
+}
+
+/// A built TLS client: one rustls configuration shared by every connection.
+pub(crate) struct Tls {
+    connector: TlsConnector,
+    server_name: Option<ServerName<'static>>,
+}
+
+impl Tls {
+    /// Checks and loads `config`; errors name the field.
+    pub(crate) fn new(config: &TlsConfig, pool: &str) -> Result<Tls, Error> {
+        let provider = Arc::new(crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::config("tls", &e.to_string(), "TLS 1.2 or 1.3 with the ring provider"))?;
+        let builder = if config.insecure_skip_verify {
+            tracing::warn!(pool, "TLS certificate verification is OFF (insecure_skip_verify): any server, or anyone in the path, is trusted");
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+        } else {
+            builder.with_root_certificates(roots(config)?)
+        };
+        let mut client = match &config.client_identity {
+            Some(identity) => {
+                let chain: Vec<CertificateDer<'static>> =
+                    CertificateDer::pem_slice_iter(&identity.cert_chain_pem)
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| {
+                            Error::config(
+                                "tls.client_identity.cert_chain_pem",
+                                &e.to_string(),
+                                "PEM certificates",
+                            )
+                        })?;
+                if chain.is_empty() {
+                    return Err(Error::config(
+                        "tls.client_identity.cert_chain_pem",
+                        "no certificate in it",
+                        "PEM with one or more CERTIFICATE blocks",
+                    ));
+                }
+                let key = PrivateKeyDer::from_pem_slice(&identity.key_pem).map_err(|e| {
+                    Error::config(
+                        "tls.client_identity.key_pem",
+                        &e.to_string(),
+                        "a PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                    )
+                })?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    Error::config(
+                        "tls.client_identity",
+                        &e.to_string(),
+                        "a certificate and the private key that matches it",
+                    )
+                })?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        // gRPC is HTTP/2 only: offer nothing else, and insist on it after the handshake.
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        let server_name = match &config.server_name {
+            Some(name) => Some(
+                ServerName::try_from(name.clone())
+                    .map_err(|_| Error::config("tls.server_name", name, "a DNS name or an IP address"))?,
+            ),
+            None => None,
+        };
+        Ok(Tls { connector: TlsConnector::from(Arc::new(client)), server_name })
+    }
+
+    /// The TLS handshake over `tcp`; fails unless the server agrees to HTTP/2.
+    pub(crate) async fn connect(
+        &self,
+        endpoint: &Endpoint,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+        let label = endpoint.to_string();
+        let name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => ServerName::try_from(endpoint.host().to_owned())
+                .map_err(|_| Error::connect(&label, "the host is not a valid TLS server name", None))?,
+        };
+        let stream = self
+            .connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| Error::connect(&label, "TLS handshake", Some(Box::new(e))))?;
+        if stream.get_ref().1.alpn_protocol() != Some(b"h2".as_slice()) {
+            return Err(Error::connect(
+                &label,
+                "the server did not agree to HTTP/2 in the TLS handshake (ALPN h2); it may speak only HTTP/1.1",
+                None,
+            ));
+        }
+        Ok(stream)
+    }
+}
+
+fn roots(config: &TlsConfig) -> Result<RootCertStore, Error> {
+    let mut roots = RootCertStore::empty();
+    match &config.ca_pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert =
+                    cert.map_err(|e| Error::config("tls.ca_pem", &e.to_string(), "PEM certificates"))?;
+                roots.add(cert).map_err(|e| {
+                    Error::config("tls.ca_pem", &e.to_string(), "CA certificates rustls can use")
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(Error::config(
+                    "tls.ca_pem",
+                    "no certificate in it",
+                    "PEM with one or more CERTIFICATE blocks",
+                ));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(Error::config(
+                    "tls",
+                    "no root certificate found in the system's store",
+                    "a CA in tls.ca_pem, or a system certificate store",
+                ));
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// `insecure_skip_verify`: takes any certificate, but still checks that the handshake was
+/// signed by the key in it.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, tokio_rustls::rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+        crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+        crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

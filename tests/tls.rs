@@ -1,0 +1,192 @@
+//! TLS against tonic TLS servers, with certificates made here by `rcgen`: a good chain, and
+//! each way a chain can be wrong, which must fail with an error that says which.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use grpc_pool::{ClientIdentity, Pool, TlsConfig};
+use grpc_pool_testkit::echo::echo_client::EchoClient;
+use grpc_pool_testkit::echo::EchoRequest;
+use grpc_pool_testkit::{ServerOptions, ServerTls, TestServer};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls_pki_types::pem::PemObject;
+
+/// A certificate authority for one test.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        Ca { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A leaf certificate for `names`, valid now unless `expired`; (certificate, key) PEM.
+    fn issue(&self, names: &[&str], expired: bool) -> (String, String) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn server(&self, names: &[&str], expired: bool, client_ca: Option<&Ca>) -> ServerTls {
+        let (cert_pem, key_pem) = self.issue(names, expired);
+        ServerTls { cert_pem, key_pem, client_ca_pem: client_ca.map(Ca::pem) }
+    }
+}
+
+async fn tls_server(tls: ServerTls) -> TestServer {
+    TestServer::start_with(ServerOptions { tls: Some(tls), ..Default::default() }).await
+}
+
+fn trusting(ca: &Ca) -> TlsConfig {
+    TlsConfig { ca_pem: Some(ca.pem().into_bytes()), ..Default::default() }
+}
+
+async fn echo(pool: &Pool) {
+    let mut client = EchoClient::new(pool.clone());
+    let reply = client
+        .unary_echo(EchoRequest { message: Bytes::from_static(b"over tls"), repeat: 0, delay_ms: 0 })
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().message, Bytes::from_static(b"over tls"));
+}
+
+/// The build's error, which carries each endpoint's connect error.
+async fn build_error(tls: TlsConfig, uri: String) -> String {
+    let builder = Pool::builder().tls(tls).connect_timeout(Duration::from_secs(5));
+    builder.build([uri]).await.unwrap_err().to_string()
+}
+
+#[tokio::test]
+async fn a_good_chain_carries_calls() {
+    let ca = Ca::new("good CA");
+    let server = tls_server(ca.server(&["127.0.0.1"], false, None)).await;
+    assert!(server.uri().starts_with("https://"));
+    let pool = Pool::builder().tls(trusting(&ca)).build([server.uri()]).await.unwrap();
+    echo(&pool).await;
+    assert_eq!(server.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_unknown_ca_is_refused() {
+    let (ca, other) = (Ca::new("server's CA"), Ca::new("some other CA"));
+    let server = tls_server(ca.server(&["127.0.0.1"], false, None)).await;
+    let err = build_error(trusting(&other), server.uri()).await;
+    assert!(err.contains("TLS handshake") && err.contains("UnknownIssuer"), "{err}");
+    assert_eq!(server.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_name_is_refused() {
+    let ca = Ca::new("CA");
+    let server = tls_server(ca.server(&["orders.example"], false, None)).await;
+    let err = build_error(trusting(&ca), server.uri()).await;
+    assert!(err.contains("TLS handshake") && err.contains("certificate not valid for name"), "{err}");
+    // The same certificate is good when the name to check is given.
+    let tls = TlsConfig { server_name: Some("orders.example".to_owned()), ..trusting(&ca) };
+    let pool = Pool::builder().tls(tls).build([server.uri()]).await.unwrap();
+    echo(&pool).await;
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused() {
+    let ca = Ca::new("CA");
+    let server = tls_server(ca.server(&["127.0.0.1"], true, None)).await;
+    let err = build_error(trusting(&ca), server.uri()).await;
+    assert!(err.contains("TLS handshake") && err.contains("certificate expired"), "{err}");
+}
+
+#[tokio::test]
+async fn a_server_that_requires_a_client_certificate_gets_one_or_refuses() {
+    let (ca, clients) = (Ca::new("server CA"), Ca::new("client CA"));
+    let server = tls_server(ca.server(&["127.0.0.1"], false, Some(&clients))).await;
+    // Without one: the server's alert is in the error.
+    let err = build_error(trusting(&ca), server.uri()).await;
+    assert!(err.contains("CertificateRequired"), "{err}");
+    assert_eq!(server.calls(), 0);
+    // With one from the CA it trusts: calls go through.
+    let (cert_pem, key_pem) = clients.issue(&["client"], false);
+    let identity = ClientIdentity { cert_chain_pem: cert_pem.into_bytes(), key_pem: key_pem.into_bytes() };
+    let tls = TlsConfig { client_identity: Some(identity), ..trusting(&ca) };
+    let pool = Pool::builder().tls(tls).build([server.uri()]).await.unwrap();
+    echo(&pool).await;
+    assert_eq!(server.calls(), 1);
+}
+
+#[tokio::test]
+async fn skipping_verification_must_be_asked_for_and_then_trusts_any_certificate() {
+    let (ca, other) = (Ca::new("CA"), Ca::new("other CA"));
+    let server = tls_server(ca.server(&["127.0.0.1"], false, None)).await;
+    let tls = TlsConfig { insecure_skip_verify: true, ..trusting(&other) };
+    let pool = Pool::builder().tls(tls).build([server.uri()]).await.unwrap();
+    echo(&pool).await;
+}
+
+#[tokio::test]
+async fn bad_certificate_files_fail_the_build_naming_the_field() {
+    let tls = TlsConfig { ca_pem: Some(b"not a certificate".to_vec()), ..Default::default() };
+    let err = Pool::builder().tls(tls).build_lazy(["https://127.0.0.1:1"]).unwrap_err().to_string();
+    assert!(err.contains("`tls.ca_pem`"), "{err}");
+    let ca = Ca::new("CA");
+    let (cert_pem, _) = ca.issue(&["client"], false);
+    let identity = ClientIdentity { cert_chain_pem: cert_pem.into_bytes(), key_pem: b"no key".to_vec() };
+    let tls = TlsConfig { client_identity: Some(identity), ..trusting(&ca) };
+    let err = Pool::builder().tls(tls).build_lazy(["https://127.0.0.1:1"]).unwrap_err().to_string();
+    assert!(err.contains("`tls.client_identity.key_pem`"), "{err}");
+}
+
+#[tokio::test]
+async fn a_plaintext_endpoint_named_https_fails_the_handshake_clearly() {
+    let server = TestServer::start().await;
+    let uri = server.uri().replace("http://", "https://");
+    let err = build_error(TlsConfig::default(), uri).await;
+    assert!(err.contains("TLS handshake"), "{err}");
+}
+
+#[tokio::test]
+async fn a_tls_server_that_does_not_agree_to_http2_is_refused_clearly() {
+    // A TLS server without ALPN, as an HTTP/1.1-only server is: the handshake succeeds, and
+    // the pool must not then speak HTTP/2 at it.
+    let ca = Ca::new("CA");
+    let (cert_pem, key_pem) = ca.issue(&["127.0.0.1"], false);
+    let certs: Vec<_> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()).map(Result::unwrap).collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let mut sink = Vec::new();
+                    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut sink).await;
+                }
+            });
+        }
+    });
+    let err = build_error(trusting(&ca), format!("https://{addr}")).await;
+    assert!(err.contains("did not agree to HTTP/2") && err.contains("ALPN h2"), "{err}");
+}
