@@ -26,15 +26,12 @@
 //! crate wires them together.
 #![warn(missing_docs)]
 
+#[cfg(feature = "bb8")]
+pub mod bb8;
 pub mod config;
 
 use std::fmt;
-use std::task::{Context, Poll};
 use std::time::Duration;
-
-use bytes::Bytes;
-use http_body::Body;
-use tower_service::Service;
 
 pub use config::PoolConfig;
 pub use grpc_pool_core::AllUnhealthy;
@@ -45,8 +42,6 @@ pub use grpc_pool_core::{
 };
 pub use grpc_pool_health as health;
 pub use grpc_pool_health::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A pool of HTTP/2 connections to the endpoints of one gRPC service, kept healthy by a
 /// background task.
@@ -117,23 +112,36 @@ impl fmt::Debug for Pool {
     }
 }
 
-impl<B> Service<http::Request<B>> for Pool
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    type Response = http::Response<ResponseBody>;
-    type Error = Error;
-    type Future = ResponseFuture<B>;
+/// `tower::Service` for a wrapper of a core pool, by handing each call to it.
+macro_rules! service_through_core_pool {
+    ($wrapper:ty, $field:ident) => {
+        impl<B> tower_service::Service<http::Request<B>> for $wrapper
+        where
+            B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+            B::Error: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+        {
+            type Response = http::Response<$crate::ResponseBody>;
+            type Error = $crate::Error;
+            type Future = $crate::ResponseFuture<B>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Service::<http::Request<B>>::poll_ready(&mut self.core, cx)
-    }
+            fn poll_ready(
+                &mut self,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), $crate::Error>> {
+                tower_service::Service::<http::Request<B>>::poll_ready(&mut self.$field, cx)
+            }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        self.core.call(request)
-    }
+            fn call(&mut self, request: http::Request<B>) -> Self::Future {
+                tower_service::Service::call(&mut self.$field, request)
+            }
+        }
+    };
 }
+// For the bb8 adapter's connection, when that feature is on.
+#[cfg_attr(not(feature = "bb8"), allow(unused_imports))]
+pub(crate) use service_through_core_pool;
+
+service_through_core_pool!(Pool, core);
 
 /// Builds a [`Pool`] and starts its health task. Every setting is checked at build; a bad one
 /// fails with a message naming the field and the allowed range.

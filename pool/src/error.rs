@@ -113,6 +113,18 @@ impl Error {
         Error::config(field, value, allowed)
     }
 
+    /// A connection that cannot take calls any more (closed, or not answering PINGs), for
+    /// code that manages connections itself on top of the pool (the bb8 adapter):
+    /// `UNAVAILABLE`, kind [`ErrorKind::Connection`].
+    pub fn connection_unusable(endpoint: &str, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            Code::Unavailable,
+            format!("connection to {endpoint}: {what}"),
+            None,
+        )
+    }
+
     pub(crate) fn invalid_endpoint(uri: &str, problem: &str) -> Error {
         Error::new(
             ErrorKind::InvalidEndpoint,
