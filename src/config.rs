@@ -5,14 +5,15 @@
 //!
 //! `examples/pool.toml` lists every field with its default.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::{
-    AllUnhealthy, BackoffConfig, Builder, CheckMode, Error, H2Config, HealthCheck, Keepalive,
-    OutlierDetection, Pool,
+    AllUnhealthy, BackoffConfig, Builder, CheckMode, ClientIdentity, Error, H2Config, HealthCheck, Keepalive,
+    OutlierDetection, Pool, TlsConfig,
 };
 
 /// A whole pool configuration. Every field has the builder's default; unknown fields are an
@@ -69,6 +70,8 @@ pub struct PoolConfig {
     pub health_check: Option<HealthCheckSection>,
     /// Outlier ejection; absent: none.
     pub outlier_detection: Option<OutlierSection>,
+    /// TLS for `https://` endpoints; absent: the system's roots, no client certificate.
+    pub tls: Option<TlsSection>,
     /// Reconnect backoff.
     pub backoff: BackoffSection,
     /// HTTP/2 settings.
@@ -217,6 +220,23 @@ impl Default for OutlierSection {
     }
 }
 
+/// `[tls]`: certificate files are read when the pool is built.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TlsSection {
+    /// PEM file of the CAs to trust instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of a client certificate chain (mTLS); needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    pub key_file: Option<PathBuf>,
+    /// The name to verify servers' certificates against, instead of each endpoint's host.
+    pub server_name: Option<String>,
+    /// Accept any server certificate: tests against self-signed servers only.
+    pub insecure_skip_verify: bool,
+}
+
 /// `[backoff]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -288,6 +308,7 @@ impl Default for PoolConfig {
             eviction: EvictionSection::default(),
             health_check: None,
             outlier_detection: None,
+            tls: None,
             backoff: BackoffSection::default(),
             h2: H2Section::default(),
         }
@@ -295,8 +316,9 @@ impl Default for PoolConfig {
 }
 
 impl PoolConfig {
-    /// The builder this configuration stands for; building it checks every value.
-    pub fn builder(&self) -> Builder {
+    /// The builder this configuration stands for; building it checks every value. Fails
+    /// only if a TLS file cannot be read (naming the field and the path).
+    pub fn builder(&self) -> Result<Builder, Error> {
         let mut builder = Builder::default()
             .name(&self.name)
             .min_connections(self.min_connections)
@@ -349,6 +371,9 @@ impl PoolConfig {
         if let Some(after) = self.ping_before_use {
             builder = builder.ping_before_use(after);
         }
+        if let Some(tls) = &self.tls {
+            builder = builder.tls(tls.load()?);
+        }
         if let Some(check) = &self.health_check {
             builder = builder.health_checks(HealthCheck {
                 service: check.service.clone(),
@@ -363,18 +388,50 @@ impl PoolConfig {
                 },
             });
         }
-        builder
+        Ok(builder)
     }
 
     /// Builds the pool over `endpoints` and connects (see [`Builder::build`]).
     pub async fn build(&self) -> Result<Pool, Error> {
-        self.builder().build(&self.endpoints).await
+        self.builder()?.build(&self.endpoints).await
     }
 
     /// Builds the pool over `endpoints` and connects in the background (see
     /// [`Builder::build_lazy`]).
     pub fn build_lazy(&self) -> Result<Pool, Error> {
-        self.builder().build_lazy(&self.endpoints)
+        self.builder()?.build_lazy(&self.endpoints)
+    }
+}
+
+impl TlsSection {
+    /// Reads the files.
+    fn load(&self) -> Result<TlsConfig, Error> {
+        let read = |field: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| {
+                Error::invalid_config(field, &format!("{} ({e})", path.display()), "a readable PEM file")
+            })
+        };
+        let ca_pem = self.ca_file.as_ref().map(|p| read("tls.ca_file", p)).transpose()?;
+        let client_identity = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(ClientIdentity {
+                cert_chain_pem: read("tls.cert_file", cert)?,
+                key_pem: read("tls.key_file", key)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(Error::invalid_config(
+                    "tls.cert_file",
+                    "given without tls.key_file, or the other way round",
+                    "both files, or neither",
+                ))
+            }
+        };
+        Ok(TlsConfig {
+            ca_pem,
+            client_identity,
+            server_name: self.server_name.clone(),
+            insecure_skip_verify: self.insecure_skip_verify,
+        })
     }
 }
 

@@ -83,3 +83,15 @@ async fn out_of_range_values_get_the_builders_messages() {
     let err = config.build_lazy().unwrap_err().to_string();
     assert!(err.contains("`keepalive.time`"), "{err}");
 }
+
+#[tokio::test]
+async fn tls_files_are_read_at_build_and_a_missing_one_is_named() {
+    let config: PoolConfig =
+        toml::from_str("endpoints = [\"https://127.0.0.1:1\"]\n[tls]\nca_file = \"/nonexistent/ca.pem\"")
+            .unwrap();
+    let err = config.build_lazy().unwrap_err().to_string();
+    assert!(err.contains("`tls.ca_file`") && err.contains("/nonexistent/ca.pem"), "{err}");
+    let config: PoolConfig = toml::from_str("[tls]\ncert_file = \"/tmp/c.pem\"").unwrap();
+    let err = config.build_lazy().unwrap_err().to_string();
+    assert!(err.contains("`tls.cert_file`") && err.contains("both files, or neither"), "{err}");
+}
