@@ -223,7 +223,7 @@ async fn main() {
         .map(|r| format!("{} {}", stats.closed(*r), r.as_str()))
         .collect();
     println!("  evictions         {}", if closed.is_empty() { "none".to_owned() } else { closed.join(", ") });
-    println!("  resent unsent     {} calls", stats.retries);
+    println!("  resent            {} calls (never processed by the server)", stats.retries);
     println!("  pool now         {}", describe(&state));
     pool.close().await;
     drop(restarted_a);
