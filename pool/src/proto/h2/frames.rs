@@ -113,9 +113,10 @@ impl ConnSignals {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Records why the connection ended, before `mark_closed`.
+    /// Records why the connection ended, before `mark_closed`; the first reason recorded
+    /// stays (it is the cause; later ones are its consequences).
     pub(crate) fn set_close_error(&self, error: String) {
-        *self.close_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        self.close_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(error);
     }
 
     pub(crate) fn close_error(&self) -> Option<String> {
@@ -177,10 +178,22 @@ struct FrameReader {
     /// Whether the current frame's payload is kept (SETTINGS without ACK, GOAWAY).
     capturing: bool,
     payload: Vec<u8>,
+    /// Whether any byte has come yet: the first ones tell an HTTP/1 server apart.
+    started: bool,
 }
 
 impl FrameReader {
     fn feed(&mut self, mut bytes: &[u8], signals: &ConnSignals) {
+        if !self.started {
+            self.started = true;
+            if bytes.starts_with(b"HTTP/1.") {
+                signals.set_close_error(
+                    "the server answered in HTTP/1.x: it does not speak HTTP/2 here (gRPC needs HTTP/2; \
+                     over cleartext the server must accept it without an upgrade)"
+                        .to_owned(),
+                );
+            }
+        }
         while !bytes.is_empty() {
             if self.header_len < FRAME_HEADER_LEN {
                 let take = (FRAME_HEADER_LEN - self.header_len).min(bytes.len());
