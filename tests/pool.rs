@@ -10,7 +10,7 @@ use bytes::Bytes;
 use grpc_pool::{BackoffConfig, ErrorKind, EvictionReason, MemberState, Pool, RetryReason};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{unused_uri, wait_until, GoAwayServer, GoAwayWhen, Relay, ServerOptions, TestServer};
+use grpc_pool_testkit::{unused_uri, wait_until, Behaviour, FrameServer, Relay, ServerOptions, TestServer};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -676,8 +676,8 @@ async fn goaway_with_a_low_last_stream_id_under_load_fails_no_call() {
     // GOAWAYs; at 0.1-0.3 s, a loaded machine occasionally saw a call doomed on all three
     // attempts, each on a connection that went away while the call was on it.)
     let servers = [
-        GoAwayServer::start(GoAwayWhen::AfterAge(Duration::from_millis(800))).await,
-        GoAwayServer::start(GoAwayWhen::AfterAge(Duration::from_millis(800))).await,
+        FrameServer::start(Behaviour::GoAwayAfterAge(Duration::from_millis(800))).await,
+        FrameServer::start(Behaviour::GoAwayAfterAge(Duration::from_millis(800))).await,
     ];
     let pool = Pool::builder()
         .max_connections(2)
@@ -713,7 +713,7 @@ async fn a_large_client_streaming_call_cut_by_goaway_is_not_resent_and_says_why(
     // 1 MiB of client stream, then a GOAWAY that says the server processed nothing. The call
     // could be resent safely, but its body was larger than the replay buffer, so the bytes
     // are gone: the error must say that, and the server must have seen the call once.
-    let server = GoAwayServer::start(GoAwayWhen::AtFirstRequestEnd).await;
+    let server = FrameServer::start(Behaviour::GoAwayAtFirstRequestEnd).await;
     let pool = Pool::builder().build([server.uri()]).await.unwrap();
     let chunks: Vec<EchoRequest> = (0..16)
         .map(|_| EchoRequest { message: Bytes::from(vec![1u8; 64 * 1024]), repeat: 0, delay_ms: 0 })
@@ -772,7 +772,7 @@ async fn a_streaming_call_cut_before_its_body_ended_is_resent_with_all_of_it() {
     // The first connection goes away as the call's HEADERS arrive, while the caller has sent
     // one message and holds back the rest. The resend carries the message kept from the first
     // attempt, then the ones the caller sends afterwards.
-    let server = GoAwayServer::start(GoAwayWhen::AtFirstHeadersOnce).await;
+    let server = FrameServer::start(Behaviour::GoAwayAtFirstHeadersOnce).await;
     let pool = Pool::builder().backoff(fast_backoff()).build([server.uri()]).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel::<EchoRequest>(4);
     let messages = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });

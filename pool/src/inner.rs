@@ -724,11 +724,8 @@ impl PoolInner {
         let endpoint_label = entry.label().to_owned();
         match &result {
             Ok(member) => {
-                let mut locked = entry.lock();
-                locked.consecutive_failures = 0;
-                locked.next_attempt = None;
-                locked.last_error = None;
-                drop(locked);
+                // The backoff is reset only once the member is listed (`add_member`): a
+                // server that sends GOAWAY with its SETTINGS must not reset it every time.
                 self.stats.connections_created.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(names::CONNECTS, names::LABEL_POOL => pool_label.clone(), names::LABEL_ENDPOINT => endpoint_label.clone(), names::LABEL_RESULT => "ok").increment(1);
                 metrics::histogram!(names::CONNECT_DURATION, names::LABEL_POOL => pool_label, names::LABEL_ENDPOINT => endpoint_label).record(elapsed.as_secs_f64());
@@ -767,6 +764,9 @@ impl PoolInner {
                 return false; // dropping it closes the connection
             }
             entry.insert(&mut locked, member.clone());
+            locked.consecutive_failures = 0;
+            locked.next_attempt = None;
+            locked.last_error = None;
         }
         if member.max_streams() == 0 {
             tracing::warn!(pool = %self.name(), endpoint = %entry.label(), member = member.id, "server allows 0 concurrent streams on this connection; it carries no calls until it raises the limit");

@@ -2,7 +2,7 @@
 //! servers started in-process on 127.0.0.1, and a TCP relay that injects faults.
 pub mod bare;
 pub mod echo;
-pub mod goaway;
+pub mod frame_server;
 pub mod peer;
 pub mod process;
 pub mod raw;
@@ -10,7 +10,7 @@ pub mod relay;
 pub mod server;
 
 pub use bare::BareH2;
-pub use goaway::{GoAwayServer, GoAwayWhen};
+pub use frame_server::{Behaviour, FrameServer};
 pub use peer::{PeerOptions, PythonPeer};
 pub use raw::{Misbehaviour, RawServer};
 pub use relay::Relay;

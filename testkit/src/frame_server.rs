@@ -1,5 +1,6 @@
-//! An HTTP/2 gRPC echo server written at the frame level, without the `h2` crate, for GOAWAYs
-//! whose last stream id the test decides.
+//! An HTTP/2 gRPC echo server written at the frame level, without the `h2` crate, for what
+//! `h2`'s server will not do: GOAWAYs whose last stream id the test decides, a stream limit
+//! of 0, PINGs left unanswered, answers without `grpc-status`.
 //!
 //! `h2`'s server puts the highest stream id it has *read* in a GOAWAY, whether or not the
 //! application ever saw the stream, so it cannot say "streams above N were never processed"
@@ -42,21 +43,30 @@ const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// How long a connection stays open after its GOAWAY for the client to finish and close it.
 const LINGER: Duration = Duration::from_secs(10);
 
-/// When the server sends its GOAWAY.
+/// What the server does wrong.
 #[derive(Debug, Clone, Copy)]
-pub enum GoAwayWhen {
-    /// On every connection once it is about this old (drawn per connection between half and
+pub enum Behaviour {
+    /// GOAWAY on every connection once it is about this old (drawn per connection between half and
     /// one and a half times it, as servers spread their maximum connection age so that
     /// connections do not all go at once), but without grace: at the first stream's HEADERS
     /// after that, GOAWAY names the last stream answered, and that stream and every later
     /// one go unanswered.
-    AfterAge(Duration),
+    GoAwayAfterAge(Duration),
     /// When the first stream's request has arrived whole (however large): GOAWAY with last
     /// stream id 0, and the stream goes unanswered.
-    AtFirstRequestEnd,
+    GoAwayAtFirstRequestEnd,
     /// On the server's first connection only, as soon as its first stream's HEADERS arrive:
     /// GOAWAY with last stream id 0. Later connections serve every stream.
-    AtFirstHeadersOnce,
+    GoAwayAtFirstHeadersOnce,
+    /// GOAWAY (last stream id 0) right after its SETTINGS, on every connection: a server
+    /// that will not take this client.
+    GoAwayOnConnect,
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS = 0`: connected, and no room for a single call.
+    ZeroStreams,
+    /// Serves calls but never answers a PING.
+    IgnorePings,
+    /// Answers calls with trailers that lack `grpc-status`.
+    NoGrpcStatus,
 }
 
 #[derive(Debug, Default)]
@@ -70,15 +80,15 @@ struct Counts {
 }
 
 /// The server, listening on 127.0.0.1 until dropped.
-pub struct GoAwayServer {
+pub struct FrameServer {
     addr: SocketAddr,
     counts: Arc<Counts>,
     task: JoinHandle<()>,
 }
 
-impl GoAwayServer {
+impl FrameServer {
     /// Starts the server.
-    pub async fn start(when: GoAwayWhen) -> GoAwayServer {
+    pub async fn start(behaviour: Behaviour) -> FrameServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let counts = Arc::new(Counts::default());
@@ -88,11 +98,11 @@ impl GoAwayServer {
                 let _ = tcp.set_nodelay(true);
                 let counts = shared.clone();
                 tokio::spawn(async move {
-                    let _ = Connection::new(when, counts).serve(tcp).await;
+                    let _ = Connection::new(behaviour, counts).serve(tcp).await;
                 });
             }
         });
-        GoAwayServer { addr, counts, task }
+        FrameServer { addr, counts, task }
     }
 
     /// `http://127.0.0.1:port`.
@@ -116,20 +126,25 @@ impl GoAwayServer {
         self.counts.unanswered.load(Ordering::Relaxed)
     }
 
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.counts.connections.load(Ordering::Relaxed)
+    }
+
     /// Request body bytes received, on all streams.
     pub fn body_bytes(&self) -> u64 {
         self.counts.body_bytes.load(Ordering::Relaxed)
     }
 }
 
-impl Drop for GoAwayServer {
+impl Drop for FrameServer {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
 struct Connection {
-    when: GoAwayWhen,
+    behaviour: Behaviour,
     counts: Arc<Counts>,
     /// Which connection of the server this is, from 0.
     index: u64,
@@ -144,16 +159,16 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(when: GoAwayWhen, counts: Arc<Counts>) -> Connection {
+    fn new(behaviour: Behaviour, counts: Arc<Counts>) -> Connection {
         let index = counts.connections.fetch_add(1, Ordering::Relaxed);
         Connection {
-            when,
+            behaviour,
             counts,
             index,
             open: HashMap::new(),
-            deadline: match when {
-                GoAwayWhen::AfterAge(age) => std::time::Instant::now() + age.mul_f64(0.5 + spread()),
-                GoAwayWhen::AtFirstRequestEnd | GoAwayWhen::AtFirstHeadersOnce => std::time::Instant::now(),
+            deadline: match behaviour {
+                Behaviour::GoAwayAfterAge(age) => std::time::Instant::now() + age.mul_f64(0.5 + spread()),
+                _ => std::time::Instant::now(),
             },
             last_answered: 0,
             went_away: None,
@@ -171,11 +186,14 @@ impl Connection {
         // as far as it goes (and topped up as data arrives).
         let mut settings = BytesMut::new();
         settings.put_u16(0x3); // MAX_CONCURRENT_STREAMS
-        settings.put_u32(1000);
+        settings.put_u32(if matches!(self.behaviour, Behaviour::ZeroStreams) { 0 } else { 1000 });
         settings.put_u16(0x4); // INITIAL_WINDOW_SIZE
         settings.put_u32(MAX_WINDOW);
         frame(&mut self.out, SETTINGS, 0, 0, &settings);
         frame(&mut self.out, WINDOW_UPDATE, 0, 0, &(MAX_WINDOW - 65_535).to_be_bytes());
+        if matches!(self.behaviour, Behaviour::GoAwayOnConnect) {
+            self.go_away(0);
+        }
         tcp.write_all(&self.out).await?;
         self.out.clear();
 
@@ -215,7 +233,9 @@ impl Connection {
     fn on_frame(&mut self, kind: u8, flags: u8, stream: u32, payload: BytesMut) {
         match kind {
             SETTINGS if flags & ACK == 0 => frame(&mut self.out, SETTINGS, ACK, 0, &[]),
-            PING if flags & ACK == 0 => frame(&mut self.out, PING, ACK, 0, &payload),
+            PING if flags & ACK == 0 && !matches!(self.behaviour, Behaviour::IgnorePings) => {
+                frame(&mut self.out, PING, ACK, 0, &payload)
+            }
             HEADERS => self.on_headers(flags, stream),
             DATA => {
                 if !payload.is_empty() {
@@ -252,10 +272,10 @@ impl Connection {
             }
             return;
         }
-        let now = match self.when {
-            GoAwayWhen::AfterAge(_) => std::time::Instant::now() >= self.deadline,
-            GoAwayWhen::AtFirstHeadersOnce => self.index == 0,
-            GoAwayWhen::AtFirstRequestEnd => false,
+        let now = match self.behaviour {
+            Behaviour::GoAwayAfterAge(_) => std::time::Instant::now() >= self.deadline,
+            Behaviour::GoAwayAtFirstHeadersOnce => self.index == 0,
+            _ => false,
         };
         if now {
             let last = self.last_answered;
@@ -271,7 +291,7 @@ impl Connection {
 
     fn on_request_end(&mut self, stream: u32) {
         let Some(body) = self.open.remove(&stream) else { return };
-        if let GoAwayWhen::AtFirstRequestEnd = self.when {
+        if let Behaviour::GoAwayAtFirstRequestEnd = self.behaviour {
             if self.went_away.is_none() {
                 self.go_away(0);
                 self.counts.unanswered.fetch_add(1, Ordering::Relaxed);
@@ -324,9 +344,11 @@ impl Connection {
         frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);
         frame(&mut self.out, DATA, 0, stream, &message);
         let mut trailers = BytesMut::new();
-        trailers.put_slice(&[0x00, 11]);
-        trailers.put_slice(b"grpc-status");
-        trailers.put_slice(&[1, b'0']);
+        if !matches!(self.behaviour, Behaviour::NoGrpcStatus) {
+            trailers.put_slice(&[0x00, 11]);
+            trailers.put_slice(b"grpc-status");
+            trailers.put_slice(&[1, b'0']);
+        }
         frame(&mut self.out, HEADERS, END_HEADERS | END_STREAM, stream, &trailers);
         self.last_answered = self.last_answered.max(stream);
         self.counts.answered.fetch_add(1, Ordering::Relaxed);
