@@ -84,3 +84,37 @@ async fn an_answer_without_grpc_status_is_an_error_and_frees_its_slot() {
     wait_until(Duration::from_secs(10), "the slot is back", || pool.state().in_flight() == 0).await;
     assert_eq!(server.answered(), 1);
 }
+
+#[tokio::test]
+async fn an_answer_without_trailers_is_an_error_and_frees_its_slot() {
+    let server = FrameServer::start(Behaviour::NoTrailers).await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    let status = EchoClient::new(pool.clone()).unary_echo(request()).await.unwrap_err();
+    assert_ne!(status.code(), tonic::Code::Ok, "{status:?}");
+    wait_until(Duration::from_secs(10), "the slot is back", || pool.state().in_flight() == 0).await;
+}
+
+#[tokio::test]
+async fn response_headers_over_the_limit_fail_the_call_not_the_pool() {
+    let server = FrameServer::start(Behaviour::HugeHeaders(8 * 1024)).await;
+    let h2 = grpc_pool::H2Config { max_header_list_size: 4 * 1024, ..Default::default() };
+    let pool = Pool::builder().h2(h2).build([server.uri()]).await.unwrap();
+    for _ in 0..3 {
+        let status = EchoClient::new(pool.clone()).unary_echo(request()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert!(status.message().contains(&server.uri()), "{}", status.message());
+    }
+    wait_until(Duration::from_secs(10), "every slot is back", || pool.state().in_flight() == 0).await;
+}
+
+#[tokio::test]
+async fn a_call_whose_body_can_never_be_sent_ends_at_its_deadline_and_frees_its_slot() {
+    let server = FrameServer::start(Behaviour::StalledWindow).await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    let mut client = EchoClient::new(pool.clone());
+    let deadline = Duration::from_millis(300);
+    let call = tokio::time::timeout(deadline, client.unary_echo(request())).await;
+    assert!(call.is_err(), "the call should still be waiting for window at its deadline: {call:?}");
+    wait_until(Duration::from_secs(10), "the slot is back", || pool.state().in_flight() == 0).await;
+    assert_eq!(server.answered(), 0);
+}

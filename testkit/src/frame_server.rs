@@ -67,6 +67,14 @@ pub enum Behaviour {
     IgnorePings,
     /// Answers calls with trailers that lack `grpc-status`.
     NoGrpcStatus,
+    /// Answers calls with no trailers at all: END_STREAM on the last DATA frame.
+    NoTrailers,
+    /// Answers with a response header of this many bytes (in one HEADERS frame, so keep it
+    /// under 16 KiB).
+    HugeHeaders(usize),
+    /// Gives request streams no flow-control window (`SETTINGS_INITIAL_WINDOW_SIZE = 0`) and
+    /// never opens it: a request body can never be sent.
+    StalledWindow,
 }
 
 #[derive(Debug, Default)]
@@ -188,7 +196,7 @@ impl Connection {
         settings.put_u16(0x3); // MAX_CONCURRENT_STREAMS
         settings.put_u32(if matches!(self.behaviour, Behaviour::ZeroStreams) { 0 } else { 1000 });
         settings.put_u16(0x4); // INITIAL_WINDOW_SIZE
-        settings.put_u32(MAX_WINDOW);
+        settings.put_u32(if matches!(self.behaviour, Behaviour::StalledWindow) { 0 } else { MAX_WINDOW });
         frame(&mut self.out, SETTINGS, 0, 0, &settings);
         frame(&mut self.out, WINDOW_UPDATE, 0, 0, &(MAX_WINDOW - 65_535).to_be_bytes());
         if matches!(self.behaviour, Behaviour::GoAwayOnConnect) {
@@ -341,7 +349,19 @@ impl Connection {
         head.put_u8(0x88);
         head.put_slice(&[0x0f, 0x10, 16]);
         head.put_slice(b"application/grpc");
+        if let Behaviour::HugeHeaders(size) = self.behaviour {
+            head.put_slice(&[0x00, 5]);
+            head.put_slice(b"x-big");
+            hpack_length(&mut head, size);
+            head.put_bytes(b'x', size);
+        }
         frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);
+        if matches!(self.behaviour, Behaviour::NoTrailers) {
+            frame(&mut self.out, DATA, END_STREAM, stream, &message);
+            self.last_answered = self.last_answered.max(stream);
+            self.counts.answered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         frame(&mut self.out, DATA, 0, stream, &message);
         let mut trailers = BytesMut::new();
         if !matches!(self.behaviour, Behaviour::NoGrpcStatus) {
@@ -363,6 +383,21 @@ fn frame(out: &mut BytesMut, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
     out.put_u8(flags);
     out.put_u32(stream);
     out.put_slice(payload);
+}
+
+/// An HPACK string length with a 7-bit prefix and no Huffman coding (RFC 7541, 5.1).
+fn hpack_length(out: &mut BytesMut, length: usize) {
+    if length < 127 {
+        out.put_u8(length as u8);
+        return;
+    }
+    out.put_u8(127);
+    let mut rest = length - 127;
+    while rest >= 128 {
+        out.put_u8((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.put_u8(rest as u8);
 }
 
 /// A DATA payload without its padding.
