@@ -118,3 +118,24 @@ async fn a_call_whose_body_can_never_be_sent_ends_at_its_deadline_and_frees_its_
     wait_until(Duration::from_secs(10), "the slot is back", || pool.state().in_flight() == 0).await;
     assert_eq!(server.answered(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_limit_lowered_mid_connection_is_obeyed_and_fails_no_call() {
+    let server = FrameServer::start(Behaviour::LowerStreamLimitAfter(20)).await;
+    let pool = Pool::builder().max_connections(1).build([server.uri()]).await.unwrap();
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let mut client = EchoClient::new(pool.clone());
+        callers.spawn(async move {
+            for _ in 0..25 {
+                client.unary_echo(request()).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = callers.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(server.answered(), 200);
+    let state = pool.state();
+    assert_eq!(state.endpoints[0].members[0].max_streams, 1, "{state:?}");
+}

@@ -72,6 +72,9 @@ pub enum Behaviour {
     /// Answers with a response header of this many bytes (in one HEADERS frame, so keep it
     /// under 16 KiB).
     HugeHeaders(usize),
+    /// Lowers `SETTINGS_MAX_CONCURRENT_STREAMS` from 1000 to 1 once this many streams have
+    /// been answered on a connection.
+    LowerStreamLimitAfter(u64),
     /// Gives request streams no flow-control window (`SETTINGS_INITIAL_WINDOW_SIZE = 0`) and
     /// never opens it: a request body can never be sent.
     StalledWindow,
@@ -158,6 +161,8 @@ struct Connection {
     index: u64,
     /// Streams whose request is still arriving: id -> the body so far.
     open: HashMap<u32, BytesMut>,
+    /// Streams answered on this connection.
+    answered_here: u64,
     /// When this connection goes away, for `AfterAge`.
     deadline: std::time::Instant,
     last_answered: u32,
@@ -173,6 +178,7 @@ impl Connection {
             behaviour,
             counts,
             index,
+            answered_here: 0,
             open: HashMap::new(),
             deadline: match behaviour {
                 Behaviour::GoAwayAfterAge(age) => std::time::Instant::now() + age.mul_f64(0.5 + spread()),
@@ -372,6 +378,15 @@ impl Connection {
         frame(&mut self.out, HEADERS, END_HEADERS | END_STREAM, stream, &trailers);
         self.last_answered = self.last_answered.max(stream);
         self.counts.answered.fetch_add(1, Ordering::Relaxed);
+        self.answered_here += 1;
+        if let Behaviour::LowerStreamLimitAfter(n) = self.behaviour {
+            if self.answered_here == n {
+                let mut settings = BytesMut::new();
+                settings.put_u16(0x3); // MAX_CONCURRENT_STREAMS
+                settings.put_u32(1);
+                frame(&mut self.out, SETTINGS, 0, 0, &settings);
+            }
+        }
     }
 }
 
