@@ -701,7 +701,9 @@ async fn goaway_with_a_low_last_stream_id_under_load_fails_no_call() {
         .iter()
         .fold((0, 0, 0), |(a, g, u), s| (a + s.answered(), g + s.goaways(), u + s.unanswered()));
     assert_eq!(answered, calls as u64, "{stats:?}");
-    assert!(goaways >= 6, "the servers sent {goaways} GOAWAYs");
+    // Each endpoint carries calls all along and its connections live at most 1.2 s: in 3 s
+    // each has gone away at least twice.
+    assert!(goaways >= 4, "the servers sent {goaways} GOAWAYs");
     // Each stream a server left unanswered failed at the client above the GOAWAY's last
     // stream id, and was counted as such when it was sent again.
     assert!(unanswered > 0);
