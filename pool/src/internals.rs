@@ -41,10 +41,14 @@ pub(crate) struct EndpointShared {
 }
 
 impl EndpointShared {
-    /// Reports how a call on this endpoint ended, for outlier detection.
-    pub(crate) fn record_outcome(&self, failed: bool) {
+    /// Reports how a call on this endpoint ended, for outlier detection: `failed` says
+    /// whether it failed, or `None` if the end says nothing either way. Only called when the
+    /// pool has outlier detection, so calls without it do not pay for reading their status.
+    pub(crate) fn record_outcome(&self, failed: impl FnOnce() -> Option<bool>) {
         if let Some(outliers) = &self.outliers {
-            outliers.record(self, failed);
+            if let Some(failed) = failed() {
+                outliers.record(self, failed);
+            }
         }
     }
 }

@@ -41,8 +41,8 @@ impl ResponseBody {
     }
 
     fn fail(&mut self, err: h2::Error) -> Error {
-        if let (Some(slot), Some(failed)) = (&self.slot, crate::outlier::is_failure(&err)) {
-            slot.member().endpoint.record_outcome(failed);
+        if let Some(slot) = &self.slot {
+            slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err));
         }
         let error = Error::from_h2(self.endpoint(), err);
         self.finish();
@@ -75,8 +75,10 @@ impl Body for ResponseBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(Some(trailers))) => {
                 if let Some(slot) = &this.slot {
-                    let unavailable = crate::outlier::unavailable(&trailers).unwrap_or(false);
-                    slot.member().endpoint.record_outcome(unavailable);
+                    // Trailers without `grpc-status` count as a success: the server answered.
+                    slot.member()
+                        .endpoint
+                        .record_outcome(|| Some(crate::outlier::unavailable(&trailers).unwrap_or(false)));
                 }
                 this.finish();
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))

@@ -478,9 +478,9 @@ where
                         Ok(response) => {
                             // A trailers-only answer carries its status in the head; any other
                             // is judged by its trailers, in the body.
-                            if let Some(unavailable) = crate::outlier::unavailable(response.headers()) {
-                                slot.member().endpoint.record_outcome(unavailable);
-                            }
+                            slot.member()
+                                .endpoint
+                                .record_outcome(|| crate::outlier::unavailable(response.headers()));
                             // The server answered before the request body ended (streaming):
                             // keep sending from a task of its own.
                             let pump = match pump.filter(|_| !pump_stopped).map(spawn_pump).transpose() {
@@ -490,9 +490,7 @@ where
                             return Poll::Ready(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump))));
                         }
                         Err(err) => {
-                            if let Some(failed) = crate::outlier::is_failure(&err) {
-                                slot.member().endpoint.record_outcome(failed);
-                            }
+                            slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err));
                             let error = response_error(&slot, stream_id, err);
                             let slot_endpoint = slot.member().endpoint.clone();
                             drop(slot);
