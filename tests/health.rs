@@ -365,3 +365,75 @@ async fn a_server_without_the_health_service_is_healthy_unless_configured_otherw
     let status = EchoClient::new(strict.clone()).unary_echo(request(0)).await.unwrap_err();
     assert!(status.message().contains("every endpoint is unhealthy"), "{}", status.message());
 }
+
+/// The pool's streams in flight on `endpoint` now (a `Watch` stream is one).
+fn streams_on(pool: &Pool, endpoint: &str) -> u32 {
+    pool.state()
+        .endpoints
+        .iter()
+        .filter(|e| e.endpoint.to_string() == endpoint)
+        .flat_map(|e| e.members.iter())
+        .map(|m| m.in_flight)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_watch_stream_leaves_a_draining_connection_so_a_graceful_shutdown_completes() {
+    // A `Watch` stream never ends by itself. Riding a connection the server is draining
+    // (GOAWAY), it would keep that connection, and the server's graceful shutdown, waiting
+    // forever.
+    let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
+    let other = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
+    let watch = HealthCheck {
+        interval: Duration::from_millis(50),
+        mode: grpc_pool::CheckMode::Watch,
+        ..Default::default()
+    };
+    let pool = Pool::builder().health_checks(watch).build([server.uri(), other.uri()]).await.unwrap();
+    let uri = server.uri();
+    wait_until(WAIT, "the Watch stream is open", || streams_on(&pool, &uri) == 1).await;
+
+    let shutdown = tokio::time::timeout(WAIT, server.shutdown()).await;
+    assert!(shutdown.is_ok(), "the graceful shutdown still waits after {WAIT:?}: {:#?}", pool.state());
+    assert!(pool.state().statistics.closed(EvictionReason::GoAway) >= 1);
+
+    // The same for a connection the pool drains itself: a removed endpoint's closes.
+    let relay = Relay::start(other.addr()).await;
+    pool.add_endpoint(&relay.uri()).unwrap();
+    let relayed = relay.uri();
+    wait_until(WAIT, "the relayed endpoint's Watch stream is open", || streams_on(&pool, &relayed) == 1)
+        .await;
+    pool.remove_endpoint(&relayed).unwrap();
+    wait_until(WAIT, "the removed endpoint's connection closed", || relay.open_connections() == 0).await;
+}
+
+#[tokio::test]
+async fn keepalive_pings_keep_a_connection_alive_through_an_idle_expiring_middlebox() {
+    // A middlebox that forgets flows quiet for 600 ms and answers their next packet with
+    // RST (a NAT gateway or load balancer's idle timeout). The pool PINGs after 200 ms of
+    // quiet, so its connection is never quiet that long; a pool without keepalive loses its
+    // connection and the first call after the quiet spell.
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    relay.set_idle_expiry(Some(Duration::from_millis(600)));
+    let quiet = Duration::from_millis(1_500);
+
+    let pinging = Pool::builder()
+        .keepalive(Keepalive::new(Duration::from_millis(200), Duration::from_millis(500)))
+        .build([relay.uri()])
+        .await
+        .unwrap();
+    let mut client = EchoClient::new(pinging.clone());
+    client.unary_echo(request(0)).await.unwrap();
+    tokio::time::sleep(quiet).await; // the quiet spell is what is tested
+    client.unary_echo(request(0)).await.expect("the PINGed connection survived the quiet spell");
+    assert_eq!(relay.accepted(), 1, "the connection was replaced: {:#?}", pinging.state());
+    pinging.close().await;
+
+    let silent = Pool::builder().build([relay.uri()]).await.unwrap();
+    let mut client = EchoClient::new(silent.clone());
+    client.unary_echo(request(0)).await.unwrap();
+    tokio::time::sleep(quiet).await;
+    let status = client.unary_echo(request(0)).await.expect_err("the middlebox forgot the quiet connection");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}

@@ -71,9 +71,16 @@ pub(crate) async fn check(
     }
 }
 
-/// Follows `Watch` on an endpoint and reports every status it sends, until the stream ends
-/// or fails (the last report then says why).
-pub(crate) async fn watch(channel: EndpointChannel, service: String, mut report: impl FnMut(Verdict)) {
+/// Follows `Watch` on an endpoint (through `channel`: the endpoint's channel, or one of its
+/// members') and reports every status it sends, until the stream ends or fails (the last
+/// report then says why).
+pub(crate) async fn watch<C>(channel: C, service: String, mut report: impl FnMut(Verdict))
+where
+    C: tonic::client::GrpcService<tonic::body::Body>,
+    C::Error: Into<tonic::codegen::StdError>,
+    C::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <C::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     let mut client = HealthClient::new(channel);
     let mut stream = match client.watch(HealthCheckRequest { service }).await {
         Ok(response) => response.into_inner(),

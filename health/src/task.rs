@@ -14,6 +14,8 @@ use std::collections::{HashMap, HashSet};
 use std::future::{poll_fn, Future};
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -50,7 +52,12 @@ type Probe = Pin<Box<dyn Future<Output = (u64, u64, Result<Duration, String>)> +
 /// One `Check` of one endpoint (by its id in the task).
 type Check = Pin<Box<dyn Future<Output = (u64, Verdict, Option<Duration>)> + Send>>;
 /// One endpoint's `Watch` stream, running until it ends.
-type Watcher = Pin<Box<dyn Future<Output = u64> + Send>>;
+/// A `Watch` stream's future: its endpoint id, and whether it ended only to move to another
+/// connection (then it reopens at once, and reported nothing).
+type Watcher = Pin<Box<dyn Future<Output = (u64, bool)> + Send>>;
+
+/// How often a `Watch` stream looks whether its connection still takes new streams.
+const WATCH_RECHECK: Duration = Duration::from_millis(250);
 
 /// What a queue entry is due for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +72,8 @@ enum Due {
 struct EndpointHealth {
     endpoint: Endpoint,
     channel: Option<EndpointChannel>,
+    /// Set when the pool removes the endpoint: its `Watch` stream, if any, ends.
+    removed: Arc<AtomicBool>,
     healthy: bool,
     successes: u32,
     failures: u32,
@@ -237,10 +246,13 @@ impl Task {
                         self.queue.insert(Due::Endpoint(id), next);
                     }
                 }
-                Some(id) = self.watchers.next(), if !self.watchers.is_empty() => {
-                    // The stream ended (its last report said why): reopen it after a while.
+                Some((id, moving)) = self.watchers.next(), if !self.watchers.is_empty() => {
+                    // The stream ended: its connection stopped taking streams (reopen it on
+                    // another at once), or it failed (its last report said why: reopen it
+                    // after a while).
                     if let (Some(checks), true) = (&self.config.checks, self.endpoints.contains_key(&id)) {
-                        self.queue.insert(Due::Endpoint(id), checks.interval);
+                        let after = if moving { Duration::ZERO } else { checks.interval };
+                        self.queue.insert(Due::Endpoint(id), after);
                     }
                 }
                 Some((id, verdict)) = self.reports_rx.recv() => {
@@ -315,6 +327,7 @@ impl Task {
             id,
             EndpointHealth {
                 channel: self.monitor.endpoint_channel(&endpoint),
+                removed: Arc::new(AtomicBool::new(false)),
                 endpoint,
                 healthy: true,
                 successes: 0,
@@ -332,7 +345,9 @@ impl Task {
     /// reports to an id that is gone, and is dropped.
     fn remove_endpoint(&mut self, endpoint: &Endpoint) {
         if let Some(id) = self.endpoint_ids.remove(endpoint) {
-            self.endpoints.remove(&id);
+            if let Some(health) = self.endpoints.remove(&id) {
+                health.removed.store(true, Ordering::Relaxed);
+            }
         }
         self.ping_limited.remove(endpoint);
         self.keepalive_time.remove(endpoint);
@@ -442,9 +457,11 @@ impl Task {
 
     /// An endpoint check fell due: a `Check` call (poll mode), or (re)opening its `Watch`.
     fn start_check(&mut self, id: u64) {
-        let (Some(checks), Some((channel, endpoint))) = (
+        let (Some(checks), Some((channel, endpoint, removed))) = (
             self.config.checks.clone(),
-            self.endpoints.get(&id).and_then(|e| e.channel.clone().map(|c| (c, e.endpoint.clone()))),
+            self.endpoints
+                .get(&id)
+                .and_then(|e| e.channel.clone().map(|c| (c, e.endpoint.clone(), e.removed.clone()))),
         ) else {
             return;
         };
@@ -460,20 +477,63 @@ impl Task {
                 )));
             }
             CheckMode::Watch => {
+                // A `Watch` stream never ends by itself, so the connection it rides must be
+                // one that takes new streams: on a draining one (GOAWAY, max_lifetime, endpoint
+                // removed) it would hold the connection open, and a server shutting down
+                // gracefully would wait for it forever. So it rides a ready member, and moves
+                // when that member stops being ready. With none ready yet, it goes through the
+                // endpoint's channel (which connects) and moves once one is.
+                let member = self.ready_member(&endpoint);
+                let monitor = self.monitor.clone();
                 let reports = self.reports_tx.clone();
+                let report = move |verdict| {
+                    let _ = reports.send((id, verdict));
+                };
                 let span = tracing::debug_span!("health_check", pool = %self.monitor.name(), endpoint = %endpoint, mode = "watch");
-                self.watchers.push(Box::pin(tracing::Instrument::instrument(
-                    async move {
-                        checks::watch(channel, checks.service, |verdict| {
-                            let _ = reports.send((id, verdict));
-                        })
-                        .await;
-                        id
-                    },
-                    span,
-                )));
+                let watcher = async move {
+                    let moving = match member.as_ref().and_then(|m| m.channel().map(|c| (m, c))) {
+                        Some((member, channel)) => {
+                            let watch = checks::watch(channel, checks.service, report);
+                            let left = until(|| {
+                                removed.load(Ordering::Relaxed) || member.state() != MemberState::Ready
+                            });
+                            tokio::select! {
+                                _ = watch => false,
+                                _ = left => !removed.load(Ordering::Relaxed),
+                            }
+                        }
+                        None => {
+                            let watch = checks::watch(channel, checks.service, report);
+                            let left = until(|| {
+                                removed.load(Ordering::Relaxed)
+                                    || monitor
+                                        .members()
+                                        .iter()
+                                        .any(|m| m.endpoint() == &endpoint && m.state() == MemberState::Ready)
+                            });
+                            tokio::select! {
+                                _ = watch => false,
+                                _ = left => !removed.load(Ordering::Relaxed),
+                            }
+                        }
+                    };
+                    (id, moving)
+                };
+                self.watchers.push(Box::pin(tracing::Instrument::instrument(watcher, span)));
             }
         }
+    }
+
+    /// The endpoint's ready member with the fewest streams in flight, for a `Watch` stream.
+    fn ready_member(&self, endpoint: &Endpoint) -> Option<MemberHandle> {
+        self.by_endpoint
+            .get(endpoint)?
+            .iter()
+            .filter_map(|id| self.members.get(id))
+            .map(|tracked| (tracked.member.status(), &tracked.member))
+            .filter(|(status, _)| status.state == MemberState::Ready)
+            .min_by_key(|(status, _)| status.in_flight)
+            .map(|(_, member)| member.clone())
     }
 
     /// Applies one check's verdict with the thresholds; a `Watch` status message changes the
@@ -620,5 +680,17 @@ impl Task {
         member.kill(EvictionReason::PingTimeout, &format!("no PONG within keepalive timeout {timeout:?}"));
         // Its probe ends when the connection does; the answer finds no member.
         self.untrack(id);
+    }
+}
+
+/// Resolves once `left` holds, looking every [`WATCH_RECHECK`].
+async fn until(mut left: impl FnMut() -> bool) {
+    let mut ticks = tokio::time::interval(WATCH_RECHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if left() {
+            return;
+        }
     }
 }

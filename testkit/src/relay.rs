@@ -3,11 +3,14 @@
 //! a middlebox would; `freeze` turns every relayed connection into a black hole (both sockets
 //! stay open, nothing is forwarded, whatever arrives is discarded), as a NAT that silently
 //! forgot the flow or a host that vanished would. New connections are relayed normally unless
-//! `freeze_new_connections(true)`.
+//! `freeze_new_connections(true)`. `set_idle_expiry` makes it forget flows that were quiet
+//! for too long, as NAT gateways, conntrack and cloud load balancers do: the first packet of a
+//! forgotten flow is answered with RST.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -21,6 +24,8 @@ pub struct Relay {
     /// Bumped by `freeze`.
     freezes: watch::Sender<u64>,
     freeze_new: Arc<std::sync::atomic::AtomicBool>,
+    /// Idle expiry in milliseconds; 0 for none.
+    idle_expiry_ms: Arc<AtomicU64>,
     open: Arc<AtomicUsize>,
     accepted: Arc<AtomicUsize>,
     task: JoinHandle<()>,
@@ -36,10 +41,15 @@ impl Relay {
         let freeze_new = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let open = Arc::new(AtomicUsize::new(0));
         let accepted = Arc::new(AtomicUsize::new(0));
-        let signals =
-            Signals { reset: generation.clone(), freeze: freezes.clone(), freeze_new: freeze_new.clone() };
+        let idle_expiry_ms = Arc::new(AtomicU64::new(0));
+        let signals = Signals {
+            reset: generation.clone(),
+            freeze: freezes.clone(),
+            freeze_new: freeze_new.clone(),
+            idle_expiry_ms: idle_expiry_ms.clone(),
+        };
         let task = tokio::spawn(accept_loop(listener, target, signals, open.clone(), accepted.clone()));
-        Relay { addr, generation, freezes, freeze_new, open, accepted, task }
+        Relay { addr, generation, freezes, freeze_new, idle_expiry_ms, open, accepted, task }
     }
 
     /// Where clients connect.
@@ -73,6 +83,14 @@ impl Relay {
         self.freezes.send_modify(|g| *g += 1);
     }
 
+    /// Forgets every relayed connection that stays quiet (no byte either way) for `expiry`
+    /// or longer: the next byte from either side is answered with RST on both. `None` turns
+    /// it off. Applies to connections open now too.
+    pub fn set_idle_expiry(&self, expiry: Option<Duration>) {
+        let ms = expiry.map(|e| e.as_millis().max(1) as u64).unwrap_or(0);
+        self.idle_expiry_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// Whether connections accepted from now on are black holes from the start (a dead host
     /// behind a live address).
     pub fn freeze_new_connections(&self, frozen: bool) {
@@ -100,6 +118,7 @@ struct Signals {
     reset: watch::Sender<u64>,
     freeze: watch::Sender<u64>,
     freeze_new: Arc<std::sync::atomic::AtomicBool>,
+    idle_expiry_ms: Arc<AtomicU64>,
 }
 
 async fn accept_loop(
@@ -118,6 +137,7 @@ async fn accept_loop(
         let mut freeze = signals.freeze.subscribe();
         freeze.borrow_and_update();
         let frozen_from_start = signals.freeze_new.load(Ordering::SeqCst);
+        let idle_expiry_ms = signals.idle_expiry_ms.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let Ok(mut outbound) = TcpStream::connect(target).await else {
@@ -128,7 +148,12 @@ async fn accept_loop(
             let _ = outbound.set_nodelay(true);
             if !frozen_from_start {
                 tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                    forgotten = relay(&mut inbound, &mut outbound, &idle_expiry_ms) => {
+                        if forgotten {
+                            rst(&inbound, &outbound);
+                        }
+                        return;
+                    }
                     _ = reset.changed() => {
                         rst(&inbound, &outbound);
                         return;
@@ -136,14 +161,66 @@ async fn accept_loop(
                     _ = freeze.changed() => {}
                 }
             }
-            // Frozen: swallow whatever either side sends, answer nothing, until reset or the
-            // relay goes away.
+            // Frozen: swallow whatever either side sends, answer nothing, until reset, the
+            // relay goes away, or the client gives the connection up (then nobody can tell a
+            // black hole from a closed one, and the sockets are freed).
             tokio::select! {
                 _ = discard(&mut inbound) => {}
-                _ = discard(&mut outbound) => {}
+                _ = async { discard(&mut outbound).await; std::future::pending::<()>().await } => {}
                 _ = reset.changed() => rst(&inbound, &outbound),
             }
         });
+    }
+}
+
+/// Copies both ways until both sides have closed (false), or until a byte arrives on a flow
+/// that was quiet for the idle expiry or longer (true: the caller resets it).
+async fn relay(inbound: &mut TcpStream, outbound: &mut TcpStream, idle_expiry_ms: &AtomicU64) -> bool {
+    let clock = Activity { start: std::time::Instant::now(), last_ms: AtomicU64::new(0), idle_expiry_ms };
+    let (mut in_read, mut in_write) = inbound.split();
+    let (mut out_read, mut out_write) = outbound.split();
+    let up = forward(&mut in_read, &mut out_write, &clock);
+    let down = forward(&mut out_read, &mut in_write, &clock);
+    tokio::pin!(up, down);
+    tokio::select! {
+        forgotten = &mut up => forgotten || down.await,
+        forgotten = &mut down => forgotten || up.await,
+    }
+}
+
+/// When a relayed flow last carried a byte, and how long it may stay quiet.
+struct Activity<'a> {
+    start: std::time::Instant,
+    last_ms: AtomicU64,
+    idle_expiry_ms: &'a AtomicU64,
+}
+
+/// One direction of [`relay`]: false when `from` closes (after passing the close on), true
+/// when a byte arrives after the flow was quiet too long.
+async fn forward(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    activity: &Activity<'_>,
+) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return false;
+            }
+            Ok(n) => n,
+        };
+        let now_ms = activity.start.elapsed().as_millis() as u64;
+        let expiry = activity.idle_expiry_ms.load(Ordering::Relaxed);
+        if expiry > 0 && now_ms.saturating_sub(activity.last_ms.load(Ordering::Relaxed)) >= expiry {
+            return true;
+        }
+        activity.last_ms.store(now_ms, Ordering::Relaxed);
+        if to.write_all(&buf[..n]).await.is_err() {
+            return false;
+        }
     }
 }
 
@@ -153,8 +230,7 @@ fn rst(inbound: &TcpStream, outbound: &TcpStream) {
     let _ = outbound.set_zero_linger();
 }
 
-/// Reads and drops everything until the peer closes; then waits forever (a black hole does
-/// not close either).
+/// Reads and drops everything until the peer closes or the socket fails.
 async fn discard(stream: &mut TcpStream) {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 16 * 1024];
@@ -163,5 +239,4 @@ async fn discard(stream: &mut TcpStream) {
             break;
         }
     }
-    std::future::pending::<()>().await
 }

@@ -12,9 +12,13 @@ use tokio::task::JoinHandle;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
+use tonic_health::ServingStatus;
 
 use crate::echo::echo_server::{Echo, EchoServer as EchoService};
 use crate::echo::{EchoRequest, EchoResponse};
+
+/// The echo service's name, as health checks ask for it.
+const HEALTH_NAME: &str = "echo.Echo";
 
 /// Counts what a server saw, for tests that check where calls went.
 #[derive(Debug, Default)]
@@ -143,6 +147,13 @@ pub struct ServerOptions {
     pub port: Option<u16>,
     /// Serve TLS (ALPN h2) with this certificate; `https://` URIs then.
     pub tls: Option<ServerTls>,
+    /// Serve `grpc.health.v1.Health` too (SERVING for `""` and `echo.Echo` until
+    /// [`TestServer::set_serving`] says otherwise). Off by default: a tonic server has no
+    /// health service unless it adds one.
+    pub health: bool,
+    /// Close each connection gracefully (GOAWAY, in-flight calls finish) once it is this old,
+    /// as servers with a `max_connection_age` do.
+    pub max_connection_age: Option<Duration>,
 }
 
 /// A TLS server's certificate chain and key (PEM), and the CA its clients must present a
@@ -164,6 +175,7 @@ pub struct TestServer {
     scheme: &'static str,
     counters: Arc<Counters>,
     unavailable: Arc<AtomicBool>,
+    health: Option<tonic_health::server::HealthReporter>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -187,6 +199,9 @@ impl TestServer {
         if let Some(max) = options.max_concurrent_streams {
             builder = builder.max_concurrent_streams(max);
         }
+        if let Some(age) = options.max_connection_age {
+            builder = builder.max_connection_age(age);
+        }
         let scheme = if options.tls.is_some() { "https" } else { "http" };
         if let Some(tls) = &options.tls {
             let mut config = tonic::transport::ServerTlsConfig::new()
@@ -196,7 +211,15 @@ impl TestServer {
             }
             builder = builder.tls_config(config).expect("server TLS configuration");
         }
-        let router = builder.add_service(
+        let (health, health_service) = if options.health {
+            let (reporter, service) = tonic_health::server::health_reporter();
+            reporter.set_service_status("", ServingStatus::Serving).await;
+            reporter.set_service_status(HEALTH_NAME, ServingStatus::Serving).await;
+            (Some(reporter), Some(service))
+        } else {
+            (None, None)
+        };
+        let router = builder.add_optional_service(health_service).add_service(
             EchoService::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20),
         );
         let task = tokio::spawn(async move {
@@ -208,7 +231,7 @@ impl TestServer {
                 })
                 .await;
         });
-        TestServer { addr, scheme, counters, unavailable, stop: Some(stop), task: Some(task) }
+        TestServer { addr, scheme, counters, unavailable, health, stop: Some(stop), task: Some(task) }
     }
 
     /// The server's address.
@@ -229,6 +252,15 @@ impl TestServer {
     /// While `on`, unary calls end with `UNAVAILABLE` (after their `delay_ms`).
     pub fn set_unavailable(&self, on: bool) {
         self.unavailable.store(on, Ordering::Relaxed);
+    }
+
+    /// Sets the health status of `""` and `echo.Echo` to SERVING or NOT_SERVING; `Watch`
+    /// streams hear it at once. Panics if the server was started without `health`.
+    pub async fn set_serving(&self, serving: bool) {
+        let reporter = self.health.as_ref().expect("set_serving needs ServerOptions::health");
+        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(HEALTH_NAME, status).await;
     }
 
     /// Calls running in the handlers now.
