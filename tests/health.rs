@@ -437,3 +437,39 @@ async fn keepalive_pings_keep_a_connection_alive_through_an_idle_expiring_middle
     let status = client.unary_echo(request(0)).await.expect_err("the middlebox forgot the quiet connection");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
+
+#[tokio::test]
+async fn a_server_enforcing_a_ping_policy_sends_too_many_pings_and_no_call_fails() {
+    // tonic servers have no PING policy; the testkit's enforcer adds the C core's in front
+    // of one (here: PINGs at least 1 s apart without data, 2 strikes). A 100 ms keepalive on
+    // a quiet connection breaks it within half a second.
+    let server = TestServer::start().await;
+    let enforcer = grpc_pool_testkit::PingEnforcer::start(
+        server.addr(),
+        grpc_pool_testkit::PingPolicy { min_interval: Duration::from_secs(1), max_strikes: 2 },
+    )
+    .await;
+    let pool = Pool::builder()
+        .keepalive(Keepalive::new(Duration::from_millis(100), Duration::from_secs(1)))
+        .build([enforcer.uri()])
+        .await
+        .unwrap();
+    let mut events = pool.core().monitor().subscribe();
+    let mut client = EchoClient::new(pool.clone());
+    client.unary_echo(request(0)).await.unwrap();
+    let event = tokio::time::timeout(WAIT, async {
+        loop {
+            match events.recv().await {
+                Some(grpc_pool::PoolEvent::GoAway { reason, debug_data, .. }) => break (reason, debug_data),
+                Some(_) => continue,
+                None => panic!("the pool closed"),
+            }
+        }
+    })
+    .await
+    .expect("a GOAWAY within the wait");
+    assert_eq!(event.0, h2::Reason::ENHANCE_YOUR_CALM);
+    assert_eq!(event.1.as_ref(), b"too_many_pings");
+    assert!(enforcer.goaways() >= 1);
+    client.unary_echo(request(0)).await.expect("the pool reconnected");
+}

@@ -4,6 +4,7 @@ pub mod bare;
 pub mod echo;
 pub mod frame_server;
 pub mod peer;
+pub mod ping_policy;
 pub mod process;
 pub mod raw;
 pub mod relay;
@@ -12,6 +13,7 @@ pub mod server;
 pub use bare::BareH2;
 pub use frame_server::{Behaviour, FrameServer};
 pub use peer::{PeerOptions, PythonPeer};
+pub use ping_policy::{PingEnforcer, PingPolicy};
 pub use raw::{Misbehaviour, RawServer};
 pub use relay::Relay;
 #[cfg(unix)]
