@@ -202,7 +202,13 @@ async fn dns_re_resolution_follows_the_answers_and_a_failing_resolver_keeps_the_
     pool.discover(
         DnsDiscover::new("http://echo.test:50051", Duration::from_millis(20), resolver.clone()).unwrap(),
     );
-    let uris = |indexes: &[usize]| indexes.iter().map(|i| servers[*i].uri()).collect::<BTreeSet<_>>();
+    // Each address is an endpoint of its own, named after the host it was resolved from.
+    let uris = |indexes: &[usize]| {
+        indexes
+            .iter()
+            .map(|i| format!("http://echo.test:50051 ({})", servers[*i].addr()))
+            .collect::<BTreeSet<_>>()
+    };
     wait_until(WAIT, "the pool has the two addresses", || endpoints(&pool) == uris(&[0, 1])).await;
     let mut client = EchoClient::new(pool.clone());
     client.unary_echo(request(0)).await.unwrap();

@@ -190,3 +190,37 @@ async fn a_tls_server_that_does_not_agree_to_http2_is_refused_clearly() {
     let err = build_error(trusting(&ca), format!("https://{addr}")).await;
     assert!(err.contains("did not agree to HTTP/2") && err.contains("ALPN h2"), "{err}");
 }
+
+/// Resolves every name to one address.
+struct ResolvesTo(std::net::SocketAddr);
+
+impl grpc_pool::dns::Resolve for ResolvesTo {
+    fn resolve(&self, _host: &str, _port: u16) -> grpc_pool::dns::Resolving {
+        let address = self.0;
+        Box::pin(async move { Ok(vec![address]) })
+    }
+}
+
+#[tokio::test]
+async fn endpoints_from_dns_keep_tls_and_check_the_certificate_against_the_host_name() {
+    // The certificate names the service, not the address DNS gives for it.
+    let ca = Ca::new("CA");
+    let server = tls_server(ca.server(&["orders.example"], false, None)).await;
+    let pool = Pool::builder().tls(trusting(&ca)).build_lazy(Vec::<String>::new()).unwrap();
+    let dns = grpc_pool::dns::DnsDiscover::new(
+        "https://orders.example:443",
+        Duration::from_secs(60),
+        ResolvesTo(server.addr()),
+    )
+    .unwrap();
+    pool.discover(dns);
+    grpc_pool_testkit::wait_until(Duration::from_secs(10), "the resolved endpoint is in the pool", || {
+        !pool.state().endpoints.is_empty()
+    })
+    .await;
+    let endpoint = pool.state().endpoints[0].endpoint.clone();
+    assert_eq!(endpoint.to_string(), format!("https://orders.example:443 ({})", server.addr()));
+    assert_eq!(endpoint.authority().as_str(), "orders.example:443");
+    echo(&pool).await;
+    assert_eq!(server.calls(), 1);
+}

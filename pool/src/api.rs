@@ -128,7 +128,7 @@ impl Pool {
     where
         D: crate::discover::Discover + Send + 'static,
         D::Key: Send,
-        D::Service: fmt::Display,
+        D::Service: fmt::Display + 'static,
         D::Error: fmt::Display,
     {
         crate::discover::spawn(self.inner(), discover)

@@ -1,6 +1,7 @@
 //! Following an endpoint set that changes at run time, from any `tower::discover::Discover`
 //! stream: each `Insert` adds an endpoint to the pool, each `Remove` drains one away.
 
+use std::any::Any;
 use std::fmt;
 use std::future::poll_fn;
 use std::sync::{Arc, Weak};
@@ -15,7 +16,7 @@ pub(crate) async fn follow<D>(pool: Weak<PoolInner>, discover: D)
 where
     D: Discover + Send + 'static,
     D::Key: Send,
-    D::Service: fmt::Display,
+    D::Service: fmt::Display + 'static,
     D::Error: fmt::Display,
 {
     let Some(shutdown) = pool.upgrade().map(|p| p.shutdown.clone()) else { return };
@@ -36,8 +37,14 @@ where
                 tracing::warn!(pool = %pool.name(), error = %error, "endpoint discovery failed; the endpoints stay as they are");
             }
             Some(Ok(Change::Insert(key, service))) => {
+                // An `Endpoint` is taken as it is (it may carry a resolved address that its
+                // label does not parse back into); anything else is parsed as a URI.
                 let uri = service.to_string();
-                match Endpoint::parse(&uri) {
+                let parsed = match (&service as &dyn Any).downcast_ref::<Endpoint>() {
+                    Some(endpoint) => Ok(endpoint.clone()),
+                    None => Endpoint::parse(&uri),
+                };
+                match parsed {
                     Ok(endpoint) => {
                         if let Some(replaced) = keys.insert(key, endpoint.clone()) {
                             pool.remove_endpoint(&replaced);
@@ -103,7 +110,7 @@ pub(crate) fn spawn<D>(pool: &Arc<PoolInner>, discover: D) -> tokio::task::JoinH
 where
     D: Discover + Send + 'static,
     D::Key: Send,
-    D::Service: fmt::Display,
+    D::Service: fmt::Display + 'static,
     D::Error: fmt::Display,
 {
     tokio::spawn(follow(Arc::downgrade(pool), discover))

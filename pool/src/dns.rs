@@ -59,11 +59,13 @@ impl Resolve for SystemResolver {
 }
 
 /// A `Discover` stream of the addresses a host name resolves to, looked up again every
-/// `interval`: an address that appears is inserted (as the endpoint `http://address:port`),
-/// one that disappears is removed. A failed lookup, or one that returns no address, keeps the
-/// last good set and is logged: a DNS hiccup must not empty a pool.
+/// `interval`: an address that appears is inserted as an endpoint of its own
+/// ([`Endpoint::at`]: `https://name:port (address)`), one that disappears is removed. A
+/// failed lookup, or one that returns no address, keeps the last good set and is logged: a
+/// DNS hiccup must not empty a pool.
 ///
-/// Requests to these endpoints carry the address as `:authority`.
+/// Requests to these endpoints carry the host name as `:authority`, and with `https://`, TLS
+/// sends it as SNI and checks the server's certificate against it, as for the name itself.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -75,14 +77,14 @@ impl Resolve for SystemResolver {
 /// # Ok(()) }
 /// ```
 pub struct DnsDiscover<R> {
-    host: String,
-    port: u16,
+    /// The endpoint as named; each address becomes `named.at(address)`.
+    named: Endpoint,
     interval: Duration,
     resolver: Arc<R>,
     /// The last good answer.
     current: BTreeSet<SocketAddr>,
     /// Changes found by the last lookup, not yet yielded.
-    pending: VecDeque<Change<SocketAddr, String>>,
+    pending: VecDeque<Change<SocketAddr, Endpoint>>,
     lookup: Option<Resolving>,
     /// When to look up again; `None` for at once. Made on first use, inside the runtime.
     next_lookup: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -103,8 +105,7 @@ impl<R: Resolve> DnsDiscover<R> {
             return Err(Error::config("dns.interval", &format!("{interval:?}"), "1ms to 86400s"));
         }
         Ok(DnsDiscover {
-            host: endpoint.host().to_owned(),
-            port: endpoint.port(),
+            named: endpoint,
             interval,
             resolver: Arc::new(resolver),
             current: BTreeSet::new(),
@@ -119,11 +120,11 @@ impl<R: Resolve> DnsDiscover<R> {
         let addrs: BTreeSet<SocketAddr> = match answer {
             Ok(addrs) if !addrs.is_empty() => addrs.into_iter().collect(),
             Ok(_) => {
-                tracing::warn!(host = %self.host, kept = self.current.len(), "DNS lookup returned no address; keeping the last good set");
+                tracing::warn!(host = %self.named.host(), kept = self.current.len(), "DNS lookup returned no address; keeping the last good set");
                 return;
             }
             Err(error) => {
-                tracing::warn!(host = %self.host, kept = self.current.len(), error = %error, "DNS lookup failed; keeping the last good set");
+                tracing::warn!(host = %self.named.host(), kept = self.current.len(), error = %error, "DNS lookup failed; keeping the last good set");
                 return;
             }
         };
@@ -131,17 +132,17 @@ impl<R: Resolve> DnsDiscover<R> {
             self.pending.push_back(Change::Remove(*gone));
         }
         for new in addrs.difference(&self.current) {
-            self.pending.push_back(Change::Insert(*new, format!("http://{new}")));
+            self.pending.push_back(Change::Insert(*new, self.named.at(*new)));
         }
         if !self.pending.is_empty() {
-            tracing::info!(host = %self.host, addresses = addrs.len(), changes = self.pending.len(), "DNS answer changed");
+            tracing::info!(host = %self.named.host(), addresses = addrs.len(), changes = self.pending.len(), "DNS answer changed");
         }
         self.current = addrs;
     }
 }
 
 impl<R: Resolve> futures_core::Stream for DnsDiscover<R> {
-    type Item = Result<Change<SocketAddr, String>, Infallible>;
+    type Item = Result<Change<SocketAddr, Endpoint>, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
@@ -164,7 +165,7 @@ impl<R: Resolve> futures_core::Stream for DnsDiscover<R> {
                     if let Some(sleep) = this.next_lookup.as_mut() {
                         std::task::ready!(sleep.as_mut().poll(cx));
                     }
-                    this.lookup = Some(this.resolver.resolve(&this.host, this.port));
+                    this.lookup = Some(this.resolver.resolve(this.named.host(), this.named.port()));
                 }
             }
         }
@@ -174,8 +175,7 @@ impl<R: Resolve> futures_core::Stream for DnsDiscover<R> {
 impl<R> fmt::Debug for DnsDiscover<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DnsDiscover")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("named", &self.named)
             .field("interval", &self.interval)
             .field("current", &self.current)
             .finish_non_exhaustive()
@@ -209,7 +209,7 @@ mod tests {
         SocketAddr::from(([10, 0, 0, last], 50051))
     }
 
-    async fn next(dns: &mut DnsDiscover<Scripted>) -> Change<SocketAddr, String> {
+    async fn next(dns: &mut DnsDiscover<Scripted>) -> Change<SocketAddr, Endpoint> {
         std::future::poll_fn(|cx| Pin::new(&mut *dns).poll_next(cx)).await.unwrap().unwrap()
     }
 
@@ -232,7 +232,7 @@ mod tests {
         let mut first = [next(&mut dns).await, next(&mut dns).await];
         first.sort_by_key(|c| format!("{c:?}"));
         assert!(
-            matches!(&first[0], Change::Insert(a, uri) if *a == addr(1) && uri == "http://10.0.0.1:50051")
+            matches!(&first[0], Change::Insert(a, e) if *a == addr(1) && e.to_string() == "http://orders.test:50051 (10.0.0.1:50051)" && e.authority().as_str() == "orders.test:50051")
         );
         assert!(matches!(&first[1], Change::Insert(a, _) if *a == addr(2)));
         // The failure and the empty answer change nothing; the fourth lookup (15 s later on

@@ -2,6 +2,7 @@
 //! `:scheme` and `:authority`.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -44,6 +45,9 @@ struct Parts {
     port: u16,
     /// Set for a Unix-socket endpoint.
     unix_path: Option<PathBuf>,
+    /// The address to connect to, when it was resolved apart from `host` (DNS discovery);
+    /// `None` to resolve `host` at each connect.
+    address: Option<SocketAddr>,
     /// The URI as given, for labels: a Unix path is not in `authority`.
     label: String,
 }
@@ -86,7 +90,7 @@ impl Endpoint {
         // `[::1]` in a URI is `::1` to the resolver.
         let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
         let label = format!("{scheme}://{authority}");
-        Ok(Endpoint(Arc::new(Parts { scheme, authority, host, port, unix_path: None, label })))
+        Ok(Endpoint(Arc::new(Parts { scheme, authority, host, port, unix_path: None, address: None, label })))
     }
 
     /// `unix:///absolute/path` or `unix:/absolute/path` (gRPC's naming), `rest` being what
@@ -127,8 +131,45 @@ impl Endpoint {
             host: "localhost".to_owned(),
             port: 0,
             unix_path: Some(PathBuf::from(path)),
+            address: None,
             label: format!("unix://{path}"),
         })))
+    }
+
+    /// This endpoint's host, reached at `address`, one the caller resolved it to: requests
+    /// still carry the host name as `:authority` and TLS still checks the certificate
+    /// against it (and sends it as SNI), but connections go to `address`. Each address is an
+    /// endpoint of its own, labelled `scheme://host:port (address)`. A Unix-socket endpoint
+    /// is returned as it is.
+    ///
+    /// ```
+    /// use grpc_pool_core::Endpoint;
+    /// let named: Endpoint = "https://orders.internal:50051".parse().unwrap();
+    /// let one = named.at("10.0.0.7:50051".parse().unwrap());
+    /// assert_eq!(one.authority().as_str(), "orders.internal:50051");
+    /// assert_eq!(one.address(), Some("10.0.0.7:50051".parse().unwrap()));
+    /// assert_eq!(one.to_string(), "https://orders.internal:50051 (10.0.0.7:50051)");
+    /// assert!(one.is_tls());
+    /// ```
+    pub fn at(&self, address: SocketAddr) -> Endpoint {
+        if self.0.unix_path.is_some() {
+            return self.clone();
+        }
+        let p = &self.0;
+        Endpoint(Arc::new(Parts {
+            scheme: p.scheme.clone(),
+            authority: p.authority.clone(),
+            host: p.host.clone(),
+            port: address.port(),
+            unix_path: None,
+            address: Some(address),
+            label: format!("{}://{} ({address})", p.scheme, p.authority),
+        }))
+    }
+
+    /// The resolved address connections go to, for an endpoint made by [`Endpoint::at`].
+    pub fn address(&self) -> Option<SocketAddr> {
+        self.0.address
     }
 
     /// Whether connections to it use TLS (`https://`).
@@ -195,7 +236,7 @@ mod tests {
             assert_eq!(e.authority().as_str(), "localhost");
             assert_eq!(e.to_string(), "unix:///tmp/grpc.sock");
         }
-        // Labels round-trip, as discovery turns endpoints back into URIs.
+        // Labels round-trip: a label can be given back to `Pool::remove_endpoint`.
         let e = Endpoint::parse("unix:///tmp/grpc.sock").unwrap();
         assert_eq!(Endpoint::parse(&e.to_string()).unwrap(), e);
     }

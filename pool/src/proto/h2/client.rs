@@ -149,9 +149,11 @@ async fn connect(
         })?;
         return Ok(Transport::Unix(socket));
     }
-    let tcp = TcpStream::connect((endpoint.host(), endpoint.port()))
-        .await
-        .map_err(|e| Error::connect(&endpoint.to_string(), "TCP connect", Some(Box::new(e))))?;
+    let tcp = match endpoint.address() {
+        Some(address) => TcpStream::connect(address).await,
+        None => TcpStream::connect((endpoint.host(), endpoint.port())).await,
+    };
+    let tcp = tcp.map_err(|e| Error::connect(&endpoint.to_string(), "TCP connect", Some(Box::new(e))))?;
     // gRPC messages are small and latency-bound: never wait to coalesce them.
     tcp.set_nodelay(true)
         .map_err(|e| Error::connect(&endpoint.to_string(), "setting TCP_NODELAY", Some(Box::new(e))))?;
