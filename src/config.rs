@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::dns::{DnsDiscover, SystemResolver};
+
 use crate::{
     AllUnhealthy, BackoffConfig, Builder, CheckMode, ClientIdentity, Error, H2Config, HealthCheck, Keepalive,
     OutlierDetection, Pool, TlsConfig,
@@ -72,6 +74,8 @@ pub struct PoolConfig {
     pub outlier_detection: Option<OutlierSection>,
     /// TLS for `https://` endpoints; absent: the system's roots, no client certificate.
     pub tls: Option<TlsSection>,
+    /// Endpoints from DNS, besides `endpoints`; absent: none.
+    pub dns: Option<DnsSection>,
     /// Reconnect backoff.
     pub backoff: BackoffSection,
     /// HTTP/2 settings.
@@ -237,6 +241,31 @@ pub struct TlsSection {
     pub insecure_skip_verify: bool,
 }
 
+/// `[dns]`: a host name whose addresses become endpoints, looked up again every
+/// `interval` ([`DnsDiscover`] with the system resolver).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct DnsSection {
+    /// `http://name:port` or `https://name:port`; each address is an endpoint that keeps the
+    /// name for `:authority` and TLS.
+    pub uri: String,
+    /// Time between lookups (1 ms to a day). Default 30 s.
+    #[serde(default = "DnsSection::default_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+}
+
+impl DnsSection {
+    fn default_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+
+    /// The discovery stream; fails naming `dns.uri` or `dns.interval`.
+    fn discover(&self) -> Result<DnsDiscover<SystemResolver>, Error> {
+        DnsDiscover::new(&self.uri, self.interval, SystemResolver)
+    }
+}
+
 /// `[backoff]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -309,6 +338,7 @@ impl Default for PoolConfig {
             health_check: None,
             outlier_detection: None,
             tls: None,
+            dns: None,
             backoff: BackoffSection::default(),
             h2: H2Section::default(),
         }
@@ -391,15 +421,32 @@ impl PoolConfig {
         Ok(builder)
     }
 
-    /// Builds the pool over `endpoints` and connects (see [`Builder::build`]).
+    /// Builds the pool over `endpoints` and connects (see [`Builder::build`]). With `[dns]`,
+    /// the name's addresses join as they are resolved and connect in the background; the
+    /// build then waits for no connection (there may be no other endpoint).
     pub async fn build(&self) -> Result<Pool, Error> {
-        self.builder()?.build(&self.endpoints).await
+        let builder = self.builder()?;
+        let Some(dns) = &self.dns else { return builder.build(&self.endpoints).await };
+        let discover = dns.discover()?;
+        let pool = if self.endpoints.is_empty() {
+            builder.build_lazy(&self.endpoints)?
+        } else {
+            builder.build(&self.endpoints).await?
+        };
+        pool.discover(discover);
+        Ok(pool)
     }
 
-    /// Builds the pool over `endpoints` and connects in the background (see
-    /// [`Builder::build_lazy`]).
+    /// Builds the pool over `endpoints` (and `[dns]`'s addresses as they are resolved) and
+    /// connects in the background (see [`Builder::build_lazy`]).
     pub fn build_lazy(&self) -> Result<Pool, Error> {
-        self.builder()?.build_lazy(&self.endpoints)
+        let builder = self.builder()?;
+        let discover = self.dns.as_ref().map(DnsSection::discover).transpose()?;
+        let pool = builder.build_lazy(&self.endpoints)?;
+        if let Some(discover) = discover {
+            pool.discover(discover);
+        }
+        Ok(pool)
     }
 }
 

@@ -95,3 +95,34 @@ async fn tls_files_are_read_at_build_and_a_missing_one_is_named() {
     let err = config.build_lazy().unwrap_err().to_string();
     assert!(err.contains("`tls.cert_file`") && err.contains("both files, or neither"), "{err}");
 }
+
+#[tokio::test]
+async fn a_dns_section_adds_the_resolved_addresses_as_endpoints() {
+    let server = grpc_pool_testkit::TestServer::start().await;
+    // An address literal resolves to itself: the system resolver, with no DNS server needed.
+    let text = format!("[dns]\nuri = \"{}\"\ninterval = \"50ms\"\n", server.uri());
+    let config: PoolConfig = toml::from_str(&text).unwrap();
+    assert_eq!(config.dns.as_ref().unwrap().interval, Duration::from_millis(50));
+    let pool = config.build().await.unwrap();
+    grpc_pool_testkit::wait_until(Duration::from_secs(10), "the resolved endpoint is in the pool", || {
+        pool.state().endpoints.len() == 1
+    })
+    .await;
+    assert_eq!(
+        pool.state().endpoints[0].endpoint.to_string(),
+        format!("{} ({})", server.uri(), server.addr())
+    );
+    let mut client = grpc_pool_testkit::echo::echo_client::EchoClient::new(pool.clone());
+    let request =
+        grpc_pool_testkit::echo::EchoRequest { message: Default::default(), repeat: 0, delay_ms: 0 };
+    client.unary_echo(request).await.unwrap();
+    assert_eq!(server.calls(), 1);
+
+    // A bad name fails the build, naming the field; the interval defaults to 30 s.
+    let config: PoolConfig = toml::from_str("[dns]\nuri = \"unix:///tmp/a.sock\"\n").unwrap();
+    assert_eq!(config.dns.as_ref().unwrap().interval, Duration::from_secs(30));
+    let err = config.build_lazy().unwrap_err().to_string();
+    assert!(err.contains("`dns.uri`"), "{err}");
+    let err = toml::from_str::<PoolConfig>("[dns]\nuri = \"http://a:1\"\nintervall = \"1s\"\n").unwrap_err();
+    assert!(err.to_string().contains("intervall"), "{err}");
+}
