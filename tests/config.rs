@@ -126,3 +126,22 @@ async fn a_dns_section_adds_the_resolved_addresses_as_endpoints() {
     let err = toml::from_str::<PoolConfig>("[dns]\nuri = \"http://a:1\"\nintervall = \"1s\"\n").unwrap_err();
     assert!(err.to_string().contains("intervall"), "{err}");
 }
+
+#[test]
+fn the_defaults_are_the_builders() {
+    // PoolConfig's defaults are written out for serde; this ties them to the builder's, so
+    // changing one without the other fails here.
+    let from_config = format!("{:#?}", PoolConfig::default().builder().unwrap());
+    let from_builder = format!("{:#?}", grpc_pool::Pool::builder());
+    assert_eq!(from_config, from_builder);
+    // The optional sections, present with their defaults.
+    let config: PoolConfig = toml::from_str("[health_check]\n[outlier_detection]\n").unwrap();
+    let from_config = format!("{:#?}", config.builder().unwrap());
+    let from_builder = format!(
+        "{:#?}",
+        grpc_pool::Pool::builder()
+            .health_checks(grpc_pool::HealthCheck::default())
+            .outlier_detection(Some(grpc_pool::OutlierDetection::default()))
+    );
+    assert_eq!(from_config, from_builder);
+}
