@@ -494,27 +494,17 @@ impl Task {
                     let moving = match member.as_ref().and_then(|m| m.channel().map(|c| (m, c))) {
                         Some((member, channel)) => {
                             let watch = checks::watch(channel, checks.service, report);
-                            let left = until(|| {
-                                removed.load(Ordering::Relaxed) || member.state() != MemberState::Ready
-                            });
-                            tokio::select! {
-                                _ = watch => false,
-                                _ = left => !removed.load(Ordering::Relaxed),
-                            }
+                            watch_until(watch, &removed, || member.state() != MemberState::Ready).await
                         }
                         None => {
                             let watch = checks::watch(channel, checks.service, report);
-                            let left = until(|| {
-                                removed.load(Ordering::Relaxed)
-                                    || monitor
-                                        .members()
-                                        .iter()
-                                        .any(|m| m.endpoint() == &endpoint && m.state() == MemberState::Ready)
-                            });
-                            tokio::select! {
-                                _ = watch => false,
-                                _ = left => !removed.load(Ordering::Relaxed),
-                            }
+                            let any_ready = || {
+                                monitor
+                                    .members()
+                                    .iter()
+                                    .any(|m| m.endpoint() == &endpoint && m.state() == MemberState::Ready)
+                            };
+                            watch_until(watch, &removed, any_ready).await
                         }
                     };
                     (id, moving)
@@ -683,14 +673,28 @@ impl Task {
     }
 }
 
-/// Resolves once `left` holds, looking every [`WATCH_RECHECK`].
-async fn until(mut left: impl FnMut() -> bool) {
-    let mut ticks = tokio::time::interval(WATCH_RECHECK);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        if left() {
-            return;
+/// Runs a `Watch` stream until it ends (false), its endpoint is removed (false), or
+/// `should_move` holds (true: reopen it elsewhere at once), looking every [`WATCH_RECHECK`].
+async fn watch_until(
+    watch: impl Future<Output = ()>,
+    removed: &AtomicBool,
+    mut should_move: impl FnMut() -> bool,
+) -> bool {
+    let left = async {
+        let mut ticks = tokio::time::interval(WATCH_RECHECK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if removed.load(Ordering::Relaxed) {
+                return false;
+            }
+            if should_move() {
+                return true;
+            }
         }
+    };
+    tokio::select! {
+        _ = watch => false,
+        moving = left => moving,
     }
 }
