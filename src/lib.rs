@@ -328,3 +328,7 @@ impl Builder {
         Ok(Pool { core })
     }
 }
+
+/// For the fuzz targets (`fuzz/`) and their smoke test only: not part of the API.
+#[doc(hidden)]
+pub use grpc_pool_core::__fuzz;

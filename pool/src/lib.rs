@@ -57,3 +57,16 @@ pub mod __bench {
         pool.inner().checkout_now().is_some()
     }
 }
+
+/// For the fuzz targets (`fuzz/`) and their smoke test only: not part of the API, and may
+/// change in any release.
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Feeds `bytes`, as a server would send them, to the frame observer twice: whole, and
+    /// cut into pieces whose sizes `seed` picks. Panics if the two runs recorded different
+    /// facts (stream limit, SETTINGS seen, GOAWAY, close reason): what a connection learns
+    /// must not depend on how the kernel happened to split the bytes.
+    pub fn frame_observer(bytes: &[u8], seed: u64) {
+        crate::proto::h2::frames::check_chunking(bytes, seed);
+    }
+}

@@ -178,15 +178,26 @@ struct FrameReader {
     /// Whether the current frame's payload is kept (SETTINGS without ACK, GOAWAY).
     capturing: bool,
     payload: Vec<u8>,
-    /// Whether any byte has come yet: the first ones tell an HTTP/1 server apart.
-    started: bool,
+    /// How many of the first bytes matched `HTTP/1.` so far (an HTTP/1 server's answer);
+    /// `usize::MAX` once decided either way. Counted across reads: the server's first bytes
+    /// may arrive split.
+    http1_matched: usize,
 }
+
+const HTTP1: &[u8] = b"HTTP/1.";
 
 impl FrameReader {
     fn feed(&mut self, mut bytes: &[u8], signals: &ConnSignals) {
-        if !self.started {
-            self.started = true;
-            if bytes.starts_with(b"HTTP/1.") {
+        if self.http1_matched < HTTP1.len() {
+            for &byte in bytes.iter().take(HTTP1.len() - self.http1_matched) {
+                if byte != HTTP1[self.http1_matched] {
+                    self.http1_matched = usize::MAX;
+                    break;
+                }
+                self.http1_matched += 1;
+            }
+            if self.http1_matched == HTTP1.len() {
+                self.http1_matched = usize::MAX;
                 signals.set_close_error(
                     "the server answered in HTTP/1.x: it does not speak HTTP/2 here (gRPC needs HTTP/2; \
                      over cleartext the server must accept it without an upgrade)"
@@ -241,6 +252,50 @@ impl FrameReader {
         self.header_len = 0;
         self.capturing = false;
     }
+}
+
+/// What [`ConnSignals`] recorded, for comparing two runs.
+#[derive(Debug, PartialEq, Eq)]
+struct Recorded {
+    server_max_streams: u32,
+    settings_seen: bool,
+    limit_raised: bool,
+    goaway: Option<GoAway>,
+    close_error: Option<String>,
+}
+
+fn observe(pieces: &mut dyn Iterator<Item = &[u8]>) -> Recorded {
+    let (mut reader, signals) = (FrameReader::default(), ConnSignals::new());
+    for piece in pieces {
+        reader.feed(piece, &signals);
+    }
+    Recorded {
+        server_max_streams: signals.server_max_streams(),
+        settings_seen: signals.settings_seen(),
+        limit_raised: signals.take_limit_raised(),
+        goaway: signals.goaway(),
+        close_error: signals.close_error(),
+    }
+}
+
+/// The fuzz targets' check (see `crate::__fuzz::frame_observer`).
+pub(crate) fn check_chunking(bytes: &[u8], seed: u64) {
+    let whole = observe(&mut std::iter::once(bytes));
+    // Piece sizes from 1 to 64 bytes, drawn from `seed` (a 64-bit LCG).
+    let mut state = seed;
+    let mut rest = bytes;
+    let mut pieces = std::iter::from_fn(|| {
+        if rest.is_empty() {
+            return None;
+        }
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let size = ((state >> 58) as usize + 1).min(rest.len());
+        let (piece, after) = rest.split_at(size);
+        rest = after;
+        Some(piece)
+    });
+    let chunked = observe(&mut pieces);
+    assert_eq!(whole, chunked, "the frame observer's record depends on how the bytes were split");
 }
 
 pin_project_lite::pin_project! {
@@ -360,6 +415,23 @@ mod tests {
             reader.feed(&[byte], &signals);
         }
         check(&signals);
+    }
+
+    #[test]
+    fn an_http1_answer_is_named_even_when_its_first_bytes_arrive_split() {
+        // Found by the frames fuzz target: only the first read was looked at.
+        for split in 1..HTTP1.len() {
+            let answer = b"HTTP/1.1 400 Bad Request\r\n\r\n";
+            let (signals, mut reader) = (ConnSignals::new(), FrameReader::default());
+            reader.feed(&answer[..split], &signals);
+            reader.feed(&answer[split..], &signals);
+            assert!(signals.close_error().is_some_and(|e| e.contains("HTTP/1.x")), "split at {split}");
+        }
+        // A frame that merely starts with `H` is not taken for one.
+        let (signals, mut reader) = (ConnSignals::new(), FrameReader::default());
+        reader.feed(b"H", &signals);
+        reader.feed(b"XXXXXXXXXXXX", &signals);
+        assert_eq!(signals.close_error(), None);
     }
 
     #[test]
