@@ -711,6 +711,37 @@ async fn goaway_with_a_low_last_stream_id_under_load_fails_no_call() {
 }
 
 #[tokio::test]
+async fn a_response_cut_after_its_head_says_why_it_was_not_resent() {
+    // The server has answered (the response head and a message came) when the connection
+    // is reset: the error from the response body says so, as every pool call error says
+    // why it was not sent again.
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    let pool = Pool::builder().build([relay.uri()]).await.unwrap();
+    let mut stream = client(&pool)
+        .server_streaming_echo(EchoRequest { message: Bytes::from_static(b"s"), repeat: 1_000, delay_ms: 10 })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    relay.reset();
+    let status = loop {
+        match stream.next().await {
+            Some(Ok(_)) => continue, // messages already on their way
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended cleanly after a reset"),
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(&relay.uri()), "{}", status.message());
+    assert!(
+        status.message().ends_with("not retried: the server was already answering it"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
 async fn a_large_client_streaming_call_cut_by_goaway_is_not_resent_and_says_why() {
     // 1 MiB of client stream, then a GOAWAY that says the server processed nothing. The call
     // could be resent safely, but its body was larger than the replay buffer, so the bytes

@@ -121,10 +121,12 @@ impl Cut {
 }
 
 /// Whether the pool could not have saved `failure`: it was sent to B on a connection a
-/// fault then cut, so the server may have processed it, and a resend could duplicate it.
+/// fault then cut, so the server may have processed it (or had begun answering it), and a
+/// resend could duplicate it.
 fn unsaveable(failure: &Failure, b: &str, cuts: &[Cut]) -> bool {
     failure.message.contains(b)
-        && failure.message.contains("not retried: the server may have processed it")
+        && (failure.message.contains("not retried: the server may have processed it")
+            || failure.message.contains("not retried: the server was already answering it"))
         && cuts.iter().any(|cut| failure.ended >= cut.at() && failure.started <= cut.at() + FAULT_REACH)
 }
 

@@ -21,11 +21,19 @@ pub struct ResponseBody {
     /// The task still sending the request body (client and bidirectional streaming).
     pump: Option<AbortHandle>,
     data_done: bool,
+    /// A call through the pool (not a health check aimed at one endpoint or member): its
+    /// errors say why they were not resent, as the response future's do.
+    pool_call: bool,
 }
 
 impl ResponseBody {
-    pub(crate) fn new(recv: h2::RecvStream, slot: Slot, pump: Option<AbortHandle>) -> ResponseBody {
-        ResponseBody { recv, slot: Some(slot), pump, data_done: false }
+    pub(crate) fn new(
+        recv: h2::RecvStream,
+        slot: Slot,
+        pump: Option<AbortHandle>,
+        pool_call: bool,
+    ) -> ResponseBody {
+        ResponseBody { recv, slot: Some(slot), pump, data_done: false, pool_call }
     }
 
     fn endpoint(&self) -> &str {
@@ -44,7 +52,11 @@ impl ResponseBody {
         if let Some(slot) = &self.slot {
             slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err));
         }
-        let error = Error::from_h2(self.endpoint(), err);
+        let mut error = Error::from_h2(self.endpoint(), err);
+        if self.pool_call {
+            // The server had sent its response head: it has the call.
+            error = error.not_retried("the server was already answering it");
+        }
         self.finish();
         error
     }

@@ -487,7 +487,10 @@ where
                                 Ok(pump) => pump,
                                 Err(error) => return Poll::Ready(Err(error)),
                             };
-                            return Poll::Ready(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump))));
+                            let pool_call = matches!(this.target, Target::Pool);
+                            return Poll::Ready(Ok(
+                                response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call))
+                            ));
                         }
                         Err(err) => {
                             slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err));
