@@ -409,14 +409,14 @@ async fn a_watch_stream_leaves_a_draining_connection_so_a_graceful_shutdown_comp
 
 #[tokio::test]
 async fn keepalive_pings_keep_a_connection_alive_through_an_idle_expiring_middlebox() {
-    // A middlebox that forgets flows quiet for 600 ms and answers their next packet with
+    // A middlebox that forgets flows quiet for 1 s and answers their next packet with
     // RST (a NAT gateway or load balancer's idle timeout). The pool PINGs after 200 ms of
     // quiet, so its connection is never quiet that long; a pool without keepalive loses its
     // connection and the first call after the quiet spell.
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;
-    relay.set_idle_expiry(Some(Duration::from_millis(600)));
-    let quiet = Duration::from_millis(1_500);
+    relay.set_idle_expiry(Some(Duration::from_secs(1)));
+    let quiet = Duration::from_millis(2_500);
 
     let pinging = Pool::builder()
         .keepalive(Keepalive::new(Duration::from_millis(200), Duration::from_millis(500)))
