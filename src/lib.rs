@@ -39,6 +39,7 @@ pub use grpc_pool_core::{
     api, call, discover, dns, metrics, monitor, BackoffConfig, ClientIdentity, Endpoint, EndpointState,
     Error, ErrorKind, EvictionReason, H2Config, MemberHandle, MemberSnapshot, MemberState, OutlierDetection,
     PoolEvent, PoolMonitor, ResponseBody, ResponseFuture, RetryReason, State, Statistics, TlsConfig,
+    WaitForReady,
 };
 pub use grpc_pool_health as health;
 pub use grpc_pool_health::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
@@ -210,6 +211,13 @@ impl Builder {
         max_concurrent_streams(u32);
         /// Longest a call waits for a stream slot before failing (above zero).
         checkout_timeout(Duration);
+        /// The deadline of calls without a `grpc-timeout` of their own, and the most any call
+        /// may take (above zero, up to 30 days); `None` (the default): none.
+        timeout(Option<Duration>);
+        /// gRPC's `wait_for_ready` for every call: wait for an endpoint to come back instead
+        /// of failing fast when all are in transient failure. Off by default; a call's
+        /// [`WaitForReady`] extension overrides it.
+        wait_for_ready(bool);
         /// Longest a connect may take, from TCP to the server's SETTINGS (above zero).
         connect_timeout(Duration);
         /// Connects under way at once to one endpoint; the others wait their turn. Default 8.

@@ -620,10 +620,14 @@ impl Task {
         }
         let member = member.clone();
         let service = if rpc { self.config.checks.as_ref().map(|c| c.service.clone()) } else { None };
+        // The probe's deadline is the member's queue entry, due after the keepalive timeout
+        // (rounded up to the batch grid); the PING's own bound, a little later, is a backstop
+        // that also closes the connection should the task be late.
+        let backstop = self.keepalive().map(|k| k.timeout).unwrap_or(Duration::from_secs(20)) + 2 * BATCH;
         self.probes.push(Box::pin(async move {
             let result = match (rpc, member.channel()) {
                 (true, Some(channel)) => checks::probe(channel, service.unwrap_or_default()).await,
-                _ => member.ping().await.map_err(|e: Error| e.to_string()),
+                _ => member.ping(backstop).await.map_err(|e: Error| e.to_string()),
             };
             (id, probe, result)
         }));

@@ -260,6 +260,29 @@ impl Builder {
         self
     }
 
+    /// The deadline of calls that carry none (no `grpc-timeout` header), and the most any
+    /// call may take: a call's deadline is the shorter of its own and this one, as with
+    /// tonic's `Endpoint::timeout`. It bounds the whole call: the wait for a slot, a PING
+    /// before use, every resend, the response head and, for streaming calls, the response
+    /// body. A call past its deadline fails with `DEADLINE_EXCEEDED`, its stream is reset
+    /// (`CANCEL`) and its slot freed at once. Above zero, up to 30 days; default `None`
+    /// (calls without a deadline of their own have none).
+    pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.timeout = timeout;
+        self
+    }
+
+    /// gRPC's `wait_for_ready` for every call (a call's
+    /// [`WaitForReady`](crate::WaitForReady) extension overrides it). Off (the default), a
+    /// call fails at once with `UNAVAILABLE` and the cause when no endpoint can take it
+    /// because every one is in transient failure (its connects fail, or it is unhealthy or
+    /// ejected); on, it waits for one to come back, until its deadline, or `checkout_timeout`
+    /// when it has none.
+    pub fn wait_for_ready(mut self, wait: bool) -> Self {
+        self.config.wait_for_ready = wait;
+        self
+    }
+
     /// Longest a connect may take, from TCP to the server's SETTINGS (above zero).
     /// Default 10 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {

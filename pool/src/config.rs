@@ -105,6 +105,8 @@ const MAX_STREAMS_LIMIT: u32 = 1 << 20;
 /// Most attempts per call: each resend goes to another member, and past a handful the
 /// endpoints are going away faster than a resend can help.
 const MAX_ATTEMPTS_LIMIT: u32 = 10;
+/// Longest default call timeout: past a month a deadline is a mistake of units.
+const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
 /// Largest replay buffer per call: beyond this, memory held per call matters more than the
 /// resend it buys.
 const MAX_REPLAY_BUFFER: usize = 64 * 1024 * 1024;
@@ -118,6 +120,10 @@ pub(crate) struct Config {
     pub(crate) max_concurrent_streams: u32,
     pub(crate) max_streams_per_connection: Option<u64>,
     pub(crate) checkout_timeout: Duration,
+    /// The deadline of calls that carry no `grpc-timeout`, and the most any call may take.
+    pub(crate) timeout: Option<Duration>,
+    /// Whether calls wait for an endpoint to come back instead of failing fast.
+    pub(crate) wait_for_ready: bool,
     pub(crate) connect_timeout: Duration,
     /// Connects under way at once per endpoint; the rest wait their turn.
     pub(crate) max_concurrent_connects: usize,
@@ -148,6 +154,8 @@ impl Default for Config {
             max_concurrent_streams: 100,
             max_streams_per_connection: None,
             checkout_timeout: Duration::from_secs(5),
+            timeout: None,
+            wait_for_ready: false,
             connect_timeout: Duration::from_secs(10),
             max_concurrent_connects: 8,
             tcp_user_timeout: None,
@@ -184,6 +192,11 @@ impl Config {
             check_range("max_streams_per_connection", max, 1, MAX_LIFETIME_STREAMS)?;
         }
         check_nonzero("checkout_timeout", self.checkout_timeout)?;
+        if let Some(timeout) = self.timeout {
+            if timeout.is_zero() || timeout > MAX_CALL_TIMEOUT {
+                return Err(Error::config("timeout", &format!("{timeout:?}"), "above zero, up to 30 days"));
+            }
+        }
         check_nonzero("connect_timeout", self.connect_timeout)?;
         check_range("max_concurrent_connects", self.max_concurrent_connects, 1, MAX_CONNECTIONS_LIMIT)?;
         if let Some(timeout) = self.tcp_user_timeout {
@@ -308,6 +321,7 @@ mod tests {
             (Box::new(|c| c.max_concurrent_streams = 0), "max_concurrent_streams", "1 to"),
             (Box::new(|c| c.checkout_timeout = Duration::ZERO), "checkout_timeout", "above zero"),
             (Box::new(|c| c.connect_timeout = Duration::ZERO), "connect_timeout", "above zero"),
+            (Box::new(|c| c.timeout = Some(Duration::ZERO)), "timeout", "above zero, up to 30 days"),
             (Box::new(|c| c.max_concurrent_connects = 0), "max_concurrent_connects", "1 to 10000"),
             (Box::new(|c| c.backoff.base = Duration::ZERO), "backoff.base", "above zero"),
             (Box::new(|c| c.tcp_user_timeout = Some(Duration::ZERO)), "tcp_user_timeout", "above zero"),

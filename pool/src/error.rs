@@ -36,6 +36,8 @@ pub enum ErrorKind {
     RequestBody,
     /// A PING got no answer (the connection failed, or another PING was in flight).
     Ping,
+    /// The call's deadline passed (its `grpc-timeout`, or the pool's `timeout`).
+    DeadlineExceeded,
 }
 
 /// An error from the pool: configuration, connecting, checkout, or a call on a connection.
@@ -209,6 +211,16 @@ impl Error {
             (ErrorKind::Connection, "HTTP/2 error")
         };
         Error::new(kind, code, format!("call to {endpoint}: {what}: {err}"), Some(Box::new(err)))
+    }
+
+    /// A call's deadline passed; `situation` says where the call was then.
+    pub(crate) fn deadline_exceeded(timeout: Duration, situation: &str) -> Error {
+        Error::new(
+            ErrorKind::DeadlineExceeded,
+            Code::DeadlineExceeded,
+            format!("deadline of {timeout:?} exceeded {situation}; not retried: the deadline has passed"),
+            None,
+        )
     }
 
     pub(crate) fn no_member(endpoint: &str, what: &str) -> Error {

@@ -133,6 +133,15 @@ fn retire_at_stream_id(max_streams: Option<u64>) -> u32 {
     (2 * max - 1) as u32
 }
 
+/// What a waiting checkout needs to know of its call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CheckoutWait {
+    /// Wait for an endpoint to come back rather than fail fast (gRPC's `wait_for_ready`).
+    pub(crate) wait_for_ready: bool,
+    /// The call has a deadline, which bounds the wait in its stead for `wait_for_ready`.
+    pub(crate) has_deadline: bool,
+}
+
 /// A member that closes sooner than this after connecting counts as a failed connect.
 const SHORT_LIFE: Duration = Duration::from_secs(1);
 
@@ -434,14 +443,14 @@ impl PoolInner {
 
     /// The slow path: queue, make room if the pool may grow, and wait up to
     /// `checkout_timeout`.
-    pub(crate) async fn checkout_wait(self: Arc<Self>) -> Result<Slot, Error> {
+    pub(crate) async fn checkout_wait(self: Arc<Self>, wait: CheckoutWait) -> Result<Slot, Error> {
         // A span for the checkouts that wait (the fast path has nothing to trace and must
         // stay cheap): what a waiting call waited for shows up under it.
         let span = tracing::debug_span!("checkout", pool = %self.name(), waiters = self.waiters.len());
-        tracing::Instrument::instrument(self.checkout_wait_in_span(), span).await
+        tracing::Instrument::instrument(self.checkout_wait_in_span(wait), span).await
     }
 
-    async fn checkout_wait_in_span(self: Arc<Self>) -> Result<Slot, Error> {
+    async fn checkout_wait_in_span(self: Arc<Self>, wait: CheckoutWait) -> Result<Slot, Error> {
         if self.config.all_unhealthy == AllUnhealthy::FailFast && self.all_unhealthy() {
             metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "unhealthy").increment(1);
             return Err(Error::all_unhealthy(self.name(), &self.unhealthy_summary()));
@@ -458,7 +467,19 @@ impl PoolInner {
             Some(slot) => Ok(slot),
             None => {
                 self.grow();
-                match tokio::time::timeout(self.config.checkout_timeout, &mut waiting.slot).await {
+                // A wait-for-ready call with a deadline waits as long as its deadline lets it
+                // (the call's future enforces that); any other waits `checkout_timeout` at most.
+                let bound = match wait.wait_for_ready && wait.has_deadline {
+                    true => Duration::MAX,
+                    false => self.config.checkout_timeout,
+                };
+                let timed = async {
+                    match bound {
+                        Duration::MAX => Ok((&mut waiting.slot).await),
+                        bound => tokio::time::timeout(bound, &mut waiting.slot).await,
+                    }
+                };
+                match timed.await {
                     Ok(Ok(result)) => result,
                     Ok(Err(_)) => Err(Error::pool_closed(self.name())),
                     Err(_) => match waiting.slot.try_recv() {
@@ -495,7 +516,7 @@ impl PoolInner {
     }
 
     /// What every endpoint looked like when a checkout gave up.
-    fn busy_summary(&self) -> String {
+    pub(crate) fn busy_summary(&self) -> String {
         let endpoints = self.endpoints.load();
         if endpoints.is_empty() {
             return format!("{} waiter(s) queued; the pool has no endpoints", self.waiters.len());

@@ -39,7 +39,7 @@ mod proto;
 mod rand;
 
 pub use api::{Builder, EndpointState, MemberSnapshot, Pool, RetryReason, State, Statistics};
-pub use call::{ResponseBody, ResponseFuture};
+pub use call::{ResponseBody, ResponseFuture, WaitForReady};
 pub use config::{AllUnhealthy, BackoffConfig, H2Config};
 pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};

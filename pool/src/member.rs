@@ -236,14 +236,10 @@ impl Member {
         self.probing.load(Ordering::Acquire)
     }
 
-    /// Takes the prober's role; false if another call has it.
-    pub(crate) fn start_probe(&self) -> bool {
-        !self.probing.swap(true, Ordering::AcqRel)
-    }
-
-    pub(crate) fn end_probe(&self) {
-        self.probing.store(false, Ordering::Release);
-        self.probe_done.notify_waiters();
+    /// Takes the prober's role; `None` if another call has it. The role ends when the guard
+    /// drops, however the probe ends: answered, timed out, or its call cancelled.
+    pub(crate) fn start_probe(&self) -> Option<ProbeGuard<'_>> {
+        (!self.probing.swap(true, Ordering::AcqRel)).then_some(ProbeGuard(self))
     }
 
     /// Waits until no call is PINGing it.
@@ -321,6 +317,16 @@ impl Member {
     fn release_quietly(&self) {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The prober's role on a member (see [`Member::start_probe`]).
+pub(crate) struct ProbeGuard<'a>(&'a Member);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.probing.store(false, Ordering::Release);
+        self.0.probe_done.notify_waiters();
     }
 }
 

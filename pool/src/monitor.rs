@@ -238,18 +238,26 @@ impl MemberHandle {
         self.pool.upgrade().map(|pool| MemberChannel::new(pool, self.member.clone()))
     }
 
-    /// Sends an HTTP/2 PING and waits for the PONG; returns the round trip. Bound it with a
-    /// timeout: an unanswered PING waits as long as the connection lives. Fails at once if
-    /// another PING is in flight on this member or the member is gone.
-    pub async fn ping(&self) -> Result<Duration, Error> {
+    /// Sends an HTTP/2 PING and waits up to `timeout` for the PONG; returns the round trip.
+    /// No PONG in time means the connection is dead: the member is closed at once
+    /// ([`EvictionReason::PingTimeout`]), so the calls on it fail now instead of hanging. Fails
+    /// at once if another PING is in flight on this member or the member is gone. Safe to
+    /// cancel: a PING whose waiter went away is collected by the next one.
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, Error> {
         let member = self.member.upgrade().ok_or_else(|| self.gone())?;
-        match member.pinger.ping().await {
-            Ok(rtt) => Ok(rtt),
-            Err(PingError::Busy) => {
-                Err(Error::ping(&self.endpoint.to_string(), self.id, "a PING is already in flight"))
+        let label = &member.endpoint.label;
+        match tokio::time::timeout(timeout, member.pinger.ping()).await {
+            Ok(Ok(rtt)) => Ok(rtt),
+            Ok(Err(PingError::Busy)) => Err(Error::ping(label, self.id, "a PING is already in flight")),
+            Ok(Err(PingError::Connection(e))) => {
+                Err(Error::ping(label, self.id, &format!("connection failed: {e}")))
             }
-            Err(PingError::Connection(e)) => {
-                Err(Error::ping(&self.endpoint.to_string(), self.id, &format!("connection failed: {e}")))
+            Err(_) => {
+                let what = format!("no PONG within {timeout:?}");
+                if let Some(pool) = self.pool.upgrade() {
+                    pool.kill(&member, EvictionReason::PingTimeout, &what);
+                }
+                Err(Error::ping(label, self.id, &format!("{what}; the connection was closed")))
             }
         }
     }

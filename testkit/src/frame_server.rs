@@ -78,6 +78,12 @@ pub enum Behaviour {
     /// Gives request streams no flow-control window (`SETTINGS_INITIAL_WINDOW_SIZE = 0`) and
     /// never opens it: a request body can never be sent.
     StalledWindow,
+    /// Answers each call this long after its request arrived whole, whatever its
+    /// `grpc-timeout` says (this server reads no header), as a slow or stuck backend does.
+    AnswerAfter(Duration),
+    /// Sends each call's response head at once, and its message and trailers this long
+    /// after: a response stream that stalls after it started.
+    HeadThenStall(Duration),
 }
 
 #[derive(Debug, Default)]
@@ -88,6 +94,12 @@ struct Counts {
     body_bytes: AtomicU64,
     /// Connections accepted so far.
     connections: AtomicU64,
+    /// `RST_STREAM` frames received from the client.
+    resets: AtomicU64,
+    /// PINGs received (not their ACKs).
+    pings: AtomicU64,
+    /// Calls waiting for their delayed answer now (`AnswerAfter`, `HeadThenStall`).
+    waiting: AtomicU64,
 }
 
 /// The server, listening on 127.0.0.1 until dropped.
@@ -142,6 +154,22 @@ impl FrameServer {
         self.counts.connections.load(Ordering::Relaxed)
     }
 
+    /// PINGs received from the client (answered or not, as the behaviour says).
+    pub fn pings(&self) -> u64 {
+        self.counts.pings.load(Ordering::Relaxed)
+    }
+
+    /// `RST_STREAM` frames received: streams the client cancelled.
+    pub fn resets(&self) -> u64 {
+        self.counts.resets.load(Ordering::Relaxed)
+    }
+
+    /// Calls waiting for their delayed answer now (`AnswerAfter`, `HeadThenStall`); a call
+    /// the client resets stops waiting.
+    pub fn waiting(&self) -> u64 {
+        self.counts.waiting.load(Ordering::Relaxed)
+    }
+
     /// Request body bytes received, on all streams.
     pub fn body_bytes(&self) -> u64 {
         self.counts.body_bytes.load(Ordering::Relaxed)
@@ -168,6 +196,8 @@ struct Connection {
     last_answered: u32,
     /// The last stream id of the GOAWAY sent, once sent.
     went_away: Option<u32>,
+    /// Answers held back (`AnswerAfter`, `HeadThenStall`): when, which stream, its request.
+    delayed: Vec<(tokio::time::Instant, u32, BytesMut)>,
     out: BytesMut,
 }
 
@@ -186,6 +216,7 @@ impl Connection {
             },
             last_answered: 0,
             went_away: None,
+            delayed: Vec::new(),
             out: BytesMut::new(),
         }
     }
@@ -213,16 +244,33 @@ impl Connection {
 
         let mut input = BytesMut::with_capacity(64 * 1024);
         loop {
-            let read = match self.went_away {
-                None => tcp.read_buf(&mut input).await?,
-                // After the GOAWAY the client finishes its streams below it and hangs up.
-                Some(_) => match tokio::time::timeout(LINGER, tcp.read_buf(&mut input)).await {
-                    Ok(read) => read?,
-                    Err(_) => return Ok(()),
-                },
-            };
-            if read == 0 {
-                return Ok(());
+            if let Some(due) = self.delayed.iter().map(|(at, _, _)| *at).min() {
+                let read = tokio::select! {
+                    read = tcp.read_buf(&mut input) => Some(read?),
+                    _ = tokio::time::sleep_until(due) => None,
+                };
+                match read {
+                    Some(0) => return Ok(()),
+                    Some(_) => {}
+                    None => {
+                        self.answer_due();
+                        tcp.write_all(&self.out).await?;
+                        self.out.clear();
+                        continue;
+                    }
+                }
+            } else {
+                let read = match self.went_away {
+                    None => tcp.read_buf(&mut input).await?,
+                    // After the GOAWAY the client finishes its streams below it and hangs up.
+                    Some(_) => match tokio::time::timeout(LINGER, tcp.read_buf(&mut input)).await {
+                        Ok(read) => read?,
+                        Err(_) => return Ok(()),
+                    },
+                };
+                if read == 0 {
+                    return Ok(());
+                }
             }
             while input.len() >= 9 {
                 let length =
@@ -247,8 +295,11 @@ impl Connection {
     fn on_frame(&mut self, kind: u8, flags: u8, stream: u32, payload: BytesMut) {
         match kind {
             SETTINGS if flags & ACK == 0 => frame(&mut self.out, SETTINGS, ACK, 0, &[]),
-            PING if flags & ACK == 0 && !matches!(self.behaviour, Behaviour::IgnorePings) => {
-                frame(&mut self.out, PING, ACK, 0, &payload)
+            PING if flags & ACK == 0 => {
+                self.counts.pings.fetch_add(1, Ordering::Relaxed);
+                if !matches!(self.behaviour, Behaviour::IgnorePings) {
+                    frame(&mut self.out, PING, ACK, 0, &payload)
+                }
             }
             HEADERS => self.on_headers(flags, stream),
             DATA => {
@@ -266,7 +317,11 @@ impl Connection {
                 }
             }
             RST_STREAM => {
+                self.counts.resets.fetch_add(1, Ordering::Relaxed);
                 self.open.remove(&stream);
+                let before = self.delayed.len();
+                self.delayed.retain(|(_, id, _)| *id != stream);
+                self.counts.waiting.fetch_sub((before - self.delayed.len()) as u64, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -312,7 +367,31 @@ impl Connection {
                 return;
             }
         }
-        self.answer(stream, body);
+        match self.behaviour {
+            Behaviour::AnswerAfter(delay) | Behaviour::HeadThenStall(delay) => {
+                if let Behaviour::HeadThenStall(_) = self.behaviour {
+                    self.answer_head(stream);
+                }
+                self.counts.waiting.fetch_add(1, Ordering::Relaxed);
+                self.delayed.push((tokio::time::Instant::now() + delay, stream, body));
+            }
+            _ => self.answer(stream, body),
+        }
+    }
+
+    /// Sends the held-back answers that are due.
+    fn answer_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.delayed).into_iter().partition(|(at, _, _)| *at <= now);
+        self.delayed = later;
+        for (_, stream, body) in due {
+            self.counts.waiting.fetch_sub(1, Ordering::Relaxed);
+            match self.behaviour {
+                Behaviour::HeadThenStall(_) => self.answer_body(stream, body),
+                _ => self.answer(stream, body),
+            }
+        }
     }
 
     fn go_away(&mut self, last: u32) {
@@ -331,7 +410,31 @@ impl Connection {
 
     /// Answers as the echo service's unary and client-streaming methods do: one
     /// `EchoResponse` carrying the request messages' `message` fields, concatenated.
-    fn answer(&mut self, stream: u32, mut body: BytesMut) {
+    fn answer(&mut self, stream: u32, body: BytesMut) {
+        self.answer_head(stream);
+        self.answer_body(stream, body);
+    }
+
+    /// The response head: `:status: 200`, `content-type: application/grpc`.
+    fn answer_head(&mut self, stream: u32) {
+        // HPACK: `:status: 200` is static entry 8; `content-type` is static entry 31, sent as
+        // a literal without indexing (4-bit prefix: 15, then 16); `grpc-status` is a literal
+        // with a new name. No Huffman coding, no dynamic table.
+        let mut head = BytesMut::new();
+        head.put_u8(0x88);
+        head.put_slice(&[0x0f, 0x10, 16]);
+        head.put_slice(b"application/grpc");
+        if let Behaviour::HugeHeaders(size) = self.behaviour {
+            head.put_slice(&[0x00, 5]);
+            head.put_slice(b"x-big");
+            hpack_length(&mut head, size);
+            head.put_bytes(b'x', size);
+        }
+        frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);
+    }
+
+    /// The response message and trailers.
+    fn answer_body(&mut self, stream: u32, mut body: BytesMut) {
         let mut echoed = Vec::new();
         while body.len() >= 5 {
             let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
@@ -348,20 +451,6 @@ impl Connection {
         message.put_u8(0);
         message.put_u32(response.len() as u32);
         message.put_slice(&response);
-        // HPACK: `:status: 200` is static entry 8; `content-type` is static entry 31, sent as
-        // a literal without indexing (4-bit prefix: 15, then 16); `grpc-status` is a literal
-        // with a new name. No Huffman coding, no dynamic table.
-        let mut head = BytesMut::new();
-        head.put_u8(0x88);
-        head.put_slice(&[0x0f, 0x10, 16]);
-        head.put_slice(b"application/grpc");
-        if let Behaviour::HugeHeaders(size) = self.behaviour {
-            head.put_slice(&[0x00, 5]);
-            head.put_slice(b"x-big");
-            hpack_length(&mut head, size);
-            head.put_bytes(b'x', size);
-        }
-        frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);
         if matches!(self.behaviour, Behaviour::NoTrailers) {
             frame(&mut self.out, DATA, END_STREAM, stream, &message);
             self.last_answered = self.last_answered.max(stream);

@@ -27,6 +27,8 @@ pub struct Counters {
     pub calls: AtomicU64,
     /// Calls whose handler is running now.
     pub active: AtomicUsize,
+    /// Each unary call's `grpc-timeout` header as it arrived, and when it arrived.
+    pub timeouts: std::sync::Mutex<Vec<(std::time::Instant, String)>>,
 }
 
 /// The echo service; every method honours `delay_ms`.
@@ -65,6 +67,10 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + 
 impl Echo for EchoServer {
     async fn unary_echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
         let _active = ActiveGuard::new(&self.counters);
+        if let Some(timeout) = request.metadata().get("grpc-timeout").and_then(|t| t.to_str().ok()) {
+            let seen = (std::time::Instant::now(), timeout.to_owned());
+            self.counters.timeouts.lock().unwrap_or_else(|e| e.into_inner()).push(seen);
+        }
         let request = request.into_inner();
         delay(request.delay_ms).await;
         if self.unavailable.load(Ordering::Relaxed) {
@@ -247,6 +253,12 @@ impl TestServer {
     /// Calls that reached the handlers so far.
     pub fn calls(&self) -> u64 {
         self.counters.calls.load(Ordering::Relaxed)
+    }
+
+    /// Each unary call's `grpc-timeout` header as it arrived (calls without one are left
+    /// out), and when it arrived.
+    pub fn grpc_timeouts(&self) -> Vec<(std::time::Instant, String)> {
+        self.counters.timeouts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// While `on`, unary calls end with `UNAVAILABLE` (after their `delay_ms`).

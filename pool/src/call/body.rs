@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::task::AbortHandle;
 
+use super::deadline::Deadline;
 use crate::error::Error;
 use crate::member::Slot;
 
@@ -16,7 +17,8 @@ use crate::member::Slot;
 /// its connection for as long as it lasts. Dropping it early cancels the stream
 /// (`RST_STREAM CANCEL`) and frees the slot at once.
 pub struct ResponseBody {
-    recv: h2::RecvStream,
+    /// `None` once the deadline passed: dropping it reset the stream.
+    recv: Option<h2::RecvStream>,
     slot: Option<Slot>,
     /// The task still sending the request body (client and bidirectional streaming).
     pump: Option<AbortHandle>,
@@ -24,6 +26,8 @@ pub struct ResponseBody {
     /// A call through the pool (not a health check aimed at one endpoint or member): its
     /// errors say why they were not resent, as the response future's do.
     pool_call: bool,
+    /// The call's deadline, which bounds the response body too (streaming calls).
+    deadline: Option<Deadline>,
 }
 
 impl ResponseBody {
@@ -32,8 +36,9 @@ impl ResponseBody {
         slot: Slot,
         pump: Option<AbortHandle>,
         pool_call: bool,
+        deadline: Option<Deadline>,
     ) -> ResponseBody {
-        ResponseBody { recv, slot: Some(slot), pump, data_done: false, pool_call }
+        ResponseBody { recv: Some(recv), slot: Some(slot), pump, data_done: false, pool_call, deadline }
     }
 
     fn endpoint(&self) -> &str {
@@ -46,6 +51,20 @@ impl ResponseBody {
             pump.abort();
         }
         self.slot = None;
+    }
+
+    /// The deadline passed while the response was still coming: the stream is reset
+    /// (`CANCEL`, by dropping its last handles) and the slot freed now, not when the caller
+    /// gets round to dropping the body.
+    fn expire(&mut self) -> Error {
+        let timeout = self.deadline.as_ref().map(|d| d.timeout).unwrap_or_default();
+        let error = Error::deadline_exceeded(
+            timeout,
+            &format!("while receiving the response from {}", self.endpoint()),
+        );
+        self.recv = None;
+        self.finish();
+        error
     }
 
     fn fail(&mut self, err: h2::Error) -> Error {
@@ -71,19 +90,41 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
+        let polled = this.poll_stream(cx);
+        if polled.is_pending() && this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
+            return Poll::Ready(Some(Err(this.expire())));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.as_ref().is_none_or(|recv| recv.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl ResponseBody {
+    fn poll_stream(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = self;
+        let Some(recv) = this.recv.as_mut() else {
+            return Poll::Ready(None);
+        };
         if !this.data_done {
-            match this.recv.poll_data(cx) {
+            match recv.poll_data(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(data))) => {
                     // The caller has the bytes: let the server send more.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    let _ = recv.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(this.fail(err)))),
                 Poll::Ready(None) => this.data_done = true,
             }
         }
-        match this.recv.poll_trailers(cx) {
+        match recv.poll_trailers(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(Some(trailers))) => {
                 if let Some(slot) = &this.slot {
@@ -101,14 +142,6 @@ impl Body for ResponseBody {
             }
             Poll::Ready(Err(err)) => Poll::Ready(Some(Err(this.fail(err)))),
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
 

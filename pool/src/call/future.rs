@@ -11,6 +11,8 @@ use http::{Method, Request, Uri, Version};
 use http_body::Body;
 
 use super::body::ResponseBody;
+use super::deadline::{self, Deadline, GRPC_TIMEOUT};
+use super::options::WaitForReady;
 use crate::api::RetryReason;
 use crate::call::replay::{CallBody, Recording, UnsentBody};
 use crate::error::{Error, ErrorKind};
@@ -33,6 +35,10 @@ pub struct ResponseFuture<B> {
     state: State<B>,
     /// Attempts made so far, the current one included once it has started.
     attempts: u32,
+    /// When the call must be over, if it has a deadline; handed to the response body.
+    deadline: Option<Deadline>,
+    /// Wait for an endpoint to come back rather than fail fast (gRPC's `wait_for_ready`).
+    wait_for_ready: bool,
 }
 
 /// Where a call may go.
@@ -108,20 +114,71 @@ where
     }
 
     pub(crate) fn to(pool: Arc<PoolInner>, target: Target, request: Request<B>) -> ResponseFuture<B> {
+        // The call's own deadline, and for calls through the pool the pool's default: the
+        // shorter one holds. Calls aimed at one endpoint or member (health checks, probes)
+        // bound themselves.
+        let own = request.headers().get(&GRPC_TIMEOUT).and_then(deadline::parse);
+        let pool_default = pool.config.timeout.filter(|_| matches!(target, Target::Pool));
+        let timeout = match (own, pool_default) {
+            (Some(own), Some(default)) => Some(own.min(default)),
+            (own, default) => own.or(default),
+        };
+        let wait_for_ready =
+            request.extensions().get::<WaitForReady>().map_or(pool.config.wait_for_ready, |w| w.0);
         ResponseFuture {
             pool,
             target,
             avoid: None,
             state: State::Checkout { request: Some(request.map(CallBody::original)), waiting: None },
             attempts: 0,
+            deadline: timeout.map(Deadline::after),
+            wait_for_ready,
         }
+    }
+
+    /// The error of a call whose deadline passed, saying where the call was; ends the call
+    /// (its slot freed, its stream, if open, reset with `CANCEL`).
+    fn expire(&mut self) -> Error {
+        let timeout = self.deadline.as_ref().map(|d| d.timeout).unwrap_or_default();
+        let situation = match &self.state {
+            State::Checkout { waiting: Some(_), .. } | State::Checkout { waiting: None, .. } => {
+                format!(
+                    "waiting for a stream slot in pool `{}`: {}",
+                    self.pool.name(),
+                    self.pool.busy_summary()
+                )
+            }
+            State::Verifying { slot, .. } => format!(
+                "while PINGing the connection to {} before use",
+                slot.as_ref().map(|s| s.member().endpoint.label.as_str()).unwrap_or("the endpoint")
+            ),
+            State::Sending { slot, .. } => format!(
+                "waiting for the response head from {}",
+                slot.as_ref().map(|s| s.member().endpoint.label.as_str()).unwrap_or("the endpoint")
+            ),
+            State::Done => "after the call ended".to_owned(),
+        };
+        self.state = State::Done;
+        Error::deadline_exceeded(timeout, &situation)
     }
 
     /// Opens the stream on the slot's member and starts sending the body.
     fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Result<Started<B>, Error> {
         let member = slot.member().clone();
         let endpoint = &member.endpoint.endpoint;
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        if let Some(deadline) = &self.deadline {
+            // The server is told the time left now, after any wait or earlier attempt, as
+            // grpc-go does; none left, and the call does not go out at all.
+            let left = deadline.remaining();
+            if left.is_zero() {
+                return Err(Error::deadline_exceeded(
+                    deadline.timeout,
+                    &format!("before the call could be sent to {}", member.endpoint.label),
+                ));
+            }
+            parts.headers.insert(GRPC_TIMEOUT.clone(), deadline::encode(left));
+        }
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         // Put together from parts already checked (the endpoint's at build, the path by the
         // caller's `Uri`): cheaper than the builder, which checks each of them again.
@@ -278,10 +335,12 @@ fn needs_check(
     }
     let (pool, member) = (pool.clone(), member.clone());
     Some(Box::pin(async move {
-        if !member.start_probe() {
-            member.probe_finished().await;
+        let Some(probe) = member.start_probe() else {
+            // Another call is PINGing it: its answer serves this call too. That PING is
+            // bounded by the same timeout, so waiting longer would only wait for nothing.
+            let _ = tokio::time::timeout(timeout, member.probe_finished()).await;
             return member.state() == crate::member::MemberState::Ready;
-        }
+        };
         let alive = match tokio::time::timeout(timeout, member.pinger.ping()).await {
             Ok(Ok(_)) => true,
             // A keepalive PING is out already; its own timeout decides.
@@ -295,7 +354,7 @@ fn needs_check(
                 &format!("no PONG within {timeout:?} when PINGed before use"),
             );
         }
-        member.end_probe();
+        drop(probe);
         alive
     }))
 }
@@ -349,6 +408,23 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        let result = this.poll_call(cx);
+        if result.is_pending() && this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
+            return Poll::Ready(Err(this.expire()));
+        }
+        result
+    }
+}
+
+impl<B> ResponseFuture<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Moves the call along its states: checkout, PING before use, sending; resends a call
+    /// the server never processed.
+    fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Result<http::Response<ResponseBody>, Error>> {
+        let this = self;
         loop {
             match &mut this.state {
                 State::Checkout { request, waiting } => {
@@ -367,7 +443,11 @@ where
                         None => match slot_now(&this.pool, &this.target, this.avoid.as_ref()) {
                             Ok(Some(slot)) => slot,
                             Ok(None) => {
-                                *waiting = Some(Box::pin(this.pool.clone().checkout_wait()));
+                                let wait = crate::inner::CheckoutWait {
+                                    wait_for_ready: this.wait_for_ready,
+                                    has_deadline: this.deadline.is_some(),
+                                };
+                                *waiting = Some(Box::pin(this.pool.clone().checkout_wait(wait)));
                                 continue;
                             }
                             Err(error) => {
@@ -488,8 +568,9 @@ where
                                 Err(error) => return Poll::Ready(Err(error)),
                             };
                             let pool_call = matches!(this.target, Target::Pool);
+                            let deadline = this.deadline.take();
                             return Poll::Ready(Ok(
-                                response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call))
+                                response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline))
                             ));
                         }
                         Err(err) => {

@@ -5,10 +5,13 @@
 //! channel hop to a worker), and resolves to an `http::Response<`[`ResponseBody`]`>`.
 mod body;
 mod channel;
+pub(crate) mod deadline;
 mod future;
+mod options;
 pub(crate) mod replay;
 mod service;
 
 pub use body::ResponseBody;
 pub use channel::{EndpointChannel, MemberChannel};
 pub use future::ResponseFuture;
+pub use options::WaitForReady;

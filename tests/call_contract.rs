@@ -1,0 +1,254 @@
+//! The contract a caller relies on when it swaps tonic's `Channel` for the pool, as gRPC
+//! defines it: a call never outlives its deadline, fails fast with the true cause when nothing
+//! can serve it (or waits, when asked to), and the pool reconnects as gRPC's backoff says.
+//! Real servers on 127.0.0.1: tonic, and the frame-level test server for answers that come
+//! late whatever the call's `grpc-timeout` says.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use grpc_pool::{ErrorKind, Pool};
+use grpc_pool_testkit::echo::echo_client::EchoClient;
+use grpc_pool_testkit::echo::EchoRequest;
+use grpc_pool_testkit::{wait_until, Behaviour, FrameServer, ServerOptions, TestServer};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn client(pool: &Pool) -> EchoClient<Pool> {
+    EchoClient::new(pool.clone())
+}
+
+/// An echo request whose server-side delay is `delay_ms`, with a deadline of `timeout`.
+fn with_deadline(delay_ms: u32, timeout: Duration) -> tonic::Request<EchoRequest> {
+    let mut request =
+        tonic::Request::new(EchoRequest { message: Bytes::from_static(b"hi"), repeat: 0, delay_ms });
+    request.set_timeout(timeout);
+    request
+}
+
+/// A `grpc-timeout` value as the server saw it.
+fn parse_grpc_timeout(text: &str) -> Duration {
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let n: u64 = digits.parse().expect("digits");
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        other => panic!("unit {other} in grpc-timeout {text}"),
+    }
+}
+
+/// The server answers after 2 s whatever the deadline: a call given 200 ms must end at its
+/// deadline, not when the server gets round to it.
+const SLOW: Duration = Duration::from_secs(2);
+const DEADLINE: Duration = Duration::from_millis(200);
+
+#[tokio::test]
+async fn a_call_past_its_deadline_fails_with_deadline_exceeded_and_is_cancelled_at_once() {
+    let server = FrameServer::start(Behaviour::AnswerAfter(SLOW)).await;
+    let pool = Pool::builder().name("deadlines").build([server.uri()]).await.unwrap();
+    let mut client = client(&pool);
+    for call in 1..=5u64 {
+        let started = Instant::now();
+        let status = client.unary_echo(with_deadline(0, DEADLINE)).await.unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(took >= DEADLINE, "ended after {took:?}, before its deadline");
+        // The server answers at 2 s: ending before that is the client's doing.
+        assert!(took < SLOW, "ended after {took:?}: the deadline was not enforced");
+        for part in ["deadline of 200ms exceeded", "waiting for the response head from", &server.uri()] {
+            assert!(status.message().contains(part), "`{part}` missing from: {}", status.message());
+        }
+        // Its slot is free the moment the call returns.
+        assert_eq!(pool.state().in_flight(), 0);
+        // The stream was reset, so the server stopped waiting to answer it.
+        wait_until(WAIT, "the server saw the call cancelled", || {
+            server.resets() == call && server.waiting() == 0
+        })
+        .await;
+    }
+    let state = pool.state();
+    assert_eq!(state.statistics.retries, 0, "a call past its deadline is never sent again");
+    assert_eq!(server.answered(), 0);
+}
+
+#[tokio::test]
+async fn a_response_stream_that_stalls_fails_at_the_deadline() {
+    let server = FrameServer::start(Behaviour::HeadThenStall(SLOW)).await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    let started = Instant::now();
+    // The head comes at once, so the call itself succeeds; its stream then stalls.
+    let mut stream =
+        client(&pool).server_streaming_echo(with_deadline(0, DEADLINE)).await.unwrap().into_inner();
+    let status = stream.message().await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(took >= DEADLINE && took < SLOW, "ended after {took:?}");
+    assert!(status.message().contains("while receiving the response from"), "{}", status.message());
+    assert_eq!(
+        pool.state().in_flight(),
+        0,
+        "the slot is freed with the error, not when the stream is dropped"
+    );
+    wait_until(WAIT, "the server saw the stream cancelled", || server.resets() == 1).await;
+    drop(stream);
+}
+
+#[tokio::test]
+async fn a_call_waiting_for_a_slot_fails_at_its_deadline_and_leaves_the_queue() {
+    let server = FrameServer::start(Behaviour::AnswerAfter(SLOW)).await;
+    let pool = Pool::builder()
+        .max_connections(1)
+        .max_concurrent_streams(1)
+        .checkout_timeout(Duration::from_secs(30))
+        .build([server.uri()])
+        .await
+        .unwrap();
+    let mut busy = client(&pool);
+    let holder =
+        tokio::spawn(async move { busy.unary_echo(with_deadline(0, Duration::from_secs(30))).await });
+    wait_until(WAIT, "the only slot is taken", || pool.state().in_flight() == 1).await;
+
+    let started = Instant::now();
+    let status = client(&pool).unary_echo(with_deadline(0, DEADLINE)).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(took >= DEADLINE && took < SLOW, "ended after {took:?}");
+    assert!(status.message().contains("waiting for a stream slot"), "{}", status.message());
+    let state = pool.state();
+    assert_eq!(state.waiters, 0);
+    assert_eq!(state.in_flight(), 1, "only the call holding the slot is in flight");
+    assert_eq!(server.waiting(), 1, "the queued call never reached the server");
+    holder.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_server_is_sent_the_time_left_when_the_call_goes_out() {
+    let server =
+        TestServer::start_with(ServerOptions { max_concurrent_streams: Some(1), ..Default::default() }).await;
+    let pool = Pool::builder().max_connections(1).build([server.uri()]).await.unwrap();
+    let mut first = client(&pool);
+    let holder =
+        tokio::spawn(async move { first.unary_echo(with_deadline(1_000, Duration::from_secs(30))).await });
+    wait_until(WAIT, "the first call holds the only stream", || server.active() == 1).await;
+
+    let timeout = Duration::from_secs(10);
+    let started = Instant::now();
+    client(&pool).unary_echo(with_deadline(0, timeout)).await.unwrap();
+    let deadline = started + timeout;
+    holder.await.unwrap().unwrap();
+
+    let seen = server.grpc_timeouts();
+    assert_eq!(seen.len(), 2);
+    let (arrived, value) = &seen[1];
+    let waited = arrived.duration_since(started);
+    assert!(waited >= Duration::from_millis(500), "the call went out after {waited:?}, without waiting");
+    // What the server was told ends where the client's deadline does, give or take the trip
+    // over loopback; the full 10 s would end `waited` later.
+    let told = parse_grpc_timeout(value);
+    let server_deadline = *arrived + told;
+    let off =
+        if server_deadline > deadline { server_deadline - deadline } else { deadline - server_deadline };
+    assert!(off < waited / 2, "told {value} after a wait of {waited:?}: off by {off:?}");
+    assert!(told < timeout, "told {value}");
+}
+
+#[tokio::test]
+async fn the_pool_timeout_bounds_calls_without_a_deadline_of_their_own() {
+    let server = FrameServer::start(Behaviour::AnswerAfter(SLOW)).await;
+    let pool = Pool::builder().timeout(Some(DEADLINE)).build([server.uri()]).await.unwrap();
+    let started = Instant::now();
+    let request = EchoRequest { message: Bytes::from_static(b"x"), repeat: 0, delay_ms: 0 };
+    let status = client(&pool).unary_echo(request).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(took >= DEADLINE && took < SLOW, "ended after {took:?}");
+    // A call's own shorter deadline still holds under a longer pool timeout.
+    let pool = Pool::builder().timeout(Some(Duration::from_secs(30))).build([server.uri()]).await.unwrap();
+    let started = Instant::now();
+    let status = client(&pool).unary_echo(with_deadline(0, DEADLINE)).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < SLOW);
+}
+
+#[test]
+fn a_pool_timeout_of_zero_is_rejected_at_build() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let error = runtime.block_on(async {
+        Pool::builder().timeout(Some(Duration::ZERO)).build_lazy(["http://127.0.0.1:1"]).unwrap_err()
+    });
+    assert_eq!(error.kind(), ErrorKind::Config);
+    assert!(error.to_string().contains("`timeout` = 0ns; allowed: above zero, up to 30 days"), "{error}");
+}
+
+/// PINGs are cancel-safe: h2 keeps one user PING per connection, and a PING whose waiter
+/// went away must not block every later one.
+#[tokio::test]
+async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() {
+    let server = FrameServer::start(Behaviour::AnswerAfter(Duration::ZERO)).await;
+    let quiet = Duration::from_millis(50);
+    let pool = Pool::builder()
+        .max_connections(1)
+        .ping_before_use(quiet)
+        .no_keepalive()
+        .build([server.uri()])
+        .await
+        .unwrap();
+    let member = pool.state().endpoints[0].members[0].id;
+    wait_until(WAIT, "the member has been quiet long enough to be PINGed before use", || {
+        pool.state().endpoints[0].members[0].idle >= 2 * quiet
+    })
+    .await;
+    // Cancelled at its first wait: the PING has gone out, its PONG not yet come back.
+    let cancelled =
+        tokio::time::timeout(Duration::from_nanos(1), client(&pool).unary_echo(with_deadline(0, WAIT))).await;
+    assert!(cancelled.is_err(), "the call should have been cancelled while PINGing");
+    wait_until(WAIT, "the PING before use reached the server", || server.pings() == 1).await;
+
+    let mut client = client(&pool);
+    for _ in 0..100 {
+        let call = tokio::time::timeout(WAIT, client.unary_echo(with_deadline(0, WAIT)));
+        call.await.expect("a call waited for a PING nobody will finish").unwrap();
+    }
+    let state = pool.state();
+    assert_eq!(state.endpoints[0].members.len(), 1);
+    assert_eq!(state.endpoints[0].members[0].id, member, "the member was replaced");
+    assert_eq!(server.answered(), 100);
+}
+
+#[tokio::test]
+async fn a_ping_whose_caller_gave_up_does_not_stop_later_keepalive_pings() {
+    let server = FrameServer::start(Behaviour::AnswerAfter(Duration::ZERO)).await;
+    let keepalive = grpc_pool::Keepalive::new(Duration::from_millis(100), Duration::from_secs(5));
+    let pool = Pool::builder().keepalive(keepalive).build([server.uri()]).await.unwrap();
+    let members = pool.core().monitor().members();
+    let member = members.first().expect("a member");
+    // Given up at its first wait, with the PING out: h2 still counts it as pending. (A
+    // keepalive PING in flight at that moment makes it fail as busy instead: try again.)
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match tokio::time::timeout(Duration::from_nanos(1), member.ping(Duration::from_secs(5))).await {
+            Err(_) => break,
+            Ok(result) => {
+                assert!(attempts < 100, "never abandoned a PING: {result:?}");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    wait_until(WAIT, "the abandoned PING reached the server", || server.pings() >= 1).await;
+    let after_abandoned = server.pings();
+    // Keepalive PINGs on the same connection still go out and come back.
+    wait_until(WAIT, "three more keepalive PINGs reached the server", || {
+        server.pings() >= after_abandoned + 3
+    })
+    .await;
+    let rtt = member.ping(Duration::from_secs(5)).await.expect("a PING after an abandoned one is answered");
+    assert!(rtt < Duration::from_secs(5));
+    assert_eq!(member.state(), grpc_pool::MemberState::Ready);
+    assert_eq!(pool.state().statistics.closed(grpc_pool::EvictionReason::PingTimeout), 0);
+}
