@@ -52,6 +52,11 @@ pub struct PoolConfig {
     /// Longest a connect may take.
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
+    /// The deadline of calls without one of their own; `"off"` by default.
+    #[serde(deserialize_with = "optional_duration")]
+    pub timeout: Option<Duration>,
+    /// Whether calls wait for an endpoint to come back instead of failing fast.
+    pub wait_for_ready: bool,
     /// Attempts per call for calls the server never processed.
     pub max_attempts: u32,
     /// Request-body bytes kept per call for a resend.
@@ -328,6 +333,8 @@ impl Default for PoolConfig {
             max_concurrent_connects: 8,
             checkout_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            timeout: None,
+            wait_for_ready: false,
             max_attempts: 3,
             replay_buffer_limit: 256 * 1024,
             when_all_unhealthy: WhenAllUnhealthy::FailFast,
@@ -357,6 +364,8 @@ impl PoolConfig {
             .max_concurrent_connects(self.max_concurrent_connects)
             .checkout_timeout(self.checkout_timeout)
             .connect_timeout(self.connect_timeout)
+            .timeout(self.timeout)
+            .wait_for_ready(self.wait_for_ready)
             .max_attempts(self.max_attempts)
             .replay_buffer_limit(self.replay_buffer_limit)
             .metrics_interval(self.metrics_interval)

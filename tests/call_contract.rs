@@ -252,3 +252,266 @@ async fn a_ping_whose_caller_gave_up_does_not_stop_later_keepalive_pings() {
     assert_eq!(member.state(), grpc_pool::MemberState::Ready);
     assert_eq!(pool.state().statistics.closed(grpc_pool::EvictionReason::PingTimeout), 0);
 }
+
+/// A server on a fixed port that can go down and come back. While down, the port accepts
+/// TCP connections and closes each 50 ms later without a word of HTTP/2 (so every connect
+/// fails, and the listener sees each attempt and how many overlap).
+struct Outage {
+    port: u16,
+    server: Option<TestServer>,
+    refuser: Option<tokio::task::JoinHandle<()>>,
+    attempts: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most_held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Outage {
+    async fn start() -> Outage {
+        let server = TestServer::start().await;
+        Outage {
+            port: server.addr().port(),
+            server: Some(server),
+            refuser: None,
+            attempts: Default::default(),
+            held: Default::default(),
+            most_held: Default::default(),
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn down(&mut self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let (attempts, held, most_held) = (self.attempts.clone(), self.held.clone(), self.most_held.clone());
+        self.refuser = Some(tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else { return };
+                attempts.lock().unwrap().push(Instant::now());
+                most_held.fetch_max(held.fetch_add(1, SeqCst) + 1, SeqCst);
+                let held = held.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    held.fetch_sub(1, SeqCst);
+                    drop(socket);
+                });
+            }
+        }));
+    }
+
+    async fn up(&mut self) {
+        if let Some(refuser) = self.refuser.take() {
+            refuser.abort();
+            let _ = refuser.await;
+        }
+        let options = ServerOptions { port: Some(self.port), ..Default::default() };
+        self.server = Some(TestServer::start_with(options).await);
+    }
+
+    fn attempts(&self) -> Vec<Instant> {
+        self.attempts.lock().unwrap().clone()
+    }
+}
+
+/// How each of `callers` callers' calls went while `run` ran: (when it started, how long
+/// it took, its status if it failed).
+type Outcomes = Vec<(Instant, Duration, Option<tonic::Status>)>;
+
+fn start_callers(
+    pool: &Pool,
+    callers: usize,
+    timeout: Duration,
+    wait_for_ready: bool,
+) -> (tokio::sync::watch::Sender<bool>, Vec<tokio::task::JoinHandle<Outcomes>>) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tasks = (0..callers)
+        .map(|_| {
+            let mut client = client(pool);
+            let stopped = stopped.clone();
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !*stopped.borrow() {
+                    let mut request = with_deadline(0, timeout);
+                    request.extensions_mut().insert(grpc_pool::WaitForReady(wait_for_ready));
+                    let started = Instant::now();
+                    let result = client.unary_echo(request).await;
+                    outcomes.push((started, started.elapsed(), result.err()));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                outcomes
+            })
+        })
+        .collect();
+    (stop, tasks)
+}
+
+const OUTAGE_BACKOFF: grpc_pool::BackoffConfig = grpc_pool::BackoffConfig {
+    base: Duration::from_millis(200),
+    multiplier: 1.6,
+    jitter: 0.2,
+    max: Duration::from_secs(30),
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_fails_calls_fast_with_the_cause_and_one_connect_at_a_time_backs_off() {
+    let mut outage = Outage::start().await;
+    let pool = Pool::builder().name("outage").backoff(OUTAGE_BACKOFF).build([outage.uri()]).await.unwrap();
+    let deadline = Duration::from_secs(5);
+    let (stop, callers) = start_callers(&pool, 8, deadline, false);
+    wait_until(WAIT, "calls are flowing", || pool.state().statistics.checkouts_direct > 50).await;
+
+    outage.down().await;
+    let down_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await; // the outage itself
+    outage.up().await;
+    let up_at = Instant::now();
+    let mut first_success_after_up = None;
+    wait_until(WAIT, "the endpoint takes calls again", || {
+        let ok = pool.state().endpoints[0].members.iter().any(|m| m.state == grpc_pool::MemberState::Ready);
+        if ok && first_success_after_up.is_none() {
+            first_success_after_up = Some(up_at.elapsed());
+        }
+        ok
+    })
+    .await;
+    let reconnected_after = first_success_after_up.unwrap();
+    // Let the callers see it serve again, then stop them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(true).unwrap();
+    let mut outcomes = Vec::new();
+    for caller in callers {
+        outcomes.extend(caller.await.unwrap());
+    }
+
+    // Calls during the outage failed fast, with the cause; none waited for its deadline.
+    let failed: Vec<_> = outcomes.iter().filter(|(_, _, status)| status.is_some()).collect();
+    assert!(failed.len() >= 8, "only {} calls failed during a 3 s outage", failed.len());
+    for (_, took, status) in &failed {
+        let status = status.as_ref().unwrap();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(*took < deadline / 5, "a call failed after {took:?}, close to its deadline of {deadline:?}");
+    }
+    let fast = failed.iter().filter(|(_, took, _)| *took < Duration::from_millis(100)).count();
+    assert!(fast * 10 >= failed.len() * 9, "{fast} of {} failures came within 100 ms", failed.len());
+    let causes = failed
+        .iter()
+        .filter(|(_, _, s)| s.as_ref().unwrap().message().contains("last connect error"))
+        .count();
+    assert!(causes * 10 >= failed.len() * 9, "{causes} of {} failures named the connect error", failed.len());
+
+    // One connect at a time, backing off by the multiplier a round.
+    let attempts = outage.attempts();
+    assert_eq!(outage.most_held.load(std::sync::atomic::Ordering::SeqCst), 1, "connects overlapped");
+    assert!(attempts.len() >= 4, "{} connect attempts in a 3 s outage with a 200 ms backoff", attempts.len());
+    for (round, pair) in attempts.windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        let least = OUTAGE_BACKOFF.base.mul_f64(0.8 * 1.6f64.powi(round as i32));
+        assert!(
+            gap >= least,
+            "attempt {} came {gap:?} after the one before; backoff allows no less than {least:?}",
+            round + 2
+        );
+    }
+    // The backoff in force when the server came back bounds how long the pool took.
+    let rounds = attempts.len() as i32;
+    let in_force = OUTAGE_BACKOFF.base.mul_f64(1.6f64.powi(rounds - 1) * 1.2 * 1.1);
+    assert!(
+        reconnected_after <= in_force + Duration::from_secs(1),
+        "reconnected {reconnected_after:?} after the server came back; backoff in force at most {in_force:?}"
+    );
+    assert!(down_at.elapsed() > Duration::from_secs(3));
+
+    // Only the connections the load needs: eight callers fit on one.
+    wait_until(WAIT, "no connect is under way", || pool.state().endpoints[0].connecting == 0).await;
+    assert_eq!(pool.state().endpoints[0].members.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_ready_calls_ride_out_an_outage_shorter_than_their_deadline() {
+    let mut outage = Outage::start().await;
+    let pool = Pool::builder().backoff(OUTAGE_BACKOFF).build([outage.uri()]).await.unwrap();
+    let (stop, callers) = start_callers(&pool, 8, Duration::from_secs(20), true);
+    wait_until(WAIT, "calls are flowing", || pool.state().statistics.checkouts_direct > 50).await;
+    outage.down().await;
+    wait_until(WAIT, "calls are queued behind the outage", || pool.state().waiters == 8).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // the outage itself
+    outage.up().await;
+    wait_until(WAIT, "the queued calls are served", || pool.state().waiters == 0).await;
+    stop.send(true).unwrap();
+    for caller in callers {
+        for (_, took, status) in caller.await.unwrap() {
+            assert!(status.is_none(), "a wait_for_ready call failed after {took:?}: {status:?}");
+        }
+    }
+    assert_eq!(outage.most_held.load(std::sync::atomic::Ordering::SeqCst), 1, "connects overlapped");
+}
+
+#[tokio::test]
+async fn calls_queued_behind_a_dead_host_are_released_once_health_checks_mark_it_down() {
+    let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
+    // A host that takes TCP connections and never says a word: connects cannot finish.
+    let relay = grpc_pool_testkit::Relay::start(server.addr()).await;
+    relay.freeze_new_connections(true);
+    let checks = grpc_pool::HealthCheck {
+        service: "echo.Echo".into(),
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(100),
+        unhealthy_threshold: 2,
+        mode: grpc_pool::CheckMode::Poll,
+        ..Default::default()
+    };
+    let checkout_timeout = Duration::from_secs(20);
+    let pool = Pool::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .checkout_timeout(checkout_timeout)
+        .health_checks(checks)
+        .build_lazy([relay.uri()])
+        .unwrap();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let mut client = client(&pool);
+            tokio::spawn(async move { client.unary_echo(with_deadline(0, Duration::from_secs(60))).await })
+        })
+        .collect();
+    for call in calls {
+        let status = call.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("unhealthy"), "{}", status.message());
+    }
+    let took = started.elapsed();
+    // Released when the endpoint was marked down (two failed checks 100 ms apart), not at
+    // checkout_timeout.
+    assert!(took < checkout_timeout / 2, "the queued calls were released after {took:?}");
+    assert!(!pool.state().endpoints[0].healthy);
+}
+
+#[tokio::test]
+async fn a_connection_closed_gracefully_while_young_costs_the_next_call_no_backoff() {
+    // Every connection is closed (GOAWAY NO_ERROR) at 500 ms of age, before it carried a
+    // call: the pool replaces it at once, so a call never waits out a reconnect backoff.
+    let server = TestServer::start_with(ServerOptions {
+        max_connection_age: Some(Duration::from_millis(500)),
+        ..Default::default()
+    })
+    .await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    let mut client = client(&pool);
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(700)).await; // quiet past a connection's age
+        let started = Instant::now();
+        client.unary_echo(with_deadline(0, WAIT)).await.unwrap();
+        slowest = slowest.max(started.elapsed());
+    }
+    // A backoff after a "failed" connect would be 0.8-1.2 s.
+    assert!(slowest < Duration::from_millis(500), "a call waited {slowest:?}");
+    let state = pool.state();
+    assert_eq!(state.endpoints[0].consecutive_failures, 0);
+    assert!(state.statistics.closed(grpc_pool::EvictionReason::GoAway) >= 5);
+}

@@ -335,9 +335,12 @@ async fn min_connections_are_kept_warm_without_calls() {
 async fn connects_retry_with_backoff_until_the_server_comes_up() {
     let uri = unused_uri();
     let port: u16 = uri.rsplit(':').next().unwrap().parse().unwrap();
+    // wait_for_ready: the call below waits for the server to come up, instead of failing
+    // fast while the endpoint is unreachable.
     let pool = Pool::builder()
         .backoff(fast_backoff())
         .checkout_timeout(Duration::from_secs(20))
+        .wait_for_ready(true)
         .build_lazy([&uri])
         .unwrap();
     wait_until(WAIT, "connects have failed a few times", || {

@@ -445,7 +445,8 @@ impl Builder {
             for _ in 0..per_endpoint {
                 let (inner, entry) = (inner.clone(), entry.clone());
                 attempts.spawn(async move {
-                    let result = inner.open_member(&entry).await;
+                    let round = entry.lock().failure_round;
+                    let result = inner.open_member(&entry, round).await;
                     if let Ok(member) = &result {
                         inner.add_member(&entry, member.clone());
                     }

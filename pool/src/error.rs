@@ -38,6 +38,9 @@ pub enum ErrorKind {
     Ping,
     /// The call's deadline passed (its `grpc-timeout`, or the pool's `timeout`).
     DeadlineExceeded,
+    /// No endpoint could take the call (all unreachable, unhealthy, ejected or removed), and
+    /// the call failed fast instead of waiting for one (`wait_for_ready` off).
+    Unavailable,
 }
 
 /// An error from the pool: configuration, connecting, checkout, or a call on a connection.
@@ -161,13 +164,33 @@ impl Error {
         )
     }
 
-    pub(crate) fn checkout_timeout(pool: &str, waited: Duration, detail: &str) -> Error {
+    /// No slot within `checkout_timeout`: the pool is saturated (every member busy), or, for
+    /// a `wait_for_ready` call without a deadline, every endpoint stayed down (`outage`).
+    pub(crate) fn checkout_timeout(pool: &str, waited: Duration, detail: &str, outage: bool) -> Error {
+        let advice = if outage {
+            "Every endpoint is down: check the servers and the network; give the call a deadline \
+             to wait longer"
+        } else {
+            "Raise max_connections or checkout_timeout, or lower the load"
+        };
         Error::new(
             ErrorKind::CheckoutTimeout,
             Code::Unavailable,
+            format!("pool `{pool}`: no stream slot within checkout_timeout ({waited:?}); {detail}. {advice}"),
+            None,
+        )
+    }
+
+    /// No endpoint can take a call now (every one is unreachable, unhealthy, ejected or
+    /// removed) and the call fails fast rather than wait for one, as gRPC calls do unless
+    /// they are `wait_for_ready`.
+    pub(crate) fn outage(pool: &str, detail: &str) -> Error {
+        Error::new(
+            ErrorKind::Unavailable,
+            Code::Unavailable,
             format!(
-                "pool `{pool}`: no stream slot within checkout_timeout ({waited:?}); {detail}. \
-                 Raise max_connections or checkout_timeout, or lower the load"
+                "pool `{pool}`: no endpoint can take the call ({detail}); failing fast. Calls that \
+                 should wait for an endpoint to come back can set wait_for_ready"
             ),
             None,
         )

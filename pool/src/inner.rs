@@ -16,7 +16,7 @@ use crate::backoff;
 use crate::config::{AllUnhealthy, Config};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
-use crate::internals::{EndpointEntry, EndpointShared, WaitQueue};
+use crate::internals::{EndpointEntry, EndpointInternals, EndpointShared, WaitQueue};
 use crate::member::{EvictionReason, Member, MemberState, Slot};
 use crate::metrics as names;
 use crate::monitor::{MemberHandle, PoolEvent};
@@ -98,15 +98,26 @@ impl Drop for LiveGuard {
     }
 }
 
-/// Counts a connect task out of its endpoint's `connecting` when the task ends.
-struct ConnectingGuard(Arc<EndpointEntry>);
+/// Counts a connect task out of its endpoint's `connecting` when the task ends, and gives up
+/// the retrier's role if it had it.
+struct ConnectingGuard {
+    entry: Arc<EndpointEntry>,
+    retrier: bool,
+}
 
 impl Drop for ConnectingGuard {
     fn drop(&mut self) {
-        let mut locked = self.0.lock();
+        let mut locked = self.entry.lock();
         locked.connecting = locked.connecting.saturating_sub(1);
+        if self.retrier {
+            locked.retrier = false;
+        }
     }
 }
+
+/// How long a connect task waiting out its backoff sleeps between looks at whether it is
+/// still wanted, so that a retry nobody needs any more is dropped rather than made.
+const BACKOFF_RECHECK: Duration = Duration::from_millis(250);
 
 /// Aborts a spawned task when dropped, unless disarmed.
 struct AbortOnDrop(Option<tokio::task::AbortHandle>);
@@ -326,6 +337,7 @@ impl PoolInner {
         metrics::counter!(names::EJECTIONS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).increment(1);
         metrics::gauge!(names::ENDPOINT_EJECTED, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).set(1.0);
         tracing::warn!(pool = %self.name(), endpoint = %entry.label(), failures, ejected_for = ?duration, "endpoint ejected: its calls failed {failures} times in a row; no new streams go there until the ejection ends");
+        self.release_hopeless_waiters();
         let (pool, entry) = (Arc::downgrade(self), Arc::downgrade(entry));
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -390,6 +402,7 @@ impl PoolInner {
             self.update_routing(&membership);
         }
         self.serve_waiters_everywhere();
+        self.release_hopeless_waiters();
         if healthy {
             tracing::info!(pool = %self.name(), endpoint = %entry.label(), "endpoint healthy again; it takes new streams");
         } else {
@@ -456,7 +469,7 @@ impl PoolInner {
             return Err(Error::all_unhealthy(self.name(), &self.unhealthy_summary()));
         }
         let started = Instant::now();
-        let mut waiting = self.waiters.enqueue();
+        let mut waiting = self.waiters.enqueue(wait.wait_for_ready);
         // A slot freed, or a close, between our fast path and joining the queue was not
         // handed to us: look again.
         if self.is_closed() {
@@ -465,6 +478,12 @@ impl PoolInner {
         }
         let result = match self.try_checkout() {
             Some(slot) => Ok(slot),
+            None if !wait.wait_for_ready && self.all_in_transient_failure() => {
+                // Nothing can serve the call now, and it asked not to wait (gRPC's default).
+                drop(waiting);
+                metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "unavailable").increment(1);
+                return Err(Error::outage(self.name(), &self.outage_summary()));
+            }
             None => {
                 self.grow();
                 // A wait-for-ready call with a deadline waits as long as its deadline lets it
@@ -488,10 +507,12 @@ impl PoolInner {
                             drop(waiting);
                             self.stats.checkout_timeouts.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "timeout").increment(1);
+                            let outage = self.all_in_transient_failure();
                             return Err(Error::checkout_timeout(
                                 self.name(),
                                 started.elapsed(),
-                                &self.busy_summary(),
+                                &if outage { self.outage_summary() } else { self.busy_summary() },
+                                outage,
                             ));
                         }
                     },
@@ -617,11 +638,15 @@ impl PoolInner {
     }
 
     /// Starts a task that opens one member of `entry`, retrying with backoff while the pool
-    /// still wants it.
+    /// still wants it. An endpoint whose connects are failing gets no second task: the one
+    /// under way retries for everybody, one attempt at a time.
     pub(crate) fn spawn_connect(self: &Arc<Self>, entry: Arc<EndpointEntry>) {
         {
             let mut locked = entry.lock();
             if entry.members().len() + locked.connecting >= self.config.max_connections {
+                return;
+            }
+            if locked.consecutive_failures > 0 && locked.connecting > 0 {
                 return;
             }
             locked.connecting += 1;
@@ -629,55 +654,100 @@ impl PoolInner {
         let pool = self.clone();
         tokio::spawn(async move {
             // Counted out however the task ends: done, cancelled by shutdown, or panicked.
-            let _connecting = ConnectingGuard(entry.clone());
+            let mut guard = ConnectingGuard { entry: entry.clone(), retrier: false };
             let shutdown = pool.shutdown.clone();
-            tokio::select! {
-                _ = pool.connect_loop(entry) => {}
-                _ = shutdown.triggered() => {}
+            let listed = tokio::select! {
+                listed = pool.connect_loop(&entry, &mut guard) => listed,
+                _ = shutdown.triggered() => false,
+            };
+            let retried = guard.retrier;
+            drop(guard);
+            if listed && retried {
+                // While the endpoint failed, this was its only connect: open the rest of
+                // `min_connections` now. (Queued callers grow the pool themselves, as the new
+                // member serves them.)
+                pool.replenish(&entry);
             }
         });
     }
 
-    async fn connect_loop(self: Arc<Self>, entry: Arc<EndpointEntry>) {
+    /// Whether a connect task of `entry` is still wanted: the endpoint is below
+    /// `min_connections` without it, or callers are waiting.
+    fn connect_wanted(&self, entry: &EndpointEntry, locked: &EndpointInternals) -> bool {
+        let others = (entry.members().len() + locked.connecting).saturating_sub(1);
+        others < self.config.min_connections || self.waiters.has_waiters()
+    }
+
+    /// Opens one member of `entry`, waiting out the endpoint's backoff before each attempt;
+    /// returns whether it listed one. While the endpoint is failing, only the task holding
+    /// the retrier's role goes on; the others end.
+    async fn connect_loop(self: &Arc<Self>, entry: &Arc<EndpointEntry>, guard: &mut ConnectingGuard) -> bool {
         loop {
             if entry.is_removed() {
-                return;
+                return false;
             }
-            let wait = entry.lock().next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
-            if let Some(wait) = wait.filter(|w| !w.is_zero()) {
-                // Connect tasks of one endpoint share its backoff; a little spread of their
-                // own keeps them from reconnecting in lockstep.
-                let spread = wait.mul_f64(0.1 * (crate::rand::symmetric_unit() + 1.0) / 2.0);
-                tokio::time::sleep(wait + spread).await;
+            let (round, wait) = {
+                let mut locked = entry.lock();
+                if locked.consecutive_failures > 0 && !guard.retrier {
+                    if locked.retrier {
+                        return false;
+                    }
+                    locked.retrier = true;
+                    guard.retrier = true;
+                }
+                let wait = locked.next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
+                (locked.failure_round, wait.unwrap_or_default())
+            };
+            if !wait.is_zero() && !self.wait_backoff(entry, wait).await {
+                return false;
             }
-            let listed = match self.open_member(&entry).await {
+            let listed = match self.open_member(entry, round).await {
                 Ok(member) => {
-                    let listed = self.add_member(&entry, member.clone());
+                    let listed = self.add_member(entry, member.clone());
                     if !listed {
                         // It ended before it could serve: as good as a failed connect.
-                        self.note_failure(&entry, "the connection ended as soon as it opened");
+                        self.note_failure(entry, round, "the connection ended as soon as it opened");
                     }
                     listed
                 }
                 Err(_) => false,
             };
             if listed || self.is_closed() {
-                return;
+                return listed;
             }
-            // Still wanted? Below the minimum, or callers are waiting.
-            let locked = entry.lock();
-            let others = (entry.members().len() + locked.connecting).saturating_sub(1);
-            if others >= self.config.min_connections && !self.waiters.has_waiters() {
-                return;
+            if !self.connect_wanted(entry, &entry.lock()) {
+                return false;
+            }
+        }
+    }
+
+    /// Sleeps out a backoff `wait` (plus a little spread), looking every
+    /// [`BACKOFF_RECHECK`] whether the attempt is still wanted; false if it is not.
+    async fn wait_backoff(&self, entry: &EndpointEntry, wait: Duration) -> bool {
+        // A little spread of its own, so that pools started together do not reconnect in
+        // lockstep.
+        let spread = wait.mul_f64(0.1 * (crate::rand::symmetric_unit() + 1.0) / 2.0);
+        let until = tokio::time::Instant::now() + wait + spread;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return true;
+            }
+            tokio::time::sleep_until(until.min(now + BACKOFF_RECHECK)).await;
+            if entry.is_removed() || !self.connect_wanted(entry, &entry.lock()) {
+                return false;
             }
         }
     }
 
     /// Opens one connection and waits for the server's SETTINGS; records the outcome in the
     /// endpoint's backoff state, metrics and logs.
+    /// `round` is the endpoint's `failure_round` when the attempt was decided: a failure is
+    /// counted in the backoff only if no other attempt's failure was counted since.
     pub(crate) async fn open_member(
         self: &Arc<Self>,
         entry: &Arc<EndpointEntry>,
+        round: u64,
     ) -> Result<Arc<Member>, Error> {
         // Paced per endpoint; the wait for a turn is not part of the connect's time.
         let _permit = entry.connect_permits.acquire().await;
@@ -753,16 +823,11 @@ impl PoolInner {
                 tracing::debug!(pool = %self.name(), endpoint = %entry.label(), member = member.id, elapsed = ?elapsed, "connection established");
             }
             Err(error) => {
-                let mut locked = entry.lock();
-                locked.consecutive_failures = locked.consecutive_failures.saturating_add(1);
-                let delay = backoff::delay(&self.config.backoff, locked.consecutive_failures);
-                locked.next_attempt = Some(Instant::now() + delay);
-                locked.last_error = Some(error.to_string());
-                let failures = locked.consecutive_failures;
-                drop(locked);
+                let (failures, delay) = self.count_failure(entry, round, &error.to_string());
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(names::CONNECTS, names::LABEL_POOL => pool_label, names::LABEL_ENDPOINT => endpoint_label, names::LABEL_RESULT => "error").increment(1);
                 tracing::warn!(pool = %self.name(), endpoint = %entry.label(), failures, retry_in = ?delay, error = %error, "connect failed");
+                self.release_hopeless_waiters();
             }
         }
         result
@@ -894,23 +959,100 @@ impl PoolInner {
     }
 
     /// A member that dies young without having carried a call (a server that accepts and
-    /// then closes or sends GOAWAY at once) counts as a failed connect, so its replacements
-    /// back off instead of looping. One that carried calls had a working server: a short
-    /// `max_connection_age` is not a failure, and backing off from it would leave callers
-    /// with no connection at all when members age out together.
+    /// then closes or sends an error GOAWAY at once) counts as a failed connect, so its
+    /// replacements back off instead of looping. One that carried calls had a working
+    /// server: a short `max_connection_age` is not a failure, and backing off from it would
+    /// leave callers with no connection at all when members age out together. Nor is one
+    /// the server closed gracefully (GOAWAY `NO_ERROR`, as an idle limit does), however
+    /// young: the server worked, and the next call must not wait out a backoff for it.
     fn note_short_life(&self, entry: &EndpointEntry, member: &Member) {
-        if member.age() < SHORT_LIFE && member.streams_opened() == 0 {
-            self.note_failure(entry, &format!("connection closed {:?} after it opened", member.age()));
+        let graceful = member.signals.goaway().is_some_and(|g| g.reason() == h2::Reason::NO_ERROR);
+        if member.age() < SHORT_LIFE && member.streams_opened() == 0 && !graceful {
+            let round = entry.lock().failure_round;
+            self.note_failure(entry, round, &format!("connection closed {:?} after it opened", member.age()));
         }
     }
 
     /// Counts a failure in the endpoint's reconnect backoff.
-    fn note_failure(&self, entry: &EndpointEntry, what: &str) {
+    fn note_failure(&self, entry: &EndpointEntry, round: u64, what: &str) {
+        self.count_failure(entry, round, what);
+        self.release_hopeless_waiters();
+    }
+
+    /// Records a failed attempt decided at `round`: the backoff grows by one round only if no
+    /// other attempt's failure was counted since (attempts under way together fail as one).
+    /// Returns the failures in a row and the delay before the next attempt.
+    fn count_failure(&self, entry: &EndpointEntry, round: u64, what: &str) -> (u32, Duration) {
         let mut locked = entry.lock();
-        locked.consecutive_failures = locked.consecutive_failures.saturating_add(1);
-        let delay = backoff::delay(&self.config.backoff, locked.consecutive_failures);
-        locked.next_attempt = Some(Instant::now() + delay);
         locked.last_error = Some(what.to_owned());
+        if locked.failure_round == round {
+            locked.failure_round += 1;
+            locked.consecutive_failures = locked.consecutive_failures.saturating_add(1);
+            let delay = backoff::delay(&self.config.backoff, locked.consecutive_failures);
+            locked.next_attempt = Some(Instant::now() + delay);
+        }
+        let delay = locked.next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
+        (locked.consecutive_failures, delay.unwrap_or_default())
+    }
+
+    /// Whether no endpoint can take a call now: the pool has endpoints and every one is in
+    /// transient failure (see `EndpointEntry::in_transient_failure`).
+    fn all_in_transient_failure(&self) -> bool {
+        let endpoints = self.endpoints.load();
+        !endpoints.is_empty() && endpoints.iter().all(|e| e.in_transient_failure())
+    }
+
+    /// Why no endpoint can take a call, for the fail-fast error: each endpoint and its state.
+    fn outage_summary(&self) -> String {
+        let parts: Vec<String> = self
+            .endpoints
+            .load()
+            .iter()
+            .map(|entry| {
+                let locked = entry.lock();
+                let why = if entry.is_removed() {
+                    "removed".to_owned()
+                } else if entry.is_ejected() {
+                    "ejected by outlier detection".to_owned()
+                } else if !entry.is_healthy() {
+                    locked.health_reason.clone().unwrap_or_else(|| "unhealthy".to_owned())
+                } else {
+                    let retry = locked
+                        .next_attempt
+                        .map(|at| {
+                            format!(", next attempt in {:?}", at.saturating_duration_since(Instant::now()))
+                        })
+                        .unwrap_or_default();
+                    format!(
+                        "unreachable ({} failed connect round(s){retry}), last connect error: {}",
+                        locked.consecutive_failures,
+                        locked.last_error.as_deref().unwrap_or("none yet")
+                    )
+                };
+                format!("{}: {why}", entry.label())
+            })
+            .collect();
+        parts.join("; ")
+    }
+
+    /// The calls queued that fail fast give up as soon as nothing can serve them: every
+    /// endpoint in transient failure. `wait_for_ready` calls keep waiting.
+    pub(crate) fn release_hopeless_waiters(&self) {
+        if !self.waiters.has_waiters() || !self.all_in_transient_failure() {
+            return;
+        }
+        let summary = self.outage_summary();
+        let all_unhealthy = self.all_unhealthy();
+        let failed = self.waiters.fail_fast_ones(|| {
+            if all_unhealthy {
+                Error::all_unhealthy(self.name(), &self.unhealthy_summary())
+            } else {
+                Error::outage(self.name(), &summary)
+            }
+        });
+        if failed > 0 {
+            tracing::debug!(pool = %self.name(), failed, "queued calls failed fast: no endpoint can take them");
+        }
     }
 
     fn count_eviction(&self, member: &Member, reason: EvictionReason, to: MemberState, detail: &str) {
@@ -1000,8 +1142,10 @@ impl PoolInner {
             self.drain_all(&entry, EvictionReason::EndpointRemoved, "endpoint removed from the pool");
         tracing::info!(pool = %self.name(), endpoint = %entry.label(), draining, "endpoint removed; its connections drain");
         self.emit(|| PoolEvent::EndpointRemoved(endpoint.clone()));
-        // Removing the last unhealthy endpoint may leave only healthy ones with room.
+        // Removing the last unhealthy endpoint may leave only healthy ones with room; removing
+        // the last healthy one may leave nothing to wait for.
         self.serve_waiters_everywhere();
+        self.release_hopeless_waiters();
         if self.waiters.has_waiters() {
             self.grow();
         }

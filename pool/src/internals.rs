@@ -75,8 +75,16 @@ pub(crate) struct EndpointEntry {
 pub(crate) struct EndpointInternals {
     /// Connect tasks under way (each opens one member, retrying with backoff).
     pub(crate) connecting: usize,
-    /// Failed attempts since the last success; drives the backoff.
+    /// Rounds of failed attempts since the last success; drives the backoff. Attempts that
+    /// were under way together fail as one round: counting each would grow the backoff by
+    /// the multiplier once per attempt instead of once per round.
     pub(crate) consecutive_failures: u32,
+    /// Moves on each time a round of failures is counted; an attempt that started before
+    /// the last move belongs to a round counted already.
+    pub(crate) failure_round: u64,
+    /// Whether a connect task has taken the role of retrying this endpoint while it fails:
+    /// one attempt at a time goes to a failing endpoint, whoever is waiting for it.
+    pub(crate) retrier: bool,
     /// No connect attempt before this instant.
     pub(crate) next_attempt: Option<Instant>,
     pub(crate) last_error: Option<String>,
@@ -203,6 +211,21 @@ impl EndpointEntry {
         self.members.swap(Arc::new(Vec::new()))
     }
 
+    /// Whether the endpoint cannot take a call now and is not about to: it takes no new
+    /// streams (unhealthy, ejected, removed), or it has no ready member and its last connect
+    /// failed, so the next attempt waits for the backoff (gRPC's `TRANSIENT_FAILURE`). An
+    /// endpoint still making its first connection is not.
+    pub(crate) fn in_transient_failure(&self) -> bool {
+        if !self.is_routable() {
+            return true;
+        }
+        let members = self.members.load();
+        if members.iter().any(|m| m.state() == crate::member::MemberState::Ready) {
+            return false;
+        }
+        self.lock().consecutive_failures > 0
+    }
+
     /// A slot on the least loaded ready member, room or not (see `Member::force_acquire`).
     pub(crate) fn force_acquire(&self) -> Option<Slot> {
         let members = self.members.load();
@@ -251,7 +274,14 @@ impl EndpointEntry {
 #[derive(Debug, Default)]
 pub(crate) struct WaitQueue {
     waiting: AtomicUsize,
-    queue: Mutex<VecDeque<oneshot::Sender<Result<Slot, Error>>>>,
+    queue: Mutex<VecDeque<Waiter>>,
+}
+
+/// One queued checkout: where its slot goes, and whether it waits out an outage.
+#[derive(Debug)]
+struct Waiter {
+    slot: oneshot::Sender<Result<Slot, Error>>,
+    wait_for_ready: bool,
 }
 
 /// One waiting checkout; dropping it (whatever the outcome) stops the count of waiters
@@ -269,7 +299,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl WaitQueue {
-    fn lock(&self) -> MutexGuard<'_, VecDeque<oneshot::Sender<Result<Slot, Error>>>> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Waiter>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -282,14 +312,14 @@ impl WaitQueue {
     }
 
     /// Joins the end of the queue.
-    pub(crate) fn enqueue(&self) -> Waiting<'_> {
+    pub(crate) fn enqueue(&self, wait_for_ready: bool) -> Waiting<'_> {
         let (tx, rx) = oneshot::channel();
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let mut queue = self.lock();
         if queue.len() > 2 * self.waiting.load(Ordering::Relaxed) + 64 {
-            queue.retain(|w| !w.is_closed());
+            queue.retain(|w| !w.slot.is_closed());
         }
-        queue.push_back(tx);
+        queue.push_back(Waiter { slot: tx, wait_for_ready });
         Waiting { queue: self, slot: rx }
     }
 
@@ -298,7 +328,7 @@ impl WaitQueue {
         let mut queue = self.lock();
         let mut leftover = None;
         while let Some(waiter) = queue.pop_front() {
-            if waiter.is_closed() {
+            if waiter.slot.is_closed() {
                 continue;
             }
             let slot = match leftover.take() {
@@ -311,7 +341,7 @@ impl WaitQueue {
                     }
                 },
             };
-            if let Err(Ok(slot)) = waiter.send(Ok(slot)) {
+            if let Err(Ok(slot)) = waiter.slot.send(Ok(slot)) {
                 leftover = Some(slot); // gave up meanwhile; offer it to the next one
             }
         }
@@ -326,7 +356,27 @@ impl WaitQueue {
     pub(crate) fn fail_all(&self, error: impl Fn() -> Error) {
         let mut queue = self.lock();
         for waiter in queue.drain(..) {
-            let _ = waiter.send(Err(error()));
+            let _ = waiter.slot.send(Err(error()));
         }
+    }
+
+    /// Fails the waiters that fail fast (not `wait_for_ready`) with `error()`; returns how
+    /// many it failed.
+    pub(crate) fn fail_fast_ones(&self, error: impl Fn() -> Error) -> usize {
+        let mut queue = self.lock();
+        let mut failed = 0;
+        let mut kept = VecDeque::with_capacity(queue.len());
+        for waiter in queue.drain(..) {
+            if waiter.slot.is_closed() {
+                continue;
+            }
+            if waiter.wait_for_ready {
+                kept.push_back(waiter);
+                continue;
+            }
+            failed += usize::from(waiter.slot.send(Err(error())).is_ok());
+        }
+        *queue = kept;
+        failed
     }
 }
