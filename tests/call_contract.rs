@@ -515,3 +515,47 @@ async fn a_connection_closed_gracefully_while_young_costs_the_next_call_no_backo
     assert_eq!(state.endpoints[0].consecutive_failures, 0);
     assert!(state.statistics.closed(grpc_pool::EvictionReason::GoAway) >= 5);
 }
+
+#[tokio::test]
+async fn a_call_resent_after_a_refusal_tells_the_server_the_time_left() {
+    let pause = Duration::from_millis(300);
+    let server = grpc_pool_testkit::RefuseFirstServer::start(pause).await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    client(&pool).unary_echo(with_deadline(0, Duration::from_secs(10))).await.unwrap();
+    assert_eq!(pool.state().statistics.retried(grpc_pool::RetryReason::Refused), 1);
+    let seen = server.grpc_timeouts();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let first = parse_grpc_timeout(seen[0].as_deref().expect("the first attempt's grpc-timeout"));
+    let resent = parse_grpc_timeout(seen[1].as_deref().expect("the resend's grpc-timeout"));
+    // The resend went out at least `pause` later, and says so.
+    assert!(resent + pause <= first, "first attempt told {first:?}, the resend {resent:?}");
+}
+
+#[tokio::test]
+async fn calls_on_a_silently_dropped_connection_fail_at_their_deadline_with_pool_defaults() {
+    let server = TestServer::start().await;
+    let relay = grpc_pool_testkit::Relay::start(server.addr()).await;
+    let pool = Pool::builder().build([relay.uri()]).await.unwrap();
+    client(&pool).unary_echo(with_deadline(0, WAIT)).await.unwrap();
+    relay.freeze(); // the network drops the connection's packets from now on
+    let deadline = Duration::from_secs(1);
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = client(&pool);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let status = client.unary_echo(with_deadline(0, deadline)).await.unwrap_err();
+                (started.elapsed(), status)
+            })
+        })
+        .collect();
+    for call in calls {
+        let (took, status) = call.await.unwrap();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(took >= deadline, "failed after {took:?}");
+        // Keepalive's defaults find the dead connection only after minutes: the deadline is
+        // what ends these calls, and it does so on time.
+        assert!(took < deadline * 3, "failed after {took:?}, well past its deadline");
+    }
+    assert_eq!(pool.state().in_flight(), 0);
+}

@@ -7,6 +7,7 @@ pub mod peer;
 pub mod ping_policy;
 pub mod process;
 pub mod raw;
+pub mod refusing;
 pub mod relay;
 pub mod server;
 
@@ -15,6 +16,7 @@ pub use frame_server::{Behaviour, FrameServer};
 pub use peer::{PeerOptions, PythonPeer};
 pub use ping_policy::{PingEnforcer, PingPolicy};
 pub use raw::{Misbehaviour, RawServer};
+pub use refusing::RefuseFirstServer;
 pub use relay::Relay;
 #[cfg(unix)]
 pub use server::UnixTestServer;
