@@ -156,6 +156,10 @@ pub struct HealthCheckSection {
     /// Time between checks.
     #[serde(deserialize_with = "duration")]
     pub interval: Duration,
+    /// Time between checks while an endpoint is unhealthy (the shorter of this and
+    /// `interval`).
+    #[serde(deserialize_with = "duration")]
+    pub unhealthy_interval: Duration,
     /// Longest a check may take.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
@@ -175,11 +179,15 @@ impl Default for HealthCheckSection {
         HealthCheckSection {
             service: d.service,
             interval: d.interval,
+            unhealthy_interval: d.unhealthy_interval,
             timeout: d.timeout,
             unhealthy_threshold: d.unhealthy_threshold,
             healthy_threshold: d.healthy_threshold,
             unimplemented_is_healthy: d.unimplemented_is_healthy,
-            mode: Mode::Poll,
+            mode: match d.mode {
+                CheckMode::Poll => Mode::Poll,
+                CheckMode::Watch => Mode::Watch,
+            },
         }
     }
 }
@@ -408,6 +416,7 @@ impl PoolConfig {
             builder = builder.health_checks(HealthCheck {
                 service: check.service.clone(),
                 interval: check.interval,
+                unhealthy_interval: check.unhealthy_interval,
                 timeout: check.timeout,
                 unhealthy_threshold: check.unhealthy_threshold,
                 healthy_threshold: check.healthy_threshold,

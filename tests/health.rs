@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use grpc_pool::{EvictionReason, HealthCheck, Keepalive, MemberState, Pool};
+use grpc_pool::{BackoffConfig, CheckMode, EvictionReason, HealthCheck, Keepalive, MemberState, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::{wait_until, Relay, ServerOptions, TestServer};
@@ -472,4 +472,168 @@ async fn a_server_enforcing_a_ping_policy_sends_too_many_pings_and_no_call_fails
     assert_eq!(event.1.as_ref(), b"too_many_pings");
     assert!(enforcer.goaways() >= 1);
     client.unary_echo(request(0)).await.expect("the pool reconnected");
+}
+
+/// The goal of issue 13: after an outage, traffic is back this soon after the server answers
+/// health checks again.
+const RECOVERY_GOAL: Duration = Duration::from_millis(1_500);
+/// How long the server stays down (at least: until it is marked unhealthy, if that is later).
+const OUTAGE: Duration = Duration::from_secs(3);
+
+/// Reconnects at most ~60 ms (50 ms and its jitter) after the port opens again, so that what
+/// the outage tests measure is the health task's part of the recovery, not the reconnect
+/// backoff's (tests/pool.rs covers that).
+fn quick_reconnects() -> BackoffConfig {
+    BackoffConfig { base: Duration::from_millis(10), max: Duration::from_millis(50), ..Default::default() }
+}
+
+/// What one outage looked like, from the test's side.
+struct Outage {
+    /// From the server going down to the endpoint marked unhealthy.
+    marked_unhealthy_after: Duration,
+    /// From the server going down to it answering again.
+    down_for: Duration,
+    /// From the server answering again to the first call that succeeded.
+    traffic_back_after: Duration,
+}
+
+/// Calls flow to one server with health checks `checks`; the server shuts down (GOAWAY, its
+/// port refusing connections) until the endpoint is marked unhealthy and for [`OUTAGE`] at
+/// least, then starts again on the same port, answering health checks (SERVING) at once.
+async fn outage_and_recovery(checks: HealthCheck) -> Outage {
+    let options = ServerOptions { health: true, ..Default::default() };
+    let server = TestServer::start_with(options.clone()).await;
+    let port = server.addr().port();
+    let pool = Pool::builder()
+        .health_checks(checks.clone())
+        .backoff(quick_reconnects())
+        .build([server.uri()])
+        .await
+        .unwrap();
+    // When a call last succeeded first after the test cleared it.
+    let first_ok = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for _ in 0..4 {
+        let (mut client, first_ok, stop) = (EchoClient::new(pool.clone()), first_ok.clone(), stop.clone());
+        callers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.unary_echo(request(1)).await {
+                    Ok(_) => {
+                        first_ok.lock().unwrap().get_or_insert_with(Instant::now);
+                    }
+                    // While the endpoint is unhealthy calls fail at once: pace them.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }));
+    }
+    wait_until(WAIT, "calls flow", || first_ok.lock().unwrap().is_some()).await;
+
+    server.shutdown().await;
+    let down_at = Instant::now();
+    // Failed checks in a row, each one interval (+10%) apart, plus the first one's wait.
+    let marking = checks.interval.mul_f64(1.1) * (checks.unhealthy_threshold + 1) + checks.timeout + SLACK;
+    wait_until(marking, "the endpoint is marked unhealthy", || !pool.state().endpoints[0].healthy).await;
+    let marked_unhealthy_after = down_at.elapsed();
+    // The outage's length is what the test sets, not a guess at some state.
+    tokio::time::sleep(OUTAGE.saturating_sub(down_at.elapsed())).await;
+
+    *first_ok.lock().unwrap() = None;
+    let server = TestServer::start_with(ServerOptions { port: Some(port), ..options }).await;
+    let back = Instant::now();
+    let down_for = back - down_at;
+    // Generous: long enough for today's schedule to show its figure rather than time out.
+    let recovery = checks.interval.mul_f64(1.1) * (checks.healthy_threshold + 1) + SLACK;
+    wait_until(recovery, "a call succeeds again", || first_ok.lock().unwrap().is_some()).await;
+    let traffic_back_after = first_ok.lock().unwrap().unwrap().saturating_duration_since(back);
+    stop.store(true, Ordering::Relaxed);
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    drop(server);
+    Outage { marked_unhealthy_after, down_for, traffic_back_after }
+}
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "marked unhealthy {:?} after the server went down, down for {:?}; traffic back {:?} after it \
+             answered again",
+            self.marked_unhealthy_after, self.down_for, self.traffic_back_after
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_polled_health_checks_bring_traffic_back_within_1_5_s() {
+    // Check polling at the default intervals: the new connection is checked at once, and the
+    // second passing check (healthy_threshold) comes one unhealthy interval (1 s, +10%) later.
+    let checks = HealthCheck { service: "echo.Echo".into(), mode: CheckMode::Poll, ..Default::default() };
+    let outage = outage_and_recovery(checks).await;
+    println!("polled checks: {outage}");
+    assert!(outage.traffic_back_after <= RECOVERY_GOAL, "{outage}");
+}
+
+#[tokio::test]
+async fn an_unhealthy_endpoint_is_checked_every_unhealthy_interval() {
+    // An interval far beyond the test: only the unhealthy interval can bring it back soon.
+    let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
+    server.set_serving(false).await;
+    let checks = HealthCheck {
+        service: "echo.Echo".into(),
+        mode: CheckMode::Poll,
+        interval: Duration::from_secs(30),
+        unhealthy_interval: Duration::from_millis(100),
+        unhealthy_threshold: 1,
+        healthy_threshold: 1,
+        ..Default::default()
+    };
+    let pool = Pool::builder().health_checks(checks.clone()).build([server.uri()]).await.unwrap();
+    wait_until(checks.timeout + SLACK, "the first check marks it unhealthy", || {
+        !pool.state().endpoints[0].healthy
+    })
+    .await;
+    server.set_serving(true).await;
+    let serving_at = Instant::now();
+    let bound = checks.unhealthy_interval.mul_f64(1.1) + SLACK;
+    assert!(bound < checks.interval);
+    wait_until(bound, "a check at the unhealthy interval finds it serving", || {
+        pool.state().endpoints[0].healthy
+    })
+    .await;
+    println!("healthy {:?} after the server said SERVING", serving_at.elapsed());
+}
+
+#[tokio::test]
+async fn an_unhealthy_endpoint_is_checked_as_soon_as_a_new_connection_to_it_is_ready() {
+    // Both intervals far beyond the test: only the check on the new connection can bring the
+    // endpoint back soon.
+    let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
+    server.set_serving(false).await;
+    let relay = Relay::start(server.addr()).await;
+    let checks = HealthCheck {
+        service: "echo.Echo".into(),
+        mode: CheckMode::Poll,
+        interval: Duration::from_secs(30),
+        unhealthy_interval: Duration::from_secs(30),
+        unhealthy_threshold: 1,
+        healthy_threshold: 1,
+        ..Default::default()
+    };
+    let pool = Pool::builder().health_checks(checks.clone()).build([relay.uri()]).await.unwrap();
+    wait_until(checks.timeout + SLACK, "the first check marks it unhealthy", || {
+        !pool.state().endpoints[0].healthy
+    })
+    .await;
+    server.set_serving(true).await;
+    // The connection breaks; the pool opens another at once (no connect has failed).
+    relay.reset();
+    let reset_at = Instant::now();
+    wait_until(SLACK, "the endpoint is checked on its new connection", || pool.state().endpoints[0].healthy)
+        .await;
+    println!("healthy {:?} after the connection was reset", reset_at.elapsed());
+    assert_eq!(relay.accepted(), 2);
+    EchoClient::new(pool.clone()).unary_echo(request(0)).await.unwrap();
 }
