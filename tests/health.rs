@@ -637,3 +637,84 @@ async fn an_unhealthy_endpoint_is_checked_as_soon_as_a_new_connection_to_it_is_r
     assert_eq!(relay.accepted(), 2);
     EchoClient::new(pool.clone()).unary_echo(request(0)).await.unwrap();
 }
+
+/// A server whose health service has `Check` only: `Watch` answers `UNIMPLEMENTED` (as
+/// servers with a partial grpc.health.v1 do). `Check` says SERVING or NOT_SERVING as told.
+/// Plain `h2`, so the test decides exactly what each method answers.
+struct CheckOnlyServer {
+    addr: std::net::SocketAddr,
+    serving: Arc<AtomicBool>,
+    checks: Arc<AtomicUsize>,
+    watches: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CheckOnlyServer {
+    async fn start(serving: bool) -> CheckOnlyServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = Arc::new(AtomicBool::new(serving));
+        let (checks, watches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s, c, w) = (serving.clone(), checks.clone(), watches.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (serving, checks, watches) = (s.clone(), c.clone(), w.clone());
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(tcp).await else { return };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        let head = || {
+                            http::Response::builder().status(200).header("content-type", "application/grpc")
+                        };
+                        if request.uri().path() == "/grpc.health.v1.Health/Check" {
+                            checks.fetch_add(1, Ordering::Relaxed);
+                            // HealthCheckResponse { status }: field 1, varint; SERVING is 1,
+                            // NOT_SERVING 2. Framed: no compression, 2 bytes long.
+                            let status = if serving.load(Ordering::Relaxed) { 1 } else { 2 };
+                            let Ok(mut stream) = respond.send_response(head().body(()).unwrap(), false)
+                            else {
+                                continue;
+                            };
+                            let _ = stream.send_data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]), false);
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let _ = stream.send_trailers(trailers);
+                        } else {
+                            // Watch, and anything else: a trailers-only UNIMPLEMENTED.
+                            if request.uri().path() == "/grpc.health.v1.Health/Watch" {
+                                watches.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let response = head().header("grpc-status", "12").body(()).unwrap();
+                            let _ = respond.send_response(response, true);
+                        }
+                    }
+                });
+            }
+        });
+        CheckOnlyServer { addr, serving, checks, watches, task }
+    }
+}
+
+impl Drop for CheckOnlyServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_server_without_watch_is_polled_with_check_instead() {
+    // This server's NOT_SERVING can only be heard through Check: taking its Watch's
+    // UNIMPLEMENTED as the verdict would leave the endpoint healthy (unimplemented_is_healthy).
+    let server = CheckOnlyServer::start(false).await;
+    let checks =
+        HealthCheck { interval: Duration::from_millis(50), mode: CheckMode::Watch, ..Default::default() };
+    let pool =
+        Pool::builder().health_checks(checks).build([format!("http://{}", server.addr)]).await.unwrap();
+    wait_until(WAIT, "Check finds it NOT_SERVING", || !pool.state().endpoints[0].healthy).await;
+    let reason = pool.state().endpoints[0].health_reason.clone().unwrap_or_default();
+    assert!(reason.contains("NOT_SERVING"), "{reason}");
+    server.serving.store(true, Ordering::Relaxed);
+    wait_until(WAIT, "Check finds it SERVING again", || pool.state().endpoints[0].healthy).await;
+    assert!(server.checks.load(Ordering::Relaxed) >= 4);
+    // Asked once: the fallback holds for the endpoint.
+    assert_eq!(server.watches.load(Ordering::Relaxed), 1);
+}

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::time::delay_queue::{DelayQueue, Key};
 
-use crate::checks::{self, Verdict};
+use crate::checks::{self, Verdict, WatchEnd};
 use crate::config::{CheckMode, HealthConfig, Keepalive};
 use grpc_pool_core::call::EndpointChannel;
 
@@ -61,6 +61,8 @@ enum Watched {
     Ended,
     /// Only to move to another connection: it reopens at once, and reported nothing.
     Moving,
+    /// The server has no `Watch`: the endpoint is polled with `Check` from now on.
+    Unimplemented,
 }
 
 /// How often a `Watch` stream looks whether its connection still takes new streams.
@@ -90,6 +92,8 @@ struct EndpointHealth {
     /// Check again as soon as the one under way ends, unless it passes (a connection to the
     /// unhealthy endpoint became ready meanwhile).
     recheck: bool,
+    /// The server answered `Watch` with `UNIMPLEMENTED`: it is polled with `Check` instead.
+    poll_only: bool,
 }
 
 /// A number in `[-1, 1)`, different for each `salt` and each call.
@@ -352,6 +356,7 @@ impl Task {
                 unimplemented_logged: false,
                 key: None,
                 recheck: false,
+                poll_only: false,
             },
         );
         self.schedule_check(id, Duration::ZERO);
@@ -388,11 +393,22 @@ impl Task {
     }
 
     /// A `Watch` stream ended: reopen it on another connection at once if it only moved;
-    /// after the (unhealthy) interval if it failed.
+    /// after the (unhealthy) interval if it failed; fall back to `Check` polling, at once, if
+    /// the server has no `Watch`.
     fn on_watch_end(&mut self, id: u64, watched: Watched) {
+        let pool = self.monitor.name().to_owned();
+        let Some(health) = self.endpoints.get_mut(&id) else { return };
         match watched {
             Watched::Moving => self.schedule_check(id, Duration::ZERO),
             Watched::Ended => self.schedule_next_check(id),
+            Watched::Unimplemented => {
+                if !health.poll_only {
+                    health.poll_only = true;
+                    let interval = self.config.checks.as_ref().map(|c| c.interval).unwrap_or_default();
+                    tracing::info!(pool = %pool, endpoint = %health.endpoint, "the server does not implement grpc.health.v1 Watch (UNIMPLEMENTED); polling it with Check every {interval:?} instead");
+                }
+                self.schedule_check(id, Duration::ZERO);
+            }
         }
     }
 
@@ -534,19 +550,21 @@ impl Task {
         self.reschedule(id, next);
     }
 
-    /// An endpoint check fell due: a `Check` call (poll mode), or (re)opening its `Watch`.
+    /// An endpoint check fell due: a `Check` call (poll mode, or a server without `Watch`),
+    /// or (re)opening its `Watch`.
     fn start_check(&mut self, id: u64) {
-        let (Some(checks), Some((channel, endpoint, removed))) = (
+        let (Some(checks), Some((channel, endpoint, removed, poll_only))) = (
             self.config.checks.clone(),
             self.endpoints.get_mut(&id).and_then(|e| {
                 // This check sees every connection ready now.
                 e.recheck = false;
-                e.channel.clone().map(|c| (c, e.endpoint.clone(), e.removed.clone()))
+                e.channel.clone().map(|c| (c, e.endpoint.clone(), e.removed.clone(), e.poll_only))
             }),
         ) else {
             return;
         };
-        match checks.mode {
+        let mode = if poll_only { CheckMode::Poll } else { checks.mode };
+        match mode {
             CheckMode::Poll => {
                 let span = tracing::debug_span!("health_check", pool = %self.monitor.name(), endpoint = %endpoint, mode = "check");
                 self.checks.push(Box::pin(tracing::Instrument::instrument(
@@ -754,11 +772,11 @@ impl Task {
     }
 }
 
-/// Runs a `Watch` stream until it ends or its endpoint is removed (`Ended`), or
+/// Runs a `Watch` stream until it ends (as it says), its endpoint is removed (`Ended`), or
 /// `should_move` holds (`Moving`: reopen it elsewhere at once), looking every
 /// [`WATCH_RECHECK`].
 async fn watch_until(
-    watch: impl Future<Output = ()>,
+    watch: impl Future<Output = WatchEnd>,
     removed: &AtomicBool,
     mut should_move: impl FnMut() -> bool,
 ) -> Watched {
@@ -776,7 +794,10 @@ async fn watch_until(
         }
     };
     tokio::select! {
-        _ = watch => Watched::Ended,
+        end = watch => match end {
+            WatchEnd::Ended => Watched::Ended,
+            WatchEnd::Unimplemented => Watched::Unimplemented,
+        },
         moving = left => if moving { Watched::Moving } else { Watched::Ended },
     }
 }
