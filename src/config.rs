@@ -169,7 +169,8 @@ pub struct HealthCheckSection {
     pub healthy_threshold: u32,
     /// Whether a server without the health service counts as healthy.
     pub unimplemented_is_healthy: bool,
-    /// `"poll"` (`Check` every interval) or `"watch"` (follow `Watch`).
+    /// `"watch"` (follow `Watch`; `Check` for servers without it) or `"poll"` (`Check`
+    /// every interval).
     pub mode: Mode,
 }
 
@@ -197,9 +198,9 @@ impl Default for HealthCheckSection {
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// A `Check` call every interval.
-    #[default]
     Poll,
-    /// One `Watch` stream per endpoint.
+    /// One `Watch` stream per endpoint (`Check` calls for servers without `Watch`).
+    #[default]
     Watch,
 }
 

@@ -567,6 +567,16 @@ impl std::fmt::Display for Outage {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_traffic_is_back_within_1_5_s_of_the_server_answering_health_checks() {
+    // The default health checks: intervals, thresholds and mode.
+    let checks = HealthCheck { service: "echo.Echo".into(), ..Default::default() };
+    let outage = outage_and_recovery(checks).await;
+    println!("default checks (Watch): {outage}");
+    // The new connection's Watch stream says SERVING at once.
+    assert!(outage.traffic_back_after <= RECOVERY_GOAL, "{outage}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_outage_polled_health_checks_bring_traffic_back_within_1_5_s() {
     // Check polling at the default intervals: the new connection is checked at once, and the
     // second passing check (healthy_threshold) comes one unhealthy interval (1 s, +10%) later.
@@ -702,11 +712,12 @@ impl Drop for CheckOnlyServer {
 
 #[tokio::test]
 async fn a_server_without_watch_is_polled_with_check_instead() {
-    // This server's NOT_SERVING can only be heard through Check: taking its Watch's
-    // UNIMPLEMENTED as the verdict would leave the endpoint healthy (unimplemented_is_healthy).
+    // Watch is the default mode. This server's NOT_SERVING can only be heard through Check:
+    // taking its Watch's UNIMPLEMENTED as the verdict would leave the endpoint healthy
+    // (unimplemented_is_healthy).
     let server = CheckOnlyServer::start(false).await;
-    let checks =
-        HealthCheck { interval: Duration::from_millis(50), mode: CheckMode::Watch, ..Default::default() };
+    let checks = HealthCheck { interval: Duration::from_millis(50), ..Default::default() };
+    assert_eq!(checks.mode, CheckMode::Watch);
     let pool =
         Pool::builder().health_checks(checks).build([format!("http://{}", server.addr)]).await.unwrap();
     wait_until(WAIT, "Check finds it NOT_SERVING", || !pool.state().endpoints[0].healthy).await;

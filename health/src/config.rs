@@ -62,11 +62,14 @@ pub struct EvictionPolicy {
 pub enum CheckMode {
     /// A `Check` call every `interval` (with +/-10% jitter; `unhealthy_interval` while the
     /// endpoint is unhealthy).
-    #[default]
     Poll,
-    /// A `Watch` stream per endpoint: the verdict changes as soon as the server's status
-    /// does; a broken stream counts as a failed check and is reopened after `interval`
-    /// (`unhealthy_interval` while the endpoint is unhealthy).
+    /// A `Watch` stream per endpoint (the default, and recommended): the verdict changes as
+    /// soon as the server's status does, at the cost of one open stream per endpoint. A
+    /// broken stream counts as a failed check and is reopened after `interval`
+    /// (`unhealthy_interval` while the endpoint is unhealthy). An endpoint whose server
+    /// answers `Watch` with `UNIMPLEMENTED` (a health service with `Check` only, or none) is
+    /// polled with `Check` instead, as in [`CheckMode::Poll`].
+    #[default]
     Watch,
 }
 
@@ -100,7 +103,8 @@ pub struct HealthCheck {
     pub healthy_threshold: u32,
     /// Whether a server without the health service counts as healthy. Default true.
     pub unimplemented_is_healthy: bool,
-    /// Poll with `Check`, or follow `Watch`. Default `Poll`.
+    /// Follow `Watch`, or poll with `Check`. Default `Watch` (`Check` for servers without
+    /// `Watch`).
     pub mode: CheckMode,
 }
 
@@ -114,7 +118,7 @@ impl Default for HealthCheck {
             unhealthy_threshold: 2,
             healthy_threshold: 2,
             unimplemented_is_healthy: true,
-            mode: CheckMode::Poll,
+            mode: CheckMode::Watch,
         }
     }
 }
@@ -265,8 +269,9 @@ mod tests {
     }
 
     #[test]
-    fn unhealthy_endpoints_are_checked_every_second() {
+    fn watch_is_the_default_and_unhealthy_endpoints_are_checked_every_second() {
         let checks = HealthCheck::default();
+        assert_eq!(checks.mode, CheckMode::Watch);
         assert_eq!(checks.unhealthy_interval, Duration::from_secs(1));
         assert!(checks.unhealthy_interval < checks.interval);
     }
