@@ -510,7 +510,7 @@ async fn outage_and_recovery(checks: HealthCheck) -> Outage {
         .build([server.uri()])
         .await
         .unwrap();
-    // When a call last succeeded first after the test cleared it.
+    // When the first call to succeed after the test last cleared it did.
     let first_ok = Arc::new(std::sync::Mutex::new(None::<Instant>));
     let stop = Arc::new(AtomicBool::new(false));
     let mut callers = Vec::new();
