@@ -161,6 +161,10 @@ pub struct HealthCheckSection {
     /// Time between checks.
     #[serde(deserialize_with = "duration")]
     pub interval: Duration,
+    /// Time between checks while an endpoint is unhealthy (the shorter of this and
+    /// `interval`).
+    #[serde(deserialize_with = "duration")]
+    pub unhealthy_interval: Duration,
     /// Longest a check may take.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
@@ -170,7 +174,8 @@ pub struct HealthCheckSection {
     pub healthy_threshold: u32,
     /// Whether a server without the health service counts as healthy.
     pub unimplemented_is_healthy: bool,
-    /// `"poll"` (`Check` every interval) or `"watch"` (follow `Watch`).
+    /// `"watch"` (follow `Watch`; `Check` for servers without it) or `"poll"` (`Check`
+    /// every interval).
     pub mode: Mode,
 }
 
@@ -180,11 +185,15 @@ impl Default for HealthCheckSection {
         HealthCheckSection {
             service: d.service,
             interval: d.interval,
+            unhealthy_interval: d.unhealthy_interval,
             timeout: d.timeout,
             unhealthy_threshold: d.unhealthy_threshold,
             healthy_threshold: d.healthy_threshold,
             unimplemented_is_healthy: d.unimplemented_is_healthy,
-            mode: Mode::Poll,
+            mode: match d.mode {
+                CheckMode::Poll => Mode::Poll,
+                CheckMode::Watch => Mode::Watch,
+            },
         }
     }
 }
@@ -194,9 +203,9 @@ impl Default for HealthCheckSection {
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// A `Check` call every interval.
-    #[default]
     Poll,
-    /// One `Watch` stream per endpoint.
+    /// One `Watch` stream per endpoint (`Check` calls for servers without `Watch`).
+    #[default]
     Watch,
 }
 
@@ -417,6 +426,7 @@ impl PoolConfig {
             builder = builder.health_checks(HealthCheck {
                 service: check.service.clone(),
                 interval: check.interval,
+                unhealthy_interval: check.unhealthy_interval,
                 timeout: check.timeout,
                 unhealthy_threshold: check.unhealthy_threshold,
                 healthy_threshold: check.healthy_threshold,

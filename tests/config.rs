@@ -27,7 +27,8 @@ fn the_example_file_parses_and_says_the_defaults() {
     assert_eq!(config.when_all_unhealthy, WhenAllUnhealthy::FailFast);
     // The optional sections are written out in the example with their defaults.
     let check = config.health_check.as_ref().unwrap();
-    assert_eq!((check.interval, check.mode), (Duration::from_secs(5), Mode::Poll));
+    assert_eq!((check.interval, check.mode), (Duration::from_secs(5), Mode::Watch));
+    assert_eq!(check.unhealthy_interval, Duration::from_secs(1));
     assert_eq!(config.outlier_detection.as_ref().unwrap().max_ejection_time, Duration::from_secs(300));
     assert_eq!(config.backoff.multiplier, defaults.backoff.multiplier);
     assert_eq!(config.h2.max_frame_size, defaults.h2.max_frame_size);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use grpc_pool::{EvictionReason, HealthCheck, Keepalive, MemberState, Pool};
+use grpc_pool::{BackoffConfig, CheckMode, EvictionReason, HealthCheck, Keepalive, MemberState, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::{wait_until, Relay, ServerOptions, TestServer};
@@ -472,4 +472,260 @@ async fn a_server_enforcing_a_ping_policy_sends_too_many_pings_and_no_call_fails
     assert_eq!(event.1.as_ref(), b"too_many_pings");
     assert!(enforcer.goaways() >= 1);
     client.unary_echo(request(0)).await.expect("the pool reconnected");
+}
+
+/// The goal of issue 13: after an outage, traffic is back this soon after the server answers
+/// health checks again.
+const RECOVERY_GOAL: Duration = Duration::from_millis(1_500);
+/// How long the server stays down (at least: until it is marked unhealthy, if that is later).
+const OUTAGE: Duration = Duration::from_secs(3);
+
+/// Reconnects at most ~60 ms (50 ms and its jitter) after the port opens again, so that what
+/// the outage tests measure is the health task's part of the recovery, not the reconnect
+/// backoff's (tests/pool.rs covers that).
+fn quick_reconnects() -> BackoffConfig {
+    BackoffConfig { base: Duration::from_millis(10), max: Duration::from_millis(50), ..Default::default() }
+}
+
+/// What one outage looked like, from the test's side.
+struct Outage {
+    /// From the server going down to the endpoint marked unhealthy.
+    marked_unhealthy_after: Duration,
+    /// From the server going down to it answering again.
+    down_for: Duration,
+    /// From the server answering again to the first call that succeeded.
+    traffic_back_after: Duration,
+}
+
+/// Calls flow to one server with health checks `checks`; the server shuts down (GOAWAY, its
+/// port refusing connections) until the endpoint is marked unhealthy and for [`OUTAGE`] at
+/// least, then starts again on the same port, answering health checks (SERVING) at once.
+async fn outage_and_recovery(checks: HealthCheck) -> Outage {
+    let options = ServerOptions { health: true, ..Default::default() };
+    let server = TestServer::start_with(options.clone()).await;
+    let port = server.addr().port();
+    let pool = Pool::builder()
+        .health_checks(checks.clone())
+        .backoff(quick_reconnects())
+        .build([server.uri()])
+        .await
+        .unwrap();
+    // When the first call to succeed after the test last cleared it did.
+    let first_ok = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for _ in 0..4 {
+        let (mut client, first_ok, stop) = (EchoClient::new(pool.clone()), first_ok.clone(), stop.clone());
+        callers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.unary_echo(request(1)).await {
+                    Ok(_) => {
+                        first_ok.lock().unwrap().get_or_insert_with(Instant::now);
+                    }
+                    // While the endpoint is unhealthy calls fail at once: pace them.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }));
+    }
+    wait_until(WAIT, "calls flow", || first_ok.lock().unwrap().is_some()).await;
+
+    server.shutdown().await;
+    let down_at = Instant::now();
+    // Failed checks in a row, each one interval (+10%) apart, plus the first one's wait.
+    let marking = checks.interval.mul_f64(1.1) * (checks.unhealthy_threshold + 1) + checks.timeout + SLACK;
+    wait_until(marking, "the endpoint is marked unhealthy", || !pool.state().endpoints[0].healthy).await;
+    let marked_unhealthy_after = down_at.elapsed();
+    // The outage's length is what the test sets, not a guess at some state.
+    tokio::time::sleep(OUTAGE.saturating_sub(down_at.elapsed())).await;
+
+    *first_ok.lock().unwrap() = None;
+    let server = TestServer::start_with(ServerOptions { port: Some(port), ..options }).await;
+    let back = Instant::now();
+    let down_for = back - down_at;
+    // Generous: long enough for today's schedule to show its figure rather than time out.
+    let recovery = checks.interval.mul_f64(1.1) * (checks.healthy_threshold + 1) + SLACK;
+    wait_until(recovery, "a call succeeds again", || first_ok.lock().unwrap().is_some()).await;
+    let traffic_back_after = first_ok.lock().unwrap().unwrap().saturating_duration_since(back);
+    stop.store(true, Ordering::Relaxed);
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    drop(server);
+    Outage { marked_unhealthy_after, down_for, traffic_back_after }
+}
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "marked unhealthy {:?} after the server went down, down for {:?}; traffic back {:?} after it \
+             answered again",
+            self.marked_unhealthy_after, self.down_for, self.traffic_back_after
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_traffic_is_back_within_1_5_s_of_the_server_answering_health_checks() {
+    // The default health checks: intervals, thresholds and mode.
+    let checks = HealthCheck { service: "echo.Echo".into(), ..Default::default() };
+    let outage = outage_and_recovery(checks).await;
+    println!("default checks (Watch): {outage}");
+    // The new connection's Watch stream says SERVING at once.
+    assert!(outage.traffic_back_after <= RECOVERY_GOAL, "{outage}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_polled_health_checks_bring_traffic_back_within_1_5_s() {
+    // Check polling at the default intervals: the new connection is checked at once, and the
+    // second passing check (healthy_threshold) comes one unhealthy interval (1 s, +10%) later.
+    let checks = HealthCheck { service: "echo.Echo".into(), mode: CheckMode::Poll, ..Default::default() };
+    let outage = outage_and_recovery(checks).await;
+    println!("polled checks: {outage}");
+    assert!(outage.traffic_back_after <= RECOVERY_GOAL, "{outage}");
+}
+
+#[tokio::test]
+async fn an_unhealthy_endpoint_is_checked_every_unhealthy_interval() {
+    // An interval far beyond the test: only the unhealthy interval can bring it back soon.
+    let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
+    server.set_serving(false).await;
+    let checks = HealthCheck {
+        service: "echo.Echo".into(),
+        mode: CheckMode::Poll,
+        interval: Duration::from_secs(30),
+        unhealthy_interval: Duration::from_millis(100),
+        unhealthy_threshold: 1,
+        healthy_threshold: 1,
+        ..Default::default()
+    };
+    let pool = Pool::builder().health_checks(checks.clone()).build([server.uri()]).await.unwrap();
+    wait_until(checks.timeout + SLACK, "the first check marks it unhealthy", || {
+        !pool.state().endpoints[0].healthy
+    })
+    .await;
+    server.set_serving(true).await;
+    let serving_at = Instant::now();
+    let bound = checks.unhealthy_interval.mul_f64(1.1) + SLACK;
+    assert!(bound < checks.interval);
+    wait_until(bound, "a check at the unhealthy interval finds it serving", || {
+        pool.state().endpoints[0].healthy
+    })
+    .await;
+    println!("healthy {:?} after the server said SERVING", serving_at.elapsed());
+}
+
+#[tokio::test]
+async fn an_unhealthy_endpoint_is_checked_as_soon_as_a_new_connection_to_it_is_ready() {
+    // Both intervals far beyond the test: only the check on the new connection can bring the
+    // endpoint back soon.
+    let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
+    server.set_serving(false).await;
+    let relay = Relay::start(server.addr()).await;
+    let checks = HealthCheck {
+        service: "echo.Echo".into(),
+        mode: CheckMode::Poll,
+        interval: Duration::from_secs(30),
+        unhealthy_interval: Duration::from_secs(30),
+        unhealthy_threshold: 1,
+        healthy_threshold: 1,
+        ..Default::default()
+    };
+    let pool = Pool::builder().health_checks(checks.clone()).build([relay.uri()]).await.unwrap();
+    wait_until(checks.timeout + SLACK, "the first check marks it unhealthy", || {
+        !pool.state().endpoints[0].healthy
+    })
+    .await;
+    server.set_serving(true).await;
+    // The connection breaks; the pool opens another at once (no connect has failed).
+    relay.reset();
+    let reset_at = Instant::now();
+    wait_until(SLACK, "the endpoint is checked on its new connection", || pool.state().endpoints[0].healthy)
+        .await;
+    println!("healthy {:?} after the connection was reset", reset_at.elapsed());
+    assert_eq!(relay.accepted(), 2);
+    EchoClient::new(pool.clone()).unary_echo(request(0)).await.unwrap();
+}
+
+/// A server whose health service has `Check` only: `Watch` answers `UNIMPLEMENTED` (as
+/// servers with a partial grpc.health.v1 do). `Check` says SERVING or NOT_SERVING as told.
+/// Plain `h2`, so the test decides exactly what each method answers.
+struct CheckOnlyServer {
+    addr: std::net::SocketAddr,
+    serving: Arc<AtomicBool>,
+    checks: Arc<AtomicUsize>,
+    watches: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CheckOnlyServer {
+    async fn start(serving: bool) -> CheckOnlyServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = Arc::new(AtomicBool::new(serving));
+        let (checks, watches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s, c, w) = (serving.clone(), checks.clone(), watches.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (serving, checks, watches) = (s.clone(), c.clone(), w.clone());
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(tcp).await else { return };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        let head = || {
+                            http::Response::builder().status(200).header("content-type", "application/grpc")
+                        };
+                        if request.uri().path() == "/grpc.health.v1.Health/Check" {
+                            checks.fetch_add(1, Ordering::Relaxed);
+                            // HealthCheckResponse { status }: field 1, varint; SERVING is 1,
+                            // NOT_SERVING 2. Framed: no compression, 2 bytes long.
+                            let status = if serving.load(Ordering::Relaxed) { 1 } else { 2 };
+                            let Ok(mut stream) = respond.send_response(head().body(()).unwrap(), false)
+                            else {
+                                continue;
+                            };
+                            let _ = stream.send_data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]), false);
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let _ = stream.send_trailers(trailers);
+                        } else {
+                            // Watch, and anything else: a trailers-only UNIMPLEMENTED.
+                            if request.uri().path() == "/grpc.health.v1.Health/Watch" {
+                                watches.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let response = head().header("grpc-status", "12").body(()).unwrap();
+                            let _ = respond.send_response(response, true);
+                        }
+                    }
+                });
+            }
+        });
+        CheckOnlyServer { addr, serving, checks, watches, task }
+    }
+}
+
+impl Drop for CheckOnlyServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_server_without_watch_is_polled_with_check_instead() {
+    // Watch is the default mode. This server's NOT_SERVING can only be heard through Check:
+    // taking its Watch's UNIMPLEMENTED as the verdict would leave the endpoint healthy
+    // (unimplemented_is_healthy).
+    let server = CheckOnlyServer::start(false).await;
+    let checks = HealthCheck { interval: Duration::from_millis(50), ..Default::default() };
+    assert_eq!(checks.mode, CheckMode::Watch);
+    let pool =
+        Pool::builder().health_checks(checks).build([format!("http://{}", server.addr)]).await.unwrap();
+    wait_until(WAIT, "Check finds it NOT_SERVING", || !pool.state().endpoints[0].healthy).await;
+    let reason = pool.state().endpoints[0].health_reason.clone().unwrap_or_default();
+    assert!(reason.contains("NOT_SERVING"), "{reason}");
+    server.serving.store(true, Ordering::Relaxed);
+    wait_until(WAIT, "Check finds it SERVING again", || pool.state().endpoints[0].healthy).await;
+    assert!(server.checks.load(Ordering::Relaxed) >= 4);
+    // Asked once: the fallback holds for the endpoint.
+    assert_eq!(server.watches.load(Ordering::Relaxed), 1);
 }

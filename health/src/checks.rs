@@ -71,10 +71,20 @@ pub(crate) async fn check(
     }
 }
 
+/// How a `Watch` stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WatchEnd {
+    /// It ended or failed; its last report said why.
+    Ended,
+    /// The server answered `UNIMPLEMENTED` before any status: it has no `Watch` (a health
+    /// service with `Check` only, or none at all). Nothing was reported: `Check` will tell.
+    Unimplemented,
+}
+
 /// Follows `Watch` on an endpoint (through `channel`: the endpoint's channel, or one of its
 /// members') and reports every status it sends, until the stream ends or fails (the last
 /// report then says why).
-pub(crate) async fn watch<C>(channel: C, service: String, mut report: impl FnMut(Verdict))
+pub(crate) async fn watch<C>(channel: C, service: String, mut report: impl FnMut(Verdict)) -> WatchEnd
 where
     C: tonic::client::GrpcService<tonic::body::Body>,
     C::Error: Into<tonic::codegen::StdError>,
@@ -84,15 +94,31 @@ where
     let mut client = HealthClient::new(channel);
     let mut stream = match client.watch(HealthCheckRequest { service }).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return report(from_error(status)),
+        Err(status) if status.code() == Code::Unimplemented => return WatchEnd::Unimplemented,
+        Err(status) => {
+            report(from_error(status));
+            return WatchEnd::Ended;
+        }
     };
+    let mut answered = false;
     loop {
         match stream.message().await {
-            Ok(Some(response)) => report(from_status(response.status)),
-            Ok(None) => {
-                return report(Verdict::Failed { result: "error", detail: "the Watch stream ended".into() })
+            Ok(Some(response)) => {
+                answered = true;
+                report(from_status(response.status));
             }
-            Err(status) => return report(from_error(status)),
+            Ok(None) => {
+                report(Verdict::Failed { result: "error", detail: "the Watch stream ended".into() });
+                return WatchEnd::Ended;
+            }
+            // A server may send its headers before it finds the method missing.
+            Err(status) if status.code() == Code::Unimplemented && !answered => {
+                return WatchEnd::Unimplemented
+            }
+            Err(status) => {
+                report(from_error(status));
+                return WatchEnd::Ended;
+            }
         }
     }
 }

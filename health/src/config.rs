@@ -60,11 +60,16 @@ pub struct EvictionPolicy {
 /// How endpoints are health-checked with `grpc.health.v1.Health`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CheckMode {
-    /// A `Check` call every `interval` (with +/-10% jitter).
-    #[default]
+    /// A `Check` call every `interval` (with +/-10% jitter; `unhealthy_interval` while the
+    /// endpoint is unhealthy).
     Poll,
-    /// A `Watch` stream per endpoint: the verdict changes as soon as the server's status
-    /// does; a broken stream counts as a failed check and is reopened after `interval`.
+    /// A `Watch` stream per endpoint (the default, and recommended): the verdict changes as
+    /// soon as the server's status does, at the cost of one open stream per endpoint. A
+    /// broken stream counts as a failed check and is reopened after `interval`
+    /// (`unhealthy_interval` while the endpoint is unhealthy). An endpoint whose server
+    /// answers `Watch` with `UNIMPLEMENTED` (a health service with `Check` only, or none) is
+    /// polled with `Check` instead, as in [`CheckMode::Poll`].
+    #[default]
     Watch,
 }
 
@@ -85,6 +90,11 @@ pub struct HealthCheck {
     pub service: String,
     /// Time between checks (at least 10 ms). Default 5 s.
     pub interval: Duration,
+    /// Time between checks while the endpoint is marked unhealthy (10 ms to 1 h; the shorter
+    /// of this and `interval` applies). Default 1 s: an endpoint back from an outage takes
+    /// traffic again after `healthy_threshold` checks this far apart, not `interval` apart.
+    /// (An unhealthy endpoint is also checked at once when a new connection to it is ready.)
+    pub unhealthy_interval: Duration,
     /// Longest a check may take (at least 1 ms). Default 1 s.
     pub timeout: Duration,
     /// Failures in a row that mark an endpoint unhealthy (1 to 100). Default 2.
@@ -93,7 +103,8 @@ pub struct HealthCheck {
     pub healthy_threshold: u32,
     /// Whether a server without the health service counts as healthy. Default true.
     pub unimplemented_is_healthy: bool,
-    /// Poll with `Check`, or follow `Watch`. Default `Poll`.
+    /// Follow `Watch`, or poll with `Check`. Default `Watch` (`Check` for servers without
+    /// `Watch`).
     pub mode: CheckMode,
 }
 
@@ -102,11 +113,12 @@ impl Default for HealthCheck {
         HealthCheck {
             service: String::new(),
             interval: Duration::from_secs(5),
+            unhealthy_interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             unhealthy_threshold: 2,
             healthy_threshold: 2,
             unimplemented_is_healthy: true,
-            mode: CheckMode::Poll,
+            mode: CheckMode::Watch,
         }
     }
 }
@@ -137,6 +149,7 @@ impl HealthConfig {
         }
         if let Some(checks) = &self.checks {
             within("checks.interval", checks.interval, Duration::from_millis(10), HOUR)?;
+            within("checks.unhealthy_interval", checks.unhealthy_interval, Duration::from_millis(10), HOUR)?;
             within("checks.timeout", checks.timeout, Duration::from_millis(1), HOUR)?;
             for (field, value) in [
                 ("checks.unhealthy_threshold", checks.unhealthy_threshold),
@@ -229,11 +242,37 @@ mod tests {
                 },
                 "`checks.interval` = 0ns; allowed: 10ms to 3600s",
             ),
+            (
+                HealthConfig {
+                    checks: Some(HealthCheck { unhealthy_interval: Duration::ZERO, ..Default::default() }),
+                    ..Default::default()
+                },
+                "`checks.unhealthy_interval` = 0ns; allowed: 10ms to 3600s",
+            ),
+            (
+                HealthConfig {
+                    checks: Some(HealthCheck {
+                        unhealthy_interval: Duration::from_secs(7200),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "`checks.unhealthy_interval` = 7200s; allowed: 10ms to 3600s",
+            ),
         ];
         for (config, expected) in cases {
             let message = config.validate().unwrap_err().to_string();
             assert!(message.contains(expected), "{message} should contain {expected}");
         }
         HealthConfig::default().validate().unwrap();
+        HealthConfig { checks: Some(HealthCheck::default()), ..Default::default() }.validate().unwrap();
+    }
+
+    #[test]
+    fn watch_is_the_default_and_unhealthy_endpoints_are_checked_every_second() {
+        let checks = HealthCheck::default();
+        assert_eq!(checks.mode, CheckMode::Watch);
+        assert_eq!(checks.unhealthy_interval, Duration::from_secs(1));
+        assert!(checks.unhealthy_interval < checks.interval);
     }
 }

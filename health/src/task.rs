@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::time::delay_queue::{DelayQueue, Key};
 
-use crate::checks::{self, Verdict};
+use crate::checks::{self, Verdict, WatchEnd};
 use crate::config::{CheckMode, HealthConfig, Keepalive};
 use grpc_pool_core::call::EndpointChannel;
 
@@ -51,10 +51,19 @@ const BATCH: Duration = Duration::from_millis(50);
 type Probe = Pin<Box<dyn Future<Output = (u64, u64, Result<Duration, String>)> + Send>>;
 /// One `Check` of one endpoint (by its id in the task).
 type Check = Pin<Box<dyn Future<Output = (u64, Verdict, Option<Duration>)> + Send>>;
-/// One endpoint's `Watch` stream, running until it ends.
-/// A `Watch` stream's future: its endpoint id, and whether it ended only to move to another
-/// connection (then it reopens at once, and reported nothing).
-type Watcher = Pin<Box<dyn Future<Output = (u64, bool)> + Send>>;
+/// One endpoint's `Watch` stream, running until it ends: its endpoint id, and how it ended.
+type Watcher = Pin<Box<dyn Future<Output = (u64, Watched)> + Send>>;
+
+/// How a `Watch` stream's future ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    /// The stream ended or failed (its last report said why), or its endpoint was removed.
+    Ended,
+    /// Only to move to another connection: it reopens at once, and reported nothing.
+    Moving,
+    /// The server has no `Watch`: the endpoint is polled with `Check` from now on.
+    Unimplemented,
+}
 
 /// How often a `Watch` stream looks whether its connection still takes new streams.
 const WATCH_RECHECK: Duration = Duration::from_millis(250);
@@ -78,6 +87,13 @@ struct EndpointHealth {
     successes: u32,
     failures: u32,
     unimplemented_logged: bool,
+    /// Its next check's entry in the queue; `None` while a check or `Watch` is under way.
+    key: Option<Key>,
+    /// Check again as soon as the one under way ends, unless it passes (a connection to the
+    /// unhealthy endpoint became ready meanwhile).
+    recheck: bool,
+    /// The server answered `Watch` with `UNIMPLEMENTED`: it is polled with `Check` instead.
+    poll_only: bool,
 }
 
 /// A number in `[-1, 1)`, different for each `salt` and each call.
@@ -233,7 +249,12 @@ impl Task {
                             }
                             self.check(id);
                         }
-                        Due::Endpoint(id) => self.start_check(id),
+                        Due::Endpoint(id) => {
+                            if let Some(health) = self.endpoints.get_mut(&id) {
+                                health.key = None;
+                            }
+                            self.start_check(id);
+                        }
                     }
                 }
                 Some((id, probe, result)) = self.probes.next(), if !self.probes.is_empty() => {
@@ -241,19 +262,15 @@ impl Task {
                 }
                 Some((id, verdict, latency)) = self.checks.next(), if !self.checks.is_empty() => {
                     self.on_verdict(id, verdict, latency, false);
-                    if let (Some(checks), true) = (&self.config.checks, self.endpoints.contains_key(&id)) {
-                        let next = jittered(checks.interval, &self.jitter, id);
-                        self.queue.insert(Due::Endpoint(id), next);
-                    }
+                    self.schedule_next_check(id);
                 }
-                Some((id, moving)) = self.watchers.next(), if !self.watchers.is_empty() => {
-                    // The stream ended: its connection stopped taking streams (reopen it on
-                    // another at once), or it failed (its last report said why: reopen it
-                    // after a while).
-                    if let (Some(checks), true) = (&self.config.checks, self.endpoints.contains_key(&id)) {
-                        let after = if moving { Duration::ZERO } else { checks.interval };
-                        self.queue.insert(Due::Endpoint(id), after);
+                Some((id, watched)) = self.watchers.next(), if !self.watchers.is_empty() => {
+                    // Its last reports are queued already: apply them first, so that the
+                    // next check is timed by the endpoint's health after them.
+                    while let Ok((id, verdict)) = self.reports_rx.try_recv() {
+                        self.on_verdict(id, verdict, None, true);
                     }
+                    self.on_watch_end(id, watched);
                 }
                 Some((id, verdict)) = self.reports_rx.recv() => {
                     self.on_verdict(id, verdict, None, true);
@@ -301,7 +318,11 @@ impl Task {
 
     fn on_event(&mut self, event: PoolEvent) {
         match event {
-            PoolEvent::MemberReady(member) => self.track(member),
+            PoolEvent::MemberReady(member) => {
+                let endpoint = member.endpoint().clone();
+                self.track(member);
+                self.recheck_if_unhealthy(&endpoint);
+            }
             PoolEvent::EndpointAdded(endpoint) => self.add_endpoint(endpoint),
             PoolEvent::EndpointRemoved(endpoint) => self.remove_endpoint(&endpoint),
             PoolEvent::GoAway { member, reason, debug_data } => {
@@ -333,10 +354,81 @@ impl Task {
                 successes: 0,
                 failures: 0,
                 unimplemented_logged: false,
+                key: None,
+                recheck: false,
+                poll_only: false,
             },
         );
-        if self.config.checks.is_some() {
-            self.queue.insert(Due::Endpoint(id), Duration::ZERO);
+        self.schedule_check(id, Duration::ZERO);
+    }
+
+    /// Puts the endpoint's next check in the queue `after` from now, or moves it there.
+    fn schedule_check(&mut self, id: u64, after: Duration) {
+        if self.config.checks.is_none() {
+            return;
+        }
+        let Some(health) = self.endpoints.get_mut(&id) else { return };
+        match &health.key {
+            Some(key) => self.queue.reset(key, after),
+            None => health.key = Some(self.queue.insert(Due::Endpoint(id), after)),
+        }
+    }
+
+    /// After a check: the next one in `interval`, or the shorter `unhealthy_interval` while
+    /// the endpoint is unhealthy (+/-10%); at once if a new connection came meanwhile and
+    /// this check failed.
+    fn schedule_next_check(&mut self, id: u64) {
+        let (Some(checks), Some(health)) = (&self.config.checks, self.endpoints.get_mut(&id)) else {
+            return;
+        };
+        let recheck = std::mem::take(&mut health.recheck) && !health.healthy && health.successes == 0;
+        let after = if recheck {
+            Duration::ZERO
+        } else if health.healthy {
+            jittered(checks.interval, &self.jitter, id)
+        } else {
+            jittered(checks.unhealthy_interval.min(checks.interval), &self.jitter, id)
+        };
+        self.schedule_check(id, after);
+    }
+
+    /// A `Watch` stream ended: reopen it on another connection at once if it only moved;
+    /// after the (unhealthy) interval if it failed; fall back to `Check` polling, at once, if
+    /// the server has no `Watch`.
+    fn on_watch_end(&mut self, id: u64, watched: Watched) {
+        let pool = self.monitor.name().to_owned();
+        let Some(health) = self.endpoints.get_mut(&id) else { return };
+        match watched {
+            Watched::Moving => self.schedule_check(id, Duration::ZERO),
+            Watched::Ended => self.schedule_next_check(id),
+            Watched::Unimplemented => {
+                if !health.poll_only {
+                    health.poll_only = true;
+                    let interval = self.config.checks.as_ref().map(|c| c.interval).unwrap_or_default();
+                    tracing::info!(pool = %pool, endpoint = %health.endpoint, "the server does not implement grpc.health.v1 Watch (UNIMPLEMENTED); polling it with Check every {interval:?} instead");
+                }
+                self.schedule_check(id, Duration::ZERO);
+            }
+        }
+    }
+
+    /// A connection to `endpoint` is ready: if the endpoint is unhealthy and no check has
+    /// passed since its last failure, check it now rather than at its next check, so that a
+    /// server back from an outage gets traffic as soon as it says it is serving. (A check
+    /// under way is followed by another at once if it fails.) Once one has passed, the next
+    /// waits `unhealthy_interval` as usual: connections opening together (a pool's connects
+    /// all succeeding when the server is back) must not make `healthy_threshold` checks in a
+    /// row within milliseconds.
+    fn recheck_if_unhealthy(&mut self, endpoint: &Endpoint) {
+        let Some(id) = self.endpoint_ids.get(endpoint).copied() else { return };
+        let Some(health) = self.endpoints.get_mut(&id) else { return };
+        if health.healthy || health.successes > 0 || self.config.checks.is_none() {
+            return;
+        }
+        if health.key.is_some() {
+            self.schedule_check(id, Duration::ZERO);
+        } else {
+            health.recheck = true;
         }
     }
 
@@ -347,6 +439,9 @@ impl Task {
         if let Some(id) = self.endpoint_ids.remove(endpoint) {
             if let Some(health) = self.endpoints.remove(&id) {
                 health.removed.store(true, Ordering::Relaxed);
+                if let Some(key) = health.key {
+                    self.queue.remove(&key);
+                }
             }
         }
         self.ping_limited.remove(endpoint);
@@ -455,17 +550,21 @@ impl Task {
         self.reschedule(id, next);
     }
 
-    /// An endpoint check fell due: a `Check` call (poll mode), or (re)opening its `Watch`.
+    /// An endpoint check fell due: a `Check` call (poll mode, or a server without `Watch`),
+    /// or (re)opening its `Watch`.
     fn start_check(&mut self, id: u64) {
-        let (Some(checks), Some((channel, endpoint, removed))) = (
+        let (Some(checks), Some((channel, endpoint, removed, poll_only))) = (
             self.config.checks.clone(),
-            self.endpoints
-                .get(&id)
-                .and_then(|e| e.channel.clone().map(|c| (c, e.endpoint.clone(), e.removed.clone()))),
+            self.endpoints.get_mut(&id).and_then(|e| {
+                // This check sees every connection ready now.
+                e.recheck = false;
+                e.channel.clone().map(|c| (c, e.endpoint.clone(), e.removed.clone(), e.poll_only))
+            }),
         ) else {
             return;
         };
-        match checks.mode {
+        let mode = if poll_only { CheckMode::Poll } else { checks.mode };
+        match mode {
             CheckMode::Poll => {
                 let span = tracing::debug_span!("health_check", pool = %self.monitor.name(), endpoint = %endpoint, mode = "check");
                 self.checks.push(Box::pin(tracing::Instrument::instrument(
@@ -491,7 +590,7 @@ impl Task {
                 };
                 let span = tracing::debug_span!("health_check", pool = %self.monitor.name(), endpoint = %endpoint, mode = "watch");
                 let watcher = async move {
-                    let moving = match member.as_ref().and_then(|m| m.channel().map(|c| (m, c))) {
+                    let watched = match member.as_ref().and_then(|m| m.channel().map(|c| (m, c))) {
                         Some((member, channel)) => {
                             let watch = checks::watch(channel, checks.service, report);
                             watch_until(watch, &removed, || member.state() != MemberState::Ready).await
@@ -507,7 +606,7 @@ impl Task {
                             watch_until(watch, &removed, any_ready).await
                         }
                     };
-                    (id, moving)
+                    (id, watched)
                 };
                 self.watchers.push(Box::pin(tracing::Instrument::instrument(watcher, span)));
             }
@@ -677,13 +776,14 @@ impl Task {
     }
 }
 
-/// Runs a `Watch` stream until it ends (false), its endpoint is removed (false), or
-/// `should_move` holds (true: reopen it elsewhere at once), looking every [`WATCH_RECHECK`].
+/// Runs a `Watch` stream until it ends (as it says), its endpoint is removed (`Ended`), or
+/// `should_move` holds (`Moving`: reopen it elsewhere at once), looking every
+/// [`WATCH_RECHECK`].
 async fn watch_until(
-    watch: impl Future<Output = ()>,
+    watch: impl Future<Output = WatchEnd>,
     removed: &AtomicBool,
     mut should_move: impl FnMut() -> bool,
-) -> bool {
+) -> Watched {
     let left = async {
         let mut ticks = tokio::time::interval(WATCH_RECHECK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -698,7 +798,10 @@ async fn watch_until(
         }
     };
     tokio::select! {
-        _ = watch => false,
-        moving = left => moving,
+        end = watch => match end {
+            WatchEnd::Ended => Watched::Ended,
+            WatchEnd::Unimplemented => Watched::Unimplemented,
+        },
+        moving = left => if moving { Watched::Moving } else { Watched::Ended },
     }
 }
