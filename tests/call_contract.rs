@@ -96,6 +96,15 @@ async fn a_response_stream_that_stalls_fails_at_the_deadline() {
     );
     wait_until(WAIT, "the server saw the stream cancelled", || server.resets() == 1).await;
     drop(stream);
+
+    // Side by side: tonic's `Channel` bounds only the response head by the deadline, so the
+    // same stalled stream keeps its caller until the server answers.
+    let channel = tonic::transport::Endpoint::from_shared(server.uri()).unwrap().connect().await.unwrap();
+    let started = Instant::now();
+    let response = EchoClient::new(channel).server_streaming_echo(with_deadline(0, DEADLINE)).await.unwrap();
+    let _ = response.into_inner().message().await;
+    let channel_took = started.elapsed();
+    assert!(channel_took >= SLOW, "the Channel ended the stalled stream after {channel_took:?}");
 }
 
 #[tokio::test]
@@ -406,6 +415,17 @@ async fn an_outage_fails_calls_fast_with_the_cause_and_one_connect_at_a_time_bac
 
     // One connect at a time, backing off by the multiplier a round.
     let attempts = outage.attempts();
+    let gaps: Vec<_> = attempts.windows(2).map(|pair| pair[1] - pair[0]).collect();
+    let mut fail_times: Vec<_> = failed.iter().map(|(_, took, _)| *took).collect();
+    fail_times.sort();
+    eprintln!(
+        "outage: {} calls failed, median {:?}, slowest {:?}; {} connect attempts, gaps {gaps:?}; \
+         reconnected {reconnected_after:?} after the server came back",
+        failed.len(),
+        fail_times[fail_times.len() / 2],
+        fail_times.last().unwrap(),
+        attempts.len()
+    );
     assert_eq!(outage.most_held.load(std::sync::atomic::Ordering::SeqCst), 1, "connects overlapped");
     assert!(attempts.len() >= 4, "{} connect attempts in a 3 s outage with a 200 ms backoff", attempts.len());
     for (round, pair) in attempts.windows(2).enumerate() {
