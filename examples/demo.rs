@@ -474,7 +474,10 @@ async fn main() {
         .name("demo")
         .min_connections(1)
         .max_connections(4)
-        .keepalive(Keepalive::new(Duration::from_millis(500), Duration::from_millis(500)))
+        // The defaults (keepalive 20 s / 10 s on connections carrying calls; idle ones
+        // PINGed before use after 30 s of quiet), scaled down 40x to fit phases of seconds.
+        .keepalive(Keepalive::new(Duration::from_millis(500), Duration::from_millis(250)))
+        .ping_before_use(Some(Duration::from_millis(750)))
         .health_checks(HealthCheck {
             mode: CheckMode::Watch,
             interval: Duration::from_millis(500),

@@ -66,7 +66,7 @@ pub struct PoolConfig {
     /// How often the gauges are sampled.
     #[serde(deserialize_with = "duration")]
     pub metrics_interval: Duration,
-    /// PING a member unused for this long before a call goes out on it; `"off"` by default.
+    /// PING a member unused for this long before a call goes out on it; `"30s"` by default.
     #[serde(deserialize_with = "optional_duration")]
     pub ping_before_use: Option<Duration>,
     /// Keepalive PINGs.
@@ -113,15 +113,19 @@ pub struct KeepaliveSection {
     pub timeout: Duration,
     /// PING connections with no call open too.
     pub permit_without_stream: bool,
+    /// Most PINGs between two frames of data from the server; 0: no limit.
+    pub max_pings_without_data: u32,
 }
 
 impl Default for KeepaliveSection {
     fn default() -> Self {
+        let d = Keepalive::new(crate::DEFAULT_KEEPALIVE_TIME, crate::DEFAULT_KEEPALIVE_TIMEOUT);
         KeepaliveSection {
             enabled: true,
-            time: Duration::from_secs(310),
-            timeout: Duration::from_secs(20),
-            permit_without_stream: true,
+            time: d.time,
+            timeout: d.timeout,
+            permit_without_stream: d.permit_without_stream,
+            max_pings_without_data: d.max_pings_without_data,
         }
     }
 }
@@ -348,7 +352,7 @@ impl Default for PoolConfig {
             replay_buffer_limit: 256 * 1024,
             when_all_unhealthy: WhenAllUnhealthy::FailFast,
             metrics_interval: Duration::from_secs(1),
-            ping_before_use: None,
+            ping_before_use: Some(crate::DEFAULT_PING_BEFORE_USE),
             keepalive: KeepaliveSection::default(),
             eviction: EvictionSection::default(),
             health_check: None,
@@ -406,6 +410,7 @@ impl PoolConfig {
                 time: self.keepalive.time,
                 timeout: self.keepalive.timeout,
                 permit_without_stream: self.keepalive.permit_without_stream,
+                max_pings_without_data: self.keepalive.max_pings_without_data,
             })
         } else {
             builder.no_keepalive()
@@ -416,9 +421,7 @@ impl PoolConfig {
         if let Some(streams) = self.eviction.max_streams_per_connection {
             builder = builder.max_streams_per_connection(streams);
         }
-        if let Some(after) = self.ping_before_use {
-            builder = builder.ping_before_use(after);
-        }
+        builder = builder.ping_before_use(self.ping_before_use);
         if let Some(tls) = &self.tls {
             builder = builder.tls(tls.load()?);
         }

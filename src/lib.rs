@@ -149,9 +149,12 @@ service_through_core_pool!(Pool, core);
 ///
 /// Defaults: `min_connections` 1 and `max_connections` 8 per endpoint, 100 concurrent streams
 /// per connection, 5 s checkout timeout, 10 s connect timeout, gRPC's reconnect backoff;
-/// keepalive PINGs after 310 s of quiet with a 20 s timeout (just above the 5-minute minimum
-/// that gRPC servers enforce by default, so default servers never see them as abuse);
-/// `idle_timeout` 10 minutes; no `max_lifetime`.
+/// keepalive PINGs on connections with calls in flight after [`DEFAULT_KEEPALIVE_TIME`] of
+/// quiet, at most two without data from the server in between, with a
+/// [`DEFAULT_KEEPALIVE_TIMEOUT`]; idle connections not PINGed but checked before use after
+/// [`DEFAULT_PING_BEFORE_USE`] of quiet, with a PING answered within
+/// [`DEFAULT_PING_BEFORE_USE_TIMEOUT`]; `idle_timeout` 10 minutes; no `max_lifetime`. Why
+/// each value: see the constants.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -169,19 +172,46 @@ pub struct Builder {
     ping_before_use: Option<Duration>,
 }
 
+/// Default keepalive time: a connection carrying calls that has heard nothing from the
+/// server for this long is PINGed. Short enough that a call on a connection that died under
+/// it (a NAT or load balancer that dropped the flow, a crashed host) is failed within
+/// `time + timeout` = 30 s instead of hanging until TCP gives up (15 minutes and more), and a
+/// busy connection is never PINGed at all (every read counts as news). Servers allow one PING
+/// per 5 minutes while calls are open, but forgive every PING once they send data; with at
+/// most two PINGs between two frames of data, a call silent for hours on a live connection
+/// costs two PINGs and one strike, never the third strike that earns a GOAWAY.
+pub const DEFAULT_KEEPALIVE_TIME: Duration = Duration::from_secs(20);
+
+/// Default keepalive timeout, and the sockets' `TCP_USER_TIMEOUT` on Linux: ten round trips
+/// of the slowest intercontinental path are under 5 s; 10 s leaves room for a busy server.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default quiet time after which an idle connection is PINGed before a call uses it.
+/// Middleboxes drop idle flows after their own timeout, and the shortest common ones are
+/// 60 s (many L4 load balancers; AWS's NAT gateway waits 350 s, Azure's load balancer 4
+/// minutes): a connection quiet for less than half the shortest is almost surely still
+/// there, one quiet for longer is checked. Servers never count this PING against their
+/// policy, because the call that follows makes them send data.
+pub const DEFAULT_PING_BEFORE_USE: Duration = Duration::from_secs(30);
+
+/// Default bound on the answer to a PING before use (four round trips measured on the
+/// connection, if that is longer): a dead connection costs the call this much, and the call
+/// then goes to a fresh connection.
+pub const DEFAULT_PING_BEFORE_USE_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl Default for Builder {
     fn default() -> Self {
         Builder {
             core: grpc_pool_core::Builder::default(),
             health: HealthConfig {
-                keepalive: Some(Keepalive::new(Duration::from_secs(310), Duration::from_secs(20))),
+                keepalive: Some(Keepalive::new(DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT)),
                 eviction: EvictionPolicy {
                     idle_timeout: Some(Duration::from_secs(600)),
                     ..Default::default()
                 },
                 checks: None,
             },
-            ping_before_use: None,
+            ping_before_use: Some(DEFAULT_PING_BEFORE_USE),
         }
     }
 }
@@ -260,10 +290,12 @@ impl Builder {
     }
 
     /// PING a member before it carries a call when it has been unused for `after` (no
-    /// stream started, nothing received); no PONG within the keepalive timeout (20 s
-    /// without keepalive) closes it and the call goes to another member.
-    pub fn ping_before_use(mut self, after: Duration) -> Self {
-        self.ping_before_use = Some(after);
+    /// stream started, nothing received), and wait for the PONG; no PONG within
+    /// [`DEFAULT_PING_BEFORE_USE_TIMEOUT`] (or four round trips of that connection) closes it
+    /// and the call goes to another member. Default [`DEFAULT_PING_BEFORE_USE`]; `None` turns
+    /// it off.
+    pub fn ping_before_use(mut self, after: Option<Duration>) -> Self {
+        self.ping_before_use = after;
         self
     }
 
@@ -305,7 +337,7 @@ impl Builder {
         let core = self
             .core
             .tcp_user_timeout(timeout)
-            .ping_before_use(self.ping_before_use, timeout.unwrap_or(Duration::from_secs(20)))
+            .ping_before_use(self.ping_before_use, DEFAULT_PING_BEFORE_USE_TIMEOUT)
             .max_streams_per_connection(self.health.eviction.max_streams_per_connection);
         Ok((core, self.health))
     }

@@ -202,7 +202,7 @@ async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() 
     let quiet = Duration::from_millis(50);
     let pool = Pool::builder()
         .max_connections(1)
-        .ping_before_use(quiet)
+        .ping_before_use(Some(quiet))
         .no_keepalive()
         .build([server.uri()])
         .await
@@ -232,7 +232,11 @@ async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() 
 #[tokio::test]
 async fn a_ping_whose_caller_gave_up_does_not_stop_later_keepalive_pings() {
     let server = FrameServer::start(Behaviour::AnswerAfter(Duration::ZERO)).await;
-    let keepalive = grpc_pool::Keepalive::new(Duration::from_millis(100), Duration::from_secs(5));
+    let keepalive = grpc_pool::Keepalive {
+        permit_without_stream: true,
+        max_pings_without_data: 0,
+        ..grpc_pool::Keepalive::new(Duration::from_millis(100), Duration::from_secs(5))
+    };
     let pool = Pool::builder().keepalive(keepalive).build([server.uri()]).await.unwrap();
     let members = pool.core().monitor().members();
     let member = members.first().expect("a member");

@@ -19,11 +19,14 @@ fn the_example_file_parses_and_says_the_defaults() {
     assert_eq!(config.endpoints.len(), 2);
     assert_eq!(config.max_connections, defaults.max_connections);
     assert_eq!(config.checkout_timeout, defaults.checkout_timeout);
-    assert_eq!(config.keepalive.time, Duration::from_secs(310));
+    assert_eq!(config.keepalive.time, Duration::from_secs(20));
     assert_eq!(config.keepalive.time, defaults.keepalive.time);
+    assert_eq!(config.keepalive.timeout, Duration::from_secs(10));
+    assert!(!config.keepalive.permit_without_stream);
+    assert_eq!(config.keepalive.max_pings_without_data, 2);
     assert_eq!(config.eviction.idle_timeout, Some(Duration::from_secs(600)));
     assert_eq!(config.eviction.max_lifetime, None);
-    assert_eq!(config.ping_before_use, None);
+    assert_eq!(config.ping_before_use, Some(Duration::from_secs(30)));
     assert_eq!(config.when_all_unhealthy, WhenAllUnhealthy::FailFast);
     // The optional sections are written out in the example with their defaults.
     let check = config.health_check.as_ref().unwrap();

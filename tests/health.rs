@@ -21,8 +21,15 @@ fn request(delay_ms: u32) -> EchoRequest {
     EchoRequest { message: Bytes::from_static(b"health"), repeat: 0, delay_ms }
 }
 
+/// Keepalive that PINGs idle members too, however long the server stays silent (the
+/// defaults PING only members carrying calls, at most twice without data): what these tests
+/// of the keepalive machinery on idle connections need.
+fn idle_keepalive(time: Duration, timeout: Duration) -> Keepalive {
+    Keepalive { permit_without_stream: true, max_pings_without_data: 0, ..Keepalive::new(time, timeout) }
+}
+
 fn keepalive() -> Keepalive {
-    Keepalive::new(Duration::from_millis(300), Duration::from_millis(300))
+    idle_keepalive(Duration::from_millis(300), Duration::from_millis(300))
 }
 
 fn bound(keepalive: &Keepalive) -> Duration {
@@ -63,7 +70,7 @@ async fn members_opened_together_send_their_first_pings_spread_over_half_a_keepa
     let pool = Pool::builder()
         .min_connections(24)
         .max_connections(24)
-        .keepalive(Keepalive::new(time, Duration::from_secs(2)))
+        .keepalive(idle_keepalive(time, Duration::from_secs(2)))
         .build([server.uri()])
         .await
         .unwrap();
@@ -192,7 +199,7 @@ async fn idle_members_are_pinged_only_when_permitted() {
     };
     let pool = Pool::builder().keepalive(quiet).build([server.uri()]).await.unwrap();
     let permitted = Pool::builder()
-        .keepalive(Keepalive::new(Duration::from_millis(50), Duration::from_secs(1)))
+        .keepalive(idle_keepalive(Duration::from_millis(50), Duration::from_secs(1)))
         .build([server.uri()])
         .await
         .unwrap();
@@ -314,10 +321,10 @@ async fn a_member_unused_for_long_is_pinged_before_use_and_replaced_if_dead() {
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;
     // Keepalive PINGs too rare to matter here; their timeout bounds the PING before use.
-    let keepalive = Keepalive::new(Duration::from_secs(3600), Duration::from_millis(300));
+    let keepalive = idle_keepalive(Duration::from_secs(3600), Duration::from_millis(300));
     let pool = Pool::builder()
         .keepalive(keepalive.clone())
-        .ping_before_use(Duration::from_millis(200))
+        .ping_before_use(Some(Duration::from_millis(200)))
         .build([relay.uri()])
         .await
         .unwrap();
@@ -419,7 +426,7 @@ async fn keepalive_pings_keep_a_connection_alive_through_an_idle_expiring_middle
     let quiet = Duration::from_millis(2_500);
 
     let pinging = Pool::builder()
-        .keepalive(Keepalive::new(Duration::from_millis(200), Duration::from_millis(500)))
+        .keepalive(idle_keepalive(Duration::from_millis(200), Duration::from_millis(500)))
         .build([relay.uri()])
         .await
         .unwrap();
@@ -450,7 +457,7 @@ async fn a_server_enforcing_a_ping_policy_sends_too_many_pings_and_no_call_fails
     )
     .await;
     let pool = Pool::builder()
-        .keepalive(Keepalive::new(Duration::from_millis(100), Duration::from_secs(1)))
+        .keepalive(idle_keepalive(Duration::from_millis(100), Duration::from_secs(1)))
         .build([enforcer.uri()])
         .await
         .unwrap();

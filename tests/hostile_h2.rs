@@ -61,7 +61,11 @@ async fn a_goaway_on_every_connection_backs_reconnects_off_instead_of_looping() 
 async fn a_server_that_never_answers_pings_loses_its_connection_to_keepalive() {
     let deaf = FrameServer::start(Behaviour::IgnorePings).await;
     let pool = Pool::builder()
-        .keepalive(Keepalive::new(Duration::from_millis(200), Duration::from_millis(200)))
+        .keepalive(Keepalive {
+            permit_without_stream: true,
+            max_pings_without_data: 0,
+            ..Keepalive::new(Duration::from_millis(200), Duration::from_millis(200))
+        })
         .build([deaf.uri()])
         .await
         .unwrap();

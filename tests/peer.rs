@@ -48,6 +48,12 @@ async fn load(pool: &Pool, callers: usize, duration: Duration, delay_ms: u32) ->
     (calls.load(Ordering::Relaxed), failures)
 }
 
+/// Keepalive that PINGs idle members too (the defaults do not): for tests of how the pool
+/// meets a server's PING policy when it is configured past it.
+fn idle_keepalive(time: Duration, timeout: Duration) -> Keepalive {
+    Keepalive { permit_without_stream: true, max_pings_without_data: 0, ..Keepalive::new(time, timeout) }
+}
+
 #[tokio::test]
 async fn idle_close_by_the_server_fails_no_call() {
     let peer =
@@ -98,7 +104,7 @@ async fn ping_enforcement_backs_keepalive_off_and_fails_no_call() {
     // strikes, then GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
     let peer = PythonPeer::start(PeerOptions::default()).await;
     let pool = Pool::builder()
-        .keepalive(Keepalive::new(Duration::from_secs(1), Duration::from_secs(5)))
+        .keepalive(idle_keepalive(Duration::from_secs(1), Duration::from_secs(5)))
         .build([peer.uri()])
         .await
         .unwrap();
@@ -289,7 +295,7 @@ async fn a_pool_idle_for_a_minute_against_default_ping_limits_serves_without_fai
     // serves every call after the minute.
     let peer = PythonPeer::start(PeerOptions::default()).await;
     let pool = Pool::builder()
-        .keepalive(Keepalive::new(Duration::from_secs(10), Duration::from_secs(5)))
+        .keepalive(idle_keepalive(Duration::from_secs(10), Duration::from_secs(5)))
         .build([peer.uri()])
         .await
         .unwrap();

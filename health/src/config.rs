@@ -4,17 +4,35 @@ use std::time::Duration;
 
 use grpc_pool_core::Error;
 
-/// Keepalive PINGs, with the parameters of grpc-go's and Kitex's client keepalive.
+/// Keepalive PINGs, with the parameters of grpc-go's and the gRPC C core's client keepalive.
 ///
-/// A member that has received nothing for `time` gets an HTTP/2 PING; no PONG within
-/// `timeout` closes it (`ping_timeout`), and the calls on it fail at once with `UNAVAILABLE`
-/// instead of hanging until their deadlines. On Linux, `timeout` also becomes the sockets'
-/// `TCP_USER_TIMEOUT`, so a write to a dead peer fails as fast.
+/// A member with calls in flight that has received nothing for `time` gets an HTTP/2 PING;
+/// no PONG within `timeout` closes it (`ping_timeout`), and the calls on it fail at once with
+/// `UNAVAILABLE` instead of hanging until their deadlines. On Linux, `timeout` also becomes
+/// the sockets' `TCP_USER_TIMEOUT`, so a write to a dead peer fails as fast.
+///
+/// Servers police PINGs. gRPC's (the C core's `Chttp2PingAbusePolicy`, grpc-go's
+/// `handlePing`) count a PING as a strike when it comes within 5 minutes of the previous one
+/// while calls are open, or within 2 hours while none are (unless the server permits PINGs
+/// without calls), forget the strikes whenever the server sends HEADERS or DATA, and answer
+/// a third strike with GOAWAY `ENHANCE_YOUR_CALM` "too_many_pings". So, as the C core's own
+/// client does (`grpc.http2.max_pings_without_data`), at most `max_pings_without_data` PINGs
+/// go out on a member between two frames of data from the server (at most one strike), and
+/// idle members are not PINGed unless `permit_without_stream` says so: the pool checks them
+/// before use instead (`Builder::ping_before_use`), which servers never count.
 ///
 /// ```
 /// use std::time::Duration;
-/// let keepalive = grpc_pool_health::Keepalive::new(Duration::from_secs(10), Duration::from_secs(5));
-/// assert!(keepalive.permit_without_stream);
+/// let keepalive = grpc_pool_health::Keepalive::new(Duration::from_secs(20), Duration::from_secs(10));
+/// assert!(!keepalive.permit_without_stream);
+/// assert_eq!(keepalive.max_pings_without_data, 2);
+/// // PING idle connections too, every 10 s, however long the server stays silent: only for
+/// // servers that permit it (grpc.keepalive_permit_without_calls, PermitWithoutStream).
+/// let idle_too = grpc_pool_health::Keepalive {
+///     permit_without_stream: true,
+///     max_pings_without_data: 0,
+///     ..grpc_pool_health::Keepalive::new(Duration::from_secs(10), Duration::from_secs(5))
+/// };
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keepalive {
@@ -22,16 +40,24 @@ pub struct Keepalive {
     pub time: Duration,
     /// How long a PING may wait for its PONG (at least 1 ms).
     pub timeout: Duration,
-    /// Whether members without streams are PINGed too. Default `true`: finding idle
-    /// connections that died is the point. Servers that count such PINGs as abuse answer
-    /// with GOAWAY `too_many_pings`; the task then doubles `time` for that endpoint.
+    /// Whether members without streams are PINGed too. Default `false`: gRPC servers count
+    /// a PING on an idle connection as abuse unless told otherwise, and a dead idle
+    /// connection is found by the PING before use at no such risk. Should a server answer
+    /// `too_many_pings` anyway, the task doubles `time` for that endpoint.
     pub permit_without_stream: bool,
+    /// Most PINGs sent on a member between two DATA or HEADERS frames from the server (0:
+    /// no limit). Default 2, as the gRPC C core's client: a call silent for long on a live
+    /// connection then costs two PONGs and never a GOAWAY. Set 0 only for servers that
+    /// permit PINGs without data.
+    pub max_pings_without_data: u32,
 }
 
 impl Keepalive {
-    /// PING after `time` of quiet, wait `timeout` for the PONG, idle members included.
+    /// PING members with calls in flight after `time` of quiet, wait `timeout` for the PONG;
+    /// idle members are not PINGed, and at most 2 PINGs go out without data from the server
+    /// in between.
     pub fn new(time: Duration, timeout: Duration) -> Keepalive {
-        Keepalive { time, timeout, permit_without_stream: true }
+        Keepalive { time, timeout, permit_without_stream: false, max_pings_without_data: 2 }
     }
 }
 
@@ -140,6 +166,13 @@ impl HealthConfig {
         if let Some(keepalive) = &self.keepalive {
             within("keepalive.time", keepalive.time, Duration::from_millis(10), DAY)?;
             within("keepalive.timeout", keepalive.timeout, Duration::from_millis(1), HOUR)?;
+            if keepalive.max_pings_without_data > 1000 {
+                return Err(Error::invalid_config(
+                    "keepalive.max_pings_without_data",
+                    &keepalive.max_pings_without_data.to_string(),
+                    "0 (no limit) to 1000",
+                ));
+            }
         }
         if let Some(idle) = self.eviction.idle_timeout {
             within("eviction.idle_timeout", idle, Duration::from_millis(10), 30 * DAY)?;

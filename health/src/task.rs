@@ -139,6 +139,10 @@ struct Tracked {
     /// an endpoint coming back) do not PING together ever after. Later PINGs wait the full
     /// keepalive time, which the server's PING policy may be tuned to.
     first_ping_after: Option<Duration>,
+    /// PINGs sent since the server last sent DATA or HEADERS, and the member's count of such
+    /// frames when that was looked at: servers forgive PINGs only once they have sent data.
+    pings_without_data: u32,
+    data_frames: u64,
 }
 
 struct Task {
@@ -300,7 +304,18 @@ impl Task {
         let first_ping_after = self
             .keepalive_time(member.endpoint())
             .map(|time| time.mul_f64(0.75 + 0.25 * symmetric_unit(&self.jitter, id)));
-        self.members.insert(id, Tracked { member, key, lifetime, probe: None, first_ping_after });
+        self.members.insert(
+            id,
+            Tracked {
+                member,
+                key,
+                lifetime,
+                probe: None,
+                first_ping_after,
+                pings_without_data: 0,
+                data_frames: 0,
+            },
+        );
         // Look at it right away (the entry is due at once), so a member that is already
         // old or quiet is handled on the next turn.
     }
@@ -486,7 +501,7 @@ impl Task {
             return;
         }
         let (lifetime, first_ping_after) = (tracked.lifetime, tracked.first_ping_after);
-        let MemberStatus { age, idle, in_flight, since_last_read: quiet, .. } = status;
+        let MemberStatus { age, idle, in_flight, since_last_read: quiet, data_frames, .. } = status;
 
         if let Some(lifetime) = lifetime.filter(|l| age >= *l) {
             if self.may_retire_for_lifetime(member.endpoint()) {
@@ -521,7 +536,8 @@ impl Task {
             (self.keepalive().cloned(), self.keepalive_time(member.endpoint()))
         {
             let time = first_ping_after.map_or(time, |first| first.min(time));
-            let permitted = keepalive.permit_without_stream || in_flight > 0;
+            let permitted = (keepalive.permit_without_stream || in_flight > 0)
+                && self.may_ping_without_data(id, data_frames, keepalive.max_pings_without_data);
             if quiet >= time && permitted {
                 let rpc = in_flight == 0 && self.ping_limited.contains(member.endpoint());
                 self.start_probe(id, &member, rpc);
@@ -709,6 +725,20 @@ impl Task {
             .unwrap_or(0)
     }
 
+    /// Whether the member may have another PING under the server's PING policy: fewer than
+    /// `most` (0: no limit) sent since the server last sent DATA or HEADERS, which resets
+    /// the server's strike count (the C core's `Chttp2PingAbusePolicy::ResetPingStrikes`,
+    /// grpc-go's `resetPingStrikes`). Past that, the member waits for data before its next
+    /// PING, as the C core's client does with `max_pings_without_data`.
+    fn may_ping_without_data(&mut self, id: u64, data_frames: u64, most: u32) -> bool {
+        let Some(tracked) = self.members.get_mut(&id) else { return false };
+        if tracked.data_frames != data_frames {
+            tracked.data_frames = data_frames;
+            tracked.pings_without_data = 0;
+        }
+        most == 0 || tracked.pings_without_data < most
+    }
+
     /// Probes a quiet member: an HTTP/2 PING, or for `rpc` a health-check call on that
     /// connection (for servers that limit PINGs on idle connections).
     fn start_probe(&mut self, id: u64, member: &MemberHandle, rpc: bool) {
@@ -716,6 +746,10 @@ impl Task {
         let probe = self.probes_started;
         if let Some(tracked) = self.members.get_mut(&id) {
             tracked.probe = Some(probe);
+            if !rpc {
+                // A health-check call makes the server send HEADERS: only PINGs count.
+                tracked.pings_without_data += 1;
+            }
         }
         let member = member.clone();
         let service = if rpc { self.config.checks.as_ref().map(|c| c.service.clone()) } else { None };

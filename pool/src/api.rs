@@ -308,9 +308,12 @@ impl Builder {
     }
 
     /// PING a member before it carries a call when it has been unused (no stream started,
-    /// nothing received) for `after`, as Envoy's `connection_idle_interval` does; no PONG
-    /// within `timeout` closes it and the call goes to another member. `None` (the default)
-    /// turns it off.
+    /// nothing received) for `after`, as Envoy's `connection_idle_interval` does, and wait
+    /// for the PONG before the call goes out. No PONG within `timeout` (or four round trips
+    /// measured on that connection, if that is longer) closes the member, and the call goes
+    /// to another one without using up an attempt. Servers do not count such a PING against
+    /// their PING policy: the call that follows makes the server send HEADERS, which resets
+    /// its strike count. `None` (the default here; the facade turns it on) turns it off.
     pub fn ping_before_use(mut self, after: Option<Duration>, timeout: Duration) -> Self {
         self.config.ping_before_use = after.map(|after| (after, timeout));
         self

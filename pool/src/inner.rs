@@ -886,10 +886,6 @@ impl PoolInner {
         let entry = self.unlist(member);
         self.count_eviction(member, reason, MemberState::Draining, detail);
         if let Some(entry) = entry {
-            if reason == EvictionReason::GoAway {
-                // The server's doing, not the pool's policy: maybe a server that refuses us.
-                self.note_short_life(&entry, member);
-            }
             self.replace(&entry);
         }
         true
@@ -963,11 +959,13 @@ impl PoolInner {
     /// replacements back off instead of looping. One that carried calls had a working
     /// server: a short `max_connection_age` is not a failure, and backing off from it would
     /// leave callers with no connection at all when members age out together. Nor is one
-    /// the server closed gracefully (GOAWAY `NO_ERROR`, as an idle limit does), however
-    /// young: the server worked, and the next call must not wait out a backoff for it.
+    /// the server closed with a GOAWAY after it was in service, however young: the server
+    /// worked and said goodbye (an idle or age limit; the gRPC C core's idle limit says so
+    /// with `INTERNAL_ERROR` "connection idle", so the code is no guide), and the next call
+    /// must not wait out a backoff for it. (A GOAWAY that comes with the server's SETTINGS,
+    /// before the member was listed, is a failed connect all the same: `connect_loop`.)
     fn note_short_life(&self, entry: &EndpointEntry, member: &Member) {
-        let graceful = member.signals.goaway().is_some_and(|g| g.reason() == h2::Reason::NO_ERROR);
-        if member.age() < SHORT_LIFE && member.streams_opened() == 0 && !graceful {
+        if member.age() < SHORT_LIFE && member.streams_opened() == 0 && !member.signals.goaway_seen() {
             let round = entry.lock().failure_round;
             self.note_failure(entry, round, &format!("connection closed {:?} after it opened", member.age()));
         }

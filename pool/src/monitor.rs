@@ -142,6 +142,9 @@ pub struct MemberStatus {
     pub idle: Duration,
     /// Time since the server last sent anything on it.
     pub since_last_read: Duration,
+    /// DATA and HEADERS frames the server has sent on it so far: a PING sent after the last
+    /// of them counts toward the server's PING policy (see `Keepalive`).
+    pub data_frames: u64,
 }
 
 /// A member, seen from outside the pool. Holds no strong reference: once the pool lets go
@@ -210,6 +213,7 @@ impl MemberHandle {
                 age: m.age(),
                 idle: m.idle(),
                 since_last_read: m.signals.since_last_read(),
+                data_frames: m.signals.data_frames(),
             },
             None => MemberStatus {
                 state: MemberState::Closed,
@@ -217,6 +221,7 @@ impl MemberHandle {
                 age: Duration::ZERO,
                 idle: Duration::ZERO,
                 since_last_read: Duration::ZERO,
+                data_frames: 0,
             },
         }
     }

@@ -44,7 +44,20 @@ pub struct PingEnforcer {
     addr: SocketAddr,
     enforcing: Arc<AtomicBool>,
     goaways: Arc<AtomicU64>,
+    seen: Arc<Seen>,
     task: JoinHandle<()>,
+}
+
+/// What crossed the proxy, counted whether or not the policy is enforced: with enforcing
+/// off it is a transparent, frame-aware tap in front of a server that polices PINGs itself.
+#[derive(Debug, Default)]
+struct Seen {
+    /// PINGs from clients (not their ACKs).
+    pings: AtomicU64,
+    /// The most PINGs one connection sent between two HEADERS or DATA frames of the server.
+    most_pings_without_data: AtomicU64,
+    /// GOAWAY frames the server sent (not the proxy's own).
+    server_goaways: AtomicU64,
 }
 
 impl PingEnforcer {
@@ -54,7 +67,9 @@ impl PingEnforcer {
         let addr = listener.local_addr().expect("its address");
         let enforcing = Arc::new(AtomicBool::new(true));
         let goaways = Arc::new(AtomicU64::new(0));
-        let shared = Shared { policy, enforcing: enforcing.clone(), goaways: goaways.clone() };
+        let seen = Arc::new(Seen::default());
+        let shared =
+            Shared { policy, enforcing: enforcing.clone(), goaways: goaways.clone(), seen: seen.clone() };
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let shared = shared.clone();
@@ -65,7 +80,7 @@ impl PingEnforcer {
                 });
             }
         });
-        PingEnforcer { addr, enforcing, goaways, task }
+        PingEnforcer { addr, enforcing, goaways, seen, task }
     }
 
     /// Where clients connect.
@@ -88,6 +103,22 @@ impl PingEnforcer {
     pub fn goaways(&self) -> u64 {
         self.goaways.load(Ordering::SeqCst)
     }
+
+    /// PINGs clients sent through the proxy (counted whether enforcing or not).
+    pub fn pings(&self) -> u64 {
+        self.seen.pings.load(Ordering::SeqCst)
+    }
+
+    /// The most PINGs one connection sent between two HEADERS or DATA frames from the
+    /// server: what a server's PING policy counts strikes by.
+    pub fn most_pings_without_data(&self) -> u64 {
+        self.seen.most_pings_without_data.load(Ordering::SeqCst)
+    }
+
+    /// GOAWAY frames the server behind the proxy sent to clients.
+    pub fn server_goaways(&self) -> u64 {
+        self.seen.server_goaways.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for PingEnforcer {
@@ -101,6 +132,7 @@ struct Shared {
     policy: PingPolicy,
     enforcing: Arc<AtomicBool>,
     goaways: Arc<AtomicU64>,
+    seen: Arc<Seen>,
 }
 
 /// One connection's PING accounting, as the C core keeps it.
@@ -111,6 +143,8 @@ struct Strikes {
     strikes: u32,
     /// The highest stream the client opened, for the GOAWAY's last-stream-id.
     last_stream: u32,
+    /// PINGs since the server last sent HEADERS or DATA, enforced or not.
+    pings_without_data: u64,
 }
 
 /// Reads one frame (header and payload) whole.
@@ -132,7 +166,7 @@ async fn relay(inbound: TcpStream, outbound: TcpStream, shared: Shared) -> std::
     let to_client = tokio::sync::Mutex::new(to_client);
     let strikes = Mutex::new(Strikes::default());
 
-    let down = server_to_client(&mut from_server, &to_client, &strikes);
+    let down = server_to_client(&mut from_server, &to_client, &strikes, &shared.seen);
     let up = async {
         let mut preface = [0u8; PREFACE_LEN];
         from_client.read_exact(&mut preface).await?;
@@ -145,6 +179,11 @@ async fn relay(inbound: TcpStream, outbound: TcpStream, shared: Shared) -> std::
                 let mut s = strikes.lock().unwrap();
                 if kind == HEADERS {
                     s.last_stream = s.last_stream.max(stream);
+                }
+                if kind == PING && flags & ACK == 0 {
+                    s.pings_without_data += 1;
+                    shared.seen.pings.fetch_add(1, Ordering::SeqCst);
+                    shared.seen.most_pings_without_data.fetch_max(s.pings_without_data, Ordering::SeqCst);
                 }
                 if kind == PING && flags & ACK == 0 && shared.enforcing.load(Ordering::SeqCst) {
                     let now = Instant::now();
@@ -175,6 +214,7 @@ async fn server_to_client(
     from_server: &mut OwnedReadHalf,
     to_client: &tokio::sync::Mutex<OwnedWriteHalf>,
     strikes: &Mutex<Strikes>,
+    seen: &Seen,
 ) -> std::io::Result<()> {
     loop {
         let frame = read_frame(from_server).await?;
@@ -182,6 +222,10 @@ async fn server_to_client(
             let mut s = strikes.lock().unwrap();
             s.last_ping = None;
             s.strikes = 0;
+            s.pings_without_data = 0;
+        }
+        if frame[3] == GOAWAY {
+            seen.server_goaways.fetch_add(1, Ordering::SeqCst);
         }
         to_client.lock().await.write_all(&frame).await?;
     }

@@ -264,14 +264,18 @@ where
     }
 
     /// Counts the failed attempt of a call that never reached the server and queues the call
-    /// for another one; the error to return when no attempt is left.
+    /// for another one; the error to return when no attempt is left. A member that failed
+    /// its PING before use costs the call no attempt: the call never left, and the member
+    /// is gone (a fresh one is never PINGed before use, so this cannot loop).
     fn again(
         &mut self,
         reason: RetryReason,
         request: Request<CallBody<B>>,
         error: Error,
     ) -> Result<(), Error> {
-        self.attempts += 1;
+        if reason != RetryReason::PingBeforeUse {
+            self.attempts += 1;
+        }
         if self.attempts >= self.pool.config.max_attempts {
             self.state = State::Done;
             return Err(self.not_retried(error, false, false));
@@ -333,6 +337,9 @@ fn needs_check(
     if !stale && !member.is_probing() {
         return None;
     }
+    // A few round trips of this connection, or the configured bound, whichever is longer: a
+    // far server is not taken for a dead one.
+    let timeout = member.pinger.last_rtt().map_or(timeout, |rtt| timeout.max(rtt * 4));
     let (pool, member) = (pool.clone(), member.clone());
     Some(Box::pin(async move {
         let Some(probe) = member.start_probe() else {

@@ -20,6 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
 const FRAME_HEADER_LEN: usize = 9;
+const TYPE_DATA: u8 = 0x0;
+const TYPE_HEADERS: u8 = 0x1;
 const TYPE_SETTINGS: u8 = 0x4;
 const TYPE_GOAWAY: u8 = 0x7;
 const FLAG_ACK: u8 = 0x1;
@@ -50,6 +52,10 @@ pub(crate) struct ConnSignals {
     /// When bytes last arrived from the server (a `clock::coarse_now_nanos` reading): keepalive
     /// PINGs only connections that have been quiet.
     last_read: AtomicU64,
+    /// DATA and HEADERS frames received so far. Servers forgive a client's PINGs once they
+    /// have sent either (gRPC's PING policy resets its strikes then), so keepalive counts the
+    /// PINGs it sends between two changes of this.
+    data_frames: AtomicU64,
     /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS`; `u32::MAX` until it sends one
     /// (unlimited, as RFC 9113 says of a setting not yet received).
     server_max_streams: AtomicU32,
@@ -71,6 +77,7 @@ impl ConnSignals {
     pub(crate) fn new() -> ConnSignals {
         ConnSignals {
             last_read: AtomicU64::new(crate::clock::coarse_now_nanos()),
+            data_frames: AtomicU64::new(0),
             server_max_streams: AtomicU32::new(u32::MAX),
             settings_seen: AtomicBool::new(false),
             limit_raised: AtomicBool::new(false),
@@ -85,6 +92,11 @@ impl ConnSignals {
     /// Time since bytes last arrived from the server.
     pub(crate) fn since_last_read(&self) -> Duration {
         crate::clock::since(self.last_read.load(Ordering::Relaxed))
+    }
+
+    /// DATA and HEADERS frames received from the server so far.
+    pub(crate) fn data_frames(&self) -> u64 {
+        self.data_frames.load(Ordering::Relaxed)
     }
 
     pub(crate) fn server_max_streams(&self) -> u32 {
@@ -235,6 +247,12 @@ impl FrameReader {
         self.kind = h[3];
         let flags = h[4];
         self.capturing = (self.kind == TYPE_SETTINGS && flags & FLAG_ACK == 0) || self.kind == TYPE_GOAWAY;
+        if self.kind == TYPE_DATA || self.kind == TYPE_HEADERS {
+            // Only the connection's reader writes it: a load and a store, no atomic
+            // read-modify-write on every frame.
+            let seen = signals.data_frames.load(Ordering::Relaxed);
+            signals.data_frames.store(seen + 1, Ordering::Relaxed);
+        }
         self.payload.clear();
         if self.remaining == 0 {
             self.end_frame(signals);
