@@ -40,18 +40,35 @@ async fn tap(target: std::net::SocketAddr) -> PingEnforcer {
     tap
 }
 
+/// The C core with its default policy; the pool (defaults) and a tonic `Channel` (defaults)
+/// each reach it through a relay of its own that can drop their flows silently.
+struct Scene {
+    peer: PythonPeer,
+    relay: Relay,
+    channel_relay: Relay,
+    pool: Pool,
+    channel: tonic::transport::Channel,
+}
+
+impl Scene {
+    async fn start() -> Scene {
+        let peer = PythonPeer::start(PeerOptions::default()).await;
+        let relay = Relay::start(peer.addr()).await;
+        let channel_relay = Relay::start(peer.addr()).await;
+        let pool = Pool::builder().build([relay.uri()]).await.unwrap();
+        let channel =
+            tonic::transport::Endpoint::from_shared(channel_relay.uri()).unwrap().connect().await.unwrap();
+        Scene { peer, relay, channel_relay, pool, channel }
+    }
+}
+
 fn is_too_many_pings(event: &PoolEvent) -> bool {
     matches!(event, PoolEvent::GoAway { debug_data, .. } if debug_data.as_ref() == b"too_many_pings")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_dropped_silently_under_load_is_replaced_within_keepalive_time_and_timeout() {
-    let peer = PythonPeer::start(PeerOptions::default()).await;
-    let relay = Relay::start(peer.addr()).await;
-    let channel_relay = Relay::start(peer.addr()).await;
-    let pool = Pool::builder().build([relay.uri()]).await.unwrap();
-    let channel =
-        tonic::transport::Endpoint::from_shared(channel_relay.uri()).unwrap().connect().await.unwrap();
+    let Scene { peer: _peer, relay, channel_relay, pool, channel } = Scene::start().await;
     EchoClient::new(channel.clone()).unary_echo(request(0, 0)).await.unwrap();
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -118,12 +135,7 @@ async fn a_connection_dropped_silently_under_load_is_replaced_within_keepalive_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_dropped_silently_while_idle_is_checked_before_use_and_no_call_fails() {
-    let peer = PythonPeer::start(PeerOptions::default()).await;
-    let relay = Relay::start(peer.addr()).await;
-    let channel_relay = Relay::start(peer.addr()).await;
-    let pool = Pool::builder().build([relay.uri()]).await.unwrap();
-    let channel =
-        tonic::transport::Endpoint::from_shared(channel_relay.uri()).unwrap().connect().await.unwrap();
+    let Scene { peer: _peer, relay, channel_relay, pool, channel } = Scene::start().await;
     let mut client = EchoClient::new(pool.clone());
     let mut usual = Vec::new();
     for _ in 0..5 {
