@@ -436,16 +436,20 @@ async fn eager_build_succeeds_when_one_endpoint_answers() {
 async fn dropping_the_pool_closes_its_connections_and_tasks() {
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;
+    // Every task of this test's runtime but the server's and the relay's listeners: the
+    // pool's (connection drivers, health task, gauge sampler) and those serving its
+    // connections must all end.
+    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let without_pool = tasks();
     let pool = Pool::builder().min_connections(2).build([relay.uri()]).await.unwrap();
     client(&pool).unary_echo(request(b"x", 0)).await.unwrap();
     assert_eq!(relay.open_connections(), 2);
-    let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    // Two drivers, the health task and the sampler at least, besides the relay's and the
+    // server's tasks for each connection.
+    assert!(tasks() >= without_pool + 4, "{} tasks with the pool, {without_pool} without", tasks());
     drop(pool);
     wait_until(WAIT, "the pool's connections are closed", || relay.open_connections() == 0).await;
-    wait_until(WAIT, "the pool's tasks are gone", || {
-        tokio::runtime::Handle::current().metrics().num_alive_tasks() <= tasks_before - 2
-    })
-    .await;
+    wait_until(WAIT, "every task the pool started has ended", || tasks() == without_pool).await;
 }
 
 #[tokio::test]
@@ -884,12 +888,19 @@ async fn an_endpoint_failing_every_call_is_ejected_and_returns_when_its_time_is_
 #[tokio::test]
 async fn no_more_endpoints_are_ejected_than_max_ejection_percent_allows() {
     // Two of three fail every call; 10% of three rounds to zero, and one may always go: one
-    // is ejected, the other keeps taking (and failing) calls.
+    // is ejected, the other keeps taking (and failing) calls. The ejection outlasts the
+    // test however slow the machine: its end is another test's business, and a first
+    // ejection ending midway would let the cap eject again.
     let servers = [TestServer::start().await, TestServer::start().await, TestServer::start().await];
     servers[0].set_unavailable(true);
     servers[1].set_unavailable(true);
+    let long = Duration::from_secs(600);
     let pool = Pool::builder()
-        .outlier_detection(Some(outliers(10)))
+        .outlier_detection(Some(grpc_pool::OutlierDetection {
+            base_ejection_time: long,
+            max_ejection_time: long,
+            ..outliers(10)
+        }))
         .build(servers.iter().map(|s| s.uri()))
         .await
         .unwrap();
