@@ -9,7 +9,7 @@ use bytes::Bytes;
 use grpc_pool::{AllUnhealthy, CheckMode, EvictionReason, HealthCheck, Keepalive, Pool, PoolEvent};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{wait_until, PeerOptions, PythonPeer, Relay};
+use grpc_pool_testkit::{wait_until, PeerOptions, PingEnforcer, PingPolicy, PythonPeer, Relay};
 use tonic::Code;
 
 fn is_too_many_pings(event: &PoolEvent) -> bool {
@@ -294,24 +294,56 @@ async fn a_pool_idle_for_a_minute_against_default_ping_limits_serves_without_fai
     // (too_many_pings); the pool backs off, probes with health-check calls from then on, and
     // serves every call after the minute.
     let peer = PythonPeer::start(PeerOptions::default()).await;
+    // A tap in front of the peer counts what the pool sends; the peer polices PINGs itself.
+    let tap = std::sync::Arc::new(
+        PingEnforcer::start(peer.addr(), PingPolicy { min_interval: Duration::ZERO, max_strikes: u32::MAX })
+            .await,
+    );
+    tap.set_enforcing(false);
     let pool = Pool::builder()
         .keepalive(idle_keepalive(Duration::from_secs(10), Duration::from_secs(5)))
-        .build([peer.uri()])
+        .build([tap.uri()])
         .await
         .unwrap();
     let mut events = pool.core().monitor().subscribe();
+    // PINGs the tap had seen at each too_many_pings.
+    let goaways = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = {
+        let (goaways, tap) = (goaways.clone(), tap.clone());
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if is_too_many_pings(&event) {
+                    goaways.lock().unwrap().push(tap.pings());
+                }
+            }
+        })
+    };
     let mut client = EchoClient::new(pool.clone());
     client.unary_echo(request(0)).await.unwrap();
+    let streams_before = tap.streams();
     tokio::time::sleep(Duration::from_secs(60)).await;
+    // The first probe call comes a keepalive time (doubled to 20 s) after the reconnect.
+    wait_until(Duration::from_secs(60), "an idle member was probed with a call", || {
+        tap.streams() > streams_before
+    })
+    .await;
+    let (pings, streams) = (tap.pings(), tap.streams() - streams_before);
     for _ in 0..20 {
         client.unary_echo(request(0)).await.unwrap();
     }
-    let mut too_many_pings = 0;
-    while let Ok(event) = events.try_recv() {
-        too_many_pings += usize::from(is_too_many_pings(&event));
-    }
+    recorder.abort();
+    let goaways = goaways.lock().unwrap().clone();
+    let too_many_pings = goaways.len();
+    // The idle PINGs went out, were answered, and provoked the server...
+    assert!(too_many_pings >= 1, "10 s idle PINGs should provoke a default server; {pings} PINGs sent");
     assert!(too_many_pings <= 2, "{too_many_pings} too_many_pings in a minute");
-    println!("idle minute: {too_many_pings} too_many_pings, 20 calls after it, 0 failed");
+    // ...after which the endpoint's idle members were probed with calls, not PINGs.
+    let pings_after = pings - goaways.last().unwrap();
+    assert_eq!(pings_after, 0, "{pings_after} PINGs after the last too_many_pings");
+    assert!(streams >= 1, "{streams} probe calls while idle");
+    println!(
+        "idle minute: {pings} PINGs, {too_many_pings} too_many_pings (at {goaways:?} PINGs), {streams} probe calls, 20 calls after it, 0 failed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

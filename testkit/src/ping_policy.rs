@@ -58,6 +58,8 @@ struct Seen {
     most_pings_without_data: AtomicU64,
     /// GOAWAY frames the server sent (not the proxy's own).
     server_goaways: AtomicU64,
+    /// Streams clients opened (calls, health checks and probes alike).
+    streams: AtomicU64,
 }
 
 impl PingEnforcer {
@@ -113,6 +115,11 @@ impl PingEnforcer {
     /// server: what a server's PING policy counts strikes by.
     pub fn most_pings_without_data(&self) -> u64 {
         self.seen.most_pings_without_data.load(Ordering::SeqCst)
+    }
+
+    /// Streams clients opened through the proxy.
+    pub fn streams(&self) -> u64 {
+        self.seen.streams.load(Ordering::SeqCst)
     }
 
     /// GOAWAY frames the server behind the proxy sent to clients.
@@ -177,8 +184,9 @@ async fn relay(inbound: TcpStream, outbound: TcpStream, shared: Shared) -> std::
             let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
             let abusive = {
                 let mut s = strikes.lock().unwrap();
-                if kind == HEADERS {
-                    s.last_stream = s.last_stream.max(stream);
+                if kind == HEADERS && stream > s.last_stream {
+                    s.last_stream = stream;
+                    shared.seen.streams.fetch_add(1, Ordering::SeqCst);
                 }
                 if kind == PING && flags & ACK == 0 {
                     s.pings_without_data += 1;
