@@ -67,3 +67,35 @@ async fn a_connection_that_stopped_answering_is_replaced_at_checkout() {
     EchoClient::new(connection.clone()).unary_echo(request()).await.unwrap();
     assert_eq!(server.calls(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_connections_each_carry_their_own_calls() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    let manager = Http2ConnectionManager::new(&relay.uri()).unwrap();
+    let pool = bb8::Pool::builder().max_size(3).build(manager).await.unwrap();
+    // Six workers share three connections; each holds one for a burst of calls.
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    let connection = pool.get().await.unwrap();
+                    let mut client = EchoClient::new(connection.clone());
+                    for _ in 0..4 {
+                        client.unary_echo(request()).await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_eq!(server.calls(), 6 * 5 * 4);
+    let state = pool.state();
+    assert_eq!(state.connections, 3, "{state:?}");
+    // Each bb8 connection is one HTTP/2 connection of its own, and they all stayed up.
+    assert_eq!(relay.accepted(), 3);
+    assert_eq!(relay.open_connections(), 3);
+}

@@ -243,10 +243,29 @@ async fn idle_timeout_closes_members_above_the_minimum() {
     wait_until(WAIT, "idle members above the minimum are closed", || pool.state().members() == 1).await;
     let stats = pool.state().statistics;
     assert_eq!(stats.closed(EvictionReason::IdleTimeout), 3, "{stats:?}");
-    // It stays at the minimum.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // It stays at the minimum, idle for three idle timeouts...
+    wait_until(WAIT, "the last member has been idle for three idle timeouts", || {
+        pool.state().endpoints[0].members.iter().all(|m| m.idle >= Duration::from_millis(900))
+    })
+    .await;
     assert_eq!(pool.state().members(), 1);
     assert_eq!(pool.state().statistics.closed(EvictionReason::IdleTimeout), 3);
+    // ...and the task that kept it there is still at work: a member above the minimum is
+    // closed again (a dead task would leave it, and the check above would pass all the same).
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let mut client = EchoClient::new(pool.clone());
+            tokio::spawn(async move { client.unary_echo(request(200)).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    wait_until(WAIT, "the extra member is closed too", || {
+        pool.state().statistics.closed(EvictionReason::IdleTimeout) == 4
+    })
+    .await;
+    assert_eq!(pool.state().members(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,10 +53,6 @@ async fn serve(listener: TcpListener, behaviour: Behaviour) {
     }
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
-}
-
 #[tokio::test]
 async fn misbehaving_servers_cost_a_connect_with_a_clear_error_and_leak_nothing() {
     let cases = [
@@ -71,7 +67,7 @@ async fn misbehaving_servers_cost_a_connect_with_a_clear_error_and_leak_nothing(
         let uri = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(serve(listener, behaviour));
         tokio::task::yield_now().await;
-        let (fds, tasks) = (open_fds(), metrics.num_alive_tasks());
+        let (fds, tasks) = (grpc_pool_testkit::open_fds(), metrics.num_alive_tasks());
 
         // Built eagerly: the build fails, naming the endpoint and what went wrong.
         let builder = Pool::builder().connect_timeout(Duration::from_millis(300));
@@ -93,8 +89,10 @@ async fn misbehaving_servers_cost_a_connect_with_a_clear_error_and_leak_nothing(
         drop(pool);
 
         // Nothing left: connections, connect tasks, drivers, timers.
-        wait_until(Duration::from_secs(10), "file descriptors back to where they were", || open_fds() <= fds)
-            .await;
+        wait_until(Duration::from_secs(10), "file descriptors back to where they were", || {
+            grpc_pool_testkit::open_fds() <= fds
+        })
+        .await;
         wait_until(Duration::from_secs(10), "tasks back to where they were", || {
             metrics.num_alive_tasks() <= tasks
         })

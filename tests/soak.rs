@@ -89,10 +89,6 @@ fn soak_duration() -> Duration {
     Duration::from_secs(secs.max(12))
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
-}
-
 fn health_server(port: Option<u16>, max_connection_age: Option<Duration>) -> ServerOptions {
     ServerOptions { port, health: true, max_connection_age, ..Default::default() }
 }
@@ -134,7 +130,7 @@ fn unsaveable(failure: &Failure, b: &str, cuts: &[Cut]) -> bool {
 async fn a_minute_of_churn_under_load_loses_no_call_the_pool_could_save_and_leaks_nothing() {
     let duration = soak_duration();
     let metrics = tokio::runtime::Handle::current().metrics();
-    let (fds_before, tasks_before) = (open_fds(), metrics.num_alive_tasks());
+    let (fds_before, tasks_before) = (grpc_pool_testkit::open_fds(), metrics.num_alive_tasks());
 
     let server_a = TestServer::start_with(health_server(None, Some(Duration::from_millis(1_500)))).await;
     let server_b = TestServer::start_with(health_server(None, None)).await;
@@ -322,7 +318,7 @@ async fn a_minute_of_churn_under_load_loses_no_call_the_pool_could_save_and_leak
     drop(relay_b);
     server_b.shutdown().await;
     wait_until(Duration::from_secs(10), "file descriptors back to where they were", || {
-        open_fds() <= fds_before
+        grpc_pool_testkit::open_fds() <= fds_before
     })
     .await;
     wait_until(Duration::from_secs(10), "tasks back to where they were", || {
