@@ -755,3 +755,38 @@ async fn a_server_without_watch_is_polled_with_check_instead() {
     // Asked once: the fallback holds for the endpoint.
     assert_eq!(server.watches.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn a_health_task_that_panics_is_restarted_and_goes_on_judging_endpoints() {
+    let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
+    let checks = HealthCheck {
+        service: "echo.Echo".into(),
+        mode: CheckMode::Poll,
+        interval: Duration::from_millis(100),
+        unhealthy_interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(500),
+        unhealthy_threshold: 1,
+        healthy_threshold: 1,
+        ..Default::default()
+    };
+    let pool = Pool::builder()
+        .name("panicking-health-task")
+        .health_checks(checks)
+        .build([server.uri()])
+        .await
+        .unwrap();
+    server.set_serving(false).await;
+    wait_until(WAIT, "the endpoint is marked unhealthy", || !pool.state().endpoints[0].healthy).await;
+
+    let before = grpc_pool::health::__test::panics_taken();
+    grpc_pool::health::__test::panic_health_task("panicking-health-task");
+    wait_until(WAIT, "the health task panicked", || grpc_pool::health::__test::panics_taken() > before).await;
+    // The restarted task takes the pool's verdict as its own: a passing check brings the
+    // endpoint back (a task starting from "healthy" would see no change to make).
+    server.set_serving(true).await;
+    wait_until(WAIT, "the restarted task marks the endpoint healthy again", || {
+        pool.state().endpoints[0].healthy
+    })
+    .await;
+    EchoClient::new(pool.clone()).unary_echo(request(0)).await.unwrap();
+}

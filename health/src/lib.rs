@@ -14,4 +14,4 @@ mod task;
 
 pub use config::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
 pub use grpc_pool_core::EvictionReason;
-pub use task::spawn;
+pub use task::{__test, spawn};

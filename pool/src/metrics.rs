@@ -35,6 +35,10 @@ pub const HEALTH_CHECKS: &str = "grpc_pool_health_checks_total";
 /// Histogram (seconds): latency of health checks that got an answer.
 pub const HEALTH_CHECK_DURATION: &str = "grpc_pool_health_check_duration_seconds";
 
+/// Counter: restarts of the health task after it panicked (keepalive and health checks stop
+/// while it is down; the restart tracks the pool afresh).
+pub const HEALTH_TASK_RESTARTS: &str = "grpc_pool_health_task_restarts_total";
+
 /// Counter: endpoints ejected by outlier detection.
 pub const EJECTIONS: &str = "grpc_pool_ejections_total";
 /// Gauge: 1 while outlier detection keeps the endpoint out of routing, 0 after.

@@ -76,6 +76,13 @@ impl PoolMonitor {
         }
     }
 
+    /// Whether `endpoint` takes new streams as far as health goes (`None` for an endpoint the
+    /// pool does not have): what the last [`set_endpoint_health`](Self::set_endpoint_health)
+    /// said, for a health task that starts over.
+    pub fn is_endpoint_healthy(&self, endpoint: &Endpoint) -> Option<bool> {
+        self.inner.entry(endpoint).map(|entry| entry.is_healthy())
+    }
+
     /// A `tower::Service` that sends calls to `endpoint` only, healthy or not: for health
     /// checks. `None` for an endpoint the pool does not have; once the endpoint is removed,
     /// its calls fail at once.
