@@ -22,12 +22,16 @@
 pub mod api;
 mod backoff;
 pub mod call;
+mod checkout;
 mod clock;
 mod config;
+mod connect;
 pub mod discover;
 pub mod dns;
+mod driver;
 mod endpoint;
 mod error;
+mod gauges;
 mod inner;
 mod internals;
 mod member;
@@ -37,6 +41,7 @@ mod notify;
 mod outlier;
 mod proto;
 mod rand;
+mod routing;
 
 pub use api::{Builder, EndpointState, MemberSnapshot, Pool, RetryReason, State, Statistics};
 pub use call::{ResponseBody, ResponseFuture, WaitForReady};

@@ -450,7 +450,7 @@ where
                         None => match slot_now(&this.pool, &this.target, this.avoid.as_ref()) {
                             Ok(Some(slot)) => slot,
                             Ok(None) => {
-                                let wait = crate::inner::CheckoutWait {
+                                let wait = crate::checkout::CheckoutWait {
                                     wait_for_ready: this.wait_for_ready,
                                     has_deadline: this.deadline.is_some(),
                                 };

@@ -1,0 +1,329 @@
+//! Opening members: `min_connections` kept, connect tasks paced per endpoint, gRPC's
+//! reconnect backoff counted in rounds, one retrier per failing endpoint, and the handshake up
+//! to the server's first SETTINGS.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backoff;
+use crate::driver::drive;
+use crate::error::Error;
+use crate::inner::PoolInner;
+use crate::internals::{EndpointEntry, EndpointInternals};
+use crate::member::Member;
+use crate::metrics as names;
+use crate::proto::h2::client;
+
+/// Counts a connect task out of its endpoint's `connecting` when the task ends, and gives up
+/// the retrier's role if it had it.
+pub(crate) struct ConnectingGuard {
+    entry: Arc<EndpointEntry>,
+    retrier: bool,
+}
+
+impl Drop for ConnectingGuard {
+    fn drop(&mut self) {
+        let mut locked = self.entry.lock();
+        locked.connecting = locked.connecting.saturating_sub(1);
+        if self.retrier {
+            locked.retrier = false;
+        }
+    }
+}
+
+/// How long a connect task waiting out its backoff sleeps between looks at whether it is
+/// still wanted, so that a retry nobody needs any more is dropped rather than made.
+pub(crate) const BACKOFF_RECHECK: Duration = Duration::from_millis(250);
+
+/// Aborts a spawned task when dropped, unless disarmed.
+pub(crate) struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// The stream id of a member's last stream before it retires: client stream ids are odd, so
+/// stream number `n` has id `2n - 1`.
+pub(crate) fn retire_at_stream_id(max_streams: Option<u64>) -> u32 {
+    let max =
+        max_streams.unwrap_or(crate::config::MAX_LIFETIME_STREAMS).min(crate::config::MAX_LIFETIME_STREAMS);
+    (2 * max - 1) as u32
+}
+
+/// A member that closes sooner than this after connecting counts as a failed connect.
+pub(crate) const SHORT_LIFE: Duration = Duration::from_secs(1);
+
+impl PoolInner {
+    /// Keeps `min_connections` per endpoint, counting connects under way.
+    pub(crate) fn replenish(self: &Arc<Self>, entry: &Arc<EndpointEntry>) {
+        if self.is_closed() || self.shutdown.is_triggered() || entry.is_removed() {
+            return;
+        }
+        let missing = {
+            let locked = entry.lock();
+            self.config.min_connections.saturating_sub(entry.members().len() + locked.connecting)
+        };
+        for _ in 0..missing {
+            self.spawn_connect(entry.clone());
+        }
+    }
+
+    /// Starts a task that opens one member of `entry`, retrying with backoff while the pool
+    /// still wants it. An endpoint whose connects are failing gets no second task: the one
+    /// under way retries for everybody, one attempt at a time.
+    pub(crate) fn spawn_connect(self: &Arc<Self>, entry: Arc<EndpointEntry>) {
+        {
+            let mut locked = entry.lock();
+            if entry.members().len() + locked.connecting >= self.config.max_connections {
+                return;
+            }
+            if locked.consecutive_failures > 0 && locked.connecting > 0 {
+                return;
+            }
+            locked.connecting += 1;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            // Counted out however the task ends: done, cancelled by shutdown, or panicked.
+            let mut guard = ConnectingGuard { entry: entry.clone(), retrier: false };
+            let shutdown = pool.shutdown.clone();
+            let listed = tokio::select! {
+                listed = pool.connect_loop(&entry, &mut guard) => listed,
+                _ = shutdown.triggered() => false,
+            };
+            let retried = guard.retrier;
+            drop(guard);
+            if listed && retried {
+                // While the endpoint failed, this was its only connect: open the rest of
+                // `min_connections` now. (Queued callers grow the pool themselves, as the new
+                // member serves them.)
+                pool.replenish(&entry);
+            }
+        });
+    }
+
+    /// Whether a connect task of `entry` is still wanted: the endpoint is below
+    /// `min_connections` without it, or callers are waiting.
+    pub(crate) fn connect_wanted(&self, entry: &EndpointEntry, locked: &EndpointInternals) -> bool {
+        let others = (entry.members().len() + locked.connecting).saturating_sub(1);
+        others < self.config.min_connections || self.waiters.has_waiters()
+    }
+
+    /// Opens one member of `entry`, waiting out the endpoint's backoff before each attempt;
+    /// returns whether it listed one. While the endpoint is failing, only the task holding
+    /// the retrier's role goes on; the others end.
+    pub(crate) async fn connect_loop(
+        self: &Arc<Self>,
+        entry: &Arc<EndpointEntry>,
+        guard: &mut ConnectingGuard,
+    ) -> bool {
+        loop {
+            if entry.is_removed() {
+                return false;
+            }
+            let (round, wait) = {
+                let mut locked = entry.lock();
+                if locked.consecutive_failures > 0 && !guard.retrier {
+                    if locked.retrier {
+                        return false;
+                    }
+                    locked.retrier = true;
+                    guard.retrier = true;
+                }
+                let wait = locked.next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
+                (locked.failure_round, wait.unwrap_or_default())
+            };
+            if !wait.is_zero() && !self.wait_backoff(entry, wait).await {
+                return false;
+            }
+            let listed = match self.open_member(entry, round).await {
+                Ok(member) => {
+                    let listed = self.add_member(entry, member.clone());
+                    if !listed {
+                        // It ended before it could serve: as good as a failed connect.
+                        self.note_failure(entry, round, "the connection ended as soon as it opened");
+                    }
+                    listed
+                }
+                Err(_) => false,
+            };
+            if listed || self.is_closed() {
+                return listed;
+            }
+            if !self.connect_wanted(entry, &entry.lock()) {
+                return false;
+            }
+        }
+    }
+
+    /// Sleeps out a backoff `wait` (plus a little spread), looking every
+    /// [`BACKOFF_RECHECK`] whether the attempt is still wanted; false if it is not.
+    pub(crate) async fn wait_backoff(&self, entry: &EndpointEntry, wait: Duration) -> bool {
+        // A little spread of its own, so that pools started together do not reconnect in
+        // lockstep.
+        let spread = wait.mul_f64(0.1 * (crate::rand::symmetric_unit() + 1.0) / 2.0);
+        let until = tokio::time::Instant::now() + wait + spread;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return true;
+            }
+            tokio::time::sleep_until(until.min(now + BACKOFF_RECHECK)).await;
+            if entry.is_removed() || !self.connect_wanted(entry, &entry.lock()) {
+                return false;
+            }
+        }
+    }
+
+    /// Opens one connection and waits for the server's SETTINGS; records the outcome in the
+    /// endpoint's backoff state, metrics and logs.
+    /// `round` is the endpoint's `failure_round` when the attempt was decided: a failure is
+    /// counted in the backoff only if no other attempt's failure was counted since.
+    pub(crate) async fn open_member(
+        self: &Arc<Self>,
+        entry: &Arc<EndpointEntry>,
+        round: u64,
+    ) -> Result<Arc<Member>, Error> {
+        // Paced per endpoint; the wait for a turn is not part of the connect's time.
+        let _permit = entry.connect_permits.acquire().await;
+        let started = Instant::now();
+        let span = tracing::debug_span!("connect", pool = %self.name(), endpoint = %entry.label());
+        let attempt = async {
+            let tls = match entry.endpoint().is_tls() {
+                true => Some(self.tls_client()?),
+                false => None,
+            };
+            let hs = client::handshake(
+                &entry.shared.endpoint,
+                &self.config.h2,
+                self.config.tcp_user_timeout,
+                tls.as_deref(),
+            )
+            .await?;
+            let id = self.next_member_id.fetch_add(1, Ordering::Relaxed);
+            let member = Arc::new(Member::new(
+                id,
+                entry.shared.clone(),
+                hs.send,
+                hs.signals.clone(),
+                hs.pinger,
+                self.waiters.clone(),
+                self.config.max_concurrent_streams,
+                retire_at_stream_id(self.config.max_streams_per_connection),
+            ));
+            let driver = tokio::spawn(drive(
+                hs.connection,
+                hs.signals.clone(),
+                Arc::downgrade(&member),
+                Arc::downgrade(self),
+                self.live.clone(),
+                entry.shared.clone(),
+            ));
+            member.set_driver(driver.abort_handle());
+            let abort = AbortOnDrop(Some(driver.abort_handle()));
+            if !hs.signals.settings_or_closed().await {
+                let what = match hs.signals.close_error() {
+                    Some(error) => format!("the connection failed before the server's HTTP/2 SETTINGS: {error}"),
+                    None => "the server closed the connection before sending HTTP/2 SETTINGS (is it an HTTP/2 server?)"
+                        .to_owned(),
+                };
+                return Err(Error::connect(entry.label(), &what, None));
+            }
+            abort.disarm();
+            Ok(member)
+        };
+        let result = match tokio::time::timeout(
+            self.config.connect_timeout,
+            tracing::Instrument::instrument(attempt, span),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(Error::connect(
+                entry.label(),
+                &format!("no HTTP/2 SETTINGS within connect_timeout ({:?})", self.config.connect_timeout),
+                None,
+            )),
+        };
+        let elapsed = started.elapsed();
+        let pool_label = self.config.name.clone();
+        let endpoint_label = entry.label().to_owned();
+        match &result {
+            Ok(member) => {
+                // The backoff is reset only once the member is listed (`add_member`): a
+                // server that sends GOAWAY with its SETTINGS must not reset it every time.
+                self.stats.connections_created.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::CONNECTS, names::LABEL_POOL => pool_label.clone(), names::LABEL_ENDPOINT => endpoint_label.clone(), names::LABEL_RESULT => "ok").increment(1);
+                metrics::histogram!(names::CONNECT_DURATION, names::LABEL_POOL => pool_label, names::LABEL_ENDPOINT => endpoint_label).record(elapsed.as_secs_f64());
+                tracing::debug!(pool = %self.name(), endpoint = %entry.label(), member = member.id, elapsed = ?elapsed, "connection established");
+            }
+            Err(error) => {
+                let (failures, delay) = self.count_failure(entry, round, &error.to_string());
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::CONNECTS, names::LABEL_POOL => pool_label, names::LABEL_ENDPOINT => endpoint_label, names::LABEL_RESULT => "error").increment(1);
+                tracing::warn!(pool = %self.name(), endpoint = %entry.label(), failures, retry_in = ?delay, error = %error, "connect failed");
+                self.release_hopeless_waiters();
+            }
+        }
+        result
+    }
+
+    /// A member that dies young without having carried a call (a server that accepts and
+    /// then closes or sends an error GOAWAY at once) counts as a failed connect, so its
+    /// replacements back off instead of looping. One that carried calls had a working
+    /// server: a short `max_connection_age` is not a failure, and backing off from it would
+    /// leave callers with no connection at all when members age out together. Nor is one
+    /// the server closed with a GOAWAY after it was in service, however young: the server
+    /// worked and said goodbye (an idle or age limit; the gRPC C core's idle limit says so
+    /// with `INTERNAL_ERROR` "connection idle", so the code is no guide), and the next call
+    /// must not wait out a backoff for it. (A GOAWAY that comes with the server's SETTINGS,
+    /// before the member was listed, is a failed connect all the same: `connect_loop`.)
+    pub(crate) fn note_short_life(&self, entry: &EndpointEntry, member: &Member) {
+        if member.age() < SHORT_LIFE && member.streams_opened() == 0 && !member.signals.goaway_seen() {
+            let round = entry.lock().failure_round;
+            self.note_failure(entry, round, &format!("connection closed {:?} after it opened", member.age()));
+        }
+    }
+
+    /// Counts a failure in the endpoint's reconnect backoff.
+    pub(crate) fn note_failure(&self, entry: &EndpointEntry, round: u64, what: &str) {
+        self.count_failure(entry, round, what);
+        self.release_hopeless_waiters();
+    }
+
+    /// Records a failed attempt decided at `round`: the backoff grows by one round only if no
+    /// other attempt's failure was counted since (attempts under way together fail as one).
+    /// Returns the failures in a row and the delay before the next attempt.
+    pub(crate) fn count_failure(&self, entry: &EndpointEntry, round: u64, what: &str) -> (u32, Duration) {
+        let mut locked = entry.lock();
+        locked.last_error = Some(what.to_owned());
+        if locked.failure_round == round {
+            locked.failure_round += 1;
+            locked.consecutive_failures = locked.consecutive_failures.saturating_add(1);
+            let delay = backoff::delay(&self.config.backoff, locked.consecutive_failures);
+            locked.next_attempt = Some(Instant::now() + delay);
+        }
+        let delay = locked.next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
+        (locked.consecutive_failures, delay.unwrap_or_default())
+    }
+
+    /// The TLS client, loading the default one (system roots) on first use.
+    pub(crate) fn tls_client(&self) -> Result<Arc<crate::proto::tls::Tls>, Error> {
+        if let Some(tls) = self.tls.get() {
+            return Ok(tls.clone());
+        }
+        let tls = Arc::new(crate::proto::tls::Tls::new(&Default::default(), self.name())?);
+        Ok(self.tls.get_or_init(|| tls).clone())
+    }
+}

@@ -1,0 +1,90 @@
+//! A member's connection task: polls the `h2` connection, and tells the pool at once when
+//! the server raises its stream limit, sends GOAWAY, or closes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::inner::PoolInner;
+use crate::internals::EndpointShared;
+use crate::member::{EvictionReason, Member};
+use crate::monitor::{MemberHandle, PoolEvent};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::Weak;
+
+use crate::inner::LiveConnections;
+use crate::proto::h2::client::Connection;
+use crate::proto::h2::frames::ConnSignals;
+
+/// Counts a connection open on its endpoint for as long as its driver task runs.
+pub(crate) struct OpenConnection(Arc<EndpointShared>);
+
+impl OpenConnection {
+    fn enter(endpoint: Arc<EndpointShared>) -> OpenConnection {
+        endpoint.open_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(endpoint)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A member's connection task: polls the `h2` connection until it ends, and tells the pool
+/// at once when the server sends GOAWAY and when the connection closes. Holds only weak
+/// references, so a dropped pool is not kept alive by its connections.
+pub(crate) async fn drive(
+    mut connection: Connection,
+    signals: Arc<ConnSignals>,
+    member: Weak<Member>,
+    pool: Weak<PoolInner>,
+    live: Arc<LiveConnections>,
+    endpoint: Arc<EndpointShared>,
+) {
+    let _live = live.enter();
+    let _open = OpenConnection::enter(endpoint);
+    let mut goaway_reported = false;
+    let result = poll_fn(|cx| {
+        let result = Pin::new(&mut connection).poll(cx);
+        if signals.take_limit_raised() {
+            if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {
+                pool.serve_waiters(&member);
+            }
+        }
+        if !goaway_reported && signals.goaway_seen() {
+            goaway_reported = true;
+            if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {
+                if let Some(goaway) = signals.goaway() {
+                    pool.emit(|| PoolEvent::GoAway {
+                        member: MemberHandle::new(&pool, &member),
+                        reason: goaway.reason(),
+                        debug_data: goaway.debug_data.clone(),
+                    });
+                }
+                let detail = signals
+                    .goaway()
+                    .map(|g| {
+                        format!(
+                            "GOAWAY {:?} last_stream_id={} debug={:?}",
+                            g.reason(),
+                            g.last_stream_id,
+                            String::from_utf8_lossy(&g.debug_data)
+                        )
+                    })
+                    .unwrap_or_default();
+                pool.evict(&member, EvictionReason::GoAway, &detail);
+            }
+        }
+        result
+    })
+    .await;
+    if let Err(error) = &result {
+        signals.set_close_error(error.to_string());
+    }
+    signals.mark_closed();
+    if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {
+        pool.on_connection_closed(&member, result);
+    }
+}
