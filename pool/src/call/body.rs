@@ -45,12 +45,14 @@ impl ResponseBody {
         self.slot.as_ref().map(|s| s.member().endpoint.label.as_str()).unwrap_or("the endpoint")
     }
 
-    /// The call is over: stop sending and give back the slot.
+    /// The call is over: stop sending, give back the slot, and take the deadline's timer out
+    /// of the runtime's wheel.
     fn finish(&mut self) {
         if let Some(pump) = self.pump.take() {
             pump.abort();
         }
         self.slot = None;
+        self.deadline = None;
     }
 
     /// The deadline passed while the response was still coming: the stream is reset
