@@ -24,7 +24,7 @@
 //!
 //! The pool itself is [`grpc_pool_core`]; the health task is [`grpc_pool_health`]. This
 //! crate wires them together.
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 #[cfg(feature = "bb8")]
 pub mod bb8;

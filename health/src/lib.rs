@@ -6,7 +6,7 @@
 //! nothing of health. It watches the pool through a
 //! [`PoolMonitor`](grpc_pool_core::PoolMonitor), and acts through member handles: PING,
 //! drain, kill. The facade crate `grpc-pool` starts the task for every pool it builds.
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 mod checks;
 mod config;

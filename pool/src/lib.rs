@@ -17,7 +17,7 @@
 //! // `pool.clone()` is cheap: hand it to any tonic client, e.g. `EchoClient::new(pool.clone())`.
 //! # Ok(()) }
 //! ```
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod api;
 mod backoff;

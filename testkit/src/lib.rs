@@ -1,6 +1,9 @@
 //! Test support shared by grpc-pool's tests, examples and benches: the echo service, tonic
 //! servers started in-process on 127.0.0.1, and a TCP relay that injects faults.
+#![deny(missing_docs)]
 pub mod bare;
+/// The echo service, generated from `testkit/proto/echo.proto` by `scripts/regen-proto.sh`.
+#[allow(missing_docs)] // generated code, documented by the proto's comments
 pub mod echo;
 pub mod frame_server;
 pub mod peer;
