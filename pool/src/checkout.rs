@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::AllUnhealthy;
 use crate::error::Error;
 use crate::inner::PoolInner;
 use crate::internals::{EndpointEntry, EndpointShared};
@@ -120,10 +119,6 @@ impl PoolInner {
     }
 
     pub(crate) async fn checkout_wait_in_span(self: Arc<Self>, wait: CheckoutWait) -> Result<Slot, Error> {
-        if self.config.all_unhealthy == AllUnhealthy::FailFast && self.all_unhealthy() {
-            metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "unhealthy").increment(1);
-            return Err(Error::all_unhealthy(self.name(), &self.unhealthy_summary()));
-        }
         let started = Instant::now();
         let mut waiting = self.waiters.enqueue(wait.wait_for_ready);
         // A slot freed, or a close, between our fast path and joining the queue was not
@@ -137,8 +132,9 @@ impl PoolInner {
             None if !wait.wait_for_ready && self.all_in_transient_failure() => {
                 // Nothing can serve the call now, and it asked not to wait (gRPC's default).
                 drop(waiting);
-                metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "unavailable").increment(1);
-                return Err(Error::outage(self.name(), &self.outage_summary()));
+                let (error, result) = self.hopeless_error();
+                metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => result).increment(1);
+                return Err(error);
             }
             None => {
                 self.grow();
@@ -312,21 +308,25 @@ impl PoolInner {
         parts.join("; ")
     }
 
+    /// Why no endpoint can take a call, for a call that fails fast, with its `result` label:
+    /// every endpoint unhealthy (`unhealthy`), or unreachable, ejected or removed
+    /// (`unavailable`).
+    fn hopeless_error(&self) -> (Error, &'static str) {
+        if self.all_unhealthy() {
+            (Error::all_unhealthy(self.name(), &self.unhealthy_summary()), "unhealthy")
+        } else {
+            (Error::outage(self.name(), &self.outage_summary()), "unavailable")
+        }
+    }
+
     /// The calls queued that fail fast give up as soon as nothing can serve them: every
     /// endpoint in transient failure. `wait_for_ready` calls keep waiting.
     pub(crate) fn release_hopeless_waiters(&self) {
         if !self.waiters.has_waiters() || !self.all_in_transient_failure() {
             return;
         }
-        let summary = self.outage_summary();
-        let all_unhealthy = self.all_unhealthy();
-        let failed = self.waiters.fail_fast_ones(|| {
-            if all_unhealthy {
-                Error::all_unhealthy(self.name(), &self.unhealthy_summary())
-            } else {
-                Error::outage(self.name(), &summary)
-            }
-        });
+        let (error, _) = self.hopeless_error();
+        let failed = self.waiters.fail_fast_ones(|| error.clone());
         if failed > 0 {
             tracing::debug!(pool = %self.name(), failed, "queued calls failed fast: no endpoint can take them");
         }

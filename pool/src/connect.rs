@@ -269,11 +269,10 @@ impl PoolInner {
                 tracing::debug!(pool = %self.name(), endpoint = %entry.label(), member = member.id, elapsed = ?elapsed, "connection established");
             }
             Err(error) => {
-                let (failures, delay) = self.count_failure(entry, round, &error.to_string());
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(names::CONNECTS, names::LABEL_POOL => pool_label, names::LABEL_ENDPOINT => endpoint_label, names::LABEL_RESULT => "error").increment(1);
+                let (failures, delay) = self.note_failure(entry, round, &error.to_string());
                 tracing::warn!(pool = %self.name(), endpoint = %entry.label(), failures, retry_in = ?delay, error = %error, "connect failed");
-                self.release_hopeless_waiters();
             }
         }
         result
@@ -296,26 +295,25 @@ impl PoolInner {
         }
     }
 
-    /// Counts a failure in the endpoint's reconnect backoff.
-    pub(crate) fn note_failure(&self, entry: &EndpointEntry, round: u64, what: &str) {
-        self.count_failure(entry, round, what);
+    /// Records a failed attempt decided at `round` in the endpoint's reconnect backoff, which
+    /// grows by one round only if no other attempt's failure was counted since (attempts under
+    /// way together fail as one), and releases the queued calls that now have nothing to wait
+    /// for. Returns the failures in a row and the delay before the next attempt.
+    pub(crate) fn note_failure(&self, entry: &EndpointEntry, round: u64, what: &str) -> (u32, Duration) {
+        let counted = {
+            let mut locked = entry.lock();
+            locked.last_error = Some(what.to_owned());
+            if locked.failure_round == round {
+                locked.failure_round += 1;
+                locked.consecutive_failures = locked.consecutive_failures.saturating_add(1);
+                let delay = backoff::delay(&self.config.backoff, locked.consecutive_failures);
+                locked.next_attempt = Some(Instant::now() + delay);
+            }
+            let delay = locked.next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
+            (locked.consecutive_failures, delay.unwrap_or_default())
+        };
         self.release_hopeless_waiters();
-    }
-
-    /// Records a failed attempt decided at `round`: the backoff grows by one round only if no
-    /// other attempt's failure was counted since (attempts under way together fail as one).
-    /// Returns the failures in a row and the delay before the next attempt.
-    pub(crate) fn count_failure(&self, entry: &EndpointEntry, round: u64, what: &str) -> (u32, Duration) {
-        let mut locked = entry.lock();
-        locked.last_error = Some(what.to_owned());
-        if locked.failure_round == round {
-            locked.failure_round += 1;
-            locked.consecutive_failures = locked.consecutive_failures.saturating_add(1);
-            let delay = backoff::delay(&self.config.backoff, locked.consecutive_failures);
-            locked.next_attempt = Some(Instant::now() + delay);
-        }
-        let delay = locked.next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
-        (locked.consecutive_failures, delay.unwrap_or_default())
+        counted
     }
 
     /// The TLS client, loading the default one (system roots) on first use.

@@ -53,10 +53,12 @@ pub enum ErrorKind {
 /// assert_eq!(err.kind(), grpc_pool_core::ErrorKind::Config);
 /// assert!(err.to_string().contains("max_connections"));
 /// ```
+#[derive(Clone)]
 pub struct Error {
     inner: Box<Inner>,
 }
 
+#[derive(Clone)]
 struct Inner {
     kind: ErrorKind,
     message: String,

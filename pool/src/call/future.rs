@@ -141,7 +141,7 @@ where
     fn expire(&mut self) -> Error {
         let timeout = self.deadline.as_ref().map(|d| d.timeout).unwrap_or_default();
         let situation = match &self.state {
-            State::Checkout { waiting: Some(_), .. } | State::Checkout { waiting: None, .. } => {
+            State::Checkout { .. } => {
                 format!(
                     "waiting for a stream slot in pool `{}`: {}",
                     self.pool.name(),
