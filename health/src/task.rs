@@ -26,6 +26,7 @@ use grpc_pool_core::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 use tokio_util::time::delay_queue::{DelayQueue, Key};
 
 use crate::checks::{self, Verdict, WatchEnd};
@@ -136,10 +137,9 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 async fn supervise(monitor: PoolMonitor, config: HealthConfig) {
     loop {
-        let task = tokio::spawn(Task::new(monitor.clone(), config.clone()).run());
         // Aborting the supervisor aborts the task it watches.
-        let mut task = AbortOnDrop(task);
-        let panic = match (&mut task.0).await {
+        let task = AbortOnDropHandle::new(tokio::spawn(Task::new(monitor.clone(), config.clone()).run()));
+        let panic = match task.await {
             Ok(()) => return,
             Err(error) if error.is_panic() => error.into_panic(),
             Err(_) => return, // cancelled: the runtime is shutting down
@@ -156,15 +156,6 @@ async fn supervise(monitor: PoolMonitor, config: HealthConfig) {
             _ = tokio::time::sleep(RESTART_DELAY) => {}
             _ = monitor.closed() => return,
         }
-    }
-}
-
-/// Aborts the task it holds when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
