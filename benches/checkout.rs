@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use grpc_pool_core::__bench::checkout_and_release;
+use grpc_pool::__private::checkout_and_release;
 use grpc_pool_testkit::TestServer;
 
 fn checkout(c: &mut Criterion) {
@@ -33,7 +33,7 @@ fn checkout(c: &mut Criterion) {
     // (endpoints, members per endpoint): 16 members either way.
     for (endpoints, per_endpoint) in [(1usize, 16usize), (4, 4)] {
         let pool = rt.block_on(async {
-            let pool = grpc_pool_core::Pool::builder()
+            let pool = grpc_pool::Pool::builder()
                 .min_connections(per_endpoint)
                 .max_connections(per_endpoint)
                 .build(&uris[..endpoints])

@@ -144,14 +144,21 @@ fn main() {
         // The defaults: idle members are not PINGed (they are checked before use instead).
         measure("defaults (keepalive 20s/10s with calls in flight)", base(), &uris, members, window).await;
         // Idle members PINGed every 10 s, as servers that permit it allow.
-        let idle_pings = Keepalive {
-            permit_without_stream: true,
-            max_pings_without_data: 0,
-            ..Keepalive::new(Duration::from_secs(10), Duration::from_secs(5))
+        let idle_pings = {
+            let mut v = Keepalive::new(Duration::from_secs(10), Duration::from_secs(5));
+            v.permit_without_stream = true;
+            v.max_pings_without_data = 0;
+            v
         };
-        measure("keepalive 10s/5s, idle members too", base().keepalive(idle_pings), &uris, members, window)
-            .await;
-        measure("no keepalive", base().no_keepalive(), &uris, members, window).await;
+        measure(
+            "keepalive 10s/5s, idle members too",
+            base().keepalive(Some(idle_pings)),
+            &uris,
+            members,
+            window,
+        )
+        .await;
+        measure("no keepalive", base().keepalive(None), &uris, members, window).await;
         measure_bare_h2(&uris, members, Duration::from_secs(10), window).await;
     });
     drop(child.stdin.take());

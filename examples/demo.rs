@@ -476,17 +476,19 @@ async fn main() {
         .max_connections(4)
         // The defaults (keepalive 20 s / 10 s on connections carrying calls; idle ones
         // PINGed before use after 30 s of quiet), scaled down 40x to fit phases of seconds.
-        .keepalive(Keepalive::new(Duration::from_millis(500), Duration::from_millis(250)))
+        .keepalive(Some(Keepalive::new(Duration::from_millis(500), Duration::from_millis(250))))
         .ping_before_use(Some(Duration::from_millis(750)))
-        .health_checks(HealthCheck {
-            mode: CheckMode::Watch,
-            interval: Duration::from_millis(500),
-            ..Default::default()
-        })
-        .backoff(BackoffConfig {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-            ..Default::default()
+        .health_checks(Some({
+            let mut v = HealthCheck::default();
+            v.mode = CheckMode::Watch;
+            v.interval = Duration::from_millis(500);
+            v
+        }))
+        .backoff({
+            let mut v = BackoffConfig::default();
+            v.base = Duration::from_millis(100);
+            v.max = Duration::from_secs(2);
+            v
         })
         .build(uris.clone())
         .await

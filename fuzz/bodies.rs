@@ -38,10 +38,20 @@ impl Resolve for NoLookups {
 /// pool (without connecting anywhere) and closed. Errors are fine; panics are not.
 pub fn config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let parsed = [toml::from_str::<PoolConfig>(text).ok(), serde_json::from_str::<PoolConfig>(text).ok()];
+    // TLS files are read as the `tls` section is parsed: an input naming a file (any path,
+    // `/dev/zero` included) is not for a fuzzer to open. Keys are compared after the format
+    // has unescaped them.
+    let names_a_file = |keys: Vec<String>| keys.iter().any(|k| k.ends_with("_file"));
+    let toml_ok =
+        toml::from_str::<toml::Table>(text).is_ok_and(|t| !names_a_file(toml_keys(&toml::Value::Table(t))));
+    let json_ok = serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| !names_a_file(json_keys(&v)));
+    let parsed = [
+        toml_ok.then(|| toml::from_str::<PoolConfig>(text).ok()).flatten(),
+        json_ok.then(|| serde_json::from_str::<PoolConfig>(text).ok()).flatten(),
+    ];
     for mut config in parsed.into_iter().flatten() {
         // Nothing here may touch the machine: endpoints are parsed but not connected to, the
-        // DNS name is checked but not looked up, and TLS files (any path at all) are not read.
+        // DNS name is checked but not looked up.
         for uri in std::mem::take(&mut config.endpoints) {
             let _ = Endpoint::parse(&uri);
         }
@@ -57,6 +67,28 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// Every key in a TOML value, at any depth.
+fn toml_keys(value: &toml::Value) -> Vec<String> {
+    match value {
+        toml::Value::Table(table) => {
+            table.iter().flat_map(|(k, v)| std::iter::once(k.clone()).chain(toml_keys(v))).collect()
+        }
+        toml::Value::Array(items) => items.iter().flat_map(toml_keys).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Every key in a JSON value, at any depth.
+fn json_keys(value: &serde_json::Value) -> Vec<String> {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.iter().flat_map(|(k, v)| std::iter::once(k.clone()).chain(json_keys(v))).collect()
+        }
+        serde_json::Value::Array(items) => items.iter().flat_map(json_keys).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The frame observer under every connection: the input as a server's byte stream, whole and
 /// split by the first eight bytes' seed; both must record the same facts.
 pub fn frames(data: &[u8]) {
@@ -64,7 +96,7 @@ pub fn frames(data: &[u8]) {
         Some((seed, rest)) => (u64::from_le_bytes(*seed), rest),
         None => (0, data),
     };
-    grpc_pool::__fuzz::frame_observer(bytes, seed);
+    grpc_pool::__private::fuzz::frame_observer(bytes, seed);
 }
 
 /// The response path: a server that answers the HTTP/2 handshake properly, waits for the

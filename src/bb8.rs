@@ -27,6 +27,7 @@
 //! ```
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::{Endpoint, Error, MemberState};
@@ -35,24 +36,30 @@ use crate::{Endpoint, Error, MemberState};
 #[derive(Debug, Clone)]
 pub struct Http2ConnectionManager {
     endpoint: Endpoint,
-    builder: grpc_pool_core::Builder,
+    builder: crate::Builder,
     ping_timeout: Duration,
 }
 
+/// Numbers the connections of every manager: each is a one-connection pool, and pool names
+/// (the metric series' `pool` label) are unique.
+static OPENED: AtomicU64 = AtomicU64::new(0);
+
 impl Http2ConnectionManager {
     /// Connections to `uri` (`http://host:port`, `https://...`, `unix:///path`) with the
-    /// core builder's defaults.
+    /// builder's defaults.
     pub fn new(uri: &str) -> Result<Http2ConnectionManager, Error> {
         Ok(Http2ConnectionManager {
             endpoint: Endpoint::parse(uri)?,
-            builder: grpc_pool_core::Builder::default(),
+            builder: crate::Builder::default(),
             ping_timeout: Duration::from_secs(5),
         })
     }
 
-    /// Connection settings (timeouts, HTTP/2 windows, TLS...). Pool sizes in it are ignored:
-    /// each bb8 connection is exactly one HTTP/2 connection.
-    pub fn settings(mut self, builder: grpc_pool_core::Builder) -> Self {
+    /// Connection settings (timeouts, HTTP/2 windows, TLS, the name...). Pool sizes are
+    /// ignored: each bb8 connection is exactly one HTTP/2 connection; so are the health
+    /// task's settings (keepalive, health checks, eviction), which are bb8's business here.
+    /// Each connection is named `<name> bb8 #n`, `n` counting every connection opened.
+    pub fn settings(mut self, builder: crate::Builder) -> Self {
         self.builder = builder;
         self
     }
@@ -99,10 +106,11 @@ impl bb8::ManageConnection for Http2ConnectionManager {
     type Error = Error;
 
     async fn connect(&self) -> Result<Http2Connection, Error> {
+        let n = OPENED.fetch_add(1, Ordering::Relaxed) + 1;
         let pool = self
             .builder
-            .clone()
-            .name(&format!("bb8 {}", self.endpoint))
+            .core_builder()?
+            .name(&format!("{} bb8 #{n}", self.builder.config().name))
             .min_connections(0)
             .max_connections(1)
             .build([self.endpoint.to_string()])

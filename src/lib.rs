@@ -13,8 +13,8 @@
 //! let pool = Pool::builder()
 //!     .name("echo")
 //!     .max_connections(4)
-//!     .keepalive(Keepalive::new(Duration::from_secs(30), Duration::from_secs(5)))
-//!     .max_lifetime(Duration::from_secs(30 * 60))
+//!     .keepalive(Some(Keepalive::new(Duration::from_secs(30), Duration::from_secs(5))))
+//!     .max_lifetime(Some(Duration::from_secs(30 * 60)))
 //!     .build(["http://127.0.0.1:50051", "http://127.0.0.1:50052"])
 //!     .await?;
 //! // let mut client = EchoClient::new(pool.clone());
@@ -22,34 +22,44 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The pool itself is [`grpc_pool_core`]; the health task is [`grpc_pool_health`]. This
-//! crate wires them together.
+//! Everything a user needs is here, at the crate's root: [`Pool`] and its [`Builder`] (or
+//! [`PoolConfig`], the same settings as data), the settings' types, [`State`] and
+//! [`PoolEvent`] to watch the pool, and [`Error`]. The pool's machinery lives in two
+//! implementation crates, `grpc-pool-core` (connections, checkout, the request path) and
+//! `grpc-pool-health` (keepalive, health checks, eviction); their APIs are not stable and
+//! nothing in them is needed to use the pool.
 #![deny(missing_docs)]
 
 #[cfg(feature = "bb8")]
 pub mod bb8;
-pub mod config;
+mod config;
 
 use std::fmt;
 use std::time::Duration;
 
-pub use config::PoolConfig;
-pub use grpc_pool_core::AllUnhealthy;
+pub use config::{DnsConfig, PoolConfig};
 pub use grpc_pool_core::{
-    api, call, discover, dns, metrics, monitor, BackoffConfig, ClientIdentity, Endpoint, EndpointState,
-    Error, ErrorKind, EvictionReason, H2Config, MemberHandle, MemberSnapshot, MemberState, OutlierDetection,
-    PoolEvent, PoolMonitor, ResponseBody, ResponseFuture, RetryReason, State, Statistics, TlsConfig,
-    WaitForReady,
+    discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, ClientIdentity, Endpoint, EndpointState,
+    Error, ErrorKind, EvictionReason, H2Config, MemberSnapshot, MemberState, OutlierDetection, PoolEvent,
+    PoolEvents, ResponseBody, RetryReason, State, Statistics, TlsConfig, WaitForReady, DEFAULT_POOL_NAME,
+    EVENT_BUFFER,
 };
-pub use grpc_pool_health as health;
-pub use grpc_pool_health::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
+pub use grpc_pool_health::{
+    CheckMode, HealthCheck, Keepalive, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,
+};
 
 /// A pool of HTTP/2 connections to the endpoints of one gRPC service, kept healthy by a
 /// background task.
 ///
-/// A cheap handle: clone it into every client (`EchoClient::new(pool.clone())`). Dropping the
-/// last handle closes the pool and ends its tasks. See [`grpc_pool_core::Pool`] for how calls
-/// are spread and queued, and [`Builder`] for the settings.
+/// `Pool` is a cheap handle (an `Arc` inside): clone it into every client. It implements
+/// `tower::Service<http::Request<tonic::body::Body>>`, so a tonic-generated client works on
+/// it directly, and so does `tower::ServiceExt` or a `ServiceBuilder` stack:
+/// `EchoClient::new(pool.clone())`. Each call takes a stream slot on the least loaded ready
+/// connection (power of two choices between endpoints), opens more connections when all are
+/// saturated, and waits at most `checkout_timeout` for room.
+///
+/// Dropping the last handle closes the pool: connections drain their in-flight streams and
+/// close, and every background task ends. [`Pool::close`] does the same and waits for it.
 #[derive(Clone)]
 pub struct Pool {
     core: grpc_pool_core::Pool,
@@ -66,13 +76,30 @@ impl Pool {
         self.core.name()
     }
 
-    /// A snapshot of every endpoint and member, and the pool's statistics.
+    /// A snapshot of every endpoint and connection, and the pool's statistics.
     pub fn state(&self) -> State {
         self.core.state()
     }
 
-    /// Adds an endpoint at run time; `Ok(false)` if the pool has it already. See
-    /// [`grpc_pool_core::Pool::add_endpoint`].
+    /// The pool's events from now on: connections opened and closed with their reason,
+    /// endpoints added, removed, unhealthy or ejected, GOAWAYs. Each subscriber has room for
+    /// [`EVENT_BUFFER`] events; one that falls further behind reads [`PoolEvent::Missed`].
+    ///
+    /// ```no_run
+    /// # async fn run(pool: grpc_pool::Pool) {
+    /// let mut events = pool.events();
+    /// while let Some(event) = events.recv().await {
+    ///     println!("{event:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn events(&self) -> PoolEvents {
+        self.core.events()
+    }
+
+    /// Adds an endpoint at run time; it opens its `min_connections` and takes calls as soon as
+    /// a connection is ready. `Ok(false)` if the pool has it already, an error if `uri` is not
+    /// a valid endpoint.
     pub fn add_endpoint(&self, uri: &str) -> Result<bool, Error> {
         self.core.add_endpoint(uri)
     }
@@ -83,27 +110,36 @@ impl Pool {
         self.core.remove_endpoint(uri)
     }
 
-    /// Follows a `tower::discover::Discover` stream of endpoints (inserts and removals) until
-    /// it ends or the pool closes. See [`grpc_pool_core::Pool::discover`].
+    /// Follows an endpoint set that changes at run time: every `Change::Insert` of the
+    /// `discover` stream adds an endpoint (its service is the endpoint's URI, anything that
+    /// displays as one), every `Change::Remove` removes the one its key named. A discovery
+    /// error or an invalid URI is logged and the set stays as it is; when the stream ends,
+    /// the endpoints stay. The task stops when the pool closes; it does not keep it open.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use grpc_pool::dns::{DnsDiscover, SystemResolver};
+    /// # async fn run(pool: grpc_pool::Pool) -> Result<(), grpc_pool::Error> {
+    /// // Every address `orders.internal` resolves to, looked up again every 30 s.
+    /// pool.discover(DnsDiscover::new("http://orders.internal:50051", Duration::from_secs(30), SystemResolver)?);
+    /// # Ok(()) }
+    /// ```
     pub fn discover<D>(&self, discover: D) -> tokio::task::JoinHandle<()>
     where
         D: discover::Discover + Send + 'static,
         D::Key: Send,
-        D::Service: fmt::Display,
+        D::Service: fmt::Display + 'static,
         D::Error: fmt::Display,
     {
         self.core.discover(discover)
     }
 
     /// Stops taking calls, lets the ones in flight finish, and returns when every
-    /// connection has closed.
+    /// connection has closed. Calls that start afterwards fail with
+    /// [`ErrorKind::PoolClosed`]. A call whose stream never ends keeps `close` waiting: bound
+    /// it with `tokio::time::timeout` if that can happen.
     pub async fn close(&self) {
         self.core.close().await
-    }
-
-    /// The pool without its facade (same pool, same connections).
-    pub fn core(&self) -> &grpc_pool_core::Pool {
-        &self.core
     }
 }
 
@@ -113,26 +149,31 @@ impl fmt::Debug for Pool {
     }
 }
 
+/// The future of a call through a [`Pool`]: resolves to the response head; the body
+/// streams after it.
+pub type ResponseFuture = grpc_pool_core::ResponseFuture<tonic::body::Body>;
+
 /// `tower::Service` for a wrapper of a core pool, by handing each call to it.
+///
+/// For tonic's request body only, not any body: tonic's clients send that type, and one
+/// request type lets `tower::ServiceExt` and `ServiceBuilder` infer it (no turbofish). Other
+/// bodies go in through `tonic::body::Body::new`, which boxes them (tonic's own are passed
+/// through as they are).
 macro_rules! service_through_core_pool {
     ($wrapper:ty, $field:ident) => {
-        impl<B> tower_service::Service<http::Request<B>> for $wrapper
-        where
-            B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-            B::Error: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
-        {
+        impl tower_service::Service<http::Request<tonic::body::Body>> for $wrapper {
             type Response = http::Response<$crate::ResponseBody>;
             type Error = $crate::Error;
-            type Future = $crate::ResponseFuture<B>;
+            type Future = $crate::ResponseFuture;
 
             fn poll_ready(
                 &mut self,
                 cx: &mut std::task::Context<'_>,
             ) -> std::task::Poll<Result<(), $crate::Error>> {
-                tower_service::Service::<http::Request<B>>::poll_ready(&mut self.$field, cx)
+                tower_service::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.$field, cx)
             }
 
-            fn call(&mut self, request: http::Request<B>) -> Self::Future {
+            fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
                 tower_service::Service::call(&mut self.$field, request)
             }
         }
@@ -145,46 +186,49 @@ pub(crate) use service_through_core_pool;
 service_through_core_pool!(Pool, core);
 
 /// Builds a [`Pool`] and starts its health task. Every setting is checked at build; a bad one
-/// fails with a message naming the field and the allowed range.
+/// fails with a message naming the field and the allowed range. The settings are a
+/// [`PoolConfig`]; each method sets the field of the same name, and [`PoolConfig`]'s fields
+/// say the defaults.
 ///
-/// Defaults: `min_connections` 1 and `max_connections` 8 per endpoint, 100 concurrent streams
-/// per connection, 5 s checkout timeout, 10 s connect timeout, gRPC's reconnect backoff;
-/// keepalive PINGs on connections with calls in flight after [`DEFAULT_KEEPALIVE_TIME`] of
-/// quiet, at most two without data from the server in between, with a
-/// [`DEFAULT_KEEPALIVE_TIMEOUT`]; idle connections not PINGed but checked before use after
-/// [`DEFAULT_PING_BEFORE_USE`] of quiet, with a PING answered within
+/// In short: `min_connections` 1 and `max_connections` 8 per endpoint, 100 concurrent
+/// streams per connection, 5 s checkout timeout, 10 s connect timeout, gRPC's reconnect
+/// backoff; keepalive PINGs on connections with calls in flight after
+/// [`DEFAULT_KEEPALIVE_TIME`] of quiet, at most two without data from the server in between,
+/// with a [`DEFAULT_KEEPALIVE_TIMEOUT`]; idle connections not PINGed but checked before use
+/// after [`DEFAULT_PING_BEFORE_USE`] of quiet, with a PING answered within
 /// [`DEFAULT_PING_BEFORE_USE_TIMEOUT`]; `idle_timeout` 10 minutes; no `max_lifetime`. Why
 /// each value: see the constants.
 ///
+/// ```no_run
+/// # async fn run() -> Result<(), grpc_pool::Error> {
+/// use std::time::Duration;
+/// use grpc_pool::{Keepalive, Pool};
+///
+/// let pool = Pool::builder()
+///     .name("echo")
+///     .max_connections(4)
+///     .keepalive(Some(Keepalive::new(Duration::from_secs(30), Duration::from_secs(5))))
+///     .max_lifetime(Some(Duration::from_secs(30 * 60)))
+///     .build(["http://127.0.0.1:50051", "http://127.0.0.1:50052"])
+///     .await?;
+/// // let mut client = EchoClient::new(pool.clone());
+/// # Ok(()) }
+/// ```
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
 /// let err = grpc_pool::Pool::builder()
-///     .keepalive(grpc_pool::Keepalive::new(std::time::Duration::ZERO, std::time::Duration::from_secs(1)))
+///     .keepalive(Some(grpc_pool::Keepalive::new(Duration::ZERO, Duration::from_secs(1))))
 ///     .build_lazy(["http://127.0.0.1:50051"])
 ///     .unwrap_err();
 /// assert!(err.to_string().contains("`keepalive.time`"));
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Builder {
-    core: grpc_pool_core::Builder,
-    health: HealthConfig,
-    ping_before_use: Option<Duration>,
+    config: PoolConfig,
 }
-
-/// Default keepalive time: a connection carrying calls that has heard nothing from the
-/// server for this long is PINGed. Short enough that a call on a connection that died under
-/// it (a NAT or load balancer that dropped the flow, a crashed host) is failed within
-/// `time + timeout` = 30 s instead of hanging until TCP gives up (15 minutes and more), and a
-/// busy connection is never PINGed at all (every read counts as news). Servers allow one PING
-/// per 5 minutes while calls are open, but forgive every PING once they send data; with at
-/// most two PINGs between two frames of data, a call silent for hours on a live connection
-/// costs two PINGs and one strike, never the third strike that earns a GOAWAY.
-pub const DEFAULT_KEEPALIVE_TIME: Duration = Duration::from_secs(20);
-
-/// Default keepalive timeout, and the sockets' `TCP_USER_TIMEOUT` on Linux: ten round trips
-/// of the slowest intercontinental path are under 5 s; 10 s leaves room for a busy server.
-pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default quiet time after which an idle connection is PINGed before a call uses it.
 /// Middleboxes drop idle flows after their own timeout, and the shortest common ones are
@@ -199,29 +243,18 @@ pub const DEFAULT_PING_BEFORE_USE: Duration = Duration::from_secs(30);
 /// then goes to a fresh connection.
 pub const DEFAULT_PING_BEFORE_USE_TIMEOUT: Duration = Duration::from_secs(1);
 
-impl Default for Builder {
-    fn default() -> Self {
-        Builder {
-            core: grpc_pool_core::Builder::default(),
-            health: HealthConfig {
-                keepalive: Some(Keepalive::new(DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT)),
-                eviction: EvictionPolicy {
-                    idle_timeout: Some(Duration::from_secs(600)),
-                    ..Default::default()
-                },
-                checks: None,
-            },
-            ping_before_use: Some(DEFAULT_PING_BEFORE_USE),
-        }
+impl From<PoolConfig> for Builder {
+    fn from(config: PoolConfig) -> Builder {
+        Builder { config }
     }
 }
 
-macro_rules! delegate {
-    ($($(#[$doc:meta])* $name:ident($ty:ty);)*) => {
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty;)*) => {
         $(
             $(#[$doc])*
             pub fn $name(mut self, value: $ty) -> Self {
-                self.core = self.core.$name(value);
+                self.config.$name = value;
                 self
             }
         )*
@@ -229,146 +262,176 @@ macro_rules! delegate {
 }
 
 impl Builder {
-    delegate! {
-        /// The pool's name in logs, errors and metric labels. Default `grpc-pool`.
-        name(&str);
+    /// The pool's name in logs, errors and the `pool` metric label. Two live pools never
+    /// share one: building a pool with the name of another fails, except the default
+    /// ([`DEFAULT_POOL_NAME`]), which a second pool gets as `grpc-pool-2`.
+    pub fn name(mut self, name: &str) -> Self {
+        self.config.name = name.to_owned();
+        self
+    }
+
+    setters! {
         /// Connections kept open per endpoint even when idle (0 to `max_connections`).
-        min_connections(usize);
+        min_connections: usize;
         /// Most connections per endpoint (1 to 10,000).
-        max_connections(usize);
+        max_connections: usize;
         /// Most concurrent streams per connection (1 to 2^20); the server's
         /// `SETTINGS_MAX_CONCURRENT_STREAMS` lowers it further.
-        max_concurrent_streams(u32);
-        /// Longest a call waits for a stream slot before failing (above zero).
-        checkout_timeout(Duration);
-        /// The deadline of calls without a `grpc-timeout` of their own, and the most any call
-        /// may take (above zero, up to 30 days); `None` (the default): none.
-        timeout(Option<Duration>);
-        /// gRPC's `wait_for_ready` for every call: wait for an endpoint to come back instead
-        /// of failing fast when all are in transient failure. Off by default; a call's
+        max_concurrent_streams: u32;
+        /// Connects under way at once to one endpoint (1 to 10,000); the others wait their
+        /// turn, outside `connect_timeout`, so a pool opening hundreds of connections does
+        /// not overflow the server's accept queue.
+        max_concurrent_connects: usize;
+        /// Longest a call waits for a stream slot before failing (1 ms to a day).
+        checkout_timeout: Duration;
+        /// Longest a connect may take, from TCP to the server's SETTINGS (1 ms to an hour).
+        connect_timeout: Duration;
+        /// The deadline of calls without a `grpc-timeout` of their own, and the most any
+        /// call may take (up to 30 days): a call's deadline is the shorter of its own and
+        /// this one. It bounds the whole call: the wait for a slot, a PING before use, every
+        /// resend, the response head and body. Past it, a call fails with
+        /// `DEADLINE_EXCEEDED`, its stream is reset and its slot freed. `None`: none.
+        timeout: Option<Duration>;
+        /// gRPC's `wait_for_ready` for every call: when every endpoint is in transient
+        /// failure, wait for one to come back (until the deadline, or `checkout_timeout`)
+        /// instead of failing at once with `UNAVAILABLE` and the cause. A call's
         /// [`WaitForReady`] extension overrides it.
-        wait_for_ready(bool);
-        /// Longest a connect may take, from TCP to the server's SETTINGS (above zero).
-        connect_timeout(Duration);
-        /// Connects under way at once to one endpoint; the others wait their turn. Default 8.
-        max_concurrent_connects(usize);
+        wait_for_ready: bool;
         /// Attempts per call in all, the first included (1 to 10), for calls the server
         /// provably never processed (refused, above a GOAWAY's last stream id, or never
-        /// written). Default 3.
-        max_attempts(u32);
-        /// Most request-body bytes a call keeps so it can be sent again (0 to 64 MiB); a
-        /// larger call is not sent again and its error says so. Default 256 KiB.
-        replay_buffer_limit(usize);
+        /// written); each goes to another connection, on another endpoint when there is one.
+        max_attempts: u32;
+        /// Most request-body bytes a call keeps so that it can be sent again (0 to 64 MiB);
+        /// a larger call is not sent again, and its error says so.
+        replay_buffer_limit: usize;
+        /// What calls do when every endpoint is unhealthy: fail fast, or route to all of
+        /// them anyway.
+        when_all_unhealthy: AllUnhealthy;
+        /// How often the connection, stream and waiter gauges are sampled (10 ms to an
+        /// hour).
+        metrics_interval: Duration;
+        /// PING a connection before it carries a call when it has been unused (no stream
+        /// started, nothing received) for this long (1 ms to a day), and wait for the PONG:
+        /// no PONG within [`DEFAULT_PING_BEFORE_USE_TIMEOUT`] (or four round trips of that
+        /// connection) closes it, and the call goes to another one. `None`: never.
+        ping_before_use: Option<Duration>;
+        /// Keepalive PINGs (see [`Keepalive`]); `timeout` also becomes the sockets'
+        /// `TCP_USER_TIMEOUT` on Linux. `None`: no PINGs, and a connection that dies
+        /// silently is found only by the call that uses it.
+        keepalive: Option<Keepalive>;
+        /// Close connections above `min_connections` that started no stream for this long
+        /// (10 ms to 30 days). `None`: never.
+        idle_timeout: Option<Duration>;
+        /// Drain and replace connections this old, +/-10% jitter, one at a time per endpoint
+        /// (100 ms to 30 days). `None`: never.
+        max_lifetime: Option<Duration>;
+        /// Drain and replace connections after this many streams in all (1 to about 2^30).
+        /// `None`: only when HTTP/2 stream ids run out.
+        max_streams_per_connection: Option<u64>;
+        /// gRPC health checks per endpoint (`grpc.health.v1.Health`). `None`: none.
+        health_checks: Option<HealthCheck>;
         /// Outlier ejection: an endpoint whose calls fail `consecutive_failures` times in a
-        /// row takes no new streams for a while. Off (`None`) by default.
-        outlier_detection(Option<OutlierDetection>);
-        /// How often the connection, stream and waiter gauges are sampled. Default 1 s.
-        metrics_interval(Duration);
-        /// TLS for the `https://` endpoints; without it they verify servers against the
-        /// system's roots.
-        tls(TlsConfig);
+        /// row takes no new streams for a while. `None`: none.
+        outlier_detection: Option<OutlierDetection>;
         /// Reconnect backoff after failed connects.
-        backoff(BackoffConfig);
+        backoff: BackoffConfig;
         /// HTTP/2 window, frame and header-list settings.
-        h2(H2Config);
-        /// What calls do when every endpoint is unhealthy: fail fast (default), or route
-        /// to all of them anyway.
-        when_all_unhealthy(AllUnhealthy);
+        h2: H2Config;
     }
 
-    /// gRPC health checks per endpoint (`grpc.health.v1.Health`); off by default.
-    pub fn health_checks(mut self, checks: HealthCheck) -> Self {
-        self.health.checks = Some(checks);
+    /// TLS for the `https://` endpoints; without it they verify servers against the
+    /// system's roots. `http://` endpoints stay plaintext.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.config.tls = Some(tls);
         self
     }
 
-    /// Keepalive PINGs (see [`Keepalive`]); `timeout` also becomes the sockets'
-    /// `TCP_USER_TIMEOUT` on Linux.
-    pub fn keepalive(mut self, keepalive: Keepalive) -> Self {
-        self.health.keepalive = Some(keepalive);
-        self
+    /// The settings so far.
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
     }
 
-    /// PING a member before it carries a call when it has been unused for `after` (no
-    /// stream started, nothing received), and wait for the PONG; no PONG within
-    /// [`DEFAULT_PING_BEFORE_USE_TIMEOUT`] (or four round trips of that connection) closes it
-    /// and the call goes to another member. Default [`DEFAULT_PING_BEFORE_USE`]; `None` turns
-    /// it off.
-    pub fn ping_before_use(mut self, after: Option<Duration>) -> Self {
-        self.ping_before_use = after;
-        self
+    /// The core pool's builder (no health task), for the bb8 adapter.
+    #[cfg_attr(not(feature = "bb8"), allow(dead_code))]
+    pub(crate) fn core_builder(&self) -> Result<grpc_pool_core::Builder, Error> {
+        Ok(grpc_pool_core::Builder::from_config(self.config.split()?.0))
     }
 
-    /// No keepalive PINGs: a connection that dies silently is found only by the call that
-    /// uses it.
-    pub fn no_keepalive(mut self) -> Self {
-        self.health.keepalive = None;
-        self
+    /// The endpoints: the configuration's, then `more`.
+    fn endpoints<I, S>(&self, more: I) -> Vec<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.config.endpoints.iter().cloned().chain(more.into_iter().map(|e| e.as_ref().to_owned())).collect()
     }
 
-    /// Close members above `min_connections` that started no stream for this long (`None`:
-    /// never).
-    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.health.eviction.idle_timeout = timeout;
-        self
-    }
-
-    /// Drain and replace members this old, +/-10% jitter, one at a time per endpoint.
-    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
-        self.health.eviction.max_lifetime = Some(lifetime);
-        self
-    }
-
-    /// Drain and replace members after this many streams in all.
-    pub fn max_streams_per_connection(mut self, streams: u64) -> Self {
-        self.health.eviction.max_streams_per_connection = Some(streams);
-        self
-    }
-
-    /// The whole health configuration at once.
-    pub fn health(mut self, health: HealthConfig) -> Self {
-        self.health = health;
-        self
-    }
-
-    fn prepared(self) -> Result<(grpc_pool_core::Builder, HealthConfig), Error> {
-        self.health.validate()?;
-        let timeout = self.health.keepalive.as_ref().map(|k| k.timeout);
-        let core = self
-            .core
-            .tcp_user_timeout(timeout)
-            .ping_before_use(self.ping_before_use, DEFAULT_PING_BEFORE_USE_TIMEOUT)
-            .max_streams_per_connection(self.health.eviction.max_streams_per_connection);
-        Ok((core, self.health))
-    }
-
-    /// Connects before returning (see [`grpc_pool_core::Builder::build`]), then starts the
-    /// health task.
+    /// Builds the pool and connects before returning: `max(min_connections, 1)` connections
+    /// per endpoint, all at once. Fails only if no endpoint can be reached, with every
+    /// endpoint's error; the ones that failed keep retrying in the background. With a `dns`
+    /// setting and no endpoint listed, connects in the background instead (as
+    /// [`build_lazy`](Self::build_lazy)): the name's addresses join as they are resolved.
+    /// Starts the health task.
     pub async fn build<I, S>(self, endpoints: I) -> Result<Pool, Error>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let (core, health) = self.prepared()?;
-        let core = core.build(endpoints).await?;
-        grpc_pool_health::spawn(core.monitor(), health);
-        Ok(Pool { core })
+        let endpoints = self.endpoints(endpoints);
+        if endpoints.is_empty() && self.config.dns.is_some() {
+            return self.build_lazy(endpoints);
+        }
+        let (core, health) = self.config.split()?;
+        let discover = self.config.dns.as_ref().map(DnsConfig::discover).transpose()?;
+        let core = grpc_pool_core::Builder::from_config(core).build(endpoints).await?;
+        Ok(Pool::start(core, health, discover))
     }
 
-    /// Builds at once and connects in the background (see
-    /// [`grpc_pool_core::Builder::build_lazy`]); starts the health task.
+    /// Builds the pool at once and connects in the background (`min_connections` per
+    /// endpoint); the first calls wait for a connection, up to `checkout_timeout`. The list
+    /// may be empty when endpoints come later ([`Pool::add_endpoint`], discovery). Must be
+    /// called inside a Tokio runtime. Starts the health task.
     pub fn build_lazy<I, S>(self, endpoints: I) -> Result<Pool, Error>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let (core, health) = self.prepared()?;
-        let core = core.build_lazy(endpoints)?;
-        grpc_pool_health::spawn(core.monitor(), health);
-        Ok(Pool { core })
+        let endpoints = self.endpoints(endpoints);
+        let (core, health) = self.config.split()?;
+        let discover = self.config.dns.as_ref().map(DnsConfig::discover).transpose()?;
+        let core = grpc_pool_core::Builder::from_config(core).build_lazy(endpoints)?;
+        Ok(Pool::start(core, health, discover))
     }
 }
 
-/// For the fuzz targets (`fuzz/`) and their smoke test only: not part of the API.
+impl Pool {
+    fn start(
+        core: grpc_pool_core::Pool,
+        health: grpc_pool_health::HealthConfig,
+        discover: Option<dns::DnsDiscover<dns::SystemResolver>>,
+    ) -> Pool {
+        grpc_pool_health::spawn(core.monitor(), health);
+        if let Some(discover) = discover {
+            core.discover(discover);
+        }
+        Pool { core }
+    }
+}
+
+/// For the crate's tests, benchmarks and fuzz targets only: not part of the API, and may
+/// change in any release.
 #[doc(hidden)]
-pub use grpc_pool_core::__fuzz;
+pub mod __private {
+    pub use grpc_pool_core::__fuzz as fuzz;
+    pub use grpc_pool_health::__test as health;
+
+    /// Takes a stream slot the way a call does, and frees it again. False if none was free.
+    pub fn checkout_and_release(pool: &crate::Pool) -> bool {
+        grpc_pool_core::__bench::checkout_and_release(&pool.core)
+    }
+
+    /// The pool as its health task sees it.
+    pub fn monitor(pool: &crate::Pool) -> grpc_pool_core::PoolMonitor {
+        pool.core.monitor()
+    }
+}

@@ -203,7 +203,7 @@ async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() 
     let pool = Pool::builder()
         .max_connections(1)
         .ping_before_use(Some(quiet))
-        .no_keepalive()
+        .keepalive(None)
         .build([server.uri()])
         .await
         .unwrap();
@@ -232,13 +232,14 @@ async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() 
 #[tokio::test]
 async fn a_ping_whose_caller_gave_up_does_not_stop_later_keepalive_pings() {
     let server = FrameServer::start(Behaviour::AnswerAfter(Duration::ZERO)).await;
-    let keepalive = grpc_pool::Keepalive {
-        permit_without_stream: true,
-        max_pings_without_data: 0,
-        ..grpc_pool::Keepalive::new(Duration::from_millis(100), Duration::from_secs(5))
+    let keepalive = {
+        let mut v = grpc_pool::Keepalive::new(Duration::from_millis(100), Duration::from_secs(5));
+        v.permit_without_stream = true;
+        v.max_pings_without_data = 0;
+        v
     };
-    let pool = Pool::builder().keepalive(keepalive).build([server.uri()]).await.unwrap();
-    let members = pool.core().monitor().members();
+    let pool = Pool::builder().keepalive(Some(keepalive)).build([server.uri()]).await.unwrap();
+    let members = grpc_pool::__private::monitor(&pool).members();
     let member = members.first().expect("a member");
     // Given up at its first wait, with the PING out: h2 still counts it as pending. (A
     // keepalive PING in flight at that moment makes it fail as busy instead: try again.)
@@ -363,17 +364,19 @@ fn start_callers(
     (stop, tasks)
 }
 
-const OUTAGE_BACKOFF: grpc_pool::BackoffConfig = grpc_pool::BackoffConfig {
-    base: Duration::from_millis(200),
-    multiplier: 1.6,
-    jitter: 0.2,
-    max: Duration::from_secs(30),
-};
+fn outage_backoff() -> grpc_pool::BackoffConfig {
+    let mut v = grpc_pool::BackoffConfig::default();
+    v.base = Duration::from_millis(200);
+    v.multiplier = 1.6;
+    v.jitter = 0.2;
+    v.max = Duration::from_secs(30);
+    v
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_fails_calls_fast_with_the_cause_and_one_connect_at_a_time_backs_off() {
     let mut outage = Outage::start().await;
-    let pool = Pool::builder().name("outage").backoff(OUTAGE_BACKOFF).build([outage.uri()]).await.unwrap();
+    let pool = Pool::builder().name("outage").backoff(outage_backoff()).build([outage.uri()]).await.unwrap();
     let deadline = Duration::from_secs(5);
     let (stop, callers) = start_callers(&pool, 8, deadline, false);
     wait_until(WAIT, "calls are flowing", || pool.state().statistics.checkouts_direct > 50).await;
@@ -434,7 +437,7 @@ async fn an_outage_fails_calls_fast_with_the_cause_and_one_connect_at_a_time_bac
     assert!(attempts.len() >= 4, "{} connect attempts in a 3 s outage with a 200 ms backoff", attempts.len());
     for (round, pair) in attempts.windows(2).enumerate() {
         let gap = pair[1] - pair[0];
-        let least = OUTAGE_BACKOFF.base.mul_f64(0.8 * 1.6f64.powi(round as i32));
+        let least = outage_backoff().base.mul_f64(0.8 * 1.6f64.powi(round as i32));
         assert!(
             gap >= least,
             "attempt {} came {gap:?} after the one before; backoff allows no less than {least:?}",
@@ -443,7 +446,7 @@ async fn an_outage_fails_calls_fast_with_the_cause_and_one_connect_at_a_time_bac
     }
     // The backoff in force when the server came back bounds how long the pool took.
     let rounds = attempts.len() as i32;
-    let in_force = OUTAGE_BACKOFF.base.mul_f64(1.6f64.powi(rounds - 1) * 1.2 * 1.1);
+    let in_force = outage_backoff().base.mul_f64(1.6f64.powi(rounds - 1) * 1.2 * 1.1);
     assert!(
         reconnected_after <= in_force + Duration::from_secs(1),
         "reconnected {reconnected_after:?} after the server came back; backoff in force at most {in_force:?}"
@@ -458,7 +461,7 @@ async fn an_outage_fails_calls_fast_with_the_cause_and_one_connect_at_a_time_bac
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_ready_calls_ride_out_an_outage_shorter_than_their_deadline() {
     let mut outage = Outage::start().await;
-    let pool = Pool::builder().backoff(OUTAGE_BACKOFF).build([outage.uri()]).await.unwrap();
+    let pool = Pool::builder().backoff(outage_backoff()).build([outage.uri()]).await.unwrap();
     let (stop, callers) = start_callers(&pool, 8, Duration::from_secs(20), true);
     wait_until(WAIT, "calls are flowing", || pool.state().statistics.checkouts_direct > 50).await;
     outage.down().await;
@@ -481,19 +484,20 @@ async fn calls_queued_behind_a_dead_host_are_released_once_health_checks_mark_it
     // A host that takes TCP connections and never says a word: connects cannot finish.
     let relay = grpc_pool_testkit::Relay::start(server.addr()).await;
     relay.freeze_new_connections(true);
-    let checks = grpc_pool::HealthCheck {
-        service: "echo.Echo".into(),
-        interval: Duration::from_millis(100),
-        timeout: Duration::from_millis(100),
-        unhealthy_threshold: 2,
-        mode: grpc_pool::CheckMode::Poll,
-        ..Default::default()
+    let checks = {
+        let mut v = grpc_pool::HealthCheck::default();
+        v.service = "echo.Echo".into();
+        v.interval = Duration::from_millis(100);
+        v.timeout = Duration::from_millis(100);
+        v.unhealthy_threshold = 2;
+        v.mode = grpc_pool::CheckMode::Poll;
+        v
     };
     let checkout_timeout = Duration::from_secs(20);
     let pool = Pool::builder()
         .connect_timeout(Duration::from_secs(30))
         .checkout_timeout(checkout_timeout)
-        .health_checks(checks)
+        .health_checks(Some(checks))
         .build_lazy([relay.uri()])
         .unwrap();
     let started = Instant::now();

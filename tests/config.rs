@@ -1,11 +1,11 @@
-//! `PoolConfig` from TOML and JSON: the example file, defaults, and the errors a bad file
-//! gets (unknown fields and bad durations named; out-of-range values with the builder's
-//! messages).
+//! `PoolConfig` from TOML and JSON (cargo feature `serde`): the example file, defaults, and
+//! the errors a bad file gets (unknown fields and bad durations named; out-of-range values
+//! with the builder's messages).
+#![cfg(feature = "serde")]
 
 use std::time::Duration;
 
-use grpc_pool::config::{Mode, WhenAllUnhealthy};
-use grpc_pool::PoolConfig;
+use grpc_pool::{AllUnhealthy, CheckMode, PoolConfig};
 
 fn example() -> PoolConfig {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pool.toml")).unwrap();
@@ -19,20 +19,22 @@ fn the_example_file_parses_and_says_the_defaults() {
     assert_eq!(config.endpoints.len(), 2);
     assert_eq!(config.max_connections, defaults.max_connections);
     assert_eq!(config.checkout_timeout, defaults.checkout_timeout);
-    assert_eq!(config.keepalive.time, Duration::from_secs(20));
-    assert_eq!(config.keepalive.time, defaults.keepalive.time);
-    assert_eq!(config.keepalive.timeout, Duration::from_secs(10));
-    assert!(!config.keepalive.permit_without_stream);
-    assert_eq!(config.keepalive.max_pings_without_data, 2);
-    assert_eq!(config.eviction.idle_timeout, Some(Duration::from_secs(600)));
-    assert_eq!(config.eviction.max_lifetime, None);
+    let keepalive = config.keepalive.clone().unwrap();
+    assert_eq!(keepalive.time, Duration::from_secs(20));
+    assert_eq!(Some(&keepalive), defaults.keepalive.as_ref());
+    assert_eq!(keepalive.timeout, Duration::from_secs(10));
+    assert!(!keepalive.permit_without_stream);
+    assert_eq!(keepalive.max_pings_without_data, 2);
+    assert_eq!(config.idle_timeout, Some(Duration::from_secs(600)));
+    assert_eq!(config.max_lifetime, None);
     assert_eq!(config.ping_before_use, Some(Duration::from_secs(30)));
-    assert_eq!(config.when_all_unhealthy, WhenAllUnhealthy::FailFast);
+    assert_eq!(config.when_all_unhealthy, AllUnhealthy::FailFast);
     // The optional sections are written out in the example with their defaults.
-    let check = config.health_check.as_ref().unwrap();
-    assert_eq!((check.interval, check.mode), (Duration::from_secs(5), Mode::Watch));
+    let check = config.health_checks.as_ref().unwrap();
+    assert_eq!(check, &grpc_pool::HealthCheck::default());
+    assert_eq!((check.interval, check.mode), (Duration::from_secs(5), CheckMode::Watch));
     assert_eq!(check.unhealthy_interval, Duration::from_secs(1));
-    assert_eq!(config.outlier_detection.as_ref().unwrap().max_ejection_time, Duration::from_secs(300));
+    assert_eq!(config.outlier_detection, Some(grpc_pool::OutlierDetection::default()));
     assert_eq!(config.backoff.multiplier, defaults.backoff.multiplier);
     assert_eq!(config.h2.max_frame_size, defaults.h2.max_frame_size);
 }
@@ -41,22 +43,25 @@ fn the_example_file_parses_and_says_the_defaults() {
 async fn the_example_file_builds_a_pool() {
     let pool = example().build_lazy().unwrap();
     assert_eq!(pool.state().endpoints.len(), 2);
+    assert_eq!(pool.name(), "example");
 }
 
 #[test]
 fn json_works_the_same_and_empty_means_defaults() {
     let config: PoolConfig = serde_json::from_str(
-        r#"{"name": "orders", "checkout_timeout": "1m 30s", "eviction": {"idle_timeout": "off"},
-            "health_check": {"mode": "watch"}}"#,
+        r#"{"name": "orders", "checkout_timeout": "1m 30s", "idle_timeout": "off",
+            "health_checks": {"mode": "watch"}, "keepalive": "off"}"#,
     )
     .unwrap();
     assert_eq!(config.name, "orders");
     assert_eq!(config.checkout_timeout, Duration::from_secs(90));
-    assert_eq!(config.eviction.idle_timeout, None);
-    assert_eq!(config.health_check.unwrap().mode, Mode::Watch);
+    assert_eq!(config.idle_timeout, None);
+    assert_eq!(config.keepalive, None);
+    assert_eq!(config.health_checks.unwrap().mode, CheckMode::Watch);
     let empty: PoolConfig = toml::from_str("").unwrap();
     assert_eq!(empty.max_connections, 8);
-    assert!(empty.health_check.is_none());
+    assert!(empty.health_checks.is_none());
+    assert!(empty.keepalive.is_some());
 }
 
 #[test]
@@ -65,6 +70,8 @@ fn unknown_fields_are_errors_that_name_them() {
     assert!(top.contains("unknown field `max_conections`"), "{top}");
     let nested = toml::from_str::<PoolConfig>("[keepalive]\ntimout = \"5s\"").unwrap_err().to_string();
     assert!(nested.contains("unknown field `timout`"), "{nested}");
+    let off = toml::from_str::<PoolConfig>("keepalive = \"of\"").unwrap_err().to_string();
+    assert!(off.contains("a table of settings, or \"off\""), "{off}");
 }
 
 #[test]
@@ -88,16 +95,15 @@ async fn out_of_range_values_get_the_builders_messages() {
     assert!(err.contains("`keepalive.time`"), "{err}");
 }
 
-#[tokio::test]
-async fn tls_files_are_read_at_build_and_a_missing_one_is_named() {
-    let config: PoolConfig =
-        toml::from_str("endpoints = [\"https://127.0.0.1:1\"]\n[tls]\nca_file = \"/nonexistent/ca.pem\"")
-            .unwrap();
-    let err = config.build_lazy().unwrap_err().to_string();
+#[test]
+fn tls_files_are_read_with_the_file_and_a_missing_one_is_named() {
+    let err =
+        toml::from_str::<PoolConfig>("[tls]\nca_file = \"/nonexistent/ca.pem\"").unwrap_err().to_string();
     assert!(err.contains("`tls.ca_file`") && err.contains("/nonexistent/ca.pem"), "{err}");
-    let config: PoolConfig = toml::from_str("[tls]\ncert_file = \"/tmp/c.pem\"").unwrap();
-    let err = config.build_lazy().unwrap_err().to_string();
+    let err = toml::from_str::<PoolConfig>("[tls]\ncert_file = \"/tmp/c.pem\"").unwrap_err().to_string();
     assert!(err.contains("`tls.cert_file`") && err.contains("both files, or neither"), "{err}");
+    let config: PoolConfig = toml::from_str("[tls]\nserver_name = \"orders.internal\"").unwrap();
+    assert_eq!(config.tls.unwrap().server_name.as_deref(), Some("orders.internal"));
 }
 
 #[tokio::test]
@@ -132,20 +138,13 @@ async fn a_dns_section_adds_the_resolved_addresses_as_endpoints() {
 }
 
 #[test]
-fn the_defaults_are_the_builders() {
-    // PoolConfig's defaults are written out for serde; this ties them to the builder's, so
-    // changing one without the other fails here.
-    let from_config = format!("{:#?}", PoolConfig::default().builder().unwrap());
-    let from_builder = format!("{:#?}", grpc_pool::Pool::builder());
-    assert_eq!(from_config, from_builder);
-    // The optional sections, present with their defaults.
-    let config: PoolConfig = toml::from_str("[health_check]\n[outlier_detection]\n").unwrap();
-    let from_config = format!("{:#?}", config.builder().unwrap());
-    let from_builder = format!(
-        "{:#?}",
-        grpc_pool::Pool::builder()
-            .health_checks(grpc_pool::HealthCheck::default())
-            .outlier_detection(Some(grpc_pool::OutlierDetection::default()))
-    );
-    assert_eq!(from_config, from_builder);
+fn the_example_file_writes_out_every_default() {
+    // examples/pool.toml says each field's default; with its example values put back (the
+    // endpoints, the name, the optional sections), it is `PoolConfig::default()` exactly.
+    let mut config = example();
+    config.name = grpc_pool::DEFAULT_POOL_NAME.to_owned();
+    config.endpoints.clear();
+    config.health_checks = None;
+    config.outlier_detection = None;
+    assert_eq!(format!("{config:#?}"), format!("{:#?}", PoolConfig::default()));
 }

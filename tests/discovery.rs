@@ -232,12 +232,13 @@ async fn the_health_task_checks_endpoints_added_after_the_pool_was_built() {
     // an endpoint unhealthy once the health task checks it.
     let first = TestServer::start().await;
     let added = TestServer::start().await;
-    let checks = HealthCheck {
-        interval: Duration::from_millis(50),
-        unimplemented_is_healthy: false,
-        ..Default::default()
+    let checks = {
+        let mut v = HealthCheck::default();
+        v.interval = Duration::from_millis(50);
+        v.unimplemented_is_healthy = false;
+        v
     };
-    let pool = Pool::builder().health_checks(checks).build([first.uri()]).await.unwrap();
+    let pool = Pool::builder().health_checks(Some(checks)).build([first.uri()]).await.unwrap();
     // The task is running and has checked the first endpoint: it knew the pool before the
     // second endpoint came.
     wait_until(WAIT, "the first endpoint is checked", || pool.state().endpoints.iter().all(|e| !e.healthy))

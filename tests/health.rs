@@ -25,7 +25,12 @@ fn request(delay_ms: u32) -> EchoRequest {
 /// defaults PING only members carrying calls, at most twice without data): what these tests
 /// of the keepalive machinery on idle connections need.
 fn idle_keepalive(time: Duration, timeout: Duration) -> Keepalive {
-    Keepalive { permit_without_stream: true, max_pings_without_data: 0, ..Keepalive::new(time, timeout) }
+    {
+        let mut v = Keepalive::new(time, timeout);
+        v.permit_without_stream = true;
+        v.max_pings_without_data = 0;
+        v
+    }
 }
 
 fn keepalive() -> Keepalive {
@@ -40,7 +45,7 @@ fn bound(keepalive: &Keepalive) -> Duration {
 async fn keepalive_replaces_a_silently_dropped_idle_member_before_the_next_call() {
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;
-    let pool = Pool::builder().keepalive(keepalive()).build([relay.uri()]).await.unwrap();
+    let pool = Pool::builder().keepalive(Some(keepalive())).build([relay.uri()]).await.unwrap();
     let mut client = EchoClient::new(pool.clone());
     client.unary_echo(request(0)).await.unwrap();
     let dropped = pool.state().endpoints[0].members[0].id;
@@ -70,7 +75,7 @@ async fn members_opened_together_send_their_first_pings_spread_over_half_a_keepa
     let pool = Pool::builder()
         .min_connections(24)
         .max_connections(24)
-        .keepalive(idle_keepalive(time, Duration::from_secs(2)))
+        .keepalive(Some(idle_keepalive(time, Duration::from_secs(2))))
         .build([server.uri()])
         .await
         .unwrap();
@@ -106,7 +111,7 @@ async fn members_opened_together_send_their_first_pings_spread_over_half_a_keepa
 async fn keepalive_fails_calls_on_a_dead_connection_at_once_instead_of_at_their_deadline() {
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;
-    let pool = Pool::builder().keepalive(keepalive()).build([relay.uri()]).await.unwrap();
+    let pool = Pool::builder().keepalive(Some(keepalive())).build([relay.uri()]).await.unwrap();
     let mut calls = Vec::new();
     for _ in 0..4 {
         let mut client = EchoClient::new(pool.clone());
@@ -129,7 +134,7 @@ async fn without_keepalive_a_call_on_a_silently_dropped_connection_hangs() {
     // The contrast: the failure keepalive prevents.
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;
-    let pool = Pool::builder().no_keepalive().build([relay.uri()]).await.unwrap();
+    let pool = Pool::builder().keepalive(None).build([relay.uri()]).await.unwrap();
     let mut client = EchoClient::new(pool.clone());
     client.unary_echo(request(0)).await.unwrap();
     relay.freeze();
@@ -143,7 +148,7 @@ async fn a_silent_drop_under_load_moves_calls_to_the_other_endpoint() {
     let (a, b) = (TestServer::start().await, TestServer::start().await);
     let relay = Relay::start(a.addr()).await;
     relay.freeze_new_connections(false);
-    let pool = Pool::builder().keepalive(keepalive()).build([relay.uri(), b.uri()]).await.unwrap();
+    let pool = Pool::builder().keepalive(Some(keepalive())).build([relay.uri(), b.uri()]).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let evicted_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
     let mut callers = Vec::new();
@@ -193,13 +198,14 @@ async fn a_silent_drop_under_load_moves_calls_to_the_other_endpoint() {
 #[tokio::test]
 async fn idle_members_are_pinged_only_when_permitted() {
     let server = TestServer::start().await;
-    let quiet = Keepalive {
-        permit_without_stream: false,
-        ..Keepalive::new(Duration::from_millis(50), Duration::from_secs(1))
+    let quiet = {
+        let mut v = Keepalive::new(Duration::from_millis(50), Duration::from_secs(1));
+        v.permit_without_stream = false;
+        v
     };
-    let pool = Pool::builder().keepalive(quiet).build([server.uri()]).await.unwrap();
+    let pool = Pool::builder().keepalive(Some(quiet)).build([server.uri()]).await.unwrap();
     let permitted = Pool::builder()
-        .keepalive(idle_keepalive(Duration::from_millis(50), Duration::from_secs(1)))
+        .keepalive(Some(idle_keepalive(Duration::from_millis(50), Duration::from_secs(1))))
         .build([server.uri()])
         .await
         .unwrap();
@@ -274,7 +280,7 @@ async fn max_lifetime_replaces_members_one_at_a_time_without_failing_calls() {
     let pool = Pool::builder()
         .min_connections(3)
         .max_connections(3)
-        .max_lifetime(Duration::from_millis(400))
+        .max_lifetime(Some(Duration::from_millis(400)))
         .build([server.uri()])
         .await
         .unwrap();
@@ -322,7 +328,7 @@ async fn max_lifetime_replaces_members_one_at_a_time_without_failing_calls() {
 #[tokio::test]
 async fn members_are_retired_after_max_streams_per_connection() {
     let server = TestServer::start().await;
-    let pool = Pool::builder().max_streams_per_connection(50).build([server.uri()]).await.unwrap();
+    let pool = Pool::builder().max_streams_per_connection(Some(50)).build([server.uri()]).await.unwrap();
     let mut client = EchoClient::new(pool.clone());
     for _ in 0..200 {
         client.unary_echo(request(0)).await.unwrap();
@@ -342,7 +348,7 @@ async fn a_member_unused_for_long_is_pinged_before_use_and_replaced_if_dead() {
     // Keepalive PINGs too rare to matter here; their timeout bounds the PING before use.
     let keepalive = idle_keepalive(Duration::from_secs(3600), Duration::from_millis(300));
     let pool = Pool::builder()
-        .keepalive(keepalive.clone())
+        .keepalive(Some(keepalive.clone()))
         .ping_before_use(Some(Duration::from_millis(200)))
         .build([relay.uri()])
         .await
@@ -375,10 +381,18 @@ async fn a_member_unused_for_long_is_pinged_before_use_and_replaced_if_dead() {
 async fn a_server_without_the_health_service_is_healthy_unless_configured_otherwise() {
     // tonic's test server has no grpc.health.v1 service: checks answer UNIMPLEMENTED.
     let server = TestServer::start().await;
-    let checks = HealthCheck { interval: Duration::from_millis(50), ..Default::default() };
-    let lenient = Pool::builder().health_checks(checks.clone()).build([server.uri()]).await.unwrap();
+    let checks = {
+        let mut v = HealthCheck::default();
+        v.interval = Duration::from_millis(50);
+        v
+    };
+    let lenient = Pool::builder().health_checks(Some(checks.clone())).build([server.uri()]).await.unwrap();
     let strict = Pool::builder()
-        .health_checks(HealthCheck { unimplemented_is_healthy: false, ..checks })
+        .health_checks(Some({
+            let mut v = checks;
+            v.unimplemented_is_healthy = false;
+            v
+        }))
         .build([server.uri()])
         .await
         .unwrap();
@@ -410,12 +424,13 @@ async fn a_watch_stream_leaves_a_draining_connection_so_a_graceful_shutdown_comp
     // forever.
     let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
     let other = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
-    let watch = HealthCheck {
-        interval: Duration::from_millis(50),
-        mode: grpc_pool::CheckMode::Watch,
-        ..Default::default()
+    let watch = {
+        let mut v = HealthCheck::default();
+        v.interval = Duration::from_millis(50);
+        v.mode = grpc_pool::CheckMode::Watch;
+        v
     };
-    let pool = Pool::builder().health_checks(watch).build([server.uri(), other.uri()]).await.unwrap();
+    let pool = Pool::builder().health_checks(Some(watch)).build([server.uri(), other.uri()]).await.unwrap();
     let uri = server.uri();
     wait_until(WAIT, "the Watch stream is open", || streams_on(&pool, &uri) == 1).await;
 
@@ -445,7 +460,7 @@ async fn keepalive_pings_keep_a_connection_alive_through_an_idle_expiring_middle
     let quiet = Duration::from_millis(2_500);
 
     let pinging = Pool::builder()
-        .keepalive(idle_keepalive(Duration::from_millis(200), Duration::from_millis(500)))
+        .keepalive(Some(idle_keepalive(Duration::from_millis(200), Duration::from_millis(500))))
         .build([relay.uri()])
         .await
         .unwrap();
@@ -476,17 +491,17 @@ async fn a_server_enforcing_a_ping_policy_sends_too_many_pings_and_no_call_fails
     )
     .await;
     let pool = Pool::builder()
-        .keepalive(idle_keepalive(Duration::from_millis(100), Duration::from_secs(1)))
+        .keepalive(Some(idle_keepalive(Duration::from_millis(100), Duration::from_secs(1))))
         .build([enforcer.uri()])
         .await
         .unwrap();
-    let mut events = pool.core().monitor().subscribe();
+    let mut events = pool.events();
     let mut client = EchoClient::new(pool.clone());
     client.unary_echo(request(0)).await.unwrap();
     let event = tokio::time::timeout(WAIT, async {
         loop {
             match events.recv().await {
-                Some(grpc_pool::PoolEvent::GoAway { reason, debug_data, .. }) => break (reason, debug_data),
+                Some(grpc_pool::PoolEvent::GoAway { code, debug_data, .. }) => break (code, debug_data),
                 Some(_) => continue,
                 None => panic!("the pool closed"),
             }
@@ -494,8 +509,8 @@ async fn a_server_enforcing_a_ping_policy_sends_too_many_pings_and_no_call_fails
     })
     .await
     .expect("a GOAWAY within the wait");
-    assert_eq!(event.0, h2::Reason::ENHANCE_YOUR_CALM);
-    assert_eq!(event.1.as_ref(), b"too_many_pings");
+    assert_eq!(event.0, u32::from(h2::Reason::ENHANCE_YOUR_CALM));
+    assert_eq!(event.1, "too_many_pings");
     assert!(enforcer.goaways() >= 1);
     client.unary_echo(request(0)).await.expect("the pool reconnected");
 }
@@ -510,7 +525,12 @@ const OUTAGE: Duration = Duration::from_secs(3);
 /// the outage tests measure is the health task's part of the recovery, not the reconnect
 /// backoff's (tests/pool.rs covers that).
 fn quick_reconnects() -> BackoffConfig {
-    BackoffConfig { base: Duration::from_millis(10), max: Duration::from_millis(50), ..Default::default() }
+    {
+        let mut v = BackoffConfig::default();
+        v.base = Duration::from_millis(10);
+        v.max = Duration::from_millis(50);
+        v
+    }
 }
 
 /// What one outage looked like, from the test's side.
@@ -531,7 +551,7 @@ async fn outage_and_recovery(checks: HealthCheck) -> Outage {
     let server = TestServer::start_with(options.clone()).await;
     let port = server.addr().port();
     let pool = Pool::builder()
-        .health_checks(checks.clone())
+        .health_checks(Some(checks.clone()))
         .backoff(quick_reconnects())
         .build([server.uri()])
         .await
@@ -595,7 +615,11 @@ impl std::fmt::Display for Outage {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_outage_traffic_is_back_within_1_5_s_of_the_server_answering_health_checks() {
     // The default health checks: intervals, thresholds and mode.
-    let checks = HealthCheck { service: "echo.Echo".into(), ..Default::default() };
+    let checks = {
+        let mut v = HealthCheck::default();
+        v.service = "echo.Echo".into();
+        v
+    };
     let outage = outage_and_recovery(checks).await;
     println!("default checks (Watch): {outage}");
     // The new connection's Watch stream says SERVING at once.
@@ -606,10 +630,27 @@ async fn after_an_outage_traffic_is_back_within_1_5_s_of_the_server_answering_he
 async fn after_an_outage_polled_health_checks_bring_traffic_back_within_1_5_s() {
     // Check polling at the default intervals: the new connection is checked at once, and the
     // second passing check (healthy_threshold) comes one unhealthy interval (1 s, +10%) later.
-    let checks = HealthCheck { service: "echo.Echo".into(), mode: CheckMode::Poll, ..Default::default() };
+    let checks = {
+        let mut v = HealthCheck::default();
+        v.service = "echo.Echo".into();
+        v.mode = CheckMode::Poll;
+        v
+    };
     let outage = outage_and_recovery(checks).await;
     println!("polled checks: {outage}");
     assert!(outage.traffic_back_after <= RECOVERY_GOAL, "{outage}");
+}
+
+/// `Check` polls of `echo.Echo` every 30 s (far beyond a test), `unhealthy_interval` while
+/// unhealthy, one verdict enough either way.
+fn polled_once(unhealthy_interval: Duration) -> HealthCheck {
+    let mut checks = HealthCheck::service("echo.Echo");
+    checks.mode = CheckMode::Poll;
+    checks.interval = Duration::from_secs(30);
+    checks.unhealthy_interval = unhealthy_interval;
+    checks.unhealthy_threshold = 1;
+    checks.healthy_threshold = 1;
+    checks
 }
 
 #[tokio::test]
@@ -617,16 +658,8 @@ async fn an_unhealthy_endpoint_is_checked_every_unhealthy_interval() {
     // An interval far beyond the test: only the unhealthy interval can bring it back soon.
     let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
     server.set_serving(false).await;
-    let checks = HealthCheck {
-        service: "echo.Echo".into(),
-        mode: CheckMode::Poll,
-        interval: Duration::from_secs(30),
-        unhealthy_interval: Duration::from_millis(100),
-        unhealthy_threshold: 1,
-        healthy_threshold: 1,
-        ..Default::default()
-    };
-    let pool = Pool::builder().health_checks(checks.clone()).build([server.uri()]).await.unwrap();
+    let checks = polled_once(Duration::from_millis(100));
+    let pool = Pool::builder().health_checks(Some(checks.clone())).build([server.uri()]).await.unwrap();
     wait_until(checks.timeout + SLACK, "the first check marks it unhealthy", || {
         !pool.state().endpoints[0].healthy
     })
@@ -649,16 +682,8 @@ async fn an_unhealthy_endpoint_is_checked_as_soon_as_a_new_connection_to_it_is_r
     let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
     server.set_serving(false).await;
     let relay = Relay::start(server.addr()).await;
-    let checks = HealthCheck {
-        service: "echo.Echo".into(),
-        mode: CheckMode::Poll,
-        interval: Duration::from_secs(30),
-        unhealthy_interval: Duration::from_secs(30),
-        unhealthy_threshold: 1,
-        healthy_threshold: 1,
-        ..Default::default()
-    };
-    let pool = Pool::builder().health_checks(checks.clone()).build([relay.uri()]).await.unwrap();
+    let checks = polled_once(Duration::from_secs(30));
+    let pool = Pool::builder().health_checks(Some(checks.clone())).build([relay.uri()]).await.unwrap();
     wait_until(checks.timeout + SLACK, "the first check marks it unhealthy", || {
         !pool.state().endpoints[0].healthy
     })
@@ -742,10 +767,14 @@ async fn a_server_without_watch_is_polled_with_check_instead() {
     // taking its Watch's UNIMPLEMENTED as the verdict would leave the endpoint healthy
     // (unimplemented_is_healthy).
     let server = CheckOnlyServer::start(false).await;
-    let checks = HealthCheck { interval: Duration::from_millis(50), ..Default::default() };
+    let checks = {
+        let mut v = HealthCheck::default();
+        v.interval = Duration::from_millis(50);
+        v
+    };
     assert_eq!(checks.mode, CheckMode::Watch);
     let pool =
-        Pool::builder().health_checks(checks).build([format!("http://{}", server.addr)]).await.unwrap();
+        Pool::builder().health_checks(Some(checks)).build([format!("http://{}", server.addr)]).await.unwrap();
     wait_until(WAIT, "Check finds it NOT_SERVING", || !pool.state().endpoints[0].healthy).await;
     let reason = pool.state().endpoints[0].health_reason.clone().unwrap_or_default();
     assert!(reason.contains("NOT_SERVING"), "{reason}");
@@ -759,28 +788,30 @@ async fn a_server_without_watch_is_polled_with_check_instead() {
 #[tokio::test]
 async fn a_health_task_that_panics_is_restarted_and_goes_on_judging_endpoints() {
     let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
-    let checks = HealthCheck {
-        service: "echo.Echo".into(),
-        mode: CheckMode::Poll,
-        interval: Duration::from_millis(100),
-        unhealthy_interval: Duration::from_millis(100),
-        timeout: Duration::from_millis(500),
-        unhealthy_threshold: 1,
-        healthy_threshold: 1,
-        ..Default::default()
+    let checks = {
+        let mut v = HealthCheck::default();
+        v.service = "echo.Echo".into();
+        v.mode = CheckMode::Poll;
+        v.interval = Duration::from_millis(100);
+        v.unhealthy_interval = Duration::from_millis(100);
+        v.timeout = Duration::from_millis(500);
+        v.unhealthy_threshold = 1;
+        v.healthy_threshold = 1;
+        v
     };
     let pool = Pool::builder()
         .name("panicking-health-task")
-        .health_checks(checks)
+        .health_checks(Some(checks))
         .build([server.uri()])
         .await
         .unwrap();
     server.set_serving(false).await;
     wait_until(WAIT, "the endpoint is marked unhealthy", || !pool.state().endpoints[0].healthy).await;
 
-    let before = grpc_pool::health::__test::panics_taken();
-    grpc_pool::health::__test::panic_health_task("panicking-health-task");
-    wait_until(WAIT, "the health task panicked", || grpc_pool::health::__test::panics_taken() > before).await;
+    let before = grpc_pool::__private::health::panics_taken();
+    grpc_pool::__private::health::panic_health_task("panicking-health-task");
+    wait_until(WAIT, "the health task panicked", || grpc_pool::__private::health::panics_taken() > before)
+        .await;
     // The restarted task takes the pool's verdict as its own: a passing check brings the
     // endpoint back (a task starting from "healthy" would see no change to make).
     server.set_serving(true).await;

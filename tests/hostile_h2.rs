@@ -39,10 +39,11 @@ async fn a_server_allowing_zero_streams_takes_no_call_and_the_others_take_them_a
 #[tokio::test]
 async fn a_goaway_on_every_connection_backs_reconnects_off_instead_of_looping() {
     let storm = FrameServer::start(Behaviour::GoAwayOnConnect).await;
-    let backoff = BackoffConfig {
-        base: Duration::from_millis(50),
-        max: Duration::from_millis(400),
-        ..Default::default()
+    let backoff = {
+        let mut v = BackoffConfig::default();
+        v.base = Duration::from_millis(50);
+        v.max = Duration::from_millis(400);
+        v
     };
     let pool = Pool::builder().backoff(backoff).build_lazy([storm.uri()]).unwrap();
     let started = Instant::now();
@@ -61,11 +62,12 @@ async fn a_goaway_on_every_connection_backs_reconnects_off_instead_of_looping() 
 async fn a_server_that_never_answers_pings_loses_its_connection_to_keepalive() {
     let deaf = FrameServer::start(Behaviour::IgnorePings).await;
     let pool = Pool::builder()
-        .keepalive(Keepalive {
-            permit_without_stream: true,
-            max_pings_without_data: 0,
-            ..Keepalive::new(Duration::from_millis(200), Duration::from_millis(200))
-        })
+        .keepalive(Some({
+            let mut v = Keepalive::new(Duration::from_millis(200), Duration::from_millis(200));
+            v.permit_without_stream = true;
+            v.max_pings_without_data = 0;
+            v
+        }))
         .build([deaf.uri()])
         .await
         .unwrap();
@@ -101,7 +103,11 @@ async fn an_answer_without_trailers_is_an_error_and_frees_its_slot() {
 #[tokio::test]
 async fn response_headers_over_the_limit_fail_the_call_not_the_pool() {
     let server = FrameServer::start(Behaviour::HugeHeaders(8 * 1024)).await;
-    let h2 = grpc_pool::H2Config { max_header_list_size: 4 * 1024, ..Default::default() };
+    let h2 = {
+        let mut v = grpc_pool::H2Config::default();
+        v.max_header_list_size = 4 * 1024;
+        v
+    };
     let pool = Pool::builder().h2(h2).build([server.uri()]).await.unwrap();
     for _ in 0..3 {
         let status = EchoClient::new(pool.clone()).unary_echo(request()).await.unwrap_err();

@@ -63,7 +63,7 @@ impl Scene {
 }
 
 fn is_too_many_pings(event: &PoolEvent) -> bool {
-    matches!(event, PoolEvent::GoAway { debug_data, .. } if debug_data.as_ref() == b"too_many_pings")
+    matches!(event, PoolEvent::GoAway { debug_data, .. } if debug_data == "too_many_pings")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +185,7 @@ async fn a_call_silent_for_a_minute_costs_two_pings_and_no_goaway() {
     let peer = PythonPeer::start(PeerOptions::default()).await;
     let tap = tap(peer.addr()).await;
     let pool = Pool::builder().build([tap.uri()]).await.unwrap();
-    let mut events = pool.core().monitor().subscribe();
+    let mut events = pool.events();
     // One message after a minute of silence: the stream is open and nothing is read.
     let mut stream =
         EchoClient::new(pool.clone()).server_streaming_echo(request(60_000, 1)).await.unwrap().into_inner();
@@ -198,7 +198,7 @@ async fn a_call_silent_for_a_minute_costs_two_pings_and_no_goaway() {
     assert_eq!(tap.server_goaways(), 0, "the server sent GOAWAY");
     assert!(pings >= 2, "keepalive did not PING the quiet connection ({pings} PINGs)");
     assert_eq!(tap.most_pings_without_data(), 2, "PINGs between two frames of data");
-    while let Ok(event) = events.try_recv() {
+    while let Some(event) = events.try_recv() {
         assert!(!is_too_many_pings(&event), "{event:?}");
     }
     assert_eq!(pool.state().statistics.closed(EvictionReason::PingTimeout), 0);
@@ -217,15 +217,15 @@ async fn an_hour_of_idle_and_busy_compressed_provokes_no_goaway_and_fails_no_cal
     .await;
     let tap = tap(peer.addr()).await;
     let pool = Pool::builder()
-        .keepalive(Keepalive::new(
+        .keepalive(Some(Keepalive::new(
             grpc_pool::DEFAULT_KEEPALIVE_TIME / SCALE,
             grpc_pool::DEFAULT_KEEPALIVE_TIMEOUT / SCALE,
-        ))
+        )))
         .ping_before_use(Some(grpc_pool::DEFAULT_PING_BEFORE_USE / SCALE))
         .build([tap.uri()])
         .await
         .unwrap();
-    let mut events = pool.core().monitor().subscribe();
+    let mut events = pool.events();
     let mut client = EchoClient::new(pool.clone());
     let mut calls = 0;
     for _ in 0..20 {
@@ -242,7 +242,7 @@ async fn an_hour_of_idle_and_busy_compressed_provokes_no_goaway_and_fails_no_cal
         calls += 1;
     }
     let mut too_many_pings = 0;
-    while let Ok(event) = events.try_recv() {
+    while let Some(event) = events.try_recv() {
         too_many_pings += usize::from(is_too_many_pings(&event));
     }
     println!(

@@ -13,8 +13,8 @@ use grpc_pool_testkit::{wait_until, PeerOptions, PingEnforcer, PingPolicy, Pytho
 use tonic::Code;
 
 fn is_too_many_pings(event: &PoolEvent) -> bool {
-    matches!(event, PoolEvent::GoAway { reason, debug_data, .. }
-        if *reason == h2::Reason::ENHANCE_YOUR_CALM && debug_data.as_ref() == b"too_many_pings")
+    matches!(event, PoolEvent::GoAway { code, debug_data, .. }
+        if *code == u32::from(h2::Reason::ENHANCE_YOUR_CALM) && debug_data == "too_many_pings")
 }
 
 fn request(delay_ms: u32) -> EchoRequest {
@@ -51,7 +51,12 @@ async fn load(pool: &Pool, callers: usize, duration: Duration, delay_ms: u32) ->
 /// Keepalive that PINGs idle members too (the defaults do not): for tests of how the pool
 /// meets a server's PING policy when it is configured past it.
 fn idle_keepalive(time: Duration, timeout: Duration) -> Keepalive {
-    Keepalive { permit_without_stream: true, max_pings_without_data: 0, ..Keepalive::new(time, timeout) }
+    {
+        let mut v = Keepalive::new(time, timeout);
+        v.permit_without_stream = true;
+        v.max_pings_without_data = 0;
+        v
+    }
 }
 
 #[tokio::test]
@@ -104,11 +109,11 @@ async fn ping_enforcement_backs_keepalive_off_and_fails_no_call() {
     // strikes, then GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
     let peer = PythonPeer::start(PeerOptions::default()).await;
     let pool = Pool::builder()
-        .keepalive(idle_keepalive(Duration::from_secs(1), Duration::from_secs(5)))
+        .keepalive(Some(idle_keepalive(Duration::from_secs(1), Duration::from_secs(5))))
         .build([peer.uri()])
         .await
         .unwrap();
-    let mut events = pool.core().monitor().subscribe();
+    let mut events = pool.events();
     let started = Instant::now();
     // Note when each too_many_pings arrives.
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -151,7 +156,7 @@ async fn a_silent_drop_while_idle_never_hangs_the_next_call() {
     let relay = Relay::start(peer.addr()).await;
     let keepalive = Keepalive::new(Duration::from_millis(500), Duration::from_millis(500));
     let bound = keepalive.time + keepalive.timeout + Duration::from_secs(2);
-    let pool = Pool::builder().keepalive(keepalive).build([relay.uri()]).await.unwrap();
+    let pool = Pool::builder().keepalive(Some(keepalive)).build([relay.uri()]).await.unwrap();
     let mut client = EchoClient::new(pool.clone());
     client.unary_echo(request(0)).await.unwrap();
     relay.freeze();
@@ -174,18 +179,18 @@ async fn a_silent_drop_while_idle_never_hangs_the_next_call() {
 }
 
 fn fast_checks(mode: CheckMode) -> HealthCheck {
-    HealthCheck {
-        interval: Duration::from_millis(100),
-        timeout: Duration::from_millis(500),
-        mode,
-        ..Default::default()
-    }
+    let mut checks = HealthCheck::default();
+    checks.interval = Duration::from_millis(100);
+    checks.timeout = Duration::from_millis(500);
+    checks.mode = mode;
+    checks
 }
 
 async fn health_flip_under_load(mode: CheckMode) {
     let mut a = PythonPeer::start(PeerOptions::default()).await;
     let mut b = PythonPeer::start(PeerOptions::default()).await;
-    let pool = Pool::builder().health_checks(fast_checks(mode)).build([a.uri(), b.uri()]).await.unwrap();
+    let pool =
+        Pool::builder().health_checks(Some(fast_checks(mode))).build([a.uri(), b.uri()]).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let mut callers = Vec::new();
     for _ in 0..8 {
@@ -263,10 +268,13 @@ async fn every_endpoint_unhealthy_fails_fast_or_routes_to_all() {
     let mut b = PythonPeer::start(PeerOptions::default()).await;
     a.set_serving(false).await;
     b.set_serving(false).await;
-    let strict =
-        Pool::builder().health_checks(fast_checks(CheckMode::Poll)).build([a.uri(), b.uri()]).await.unwrap();
+    let strict = Pool::builder()
+        .health_checks(Some(fast_checks(CheckMode::Poll)))
+        .build([a.uri(), b.uri()])
+        .await
+        .unwrap();
     let lenient = Pool::builder()
-        .health_checks(fast_checks(CheckMode::Poll))
+        .health_checks(Some(fast_checks(CheckMode::Poll)))
         .when_all_unhealthy(AllUnhealthy::RouteToAll)
         .build([a.uri(), b.uri()])
         .await
@@ -301,11 +309,11 @@ async fn a_pool_idle_for_a_minute_against_default_ping_limits_serves_without_fai
     );
     tap.set_enforcing(false);
     let pool = Pool::builder()
-        .keepalive(idle_keepalive(Duration::from_secs(10), Duration::from_secs(5)))
+        .keepalive(Some(idle_keepalive(Duration::from_secs(10), Duration::from_secs(5))))
         .build([tap.uri()])
         .await
         .unwrap();
-    let mut events = pool.core().monitor().subscribe();
+    let mut events = pool.events();
     // PINGs the tap had seen at each too_many_pings.
     let goaways = Arc::new(std::sync::Mutex::new(Vec::new()));
     let recorder = {
@@ -356,10 +364,11 @@ async fn kill_9_of_one_of_two_servers_fails_only_the_calls_in_flight_on_it() {
     let port = doomed.port();
     let doomed_uri = doomed.uri();
     let pool = Pool::builder()
-        .backoff(grpc_pool::BackoffConfig {
-            base: Duration::from_millis(50),
-            max: Duration::from_millis(200),
-            ..Default::default()
+        .backoff({
+            let mut v = grpc_pool::BackoffConfig::default();
+            v.base = Duration::from_millis(50);
+            v.max = Duration::from_millis(200);
+            v
         })
         .build([survivor.uri(), doomed.uri()])
         .await

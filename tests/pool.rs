@@ -25,7 +25,12 @@ fn client(pool: &Pool) -> EchoClient<Pool> {
 }
 
 fn fast_backoff() -> BackoffConfig {
-    BackoffConfig { base: Duration::from_millis(20), max: Duration::from_millis(200), ..Default::default() }
+    {
+        let mut v = BackoffConfig::default();
+        v.base = Duration::from_millis(20);
+        v.max = Duration::from_millis(200);
+        v
+    }
 }
 
 #[tokio::test]
@@ -500,12 +505,12 @@ async fn invalid_configuration_is_rejected_at_build_with_the_field_named() {
         (
             Pool::builder().checkout_timeout(Duration::ZERO),
             vec!["http://127.0.0.1:1"],
-            "`checkout_timeout` = 0s",
+            "`checkout_timeout` = 0ns; allowed: 1ms to 86400s",
         ),
         (
             Pool::builder().connect_timeout(Duration::ZERO),
             vec!["http://127.0.0.1:1"],
-            "`connect_timeout` = 0s",
+            "`connect_timeout` = 0ns; allowed: 1ms to 3600s",
         ),
         (
             Pool::builder().max_concurrent_streams(0),
@@ -587,7 +592,11 @@ async fn an_unreachable_endpoint_does_not_stop_the_others_from_growing() {
     let pool = Pool::builder()
         .max_connections(4)
         .checkout_timeout(Duration::from_secs(30))
-        .backoff(BackoffConfig { base: Duration::from_secs(5), ..Default::default() })
+        .backoff({
+            let mut v = BackoffConfig::default();
+            v.base = Duration::from_secs(5);
+            v
+        })
         .build([dead.as_str(), &server.uri()])
         .await
         .unwrap();
@@ -832,11 +841,13 @@ async fn a_streaming_call_cut_before_its_body_ended_is_resent_with_all_of_it() {
 }
 
 fn outliers(percent: u32) -> grpc_pool::OutlierDetection {
-    grpc_pool::OutlierDetection {
-        consecutive_failures: 3,
-        base_ejection_time: Duration::from_millis(300),
-        max_ejection_time: Duration::from_secs(1),
-        max_ejection_percent: percent,
+    {
+        let mut v = grpc_pool::OutlierDetection::default();
+        v.consecutive_failures = 3;
+        v.base_ejection_time = Duration::from_millis(300);
+        v.max_ejection_time = Duration::from_secs(1);
+        v.max_ejection_percent = percent;
+        v
     }
 }
 
@@ -896,10 +907,11 @@ async fn no_more_endpoints_are_ejected_than_max_ejection_percent_allows() {
     servers[1].set_unavailable(true);
     let long = Duration::from_secs(600);
     let pool = Pool::builder()
-        .outlier_detection(Some(grpc_pool::OutlierDetection {
-            base_ejection_time: long,
-            max_ejection_time: long,
-            ..outliers(10)
+        .outlier_detection(Some({
+            let mut v = outliers(10);
+            v.base_ejection_time = long;
+            v.max_ejection_time = long;
+            v
         }))
         .build(servers.iter().map(|s| s.uri()))
         .await

@@ -144,16 +144,18 @@ async fn a_minute_of_churn_under_load_loses_no_call_the_pool_could_save_and_leak
         .name("soak")
         .min_connections(1)
         .max_connections(4)
-        .keepalive(Keepalive::new(Duration::from_millis(500), Duration::from_millis(500)))
-        .health_checks(HealthCheck {
-            interval: Duration::from_millis(200),
-            mode: CheckMode::Watch,
-            ..Default::default()
-        })
-        .backoff(BackoffConfig {
-            base: Duration::from_millis(50),
-            max: Duration::from_secs(1),
-            ..Default::default()
+        .keepalive(Some(Keepalive::new(Duration::from_millis(500), Duration::from_millis(500))))
+        .health_checks(Some({
+            let mut v = HealthCheck::default();
+            v.interval = Duration::from_millis(200);
+            v.mode = CheckMode::Watch;
+            v
+        }))
+        .backoff({
+            let mut v = BackoffConfig::default();
+            v.base = Duration::from_millis(50);
+            v.max = Duration::from_secs(1);
+            v
         })
         .connect_timeout(Duration::from_millis(500))
         .checkout_timeout(Duration::from_secs(5))

@@ -52,7 +52,11 @@ async fn tls_server(tls: ServerTls) -> TestServer {
 }
 
 fn trusting(ca: &Ca) -> TlsConfig {
-    TlsConfig { ca_pem: Some(ca.pem().into_bytes()), ..Default::default() }
+    {
+        let mut v = TlsConfig::default();
+        v.ca_pem = Some(ca.pem().into_bytes());
+        v
+    }
 }
 
 async fn echo(pool: &Pool) {
@@ -81,6 +85,38 @@ async fn a_good_chain_carries_calls() {
 }
 
 #[tokio::test]
+async fn a_rustls_config_of_ones_own_carries_calls_with_alpn_h2_added() {
+    use grpc_pool::rustls;
+    let ca = Ca::new("their CA");
+    let server = tls_server(ca.server(&["127.0.0.1"], false, None)).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    // No ALPN set: the pool offers h2 itself, and the server insists on it.
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    assert!(config.alpn_protocols.is_empty());
+    let tls = TlsConfig::rustls(std::sync::Arc::new(config.clone()));
+    let pool = Pool::builder().tls(tls).build([server.uri()]).await.unwrap();
+    echo(&pool).await;
+    assert_eq!(server.calls(), 1);
+    // The same configuration without the CA: refused, so it was the one in use.
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let empty = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let err = build_error(TlsConfig::rustls(std::sync::Arc::new(empty)), server.uri()).await;
+    assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
+#[tokio::test]
 async fn a_certificate_from_an_unknown_ca_is_refused() {
     let (ca, other) = (Ca::new("server's CA"), Ca::new("some other CA"));
     let server = tls_server(ca.server(&["127.0.0.1"], false, None)).await;
@@ -96,7 +132,11 @@ async fn a_certificate_for_another_name_is_refused() {
     let err = build_error(trusting(&ca), server.uri()).await;
     assert!(err.contains("TLS handshake") && err.contains("certificate not valid for name"), "{err}");
     // The same certificate is good when the name to check is given.
-    let tls = TlsConfig { server_name: Some("orders.example".to_owned()), ..trusting(&ca) };
+    let tls = {
+        let mut v = trusting(&ca);
+        v.server_name = Some("orders.example".to_owned());
+        v
+    };
     let pool = Pool::builder().tls(tls).build([server.uri()]).await.unwrap();
     echo(&pool).await;
 }
@@ -119,8 +159,12 @@ async fn a_server_that_requires_a_client_certificate_gets_one_or_refuses() {
     assert_eq!(server.calls(), 0);
     // With one from the CA it trusts: calls go through.
     let (cert_pem, key_pem) = clients.issue(&["client"], false);
-    let identity = ClientIdentity { cert_chain_pem: cert_pem.into_bytes(), key_pem: key_pem.into_bytes() };
-    let tls = TlsConfig { client_identity: Some(identity), ..trusting(&ca) };
+    let identity = { ClientIdentity::new(cert_pem.into_bytes(), key_pem.into_bytes()) };
+    let tls = {
+        let mut v = trusting(&ca);
+        v.client_identity = Some(identity);
+        v
+    };
     let pool = Pool::builder().tls(tls).build([server.uri()]).await.unwrap();
     echo(&pool).await;
     assert_eq!(server.calls(), 1);
@@ -130,20 +174,32 @@ async fn a_server_that_requires_a_client_certificate_gets_one_or_refuses() {
 async fn skipping_verification_must_be_asked_for_and_then_trusts_any_certificate() {
     let (ca, other) = (Ca::new("CA"), Ca::new("other CA"));
     let server = tls_server(ca.server(&["127.0.0.1"], false, None)).await;
-    let tls = TlsConfig { insecure_skip_verify: true, ..trusting(&other) };
+    let tls = {
+        let mut v = trusting(&other);
+        v.insecure_skip_verify = true;
+        v
+    };
     let pool = Pool::builder().tls(tls).build([server.uri()]).await.unwrap();
     echo(&pool).await;
 }
 
 #[tokio::test]
 async fn bad_certificate_files_fail_the_build_naming_the_field() {
-    let tls = TlsConfig { ca_pem: Some(b"not a certificate".to_vec()), ..Default::default() };
+    let tls = {
+        let mut v = TlsConfig::default();
+        v.ca_pem = Some(b"not a certificate".to_vec());
+        v
+    };
     let err = Pool::builder().tls(tls).build_lazy(["https://127.0.0.1:1"]).unwrap_err().to_string();
     assert!(err.contains("`tls.ca_pem`"), "{err}");
     let ca = Ca::new("CA");
     let (cert_pem, _) = ca.issue(&["client"], false);
-    let identity = ClientIdentity { cert_chain_pem: cert_pem.into_bytes(), key_pem: b"no key".to_vec() };
-    let tls = TlsConfig { client_identity: Some(identity), ..trusting(&ca) };
+    let identity = { ClientIdentity::new(cert_pem.into_bytes(), b"no key".to_vec()) };
+    let tls = {
+        let mut v = trusting(&ca);
+        v.client_identity = Some(identity);
+        v
+    };
     let err = Pool::builder().tls(tls).build_lazy(["https://127.0.0.1:1"]).unwrap_err().to_string();
     assert!(err.contains("`tls.client_identity.key_pem`"), "{err}");
 }

@@ -1,5 +1,6 @@
 //! The pool as one `tower::Service` among others: under tower's concurrency limit and
-//! timeout, and with a request body that fails midway.
+//! timeout, through `ServiceExt` adapters without naming the request type, and with a request
+//! body that fails midway.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::{wait_until, Behaviour, FrameServer, TestServer};
 use http_body_util::StreamBody;
-use tower::ServiceBuilder;
+use tower::{ServiceBuilder, ServiceExt};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -64,9 +65,9 @@ async fn a_request_body_that_fails_fails_its_call_and_resets_the_stream() {
         .method("POST")
         .uri("/echo.Echo/ClientStreamingEcho")
         .header("content-type", "application/grpc")
-        .body(body)
+        .body(tonic::body::Body::new(body))
         .unwrap();
-    let result = tower::ServiceExt::oneshot(pool.clone(), request).await;
+    let result = pool.clone().oneshot(request).await;
     let error = match result {
         Err(error) => error,
         Ok(response) => {
@@ -79,4 +80,21 @@ async fn a_request_body_that_fails_fails_its_call_and_resets_the_stream() {
     assert!(error.to_string().contains("the caller's upload broke"), "{error}");
     wait_until(WAIT, "the call's slot is free", || pool.state().in_flight() == 0).await;
     wait_until(WAIT, "the server saw the stream reset", || server.resets() >= 1).await;
+}
+
+#[tokio::test]
+async fn service_ext_adapters_need_no_turbofish() {
+    let server = TestServer::start().await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    // The pool takes one request type, so `ServiceExt` infers it: a response mapped into
+    // tonic's body, an error mapped into tonic's `Status`, as a stack built for `Channel`
+    // would have them.
+    let mapped = pool
+        .clone()
+        .map_response(|response| response.map(tonic::body::Body::new))
+        .map_err(|error| tonic::Status::unavailable(error.to_string()));
+    let boxed = tower::util::BoxCloneService::new(mapped);
+    let reply = EchoClient::new(boxed).unary_echo(request(0)).await.unwrap();
+    assert_eq!(reply.into_inner().message, Bytes::from_static(b"tower"));
+    assert_eq!(server.calls(), 1);
 }

@@ -28,17 +28,19 @@ use grpc_pool_core::Error;
 /// assert_eq!(keepalive.max_pings_without_data, 2);
 /// // PING idle connections too, every 10 s, however long the server stays silent: only for
 /// // servers that permit it (grpc.keepalive_permit_without_calls, PermitWithoutStream).
-/// let idle_too = grpc_pool_health::Keepalive {
-///     permit_without_stream: true,
-///     max_pings_without_data: 0,
-///     ..grpc_pool_health::Keepalive::new(Duration::from_secs(10), Duration::from_secs(5))
-/// };
+/// let mut idle_too = grpc_pool_health::Keepalive::new(Duration::from_secs(10), Duration::from_secs(5));
+/// idle_too.permit_without_stream = true;
+/// idle_too.max_pings_without_data = 0;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(default, deny_unknown_fields))]
+#[non_exhaustive]
 pub struct Keepalive {
-    /// Quiet time after which a member is PINGed (at least 10 ms).
+    /// Quiet time after which a member is PINGed (10 ms to a day).
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::duration"))]
     pub time: Duration,
-    /// How long a PING may wait for its PONG (at least 1 ms).
+    /// How long a PING may wait for its PONG (1 ms to an hour).
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::duration"))]
     pub timeout: Duration,
     /// Whether members without streams are PINGed too. Default `false`: gRPC servers count
     /// a PING on an idle connection as abuse unless told otherwise, and a dead idle
@@ -50,6 +52,27 @@ pub struct Keepalive {
     /// connection then costs two PONGs and never a GOAWAY. Set 0 only for servers that
     /// permit PINGs without data.
     pub max_pings_without_data: u32,
+}
+
+/// Default keepalive time: a connection carrying calls that has heard nothing from the
+/// server for this long is PINGed. Short enough that a call on a connection that died under
+/// it (a NAT or load balancer that dropped the flow, a crashed host) is failed within
+/// `time + timeout` = 30 s instead of hanging until TCP gives up (15 minutes and more), and a
+/// busy connection is never PINGed at all (every read counts as news). Servers allow one PING
+/// per 5 minutes while calls are open, but forgive every PING once they send data; with at
+/// most two PINGs between two frames of data, a call silent for hours on a live connection
+/// costs two PINGs and one strike, never the third strike that earns a GOAWAY.
+pub const DEFAULT_KEEPALIVE_TIME: Duration = Duration::from_secs(20);
+
+/// Default keepalive timeout, and the sockets' `TCP_USER_TIMEOUT` on Linux: ten round trips
+/// of the slowest intercontinental path are under 5 s; 10 s leaves room for a busy server.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for Keepalive {
+    /// [`DEFAULT_KEEPALIVE_TIME`] and [`DEFAULT_KEEPALIVE_TIMEOUT`], as [`Keepalive::new`].
+    fn default() -> Self {
+        Keepalive::new(DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT)
+    }
 }
 
 impl Keepalive {
@@ -85,6 +108,7 @@ pub struct EvictionPolicy {
 
 /// How endpoints are health-checked with `grpc.health.v1.Health`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(rename_all = "snake_case"))]
 pub enum CheckMode {
     /// A `Check` call every `interval` (with +/-10% jitter; `unhealthy_interval` while the
     /// endpoint is unhealthy).
@@ -107,21 +131,26 @@ pub enum CheckMode {
 /// healthy unless `unimplemented_is_healthy` is false; it is logged once.
 ///
 /// ```
-/// let checks = grpc_pool_health::HealthCheck { service: "echo.Echo".into(), ..Default::default() };
+/// let checks = grpc_pool_health::HealthCheck::service("echo.Echo");
 /// assert_eq!(checks.unhealthy_threshold, 2);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(default, deny_unknown_fields))]
+#[non_exhaustive]
 pub struct HealthCheck {
     /// The service name to ask about; `""` asks about the server as a whole.
     pub service: String,
     /// Time between checks (at least 10 ms). Default 5 s.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::duration"))]
     pub interval: Duration,
     /// Time between checks while the endpoint is marked unhealthy (10 ms to 1 h; the shorter
     /// of this and `interval` applies). Default 1 s: an endpoint back from an outage takes
     /// traffic again after `healthy_threshold` checks this far apart, not `interval` apart.
     /// (An unhealthy endpoint is also checked at once when a new connection to it is ready.)
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::duration"))]
     pub unhealthy_interval: Duration,
     /// Longest a check may take (at least 1 ms). Default 1 s.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::duration"))]
     pub timeout: Duration,
     /// Failures in a row that mark an endpoint unhealthy (1 to 100). Default 2.
     pub unhealthy_threshold: u32,
@@ -132,6 +161,13 @@ pub struct HealthCheck {
     /// Follow `Watch`, or poll with `Check`. Default `Watch` (`Check` for servers without
     /// `Watch`).
     pub mode: CheckMode,
+}
+
+impl HealthCheck {
+    /// Checks of `service` (`""`: the server as a whole) with the default settings.
+    pub fn service(service: &str) -> HealthCheck {
+        HealthCheck { service: service.to_owned(), ..HealthCheck::default() }
+    }
 }
 
 impl Default for HealthCheck {
@@ -175,18 +211,23 @@ impl HealthConfig {
             }
         }
         if let Some(idle) = self.eviction.idle_timeout {
-            within("eviction.idle_timeout", idle, Duration::from_millis(10), 30 * DAY)?;
+            within("idle_timeout", idle, Duration::from_millis(10), 30 * DAY)?;
         }
         if let Some(lifetime) = self.eviction.max_lifetime {
-            within("eviction.max_lifetime", lifetime, Duration::from_millis(100), 30 * DAY)?;
+            within("max_lifetime", lifetime, Duration::from_millis(100), 30 * DAY)?;
         }
         if let Some(checks) = &self.checks {
-            within("checks.interval", checks.interval, Duration::from_millis(10), HOUR)?;
-            within("checks.unhealthy_interval", checks.unhealthy_interval, Duration::from_millis(10), HOUR)?;
-            within("checks.timeout", checks.timeout, Duration::from_millis(1), HOUR)?;
+            within("health_checks.interval", checks.interval, Duration::from_millis(10), HOUR)?;
+            within(
+                "health_checks.unhealthy_interval",
+                checks.unhealthy_interval,
+                Duration::from_millis(10),
+                HOUR,
+            )?;
+            within("health_checks.timeout", checks.timeout, Duration::from_millis(1), HOUR)?;
             for (field, value) in [
-                ("checks.unhealthy_threshold", checks.unhealthy_threshold),
-                ("checks.healthy_threshold", checks.healthy_threshold),
+                ("health_checks.unhealthy_threshold", checks.unhealthy_threshold),
+                ("health_checks.healthy_threshold", checks.healthy_threshold),
             ] {
                 if !(1..=100).contains(&value) {
                     return Err(Error::invalid_config(field, &value.to_string(), "1 to 100"));
@@ -194,11 +235,7 @@ impl HealthConfig {
             }
         }
         if self.eviction.max_streams_per_connection == Some(0) {
-            return Err(Error::invalid_config(
-                "eviction.max_streams_per_connection",
-                "0",
-                "1 or more, or None",
-            ));
+            return Err(Error::invalid_config("max_streams_per_connection", "0", "1 or more, or None"));
         }
         Ok(())
     }
@@ -242,7 +279,7 @@ mod tests {
                     eviction: EvictionPolicy { idle_timeout: Some(Duration::ZERO), ..Default::default() },
                     ..Default::default()
                 },
-                "`eviction.idle_timeout`",
+                "`idle_timeout`",
             ),
             (
                 HealthConfig {
@@ -252,35 +289,35 @@ mod tests {
                     },
                     ..Default::default()
                 },
-                "`eviction.max_lifetime` = 1ms; allowed: 100ms to 2592000s",
+                "`max_lifetime` = 1ms; allowed: 100ms to 2592000s",
             ),
             (
                 HealthConfig {
                     eviction: EvictionPolicy { max_streams_per_connection: Some(0), ..Default::default() },
                     ..Default::default()
                 },
-                "`eviction.max_streams_per_connection` = 0",
+                "`max_streams_per_connection` = 0",
             ),
             (
                 HealthConfig {
                     checks: Some(HealthCheck { unhealthy_threshold: 0, ..Default::default() }),
                     ..Default::default()
                 },
-                "`checks.unhealthy_threshold` = 0; allowed: 1 to 100",
+                "`health_checks.unhealthy_threshold` = 0; allowed: 1 to 100",
             ),
             (
                 HealthConfig {
                     checks: Some(HealthCheck { interval: Duration::ZERO, ..Default::default() }),
                     ..Default::default()
                 },
-                "`checks.interval` = 0ns; allowed: 10ms to 3600s",
+                "`health_checks.interval` = 0ns; allowed: 10ms to 3600s",
             ),
             (
                 HealthConfig {
                     checks: Some(HealthCheck { unhealthy_interval: Duration::ZERO, ..Default::default() }),
                     ..Default::default()
                 },
-                "`checks.unhealthy_interval` = 0ns; allowed: 10ms to 3600s",
+                "`health_checks.unhealthy_interval` = 0ns; allowed: 10ms to 3600s",
             ),
             (
                 HealthConfig {
@@ -290,7 +327,7 @@ mod tests {
                     }),
                     ..Default::default()
                 },
-                "`checks.unhealthy_interval` = 7200s; allowed: 10ms to 3600s",
+                "`health_checks.unhealthy_interval` = 7200s; allowed: 10ms to 3600s",
             ),
         ];
         for (config, expected) in cases {

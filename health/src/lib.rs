@@ -12,6 +12,9 @@ mod checks;
 mod config;
 mod task;
 
-pub use config::{CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive};
+pub use config::{
+    CheckMode, EvictionPolicy, HealthCheck, HealthConfig, Keepalive, DEFAULT_KEEPALIVE_TIME,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+};
 pub use grpc_pool_core::EvictionReason;
 pub use task::{__test, spawn};

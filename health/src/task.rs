@@ -21,7 +21,7 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use grpc_pool_core::metrics as names;
 use grpc_pool_core::{
-    Endpoint, Error, EvictionReason, MemberHandle, MemberState, MemberStatus, PoolEvent, PoolMonitor,
+    Endpoint, Error, EvictionReason, MemberHandle, MemberState, MemberStatus, MonitorEvent, PoolMonitor,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -402,16 +402,16 @@ impl Task {
         }
     }
 
-    fn on_event(&mut self, event: PoolEvent) {
+    fn on_event(&mut self, event: MonitorEvent) {
         match event {
-            PoolEvent::MemberReady(member) => {
+            MonitorEvent::MemberReady(member) => {
                 let endpoint = member.endpoint().clone();
                 self.track(member);
                 self.recheck_if_unhealthy(&endpoint);
             }
-            PoolEvent::EndpointAdded(endpoint) => self.add_endpoint(endpoint),
-            PoolEvent::EndpointRemoved(endpoint) => self.remove_endpoint(&endpoint),
-            PoolEvent::GoAway { member, reason, debug_data } => {
+            MonitorEvent::EndpointAdded(endpoint) => self.add_endpoint(endpoint),
+            MonitorEvent::EndpointRemoved(endpoint) => self.remove_endpoint(&endpoint),
+            MonitorEvent::GoAway { member, reason, debug_data } => {
                 let too_many_pings =
                     reason == h2::Reason::ENHANCE_YOUR_CALM && debug_data.as_ref() == b"too_many_pings";
                 if too_many_pings {

@@ -10,6 +10,7 @@ use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::inner::PoolInner;
 use crate::member::{EvictionReason, MemberState};
+use crate::metrics::PoolName;
 
 /// A pool of HTTP/2 connections to the endpoints of one gRPC service.
 ///
@@ -77,6 +78,13 @@ impl Pool {
     pub async fn close(&self) {
         self.inner().close();
         self.inner().live.all_closed().await;
+    }
+
+    /// The pool's events from now on: connections opened and closed, endpoints added,
+    /// removed, unhealthy, ejected, GOAWAYs. Bounded per subscriber (see
+    /// [`PoolEvents`](crate::PoolEvents)); the pool never waits for a subscriber.
+    pub fn events(&self) -> crate::events::PoolEvents {
+        self.inner().events()
     }
 
     /// The maintenance view of the pool, for a health task: members, PINGs, events. It does
@@ -379,7 +387,17 @@ impl Builder {
         self
     }
 
-    fn prepare<I, S>(self, endpoints: I, allow_empty: bool) -> Result<Arc<PoolInner>, Error>
+    /// A builder with every setting of `config`.
+    pub fn from_config(config: Config) -> Builder {
+        Builder { config }
+    }
+
+    /// The settings so far.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn prepare<I, S>(mut self, endpoints: I, allow_empty: bool) -> Result<Arc<PoolInner>, Error>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -419,7 +437,10 @@ impl Builder {
             }
             None => None,
         };
-        let inner = Arc::new(PoolInner::new(self.config, endpoints));
+        // Last, so that a build that fails above never holds the name.
+        let (claim, name) = PoolName::claim(&self.config.name)?;
+        self.config.name = name;
+        let inner = Arc::new(PoolInner::new(self.config, endpoints, claim));
         if let Some(tls) = tls {
             let _ = inner.tls.set(tls);
         }
@@ -628,7 +649,7 @@ pub enum RetryReason {
 
 impl RetryReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [RetryReason; 4] =
+    pub(crate) const ALL: [RetryReason; 4] =
         [RetryReason::NotSent, RetryReason::Refused, RetryReason::GoAway, RetryReason::PingBeforeUse];
 
     /// The reason as the `reason` label of the retries metric.

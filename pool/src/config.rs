@@ -14,21 +14,23 @@ use crate::error::Error;
 ///
 /// ```
 /// use std::time::Duration;
-/// let backoff = grpc_pool_core::BackoffConfig {
-///     base: Duration::from_millis(100),
-///     ..Default::default()
-/// };
+/// let mut backoff = grpc_pool_core::BackoffConfig::default();
+/// backoff.base = Duration::from_millis(100);
 /// assert_eq!(backoff.max, Duration::from_secs(120));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(default, deny_unknown_fields))]
+#[non_exhaustive]
 pub struct BackoffConfig {
     /// Delay after the first failure. Default 1 s.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::de::duration"))]
     pub base: Duration,
     /// Growth factor per further failure, at least 1.0. Default 1.6.
     pub multiplier: f64,
     /// Fraction of random spread, in `[0, 1)`. Default 0.2.
     pub jitter: f64,
     /// Upper bound of the delay before jitter. Default 120 s.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::de::duration"))]
     pub max: Duration,
 }
 
@@ -49,10 +51,13 @@ impl Default for BackoffConfig {
 /// window, so that a multi-megabyte message does not stall on 64 KiB window updates.
 ///
 /// ```
-/// let h2 = grpc_pool_core::H2Config { max_frame_size: 64 * 1024, ..Default::default() };
+/// let mut h2 = grpc_pool_core::H2Config::default();
+/// h2.max_frame_size = 64 * 1024;
 /// assert_eq!(h2.initial_stream_window_size, 2 * 1024 * 1024);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(default, deny_unknown_fields))]
+#[non_exhaustive]
 pub struct H2Config {
     /// `SETTINGS_INITIAL_WINDOW_SIZE`: receive window of each stream, 1 to 2^31-1 bytes.
     pub initial_stream_window_size: u32,
@@ -81,6 +86,7 @@ impl Default for H2Config {
 /// assert_eq!(grpc_pool_core::AllUnhealthy::default(), grpc_pool_core::AllUnhealthy::FailFast);
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(rename_all = "snake_case"))]
 pub enum AllUnhealthy {
     /// Fail at once with `UNAVAILABLE`, listing each endpoint and why it is unhealthy.
     #[default]
@@ -100,6 +106,8 @@ pub(crate) const MAX_CONNECTIONS_LIMIT: usize = 10_000;
 pub(crate) const MAX_LIFETIME_STREAMS: u64 = (1 << 30) - (1 << 23);
 /// Longest reconnect backoff: beyond an hour a pool is as good as stopped.
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
 /// Largest per-connection stream cap that HTTP/2 stream ids leave room for in practice.
 const MAX_STREAMS_LIMIT: u32 = 1 << 20;
 /// Most attempts per call: each resend goes to another member, and past a handful the
@@ -112,43 +120,61 @@ const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
 const MAX_REPLAY_BUFFER: usize = 64 * 1024 * 1024;
 
 /// The whole validated configuration of one pool.
+/// Every setting of a pool, checked by [`Builder`](crate::Builder) at build. Users set them
+/// through the facade crate's builder or `PoolConfig`; this is the core's copy, and the one
+/// place where the defaults are written.
 #[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) name: String,
-    pub(crate) min_connections: usize,
-    pub(crate) max_connections: usize,
-    pub(crate) max_concurrent_streams: u32,
-    pub(crate) max_streams_per_connection: Option<u64>,
-    pub(crate) checkout_timeout: Duration,
-    /// The deadline of calls that carry no `grpc-timeout`, and the most any call may take.
-    pub(crate) timeout: Option<Duration>,
-    /// Whether calls wait for an endpoint to come back instead of failing fast.
-    pub(crate) wait_for_ready: bool,
-    pub(crate) connect_timeout: Duration,
-    /// Connects under way at once per endpoint; the rest wait their turn.
-    pub(crate) max_concurrent_connects: usize,
-    pub(crate) tcp_user_timeout: Option<Duration>,
-    /// PING a member before use when no stream started on it and the server sent nothing
-    /// for this long; wait this long for the PONG.
-    pub(crate) ping_before_use: Option<(Duration, Duration)>,
-    pub(crate) all_unhealthy: AllUnhealthy,
-    /// Attempts per call in all, the first included, for calls the server never processed.
-    pub(crate) max_attempts: u32,
-    /// Most request-body bytes kept per call so that it can be sent again.
-    pub(crate) replay_buffer_limit: usize,
-    pub(crate) outlier_detection: Option<crate::outlier::OutlierDetection>,
-    /// How often the connection and stream gauges are sampled.
-    pub(crate) metrics_interval: Duration,
-    /// TLS for `https://` endpoints; `None`: the defaults (system roots) when one is used.
-    pub(crate) tls: Option<crate::proto::tls::TlsConfig>,
-    pub(crate) backoff: BackoffConfig,
-    pub(crate) h2: H2Config,
+pub struct Config {
+    /// The pool's name in logs, errors and the `pool` metric label; unique among live pools
+    /// (the default, [`DEFAULT_POOL_NAME`], gets a `-2`, `-3`... suffix when taken).
+    pub name: String,
+    /// Connections kept open per endpoint.
+    pub min_connections: usize,
+    /// Most connections per endpoint.
+    pub max_connections: usize,
+    /// Most concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Streams after which a member is drained and replaced.
+    pub max_streams_per_connection: Option<u64>,
+    /// Longest a call waits for a stream slot.
+    pub checkout_timeout: Duration,
+    /// The deadline of calls without their own.
+    pub timeout: Option<Duration>,
+    /// gRPC's wait-for-ready for every call.
+    pub wait_for_ready: bool,
+    /// Longest a connect may take.
+    pub connect_timeout: Duration,
+    /// Connects under way at once per endpoint.
+    pub max_concurrent_connects: usize,
+    /// `TCP_USER_TIMEOUT` on Linux.
+    pub tcp_user_timeout: Option<Duration>,
+    /// PING before use: after this much quiet, with this timeout.
+    pub ping_before_use: Option<(Duration, Duration)>,
+    /// What calls do when every endpoint is unhealthy.
+    pub all_unhealthy: AllUnhealthy,
+    /// Attempts per call for calls the server never processed.
+    pub max_attempts: u32,
+    /// Request-body bytes kept per call for a resend.
+    pub replay_buffer_limit: usize,
+    /// Outlier ejection.
+    pub outlier_detection: Option<crate::outlier::OutlierDetection>,
+    /// How often the gauges are sampled.
+    pub metrics_interval: Duration,
+    /// TLS for `https://` endpoints.
+    pub tls: Option<crate::proto::tls::TlsConfig>,
+    /// Reconnect backoff.
+    pub backoff: BackoffConfig,
+    /// HTTP/2 settings.
+    pub h2: H2Config,
 }
+
+/// The name of a pool built without one.
+pub const DEFAULT_POOL_NAME: &str = "grpc-pool";
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            name: "grpc-pool".to_owned(),
+            name: DEFAULT_POOL_NAME.to_owned(),
             min_connections: 1,
             max_connections: 8,
             max_concurrent_streams: 100,
@@ -191,13 +217,13 @@ impl Config {
         if let Some(max) = self.max_streams_per_connection {
             check_range("max_streams_per_connection", max, 1, MAX_LIFETIME_STREAMS)?;
         }
-        check_nonzero("checkout_timeout", self.checkout_timeout)?;
+        check_duration("checkout_timeout", self.checkout_timeout, Duration::from_millis(1), DAY)?;
         if let Some(timeout) = self.timeout {
             if timeout.is_zero() || timeout > MAX_CALL_TIMEOUT {
                 return Err(Error::config("timeout", &format!("{timeout:?}"), "above zero, up to 30 days"));
             }
         }
-        check_nonzero("connect_timeout", self.connect_timeout)?;
+        check_duration("connect_timeout", self.connect_timeout, Duration::from_millis(1), HOUR)?;
         check_range("max_concurrent_connects", self.max_concurrent_connects, 1, MAX_CONNECTIONS_LIMIT)?;
         if let Some(timeout) = self.tcp_user_timeout {
             check_nonzero("tcp_user_timeout", timeout)?;
@@ -210,14 +236,25 @@ impl Config {
             }
         }
         if let Some((after, timeout)) = self.ping_before_use {
-            check_nonzero("ping_before_use.after", after)?;
-            check_nonzero("ping_before_use.timeout", timeout)?;
+            check_duration("ping_before_use", after, Duration::from_millis(1), DAY)?;
+            check_duration("ping_before_use.timeout", timeout, Duration::from_millis(1), HOUR)?;
         }
         check_range("max_attempts", self.max_attempts, 1, MAX_ATTEMPTS_LIMIT)?;
         check_range("replay_buffer_limit", self.replay_buffer_limit, 0, MAX_REPLAY_BUFFER)?;
         if let Some(outliers) = &self.outlier_detection {
             check_range("outlier_detection.consecutive_failures", outliers.consecutive_failures, 1, 10_000)?;
-            check_nonzero("outlier_detection.base_ejection_time", outliers.base_ejection_time)?;
+            check_duration(
+                "outlier_detection.base_ejection_time",
+                outliers.base_ejection_time,
+                Duration::from_millis(1),
+                DAY,
+            )?;
+            check_duration(
+                "outlier_detection.max_ejection_time",
+                outliers.max_ejection_time,
+                Duration::from_millis(1),
+                30 * DAY,
+            )?;
             if outliers.max_ejection_time < outliers.base_ejection_time {
                 return Err(Error::config(
                     "outlier_detection.max_ejection_time",
@@ -289,6 +326,15 @@ where
     Ok(())
 }
 
+/// Durations have a floor (zero would spin or fail everything) and a ceiling (far past any
+/// real use, and low enough that adding one to an `Instant` cannot overflow).
+fn check_duration(field: &str, value: Duration, min: Duration, max: Duration) -> Result<(), Error> {
+    if value < min || value > max {
+        return Err(Error::config(field, &format!("{value:?}"), &format!("{min:?} to {max:?}")));
+    }
+    Ok(())
+}
+
 fn check_nonzero(field: &str, value: Duration) -> Result<(), Error> {
     if value.is_zero() {
         return Err(Error::config(field, "0s", "a duration above zero"));
@@ -319,8 +365,14 @@ mod tests {
             (Box::new(|c| c.min_connections = 20_000), "min_connections", "0 to 10000"),
             (Box::new(|c| c.min_connections = 9), "min_connections", "above max_connections = 8"),
             (Box::new(|c| c.max_concurrent_streams = 0), "max_concurrent_streams", "1 to"),
-            (Box::new(|c| c.checkout_timeout = Duration::ZERO), "checkout_timeout", "above zero"),
-            (Box::new(|c| c.connect_timeout = Duration::ZERO), "connect_timeout", "above zero"),
+            (Box::new(|c| c.checkout_timeout = Duration::ZERO), "checkout_timeout", "1ms to 86400s"),
+            (Box::new(|c| c.checkout_timeout = Duration::MAX), "checkout_timeout", "1ms to 86400s"),
+            (Box::new(|c| c.connect_timeout = Duration::ZERO), "connect_timeout", "1ms to 3600s"),
+            (
+                Box::new(|c| c.ping_before_use = Some((Duration::from_secs(30), Duration::from_secs(7200)))),
+                "ping_before_use.timeout",
+                "1ms to 3600s",
+            ),
             (Box::new(|c| c.timeout = Some(Duration::ZERO)), "timeout", "above zero, up to 30 days"),
             (Box::new(|c| c.max_concurrent_connects = 0), "max_concurrent_connects", "1 to 10000"),
             (Box::new(|c| c.backoff.base = Duration::ZERO), "backoff.base", "above zero"),

@@ -4,10 +4,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::events::PoolEvent;
 use crate::inner::PoolInner;
 use crate::internals::EndpointShared;
 use crate::member::{EvictionReason, Member};
-use crate::monitor::{MemberHandle, PoolEvent};
+use crate::monitor::{MemberHandle, MonitorEvent};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Weak;
@@ -57,10 +58,16 @@ pub(crate) async fn drive(
             goaway_reported = true;
             if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {
                 if let Some(goaway) = signals.goaway() {
-                    pool.emit(|| PoolEvent::GoAway {
+                    pool.emit(|| MonitorEvent::GoAway {
                         member: MemberHandle::new(&pool, &member),
                         reason: goaway.reason(),
                         debug_data: goaway.debug_data.clone(),
+                    });
+                    pool.publish(|| PoolEvent::GoAway {
+                        endpoint: member.endpoint.endpoint.clone(),
+                        connection: member.id,
+                        code: u32::from(goaway.reason()),
+                        debug_data: String::from_utf8_lossy(&goaway.debug_data).into_owned(),
                     });
                 }
                 let detail = signals

@@ -11,16 +11,17 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::api::RetryReason;
 use crate::config::Config;
 use crate::endpoint::Endpoint;
 use crate::error::Error;
+use crate::events::{PoolEvent, PoolEvents, EVENT_BUFFER};
 use crate::internals::{EndpointEntry, WaitQueue};
 use crate::member::{EvictionReason, Member, MemberState};
-use crate::metrics as names;
-use crate::monitor::{MemberHandle, PoolEvent};
+use crate::metrics::{self as names, PoolName};
+use crate::monitor::{MemberHandle, MonitorEvent};
 use crate::outlier::Outliers;
 
 /// Counters behind `Pool::state().statistics`.
@@ -119,11 +120,16 @@ pub(crate) struct PoolInner {
     pub(crate) next_member_id: AtomicU64,
     pub(crate) hot: HotMetrics,
     /// Subscribers to membership events (the health task).
-    pub(crate) subscribers: Mutex<Vec<mpsc::UnboundedSender<PoolEvent>>>,
+    pub(crate) subscribers: Mutex<Vec<mpsc::UnboundedSender<MonitorEvent>>>,
+    /// The users' event stream (`Pool::events`).
+    pub(crate) events: broadcast::Sender<PoolEvent>,
+    /// The pool's hold on its name, given back when the pool closes so the name (and its
+    /// metric series) can serve another pool.
+    pub(crate) name_claim: Mutex<Option<PoolName>>,
 }
 
 impl PoolInner {
-    pub(crate) fn new(config: Config, endpoints: Vec<Endpoint>) -> PoolInner {
+    pub(crate) fn new(config: Config, endpoints: Vec<Endpoint>, name_claim: PoolName) -> PoolInner {
         let hot = HotMetrics {
             checkouts_direct: metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => config.name.clone(), names::LABEL_RESULT => "direct"),
         };
@@ -148,6 +154,8 @@ impl PoolInner {
             next_member_id: AtomicU64::new(1),
             hot,
             subscribers: Mutex::new(Vec::new()),
+            events: broadcast::channel(EVENT_BUFFER).0,
+            name_claim: Mutex::new(Some(name_claim)),
         }
     }
 
@@ -175,15 +183,26 @@ impl PoolInner {
 
     // ----- events -----
 
-    pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<PoolEvent> {
+    pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<MonitorEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
         rx
     }
 
-    pub(crate) fn emit(&self, event: impl Fn() -> PoolEvent) {
+    pub(crate) fn emit(&self, event: impl Fn() -> MonitorEvent) {
         let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         subscribers.retain(|tx| tx.send(event()).is_ok());
+    }
+
+    pub(crate) fn events(&self) -> PoolEvents {
+        PoolEvents::new(self.events.subscribe())
+    }
+
+    /// Sends a user event, built only when someone listens.
+    pub(crate) fn publish(&self, event: impl FnOnce() -> PoolEvent) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(event());
+        }
     }
 
     // ----- members -----
@@ -218,7 +237,11 @@ impl PoolInner {
             tracing::warn!(pool = %self.name(), endpoint = %entry.label(), member = member.id, "server allows 0 concurrent streams on this connection; it carries no calls until it raises the limit");
         }
         tracing::info!(pool = %self.name(), endpoint = %entry.label(), member = member.id, state = "ready", max_streams = member.max_streams(), "member ready");
-        self.emit(|| PoolEvent::MemberReady(MemberHandle::new(self, &member)));
+        self.emit(|| MonitorEvent::MemberReady(MemberHandle::new(self, &member)));
+        self.publish(|| PoolEvent::ConnectionOpened {
+            endpoint: entry.endpoint().clone(),
+            connection: member.id,
+        });
         self.serve_waiters(&member);
         true
     }
@@ -327,6 +350,12 @@ impl PoolInner {
     ) {
         self.stats.closed_by_reason[reason.index()].fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::EVICTIONS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => member.endpoint.label.clone(), names::LABEL_REASON => reason.as_str()).increment(1);
+        self.publish(|| PoolEvent::ConnectionClosed {
+            endpoint: member.endpoint.endpoint.clone(),
+            connection: member.id,
+            reason,
+            detail: detail.to_owned(),
+        });
         let level_warn = matches!(
             reason,
             EvictionReason::IoError | EvictionReason::PingTimeout | EvictionReason::HealthFailed
@@ -363,6 +392,8 @@ impl PoolInner {
             return;
         }
         self.shutdown.trigger();
+        // The name is free for another pool from now on.
+        drop(self.name_claim.lock().unwrap_or_else(|e| e.into_inner()).take());
         let name = self.config.name.clone();
         self.waiters.fail_all(|| Error::pool_closed(&name));
         for entry in self.endpoints.load().iter() {

@@ -2,21 +2,15 @@
 //! connections ("members") per endpoint, a checkout that spreads streams over them, and a
 //! [`tower_service::Service`] that any tonic-generated client can send its calls through.
 //!
-//! Most users depend on the facade crate `grpc-pool`, which re-exports everything here and
-//! wires in the health task. The layout follows bb8's: [`api`] holds the public surface
-//! ([`Pool`], [`Builder`], [`State`]), `inner` the logic, `internals` the locked data; the
-//! HTTP/2 protocol code lives apart in `proto::h2`, and the request path (the `tower` service, its
-//! future and the response body) in [`call`].
+//! **An implementation crate.** Depend on the facade crate `grpc-pool`: it is the only way
+//! to build a pool with its health task (keepalive, health checks, eviction), and the only
+//! API that is kept stable. A pool built here directly has none of that. What is public here
+//! is public for `grpc-pool-health` and the facade.
 //!
-//! ```no_run
-//! # async fn run() -> Result<(), grpc_pool_core::Error> {
-//! let pool = grpc_pool_core::Pool::builder()
-//!     .max_connections(4)
-//!     .build(["http://127.0.0.1:50051", "http://127.0.0.1:50052"])
-//!     .await?;
-//! // `pool.clone()` is cheap: hand it to any tonic client, e.g. `EchoClient::new(pool.clone())`.
-//! # Ok(()) }
-//! ```
+//! The layout follows bb8's: [`api`] holds the core's surface ([`Pool`], [`Builder`],
+//! [`State`]), `inner` the logic, `internals` the locked data; the HTTP/2 protocol code lives
+//! apart in `proto::h2`, and the request path (the `tower` service, its future and the
+//! response body) in [`call`].
 #![deny(missing_docs)]
 
 pub mod api;
@@ -26,11 +20,15 @@ mod checkout;
 mod clock;
 mod config;
 mod connect;
+#[cfg(feature = "serde")]
+#[doc(hidden)]
+pub mod de;
 pub mod discover;
 pub mod dns;
 mod driver;
 mod endpoint;
 mod error;
+mod events;
 mod gauges;
 mod inner;
 mod internals;
@@ -45,13 +43,16 @@ mod routing;
 
 pub use api::{Builder, EndpointState, MemberSnapshot, Pool, RetryReason, State, Statistics};
 pub use call::{ResponseBody, ResponseFuture, WaitForReady};
-pub use config::{AllUnhealthy, BackoffConfig, H2Config};
+pub use config::{AllUnhealthy, BackoffConfig, Config, H2Config, DEFAULT_POOL_NAME};
 pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
+pub use events::{PoolEvent, PoolEvents, EVENT_BUFFER};
 pub use member::{EvictionReason, MemberState};
-pub use monitor::{MemberHandle, MemberStatus, PoolEvent, PoolMonitor};
+pub use monitor::{MemberHandle, MemberStatus, MonitorEvent, PoolMonitor};
 pub use outlier::OutlierDetection;
 pub use proto::tls::{ClientIdentity, TlsConfig};
+/// The rustls this crate is built with, for [`TlsConfig::rustls`].
+pub use tokio_rustls::rustls;
 
 /// For the crate's benchmarks only: not part of the API, and may change in any release.
 #[doc(hidden)]

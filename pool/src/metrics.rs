@@ -4,6 +4,16 @@
 //! recorder the application installed (Prometheus, StatsD, ...), and cost nothing without one.
 //! Names follow Prometheus conventions; every series carries the `pool` label (the builder's
 //! `name`) and, where it concerns one endpoint, `endpoint` (`http://host:port`).
+//!
+//! Two live pools never share a name, so their series never mix: a name in use fails the
+//! build, except the default one, which the second pool gets as `grpc-pool-2` (and so on).
+//! A closed pool gives its name back.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+use crate::config::DEFAULT_POOL_NAME;
+use crate::error::Error;
 
 /// Counter: connection attempts, by `result` (`ok`, `error`).
 pub const CONNECTS: &str = "grpc_pool_connects_total";
@@ -62,3 +72,45 @@ pub const LABEL_RESULT: &str = "result";
 pub const LABEL_STATE: &str = "state";
 /// Label: why something happened (an eviction or retry reason).
 pub const LABEL_REASON: &str = "reason";
+
+/// A live pool's hold on its name; dropping it frees the name.
+#[derive(Debug)]
+pub(crate) struct PoolName(String);
+
+fn live_names() -> &'static Mutex<HashSet<String>> {
+    static NAMES: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    NAMES.get_or_init(Default::default)
+}
+
+impl PoolName {
+    /// Claims `wanted` for a new pool; returns the name it gets. The default name takes the
+    /// first free `-N` suffix when taken; any other name in use is an error.
+    pub(crate) fn claim(wanted: &str) -> Result<(PoolName, String), Error> {
+        let mut names = live_names().lock().unwrap_or_else(|e| e.into_inner());
+        let name = if wanted == DEFAULT_POOL_NAME {
+            let mut name = wanted.to_owned();
+            let mut n = 2;
+            while names.contains(&name) {
+                name = format!("{wanted}-{n}");
+                n += 1;
+            }
+            name
+        } else if names.contains(wanted) {
+            return Err(Error::config(
+                "name",
+                &format!("`{wanted}` is the name of another live pool"),
+                "a name no live pool has (it labels the pool's metric series and logs)",
+            ));
+        } else {
+            wanted.to_owned()
+        };
+        names.insert(name.clone());
+        Ok((PoolName(name.clone()), name))
+    }
+}
+
+impl Drop for PoolName {
+    fn drop(&mut self) {
+        live_names().lock().unwrap_or_else(|e| e.into_inner()).remove(&self.0);
+    }
+}

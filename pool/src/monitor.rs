@@ -92,7 +92,7 @@ impl PoolMonitor {
 
     /// Events from now on: members that become ready, GOAWAYs received, endpoints added and
     /// removed.
-    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<PoolEvent> {
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<MonitorEvent> {
         self.inner.subscribe()
     }
 
@@ -113,10 +113,11 @@ impl fmt::Debug for PoolMonitor {
     }
 }
 
-/// Something that happened to a pool's members.
+/// Something that happened to a pool's members, as the health task needs it (users read
+/// [`PoolEvent`](crate::PoolEvent)s instead).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub enum PoolEvent {
+pub enum MonitorEvent {
     /// A member connected and takes streams.
     MemberReady(MemberHandle),
     /// The server sent GOAWAY on a member (the pool drains it already).

@@ -20,22 +20,24 @@ use crate::internals::EndpointShared;
 ///
 /// ```
 /// use std::time::Duration;
-/// let outliers = grpc_pool_core::OutlierDetection {
-///     consecutive_failures: 3,
-///     base_ejection_time: Duration::from_secs(10),
-///     ..Default::default()
-/// };
+/// let mut outliers = grpc_pool_core::OutlierDetection::default();
+/// outliers.consecutive_failures = 3;
+/// outliers.base_ejection_time = Duration::from_secs(10);
 /// assert_eq!(outliers.max_ejection_percent, 10);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(default, deny_unknown_fields))]
+#[non_exhaustive]
 pub struct OutlierDetection {
     /// Failed calls in a row that eject an endpoint (1 to 10,000). Default 5.
     pub consecutive_failures: u32,
     /// How long the first ejection lasts; the n-th lasts n times as long, up to
     /// `max_ejection_time` (each `base_ejection_time` spent back in service takes one off n).
     /// Default 30 s.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::de::duration"))]
     pub base_ejection_time: Duration,
     /// Longest ejection. Default 300 s.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::de::duration"))]
     pub max_ejection_time: Duration,
     /// Most endpoints ejected at once, in percent of all (0 to 100). One may always be
     /// ejected when the pool has two or more, as in Envoy, and the last one never is.

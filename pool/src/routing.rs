@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use crate::config::AllUnhealthy;
 use crate::endpoint::Endpoint;
+use crate::events::PoolEvent;
 use crate::inner::PoolInner;
 use crate::internals::EndpointEntry;
 use crate::member::{EvictionReason, MemberState};
 use crate::metrics as names;
-use crate::monitor::PoolEvent;
+use crate::monitor::MonitorEvent;
 
 impl PoolInner {
     /// Sets which endpoints take new streams: the healthy ones that are not ejected, or, when
@@ -59,6 +60,7 @@ impl PoolInner {
         self.stats.ejections.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::EJECTIONS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).increment(1);
         metrics::gauge!(names::ENDPOINT_EJECTED, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).set(1.0);
+        self.publish(|| PoolEvent::EndpointEjected { endpoint: entry.endpoint().clone(), duration });
         tracing::warn!(pool = %self.name(), endpoint = %entry.label(), failures, ejected_for = ?duration, "endpoint ejected: its calls failed {failures} times in a row; no new streams go there until the ejection ends");
         self.release_hopeless_waiters();
         let (pool, entry) = (Arc::downgrade(self), Arc::downgrade(entry));
@@ -88,6 +90,7 @@ impl PoolInner {
             self.update_routing(&membership);
         }
         metrics::gauge!(names::ENDPOINT_EJECTED, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).set(0.0);
+        self.publish(|| PoolEvent::EndpointReturned(entry.endpoint().clone()));
         if entry.is_healthy() {
             tracing::info!(pool = %self.name(), endpoint = %entry.label(), "ejection over; the endpoint takes new streams again");
         } else {
@@ -132,6 +135,7 @@ impl PoolInner {
             tracing::warn!(pool = %self.name(), endpoint = %entry.label(), reason = reason.as_deref().unwrap_or(""), "endpoint unhealthy; no new streams go there");
         }
         metrics::gauge!(names::ENDPOINT_HEALTHY, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).set(if healthy { 1.0 } else { 0.0 });
+        self.publish(|| PoolEvent::EndpointHealth { endpoint: entry.endpoint().clone(), healthy, reason });
     }
 
     /// Adds `endpoint` (if the pool does not have it yet) and opens its `min_connections`;
@@ -159,7 +163,8 @@ impl PoolInner {
             entry
         };
         tracing::info!(pool = %self.name(), endpoint = %entry.label(), "endpoint added");
-        self.emit(|| PoolEvent::EndpointAdded(endpoint.clone()));
+        self.emit(|| MonitorEvent::EndpointAdded(endpoint.clone()));
+        self.publish(|| PoolEvent::EndpointAdded(endpoint.clone()));
         self.replenish(&entry);
         if self.waiters.has_waiters() {
             self.grow();
@@ -188,7 +193,8 @@ impl PoolInner {
         let draining =
             self.drain_all(&entry, EvictionReason::EndpointRemoved, "endpoint removed from the pool");
         tracing::info!(pool = %self.name(), endpoint = %entry.label(), draining, "endpoint removed; its connections drain");
-        self.emit(|| PoolEvent::EndpointRemoved(endpoint.clone()));
+        self.emit(|| MonitorEvent::EndpointRemoved(endpoint.clone()));
+        self.publish(|| PoolEvent::EndpointRemoved(endpoint.clone()));
         // Removing the last unhealthy endpoint may leave only healthy ones with room; removing
         // the last healthy one may leave nothing to wait for.
         self.serve_waiters_everywhere();

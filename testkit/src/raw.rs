@@ -76,7 +76,7 @@ async fn serve(
     while let Some(Ok((request, mut respond))) = connection.accept().await {
         seen += 1;
         let Misbehaviour::RefuseEvery(n) = misbehaviour;
-        if seen % n == 0 {
+        if seen.is_multiple_of(n) {
             refused.fetch_add(1, Ordering::Relaxed);
             respond.send_reset(h2::Reason::REFUSED_STREAM);
             continue;

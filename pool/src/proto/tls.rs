@@ -19,22 +19,26 @@ use crate::error::Error;
 /// How the pool's `https://` connections are secured.
 ///
 /// The default verifies servers against the operating system's root certificates and sends
-/// no client certificate.
+/// no client certificate. [`TlsConfig::rustls`] takes a whole `rustls::ClientConfig` of your
+/// own instead (your verifier, key logging, session cache, crypto provider).
+///
+/// With the `serde` feature it reads from a file section that names PEM files (`ca_file`,
+/// `cert_file` with `key_file`, `server_name`, `insecure_skip_verify`); the files are read
+/// as the section is, and a missing one is named in the error.
 ///
 /// ```no_run
 /// # fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// let tls = grpc_pool_core::TlsConfig {
-///     ca_pem: Some(std::fs::read("ca.pem")?),
-///     client_identity: Some(grpc_pool_core::ClientIdentity {
-///         cert_chain_pem: std::fs::read("client.pem")?,
-///         key_pem: std::fs::read("client.key")?,
-///     }),
-///     ..Default::default()
-/// };
-/// let pool = grpc_pool_core::Pool::builder().tls(tls).build_lazy(["https://orders.internal:443"])?;
+/// let mut tls = grpc_pool_core::TlsConfig::default();
+/// tls.ca_pem = Some(std::fs::read("ca.pem")?);
+/// tls.client_identity = Some(grpc_pool_core::ClientIdentity::new(
+///     std::fs::read("client.pem")?,
+///     std::fs::read("client.key")?,
+/// ));
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(try_from = "TlsFiles"))]
+#[non_exhaustive]
 pub struct TlsConfig {
     /// PEM certificates of the CAs to trust, instead of the system's roots.
     pub ca_pem: Option<Vec<u8>>,
@@ -46,15 +50,88 @@ pub struct TlsConfig {
     /// Accept any certificate. For tests against self-signed servers only: it makes the
     /// connection open to anyone in the path. Logged as a warning when the pool is built.
     pub insecure_skip_verify: bool,
+    /// A whole rustls configuration of the user's, which the fields above do not touch.
+    pub(crate) rustls: Option<Arc<ClientConfig>>,
+}
+
+impl TlsConfig {
+    /// Your own rustls client configuration, used as it is but for ALPN, which the pool sets
+    /// to `h2` (gRPC is HTTP/2 only). `server_name` still overrides each endpoint's host;
+    /// `ca_pem`, `client_identity` and `insecure_skip_verify` are yours to set in `config`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use grpc_pool_core::rustls;
+    /// let roots = rustls::RootCertStore::empty(); // yours: webpki-roots, a private CA...
+    /// let provider = Arc::new(rustls::crypto::ring::default_provider());
+    /// let config = rustls::ClientConfig::builder_with_provider(provider)
+    ///     .with_safe_default_protocol_versions()
+    ///     .unwrap()
+    ///     .with_root_certificates(roots)
+    ///     .with_no_client_auth();
+    /// let tls = grpc_pool_core::TlsConfig::rustls(Arc::new(config));
+    /// ```
+    pub fn rustls(config: Arc<ClientConfig>) -> TlsConfig {
+        TlsConfig { rustls: Some(config), ..TlsConfig::default() }
+    }
 }
 
 /// A client certificate chain and its private key, in PEM.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ClientIdentity {
     /// The certificate, then any intermediates.
     pub cert_chain_pem: Vec<u8>,
     /// The private key (PKCS#8, PKCS#1 or SEC1).
     pub key_pem: Vec<u8>,
+}
+
+impl ClientIdentity {
+    /// A certificate chain and its key, both PEM.
+    pub fn new(cert_chain_pem: Vec<u8>, key_pem: Vec<u8>) -> ClientIdentity {
+        ClientIdentity { cert_chain_pem, key_pem }
+    }
+}
+
+/// The file form of [`TlsConfig`]: paths, read when the section is.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Default)]
+struct TlsFiles {
+    ca_file: Option<std::path::PathBuf>,
+    cert_file: Option<std::path::PathBuf>,
+    key_file: Option<std::path::PathBuf>,
+    server_name: Option<String>,
+    insecure_skip_verify: bool,
+}
+
+#[cfg(feature = "serde")]
+impl TryFrom<TlsFiles> for TlsConfig {
+    type Error = String;
+
+    fn try_from(files: TlsFiles) -> Result<TlsConfig, String> {
+        let read = |field: &str, path: &std::path::PathBuf| {
+            std::fs::read(path).map_err(|e| format!("`tls.{field}`: cannot read {} ({e})", path.display()))
+        };
+        let ca_pem = files.ca_file.as_ref().map(|p| read("ca_file", p)).transpose()?;
+        let client_identity = match (&files.cert_file, &files.key_file) {
+            (Some(cert), Some(key)) => {
+                Some(ClientIdentity::new(read("cert_file", cert)?, read("key_file", key)?))
+            }
+            (None, None) => None,
+            _ => {
+                return Err("`tls.cert_file` and `tls.key_file`: give both files, or neither".to_owned());
+            }
+        };
+        Ok(TlsConfig {
+            ca_pem,
+            client_identity,
+            server_name: files.server_name,
+            insecure_skip_verify: files.insecure_skip_verify,
+            rustls: None,
+        })
+    }
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -64,6 +141,7 @@ impl std::fmt::Debug for TlsConfig {
             .field("client_identity", &self.client_identity.as_ref().map(|_| "set"))
             .field("server_name", &self.server_name)
             .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .field("rustls", &self.rustls.as_ref().map(|_| "set"))
             .finish()
     }
 }
@@ -77,6 +155,18 @@ pub(crate) struct Tls {
 impl Tls {
     /// Checks and loads `config`; errors name the field.
     pub(crate) fn new(config: &TlsConfig, pool: &str) -> Result<Tls, Error> {
+        let server_name = match &config.server_name {
+            Some(name) => Some(
+                ServerName::try_from(name.clone())
+                    .map_err(|_| Error::config("tls.server_name", name, "a DNS name or an IP address"))?,
+            ),
+            None => None,
+        };
+        if let Some(theirs) = &config.rustls {
+            let mut client = ClientConfig::clone(theirs);
+            client.alpn_protocols = vec![b"h2".to_vec()];
+            return Ok(Tls { connector: TlsConnector::from(Arc::new(client)), server_name });
+        }
         let provider = Arc::new(crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -125,13 +215,6 @@ impl Tls {
         };
         // gRPC is HTTP/2 only: offer nothing else, and insist on it after the handshake.
         client.alpn_protocols = vec![b"h2".to_vec()];
-        let server_name = match &config.server_name {
-            Some(name) => Some(
-                ServerName::try_from(name.clone())
-                    .map_err(|_| Error::config("tls.server_name", name, "a DNS name or an IP address"))?,
-            ),
-            None => None,
-        };
         Ok(Tls { connector: TlsConnector::from(Arc::new(client)), server_name })
     }
 
