@@ -76,7 +76,7 @@ impl Pool {
     /// ends keeps `close` waiting: bound it with `tokio::time::timeout` if that can happen.
     pub async fn close(&self) {
         self.inner().close();
-        self.inner().live.all_closed().await;
+        self.inner().live.wait().await;
     }
 
     /// The maintenance view of the pool, for a health task: members, PINGs, events. It does
@@ -175,7 +175,7 @@ impl Pool {
             name: inner.name().to_owned(),
             endpoints,
             waiters: inner.waiters.len(),
-            open_connections: inner.live.count(),
+            open_connections: inner.live.len(),
             closed: inner.is_closed(),
             statistics: Statistics {
                 checkouts_direct: s.checkouts_direct.load(Ordering::Relaxed),

@@ -64,9 +64,8 @@ impl PoolInner {
         let (pool, entry) = (Arc::downgrade(self), Arc::downgrade(entry));
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(duration) => {}
-                _ = shutdown.triggered() => return,
+            if shutdown.run_until_cancelled_owned(tokio::time::sleep(duration)).await.is_none() {
+                return;
             }
             if let (Some(pool), Some(entry)) = (pool.upgrade(), entry.upgrade()) {
                 pool.end_ejection(&entry);
