@@ -157,7 +157,7 @@ impl PoolInner {
     pub(crate) async fn wait_backoff(&self, entry: &EndpointEntry, wait: Duration) -> bool {
         // A little spread of its own, so that pools started together do not reconnect in
         // lockstep.
-        let spread = wait.mul_f64(0.1 * (crate::rand::symmetric_unit() + 1.0) / 2.0);
+        let spread = wait.mul_f64(0.1 * fastrand::f64());
         let until = tokio::time::Instant::now() + wait + spread;
         loop {
             let now = tokio::time::Instant::now();
