@@ -166,7 +166,7 @@ impl Pool {
                     last_connect_error: locked.last_error.clone(),
                     ejected_for: locked
                         .ejected_until
-                        .map(|until| until.saturating_duration_since(std::time::Instant::now())),
+                        .map(|until| until.saturating_duration_since(tokio::time::Instant::now())),
                 }
             })
             .collect();

@@ -3,7 +3,8 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+
+use tokio::time::Instant;
 
 use crate::config::AllUnhealthy;
 use crate::endpoint::Endpoint;
