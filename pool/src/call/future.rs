@@ -2,7 +2,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -27,12 +27,15 @@ type Checkout = Pin<Box<dyn Future<Output = Result<Slot, Error>> + Send>>;
 
 /// The future of [`Pool::call`](tower_service::Service::call): a stream slot, then the
 /// response head.
+///
+/// Like most futures, it panics if polled again after it returned `Ready`.
 pub struct ResponseFuture<B> {
     pool: Arc<PoolInner>,
     target: Target,
     /// On a resend: the endpoint that refused or lost the call, tried last.
     avoid: Option<Arc<EndpointShared>>,
-    state: State<B>,
+    /// Where the call is; `None` once it has ended (its output returned).
+    state: Option<Live<B>>,
     /// Attempts made so far, the current one included once it has started.
     attempts: u32,
     /// When the call must be over, if it has a deadline; handed to the response body.
@@ -64,45 +67,59 @@ struct Head {
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-enum State<B> {
+/// Where a call that has not ended is. Each state owns what it needs, so every step has its
+/// slot, request and stream at hand rather than in an `Option` it must hope is filled.
+enum Live<B> {
     Checkout {
-        request: Option<Request<CallBody<B>>>,
+        request: Request<CallBody<B>>,
+        /// The queued checkout, once the fast path found no slot.
         waiting: Option<Checkout>,
     },
     /// PINGing the slot's member before use (or waiting for another call's PING of it).
     Verifying {
-        slot: Option<Slot>,
-        request: Option<Request<CallBody<B>>>,
+        slot: Slot,
+        request: Request<CallBody<B>>,
         check: Pin<Box<dyn Future<Output = bool> + Send>>,
     },
-    Sending {
-        slot: Option<Slot>,
-        response: h2::client::ResponseFuture,
-        pump: Option<Pin<Box<Pump<CallBody<B>>>>>,
-        stream_id: u32,
-        /// For a replay, while one is possible: the head, and the body once it has gone out
-        /// whole (`None` until then; an empty body counts as whole from the start).
-        head: Option<Head>,
-        sent_body: Option<Recording>,
-        /// The body went past the replay limit, so no replay is possible.
-        body_over_limit: bool,
-        /// The pump stopped because its stream failed; it is kept, unpolled, for what it
-        /// had not sent yet.
-        pump_stopped: bool,
-    },
-    Done,
+    Sending(Sending<B>),
+}
+
+/// A stream open on a member: the request body going out, the response head awaited.
+struct Sending<B> {
+    slot: Slot,
+    response: h2::client::ResponseFuture,
+    pump: Option<Pin<Box<Pump<CallBody<B>>>>>,
+    stream_id: u32,
+    /// For a replay, while one is possible: the head, and the body once it has gone out
+    /// whole (`None` until then; an empty body counts as whole from the start).
+    head: Option<Head>,
+    sent_body: Option<Recording>,
+    /// The body went past the replay limit, so no replay is possible.
+    body_over_limit: bool,
+    /// The pump stopped because its stream failed; it is kept, unpolled, for what it had
+    /// not sent yet.
+    pump_stopped: bool,
+}
+
+/// What one step of a call came to.
+enum Step<B> {
+    /// It moved to this state, which is to be polled at once.
+    Next(Live<B>),
+    /// It waits in this state for a wake-up.
+    Pending(Live<B>),
+    /// The call ended.
+    Ready(Result<http::Response<ResponseBody>, Error>),
+}
+
+impl<B> Live<B> {
+    fn checkout(request: Request<CallBody<B>>) -> Live<B> {
+        Live::Checkout { request, waiting: None }
+    }
 }
 
 // The request body is never pinned in place: it is moved into a boxed pump before it is
 // polled, so the future itself may move freely.
 impl<B> Unpin for ResponseFuture<B> {}
-
-/// What a send attempt came to.
-enum Started<B> {
-    Sent(State<B>),
-    /// The member could not open a stream and nothing was sent; the request comes back.
-    Again(Request<CallBody<B>>, Error),
-}
 
 impl<B> ResponseFuture<B>
 where
@@ -129,44 +146,44 @@ where
             pool,
             target,
             avoid: None,
-            state: State::Checkout { request: Some(request.map(CallBody::original)), waiting: None },
+            state: Some(Live::checkout(request.map(CallBody::original))),
             attempts: 0,
             deadline: timeout.map(Deadline::after),
             wait_for_ready,
         }
     }
 
-    /// The error of a call whose deadline passed, saying where the call was; ends the call
-    /// (its slot freed, its stream, if open, reset with `CANCEL`).
-    fn expire(&mut self) -> Error {
+    /// The error of a call whose deadline passed in state `live`, saying where the call was;
+    /// ends the call (its slot freed, its stream, if open, reset with `CANCEL`).
+    fn expire(&self, live: Live<B>) -> Error {
         let timeout = self.deadline.as_ref().map(|d| d.timeout).unwrap_or_default();
-        let situation = match &self.state {
-            State::Checkout { .. } => {
+        let situation = match &live {
+            Live::Checkout { .. } => {
                 format!(
                     "waiting for a stream slot in pool `{}`: {}",
                     self.pool.name(),
                     self.pool.busy_summary()
                 )
             }
-            State::Verifying { slot, .. } => format!(
-                "while PINGing the connection to {} before use",
-                slot.as_ref().map(|s| s.member().endpoint.label.as_str()).unwrap_or("the endpoint")
-            ),
-            State::Sending { slot, .. } => format!(
-                "waiting for the response head from {}",
-                slot.as_ref().map(|s| s.member().endpoint.label.as_str()).unwrap_or("the endpoint")
-            ),
-            State::Done => "after the call ended".to_owned(),
+            Live::Verifying { slot, .. } => {
+                format!("while PINGing the connection to {} before use", slot.member().endpoint.label)
+            }
+            Live::Sending(sending) => {
+                format!("waiting for the response head from {}", sending.slot.member().endpoint.label)
+            }
         };
-        self.state = State::Done;
+        drop(live);
         Error::deadline_exceeded(timeout, &situation)
     }
 
-    /// Opens the stream on the slot's member and starts sending the body.
-    fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Result<Started<B>, Error> {
-        let member = slot.member().clone();
+    /// The head h2 sends for `parts` on `member`, with the time left of the call's deadline;
+    /// and a copy of it for another attempt, when one is allowed.
+    fn request_head(
+        &self,
+        member: &Member,
+        mut parts: http::request::Parts,
+    ) -> Result<(Request<()>, Option<Head>), Error> {
         let endpoint = &member.endpoint.endpoint;
-        let (mut parts, body) = request.into_parts();
         if let Some(deadline) = &self.deadline {
             // The server is told the time left now, after any wait or earlier attempt, as
             // grpc-go does; none left, and the call does not go out at all.
@@ -202,6 +219,18 @@ where
         *head.uri_mut() = uri;
         *head.version_mut() = Version::HTTP_2;
         *head.headers_mut() = parts.headers;
+        Ok((head, again))
+    }
+
+    /// Opens the stream on the slot's member and starts sending the body; queues the call
+    /// again if the member could not open a stream and nothing was sent.
+    fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Step<B> {
+        let member = slot.member().clone();
+        let (parts, body) = request.into_parts();
+        let (head, again) = match self.request_head(&member, parts) {
+            Ok(heads) => heads,
+            Err(error) => return Step::Ready(Err(error)),
+        };
         let end_of_stream = body.is_end_stream();
         match member.sender().send_request(head, end_of_stream) {
             Ok((response, stream)) => {
@@ -217,8 +246,8 @@ where
                 let replay_limit = again.as_ref().map(|_| self.pool.config.replay_buffer_limit);
                 let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream, replay_limit)));
                 let sent_body = end_of_stream.then(Recording::default);
-                Ok(Started::Sent(State::Sending {
-                    slot: Some(slot),
+                Step::Next(Live::Sending(Sending {
+                    slot,
                     response,
                     pump,
                     stream_id,
@@ -234,11 +263,13 @@ where
                 drop(slot);
                 let error = Error::from_h2(&member.endpoint.label, err).mark_unprocessed();
                 match again {
-                    Some(head) => Ok(Started::Again(rebuild(head, body), error)),
-                    None => Err(self.not_retried(error, false, false)),
+                    Some(head) => self.again(RetryReason::NotSent, rebuild(head, body), error),
+                    None => Step::Ready(Err(self.not_retried(error, false, false))),
                 }
             }
-            Err(err) => Err(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false)),
+            Err(err) => {
+                Step::Ready(Err(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false)))
+            }
         }
     }
 
@@ -267,22 +298,15 @@ where
     /// for another one; the error to return when no attempt is left. A member that failed
     /// its PING before use costs the call no attempt: the call never left, and the member
     /// is gone (a fresh one is never PINGed before use, so this cannot loop).
-    fn again(
-        &mut self,
-        reason: RetryReason,
-        request: Request<CallBody<B>>,
-        error: Error,
-    ) -> Result<(), Error> {
+    fn again(&mut self, reason: RetryReason, request: Request<CallBody<B>>, error: Error) -> Step<B> {
         if reason != RetryReason::PingBeforeUse {
             self.attempts += 1;
         }
         if self.attempts >= self.pool.config.max_attempts {
-            self.state = State::Done;
-            return Err(self.not_retried(error, false, false));
+            return Step::Ready(Err(self.not_retried(error, false, false)));
         }
         self.pool.count_retry(reason);
-        self.state = State::Checkout { request: Some(request), waiting: None };
-        Ok(())
+        Step::Next(Live::checkout(request))
     }
 }
 
@@ -413,13 +437,27 @@ where
 {
     type Output = Result<http::Response<ResponseBody>, Error>;
 
+    /// Moves the call along its states (checkout, PING before use, sending) until it waits
+    /// or ends; resends a call the server never processed.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let result = this.poll_call(cx);
-        if result.is_pending() && this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
-            return Poll::Ready(Err(this.expire()));
+        // Taken out while it moves: each step owns its state and hands back the next.
+        let Some(mut live) = this.state.take() else {
+            panic!("ResponseFuture polled after it completed");
+        };
+        loop {
+            live = match this.step(cx, live) {
+                Step::Next(next) => next,
+                Step::Pending(waiting) => {
+                    if this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
+                        return Poll::Ready(Err(this.expire(waiting)));
+                    }
+                    this.state = Some(waiting);
+                    return Poll::Pending;
+                }
+                Step::Ready(result) => return Poll::Ready(result),
+            };
         }
-        result
     }
 }
 
@@ -428,215 +466,178 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    /// Moves the call along its states: checkout, PING before use, sending; resends a call
-    /// the server never processed.
-    fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Result<http::Response<ResponseBody>, Error>> {
-        let this = self;
-        loop {
-            match &mut this.state {
-                State::Checkout { request, waiting } => {
-                    let slot = match waiting {
-                        Some(checkout) => {
-                            let result = ready!(checkout.as_mut().poll(cx));
-                            *waiting = None;
-                            match result {
-                                Ok(slot) => slot,
-                                Err(error) => {
-                                    this.state = State::Done;
-                                    return Poll::Ready(Err(error));
-                                }
-                            }
-                        }
-                        None => match slot_now(&this.pool, &this.target, this.avoid.as_ref()) {
-                            Ok(Some(slot)) => slot,
-                            Ok(None) => {
-                                let wait = crate::checkout::CheckoutWait {
-                                    wait_for_ready: this.wait_for_ready,
-                                    has_deadline: this.deadline.is_some(),
-                                };
-                                *waiting = Some(Box::pin(this.pool.clone().checkout_wait(wait)));
-                                continue;
-                            }
-                            Err(error) => {
-                                this.state = State::Done;
-                                return Poll::Ready(Err(error));
-                            }
-                        },
+    fn step(&mut self, cx: &mut Context<'_>, live: Live<B>) -> Step<B> {
+        match live {
+            Live::Checkout { request, waiting } => self.poll_checkout(cx, request, waiting),
+            Live::Verifying { slot, request, check } => self.poll_verifying(cx, slot, request, check),
+            Live::Sending(sending) => self.poll_sending(cx, sending),
+        }
+    }
+
+    /// Takes a slot, at once or from the queue, and PINGs its member first if it needs it.
+    fn poll_checkout(
+        &mut self,
+        cx: &mut Context<'_>,
+        request: Request<CallBody<B>>,
+        waiting: Option<Checkout>,
+    ) -> Step<B> {
+        let slot = match waiting {
+            Some(mut checkout) => match checkout.as_mut().poll(cx) {
+                Poll::Pending => return Step::Pending(Live::Checkout { request, waiting: Some(checkout) }),
+                Poll::Ready(Ok(slot)) => slot,
+                Poll::Ready(Err(error)) => return Step::Ready(Err(error)),
+            },
+            None => match slot_now(&self.pool, &self.target, self.avoid.as_ref()) {
+                Ok(Some(slot)) => slot,
+                Ok(None) => {
+                    let wait = crate::checkout::CheckoutWait {
+                        wait_for_ready: self.wait_for_ready,
+                        has_deadline: self.deadline.is_some(),
                     };
-                    let Some(request) = request.take() else {
-                        this.state = State::Done;
-                        return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
-                    };
-                    if let Some(check) = needs_check(&this.pool, &this.target, &slot) {
-                        this.state = State::Verifying { slot: Some(slot), request: Some(request), check };
-                        continue;
-                    }
-                    match this.start(slot, request) {
-                        Ok(Started::Sent(sending)) => this.state = sending,
-                        Ok(Started::Again(request, error)) => {
-                            if let Err(error) = this.again(RetryReason::NotSent, request, error) {
-                                return Poll::Ready(Err(error));
-                            }
-                        }
-                        Err(error) => {
-                            this.state = State::Done;
-                            return Poll::Ready(Err(error));
-                        }
-                    }
+                    let checkout = Box::pin(self.pool.clone().checkout_wait(wait));
+                    return Step::Next(Live::Checkout { request, waiting: Some(checkout) });
                 }
-                State::Verifying { slot, request, check } => {
-                    let alive = ready!(check.as_mut().poll(cx));
-                    let (Some(slot), Some(request)) = (slot.take(), request.take()) else {
-                        this.state = State::Done;
-                        return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
-                    };
-                    if alive {
-                        match this.start(slot, request) {
-                            Ok(Started::Sent(sending)) => this.state = sending,
-                            Ok(Started::Again(request, error)) => {
-                                if let Err(error) = this.again(RetryReason::NotSent, request, error) {
-                                    return Poll::Ready(Err(error));
-                                }
-                            }
-                            Err(error) => {
-                                this.state = State::Done;
-                                return Poll::Ready(Err(error));
-                            }
-                        }
-                    } else {
-                        // The member is dead and the call never left: another member.
-                        let label = slot.member().endpoint.label.clone();
-                        this.avoid = Some(slot.member().endpoint.clone());
-                        drop(slot);
-                        let error = Error::no_member(&label, "the connection failed its PING before use")
-                            .mark_unprocessed();
-                        if let Err(error) = this.again(RetryReason::PingBeforeUse, request, error) {
-                            return Poll::Ready(Err(error));
-                        }
-                    }
-                }
-                State::Sending {
-                    slot,
-                    response,
-                    pump,
-                    stream_id,
-                    head,
-                    sent_body,
-                    body_over_limit,
-                    pump_stopped,
-                } => {
-                    if let Some(sending) = pump.as_mut().filter(|_| !*pump_stopped) {
-                        match sending.as_mut().poll(cx) {
-                            Poll::Pending => {}
-                            Poll::Ready(Ok(())) => {
-                                *sent_body = sending.as_mut().take_recording();
-                                *body_over_limit = sending.over_replay_limit();
-                                *pump = None;
-                            }
-                            Poll::Ready(Err(PumpError::Stream)) => *pump_stopped = true,
-                            Poll::Ready(Err(PumpError::Body(cause))) => {
-                                let label = slot
-                                    .as_ref()
-                                    .map(|s| s.member().endpoint.label.clone())
-                                    .unwrap_or_default();
-                                this.state = State::Done;
-                                return Poll::Ready(Err(Error::request_body(&label, cause)));
-                            }
-                        }
-                    }
-                    let result = ready!(Pin::new(response).poll(cx));
-                    let Some(slot) = slot.take() else {
-                        this.state = State::Done;
-                        return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
-                    };
-                    let stream_id = *stream_id;
-                    let pump = pump.take();
-                    // Why a replay may be impossible, for the error: with no head kept, the
-                    // attempts are used up; with a head but no whole body, the body is to blame.
-                    let body_kept = head.is_some();
-                    let over_limit = body_kept
-                        && (*body_over_limit || pump.as_ref().is_some_and(|p| p.over_replay_limit()));
-                    let body_not_whole = body_kept && sent_body.is_none();
-                    let pump_stopped = *pump_stopped;
-                    let sent_body = sent_body.take();
-                    let head = head.take();
-                    this.state = State::Done;
-                    match result {
-                        Ok(response) => {
-                            // A trailers-only answer carries its status in the head; any other
-                            // is judged by its trailers, in the body.
-                            slot.member()
-                                .endpoint
-                                .record_outcome(|| crate::outlier::unavailable(response.headers()));
-                            // The server answered before the request body ended (streaming):
-                            // keep sending from a task of its own.
-                            let pump = match pump.filter(|_| !pump_stopped).map(spawn_pump).transpose() {
-                                Ok(pump) => pump,
-                                Err(error) => return Poll::Ready(Err(error)),
-                            };
-                            let pool_call = matches!(this.target, Target::Pool);
-                            let deadline = this.deadline.take();
-                            return Poll::Ready(Ok(
-                                response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline))
-                            ));
-                        }
-                        Err(err) => {
-                            slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err));
-                            let error = response_error(&slot, stream_id, err);
-                            let slot_endpoint = slot.member().endpoint.clone();
-                            drop(slot);
-                            // Never processed, and the whole body is at hand (kept as it went
-                            // out, plus what had not gone out yet): again, on another member.
-                            let replay = match (head, sent_body, pump) {
-                                (Some(head), Some(sent), _) => Some((head, CallBody::replay(sent, None))),
-                                (Some(head), None, Some(mut pump)) if error.is_unprocessed() => {
-                                    pump.as_mut().take_recording().map(|sent| {
-                                        let rest: UnsentBody = Box::pin(Unsent::new(pump));
-                                        (head, CallBody::replay(sent, Some(rest)))
-                                    })
-                                }
-                                _ => None,
-                            };
-                            match replay {
-                                Some((head, body)) if error.is_unprocessed() => {
-                                    this.attempts += 1;
-                                    this.avoid = Some(slot_endpoint.clone());
-                                    this.pool.count_retry(if error.kind() == ErrorKind::Stream {
-                                        RetryReason::Refused
-                                    } else {
-                                        RetryReason::GoAway
-                                    });
-                                    tracing::debug!(pool = %this.pool.name(), error = %error, "resending a call the server never processed");
-                                    let request = rebuild(head, body);
-                                    this.state = State::Checkout { request: Some(request), waiting: None };
-                                }
-                                _ => {
-                                    return Poll::Ready(Err(this.not_retried(
-                                        error,
-                                        over_limit,
-                                        body_not_whole,
-                                    )));
-                                }
-                            }
-                        }
-                    }
-                }
-                State::Done => {
-                    return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
-                }
+                Err(error) => return Step::Ready(Err(error)),
+            },
+        };
+        match needs_check(&self.pool, &self.target, &slot) {
+            Some(check) => Step::Next(Live::Verifying { slot, request, check }),
+            None => self.start(slot, request),
+        }
+    }
+
+    /// Waits for the member's PING before use: sends on it if it answered, else queues the
+    /// call for another member.
+    fn poll_verifying(
+        &mut self,
+        cx: &mut Context<'_>,
+        slot: Slot,
+        request: Request<CallBody<B>>,
+        mut check: Pin<Box<dyn Future<Output = bool> + Send>>,
+    ) -> Step<B> {
+        let Poll::Ready(alive) = check.as_mut().poll(cx) else {
+            return Step::Pending(Live::Verifying { slot, request, check });
+        };
+        if alive {
+            return self.start(slot, request);
+        }
+        // The member is dead and the call never left: another member.
+        let label = slot.member().endpoint.label.clone();
+        self.avoid = Some(slot.member().endpoint.clone());
+        drop(slot);
+        let error = Error::no_member(&label, "the connection failed its PING before use").mark_unprocessed();
+        self.again(RetryReason::PingBeforeUse, request, error)
+    }
+
+    /// Sends the request body and waits for the response head.
+    fn poll_sending(&mut self, cx: &mut Context<'_>, mut sending: Sending<B>) -> Step<B> {
+        if let Err(error) = sending.poll_pump(cx) {
+            return Step::Ready(Err(error));
+        }
+        match Pin::new(&mut sending.response).poll(cx) {
+            Poll::Pending => Step::Pending(Live::Sending(sending)),
+            Poll::Ready(Ok(response)) => self.answered(sending, response),
+            Poll::Ready(Err(err)) => self.failed(sending, err),
+        }
+    }
+
+    /// The response head came: the call's result, its body carrying the slot.
+    fn answered(&mut self, sending: Sending<B>, response: http::Response<h2::RecvStream>) -> Step<B> {
+        let Sending { slot, response: head_future, pump, pump_stopped, .. } = sending;
+        drop(head_future);
+        // A trailers-only answer carries its status in the head; any other is judged by its
+        // trailers, in the body.
+        slot.member().endpoint.record_outcome(|| crate::outlier::unavailable(response.headers()));
+        // The server answered before the request body ended (streaming): keep sending from a
+        // task of its own.
+        let pump = match pump.filter(|_| !pump_stopped).map(spawn_pump).transpose() {
+            Ok(pump) => pump,
+            Err(error) => return Step::Ready(Err(error)),
+        };
+        let pool_call = matches!(self.target, Target::Pool);
+        let deadline = self.deadline.take();
+        Step::Ready(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline))))
+    }
+
+    /// The stream failed before its response head: resent on another member if the server
+    /// never processed it and the whole body is at hand, else the call's error.
+    fn failed(&mut self, sending: Sending<B>, err: h2::Error) -> Step<B> {
+        let Sending { slot, response, pump, stream_id, head, sent_body, body_over_limit, .. } = sending;
+        drop(response);
+        // Why a replay may be impossible, for the error: with no head kept, the attempts are
+        // used up; with a head but no whole body, the body is to blame.
+        let body_kept = head.is_some();
+        let over_limit =
+            body_kept && (body_over_limit || pump.as_ref().is_some_and(|p| p.over_replay_limit()));
+        let body_not_whole = body_kept && sent_body.is_none();
+        slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err));
+        let error = response_error(&slot, stream_id, err);
+        let slot_endpoint = slot.member().endpoint.clone();
+        drop(slot);
+        // Never processed, and the whole body is at hand (kept as it went out, plus what had
+        // not gone out yet): again, on another member.
+        let replay = match (head, sent_body, pump) {
+            (Some(head), Some(sent), _) => Some((head, CallBody::replay(sent, None))),
+            (Some(head), None, Some(mut pump)) if error.is_unprocessed() => {
+                pump.as_mut().take_recording().map(|sent| {
+                    let rest: UnsentBody = Box::pin(Unsent::new(pump));
+                    (head, CallBody::replay(sent, Some(rest)))
+                })
+            }
+            _ => None,
+        };
+        match replay {
+            Some((head, body)) if error.is_unprocessed() => {
+                self.attempts += 1;
+                self.avoid = Some(slot_endpoint);
+                self.pool.count_retry(if error.kind() == ErrorKind::Stream {
+                    RetryReason::Refused
+                } else {
+                    RetryReason::GoAway
+                });
+                tracing::debug!(pool = %self.pool.name(), error = %error, "resending a call the server never processed");
+                Step::Next(Live::checkout(rebuild(head, body)))
+            }
+            _ => Step::Ready(Err(self.not_retried(error, over_limit, body_not_whole))),
+        }
+    }
+}
+
+impl<B> Sending<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Sends more of the request body, unless it went out whole or its stream failed (then
+    /// the response says why); an error only if the body itself failed.
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
+        let Some(pump) = self.pump.as_mut().filter(|_| !self.pump_stopped) else {
+            return Ok(());
+        };
+        match pump.as_mut().poll(cx) {
+            Poll::Pending => {}
+            Poll::Ready(Ok(())) => {
+                self.sent_body = pump.as_mut().take_recording();
+                self.body_over_limit = pump.over_replay_limit();
+                self.pump = None;
+            }
+            Poll::Ready(Err(PumpError::Stream)) => self.pump_stopped = true,
+            Poll::Ready(Err(PumpError::Body(cause))) => {
+                return Err(Error::request_body(&self.slot.member().endpoint.label, cause));
             }
         }
+        Ok(())
     }
 }
 
 impl<B> fmt::Debug for ResponseFuture<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Checkout { waiting: None, .. } => "checkout",
-            State::Checkout { waiting: Some(_), .. } => "waiting",
-            State::Verifying { .. } => "verifying",
-            State::Sending { .. } => "sending",
-            State::Done => "done",
+            Some(Live::Checkout { waiting: None, .. }) => "checkout",
+            Some(Live::Checkout { waiting: Some(_), .. }) => "waiting",
+            Some(Live::Verifying { .. }) => "verifying",
+            Some(Live::Sending(_)) => "sending",
+            None => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
