@@ -1,5 +1,6 @@
 use std::fmt;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -68,7 +69,9 @@ struct Head {
 }
 
 /// Where a call that has not ended is. Each state owns what it needs, so every step has its
-/// slot, request and stream at hand rather than in an `Option` it must hope is filled.
+/// slot, request and stream at hand rather than in an `Option` it must hope is filled. A
+/// waiting state is polled where it is, and taken out of the future only to move on: a call
+/// that waits does not copy its state around.
 enum Live<B> {
     Checkout {
         request: Request<CallBody<B>>,
@@ -101,17 +104,12 @@ struct Sending<B> {
     pump_stopped: bool,
 }
 
-/// What one step of a call came to.
-enum Step<B> {
-    /// It moved to this state, which is to be polled at once.
-    Next(Live<B>),
-    /// It waits in this state for a wake-up.
-    Pending(Live<B>),
-    /// The call ended.
-    Ready(Result<http::Response<ResponseBody>, Error>),
-}
+/// What moving a call on came to: `Continue` once its next state is in place (to be polled
+/// at once), `Break` with its output when it ended.
+type Step = ControlFlow<Result<http::Response<ResponseBody>, Error>>;
 
 impl<B> Live<B> {
+    /// The first state of a call, and of each resend.
     fn checkout(request: Request<CallBody<B>>) -> Live<B> {
         Live::Checkout { request, waiting: None }
     }
@@ -153,8 +151,8 @@ where
         }
     }
 
-    /// The error of a call whose deadline passed in state `live`, saying where the call was;
-    /// ends the call (its slot freed, its stream, if open, reset with `CANCEL`).
+    /// The error of a call whose deadline passed while it waited in `live`, saying where it
+    /// was; ends the call (its slot freed, its stream, if open, reset with `CANCEL`).
     fn expire(&self, live: Live<B>) -> Error {
         let timeout = self.deadline.as_ref().map(|d| d.timeout).unwrap_or_default();
         let situation = match &live {
@@ -176,13 +174,9 @@ where
         Error::deadline_exceeded(timeout, &situation)
     }
 
-    /// The head h2 sends for `parts` on `member`, with the time left of the call's deadline;
-    /// and a copy of it for another attempt, when one is allowed.
-    fn request_head(
-        &self,
-        member: &Member,
-        mut parts: http::request::Parts,
-    ) -> Result<(Request<()>, Option<Head>), Error> {
+    /// Readies the request head in `parts` for `member`: its full URI, and the time left of
+    /// the call's deadline. Returns a copy of it for another attempt, when one is allowed.
+    fn prepare_head(&self, member: &Member, parts: &mut http::request::Parts) -> Result<Option<Head>, Error> {
         let endpoint = &member.endpoint.endpoint;
         if let Some(deadline) = &self.deadline {
             // The server is told the time left now, after any wait or earlier attempt, as
@@ -203,34 +197,33 @@ where
         uri.scheme = Some(endpoint.scheme().clone());
         uri.authority = Some(endpoint.authority().clone());
         uri.path_and_query = Some(path.clone());
-        let uri =
+        parts.uri =
             Uri::from_parts(uri).map_err(|e| Error::request_body(&member.endpoint.label, Box::new(e)))?;
         // Kept only while another attempt is allowed: h2 consumes the head even when it
         // refuses to open the stream.
         let retry_allowed =
             matches!(self.target, Target::Pool) && self.attempts + 1 < self.pool.config.max_attempts;
-        let again = retry_allowed.then(|| Head {
+        Ok(retry_allowed.then(|| Head {
             method: parts.method.clone(),
             path,
             headers: parts.headers.iter().map(|(name, value)| (name.clone(), value.clone())).collect(),
-        });
-        let mut head = Request::new(());
-        *head.method_mut() = parts.method;
-        *head.uri_mut() = uri;
-        *head.version_mut() = Version::HTTP_2;
-        *head.headers_mut() = parts.headers;
-        Ok((head, again))
+        }))
     }
 
     /// Opens the stream on the slot's member and starts sending the body; queues the call
     /// again if the member could not open a stream and nothing was sent.
-    fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Step<B> {
+    fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Step {
         let member = slot.member().clone();
-        let (parts, body) = request.into_parts();
-        let (head, again) = match self.request_head(&member, parts) {
-            Ok(heads) => heads,
-            Err(error) => return Step::Ready(Err(error)),
+        let (mut parts, body) = request.into_parts();
+        let again = match self.prepare_head(&member, &mut parts) {
+            Ok(again) => again,
+            Err(error) => return Step::Break(Err(error)),
         };
+        let mut head = Request::new(());
+        *head.method_mut() = parts.method;
+        *head.uri_mut() = parts.uri;
+        *head.version_mut() = Version::HTTP_2;
+        *head.headers_mut() = parts.headers;
         let end_of_stream = body.is_end_stream();
         match member.sender().send_request(head, end_of_stream) {
             Ok((response, stream)) => {
@@ -246,7 +239,7 @@ where
                 let replay_limit = again.as_ref().map(|_| self.pool.config.replay_buffer_limit);
                 let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream, replay_limit)));
                 let sent_body = end_of_stream.then(Recording::default);
-                Step::Next(Live::Sending(Sending {
+                self.state = Some(Live::Sending(Sending {
                     slot,
                     response,
                     pump,
@@ -255,7 +248,8 @@ where
                     sent_body,
                     body_over_limit: false,
                     pump_stopped: false,
-                }))
+                }));
+                Step::Continue(())
             }
             Err(err) if err.is_go_away() || err.is_io() => {
                 // The connection is going away and never saw this request.
@@ -264,11 +258,11 @@ where
                 let error = Error::from_h2(&member.endpoint.label, err).mark_unprocessed();
                 match again {
                     Some(head) => self.again(RetryReason::NotSent, rebuild(head, body), error),
-                    None => Step::Ready(Err(self.not_retried(error, false, false))),
+                    None => Step::Break(Err(self.not_retried(error, false, false))),
                 }
             }
             Err(err) => {
-                Step::Ready(Err(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false)))
+                Step::Break(Err(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false)))
             }
         }
     }
@@ -298,15 +292,16 @@ where
     /// for another one; the error to return when no attempt is left. A member that failed
     /// its PING before use costs the call no attempt: the call never left, and the member
     /// is gone (a fresh one is never PINGed before use, so this cannot loop).
-    fn again(&mut self, reason: RetryReason, request: Request<CallBody<B>>, error: Error) -> Step<B> {
+    fn again(&mut self, reason: RetryReason, request: Request<CallBody<B>>, error: Error) -> Step {
         if reason != RetryReason::PingBeforeUse {
             self.attempts += 1;
         }
         if self.attempts >= self.pool.config.max_attempts {
-            return Step::Ready(Err(self.not_retried(error, false, false)));
+            return Step::Break(Err(self.not_retried(error, false, false)));
         }
         self.pool.count_retry(reason);
-        Step::Next(Live::checkout(request))
+        self.state = Some(Live::checkout(request));
+        Step::Continue(())
     }
 }
 
@@ -439,25 +434,61 @@ where
 
     /// Moves the call along its states (checkout, PING before use, sending) until it waits
     /// or ends; resends a call the server never processed.
+    ///
+    /// Each arm polls what its state waits for in place; once that is ready, it takes the
+    /// state out (the one the arm just matched, so the `else` of each `take` cannot run) and
+    /// hands it, by value, to the step that moves it on.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        const MATCHED: &str = "the state is the one this arm matched";
         let this = &mut *self;
-        // Taken out while it moves: each step owns its state and hands back the next.
-        let Some(mut live) = this.state.take() else {
-            panic!("ResponseFuture polled after it completed");
-        };
         loop {
-            live = match this.step(cx, live) {
-                Step::Next(next) => next,
-                Step::Pending(waiting) => {
-                    if this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
-                        return Poll::Ready(Err(this.expire(waiting)));
-                    }
-                    this.state = Some(waiting);
-                    return Poll::Pending;
+            let step = match this.state.as_mut() {
+                None => panic!("ResponseFuture polled after it completed"),
+                Some(Live::Checkout { waiting: None, .. }) => {
+                    let Some(Live::Checkout { request, .. }) = this.state.take() else {
+                        unreachable!("{MATCHED}")
+                    };
+                    this.checkout_now(request)
                 }
-                Step::Ready(result) => return Poll::Ready(result),
+                Some(Live::Checkout { waiting: Some(checkout), .. }) => {
+                    let Poll::Ready(result) = checkout.as_mut().poll(cx) else { break };
+                    let Some(Live::Checkout { request, .. }) = this.state.take() else {
+                        unreachable!("{MATCHED}")
+                    };
+                    match result {
+                        Ok(slot) => this.use_slot(slot, request),
+                        Err(error) => Step::Break(Err(error)),
+                    }
+                }
+                Some(Live::Verifying { check, .. }) => {
+                    let Poll::Ready(alive) = check.as_mut().poll(cx) else { break };
+                    let Some(Live::Verifying { slot, request, .. }) = this.state.take() else {
+                        unreachable!("{MATCHED}")
+                    };
+                    this.verified(slot, request, alive)
+                }
+                Some(Live::Sending(sending)) => {
+                    let Poll::Ready(head) = sending.poll_head(cx) else { break };
+                    let Some(Live::Sending(sending)) = this.state.take() else { unreachable!("{MATCHED}") };
+                    match head {
+                        Ok(Ok(response)) => this.answered(sending, response),
+                        Ok(Err(err)) => this.failed(sending, err),
+                        // Dropping `sending` resets the stream.
+                        Err(body_failed) => Step::Break(Err(body_failed)),
+                    }
+                }
             };
+            if let Step::Break(output) = step {
+                return Poll::Ready(output);
+            }
         }
+        // The call waits, its state in place: unless its deadline has passed.
+        if this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
+            // Every arm that breaks out of the loop above left its state in place.
+            let Some(live) = this.state.take() else { unreachable!("a waiting call has its state") };
+            return Poll::Ready(Err(this.expire(live)));
+        }
+        Poll::Pending
     }
 }
 
@@ -466,58 +497,37 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    fn step(&mut self, cx: &mut Context<'_>, live: Live<B>) -> Step<B> {
-        match live {
-            Live::Checkout { request, waiting } => self.poll_checkout(cx, request, waiting),
-            Live::Verifying { slot, request, check } => self.poll_verifying(cx, slot, request, check),
-            Live::Sending(sending) => self.poll_sending(cx, sending),
+    /// Takes a slot without waiting if there is one, else queues for one.
+    fn checkout_now(&mut self, request: Request<CallBody<B>>) -> Step {
+        match slot_now(&self.pool, &self.target, self.avoid.as_ref()) {
+            Ok(Some(slot)) => self.use_slot(slot, request),
+            Ok(None) => {
+                let wait = crate::checkout::CheckoutWait {
+                    wait_for_ready: self.wait_for_ready,
+                    has_deadline: self.deadline.is_some(),
+                };
+                let checkout = Box::pin(self.pool.clone().checkout_wait(wait));
+                self.state = Some(Live::Checkout { request, waiting: Some(checkout) });
+                Step::Continue(())
+            }
+            Err(error) => Step::Break(Err(error)),
         }
     }
 
-    /// Takes a slot, at once or from the queue, and PINGs its member first if it needs it.
-    fn poll_checkout(
-        &mut self,
-        cx: &mut Context<'_>,
-        request: Request<CallBody<B>>,
-        waiting: Option<Checkout>,
-    ) -> Step<B> {
-        let slot = match waiting {
-            Some(mut checkout) => match checkout.as_mut().poll(cx) {
-                Poll::Pending => return Step::Pending(Live::Checkout { request, waiting: Some(checkout) }),
-                Poll::Ready(Ok(slot)) => slot,
-                Poll::Ready(Err(error)) => return Step::Ready(Err(error)),
-            },
-            None => match slot_now(&self.pool, &self.target, self.avoid.as_ref()) {
-                Ok(Some(slot)) => slot,
-                Ok(None) => {
-                    let wait = crate::checkout::CheckoutWait {
-                        wait_for_ready: self.wait_for_ready,
-                        has_deadline: self.deadline.is_some(),
-                    };
-                    let checkout = Box::pin(self.pool.clone().checkout_wait(wait));
-                    return Step::Next(Live::Checkout { request, waiting: Some(checkout) });
-                }
-                Err(error) => return Step::Ready(Err(error)),
-            },
-        };
+    /// Sends on `slot`, after a PING of its member if it needs one.
+    fn use_slot(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Step {
         match needs_check(&self.pool, &self.target, &slot) {
-            Some(check) => Step::Next(Live::Verifying { slot, request, check }),
+            Some(check) => {
+                self.state = Some(Live::Verifying { slot, request, check });
+                Step::Continue(())
+            }
             None => self.start(slot, request),
         }
     }
 
-    /// Waits for the member's PING before use: sends on it if it answered, else queues the
+    /// The member's PING before use is over: sends on it if it answered, else queues the
     /// call for another member.
-    fn poll_verifying(
-        &mut self,
-        cx: &mut Context<'_>,
-        slot: Slot,
-        request: Request<CallBody<B>>,
-        mut check: Pin<Box<dyn Future<Output = bool> + Send>>,
-    ) -> Step<B> {
-        let Poll::Ready(alive) = check.as_mut().poll(cx) else {
-            return Step::Pending(Live::Verifying { slot, request, check });
-        };
+    fn verified(&mut self, slot: Slot, request: Request<CallBody<B>>, alive: bool) -> Step {
         if alive {
             return self.start(slot, request);
         }
@@ -529,20 +539,8 @@ where
         self.again(RetryReason::PingBeforeUse, request, error)
     }
 
-    /// Sends the request body and waits for the response head.
-    fn poll_sending(&mut self, cx: &mut Context<'_>, mut sending: Sending<B>) -> Step<B> {
-        if let Err(error) = sending.poll_pump(cx) {
-            return Step::Ready(Err(error));
-        }
-        match Pin::new(&mut sending.response).poll(cx) {
-            Poll::Pending => Step::Pending(Live::Sending(sending)),
-            Poll::Ready(Ok(response)) => self.answered(sending, response),
-            Poll::Ready(Err(err)) => self.failed(sending, err),
-        }
-    }
-
     /// The response head came: the call's result, its body carrying the slot.
-    fn answered(&mut self, sending: Sending<B>, response: http::Response<h2::RecvStream>) -> Step<B> {
+    fn answered(&mut self, sending: Sending<B>, response: http::Response<h2::RecvStream>) -> Step {
         let Sending { slot, response: head_future, pump, pump_stopped, .. } = sending;
         drop(head_future);
         // A trailers-only answer carries its status in the head; any other is judged by its
@@ -552,16 +550,16 @@ where
         // task of its own.
         let pump = match pump.filter(|_| !pump_stopped).map(spawn_pump).transpose() {
             Ok(pump) => pump,
-            Err(error) => return Step::Ready(Err(error)),
+            Err(error) => return Step::Break(Err(error)),
         };
         let pool_call = matches!(self.target, Target::Pool);
         let deadline = self.deadline.take();
-        Step::Ready(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline))))
+        Step::Break(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline))))
     }
 
     /// The stream failed before its response head: resent on another member if the server
     /// never processed it and the whole body is at hand, else the call's error.
-    fn failed(&mut self, sending: Sending<B>, err: h2::Error) -> Step<B> {
+    fn failed(&mut self, sending: Sending<B>, err: h2::Error) -> Step {
         let Sending { slot, response, pump, stream_id, head, sent_body, body_over_limit, .. } = sending;
         drop(response);
         // Why a replay may be impossible, for the error: with no head kept, the attempts are
@@ -596,18 +594,30 @@ where
                     RetryReason::GoAway
                 });
                 tracing::debug!(pool = %self.pool.name(), error = %error, "resending a call the server never processed");
-                Step::Next(Live::checkout(rebuild(head, body)))
+                self.state = Some(Live::checkout(rebuild(head, body)));
+                Step::Continue(())
             }
-            _ => Step::Ready(Err(self.not_retried(error, over_limit, body_not_whole))),
+            _ => Step::Break(Err(self.not_retried(error, over_limit, body_not_whole))),
         }
     }
 }
+
+/// The response head, or how the stream failed before it; `Err` if the request body failed.
+type HeadResult = Result<Result<http::Response<h2::RecvStream>, h2::Error>, Error>;
 
 impl<B> Sending<B>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    /// Sends more of the request body and looks for the response head.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<HeadResult> {
+        if let Err(error) = self.poll_pump(cx) {
+            return Poll::Ready(Err(error));
+        }
+        Pin::new(&mut self.response).poll(cx).map(Ok)
+    }
+
     /// Sends more of the request body, unless it went out whole or its stream failed (then
     /// the response says why); an error only if the body itself failed.
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
