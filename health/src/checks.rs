@@ -1,6 +1,8 @@
 //! `grpc.health.v1.Health` calls: endpoint checks (`Check`, `Watch`) and connection probes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use grpc_pool_core::call::{EndpointChannel, MemberChannel};
 use tonic::Code;

@@ -9,10 +9,8 @@
 //! is put back for the next such moment; busy members just move their entry along. PINGs in
 //! flight are futures polled by the same task, not tasks of their own.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::future::{poll_fn, Future};
-use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -97,19 +95,14 @@ struct EndpointHealth {
     poll_only: bool,
 }
 
-/// A number in `[-1, 1)`, different for each `salt` and each call.
-fn symmetric_unit(state: &RandomState, salt: u64) -> f64 {
-    let mut hasher = state.build_hasher();
-    hasher.write_u64(salt);
-    hasher.write_u128(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
-    );
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+/// A uniformly distributed number in `[-1, 1)`, for symmetric jitter.
+fn symmetric_unit() -> f64 {
+    fastrand::f64() * 2.0 - 1.0
 }
 
-/// `interval` spread by +/-10%, differently for each `salt` and each call.
-fn jittered(interval: Duration, state: &RandomState, salt: u64) -> Duration {
-    interval.mul_f64(1.0 + 0.1 * symmetric_unit(state, salt))
+/// `interval` spread by +/-10%, differently on each call.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(1.0 + 0.1 * symmetric_unit())
 }
 
 /// `at`, rounded up to the next multiple of [`BATCH`] since `epoch`: members due within one
@@ -239,7 +232,6 @@ struct Task {
     /// The member each endpoint last drained for its lifetime, when, and how many of the
     /// endpoint's members were ready then.
     lifetime_drain: HashMap<Endpoint, (MemberHandle, Instant, usize)>,
-    jitter: RandomState,
     /// The grid [`BATCH`] rounds to.
     epoch: Instant,
     /// Probes started so far; numbers them, so that a late answer is not taken for the
@@ -289,7 +281,6 @@ impl Task {
             ping_limited: HashSet::new(),
             keepalive_time: HashMap::new(),
             lifetime_drain: HashMap::new(),
-            jitter: RandomState::new(),
             epoch: Instant::now(),
             probes_started: 0,
             ping_metrics: HashMap::new(),
@@ -369,12 +360,11 @@ impl Task {
         if self.members.contains_key(&id) || member.state() == MemberState::Closed {
             return;
         }
-        let lifetime = self.config.eviction.max_lifetime.map(|lifetime| jittered(lifetime, &self.jitter, id));
+        let lifetime = self.config.eviction.max_lifetime.map(jittered);
         self.by_endpoint.entry(member.endpoint().clone()).or_default().insert(id);
         let key = Some(self.queue.insert(Due::Member(id), MIN_RECHECK));
-        let first_ping_after = self
-            .keepalive_time(member.endpoint())
-            .map(|time| time.mul_f64(0.75 + 0.25 * symmetric_unit(&self.jitter, id)));
+        let first_ping_after =
+            self.keepalive_time(member.endpoint()).map(|time| time.mul_f64(0.75 + 0.25 * symmetric_unit()));
         self.members.insert(
             id,
             Tracked {
@@ -474,9 +464,9 @@ impl Task {
         let after = if recheck {
             Duration::ZERO
         } else if health.healthy {
-            jittered(checks.interval, &self.jitter, id)
+            jittered(checks.interval)
         } else {
-            jittered(checks.unhealthy_interval.min(checks.interval), &self.jitter, id)
+            jittered(checks.unhealthy_interval.min(checks.interval))
         };
         self.schedule_check(id, after);
     }

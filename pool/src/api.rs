@@ -77,7 +77,7 @@ impl Pool {
     /// ends keeps `close` waiting: bound it with `tokio::time::timeout` if that can happen.
     pub async fn close(&self) {
         self.inner().close();
-        self.inner().live.all_closed().await;
+        self.inner().live.wait().await;
     }
 
     /// The pool's events from now on: connections opened and closed, endpoints added,
@@ -174,7 +174,7 @@ impl Pool {
                     last_connect_error: locked.last_error.clone(),
                     ejected_for: locked
                         .ejected_until
-                        .map(|until| until.saturating_duration_since(std::time::Instant::now())),
+                        .map(|until| until.saturating_duration_since(tokio::time::Instant::now())),
                 }
             })
             .collect();
@@ -183,7 +183,7 @@ impl Pool {
             name: inner.name().to_owned(),
             endpoints,
             waiters: inner.waiters.len(),
-            open_connections: inner.live.count(),
+            open_connections: inner.live.len(),
             closed: inner.is_closed(),
             statistics: Statistics {
                 checkouts_direct: s.checkouts_direct.load(Ordering::Relaxed),

@@ -14,8 +14,13 @@ pub(crate) fn delay(config: &BackoffConfig, failures: u32) -> Duration {
     let exponent = (failures - 1).min(64) as i32;
     let raw = config.base.as_secs_f64() * config.multiplier.powi(exponent);
     let capped = raw.min(config.max.as_secs_f64());
-    let jittered = capped * (1.0 + config.jitter * crate::rand::symmetric_unit());
+    let jittered = capped * (1.0 + config.jitter * symmetric_unit());
     Duration::from_secs_f64(jittered.max(0.0))
+}
+
+/// A uniformly distributed number in `[-1, 1)`.
+fn symmetric_unit() -> f64 {
+    fastrand::f64() * 2.0 - 1.0
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::inner::PoolInner;
@@ -34,8 +36,8 @@ impl PoolInner {
             0 => return None,
             1 => 0,
             _ => {
-                let a = crate::rand::below(n);
-                let mut b = crate::rand::below(n - 1);
+                let a = fastrand::usize(..n);
+                let mut b = fastrand::usize(..n - 1);
                 if b >= a {
                     b += 1;
                 }
@@ -53,7 +55,7 @@ impl PoolInner {
         }
         // The chosen one is full: the others, from a random place so no endpoint is always
         // the first fallback.
-        let offset = crate::rand::below(n);
+        let offset = fastrand::usize(..n);
         (0..n)
             .map(|i| (offset + i) % n)
             .filter(|i| *i != first && usable(*i))
@@ -102,7 +104,7 @@ impl PoolInner {
         if n == 0 {
             return None;
         }
-        let offset = crate::rand::below(n);
+        let offset = fastrand::usize(..n);
         (0..n)
             .map(|i| &endpoints[(offset + i) % n])
             .filter(|e| e.is_routable() && !Arc::ptr_eq(&e.shared, avoid))

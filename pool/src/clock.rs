@@ -1,49 +1,68 @@
-//! A cheap monotonic clock for the timestamps taken on every read and every checkout.
+//! The timestamps taken on every read of a connection and every checkout, on tokio's clock.
 //!
-//! `Instant::now()` plus the subtraction that turns it into a duration costs ~150
-//! instructions, and a unary call took three of them (the checkout's "last used" stamp and
-//! one "last read" stamp per read of the socket): about 1% of the whole call. Those stamps
-//! only ever answer "quiet for how long", in keepalive times and idle timeouts that are
-//! milliseconds at the least, so on Linux they read `CLOCK_MONOTONIC_COARSE`, which returns
-//! the kernel's last tick (1-4 ms resolution) without reading the hardware counter.
+//! The pool and the health task read one clock, `tokio::time::Instant`, so that a test on
+//! tokio's paused clock (`tokio::time::advance`) moves every age, idle time, backoff and
+//! deadline together. Outside such tests it is the standard monotonic clock.
+//!
+//! These stamps are written from the hot path by whoever reads the socket or takes a slot,
+//! and read by the health task, so they are kept lock-free: nanoseconds since a base
+//! `Instant` in an `AtomicU64` (enough for 584 years).
 
-/// Nanoseconds on a monotonic clock with a resolution of a few milliseconds. Only
-/// differences between two readings mean anything.
-#[cfg(target_os = "linux")]
-pub(crate) fn coarse_now_nanos() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `now` is a valid, writable timespec, and CLOCK_MONOTONIC_COARSE exists on
-    // every Linux since 2.6.32; the call cannot fail with these arguments.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    (now.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(now.tv_nsec as u64)
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A moment that can be moved to "now" from any thread without a lock.
+#[derive(Debug)]
+pub(crate) struct AtomicInstant {
+    base: Instant,
+    /// The moment, in nanoseconds since `base`.
+    since_base: AtomicU64,
 }
 
-/// Nanoseconds on a monotonic clock. Only differences between two readings mean anything.
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn coarse_now_nanos() -> u64 {
-    use std::sync::OnceLock;
-    use std::time::Instant;
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
+impl AtomicInstant {
+    /// A stamp that reads now.
+    pub(crate) fn now() -> AtomicInstant {
+        AtomicInstant { base: Instant::now(), since_base: AtomicU64::new(0) }
+    }
 
-/// Time from the reading `earlier` to now; zero if the clock reads behind it.
-pub(crate) fn since(earlier: u64) -> std::time::Duration {
-    std::time::Duration::from_nanos(coarse_now_nanos().saturating_sub(earlier))
+    fn nanos_now(&self) -> u64 {
+        Instant::now().saturating_duration_since(self.base).as_nanos() as u64
+    }
+
+    /// Moves the stamp to now.
+    pub(crate) fn set_now(&self) {
+        self.since_base.store(self.nanos_now(), Ordering::Relaxed);
+    }
+
+    /// Moves the stamp to now; returns the time since the moment it held before.
+    pub(crate) fn swap_now(&self) -> Duration {
+        let now = self.nanos_now();
+        let before = self.since_base.swap(now, Ordering::Relaxed);
+        Duration::from_nanos(now.saturating_sub(before))
+    }
+
+    /// Time since the stamp's moment; zero if another thread moved it past this reading.
+    pub(crate) fn elapsed(&self) -> Duration {
+        Duration::from_nanos(self.nanos_now().saturating_sub(self.since_base.load(Ordering::Relaxed)))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn readings_do_not_go_backwards_and_follow_real_time() {
-        let first = coarse_now_nanos();
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        let second = coarse_now_nanos();
-        assert!(second >= first);
-        // The coarse clock lags by at most a tick (4 ms at HZ=250; 10 ms at HZ=100).
-        let elapsed = std::time::Duration::from_nanos(second - first);
-        assert!(elapsed >= std::time::Duration::from_millis(20), "{elapsed:?}");
+    #[tokio::test(start_paused = true)]
+    async fn follows_tokio_time() {
+        let stamp = AtomicInstant::now();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(stamp.elapsed(), Duration::from_secs(3));
+        assert_eq!(stamp.swap_now(), Duration::from_secs(3));
+        assert_eq!(stamp.elapsed(), Duration::ZERO);
+        tokio::time::advance(Duration::from_millis(20)).await;
+        stamp.set_now();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert_eq!(stamp.elapsed(), Duration::from_millis(5));
     }
 }

@@ -4,7 +4,11 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::backoff;
 use crate::driver::drive;
@@ -36,23 +40,6 @@ impl Drop for ConnectingGuard {
 /// still wanted, so that a retry nobody needs any more is dropped rather than made.
 pub(crate) const BACKOFF_RECHECK: Duration = Duration::from_millis(250);
 
-/// Aborts a spawned task when dropped, unless disarmed.
-pub(crate) struct AbortOnDrop(Option<tokio::task::AbortHandle>);
-
-impl AbortOnDrop {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(handle) = self.0.take() {
-            handle.abort();
-        }
-    }
-}
-
 /// The stream id of a member's last stream before it retires: client stream ids are odd, so
 /// stream number `n` has id `2n - 1`.
 pub(crate) fn retire_at_stream_id(max_streams: Option<u64>) -> u32 {
@@ -67,7 +54,7 @@ pub(crate) const SHORT_LIFE: Duration = Duration::from_secs(1);
 impl PoolInner {
     /// Keeps `min_connections` per endpoint, counting connects under way.
     pub(crate) fn replenish(self: &Arc<Self>, entry: &Arc<EndpointEntry>) {
-        if self.is_closed() || self.shutdown.is_triggered() || entry.is_removed() {
+        if self.is_closed() || self.shutdown.is_cancelled() || entry.is_removed() {
             return;
         }
         let missing = {
@@ -97,11 +84,11 @@ impl PoolInner {
         tokio::spawn(async move {
             // Counted out however the task ends: done, cancelled by shutdown, or panicked.
             let mut guard = ConnectingGuard { entry: entry.clone(), retrier: false };
-            let shutdown = pool.shutdown.clone();
-            let listed = tokio::select! {
-                listed = pool.connect_loop(&entry, &mut guard) => listed,
-                _ = shutdown.triggered() => false,
-            };
+            let listed = pool
+                .shutdown
+                .run_until_cancelled(pool.connect_loop(&entry, &mut guard))
+                .await
+                .unwrap_or(false);
             let retried = guard.retrier;
             drop(guard);
             if listed && retried {
@@ -172,7 +159,7 @@ impl PoolInner {
     pub(crate) async fn wait_backoff(&self, entry: &EndpointEntry, wait: Duration) -> bool {
         // A little spread of its own, so that pools started together do not reconnect in
         // lockstep.
-        let spread = wait.mul_f64(0.1 * (crate::rand::symmetric_unit() + 1.0) / 2.0);
+        let spread = wait.mul_f64(0.1 * fastrand::f64());
         let until = tokio::time::Instant::now() + wait + spread;
         loop {
             let now = tokio::time::Instant::now();
@@ -222,16 +209,16 @@ impl PoolInner {
                 self.config.max_concurrent_streams,
                 retire_at_stream_id(self.config.max_streams_per_connection),
             ));
-            let driver = tokio::spawn(drive(
+            // Tracked in `live` for as long as it runs; aborted if the handshake fails or
+            // times out before the member is handed over.
+            let driver = AbortOnDropHandle::new(self.live.spawn(drive(
                 hs.connection,
                 hs.signals.clone(),
                 Arc::downgrade(&member),
                 Arc::downgrade(self),
-                self.live.clone(),
                 entry.shared.clone(),
-            ));
+            )));
             member.set_driver(driver.abort_handle());
-            let abort = AbortOnDrop(Some(driver.abort_handle()));
             if !hs.signals.settings_or_closed().await {
                 let what = match hs.signals.close_error() {
                     Some(error) => format!("the connection failed before the server's HTTP/2 SETTINGS: {error}"),
@@ -240,7 +227,8 @@ impl PoolInner {
                 };
                 return Err(Error::connect(entry.label(), &what, None));
             }
-            abort.disarm();
+            // The member owns the connection now (it aborts the task itself when killed).
+            drop(driver.detach());
             Ok(member)
         };
         let result = match tokio::time::timeout(

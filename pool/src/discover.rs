@@ -25,7 +25,7 @@ where
     loop {
         let change = tokio::select! {
             change = poll_fn(|cx| discover.as_mut().poll_discover(cx)) => change,
-            _ = shutdown.triggered() => return,
+            _ = shutdown.cancelled() => return,
         };
         let Some(pool) = pool.upgrade() else { return };
         match change {

@@ -13,7 +13,6 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Weak;
 
-use crate::inner::LiveConnections;
 use crate::proto::h2::client::Connection;
 use crate::proto::h2::frames::ConnSignals;
 
@@ -41,10 +40,8 @@ pub(crate) async fn drive(
     signals: Arc<ConnSignals>,
     member: Weak<Member>,
     pool: Weak<PoolInner>,
-    live: Arc<LiveConnections>,
     endpoint: Arc<EndpointShared>,
 ) {
-    let _live = live.enter();
     let _open = OpenConnection::enter(endpoint);
     let mut goaway_reported = false;
     let result = poll_fn(|cx| {

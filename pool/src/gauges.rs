@@ -40,7 +40,7 @@ impl PoolInner {
             loop {
                 tokio::select! {
                     _ = ticks.tick() => {}
-                    _ = shutdown.triggered() => return,
+                    _ = shutdown.cancelled() => return,
                 }
                 match pool.upgrade() {
                     Some(pool) => pool.sample_gauges(),

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::RetryReason;
 use crate::config::Config;
@@ -44,60 +46,6 @@ pub(crate) struct HotMetrics {
     pub(crate) checkouts_direct: metrics::Counter,
 }
 
-/// Tells background tasks that the pool is gone.
-#[derive(Debug, Default)]
-pub(crate) struct Shutdown {
-    flag: AtomicBool,
-    notify: Notify,
-}
-
-impl Shutdown {
-    pub(crate) fn is_triggered(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn trigger(&self) {
-        self.flag.store(true, Ordering::Release);
-        self.notify.notify_waiters();
-    }
-
-    pub(crate) async fn triggered(&self) {
-        crate::notify::until(&self.notify, || self.is_triggered()).await
-    }
-}
-
-/// Counts live connection driver tasks, so that `close()` can wait for the last one.
-#[derive(Debug, Default)]
-pub(crate) struct LiveConnections {
-    count: AtomicUsize,
-    zero: Notify,
-}
-
-impl LiveConnections {
-    pub(crate) fn enter(self: &Arc<Self>) -> LiveGuard {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        LiveGuard(self.clone())
-    }
-
-    pub(crate) fn count(&self) -> usize {
-        self.count.load(Ordering::Acquire)
-    }
-
-    pub(crate) async fn all_closed(&self) {
-        crate::notify::until(&self.zero, || self.count() == 0).await
-    }
-}
-
-pub(crate) struct LiveGuard(Arc<LiveConnections>);
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.zero.notify_waiters();
-        }
-    }
-}
-
 pub(crate) struct PoolInner {
     pub(crate) config: Config,
     /// The endpoints now, replaced whole when one is added or removed; checkouts read it
@@ -112,8 +60,11 @@ pub(crate) struct PoolInner {
     pub(crate) tls: std::sync::OnceLock<Arc<crate::proto::tls::Tls>>,
     pub(crate) waiters: Arc<WaitQueue>,
     pub(crate) stats: Stats,
-    pub(crate) shutdown: Arc<Shutdown>,
-    pub(crate) live: Arc<LiveConnections>,
+    /// Cancelled when the pool closes: its background tasks end.
+    pub(crate) shutdown: CancellationToken,
+    /// The connections' driver tasks, counted while they run (`State::open_connections`);
+    /// closed with the pool, so that `Pool::close` can wait for the last one.
+    pub(crate) live: TaskTracker,
     pub(crate) closed: AtomicBool,
     /// Endpoints marked unhealthy now.
     pub(crate) unhealthy: AtomicUsize,
@@ -147,8 +98,8 @@ impl PoolInner {
             config,
             waiters: Arc::new(WaitQueue::default()),
             stats: Stats::default(),
-            shutdown: Arc::new(Shutdown::default()),
-            live: Arc::new(LiveConnections::default()),
+            shutdown: CancellationToken::new(),
+            live: TaskTracker::new(),
             closed: AtomicBool::new(false),
             unhealthy: AtomicUsize::new(0),
             next_member_id: AtomicU64::new(1),
@@ -386,12 +337,13 @@ impl PoolInner {
     // ----- shutdown -----
 
     /// Stops taking calls; every member drains (in-flight streams finish). Returns at once;
-    /// `live.all_closed()` tells when the last connection is gone.
+    /// `live.wait()` tells when the last connection is gone.
     pub(crate) fn close(self: &Arc<Self>) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.shutdown.trigger();
+        self.shutdown.cancel();
+        self.live.close();
         // The name is free for another pool from now on.
         drop(self.name_claim.lock().unwrap_or_else(|e| e.into_inner()).take());
         let name = self.config.name.clone();

@@ -7,10 +7,10 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, Semaphore};
+use tokio::time::Instant;
 
 use crate::endpoint::Endpoint;
 use crate::error::Error;

@@ -38,7 +38,6 @@ pub mod monitor;
 mod notify;
 mod outlier;
 mod proto;
-mod rand;
 mod routing;
 
 pub use api::{Builder, EndpointState, MemberSnapshot, Pool, RetryReason, State, Statistics};

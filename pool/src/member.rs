@@ -1,12 +1,14 @@
 //! A member: one HTTP/2 connection of the pool, its state and its stream slots.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
+use crate::clock::AtomicInstant;
 use crate::internals::{EndpointShared, WaitQueue};
 use crate::proto::h2::frames::ConnSignals;
 use crate::proto::h2::ping::Pinger;
@@ -145,8 +147,8 @@ pub(crate) struct Member {
     /// The stream id at which it retires (`max_streams_per_connection`, or the id space).
     pub(crate) retire_at_stream_id: u32,
     created: Instant,
-    /// When a stream last started (a `clock::coarse_now_nanos` reading).
-    last_used: AtomicU64,
+    /// When a stream last started.
+    last_used: AtomicInstant,
 }
 
 impl Member {
@@ -177,7 +179,7 @@ impl Member {
             cap,
             retire_at_stream_id,
             created: Instant::now(),
-            last_used: AtomicU64::new(crate::clock::coarse_now_nanos()),
+            last_used: AtomicInstant::now(),
         }
     }
 
@@ -217,7 +219,7 @@ impl Member {
     }
 
     pub(crate) fn idle(&self) -> Duration {
-        crate::clock::since(self.last_used.load(Ordering::Relaxed))
+        self.last_used.elapsed()
     }
 
     pub(crate) fn set_driver(&self, driver: tokio::task::AbortHandle) {
@@ -285,9 +287,7 @@ impl Member {
             }
         }
         self.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        let now = crate::clock::coarse_now_nanos();
-        let before = self.last_used.swap(now, Ordering::Relaxed);
-        let unused_for = Duration::from_nanos(now.saturating_sub(before));
+        let unused_for = self.last_used.swap_now();
         Some(Slot { member: self.clone(), serve_waiters: true, unused_for })
     }
 
@@ -377,5 +377,51 @@ impl Drop for Slot {
 impl fmt::Debug for Slot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Slot").field("member", &self.member.id).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::Endpoint;
+    use crate::internals::EndpointEntry;
+
+    /// A member over an in-memory pipe that no server answers: enough for its clocks and
+    /// slots. The pipe's other end and the connection are returned to keep them open.
+    async fn unanswered_member() -> (Arc<Member>, impl Sized) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (send, connection) = h2::client::handshake(client).await.expect("h2 client preface");
+        let entry = EndpointEntry::new(Endpoint::parse("http://127.0.0.1:1").unwrap(), 1, None);
+        let member = Member::new(
+            1,
+            entry.shared.clone(),
+            send,
+            Arc::new(ConnSignals::new()),
+            Pinger::new(None),
+            Arc::default(),
+            10,
+            u32::MAX,
+        );
+        (Arc::new(member), (server, connection, entry))
+    }
+
+    /// Every timestamp a member keeps is on tokio's clock, so that the health task's rules
+    /// (idle, lifetime, keepalive) can be tested on a paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn age_idle_and_quiet_time_follow_tokio_time() {
+        let (member, _keep) = unanswered_member().await;
+        assert!(member.set_ready());
+        tokio::time::advance(Duration::from_secs(7)).await;
+        assert_eq!(member.age(), Duration::from_secs(7));
+        assert_eq!(member.idle(), Duration::from_secs(7));
+        assert_eq!(member.signals.since_last_read(), Duration::from_secs(7));
+
+        let slot = member.try_acquire().expect("a free slot");
+        assert_eq!(slot.unused_for, Duration::from_secs(7));
+        assert_eq!(member.idle(), Duration::ZERO);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(member.idle(), Duration::from_millis(1500));
+        assert_eq!(member.age(), Duration::from_millis(8500));
+        assert_eq!(member.signals.since_last_read(), Duration::from_millis(8500));
     }
 }

@@ -98,12 +98,12 @@ impl PoolMonitor {
 
     /// Whether the pool was closed (or its last handle dropped).
     pub fn is_closed(&self) -> bool {
-        self.inner.shutdown.is_triggered()
+        self.inner.shutdown.is_cancelled()
     }
 
     /// Resolves when the pool is closed (or its last handle dropped).
     pub async fn closed(&self) {
-        self.inner.shutdown.triggered().await
+        self.inner.shutdown.cancelled().await
     }
 }
 

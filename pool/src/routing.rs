@@ -3,7 +3,8 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+
+use tokio::time::Instant;
 
 use crate::config::AllUnhealthy;
 use crate::endpoint::Endpoint;
@@ -66,9 +67,8 @@ impl PoolInner {
         let (pool, entry) = (Arc::downgrade(self), Arc::downgrade(entry));
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(duration) => {}
-                _ = shutdown.triggered() => return,
+            if shutdown.run_until_cancelled_owned(tokio::time::sleep(duration)).await.is_none() {
+                return;
             }
             if let (Some(pool), Some(entry)) = (pool.upgrade(), entry.upgrade()) {
                 pool.end_ejection(&entry);

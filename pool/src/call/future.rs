@@ -1,8 +1,9 @@
 use std::fmt;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -27,12 +28,15 @@ type Checkout = Pin<Box<dyn Future<Output = Result<Slot, Error>> + Send>>;
 
 /// The future of [`Pool::call`](tower_service::Service::call): a stream slot, then the
 /// response head.
+///
+/// Like most futures, it panics if polled again after it returned `Ready`.
 pub struct ResponseFuture<B> {
     pool: Arc<PoolInner>,
     target: Target,
     /// On a resend: the endpoint that refused or lost the call, tried last.
     avoid: Option<Arc<EndpointShared>>,
-    state: State<B>,
+    /// Where the call is; `None` once it has ended (its output returned).
+    state: Option<Live<B>>,
     /// Attempts made so far, the current one included once it has started.
     attempts: u32,
     /// When the call must be over, if it has a deadline; handed to the response body.
@@ -64,45 +68,56 @@ struct Head {
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-enum State<B> {
+/// Where a call that has not ended is. Each state owns what it needs, so every step has its
+/// slot, request and stream at hand rather than in an `Option` it must hope is filled. A
+/// waiting state is polled where it is, and taken out of the future only to move on: a call
+/// that waits does not copy its state around.
+enum Live<B> {
     Checkout {
-        request: Option<Request<CallBody<B>>>,
+        request: Request<CallBody<B>>,
+        /// The queued checkout, once the fast path found no slot.
         waiting: Option<Checkout>,
     },
     /// PINGing the slot's member before use (or waiting for another call's PING of it).
     Verifying {
-        slot: Option<Slot>,
-        request: Option<Request<CallBody<B>>>,
+        slot: Slot,
+        request: Request<CallBody<B>>,
         check: Pin<Box<dyn Future<Output = bool> + Send>>,
     },
-    Sending {
-        slot: Option<Slot>,
-        response: h2::client::ResponseFuture,
-        pump: Option<Pin<Box<Pump<CallBody<B>>>>>,
-        stream_id: u32,
-        /// For a replay, while one is possible: the head, and the body once it has gone out
-        /// whole (`None` until then; an empty body counts as whole from the start).
-        head: Option<Head>,
-        sent_body: Option<Recording>,
-        /// The body went past the replay limit, so no replay is possible.
-        body_over_limit: bool,
-        /// The pump stopped because its stream failed; it is kept, unpolled, for what it
-        /// had not sent yet.
-        pump_stopped: bool,
-    },
-    Done,
+    Sending(Sending<B>),
+}
+
+/// A stream open on a member: the request body going out, the response head awaited.
+struct Sending<B> {
+    slot: Slot,
+    response: h2::client::ResponseFuture,
+    pump: Option<Pin<Box<Pump<CallBody<B>>>>>,
+    stream_id: u32,
+    /// For a replay, while one is possible: the head, and the body once it has gone out
+    /// whole (`None` until then; an empty body counts as whole from the start).
+    head: Option<Head>,
+    sent_body: Option<Recording>,
+    /// The body went past the replay limit, so no replay is possible.
+    body_over_limit: bool,
+    /// The pump stopped because its stream failed; it is kept, unpolled, for what it had
+    /// not sent yet.
+    pump_stopped: bool,
+}
+
+/// What moving a call on came to: `Continue` once its next state is in place (to be polled
+/// at once), `Break` with its output when it ended.
+type Step = ControlFlow<Result<http::Response<ResponseBody>, Error>>;
+
+impl<B> Live<B> {
+    /// The first state of a call, and of each resend.
+    fn checkout(request: Request<CallBody<B>>) -> Live<B> {
+        Live::Checkout { request, waiting: None }
+    }
 }
 
 // The request body is never pinned in place: it is moved into a boxed pump before it is
 // polled, so the future itself may move freely.
 impl<B> Unpin for ResponseFuture<B> {}
-
-/// What a send attempt came to.
-enum Started<B> {
-    Sent(State<B>),
-    /// The member could not open a stream and nothing was sent; the request comes back.
-    Again(Request<CallBody<B>>, Error),
-}
 
 impl<B> ResponseFuture<B>
 where
@@ -129,44 +144,40 @@ where
             pool,
             target,
             avoid: None,
-            state: State::Checkout { request: Some(request.map(CallBody::original)), waiting: None },
+            state: Some(Live::checkout(request.map(CallBody::original))),
             attempts: 0,
             deadline: timeout.map(Deadline::after),
             wait_for_ready,
         }
     }
 
-    /// The error of a call whose deadline passed, saying where the call was; ends the call
-    /// (its slot freed, its stream, if open, reset with `CANCEL`).
-    fn expire(&mut self) -> Error {
+    /// The error of a call whose deadline passed while it waited in `live`, saying where it
+    /// was; ends the call (its slot freed, its stream, if open, reset with `CANCEL`).
+    fn expire(&self, live: Live<B>) -> Error {
         let timeout = self.deadline.as_ref().map(|d| d.timeout).unwrap_or_default();
-        let situation = match &self.state {
-            State::Checkout { .. } => {
+        let situation = match &live {
+            Live::Checkout { .. } => {
                 format!(
                     "waiting for a stream slot in pool `{}`: {}",
                     self.pool.name(),
                     self.pool.busy_summary()
                 )
             }
-            State::Verifying { slot, .. } => format!(
-                "while PINGing the connection to {} before use",
-                slot.as_ref().map(|s| s.member().endpoint.label.as_str()).unwrap_or("the endpoint")
-            ),
-            State::Sending { slot, .. } => format!(
-                "waiting for the response head from {}",
-                slot.as_ref().map(|s| s.member().endpoint.label.as_str()).unwrap_or("the endpoint")
-            ),
-            State::Done => "after the call ended".to_owned(),
+            Live::Verifying { slot, .. } => {
+                format!("while PINGing the connection to {} before use", slot.member().endpoint.label)
+            }
+            Live::Sending(sending) => {
+                format!("waiting for the response head from {}", sending.slot.member().endpoint.label)
+            }
         };
-        self.state = State::Done;
+        drop(live);
         Error::deadline_exceeded(timeout, &situation)
     }
 
-    /// Opens the stream on the slot's member and starts sending the body.
-    fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Result<Started<B>, Error> {
-        let member = slot.member().clone();
+    /// Readies the request head in `parts` for `member`: its full URI, and the time left of
+    /// the call's deadline. Returns a copy of it for another attempt, when one is allowed.
+    fn prepare_head(&self, member: &Member, parts: &mut http::request::Parts) -> Result<Option<Head>, Error> {
         let endpoint = &member.endpoint.endpoint;
-        let (mut parts, body) = request.into_parts();
         if let Some(deadline) = &self.deadline {
             // The server is told the time left now, after any wait or earlier attempt, as
             // grpc-go does; none left, and the call does not go out at all.
@@ -186,20 +197,31 @@ where
         uri.scheme = Some(endpoint.scheme().clone());
         uri.authority = Some(endpoint.authority().clone());
         uri.path_and_query = Some(path.clone());
-        let uri =
+        parts.uri =
             Uri::from_parts(uri).map_err(|e| Error::request_body(&member.endpoint.label, Box::new(e)))?;
         // Kept only while another attempt is allowed: h2 consumes the head even when it
         // refuses to open the stream.
         let retry_allowed =
             matches!(self.target, Target::Pool) && self.attempts + 1 < self.pool.config.max_attempts;
-        let again = retry_allowed.then(|| Head {
+        Ok(retry_allowed.then(|| Head {
             method: parts.method.clone(),
             path,
             headers: parts.headers.iter().map(|(name, value)| (name.clone(), value.clone())).collect(),
-        });
+        }))
+    }
+
+    /// Opens the stream on the slot's member and starts sending the body; queues the call
+    /// again if the member could not open a stream and nothing was sent.
+    fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Step {
+        let member = slot.member().clone();
+        let (mut parts, body) = request.into_parts();
+        let again = match self.prepare_head(&member, &mut parts) {
+            Ok(again) => again,
+            Err(error) => return Step::Break(Err(error)),
+        };
         let mut head = Request::new(());
         *head.method_mut() = parts.method;
-        *head.uri_mut() = uri;
+        *head.uri_mut() = parts.uri;
         *head.version_mut() = Version::HTTP_2;
         *head.headers_mut() = parts.headers;
         let end_of_stream = body.is_end_stream();
@@ -217,8 +239,8 @@ where
                 let replay_limit = again.as_ref().map(|_| self.pool.config.replay_buffer_limit);
                 let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream, replay_limit)));
                 let sent_body = end_of_stream.then(Recording::default);
-                Ok(Started::Sent(State::Sending {
-                    slot: Some(slot),
+                self.state = Some(Live::Sending(Sending {
+                    slot,
                     response,
                     pump,
                     stream_id,
@@ -226,7 +248,8 @@ where
                     sent_body,
                     body_over_limit: false,
                     pump_stopped: false,
-                }))
+                }));
+                Step::Continue(())
             }
             Err(err) if err.is_go_away() || err.is_io() => {
                 // The connection is going away and never saw this request.
@@ -234,11 +257,13 @@ where
                 drop(slot);
                 let error = Error::from_h2(&member.endpoint.label, err).mark_unprocessed();
                 match again {
-                    Some(head) => Ok(Started::Again(rebuild(head, body), error)),
-                    None => Err(self.not_retried(error, false, false)),
+                    Some(head) => self.again(RetryReason::NotSent, rebuild(head, body), error),
+                    None => Step::Break(Err(self.not_retried(error, false, false))),
                 }
             }
-            Err(err) => Err(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false)),
+            Err(err) => {
+                Step::Break(Err(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false)))
+            }
         }
     }
 
@@ -267,22 +292,16 @@ where
     /// for another one; the error to return when no attempt is left. A member that failed
     /// its PING before use costs the call no attempt: the call never left, and the member
     /// is gone (a fresh one is never PINGed before use, so this cannot loop).
-    fn again(
-        &mut self,
-        reason: RetryReason,
-        request: Request<CallBody<B>>,
-        error: Error,
-    ) -> Result<(), Error> {
+    fn again(&mut self, reason: RetryReason, request: Request<CallBody<B>>, error: Error) -> Step {
         if reason != RetryReason::PingBeforeUse {
             self.attempts += 1;
         }
         if self.attempts >= self.pool.config.max_attempts {
-            self.state = State::Done;
-            return Err(self.not_retried(error, false, false));
+            return Step::Break(Err(self.not_retried(error, false, false)));
         }
         self.pool.count_retry(reason);
-        self.state = State::Checkout { request: Some(request), waiting: None };
-        Ok(())
+        self.state = Some(Live::checkout(request));
+        Step::Continue(())
     }
 }
 
@@ -413,13 +432,63 @@ where
 {
     type Output = Result<http::Response<ResponseBody>, Error>;
 
+    /// Moves the call along its states (checkout, PING before use, sending) until it waits
+    /// or ends; resends a call the server never processed.
+    ///
+    /// Each arm polls what its state waits for in place; once that is ready, it takes the
+    /// state out (the one the arm just matched, so the `else` of each `take` cannot run) and
+    /// hands it, by value, to the step that moves it on.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        const MATCHED: &str = "the state is the one this arm matched";
         let this = &mut *self;
-        let result = this.poll_call(cx);
-        if result.is_pending() && this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
-            return Poll::Ready(Err(this.expire()));
+        loop {
+            let step = match this.state.as_mut() {
+                None => panic!("ResponseFuture polled after it completed"),
+                Some(Live::Checkout { waiting: None, .. }) => {
+                    let Some(Live::Checkout { request, .. }) = this.state.take() else {
+                        unreachable!("{MATCHED}")
+                    };
+                    this.checkout_now(request)
+                }
+                Some(Live::Checkout { waiting: Some(checkout), .. }) => {
+                    let Poll::Ready(result) = checkout.as_mut().poll(cx) else { break };
+                    let Some(Live::Checkout { request, .. }) = this.state.take() else {
+                        unreachable!("{MATCHED}")
+                    };
+                    match result {
+                        Ok(slot) => this.use_slot(slot, request),
+                        Err(error) => Step::Break(Err(error)),
+                    }
+                }
+                Some(Live::Verifying { check, .. }) => {
+                    let Poll::Ready(alive) = check.as_mut().poll(cx) else { break };
+                    let Some(Live::Verifying { slot, request, .. }) = this.state.take() else {
+                        unreachable!("{MATCHED}")
+                    };
+                    this.verified(slot, request, alive)
+                }
+                Some(Live::Sending(sending)) => {
+                    let Poll::Ready(head) = sending.poll_head(cx) else { break };
+                    let Some(Live::Sending(sending)) = this.state.take() else { unreachable!("{MATCHED}") };
+                    match head {
+                        Ok(Ok(response)) => this.answered(sending, response),
+                        Ok(Err(err)) => this.failed(sending, err),
+                        // Dropping `sending` resets the stream.
+                        Err(body_failed) => Step::Break(Err(body_failed)),
+                    }
+                }
+            };
+            if let Step::Break(output) = step {
+                return Poll::Ready(output);
+            }
         }
-        result
+        // The call waits, its state in place: unless its deadline has passed.
+        if this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
+            // Every arm that breaks out of the loop above left its state in place.
+            let Some(live) = this.state.take() else { unreachable!("a waiting call has its state") };
+            return Poll::Ready(Err(this.expire(live)));
+        }
+        Poll::Pending
     }
 }
 
@@ -428,215 +497,157 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    /// Moves the call along its states: checkout, PING before use, sending; resends a call
-    /// the server never processed.
-    fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Result<http::Response<ResponseBody>, Error>> {
-        let this = self;
-        loop {
-            match &mut this.state {
-                State::Checkout { request, waiting } => {
-                    let slot = match waiting {
-                        Some(checkout) => {
-                            let result = ready!(checkout.as_mut().poll(cx));
-                            *waiting = None;
-                            match result {
-                                Ok(slot) => slot,
-                                Err(error) => {
-                                    this.state = State::Done;
-                                    return Poll::Ready(Err(error));
-                                }
-                            }
-                        }
-                        None => match slot_now(&this.pool, &this.target, this.avoid.as_ref()) {
-                            Ok(Some(slot)) => slot,
-                            Ok(None) => {
-                                let wait = crate::checkout::CheckoutWait {
-                                    wait_for_ready: this.wait_for_ready,
-                                    has_deadline: this.deadline.is_some(),
-                                };
-                                *waiting = Some(Box::pin(this.pool.clone().checkout_wait(wait)));
-                                continue;
-                            }
-                            Err(error) => {
-                                this.state = State::Done;
-                                return Poll::Ready(Err(error));
-                            }
-                        },
-                    };
-                    let Some(request) = request.take() else {
-                        this.state = State::Done;
-                        return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
-                    };
-                    if let Some(check) = needs_check(&this.pool, &this.target, &slot) {
-                        this.state = State::Verifying { slot: Some(slot), request: Some(request), check };
-                        continue;
-                    }
-                    match this.start(slot, request) {
-                        Ok(Started::Sent(sending)) => this.state = sending,
-                        Ok(Started::Again(request, error)) => {
-                            if let Err(error) = this.again(RetryReason::NotSent, request, error) {
-                                return Poll::Ready(Err(error));
-                            }
-                        }
-                        Err(error) => {
-                            this.state = State::Done;
-                            return Poll::Ready(Err(error));
-                        }
-                    }
-                }
-                State::Verifying { slot, request, check } => {
-                    let alive = ready!(check.as_mut().poll(cx));
-                    let (Some(slot), Some(request)) = (slot.take(), request.take()) else {
-                        this.state = State::Done;
-                        return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
-                    };
-                    if alive {
-                        match this.start(slot, request) {
-                            Ok(Started::Sent(sending)) => this.state = sending,
-                            Ok(Started::Again(request, error)) => {
-                                if let Err(error) = this.again(RetryReason::NotSent, request, error) {
-                                    return Poll::Ready(Err(error));
-                                }
-                            }
-                            Err(error) => {
-                                this.state = State::Done;
-                                return Poll::Ready(Err(error));
-                            }
-                        }
-                    } else {
-                        // The member is dead and the call never left: another member.
-                        let label = slot.member().endpoint.label.clone();
-                        this.avoid = Some(slot.member().endpoint.clone());
-                        drop(slot);
-                        let error = Error::no_member(&label, "the connection failed its PING before use")
-                            .mark_unprocessed();
-                        if let Err(error) = this.again(RetryReason::PingBeforeUse, request, error) {
-                            return Poll::Ready(Err(error));
-                        }
-                    }
-                }
-                State::Sending {
-                    slot,
-                    response,
-                    pump,
-                    stream_id,
-                    head,
-                    sent_body,
-                    body_over_limit,
-                    pump_stopped,
-                } => {
-                    if let Some(sending) = pump.as_mut().filter(|_| !*pump_stopped) {
-                        match sending.as_mut().poll(cx) {
-                            Poll::Pending => {}
-                            Poll::Ready(Ok(())) => {
-                                *sent_body = sending.as_mut().take_recording();
-                                *body_over_limit = sending.over_replay_limit();
-                                *pump = None;
-                            }
-                            Poll::Ready(Err(PumpError::Stream)) => *pump_stopped = true,
-                            Poll::Ready(Err(PumpError::Body(cause))) => {
-                                let label = slot
-                                    .as_ref()
-                                    .map(|s| s.member().endpoint.label.clone())
-                                    .unwrap_or_default();
-                                this.state = State::Done;
-                                return Poll::Ready(Err(Error::request_body(&label, cause)));
-                            }
-                        }
-                    }
-                    let result = ready!(Pin::new(response).poll(cx));
-                    let Some(slot) = slot.take() else {
-                        this.state = State::Done;
-                        return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
-                    };
-                    let stream_id = *stream_id;
-                    let pump = pump.take();
-                    // Why a replay may be impossible, for the error: with no head kept, the
-                    // attempts are used up; with a head but no whole body, the body is to blame.
-                    let body_kept = head.is_some();
-                    let over_limit = body_kept
-                        && (*body_over_limit || pump.as_ref().is_some_and(|p| p.over_replay_limit()));
-                    let body_not_whole = body_kept && sent_body.is_none();
-                    let pump_stopped = *pump_stopped;
-                    let sent_body = sent_body.take();
-                    let head = head.take();
-                    this.state = State::Done;
-                    match result {
-                        Ok(response) => {
-                            // A trailers-only answer carries its status in the head; any other
-                            // is judged by its trailers, in the body.
-                            slot.member()
-                                .endpoint
-                                .record_outcome(|| crate::outlier::unavailable(response.headers()));
-                            // The server answered before the request body ended (streaming):
-                            // keep sending from a task of its own.
-                            let pump = match pump.filter(|_| !pump_stopped).map(spawn_pump).transpose() {
-                                Ok(pump) => pump,
-                                Err(error) => return Poll::Ready(Err(error)),
-                            };
-                            let pool_call = matches!(this.target, Target::Pool);
-                            let deadline = this.deadline.take();
-                            return Poll::Ready(Ok(
-                                response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline))
-                            ));
-                        }
-                        Err(err) => {
-                            slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err));
-                            let error = response_error(&slot, stream_id, err);
-                            let slot_endpoint = slot.member().endpoint.clone();
-                            drop(slot);
-                            // Never processed, and the whole body is at hand (kept as it went
-                            // out, plus what had not gone out yet): again, on another member.
-                            let replay = match (head, sent_body, pump) {
-                                (Some(head), Some(sent), _) => Some((head, CallBody::replay(sent, None))),
-                                (Some(head), None, Some(mut pump)) if error.is_unprocessed() => {
-                                    pump.as_mut().take_recording().map(|sent| {
-                                        let rest: UnsentBody = Box::pin(Unsent::new(pump));
-                                        (head, CallBody::replay(sent, Some(rest)))
-                                    })
-                                }
-                                _ => None,
-                            };
-                            match replay {
-                                Some((head, body)) if error.is_unprocessed() => {
-                                    this.attempts += 1;
-                                    this.avoid = Some(slot_endpoint.clone());
-                                    this.pool.count_retry(if error.kind() == ErrorKind::Stream {
-                                        RetryReason::Refused
-                                    } else {
-                                        RetryReason::GoAway
-                                    });
-                                    tracing::debug!(pool = %this.pool.name(), error = %error, "resending a call the server never processed");
-                                    let request = rebuild(head, body);
-                                    this.state = State::Checkout { request: Some(request), waiting: None };
-                                }
-                                _ => {
-                                    return Poll::Ready(Err(this.not_retried(
-                                        error,
-                                        over_limit,
-                                        body_not_whole,
-                                    )));
-                                }
-                            }
-                        }
-                    }
-                }
-                State::Done => {
-                    return Poll::Ready(Err(Error::pool_closed(this.pool.name())));
-                }
+    /// Takes a slot without waiting if there is one, else queues for one.
+    fn checkout_now(&mut self, request: Request<CallBody<B>>) -> Step {
+        match slot_now(&self.pool, &self.target, self.avoid.as_ref()) {
+            Ok(Some(slot)) => self.use_slot(slot, request),
+            Ok(None) => {
+                let wait = crate::checkout::CheckoutWait {
+                    wait_for_ready: self.wait_for_ready,
+                    has_deadline: self.deadline.is_some(),
+                };
+                let checkout = Box::pin(self.pool.clone().checkout_wait(wait));
+                self.state = Some(Live::Checkout { request, waiting: Some(checkout) });
+                Step::Continue(())
+            }
+            Err(error) => Step::Break(Err(error)),
+        }
+    }
+
+    /// Sends on `slot`, after a PING of its member if it needs one.
+    fn use_slot(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Step {
+        match needs_check(&self.pool, &self.target, &slot) {
+            Some(check) => {
+                self.state = Some(Live::Verifying { slot, request, check });
+                Step::Continue(())
+            }
+            None => self.start(slot, request),
+        }
+    }
+
+    /// The member's PING before use is over: sends on it if it answered, else queues the
+    /// call for another member.
+    fn verified(&mut self, slot: Slot, request: Request<CallBody<B>>, alive: bool) -> Step {
+        if alive {
+            return self.start(slot, request);
+        }
+        // The member is dead and the call never left: another member.
+        let label = slot.member().endpoint.label.clone();
+        self.avoid = Some(slot.member().endpoint.clone());
+        drop(slot);
+        let error = Error::no_member(&label, "the connection failed its PING before use").mark_unprocessed();
+        self.again(RetryReason::PingBeforeUse, request, error)
+    }
+
+    /// The response head came: the call's result, its body carrying the slot.
+    fn answered(&mut self, sending: Sending<B>, response: http::Response<h2::RecvStream>) -> Step {
+        let Sending { slot, response: head_future, pump, pump_stopped, .. } = sending;
+        drop(head_future);
+        // A trailers-only answer carries its status in the head; any other is judged by its
+        // trailers, in the body.
+        slot.member().endpoint.record_outcome(|| crate::outlier::unavailable(response.headers()));
+        // The server answered before the request body ended (streaming): keep sending from a
+        // task of its own.
+        let pump = match pump.filter(|_| !pump_stopped).map(spawn_pump).transpose() {
+            Ok(pump) => pump,
+            Err(error) => return Step::Break(Err(error)),
+        };
+        let pool_call = matches!(self.target, Target::Pool);
+        let deadline = self.deadline.take();
+        Step::Break(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline))))
+    }
+
+    /// The stream failed before its response head: resent on another member if the server
+    /// never processed it and the whole body is at hand, else the call's error.
+    fn failed(&mut self, sending: Sending<B>, err: h2::Error) -> Step {
+        let Sending { slot, response, pump, stream_id, head, sent_body, body_over_limit, .. } = sending;
+        drop(response);
+        // Why a replay may be impossible, for the error: with no head kept, the attempts are
+        // used up; with a head but no whole body, the body is to blame.
+        let body_kept = head.is_some();
+        let over_limit =
+            body_kept && (body_over_limit || pump.as_ref().is_some_and(|p| p.over_replay_limit()));
+        let body_not_whole = body_kept && sent_body.is_none();
+        slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err));
+        let error = response_error(&slot, stream_id, err);
+        let slot_endpoint = slot.member().endpoint.clone();
+        drop(slot);
+        // Never processed, and the whole body is at hand (kept as it went out, plus what had
+        // not gone out yet): again, on another member.
+        let replay = match (head, sent_body, pump) {
+            (Some(head), Some(sent), _) => Some((head, CallBody::replay(sent, None))),
+            (Some(head), None, Some(mut pump)) if error.is_unprocessed() => {
+                pump.as_mut().take_recording().map(|sent| {
+                    let rest: UnsentBody = Box::pin(Unsent::new(pump));
+                    (head, CallBody::replay(sent, Some(rest)))
+                })
+            }
+            _ => None,
+        };
+        match replay {
+            Some((head, body)) if error.is_unprocessed() => {
+                self.attempts += 1;
+                self.avoid = Some(slot_endpoint);
+                self.pool.count_retry(if error.kind() == ErrorKind::Stream {
+                    RetryReason::Refused
+                } else {
+                    RetryReason::GoAway
+                });
+                tracing::debug!(pool = %self.pool.name(), error = %error, "resending a call the server never processed");
+                self.state = Some(Live::checkout(rebuild(head, body)));
+                Step::Continue(())
+            }
+            _ => Step::Break(Err(self.not_retried(error, over_limit, body_not_whole))),
+        }
+    }
+}
+
+/// The response head, or how the stream failed before it; `Err` if the request body failed.
+type HeadResult = Result<Result<http::Response<h2::RecvStream>, h2::Error>, Error>;
+
+impl<B> Sending<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Sends more of the request body and looks for the response head.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<HeadResult> {
+        if let Err(error) = self.poll_pump(cx) {
+            return Poll::Ready(Err(error));
+        }
+        Pin::new(&mut self.response).poll(cx).map(Ok)
+    }
+
+    /// Sends more of the request body, unless it went out whole or its stream failed (then
+    /// the response says why); an error only if the body itself failed.
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
+        let Some(pump) = self.pump.as_mut().filter(|_| !self.pump_stopped) else {
+            return Ok(());
+        };
+        match pump.as_mut().poll(cx) {
+            Poll::Pending => {}
+            Poll::Ready(Ok(())) => {
+                self.sent_body = pump.as_mut().take_recording();
+                self.body_over_limit = pump.over_replay_limit();
+                self.pump = None;
+            }
+            Poll::Ready(Err(PumpError::Stream)) => self.pump_stopped = true,
+            Poll::Ready(Err(PumpError::Body(cause))) => {
+                return Err(Error::request_body(&self.slot.member().endpoint.label, cause));
             }
         }
+        Ok(())
     }
 }
 
 impl<B> fmt::Debug for ResponseFuture<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Checkout { waiting: None, .. } => "checkout",
-            State::Checkout { waiting: Some(_), .. } => "waiting",
-            State::Verifying { .. } => "verifying",
-            State::Sending { .. } => "sending",
-            State::Done => "done",
+            Some(Live::Checkout { waiting: None, .. }) => "checkout",
+            Some(Live::Checkout { waiting: Some(_), .. }) => "waiting",
+            Some(Live::Verifying { .. }) => "verifying",
+            Some(Live::Sending(_)) => "sending",
+            None => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

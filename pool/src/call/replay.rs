@@ -27,7 +27,9 @@ pub(crate) struct Recording {
     first: Option<Bytes>,
     rest: VecDeque<Bytes>,
     len: usize,
-    trailers: Option<HeaderMap>,
+    /// Boxed: request trailers are rare (gRPC sends none), and a recording is moved with
+    /// the call's state, which should not carry a whole `HeaderMap` for them.
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl Recording {
@@ -55,7 +57,7 @@ impl Recording {
     }
 
     pub(crate) fn trailers(&mut self, trailers: &HeaderMap) {
-        self.trailers = Some(trailers.clone());
+        self.trailers = Some(Box::new(trailers.clone()));
     }
 }
 
@@ -99,7 +101,7 @@ where
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 if let Some(trailers) = recording.trailers.take() {
-                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
                 }
                 match rest {
                     Some(rest) => rest.as_mut().poll_frame(cx),

@@ -19,6 +19,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
+use crate::clock::AtomicInstant;
+
 const FRAME_HEADER_LEN: usize = 9;
 const TYPE_DATA: u8 = 0x0;
 const TYPE_HEADERS: u8 = 0x1;
@@ -49,9 +51,9 @@ impl GoAway {
 /// reader and the pool.
 #[derive(Debug)]
 pub(crate) struct ConnSignals {
-    /// When bytes last arrived from the server (a `clock::coarse_now_nanos` reading): keepalive
-    /// PINGs only connections that have been quiet.
-    last_read: AtomicU64,
+    /// When bytes last arrived from the server: keepalive PINGs only connections that have
+    /// been quiet.
+    last_read: AtomicInstant,
     /// DATA and HEADERS frames received so far. Servers forgive a client's PINGs once they
     /// have sent either (gRPC's PING policy resets its strikes then), so keepalive counts the
     /// PINGs it sends between two changes of this.
@@ -76,7 +78,7 @@ pub(crate) struct ConnSignals {
 impl ConnSignals {
     pub(crate) fn new() -> ConnSignals {
         ConnSignals {
-            last_read: AtomicU64::new(crate::clock::coarse_now_nanos()),
+            last_read: AtomicInstant::now(),
             data_frames: AtomicU64::new(0),
             server_max_streams: AtomicU32::new(u32::MAX),
             settings_seen: AtomicBool::new(false),
@@ -91,7 +93,7 @@ impl ConnSignals {
 
     /// Time since bytes last arrived from the server.
     pub(crate) fn since_last_read(&self) -> Duration {
-        crate::clock::since(self.last_read.load(Ordering::Relaxed))
+        self.last_read.elapsed()
     }
 
     /// DATA and HEADERS frames received from the server so far.
@@ -341,7 +343,7 @@ impl<T: AsyncRead> AsyncRead for ObservedIo<T> {
         if let Poll::Ready(Ok(())) = result {
             let read = &buf.filled()[before..];
             if !read.is_empty() {
-                this.signals.last_read.store(crate::clock::coarse_now_nanos(), Ordering::Relaxed);
+                this.signals.last_read.set_now();
                 this.reader.feed(read, this.signals);
             }
         }
