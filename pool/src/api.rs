@@ -1,7 +1,6 @@
 //! The public surface: [`Pool`], its [`Builder`], and the [`State`] snapshot.
 
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,8 +8,8 @@ use crate::config::{BackoffConfig, Config, H2Config};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::inner::PoolInner;
-use crate::member::{EvictionReason, MemberState};
 use crate::metrics::PoolName;
+use crate::state::State;
 
 /// A pool of HTTP/2 connections to the endpoints of one gRPC service.
 ///
@@ -144,66 +143,7 @@ impl Pool {
 
     /// A snapshot of every endpoint and member, and the pool's statistics.
     pub fn state(&self) -> State {
-        let inner = self.inner();
-        let endpoints = inner
-            .endpoints()
-            .iter()
-            .map(|entry| {
-                let members = entry
-                    .members()
-                    .iter()
-                    .map(|m| MemberSnapshot {
-                        id: m.id,
-                        state: m.state(),
-                        in_flight: m.in_flight(),
-                        max_streams: m.max_streams(),
-                        age: m.age(),
-                        idle: m.idle(),
-                        last_ping_rtt: m.pinger.last_rtt(),
-                    })
-                    .collect();
-                let locked = entry.lock();
-                EndpointState {
-                    endpoint: entry.shared.endpoint.clone(),
-                    healthy: entry.is_healthy(),
-                    health_reason: locked.health_reason.clone(),
-                    members,
-                    connecting: locked.connecting,
-                    in_flight: entry.in_flight(),
-                    consecutive_failures: locked.consecutive_failures,
-                    last_connect_error: locked.last_error.clone(),
-                    ejected_for: locked
-                        .ejected_until
-                        .map(|until| until.saturating_duration_since(tokio::time::Instant::now())),
-                }
-            })
-            .collect();
-        let s = &inner.stats;
-        State {
-            name: inner.name().to_owned(),
-            endpoints,
-            waiters: inner.waiters.len(),
-            open_connections: inner.live.len(),
-            closed: inner.is_closed(),
-            statistics: Statistics {
-                checkouts_direct: s.checkouts_direct.load(Ordering::Relaxed),
-                checkouts_waited: s.checkouts_waited.load(Ordering::Relaxed),
-                checkout_timeouts: s.checkout_timeouts.load(Ordering::Relaxed),
-                checkout_wait_time: Duration::from_nanos(s.checkout_wait_nanos.load(Ordering::Relaxed)),
-                connections_created: s.connections_created.load(Ordering::Relaxed),
-                connect_failures: s.connect_failures.load(Ordering::Relaxed),
-                retries: s.retries.load(Ordering::Relaxed),
-                ejections: s.ejections.load(Ordering::Relaxed),
-                retries_by_reason: RetryReason::ALL
-                    .iter()
-                    .map(|r| (*r, s.retries_by_reason[*r as usize].load(Ordering::Relaxed)))
-                    .collect(),
-                connections_closed: EvictionReason::ALL
-                    .iter()
-                    .map(|r| (*r, s.closed_by_reason[r.index()].load(Ordering::Relaxed)))
-                    .collect(),
-            },
-        }
+        self.inner().state()
     }
 }
 
@@ -513,152 +453,5 @@ impl Builder {
             inner.replenish(entry);
         }
         Ok(Pool { handle: Arc::new(Handle { inner }) })
-    }
-}
-
-/// A snapshot of a pool, from [`Pool::state`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct State {
-    /// The pool's name.
-    pub name: String,
-    /// Every endpoint, in the order they were added.
-    pub endpoints: Vec<EndpointState>,
-    /// Calls queued for a stream slot.
-    pub waiters: usize,
-    /// Connections still open, counting draining ones no longer listed under an endpoint.
-    pub open_connections: usize,
-    /// Whether the pool was closed.
-    pub closed: bool,
-    /// Counters since the pool was built.
-    pub statistics: Statistics,
-}
-
-impl State {
-    /// Members over all endpoints.
-    pub fn members(&self) -> usize {
-        self.endpoints.iter().map(|e| e.members.len()).sum()
-    }
-
-    /// Streams in flight over all endpoints.
-    pub fn in_flight(&self) -> usize {
-        self.endpoints.iter().map(|e| e.in_flight).sum()
-    }
-}
-
-/// One endpoint in a [`State`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct EndpointState {
-    /// The endpoint.
-    pub endpoint: Endpoint,
-    /// Whether the health task lets new streams go there.
-    pub healthy: bool,
-    /// Why it is unhealthy, when it is.
-    pub health_reason: Option<String>,
-    /// Its listed members (ready, or draining until they are unlisted).
-    pub members: Vec<MemberSnapshot>,
-    /// Connects under way.
-    pub connecting: usize,
-    /// Streams in flight over its members, draining ones included.
-    pub in_flight: usize,
-    /// Failed connects since the last successful one.
-    pub consecutive_failures: u32,
-    /// The most recent connect error, cleared by a success.
-    pub last_connect_error: Option<String>,
-    /// While outlier detection has it ejected: the time left.
-    pub ejected_for: Option<Duration>,
-}
-
-/// One member in a [`State`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct MemberSnapshot {
-    /// Unique within the pool; appears in logs as `member`.
-    pub id: u64,
-    /// Where it is in its life.
-    pub state: MemberState,
-    /// Streams open on it now.
-    pub in_flight: u32,
-    /// Its stream limit: the configured cap or the server's, whichever is lower.
-    pub max_streams: u32,
-    /// Time since it connected.
-    pub age: Duration,
-    /// Time since a stream last started on it.
-    pub idle: Duration,
-    /// Round trip of its last answered keepalive PING.
-    pub last_ping_rtt: Option<Duration>,
-}
-
-/// Counters of a pool's life, in the manner of bb8's statistics.
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub struct Statistics {
-    /// Checkouts that found a free slot at once.
-    pub checkouts_direct: u64,
-    /// Checkouts that waited, then got a slot.
-    pub checkouts_waited: u64,
-    /// Checkouts that gave up after `checkout_timeout`.
-    pub checkout_timeouts: u64,
-    /// Total time waited by the checkouts that waited.
-    pub checkout_wait_time: Duration,
-    /// Connections opened.
-    pub connections_created: u64,
-    /// Connect attempts that failed.
-    pub connect_failures: u64,
-    /// Calls sent again on another connection because the server never processed them.
-    pub retries: u64,
-    /// The same, by reason.
-    pub retries_by_reason: Vec<(RetryReason, u64)>,
-    /// Endpoints ejected by outlier detection.
-    pub ejections: u64,
-    /// Connections taken out of service, by reason.
-    pub connections_closed: Vec<(EvictionReason, u64)>,
-}
-
-impl Statistics {
-    /// Connections taken out of service for `reason`.
-    pub fn closed(&self, reason: EvictionReason) -> u64 {
-        self.connections_closed.iter().find(|(r, _)| *r == reason).map(|(_, n)| *n).unwrap_or(0)
-    }
-
-    /// Calls sent again for `reason`.
-    pub fn retried(&self, reason: RetryReason) -> u64 {
-        self.retries_by_reason.iter().find(|(r, _)| *r == reason).map(|(_, n)| *n).unwrap_or(0)
-    }
-}
-
-/// Why a call was sent again. Each is a case where the server provably never processed it.
-///
-/// ```
-/// assert_eq!(grpc_pool_core::RetryReason::Refused.as_str(), "refused");
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum RetryReason {
-    /// The connection was going away or gone when the stream was to be opened: nothing
-    /// was written.
-    NotSent,
-    /// The server reset the stream with `REFUSED_STREAM`.
-    Refused,
-    /// The stream was above the last stream id of the server's GOAWAY.
-    GoAway,
-    /// The member failed its PING before use; the call had not been sent.
-    PingBeforeUse,
-}
-
-impl RetryReason {
-    /// Every reason, in a fixed order.
-    pub(crate) const ALL: [RetryReason; 4] =
-        [RetryReason::NotSent, RetryReason::Refused, RetryReason::GoAway, RetryReason::PingBeforeUse];
-
-    /// The reason as the `reason` label of the retries metric.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RetryReason::NotSent => "not_sent",
-            RetryReason::Refused => "refused",
-            RetryReason::GoAway => "goaway",
-            RetryReason::PingBeforeUse => "ping_before_use",
-        }
     }
 }

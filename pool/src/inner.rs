@@ -15,7 +15,6 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::RetryReason;
 use crate::config::Config;
 use crate::endpoint::Endpoint;
 use crate::error::Error;
@@ -25,21 +24,7 @@ use crate::member::{EvictionReason, Member, MemberState};
 use crate::metrics::{self as names, PoolName};
 use crate::monitor::{MemberHandle, MonitorEvent};
 use crate::outlier::Outliers;
-
-/// Counters behind `Pool::state().statistics`.
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    pub(crate) checkouts_direct: AtomicU64,
-    pub(crate) checkouts_waited: AtomicU64,
-    pub(crate) checkout_timeouts: AtomicU64,
-    pub(crate) checkout_wait_nanos: AtomicU64,
-    pub(crate) connections_created: AtomicU64,
-    pub(crate) connect_failures: AtomicU64,
-    pub(crate) retries: AtomicU64,
-    pub(crate) retries_by_reason: [AtomicU64; RetryReason::ALL.len()],
-    pub(crate) ejections: AtomicU64,
-    pub(crate) closed_by_reason: [AtomicU64; EvictionReason::ALL.len()],
-}
+use crate::stats::{RetryReason, Stats};
 
 /// Pre-registered handles for the metrics touched on every call.
 pub(crate) struct HotMetrics {

@@ -39,8 +39,10 @@ mod notify;
 mod outlier;
 mod proto;
 mod routing;
+mod state;
+mod stats;
 
-pub use api::{Builder, EndpointState, MemberSnapshot, Pool, RetryReason, State, Statistics};
+pub use api::{Builder, Pool};
 pub use call::{ResponseBody, ResponseFuture, WaitForReady};
 pub use config::{AllUnhealthy, BackoffConfig, Config, H2Config, DEFAULT_POOL_NAME};
 pub use endpoint::Endpoint;
@@ -50,6 +52,8 @@ pub use member::{EvictionReason, MemberState};
 pub use monitor::{MemberHandle, MemberStatus, MonitorEvent, PoolMonitor};
 pub use outlier::OutlierDetection;
 pub use proto::tls::{ClientIdentity, TlsConfig};
+pub use state::{EndpointState, MemberSnapshot, State};
+pub use stats::{RetryReason, Statistics};
 /// The rustls this crate is built with, for [`TlsConfig::rustls`].
 pub use tokio_rustls::rustls;
 

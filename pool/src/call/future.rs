@@ -14,14 +14,14 @@ use http_body::Body;
 use super::body::ResponseBody;
 use super::deadline::{self, Deadline, GRPC_TIMEOUT};
 use super::options::WaitForReady;
-use crate::api::RetryReason;
-use crate::call::replay::{CallBody, Recording, UnsentBody};
 use crate::error::{Error, ErrorKind};
 use crate::inner::PoolInner;
 use crate::internals::{EndpointEntry, EndpointShared};
 use crate::member::{EvictionReason, Member, Slot};
 use crate::proto::h2::body::{Pump, PumpError, Unsent};
 use crate::proto::h2::ping::PingError;
+use crate::proto::h2::replay::{CallBody, Recording, UnsentBody};
+use crate::stats::RetryReason;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type Checkout = Pin<Box<dyn Future<Output = Result<Slot, Error>> + Send>>;

@@ -8,7 +8,6 @@ mod channel;
 pub(crate) mod deadline;
 mod future;
 mod options;
-pub(crate) mod replay;
 mod service;
 
 pub use body::ResponseBody;

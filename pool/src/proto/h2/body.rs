@@ -12,7 +12,7 @@ use bytes::{Buf, Bytes};
 use h2::SendStream;
 use http_body::{Body, Frame};
 
-use crate::call::replay::Recording;
+use crate::proto::h2::replay::Recording;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
