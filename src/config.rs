@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::dns::{DnsDiscover, SystemResolver};
 use crate::{
-    AllUnhealthy, BackoffConfig, Builder, Error, H2Config, HealthCheck, Keepalive, OutlierDetection, Pool,
-    TlsConfig, DEFAULT_PING_BEFORE_USE,
+    AllUnhealthy, BackoffConfig, Builder, Connector, Error, H2Config, HealthCheck, Keepalive,
+    OutlierDetection, Pool, TlsConfig, DEFAULT_PING_BEFORE_USE,
 };
 
 /// A whole pool configuration. [`PoolConfig::default`] holds the defaults, and is the one
@@ -95,6 +95,10 @@ pub struct PoolConfig {
     pub outlier_detection: Option<OutlierDetection>,
     /// TLS for `https://` endpoints. Default: the system's roots, no client certificate.
     pub tls: Option<TlsConfig>,
+    /// A connector of your own, instead of the pool's TCP (or Unix socket) and TLS connects
+    /// (see [`Builder::connector`]). Not read from files.
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub connector: Option<Connector>,
     /// Endpoints from DNS, besides `endpoints`. Default: none.
     pub dns: Option<DnsConfig>,
     /// Reconnect backoff after failed connects. Default: gRPC's.
@@ -162,6 +166,7 @@ impl Default for PoolConfig {
             health_checks: None,
             outlier_detection: core.outlier_detection,
             tls: core.tls,
+            connector: core.connector,
             dns: None,
             backoff: core.backoff,
             h2: core.h2,
@@ -221,6 +226,7 @@ impl PoolConfig {
             outlier_detection: self.outlier_detection.clone(),
             metrics_interval: self.metrics_interval,
             tls: self.tls.clone(),
+            connector: self.connector.clone(),
             backoff: self.backoff.clone(),
             h2: self.h2.clone(),
         };

@@ -39,10 +39,10 @@ use std::time::Duration;
 
 pub use config::{DnsConfig, PoolConfig};
 pub use grpc_pool_core::{
-    discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, ClientIdentity, Endpoint, EndpointState,
-    Error, ErrorKind, EvictionReason, H2Config, MemberSnapshot, MemberState, OutlierDetection, PoolEvent,
-    PoolEvents, ResponseBody, RetryReason, State, Statistics, TlsConfig, WaitForReady, DEFAULT_POOL_NAME,
-    EVENT_BUFFER,
+    discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, ClientIdentity, Connector, Endpoint,
+    EndpointState, Error, ErrorKind, EvictionReason, H2Config, MemberSnapshot, MemberState, OutlierDetection,
+    PoolEvent, PoolEvents, ResponseBody, RetryReason, State, Statistics, TlsConfig, WaitForReady,
+    DEFAULT_POOL_NAME, EVENT_BUFFER,
 };
 pub use grpc_pool_health::{
     CheckMode, HealthCheck, Keepalive, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,
@@ -343,6 +343,36 @@ impl Builder {
     /// system's roots. `http://` endpoints stay plaintext.
     pub fn tls(mut self, tls: TlsConfig) -> Self {
         self.config.tls = Some(tls);
+        self
+    }
+
+    /// Opens connections through `connector` instead of the pool's own TCP (or Unix socket)
+    /// and TLS connects, as tonic's `Endpoint::connect_with_connector`: any
+    /// `tower::Service<http::Uri>` returning a byte stream (a proxy tunnel, a socket with
+    /// options of its own, an in-memory pipe, a TLS stream it made). It is called once per
+    /// connection with the endpoint's URI (for an endpoint found by DNS, its resolved
+    /// address), within `connect_timeout`; its stream is used as it is, so `TCP_NODELAY`,
+    /// `TCP_USER_TIMEOUT` and TLS are its business.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), grpc_pool::Error> {
+    /// // Every connection goes to a local sidecar, whatever the endpoint's address.
+    /// let sidecar = tower::service_fn(|_uri: http::Uri| async {
+    ///     let tcp = tokio::net::TcpStream::connect("127.0.0.1:15001").await?;
+    ///     tcp.set_nodelay(true)?;
+    ///     Ok::<_, std::io::Error>(tcp)
+    /// });
+    /// let pool = grpc_pool::Pool::builder().connector(sidecar).build(["http://orders:50051"]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn connector<S>(mut self, connector: S) -> Self
+    where
+        S: tower_service::Service<http::Uri> + Clone + Send + Sync + 'static,
+        S::Response: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+        S::Future: Send + 'static,
+    {
+        self.config.connector = Some(Connector::new(connector));
         self
     }
 

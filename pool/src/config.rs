@@ -162,6 +162,8 @@ pub struct Config {
     pub metrics_interval: Duration,
     /// TLS for `https://` endpoints.
     pub tls: Option<crate::proto::tls::TlsConfig>,
+    /// The user's connector, instead of the pool's TCP, TLS and Unix socket connects.
+    pub connector: Option<crate::proto::connector::Connector>,
     /// Reconnect backoff.
     pub backoff: BackoffConfig,
     /// HTTP/2 settings.
@@ -192,6 +194,7 @@ impl Default for Config {
             outlier_detection: None,
             metrics_interval: Duration::from_secs(1),
             tls: None,
+            connector: None,
             backoff: BackoffConfig::default(),
             h2: H2Config::default(),
         }

@@ -187,7 +187,8 @@ impl PoolInner {
         let started = Instant::now();
         let span = tracing::debug_span!("connect", pool = %self.name(), endpoint = %entry.label());
         let attempt = async {
-            let tls = match entry.endpoint().is_tls() {
+            // A connector of the user's makes the whole stream, TLS included.
+            let tls = match entry.endpoint().is_tls() && self.config.connector.is_none() {
                 true => Some(self.tls_client()?),
                 false => None,
             };
@@ -196,6 +197,7 @@ impl PoolInner {
                 &self.config.h2,
                 self.config.tcp_user_timeout,
                 tls.as_deref(),
+                self.config.connector.as_ref(),
             )
             .await?;
             let id = self.next_member_id.fetch_add(1, Ordering::Relaxed);

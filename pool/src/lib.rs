@@ -51,6 +51,7 @@ pub use events::{PoolEvent, PoolEvents, EVENT_BUFFER};
 pub use member::{EvictionReason, MemberState};
 pub use monitor::{MemberHandle, MemberStatus, MonitorEvent, PoolMonitor};
 pub use outlier::OutlierDetection;
+pub use proto::connector::Connector;
 pub use proto::tls::{ClientIdentity, TlsConfig};
 pub use state::{EndpointState, MemberSnapshot, State};
 pub use stats::{RetryReason, Statistics};

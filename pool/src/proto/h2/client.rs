@@ -16,6 +16,7 @@ use super::ping::Pinger;
 use crate::config::H2Config;
 use crate::endpoint::Endpoint;
 use crate::error::Error;
+use crate::proto::connector::{ConnectedIo, Connector};
 use crate::proto::tls::Tls;
 
 /// The transport under every member.
@@ -28,6 +29,8 @@ pub(crate) enum Transport {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     #[cfg(unix)]
     Unix(tokio::net::UnixStream),
+    /// What the user's connector returned.
+    Custom(Box<dyn ConnectedIo>),
 }
 
 // Each method forwards to the socket; both are `Unpin`, so no pin projection is needed.
@@ -38,6 +41,7 @@ impl AsyncRead for Transport {
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Custom(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -49,6 +53,7 @@ impl AsyncWrite for Transport {
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Custom(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -64,6 +69,7 @@ impl AsyncWrite for Transport {
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Custom(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -73,6 +79,7 @@ impl AsyncWrite for Transport {
             Transport::Tls(s) => s.is_write_vectored(),
             #[cfg(unix)]
             Transport::Unix(s) => s.is_write_vectored(),
+            Transport::Custom(s) => s.is_write_vectored(),
         }
     }
 
@@ -82,6 +89,7 @@ impl AsyncWrite for Transport {
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_flush(cx),
+            Transport::Custom(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -91,6 +99,7 @@ impl AsyncWrite for Transport {
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Custom(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -116,8 +125,12 @@ pub(crate) async fn handshake(
     config: &H2Config,
     tcp_user_timeout: Option<Duration>,
     tls: Option<&Tls>,
+    connector: Option<&Connector>,
 ) -> Result<Handshaken, Error> {
-    let transport = connect(endpoint, tcp_user_timeout, tls).await?;
+    let transport = match connector {
+        Some(connector) => connect_with(connector, endpoint).await?,
+        None => connect(endpoint, tcp_user_timeout, tls).await?,
+    };
     let signals = Arc::new(ConnSignals::new());
     let io = ObservedIo::new(transport, signals.clone());
     let (send, mut connection) = h2::client::Builder::new()
@@ -131,6 +144,27 @@ pub(crate) async fn handshake(
         .map_err(|e| Error::connect(&endpoint.to_string(), "HTTP/2 handshake", Some(Box::new(e))))?;
     let pinger = Pinger::new(connection.ping_pong());
     Ok(Handshaken { send, connection, signals, pinger })
+}
+
+/// Through the user's connector, with the endpoint's URI (its resolved address, if it has one).
+async fn connect_with(connector: &Connector, endpoint: &Endpoint) -> Result<Transport, Error> {
+    let authority = match endpoint.address() {
+        Some(address) => address.to_string(),
+        None => endpoint.authority().to_string(),
+    };
+    let uri = http::Uri::builder()
+        .scheme(endpoint.scheme().clone())
+        .authority(authority)
+        .path_and_query("/")
+        .build()
+        .map_err(|e| {
+            Error::connect(&endpoint.to_string(), "building the connector's URI", Some(Box::new(e)))
+        })?;
+    let io = connector
+        .connect(uri)
+        .await
+        .map_err(|e| Error::connect(&endpoint.to_string(), "the connector failed", Some(e)))?;
+    Ok(Transport::Custom(io))
 }
 
 async fn connect(
