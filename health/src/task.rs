@@ -8,6 +8,10 @@
 //! retirement. When an entry fires, the member's state is read (a few atomics) and the entry
 //! is put back for the next such moment; busy members just move their entry along. PINGs in
 //! flight are futures polled by the same task, not tasks of their own.
+//!
+//! This file holds the task's state, its loop, and the look at a member that falls due;
+//! `verdicts` the `grpc.health.v1` checks, `probes` the PINGs and their answers, and
+//! `supervisor` the restart after a panic.
 
 use std::collections::{HashMap, HashSet};
 use std::future::{poll_fn, Future};
@@ -28,8 +32,16 @@ use tokio_util::task::AbortOnDropHandle;
 use tokio_util::time::delay_queue::{DelayQueue, Key};
 
 use crate::checks::{self, Verdict, WatchEnd};
+
+mod probes;
+mod supervisor;
+mod verdicts;
+
+pub use supervisor::{__test, spawn};
+
 use crate::config::{CheckMode, HealthConfig, Keepalive};
 use grpc_pool_core::call::EndpointChannel;
+use probes::PingMetrics;
 
 /// Longest keepalive time after `too_many_pings` doublings.
 const MAX_KEEPALIVE_TIME: Duration = Duration::from_secs(2 * 60 * 60);
@@ -114,81 +126,6 @@ fn batched(epoch: Instant, at: Instant) -> Instant {
     epoch + Duration::from_nanos(rounded as u64)
 }
 
-/// Starts the health task of the pool behind `monitor`, supervised: should it panic, the
-/// panic is logged as an error and counted in
-/// [`HEALTH_TASK_RESTARTS`](grpc_pool_core::metrics::HEALTH_TASK_RESTARTS), and the task
-/// starts again a second later (so one that panics at once cannot spin), tracking the pool's
-/// members and endpoints afresh. Without that, keepalive and health checks would stop for the
-/// pool's lifetime and nothing would say so. It ends by itself when the pool closes or its
-/// last handle is dropped; aborting the returned handle ends the task too.
-pub fn spawn(monitor: PoolMonitor, config: HealthConfig) -> JoinHandle<()> {
-    tokio::spawn(supervise(monitor, config))
-}
-
-/// How long a panicked health task stays down before it starts again.
-const RESTART_DELAY: Duration = Duration::from_secs(1);
-
-async fn supervise(monitor: PoolMonitor, config: HealthConfig) {
-    loop {
-        // Aborting the supervisor aborts the task it watches.
-        let task = AbortOnDropHandle::new(tokio::spawn(Task::new(monitor.clone(), config.clone()).run()));
-        let panic = match task.await {
-            Ok(()) => return,
-            Err(error) if error.is_panic() => error.into_panic(),
-            Err(_) => return, // cancelled: the runtime is shutting down
-        };
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned());
-        metrics::counter!(names::HEALTH_TASK_RESTARTS, names::LABEL_POOL => monitor.name().to_owned())
-            .increment(1);
-        tracing::error!(pool = %monitor.name(), panic = %what, restart_in = ?RESTART_DELAY, "the health task panicked; keepalive and health checks are down until it restarts");
-        tokio::select! {
-            _ = tokio::time::sleep(RESTART_DELAY) => {}
-            _ = monitor.closed() => return,
-        }
-    }
-}
-
-/// For tests of the supervision only: not part of the API.
-#[doc(hidden)]
-pub mod __test {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Mutex;
-
-    static REQUESTED: AtomicBool = AtomicBool::new(false);
-    static TAKEN: AtomicU64 = AtomicU64::new(0);
-    static POOLS: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-    /// Makes the health task of the pool named `pool` panic at its next turn.
-    pub fn panic_health_task(pool: &str) {
-        POOLS.lock().unwrap_or_else(|e| e.into_inner()).push(pool.to_owned());
-        REQUESTED.store(true, Ordering::Release);
-    }
-
-    /// Panics asked for and taken so far, over all pools.
-    pub fn panics_taken() -> u64 {
-        TAKEN.load(Ordering::Acquire)
-    }
-
-    /// Panics if a test asked the task of `pool` to; one load otherwise.
-    pub(crate) fn maybe_panic(pool: &str) {
-        if !REQUESTED.load(Ordering::Acquire) {
-            return;
-        }
-        let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(at) = pools.iter().position(|p| p == pool) {
-            pools.remove(at);
-            REQUESTED.store(!pools.is_empty(), Ordering::Release);
-            drop(pools);
-            TAKEN.fetch_add(1, Ordering::AcqRel);
-            panic!("a test asked the health task of pool `{pool}` to panic");
-        }
-    }
-}
-
 struct Tracked {
     member: MemberHandle,
     /// Its entry in the queue; `None` while it is being looked at (the entry fired).
@@ -239,26 +176,6 @@ struct Task {
     probes_started: u64,
     /// PING metrics per endpoint, labelled once.
     ping_metrics: HashMap<Endpoint, PingMetrics>,
-}
-
-/// One endpoint's PING counters and round-trip histogram.
-struct PingMetrics {
-    ok: metrics::Counter,
-    error: metrics::Counter,
-    timeout: metrics::Counter,
-    rtt: metrics::Histogram,
-}
-
-impl PingMetrics {
-    fn new(pool: &str, endpoint: &Endpoint) -> PingMetrics {
-        let counter = |result: &'static str| metrics::counter!(names::PINGS, names::LABEL_POOL => pool.to_owned(), names::LABEL_ENDPOINT => endpoint.to_string(), names::LABEL_RESULT => result);
-        PingMetrics {
-            ok: counter("ok"),
-            error: counter("error"),
-            timeout: counter("timeout"),
-            rtt: metrics::histogram!(names::PING_RTT, names::LABEL_POOL => pool.to_owned(), names::LABEL_ENDPOINT => endpoint.to_string()),
-        }
-    }
 }
 
 impl Task {
@@ -441,76 +358,6 @@ impl Task {
         self.schedule_check(id, Duration::ZERO);
     }
 
-    /// Puts the endpoint's next check in the queue `after` from now, or moves it there.
-    fn schedule_check(&mut self, id: u64, after: Duration) {
-        if self.config.checks.is_none() {
-            return;
-        }
-        let Some(health) = self.endpoints.get_mut(&id) else { return };
-        match &health.key {
-            Some(key) => self.queue.reset(key, after),
-            None => health.key = Some(self.queue.insert(Due::Endpoint(id), after)),
-        }
-    }
-
-    /// After a check: the next one in `interval`, or the shorter `unhealthy_interval` while
-    /// the endpoint is unhealthy (+/-10%); at once if a new connection came meanwhile and
-    /// this check failed.
-    fn schedule_next_check(&mut self, id: u64) {
-        let (Some(checks), Some(health)) = (&self.config.checks, self.endpoints.get_mut(&id)) else {
-            return;
-        };
-        let recheck = std::mem::take(&mut health.recheck) && !health.healthy && health.successes == 0;
-        let after = if recheck {
-            Duration::ZERO
-        } else if health.healthy {
-            jittered(checks.interval)
-        } else {
-            jittered(checks.unhealthy_interval.min(checks.interval))
-        };
-        self.schedule_check(id, after);
-    }
-
-    /// A `Watch` stream ended: reopen it on another connection at once if it only moved;
-    /// after the (unhealthy) interval if it failed; fall back to `Check` polling, at once, if
-    /// the server has no `Watch`.
-    fn on_watch_end(&mut self, id: u64, watched: Watched) {
-        let pool = self.monitor.name().to_owned();
-        let Some(health) = self.endpoints.get_mut(&id) else { return };
-        match watched {
-            Watched::Moving => self.schedule_check(id, Duration::ZERO),
-            Watched::Ended => self.schedule_next_check(id),
-            Watched::Unimplemented => {
-                if !health.poll_only {
-                    health.poll_only = true;
-                    let interval = self.config.checks.as_ref().map(|c| c.interval).unwrap_or_default();
-                    tracing::info!(pool = %pool, endpoint = %health.endpoint, "the server does not implement grpc.health.v1 Watch (UNIMPLEMENTED); polling it with Check every {interval:?} instead");
-                }
-                self.schedule_check(id, Duration::ZERO);
-            }
-        }
-    }
-
-    /// A connection to `endpoint` is ready: if the endpoint is unhealthy and no check has
-    /// passed since its last failure, check it now rather than at its next check, so that a
-    /// server back from an outage gets traffic as soon as it says it is serving. (A check
-    /// under way is followed by another at once if it fails.) Once one has passed, the next
-    /// waits `unhealthy_interval` as usual: connections opening together (a pool's connects
-    /// all succeeding when the server is back) must not make `healthy_threshold` checks in a
-    /// row within milliseconds.
-    fn recheck_if_unhealthy(&mut self, endpoint: &Endpoint) {
-        let Some(id) = self.endpoint_ids.get(endpoint).copied() else { return };
-        let Some(health) = self.endpoints.get_mut(&id) else { return };
-        if health.healthy || health.successes > 0 || self.config.checks.is_none() {
-            return;
-        }
-        if health.key.is_some() {
-            self.schedule_check(id, Duration::ZERO);
-        } else {
-            health.recheck = true;
-        }
-    }
-
     /// Forgets an endpoint the pool removed. Its members drain and close on their own (the
     /// task stops tracking each as it closes); a check or `Watch` still under way for it
     /// reports to an id that is gone, and is dropped.
@@ -527,26 +374,6 @@ impl Task {
         self.keepalive_time.remove(endpoint);
         self.lifetime_drain.remove(endpoint);
         self.ping_metrics.remove(endpoint);
-    }
-
-    /// The server thinks it is PINGed too often: double this endpoint's keepalive time, as
-    /// grpc-go does, and say which server setting to align.
-    fn back_off_keepalive(&mut self, endpoint: &Endpoint) {
-        let Some(current) = self.keepalive_time(endpoint) else { return };
-        self.ping_limited.insert(endpoint.clone());
-        let raised = (current * 2).min(MAX_KEEPALIVE_TIME);
-        self.keepalive_time.insert(endpoint.clone(), raised);
-        metrics::counter!(names::KEEPALIVE_BACKOFFS, names::LABEL_POOL => self.monitor.name().to_owned(), names::LABEL_ENDPOINT => endpoint.to_string()).increment(1);
-        tracing::warn!(
-            pool = %self.monitor.name(),
-            endpoint = %endpoint,
-            keepalive_time = ?raised,
-            "server sent GOAWAY ENHANCE_YOUR_CALM \"too_many_pings\": keepalive time doubled. Align the \
-             server's ping policy with the pool's keepalive (gRPC C core: \
-             grpc.http2.min_ping_interval_without_data_ms and grpc.keepalive_permit_without_calls; \
-             grpc-go: keepalive.EnforcementPolicy MinTime and PermitWithoutStream), or raise keepalive.time. \
-             Idle connections to it are now probed with health-check calls instead of PINGs"
-        );
     }
 
     /// Looks at one member whose entry fell due; acts, and puts the entry back.
@@ -630,139 +457,6 @@ impl Task {
         self.reschedule(id, next);
     }
 
-    /// An endpoint check fell due: a `Check` call (poll mode, or a server without `Watch`),
-    /// or (re)opening its `Watch`.
-    fn start_check(&mut self, id: u64) {
-        let (Some(checks), Some((channel, endpoint, removed, poll_only))) = (
-            self.config.checks.clone(),
-            self.endpoints.get_mut(&id).and_then(|e| {
-                // This check sees every connection ready now.
-                e.recheck = false;
-                e.channel.clone().map(|c| (c, e.endpoint.clone(), e.removed.clone(), e.poll_only))
-            }),
-        ) else {
-            return;
-        };
-        let mode = if poll_only { CheckMode::Poll } else { checks.mode };
-        match mode {
-            CheckMode::Poll => {
-                let span = tracing::debug_span!("health_check", pool = %self.monitor.name(), endpoint = %endpoint, mode = "check");
-                self.checks.push(Box::pin(tracing::Instrument::instrument(
-                    async move {
-                        let (verdict, latency) = checks::check(channel, checks.service, checks.timeout).await;
-                        (id, verdict, latency)
-                    },
-                    span,
-                )));
-            }
-            CheckMode::Watch => {
-                // A `Watch` stream never ends by itself, so the connection it rides must be
-                // one that takes new streams: on a draining one (GOAWAY, max_lifetime, endpoint
-                // removed) it would hold the connection open, and a server shutting down
-                // gracefully would wait for it forever. So it rides a ready member, and moves
-                // when that member stops being ready. With none ready yet, it goes through the
-                // endpoint's channel (which connects) and moves once one is.
-                let member = self.ready_member(&endpoint);
-                let monitor = self.monitor.clone();
-                let reports = self.reports_tx.clone();
-                let report = move |verdict| {
-                    let _ = reports.send((id, verdict));
-                };
-                let span = tracing::debug_span!("health_check", pool = %self.monitor.name(), endpoint = %endpoint, mode = "watch");
-                let watcher = async move {
-                    let watched = match member.as_ref().and_then(|m| m.channel().map(|c| (m, c))) {
-                        Some((member, channel)) => {
-                            let watch = checks::watch(channel, checks.service, report);
-                            watch_until(watch, &removed, || member.state() != MemberState::Ready).await
-                        }
-                        None => {
-                            let watch = checks::watch(channel, checks.service, report);
-                            let any_ready = || {
-                                monitor
-                                    .members()
-                                    .iter()
-                                    .any(|m| m.endpoint() == &endpoint && m.state() == MemberState::Ready)
-                            };
-                            watch_until(watch, &removed, any_ready).await
-                        }
-                    };
-                    (id, watched)
-                };
-                self.watchers.push(Box::pin(tracing::Instrument::instrument(watcher, span)));
-            }
-        }
-    }
-
-    /// The endpoint's ready member with the fewest streams in flight, for a `Watch` stream.
-    fn ready_member(&self, endpoint: &Endpoint) -> Option<MemberHandle> {
-        self.by_endpoint
-            .get(endpoint)?
-            .iter()
-            .filter_map(|id| self.members.get(id))
-            .map(|tracked| (tracked.member.status(), &tracked.member))
-            .filter(|(status, _)| status.state == MemberState::Ready)
-            .min_by_key(|(status, _)| status.in_flight)
-            .map(|(_, member)| member.clone())
-    }
-
-    /// Applies one check's verdict with the thresholds; a `Watch` status message changes the
-    /// verdict at once.
-    fn on_verdict(&mut self, id: u64, verdict: Verdict, latency: Option<Duration>, from_watch: bool) {
-        let Some(checks) = self.config.checks.clone() else { return };
-        let pool = self.monitor.name().to_owned();
-        let Some(health) = self.endpoints.get_mut(&id) else { return };
-        let endpoint_label = health.endpoint.to_string();
-        metrics::counter!(names::HEALTH_CHECKS, names::LABEL_POOL => pool.clone(), names::LABEL_ENDPOINT => endpoint_label.clone(), names::LABEL_RESULT => verdict.result()).increment(1);
-        if let Some(latency) = latency {
-            metrics::histogram!(names::HEALTH_CHECK_DURATION, names::LABEL_POOL => pool.clone(), names::LABEL_ENDPOINT => endpoint_label.clone()).record(latency.as_secs_f64());
-        }
-        let passed = match &verdict {
-            Verdict::Serving => true,
-            Verdict::Unimplemented => {
-                if !health.unimplemented_logged {
-                    health.unimplemented_logged = true;
-                    tracing::info!(pool = %pool, endpoint = %endpoint_label, healthy = checks.unimplemented_is_healthy, "the server has no grpc.health.v1 service (UNIMPLEMENTED); treating it as {}", if checks.unimplemented_is_healthy { "healthy" } else { "unhealthy" });
-                }
-                checks.unimplemented_is_healthy
-            }
-            Verdict::Failed { .. } => false,
-        };
-        let immediate =
-            from_watch && !matches!(&verdict, Verdict::Failed { result: "error" | "timeout", .. });
-        if passed {
-            health.successes += 1;
-            health.failures = 0;
-        } else {
-            health.failures += 1;
-            health.successes = 0;
-        }
-        tracing::debug!(pool = %pool, endpoint = %endpoint_label, result = verdict.result(), latency = ?latency, "health check");
-        let turn_healthy =
-            !health.healthy && passed && (immediate || health.successes >= checks.healthy_threshold);
-        let turn_unhealthy =
-            health.healthy && !passed && (immediate || health.failures >= checks.unhealthy_threshold);
-        if turn_healthy || turn_unhealthy {
-            health.healthy = turn_healthy;
-            let reason = match &verdict {
-                Verdict::Failed { detail, .. } => Some(format!("health check: {detail}")),
-                Verdict::Unimplemented => Some("health check: no health service (UNIMPLEMENTED)".to_owned()),
-                Verdict::Serving => None,
-            };
-            let endpoint = health.endpoint.clone();
-            self.monitor.set_endpoint_health(&endpoint, turn_healthy, reason.as_deref());
-        }
-    }
-
-    fn reschedule(&mut self, id: u64, after: Duration) {
-        if let Some(tracked) = self.members.get_mut(&id) {
-            let at = batched(self.epoch, Instant::now() + after.max(MIN_RECHECK));
-            match &tracked.key {
-                Some(key) => self.queue.reset_at(key, at),
-                None => tracked.key = Some(self.queue.insert_at(Due::Member(id), at)),
-            }
-        }
-    }
-
     /// One lifetime retirement at a time per endpoint: the previous one must have closed and
     /// its replacement be ready (the endpoint back to as many ready members as it had, up to
     /// `min_connections`), or the previous must be draining for long already.
@@ -787,119 +481,5 @@ impl Task {
                     .count()
             })
             .unwrap_or(0)
-    }
-
-    /// Whether the member may have another PING under the server's PING policy: fewer than
-    /// `most` (0: no limit) sent since the server last sent DATA or HEADERS, which resets
-    /// the server's strike count (the C core's `Chttp2PingAbusePolicy::ResetPingStrikes`,
-    /// grpc-go's `resetPingStrikes`). Past that, the member waits for data before its next
-    /// PING, as the C core's client does with `max_pings_without_data`.
-    fn may_ping_without_data(&mut self, id: u64, data_frames: u64, most: u32) -> bool {
-        let Some(tracked) = self.members.get_mut(&id) else { return false };
-        if tracked.data_frames != data_frames {
-            tracked.data_frames = data_frames;
-            tracked.pings_without_data = 0;
-        }
-        most == 0 || tracked.pings_without_data < most
-    }
-
-    /// Probes a quiet member: an HTTP/2 PING, or for `rpc` a health-check call on that
-    /// connection (for servers that limit PINGs on idle connections).
-    fn start_probe(&mut self, id: u64, member: &MemberHandle, rpc: bool) {
-        self.probes_started += 1;
-        let probe = self.probes_started;
-        if let Some(tracked) = self.members.get_mut(&id) {
-            tracked.probe = Some(probe);
-            if !rpc {
-                // A health-check call makes the server send HEADERS: only PINGs count.
-                tracked.pings_without_data += 1;
-            }
-        }
-        let member = member.clone();
-        let service = if rpc { self.config.checks.as_ref().map(|c| c.service.clone()) } else { None };
-        // The probe's deadline is the member's queue entry, due after the keepalive timeout
-        // (rounded up to the batch grid); the PING's own bound, a little later, is a backstop
-        // that also closes the connection should the task be late.
-        let backstop = self.keepalive().map(|k| k.timeout).unwrap_or(Duration::from_secs(20)) + 2 * BATCH;
-        self.probes.push(Box::pin(async move {
-            let result = match (rpc, member.channel()) {
-                (true, Some(channel)) => checks::probe(channel, service.unwrap_or_default()).await,
-                _ => member.ping(backstop).await.map_err(|e: Error| e.to_string()),
-            };
-            (id, probe, result)
-        }));
-    }
-
-    fn ping_metrics(&mut self, endpoint: &Endpoint) -> &PingMetrics {
-        if !self.ping_metrics.contains_key(endpoint) {
-            let metrics = PingMetrics::new(self.monitor.name(), endpoint);
-            self.ping_metrics.insert(endpoint.clone(), metrics);
-        }
-        &self.ping_metrics[endpoint]
-    }
-
-    fn on_pong(&mut self, id: u64, probe: u64, result: Result<Duration, String>) {
-        let Some(tracked) = self.members.get_mut(&id) else { return };
-        if tracked.probe != Some(probe) {
-            return; // answered after its deadline; the member was dealt with then
-        }
-        tracked.probe = None;
-        tracked.first_ping_after = None;
-        let member = tracked.member.clone();
-        match result {
-            Ok(rtt) => {
-                let metrics = self.ping_metrics(member.endpoint());
-                metrics.ok.increment(1);
-                metrics.rtt.record(rtt.as_secs_f64());
-                tracing::trace!(member = id, rtt = ?rtt, "keepalive PONG");
-                // Due again at whichever comes first: the next PING, its idle or lifetime end.
-                self.check(id);
-            }
-            Err(error) => {
-                self.ping_metrics(member.endpoint()).error.increment(1);
-                tracing::debug!(member = id, error = %error, "keepalive probe failed");
-                // The connection failed; the pool is taking it out already.
-                self.reschedule(id, MIN_RECHECK);
-            }
-        }
-    }
-
-    /// A probe got no answer within the keepalive timeout: the connection is dead.
-    fn on_probe_timeout(&mut self, id: u64, member: &MemberHandle) {
-        self.ping_metrics(member.endpoint()).timeout.increment(1);
-        let timeout = self.keepalive().map(|k| k.timeout).unwrap_or_default();
-        member.kill(EvictionReason::PingTimeout, &format!("no PONG within keepalive timeout {timeout:?}"));
-        // Its probe ends when the connection does; the answer finds no member.
-        self.untrack(id);
-    }
-}
-
-/// Runs a `Watch` stream until it ends (as it says), its endpoint is removed (`Ended`), or
-/// `should_move` holds (`Moving`: reopen it elsewhere at once), looking every
-/// [`WATCH_RECHECK`].
-async fn watch_until(
-    watch: impl Future<Output = WatchEnd>,
-    removed: &AtomicBool,
-    mut should_move: impl FnMut() -> bool,
-) -> Watched {
-    let left = async {
-        let mut ticks = tokio::time::interval(WATCH_RECHECK);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticks.tick().await;
-            if removed.load(Ordering::Relaxed) {
-                return false;
-            }
-            if should_move() {
-                return true;
-            }
-        }
-    };
-    tokio::select! {
-        end = watch => match end {
-            WatchEnd::Ended => Watched::Ended,
-            WatchEnd::Unimplemented => Watched::Unimplemented,
-        },
-        moving = left => if moving { Watched::Moving } else { Watched::Ended },
     }
 }

@@ -1,0 +1,131 @@
+//! The health task's keepalive side: PINGs (or health-check RPCs, for servers that limit
+//! PINGs) of quiet members, their answers and timeouts, and backing off after
+//! `too_many_pings`.
+
+use super::*;
+
+/// One endpoint's PING counters and round-trip histogram.
+pub(super) struct PingMetrics {
+    ok: metrics::Counter,
+    error: metrics::Counter,
+    timeout: metrics::Counter,
+    rtt: metrics::Histogram,
+}
+
+impl PingMetrics {
+    pub(super) fn new(pool: &str, endpoint: &Endpoint) -> PingMetrics {
+        let counter = |result: &'static str| metrics::counter!(names::PINGS, names::LABEL_POOL => pool.to_owned(), names::LABEL_ENDPOINT => endpoint.to_string(), names::LABEL_RESULT => result);
+        PingMetrics {
+            ok: counter("ok"),
+            error: counter("error"),
+            timeout: counter("timeout"),
+            rtt: metrics::histogram!(names::PING_RTT, names::LABEL_POOL => pool.to_owned(), names::LABEL_ENDPOINT => endpoint.to_string()),
+        }
+    }
+}
+
+impl Task {
+    /// The server thinks it is PINGed too often: double this endpoint's keepalive time, as
+    /// grpc-go does, and say which server setting to align.
+    pub(super) fn back_off_keepalive(&mut self, endpoint: &Endpoint) {
+        let Some(current) = self.keepalive_time(endpoint) else { return };
+        self.ping_limited.insert(endpoint.clone());
+        let raised = (current * 2).min(MAX_KEEPALIVE_TIME);
+        self.keepalive_time.insert(endpoint.clone(), raised);
+        metrics::counter!(names::KEEPALIVE_BACKOFFS, names::LABEL_POOL => self.monitor.name().to_owned(), names::LABEL_ENDPOINT => endpoint.to_string()).increment(1);
+        tracing::warn!(
+            pool = %self.monitor.name(),
+            endpoint = %endpoint,
+            keepalive_time = ?raised,
+            "server sent GOAWAY ENHANCE_YOUR_CALM \"too_many_pings\": keepalive time doubled. Align the \
+             server's ping policy with the pool's keepalive (gRPC C core: \
+             grpc.http2.min_ping_interval_without_data_ms and grpc.keepalive_permit_without_calls; \
+             grpc-go: keepalive.EnforcementPolicy MinTime and PermitWithoutStream), or raise keepalive.time. \
+             Idle connections to it are now probed with health-check calls instead of PINGs"
+        );
+    }
+
+    /// Whether the member may have another PING under the server's PING policy: fewer than
+    /// `most` (0: no limit) sent since the server last sent DATA or HEADERS, which resets
+    /// the server's strike count (the C core's `Chttp2PingAbusePolicy::ResetPingStrikes`,
+    /// grpc-go's `resetPingStrikes`). Past that, the member waits for data before its next
+    /// PING, as the C core's client does with `max_pings_without_data`.
+    pub(super) fn may_ping_without_data(&mut self, id: u64, data_frames: u64, most: u32) -> bool {
+        let Some(tracked) = self.members.get_mut(&id) else { return false };
+        if tracked.data_frames != data_frames {
+            tracked.data_frames = data_frames;
+            tracked.pings_without_data = 0;
+        }
+        most == 0 || tracked.pings_without_data < most
+    }
+
+    /// Probes a quiet member: an HTTP/2 PING, or for `rpc` a health-check call on that
+    /// connection (for servers that limit PINGs on idle connections).
+    pub(super) fn start_probe(&mut self, id: u64, member: &MemberHandle, rpc: bool) {
+        self.probes_started += 1;
+        let probe = self.probes_started;
+        if let Some(tracked) = self.members.get_mut(&id) {
+            tracked.probe = Some(probe);
+            if !rpc {
+                // A health-check call makes the server send HEADERS: only PINGs count.
+                tracked.pings_without_data += 1;
+            }
+        }
+        let member = member.clone();
+        let service = if rpc { self.config.checks.as_ref().map(|c| c.service.clone()) } else { None };
+        // The probe's deadline is the member's queue entry, due after the keepalive timeout
+        // (rounded up to the batch grid); the PING's own bound, a little later, is a backstop
+        // that also closes the connection should the task be late.
+        let backstop = self.keepalive().map(|k| k.timeout).unwrap_or(Duration::from_secs(20)) + 2 * BATCH;
+        self.probes.push(Box::pin(async move {
+            let result = match (rpc, member.channel()) {
+                (true, Some(channel)) => checks::probe(channel, service.unwrap_or_default()).await,
+                _ => member.ping(backstop).await.map_err(|e: Error| e.to_string()),
+            };
+            (id, probe, result)
+        }));
+    }
+
+    pub(super) fn ping_metrics(&mut self, endpoint: &Endpoint) -> &PingMetrics {
+        if !self.ping_metrics.contains_key(endpoint) {
+            let metrics = PingMetrics::new(self.monitor.name(), endpoint);
+            self.ping_metrics.insert(endpoint.clone(), metrics);
+        }
+        &self.ping_metrics[endpoint]
+    }
+
+    pub(super) fn on_pong(&mut self, id: u64, probe: u64, result: Result<Duration, String>) {
+        let Some(tracked) = self.members.get_mut(&id) else { return };
+        if tracked.probe != Some(probe) {
+            return; // answered after its deadline; the member was dealt with then
+        }
+        tracked.probe = None;
+        tracked.first_ping_after = None;
+        let member = tracked.member.clone();
+        match result {
+            Ok(rtt) => {
+                let metrics = self.ping_metrics(member.endpoint());
+                metrics.ok.increment(1);
+                metrics.rtt.record(rtt.as_secs_f64());
+                tracing::trace!(member = id, rtt = ?rtt, "keepalive PONG");
+                // Due again at whichever comes first: the next PING, its idle or lifetime end.
+                self.check(id);
+            }
+            Err(error) => {
+                self.ping_metrics(member.endpoint()).error.increment(1);
+                tracing::debug!(member = id, error = %error, "keepalive probe failed");
+                // The connection failed; the pool is taking it out already.
+                self.reschedule(id, MIN_RECHECK);
+            }
+        }
+    }
+
+    /// A probe got no answer within the keepalive timeout: the connection is dead.
+    pub(super) fn on_probe_timeout(&mut self, id: u64, member: &MemberHandle) {
+        self.ping_metrics(member.endpoint()).timeout.increment(1);
+        let timeout = self.keepalive().map(|k| k.timeout).unwrap_or_default();
+        member.kill(EvictionReason::PingTimeout, &format!("no PONG within keepalive timeout {timeout:?}"));
+        // Its probe ends when the connection does; the answer finds no member.
+        self.untrack(id);
+    }
+}
