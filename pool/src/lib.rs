@@ -39,6 +39,7 @@ mod notify;
 mod outlier;
 mod proto;
 mod routing;
+mod sync;
 
 pub use api::{Builder, EndpointState, MemberSnapshot, Pool, RetryReason, State, Statistics};
 pub use call::{ResponseBody, ResponseFuture, WaitForReady};
