@@ -441,3 +441,6 @@ impl<S> WaitQueue<S> {
         failed
     }
 }
+
+#[cfg(all(test, grpc_pool_loom))]
+mod loom_tests;
