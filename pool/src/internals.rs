@@ -326,6 +326,10 @@ pub(crate) trait SlotSource {
 /// - a waiter that gives up closes its receiver, then counts itself out; a slot sent before
 ///   the close is dropped with the receiver (a release), one sent after comes back to
 ///   `serve`, which offers it to the next waiter or frees it under the lock.
+///
+/// FIFO holds for the slots the queue hands on. A caller in the middle of joining can still
+/// take a slot freed in that moment by its second look, before the releaser serves the
+/// oldest waiter (the loom model finds that interleaving).
 #[derive(Debug)]
 pub(crate) struct WaitQueue<S = Slot> {
     waiting: AtomicUsize,

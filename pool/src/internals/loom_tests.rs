@@ -8,7 +8,8 @@
 //! of `crate::sync`; `checkout_wait` and `give_up` below follow the steps of
 //! `PoolInner::checkout_wait` (join, look again, wait; on timeout `try_recv`, then leave).
 //!
-//! `RUSTFLAGS="--cfg grpc_pool_loom" cargo test -p grpc-pool-core --release --lib loom`
+//! `RUSTFLAGS="--cfg grpc_pool_loom" CARGO_TARGET_DIR=target/loom cargo test -p grpc-pool-core --lib loom`
+//! (the README's Development section; CI runs it).
 
 use loom::sync::atomic::AtomicUsize;
 use loom::sync::Arc;
@@ -140,7 +141,8 @@ fn assert_settled(member: &Arc<Probe>) {
 /// Checks `f` under every interleaving loom explores with at most `preemptions` preemptions
 /// (`None`: any number; `LOOM_MAX_PREEMPTIONS` overrides it), and says how many it ran
 /// (`-- --nocapture`). The 2-thread models run exhaustively in a second; the 3-thread ones
-/// take seconds with 3 preemptions, 40 s with 4, and do not finish in minutes without a bound.
+/// take seconds with 3 preemptions, 40 s each with 4 (release build), and do not finish in
+/// minutes without a bound.
 fn model(preemptions: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut builder = loom::model::Builder::new();
