@@ -293,23 +293,28 @@ impl Member {
 impl SlotSource for Arc<Member> {
     type Slot = Slot;
 
+    #[inline]
     fn try_acquire(&self) -> Option<Slot> {
         Member::try_acquire(self)
     }
 
+    #[inline]
     fn free_slot(&self) {
         self.slots.give_back();
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
+    #[inline]
     fn serves_waiters(&self) -> bool {
         self.state.load(Ordering::Acquire) == STATE_READY && self.endpoint.routable.load(Ordering::Acquire)
     }
 
+    #[inline]
     fn waiters(&self) -> &WaitQueue {
         &self.waiters
     }
 
+    #[inline]
     fn free_leftover(slot: Slot) {
         slot.release_quietly();
     }
