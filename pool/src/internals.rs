@@ -5,17 +5,18 @@
 //! the mutexes here are taken only when membership changes or when callers have to wait.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::member::{Member, Slot};
 use crate::outlier::Outliers;
+use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use crate::sync::{oneshot, Mutex, MutexGuard};
 
 /// What members need to know of their endpoint (no member list: members point here, and the
 /// list points at members).
@@ -261,6 +262,51 @@ impl EndpointEntry {
     }
 }
 
+/// What the wait queue hands out: the slots of one member. `Arc<Member>` is the one the pool
+/// uses; the loom model (`internals/loom_tests.rs`) implements it over the same `Slots`
+/// counter without a connection, and runs this `release` and the queue's own code.
+pub(crate) trait SlotSource {
+    /// The right to one stream; dropping it calls `slot_dropped`.
+    type Slot;
+
+    /// A slot if one is free (`Slots::try_take`: SeqCst).
+    fn try_acquire(&self) -> Option<Self::Slot>;
+
+    /// Frees a slot without serving waiters (`Slots::give_back`: SeqCst).
+    fn free_slot(&self);
+
+    /// Whether freed slots may go to waiters now (ready, routable).
+    fn serves_waiters(&self) -> bool;
+
+    /// The queue its freed slots go to.
+    fn waiters(&self) -> &WaitQueue<Self::Slot>;
+
+    /// Frees a slot the queue took and could not hand on; it holds its lock meanwhile.
+    fn free_leftover(slot: Self::Slot);
+
+    /// What dropping one of its slots does: `release` it, or only free it (the queue's
+    /// leftover: the queue holds its lock and has served already).
+    #[inline]
+    fn slot_dropped(&self, serve_waiters: bool) {
+        if serve_waiters {
+            self.release();
+        } else {
+            self.free_slot();
+        }
+    }
+
+    /// Frees a slot, or hands it to the oldest waiter.
+    #[inline]
+    fn release(&self) {
+        self.free_slot();
+        // Decrement first, then look for waiters: a waiter that queued after our look
+        // re-checks the slots itself, so no free slot is ever left with a waiter queued.
+        if self.waiters().has_waiters() && self.serves_waiters() {
+            self.waiters().serve(self);
+        }
+    }
+}
+
 /// Checkouts waiting for a slot, served first come, first served.
 ///
 /// A freed slot goes straight to the longest waiter instead of back to the member, so a burst
@@ -271,35 +317,54 @@ impl EndpointEntry {
 /// stops waiting, however it stops (slot, timeout, cancellation), so the fast path's "is
 /// anybody queued?" never sees stale entries. The queue may still hold senders of waiters that
 /// left; they are skipped when served and swept when they pile up.
-#[derive(Debug, Default)]
-pub(crate) struct WaitQueue {
+///
+/// The protocol, which `internals/loom_tests.rs` checks under loom:
+/// - a caller that finds no free slot joins (`enqueue`: counts itself in `waiting`, SeqCst,
+///   then queues under the lock), then looks for a free slot once more (`checkout_wait`);
+/// - a releaser frees its slot (SeqCst), then reads `waiting` (SeqCst) and, if anybody
+///   waits, `serve`s: under the lock, takes a slot for the oldest open waiter and sends it;
+/// - a waiter that gives up closes its receiver, then counts itself out; a slot sent before
+///   the close is dropped with the receiver (a release), one sent after comes back to
+///   `serve`, which offers it to the next waiter or frees it under the lock.
+///
+/// FIFO holds for the slots the queue hands on. A caller in the middle of joining can still
+/// take a slot freed in that moment by its second look, before the releaser serves the
+/// oldest waiter (the loom model finds that interleaving).
+#[derive(Debug)]
+pub(crate) struct WaitQueue<S = Slot> {
     waiting: AtomicUsize,
-    queue: Mutex<VecDeque<Waiter>>,
+    queue: Mutex<VecDeque<Waiter<S>>>,
+}
+
+impl<S> Default for WaitQueue<S> {
+    fn default() -> Self {
+        WaitQueue { waiting: AtomicUsize::new(0), queue: Mutex::new(VecDeque::new()) }
+    }
 }
 
 /// One queued checkout: where its slot goes, and whether it waits out an outage.
 #[derive(Debug)]
-struct Waiter {
-    slot: oneshot::Sender<Result<Slot, Error>>,
+struct Waiter<S> {
+    slot: oneshot::Sender<Result<S, Error>>,
     wait_for_ready: bool,
 }
 
 /// One waiting checkout; dropping it (whatever the outcome) stops the count of waiters
 /// including it.
-pub(crate) struct Waiting<'a> {
-    queue: &'a WaitQueue,
-    pub(crate) slot: oneshot::Receiver<Result<Slot, Error>>,
+pub(crate) struct Waiting<'a, S = Slot> {
+    queue: &'a WaitQueue<S>,
+    pub(crate) slot: oneshot::Receiver<Result<S, Error>>,
 }
 
-impl Drop for Waiting<'_> {
+impl<S> Drop for Waiting<'_, S> {
     fn drop(&mut self) {
         self.slot.close();
         self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-impl WaitQueue {
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Waiter>> {
+impl<S> WaitQueue<S> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Waiter<S>>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -312,7 +377,7 @@ impl WaitQueue {
     }
 
     /// Joins the end of the queue.
-    pub(crate) fn enqueue(&self, wait_for_ready: bool) -> Waiting<'_> {
+    pub(crate) fn enqueue(&self, wait_for_ready: bool) -> Waiting<'_, S> {
         let (tx, rx) = oneshot::channel();
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let mut queue = self.lock();
@@ -324,7 +389,7 @@ impl WaitQueue {
     }
 
     /// Hands slots of `member` to waiters, oldest first, while it has room.
-    pub(crate) fn serve(&self, member: &Arc<Member>) {
+    pub(crate) fn serve<M: SlotSource<Slot = S> + ?Sized>(&self, member: &M) {
         let mut queue = self.lock();
         let mut leftover = None;
         while let Some(waiter) = queue.pop_front() {
@@ -348,7 +413,7 @@ impl WaitQueue {
         if let Some(slot) = leftover {
             // Nobody left to take it; free it here, under the lock, so that a waiter queueing
             // next sees it when it looks at the slots again.
-            slot.release_quietly();
+            M::free_leftover(slot);
         }
     }
 
@@ -380,3 +445,6 @@ impl WaitQueue {
         failed
     }
 }
+
+#[cfg(all(test, grpc_pool_loom))]
+mod loom_tests;

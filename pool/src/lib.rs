@@ -41,6 +41,7 @@ mod proto;
 mod routing;
 mod state;
 mod stats;
+mod sync;
 
 pub use api::{Builder, Pool};
 pub use call::{ResponseBody, ResponseFuture, WaitForReady};

@@ -1,7 +1,6 @@
 //! A member: one HTTP/2 connection of the pool, its state and its stream slots.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -9,9 +8,10 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::clock::AtomicInstant;
-use crate::internals::{EndpointShared, WaitQueue};
+use crate::internals::{EndpointShared, SlotSource, WaitQueue};
 use crate::proto::h2::frames::ConnSignals;
 use crate::proto::h2::ping::Pinger;
+use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 /// Where a member is in its life: `Connecting -> Ready -> Draining -> Closed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -141,7 +141,7 @@ pub(crate) struct Member {
     /// Set while a call PINGs it before use; other calls that picked it wait for the answer.
     probing: AtomicBool,
     probe_done: tokio::sync::Notify,
-    in_flight: AtomicU32,
+    slots: Slots,
     /// The configured per-connection cap; the server's own limit applies too.
     cap: u32,
     /// The stream id at which it retires (`max_streams_per_connection`, or the id space).
@@ -175,7 +175,7 @@ impl Member {
             last_stream_id: AtomicU32::new(0),
             probing: AtomicBool::new(false),
             probe_done: tokio::sync::Notify::new(),
-            in_flight: AtomicU32::new(0),
+            slots: Slots::new(),
             cap,
             retire_at_stream_id,
             created: Instant::now(),
@@ -205,7 +205,7 @@ impl Member {
     }
 
     pub(crate) fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.slots.in_flight()
     }
 
     /// The most streams this member carries at once: the configured cap, or less if the
@@ -268,23 +268,8 @@ impl Member {
         if self.state.load(Ordering::Acquire) != STATE_READY {
             return None;
         }
-        let limit = self.max_streams();
-        // SeqCst pairs with the wait queue: a waiter counts itself in, then reads this; a
-        // releaser decrements this, then reads the count. One of the two sees the other.
-        let mut current = self.in_flight.load(Ordering::SeqCst);
-        loop {
-            if current >= limit {
-                return None;
-            }
-            match self.in_flight.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::SeqCst,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break,
-                Err(actual) => current = actual,
-            }
+        if !self.slots.try_take(self.max_streams()) {
+            return None;
         }
         self.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         let unused_for = self.last_used.swap_now();
@@ -297,26 +282,41 @@ impl Member {
         if self.state.load(Ordering::Acquire) != STATE_READY {
             return None;
         }
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.slots.force_take();
         self.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         Some(Slot { member: self.clone(), serve_waiters: true, unused_for: Duration::ZERO })
     }
+}
 
-    fn release(self: &Arc<Self>) {
-        self.release_quietly();
-        // Decrement first, then look for waiters: a waiter that queued after our look
-        // re-checks the slots itself, so no free slot is ever left with a waiter queued.
-        if self.waiters.has_waiters()
-            && self.state.load(Ordering::Acquire) == STATE_READY
-            && self.endpoint.routable.load(Ordering::Acquire)
-        {
-            self.waiters.serve(self);
-        }
+/// The wait queue's view of a member: its slots, and whether freed ones may go to waiters.
+/// `release`, the members' half of the hand-off, is the trait's own (see `SlotSource`).
+impl SlotSource for Arc<Member> {
+    type Slot = Slot;
+
+    #[inline]
+    fn try_acquire(&self) -> Option<Slot> {
+        Member::try_acquire(self)
     }
 
-    fn release_quietly(&self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    #[inline]
+    fn free_slot(&self) {
+        self.slots.give_back();
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    fn serves_waiters(&self) -> bool {
+        self.state.load(Ordering::Acquire) == STATE_READY && self.endpoint.routable.load(Ordering::Acquire)
+    }
+
+    #[inline]
+    fn waiters(&self) -> &WaitQueue {
+        &self.waiters
+    }
+
+    #[inline]
+    fn free_leftover(slot: Slot) {
+        slot.release_quietly();
     }
 }
 
@@ -338,6 +338,60 @@ impl fmt::Debug for Member {
             .field("state", &self.state())
             .field("in_flight", &self.in_flight())
             .finish()
+    }
+}
+
+/// A member's stream slots: how many streams it carries now, taken below a limit with a
+/// compare-and-swap. The wait queue's loom model (`internals/loom_tests.rs`) runs this same
+/// counter, so every ordering here is one the model checks.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    in_flight: AtomicU32,
+}
+
+impl Slots {
+    pub(crate) fn new() -> Slots {
+        Slots { in_flight: AtomicU32::new(0) }
+    }
+
+    /// Streams in flight now (a gauge: no ordering with anything else).
+    #[inline]
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Takes a slot if fewer than `limit` are taken.
+    #[inline]
+    pub(crate) fn try_take(&self, limit: u32) -> bool {
+        // SeqCst pairs with the wait queue: a waiter counts itself in, then reads this; a
+        // releaser decrements this, then reads the count. One of the two sees the other.
+        let mut current = self.in_flight.load(Ordering::SeqCst);
+        loop {
+            if current >= limit {
+                return false;
+            }
+            match self.in_flight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Takes a slot whatever the limit.
+    #[inline]
+    pub(crate) fn force_take(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Gives a slot back; the caller then looks for waiters (see `SlotSource::release`).
+    #[inline]
+    pub(crate) fn give_back(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -366,11 +420,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if self.serve_waiters {
-            self.member.release();
-        } else {
-            self.member.release_quietly();
-        }
+        self.member.slot_dropped(self.serve_waiters);
     }
 }
 
