@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use grpc_pool_core::Error;
+use grpc_pool_core::{check_duration, Error};
 
 /// Keepalive PINGs, with the parameters of grpc-go's and the gRPC C core's client keepalive.
 ///
@@ -200,8 +200,8 @@ impl HealthConfig {
     /// Checks every field; the first violation names the field and its allowed range.
     pub fn validate(&self) -> Result<(), Error> {
         if let Some(keepalive) = &self.keepalive {
-            within("keepalive.time", keepalive.time, Duration::from_millis(10), DAY)?;
-            within("keepalive.timeout", keepalive.timeout, Duration::from_millis(1), HOUR)?;
+            check_duration("keepalive.time", keepalive.time, Duration::from_millis(10), DAY)?;
+            check_duration("keepalive.timeout", keepalive.timeout, Duration::from_millis(1), HOUR)?;
             if keepalive.max_pings_without_data > 1000 {
                 return Err(Error::invalid_config(
                     "keepalive.max_pings_without_data",
@@ -211,20 +211,20 @@ impl HealthConfig {
             }
         }
         if let Some(idle) = self.eviction.idle_timeout {
-            within("idle_timeout", idle, Duration::from_millis(10), 30 * DAY)?;
+            check_duration("idle_timeout", idle, Duration::from_millis(10), 30 * DAY)?;
         }
         if let Some(lifetime) = self.eviction.max_lifetime {
-            within("max_lifetime", lifetime, Duration::from_millis(100), 30 * DAY)?;
+            check_duration("max_lifetime", lifetime, Duration::from_millis(100), 30 * DAY)?;
         }
         if let Some(checks) = &self.checks {
-            within("health_checks.interval", checks.interval, Duration::from_millis(10), HOUR)?;
-            within(
+            check_duration("health_checks.interval", checks.interval, Duration::from_millis(10), HOUR)?;
+            check_duration(
                 "health_checks.unhealthy_interval",
                 checks.unhealthy_interval,
                 Duration::from_millis(10),
                 HOUR,
             )?;
-            within("health_checks.timeout", checks.timeout, Duration::from_millis(1), HOUR)?;
+            check_duration("health_checks.timeout", checks.timeout, Duration::from_millis(1), HOUR)?;
             for (field, value) in [
                 ("health_checks.unhealthy_threshold", checks.unhealthy_threshold),
                 ("health_checks.healthy_threshold", checks.healthy_threshold),
@@ -243,15 +243,6 @@ impl HealthConfig {
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(24 * 3600);
-
-/// Durations have a floor (below it the task would spin) and a ceiling (far past any real
-/// use, and low enough that jitter and doubling cannot overflow).
-fn within(field: &str, value: Duration, min: Duration, max: Duration) -> Result<(), Error> {
-    if value < min || value > max {
-        return Err(Error::invalid_config(field, &format!("{value:?}"), &format!("{min:?} to {max:?}")));
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {

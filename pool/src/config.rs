@@ -330,8 +330,9 @@ where
 }
 
 /// Durations have a floor (zero would spin or fail everything) and a ceiling (far past any
-/// real use, and low enough that adding one to an `Instant` cannot overflow).
-fn check_duration(field: &str, value: Duration, min: Duration, max: Duration) -> Result<(), Error> {
+/// real use, and low enough that adding one to an `Instant` cannot overflow). The health
+/// crate checks its durations with it too, so every range error reads alike.
+pub fn check_duration(field: &str, value: Duration, min: Duration, max: Duration) -> Result<(), Error> {
     if value < min || value > max {
         return Err(Error::config(field, &format!("{value:?}"), &format!("{min:?} to {max:?}")));
     }

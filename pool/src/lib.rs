@@ -45,6 +45,8 @@ mod sync;
 
 pub use api::{Builder, Pool};
 pub use call::{ResponseBody, ResponseFuture, WaitForReady};
+#[doc(hidden)]
+pub use config::check_duration;
 pub use config::{AllUnhealthy, BackoffConfig, Config, H2Config, DEFAULT_POOL_NAME};
 pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
