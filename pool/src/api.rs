@@ -86,12 +86,6 @@ impl Pool {
         self.inner().events()
     }
 
-    /// The maintenance view of the pool, for a health task: members, PINGs, events. It does
-    /// not keep the pool open.
-    pub fn monitor(&self) -> crate::monitor::PoolMonitor {
-        crate::monitor::PoolMonitor::new(self.inner().clone())
-    }
-
     /// Adds an endpoint at run time; it opens its `min_connections` and takes calls as soon as
     /// a connection is ready. Returns `Ok(false)` if the pool has it already, and an error
     /// if `uri` is not a valid endpoint.
@@ -380,12 +374,13 @@ impl Builder {
         // Last, so that a build that fails above never holds the name.
         let (claim, name) = PoolName::claim(&self.config.name)?;
         self.config.name = name;
-        let inner = Arc::new(PoolInner::new(self.config, endpoints, claim));
+        let (inner, ejections) = PoolInner::new(self.config, endpoints, claim);
+        let inner = Arc::new(inner);
         if let Some(tls) = tls {
             let _ = inner.tls.set(tls);
         }
-        if let Some(outliers) = &inner.outliers {
-            outliers.set_pool(&inner);
+        if let Some(requests) = ejections {
+            inner.spawn_ejector(requests);
         }
         inner.spawn_gauge_sampler(inner.config.metrics_interval);
         Ok(inner)

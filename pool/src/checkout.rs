@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::endpoint::EndpointShared;
 use crate::error::Error;
 use crate::inner::PoolInner;
-use crate::internals::{EndpointEntry, EndpointShared};
+use crate::internals::EndpointEntry;
 use crate::member::{MemberState, Slot};
 use crate::metrics as names;
 

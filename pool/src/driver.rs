@@ -4,11 +4,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::endpoint::EndpointShared;
+use crate::events::MemberEvent;
 use crate::events::PoolEvent;
 use crate::inner::PoolInner;
-use crate::internals::EndpointShared;
 use crate::member::{EvictionReason, Member};
-use crate::monitor::{MemberHandle, MonitorEvent};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Weak;
@@ -55,8 +55,8 @@ pub(crate) async fn drive(
             goaway_reported = true;
             if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {
                 if let Some(goaway) = signals.goaway() {
-                    pool.emit(|| MonitorEvent::GoAway {
-                        member: MemberHandle::new(&pool, &member),
+                    pool.emit(|| MemberEvent::GoAway {
+                        member: member.clone(),
                         reason: goaway.reason(),
                         debug_data: goaway.debug_data.clone(),
                     });

@@ -1,5 +1,5 @@
-//! Endpoint addresses: where a pool's members connect, and what their requests say in
-//! `:scheme` and `:authority`.
+//! Endpoints: their addresses (where a pool's members connect, and what their requests say
+//! in `:scheme` and `:authority`), and what the members of one endpoint share.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -9,8 +9,11 @@ use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
 use http::Uri;
+use tokio::sync::mpsc;
 
 use crate::error::Error;
+use crate::outlier::Outliers;
+use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 /// One server address of a pool, parsed from an `http://host:port` URI, or, for a server on
 /// this machine (a sidecar), a Unix domain socket: `unix:///absolute/path` (or
@@ -220,6 +223,72 @@ impl fmt::Display for Endpoint {
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
+    }
+}
+
+/// What the members of one endpoint share: its address, its load, whether it takes new
+/// streams, and its outlier count. Members point here; the pool's endpoint entry
+/// (`internals::EndpointEntry`) holds it beside the member list, so nothing here points back up.
+#[derive(Debug)]
+pub(crate) struct EndpointShared {
+    pub(crate) endpoint: Endpoint,
+    /// `endpoint` as text, for errors, logs and metric labels.
+    pub(crate) label: String,
+    /// Streams in flight over all members, for choosing between endpoints.
+    pub(crate) in_flight: AtomicUsize,
+    /// Whether new streams may go here: healthy, or every endpoint unhealthy and the pool
+    /// routing to all of them then, and not removed. Kept by the pool; read on every checkout.
+    pub(crate) routable: AtomicBool,
+    /// Outlier detection, when the pool has it: calls report how they ended here.
+    outliers: Option<OutlierReports>,
+    /// Calls that failed in a row, for outlier detection.
+    pub(crate) failures_in_a_row: AtomicU32,
+    /// Whether a request to eject this endpoint is on its way to the pool: one at a time, so
+    /// a burst of failures past the threshold sends one, not one per failure.
+    pub(crate) ejection_asked: AtomicBool,
+    /// Connections open now (their driver tasks running), listed or draining.
+    pub(crate) open_connections: AtomicUsize,
+}
+
+/// Outlier detection's settings, and where its decision goes: the pool's ejector task
+/// (`PoolInner::spawn_ejector`), which ejects under the pool's lock what a call asked for.
+/// A message rather than a call into the pool, so that a call's body needs no pool handle.
+#[derive(Debug, Clone)]
+pub(crate) struct OutlierReports {
+    pub(crate) outliers: Arc<Outliers>,
+    pub(crate) ejections: mpsc::UnboundedSender<EjectionRequest>,
+}
+
+/// An endpoint whose calls failed `failures` times in a row.
+pub(crate) type EjectionRequest = (Arc<EndpointShared>, u32);
+
+impl EndpointShared {
+    pub(crate) fn new(endpoint: Endpoint, outliers: Option<OutlierReports>) -> EndpointShared {
+        EndpointShared {
+            label: endpoint.to_string(),
+            endpoint,
+            in_flight: AtomicUsize::new(0),
+            routable: AtomicBool::new(true),
+            outliers,
+            failures_in_a_row: AtomicU32::new(0),
+            ejection_asked: AtomicBool::new(false),
+            open_connections: AtomicUsize::new(0),
+        }
+    }
+
+    /// Reports how a call on this endpoint ended, for outlier detection: `failed` says
+    /// whether it failed, or `None` if the end says nothing either way. Only called when the
+    /// pool has outlier detection, so calls without it do not pay for reading their status.
+    pub(crate) fn record_outcome(self: &Arc<Self>, failed: impl FnOnce() -> Option<bool>) {
+        let Some(reports) = &self.outliers else { return };
+        let Some(failed) = failed() else { return };
+        let Some(failures) = reports.outliers.count(&self.failures_in_a_row, failed) else { return };
+        if !self.ejection_asked.swap(true, Ordering::AcqRel)
+            && reports.ejections.send((self.clone(), failures)).is_err()
+        {
+            // The pool is gone; nobody will answer.
+            self.ejection_asked.store(false, Ordering::Release);
+        }
     }
 }
 

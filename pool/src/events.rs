@@ -6,12 +6,14 @@
 //! falls further behind loses the oldest and reads [`PoolEvent::Missed`] with how many, so a
 //! slow subscriber costs memory up to that bound and never slows the pool.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::endpoint::Endpoint;
-use crate::member::EvictionReason;
+use crate::member::{EvictionReason, Member};
 
 /// How many events a subscriber may fall behind before it misses some.
 pub const EVENT_BUFFER: usize = 1024;
@@ -111,4 +113,14 @@ impl PoolEvents {
             Err(_) => None,
         }
     }
+}
+/// What the pool tells its monitor (the health task) of members and endpoints, in the pool's
+/// own terms: `PoolMonitor`'s `MonitorEvents` turns each into a public `MonitorEvent`, so the
+/// pool's core needs nothing of the monitor's types.
+#[derive(Debug, Clone)]
+pub(crate) enum MemberEvent {
+    Ready(Arc<Member>),
+    GoAway { member: Arc<Member>, reason: h2::Reason, debug_data: Bytes },
+    EndpointAdded(Endpoint),
+    EndpointRemoved(Endpoint),
 }

@@ -16,15 +16,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::endpoint::Endpoint;
+use crate::endpoint::{EjectionRequest, Endpoint, EndpointShared, OutlierReports};
 use crate::error::Error;
-use crate::events::{PoolEvent, PoolEvents, EVENT_BUFFER};
-use crate::internals::{EndpointEntry, WaitQueue};
-use crate::member::{EvictionReason, Member, MemberState};
+use crate::events::{MemberEvent, PoolEvent, PoolEvents, EVENT_BUFFER};
+use crate::internals::EndpointEntry;
+use crate::member::{EvictionReason, Member, MemberState, Slot};
 use crate::metrics::{self as names, PoolName};
-use crate::monitor::{MemberHandle, MonitorEvent};
 use crate::outlier::Outliers;
 use crate::stats::{RetryReason, Stats};
+use crate::wait_queue::WaitQueue;
 
 /// Pre-registered handles for the metrics touched on every call.
 pub(crate) struct HotMetrics {
@@ -38,12 +38,13 @@ pub(crate) struct PoolInner {
     pub(crate) endpoints: ArcSwap<Vec<Arc<EndpointEntry>>>,
     /// Held while the endpoint list or the endpoints' routing changes.
     pub(crate) membership: Mutex<()>,
-    /// Outlier detection, when configured; every endpoint shares it.
-    pub(crate) outliers: Option<Arc<Outliers>>,
+    /// Outlier detection, when configured: every endpoint shares its settings, and sends
+    /// its ejection requests to the pool's ejector task.
+    pub(crate) outliers: Option<OutlierReports>,
     /// The TLS client for `https://` endpoints: loaded at build when the configuration has
     /// one or an endpoint needs it, else on the first `https://` connect (system roots).
     pub(crate) tls: std::sync::OnceLock<Arc<crate::proto::tls::Tls>>,
-    pub(crate) waiters: Arc<WaitQueue>,
+    pub(crate) waiters: Arc<WaitQueue<Slot>>,
     pub(crate) stats: Stats,
     /// Cancelled when the pool closes: its background tasks end.
     pub(crate) shutdown: CancellationToken,
@@ -56,7 +57,7 @@ pub(crate) struct PoolInner {
     pub(crate) next_member_id: AtomicU64,
     pub(crate) hot: HotMetrics,
     /// Subscribers to membership events (the health task).
-    pub(crate) subscribers: Mutex<Vec<mpsc::UnboundedSender<MonitorEvent>>>,
+    pub(crate) subscribers: Mutex<Vec<mpsc::UnboundedSender<MemberEvent>>>,
     /// The users' event stream (`Pool::events`).
     pub(crate) events: broadcast::Sender<PoolEvent>,
     /// The pool's hold on its name, given back when the pool closes so the name (and its
@@ -65,12 +66,24 @@ pub(crate) struct PoolInner {
 }
 
 impl PoolInner {
-    pub(crate) fn new(config: Config, endpoints: Vec<Endpoint>, name_claim: PoolName) -> PoolInner {
+    /// The pool's shared state, and, with outlier detection, the receiving end of its
+    /// endpoints' ejection requests (for `spawn_ejector`).
+    pub(crate) fn new(
+        config: Config,
+        endpoints: Vec<Endpoint>,
+        name_claim: PoolName,
+    ) -> (PoolInner, Option<mpsc::UnboundedReceiver<EjectionRequest>>) {
         let hot = HotMetrics {
             checkouts_direct: metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => config.name.clone(), names::LABEL_RESULT => "direct"),
         };
-        let outliers = config.outlier_detection.clone().map(Outliers::new);
-        PoolInner {
+        let (outliers, ejections) = match config.outlier_detection.clone() {
+            Some(settings) => {
+                let (ejections, requests) = mpsc::unbounded_channel();
+                (Some(OutlierReports { outliers: Outliers::new(settings), ejections }), Some(requests))
+            }
+            None => (None, None),
+        };
+        let inner = PoolInner {
             endpoints: ArcSwap::from_pointee(
                 endpoints
                     .into_iter()
@@ -92,7 +105,8 @@ impl PoolInner {
             subscribers: Mutex::new(Vec::new()),
             events: broadcast::channel(EVENT_BUFFER).0,
             name_claim: Mutex::new(Some(name_claim)),
-        }
+        };
+        (inner, ejections)
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -119,13 +133,13 @@ impl PoolInner {
 
     // ----- events -----
 
-    pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<MonitorEvent> {
+    pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<MemberEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
         rx
     }
 
-    pub(crate) fn emit(&self, event: impl Fn() -> MonitorEvent) {
+    pub(crate) fn emit(&self, event: impl Fn() -> MemberEvent) {
         let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         subscribers.retain(|tx| tx.send(event()).is_ok());
     }
@@ -173,7 +187,7 @@ impl PoolInner {
             tracing::warn!(pool = %self.name(), endpoint = %entry.label(), member = member.id, "server allows 0 concurrent streams on this connection; it carries no calls until it raises the limit");
         }
         tracing::info!(pool = %self.name(), endpoint = %entry.label(), member = member.id, state = "ready", max_streams = member.max_streams(), "member ready");
-        self.emit(|| MonitorEvent::MemberReady(MemberHandle::new(self, &member)));
+        self.emit(|| MemberEvent::Ready(member.clone()));
         self.publish(|| PoolEvent::ConnectionOpened {
             endpoint: entry.endpoint().clone(),
             connection: member.id,
@@ -303,8 +317,15 @@ impl PoolInner {
         }
     }
 
+    /// The entry `member` is listed under, if its endpoint is still in the pool (a removed
+    /// endpoint's members were unlisted when it was removed).
     pub(crate) fn entry_of(&self, member: &Member) -> Option<Arc<EndpointEntry>> {
-        member.endpoint.entry.upgrade()
+        self.entry_sharing(&member.endpoint)
+    }
+
+    /// The entry holding `shared`, if the pool has it now.
+    pub(crate) fn entry_sharing(&self, shared: &Arc<EndpointShared>) -> Option<Arc<EndpointEntry>> {
+        self.endpoints.load().iter().find(|e| Arc::ptr_eq(&e.shared, shared)).cloned()
     }
 
     /// A call found the member's connection unusable before sending anything.

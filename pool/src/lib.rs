@@ -42,6 +42,7 @@ mod routing;
 mod state;
 mod stats;
 mod sync;
+mod wait_queue;
 
 pub use api::{Builder, Pool};
 pub use call::{ResponseBody, ResponseFuture, WaitForReady};
@@ -52,7 +53,7 @@ pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
 pub use events::{PoolEvent, PoolEvents, EVENT_BUFFER};
 pub use member::{EvictionReason, MemberState};
-pub use monitor::{MemberHandle, MemberStatus, MonitorEvent, PoolMonitor};
+pub use monitor::{MemberHandle, MemberStatus, MonitorEvent, MonitorEvents, PoolMonitor};
 pub use outlier::OutlierDetection;
 pub use proto::connector::Connector;
 pub use proto::tls::{ClientIdentity, TlsConfig};

@@ -8,10 +8,11 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::clock::AtomicInstant;
-use crate::internals::{EndpointShared, SlotSource, WaitQueue};
+use crate::endpoint::EndpointShared;
 use crate::proto::h2::frames::ConnSignals;
 use crate::proto::h2::ping::Pinger;
 use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use crate::wait_queue::{SlotSource, WaitQueue};
 
 /// Where a member is in its life: `Connecting -> Ready -> Draining -> Closed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -134,7 +135,7 @@ pub(crate) struct Member {
     pub(crate) pinger: Pinger,
     /// The connection's driver task; aborting it closes the connection at once.
     driver: OnceLock<tokio::task::AbortHandle>,
-    waiters: Arc<WaitQueue>,
+    waiters: Arc<WaitQueue<Slot>>,
     state: AtomicU8,
     /// The id of the newest stream opened on it (ids go 1, 3, 5, ...).
     last_stream_id: AtomicU32,
@@ -159,7 +160,7 @@ impl Member {
         send: h2::client::SendRequest<Bytes>,
         signals: Arc<ConnSignals>,
         pinger: Pinger,
-        waiters: Arc<WaitQueue>,
+        waiters: Arc<WaitQueue<Slot>>,
         cap: u32,
         retire_at_stream_id: u32,
     ) -> Member {
@@ -310,7 +311,7 @@ impl SlotSource for Arc<Member> {
     }
 
     #[inline]
-    fn waiters(&self) -> &WaitQueue {
+    fn waiters(&self) -> &WaitQueue<Slot> {
         &self.waiters
     }
 
@@ -342,7 +343,7 @@ impl fmt::Debug for Member {
 }
 
 /// A member's stream slots: how many streams it carries now, taken below a limit with a
-/// compare-and-swap. The wait queue's loom model (`internals/loom_tests.rs`) runs this same
+/// compare-and-swap. The wait queue's loom model (`wait_queue/loom_tests.rs`) runs this same
 /// counter, so every ordering here is one the model checks.
 #[derive(Debug)]
 pub(crate) struct Slots {

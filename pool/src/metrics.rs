@@ -12,8 +12,10 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
-use crate::config::DEFAULT_POOL_NAME;
 use crate::error::Error;
+
+/// The name of a pool built without one: the `pool` label of its series.
+pub const DEFAULT_POOL_NAME: &str = "grpc-pool";
 
 /// Counter: connection attempts, by `result` (`ok`, `error`).
 pub const CONNECTS: &str = "grpc_pool_connects_total";

@@ -12,9 +12,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::api::Pool;
 use crate::call::{EndpointChannel, MemberChannel};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
+use crate::events::MemberEvent;
 use crate::inner::PoolInner;
 use crate::member::{EvictionReason, Member, MemberState};
 use crate::proto::h2::ping::PingError;
@@ -36,11 +38,15 @@ pub struct PoolMonitor {
     inner: Arc<PoolInner>,
 }
 
-impl PoolMonitor {
-    pub(crate) fn new(inner: Arc<PoolInner>) -> PoolMonitor {
-        PoolMonitor { inner }
+impl Pool {
+    /// The maintenance view of the pool, for a health task: members, PINGs, events. It does
+    /// not keep the pool open.
+    pub fn monitor(&self) -> PoolMonitor {
+        PoolMonitor { inner: self.inner().clone() }
     }
+}
 
+impl PoolMonitor {
     /// The pool's name.
     pub fn name(&self) -> &str {
         self.inner.name()
@@ -62,7 +68,11 @@ impl PoolMonitor {
             .endpoints()
             .iter()
             .flat_map(|entry| {
-                entry.members().iter().map(|m| MemberHandle::new(&self.inner, m)).collect::<Vec<_>>()
+                entry
+                    .members()
+                    .iter()
+                    .map(|m| MemberHandle::new(Arc::downgrade(&self.inner), m))
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -92,8 +102,8 @@ impl PoolMonitor {
 
     /// Events from now on: members that become ready, GOAWAYs received, endpoints added and
     /// removed.
-    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<MonitorEvent> {
-        self.inner.subscribe()
+    pub fn subscribe(&self) -> MonitorEvents {
+        MonitorEvents { events: self.inner.subscribe(), pool: Arc::downgrade(&self.inner) }
     }
 
     /// Whether the pool was closed (or its last handle dropped).
@@ -136,6 +146,31 @@ pub enum MonitorEvent {
     EndpointRemoved(Endpoint),
 }
 
+/// The events of one [`PoolMonitor::subscribe`], in order; unbounded (its reader is the
+/// pool's own health task, which keeps up: events come at the rate connections do).
+#[derive(Debug)]
+pub struct MonitorEvents {
+    events: mpsc::UnboundedReceiver<MemberEvent>,
+    pool: Weak<PoolInner>,
+}
+
+impl MonitorEvents {
+    /// The next event; `None` once the pool is gone. Cancel-safe: an event is never lost
+    /// to a `select!` that drops this future.
+    pub async fn recv(&mut self) -> Option<MonitorEvent> {
+        let event = self.events.recv().await?;
+        let member = |member: &Arc<Member>| MemberHandle::new(self.pool.clone(), member);
+        Some(match event {
+            MemberEvent::Ready(m) => MonitorEvent::MemberReady(member(&m)),
+            MemberEvent::GoAway { member: m, reason, debug_data } => {
+                MonitorEvent::GoAway { member: member(&m), reason, debug_data }
+            }
+            MemberEvent::EndpointAdded(endpoint) => MonitorEvent::EndpointAdded(endpoint),
+            MemberEvent::EndpointRemoved(endpoint) => MonitorEvent::EndpointRemoved(endpoint),
+        })
+    }
+}
+
 /// What [`MemberHandle::status`] read of a member; a closed member reads as `Closed` with
 /// zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,12 +201,12 @@ pub struct MemberHandle {
 }
 
 impl MemberHandle {
-    pub(crate) fn new(pool: &Arc<PoolInner>, member: &Arc<Member>) -> MemberHandle {
+    pub(crate) fn new(pool: Weak<PoolInner>, member: &Arc<Member>) -> MemberHandle {
         MemberHandle {
             id: member.id,
             endpoint: member.endpoint.endpoint.clone(),
             member: Arc::downgrade(member),
-            pool: Arc::downgrade(pool),
+            pool,
         }
     }
 

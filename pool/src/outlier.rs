@@ -1,15 +1,14 @@
 //! Outlier ejection, as Envoy's outlier detection: an endpoint whose calls fail again and
 //! again is taken out of routing for a while, even if its health checks (if any) still pass.
 //!
-//! Calls report how they ended on the hot path with one atomic per endpoint; only the call
-//! that reaches the threshold takes the pool's membership lock to eject.
+//! Calls count how they ended on the hot path with one atomic per endpoint; the call that
+//! reaches the threshold asks the pool (by a message: see `EndpointShared::record_outcome`)
+//! to eject the endpoint. This module only decides; it knows nothing of the pool.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::inner::PoolInner;
-use crate::internals::EndpointShared;
+use crate::sync::atomic::{AtomicU32, Ordering};
 
 /// When an endpoint is ejected, and for how long.
 ///
@@ -56,42 +55,31 @@ impl Default for OutlierDetection {
     }
 }
 
-/// What each endpoint of a pool with outlier detection shares: the settings, and the way
-/// back to the pool for the call that crosses the threshold.
+/// The settings every endpoint of a pool with outlier detection shares, and the decisions
+/// made from them.
 #[derive(Debug)]
 pub(crate) struct Outliers {
     pub(crate) config: OutlierDetection,
-    pool: OnceLock<Weak<PoolInner>>,
 }
 
 impl Outliers {
     pub(crate) fn new(config: OutlierDetection) -> Arc<Outliers> {
-        Arc::new(Outliers { config, pool: OnceLock::new() })
+        Arc::new(Outliers { config })
     }
 
-    /// Called once the pool is built.
-    pub(crate) fn set_pool(&self, pool: &Arc<PoolInner>) {
-        let _ = self.pool.set(Arc::downgrade(pool));
-    }
-
-    /// Counts one call's end for `endpoint`; ejects it when it reaches the threshold.
-    pub(crate) fn record(&self, endpoint: &EndpointShared, failed: bool) {
+    /// Counts one call's end in its endpoint's `failures_in_a_row`; returns the count when
+    /// it has reached the threshold, which means: eject the endpoint.
+    pub(crate) fn count(&self, failures_in_a_row: &AtomicU32, failed: bool) -> Option<u32> {
         if !failed {
             // Only write when there is something to reset: most calls succeed, and a store
             // on every one would bounce the cache line between threads.
-            if endpoint.failures_in_a_row.load(Ordering::Relaxed) != 0 {
-                endpoint.failures_in_a_row.store(0, Ordering::Relaxed);
+            if failures_in_a_row.load(Ordering::Relaxed) != 0 {
+                failures_in_a_row.store(0, Ordering::Relaxed);
             }
-            return;
+            return None;
         }
-        let failures = endpoint.failures_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
-        if failures < self.config.consecutive_failures {
-            return;
-        }
-        let pool = self.pool.get().and_then(Weak::upgrade);
-        if let (Some(pool), Some(entry)) = (pool, endpoint.entry.upgrade()) {
-            pool.eject(&entry, failures);
-        }
+        let failures = failures_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
+        (failures >= self.config.consecutive_failures).then_some(failures)
     }
 
     /// How long the ejection after `times` ejections (this one included) lasts.
@@ -153,6 +141,19 @@ mod tests {
         assert_eq!(outliers.max_ejected(30), 3);
         let all = Outliers::new(OutlierDetection { max_ejection_percent: 100, ..Default::default() });
         assert_eq!(all.max_ejected(4), 3);
+    }
+
+    #[test]
+    fn the_failure_that_reaches_the_threshold_says_eject_and_a_success_starts_again() {
+        let outliers = Outliers::new(OutlierDetection { consecutive_failures: 3, ..Default::default() });
+        let count = AtomicU32::new(0);
+        assert_eq!(outliers.count(&count, true), None);
+        assert_eq!(outliers.count(&count, true), None);
+        assert_eq!(outliers.count(&count, false), None);
+        assert_eq!(outliers.count(&count, true), None);
+        assert_eq!(outliers.count(&count, true), None);
+        assert_eq!(outliers.count(&count, true), Some(3));
+        assert_eq!(outliers.count(&count, true), Some(4), "each failure past it says so again");
     }
 
     #[test]

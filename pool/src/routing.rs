@@ -4,16 +4,16 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::AllUnhealthy;
-use crate::endpoint::Endpoint;
-use crate::events::PoolEvent;
+use crate::endpoint::{EjectionRequest, Endpoint};
+use crate::events::{MemberEvent, PoolEvent};
 use crate::inner::PoolInner;
 use crate::internals::EndpointEntry;
 use crate::member::{EvictionReason, MemberState};
 use crate::metrics as names;
-use crate::monitor::MonitorEvent;
 
 impl PoolInner {
     /// Sets which endpoints take new streams: the healthy ones that are not ejected, or, when
@@ -30,7 +30,7 @@ impl PoolInner {
     /// Outlier detection: `failures` calls in a row failed on `entry`. Ejects it unless it
     /// is ejected already or the cap on ejected endpoints is reached.
     pub(crate) fn eject(self: &Arc<Self>, entry: &Arc<EndpointEntry>, failures: u32) {
-        let Some(outliers) = self.outliers.clone() else { return };
+        let Some(outliers) = self.outliers.as_ref().map(|r| r.outliers.clone()) else { return };
         let duration = {
             let membership = self.lock_membership();
             if entry.is_removed() || entry.is_ejected() {
@@ -72,6 +72,24 @@ impl PoolInner {
             }
             if let (Some(pool), Some(entry)) = (pool.upgrade(), entry.upgrade()) {
                 pool.end_ejection(&entry);
+            }
+        });
+    }
+
+    /// Runs the ejections that calls ask for (`EndpointShared::record_outcome`), one at a
+    /// time, until the pool closes. A request for an endpoint no longer in the pool is
+    /// dropped; each endpoint has at most one request on its way.
+    pub(crate) fn spawn_ejector(self: &Arc<Self>, mut requests: mpsc::UnboundedReceiver<EjectionRequest>) {
+        let (pool, shutdown) = (Arc::downgrade(self), self.shutdown.clone());
+        tokio::spawn(async move {
+            while let Some(Some((endpoint, failures))) = shutdown.run_until_cancelled(requests.recv()).await {
+                let Some(pool) = pool.upgrade() else { return };
+                if let Some(entry) = pool.entry_sharing(&endpoint) {
+                    pool.eject(&entry, failures);
+                }
+                // Cleared after the ejection (or its refusal), so that failures that came
+                // meanwhile ask again only if the endpoint is still failing afterwards.
+                endpoint.ejection_asked.store(false, Ordering::Release);
             }
         });
     }
@@ -163,7 +181,7 @@ impl PoolInner {
             entry
         };
         tracing::info!(pool = %self.name(), endpoint = %entry.label(), "endpoint added");
-        self.emit(|| MonitorEvent::EndpointAdded(endpoint.clone()));
+        self.emit(|| MemberEvent::EndpointAdded(endpoint.clone()));
         self.publish(|| PoolEvent::EndpointAdded(endpoint.clone()));
         self.replenish(&entry);
         if self.waiters.has_waiters() {
@@ -193,7 +211,7 @@ impl PoolInner {
         let draining =
             self.drain_all(&entry, EvictionReason::EndpointRemoved, "endpoint removed from the pool");
         tracing::info!(pool = %self.name(), endpoint = %entry.label(), draining, "endpoint removed; its connections drain");
-        self.emit(|| MonitorEvent::EndpointRemoved(endpoint.clone()));
+        self.emit(|| MemberEvent::EndpointRemoved(endpoint.clone()));
         self.publish(|| PoolEvent::EndpointRemoved(endpoint.clone()));
         // Removing the last unhealthy endpoint may leave only healthy ones with room; removing
         // the last healthy one may leave nothing to wait for.

@@ -1,6 +1,6 @@
 //! The synchronisation primitives of the slot hand-off (`member.rs`, `internals.rs`): the
 //! standard ones (and tokio's oneshot) in every normal build, loom's under
-//! `--cfg grpc_pool_loom`, so that the loom model (`internals/loom_tests.rs`) runs the pool's
+//! `--cfg grpc_pool_loom`, so that the loom model (`wait_queue/loom_tests.rs`) runs the pool's
 //! own acquire, release and wait-queue code under every interleaving loom explores.
 //!
 //! The switch is `grpc_pool_loom`, not the usual `loom`: RUSTFLAGS reach every crate, and

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use super::frames::{ConnSignals, ObservedIo};
 use super::ping::Pinger;
-use crate::config::H2Config;
+use super::settings::H2Config;
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::proto::connector::{ConnectedIo, Connector};
