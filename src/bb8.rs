@@ -107,14 +107,11 @@ impl bb8::ManageConnection for Http2ConnectionManager {
 
     async fn connect(&self) -> Result<Http2Connection, Error> {
         let n = OPENED.fetch_add(1, Ordering::Relaxed) + 1;
-        let pool = self
-            .builder
-            .core_builder()?
-            .name(&format!("{} bb8 #{n}", self.builder.config().name))
-            .min_connections(0)
-            .max_connections(1)
-            .build([self.endpoint.to_string()])
-            .await?;
+        let mut config = self.builder.config().split()?.0;
+        config.name = format!("{} bb8 #{n}", self.builder.config().name);
+        config.min_connections = 0;
+        config.max_connections = 1;
+        let pool = grpc_pool_core::Builder::from_config(config).build([self.endpoint.to_string()]).await?;
         Ok(Http2Connection { pool })
     }
 

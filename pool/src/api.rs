@@ -2,9 +2,8 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::config::{BackoffConfig, Config, H2Config};
+use crate::config::Config;
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::inner::PoolInner;
@@ -25,11 +24,13 @@ use crate::state::State;
 /// ```no_run
 /// # async fn run() -> Result<(), grpc_pool_core::Error> {
 /// use std::time::Duration;
-/// let pool = grpc_pool_core::Pool::builder()
-///     .name("orders")
-///     .min_connections(1)
-///     .max_connections(4)
-///     .checkout_timeout(Duration::from_secs(2))
+/// let config = grpc_pool_core::Config {
+///     name: "orders".into(),
+///     max_connections: 4,
+///     checkout_timeout: Duration::from_secs(2),
+///     ..Default::default()
+/// };
+/// let pool = grpc_pool_core::Builder::from_config(config)
 ///     .build(["http://10.0.0.7:50051", "http://10.0.0.8:50051"])
 ///     .await?;
 /// println!("{:?}", pool.state().statistics);
@@ -147,13 +148,13 @@ impl fmt::Debug for Pool {
     }
 }
 
-/// Builds a [`Pool`]; every setting is checked at build, and a bad one fails with a message
-/// naming the field and the allowed range.
+/// Builds a [`Pool`] from a [`Config`]; every setting is checked at build, and a bad one
+/// fails with a message naming the field and the allowed range. (Users set settings through
+/// the `grpc-pool` facade's builder, which fills a `Config`; this one only builds.)
 ///
 /// ```
-/// let err = grpc_pool_core::Pool::builder()
-///     .min_connections(5)
-///     .max_connections(2)
+/// let config = grpc_pool_core::Config { min_connections: 5, max_connections: 2, ..Default::default() };
+/// let err = grpc_pool_core::Builder::from_config(config)
 ///     .build_lazy(["http://127.0.0.1:50051"])
 ///     .unwrap_err();
 /// assert!(err.to_string().contains("`min_connections` = 5 is above max_connections = 2"));
@@ -164,163 +165,6 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// The pool's name in logs, errors and metric labels. Default `grpc-pool`.
-    pub fn name(mut self, name: &str) -> Self {
-        self.config.name = name.to_owned();
-        self
-    }
-
-    /// Connections kept open per endpoint even when idle (0 to `max_connections`). Default 1.
-    pub fn min_connections(mut self, min: usize) -> Self {
-        self.config.min_connections = min;
-        self
-    }
-
-    /// Most connections per endpoint (1 to 10,000). Default 8.
-    pub fn max_connections(mut self, max: usize) -> Self {
-        self.config.max_connections = max;
-        self
-    }
-
-    /// Most concurrent streams per connection (1 to 2^20); the server's
-    /// `SETTINGS_MAX_CONCURRENT_STREAMS` lowers it further. Default 100.
-    pub fn max_concurrent_streams(mut self, max: u32) -> Self {
-        self.config.max_concurrent_streams = max;
-        self
-    }
-
-    /// Drain and replace a member once it has carried this many streams in all (1 to about
-    /// 2^30; `None`: only when HTTP/2 stream ids run out). Default `None`.
-    pub fn max_streams_per_connection(mut self, max: Option<u64>) -> Self {
-        self.config.max_streams_per_connection = max;
-        self
-    }
-
-    /// Longest a call waits for a stream slot before failing (above zero). Default 5 s.
-    pub fn checkout_timeout(mut self, timeout: Duration) -> Self {
-        self.config.checkout_timeout = timeout;
-        self
-    }
-
-    /// The deadline of calls that carry none (no `grpc-timeout` header), and the most any
-    /// call may take: a call's deadline is the shorter of its own and this one, as with
-    /// tonic's `Endpoint::timeout`. It bounds the whole call: the wait for a slot, a PING
-    /// before use, every resend, the response head and, for streaming calls, the response
-    /// body. A call past its deadline fails with `DEADLINE_EXCEEDED`, its stream is reset
-    /// (`CANCEL`) and its slot freed at once. Above zero, up to 30 days; default `None`
-    /// (calls without a deadline of their own have none).
-    pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.config.timeout = timeout;
-        self
-    }
-
-    /// gRPC's `wait_for_ready` for every call (a call's
-    /// [`WaitForReady`](crate::WaitForReady) extension overrides it). Off (the default), a
-    /// call fails at once with `UNAVAILABLE` and the cause when no endpoint can take it
-    /// because every one is in transient failure (its connects fail, or it is unhealthy or
-    /// ejected); on, it waits for one to come back, until its deadline, or `checkout_timeout`
-    /// when it has none.
-    pub fn wait_for_ready(mut self, wait: bool) -> Self {
-        self.config.wait_for_ready = wait;
-        self
-    }
-
-    /// Longest a connect may take, from TCP to the server's SETTINGS (above zero).
-    /// Default 10 s.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.config.connect_timeout = timeout;
-        self
-    }
-
-    /// Connects under way at once to one endpoint (1 to 10,000); the others wait their turn,
-    /// outside `connect_timeout`. A pool that opens hundreds of connections at once would
-    /// otherwise overflow the server's accept queue, and the dropped SYNs cost a second or
-    /// more each. Default 8.
-    pub fn max_concurrent_connects(mut self, max: usize) -> Self {
-        self.config.max_concurrent_connects = max;
-        self
-    }
-
-    /// `TCP_USER_TIMEOUT` on Linux: how long sent data may go unacknowledged before the
-    /// kernel drops the connection, so writes to a dead peer fail fast. Off by default; the
-    /// facade sets it from the keepalive timeout.
-    pub fn tcp_user_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.config.tcp_user_timeout = timeout;
-        self
-    }
-
-    /// PING a member before it carries a call when it has been unused (no stream started,
-    /// nothing received) for `after`, as Envoy's `connection_idle_interval` does, and wait
-    /// for the PONG before the call goes out. No PONG within `timeout` (or four round trips
-    /// measured on that connection, if that is longer) closes the member, and the call goes
-    /// to another one without using up an attempt. Servers do not count such a PING against
-    /// their PING policy: the call that follows makes the server send HEADERS, which resets
-    /// its strike count. `None` (the default here; the facade turns it on) turns it off.
-    pub fn ping_before_use(mut self, after: Option<Duration>, timeout: Duration) -> Self {
-        self.config.ping_before_use = after.map(|after| (after, timeout));
-        self
-    }
-
-    /// What calls do when every endpoint is unhealthy. Default: fail fast.
-    pub fn when_all_unhealthy(mut self, policy: crate::config::AllUnhealthy) -> Self {
-        self.config.all_unhealthy = policy;
-        self
-    }
-
-    /// Attempts per call in all, the first included (1 to 10; 1 never sends a call again).
-    /// Only a call the server provably never processed is sent again: its stream was
-    /// refused (`REFUSED_STREAM`), it was above a GOAWAY's last stream id, or the connection
-    /// was found gone before any of it was written. Each attempt after the first goes to
-    /// another member, on another endpoint when there is one. Default 3.
-    pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.config.max_attempts = attempts;
-        self
-    }
-
-    /// Most request-body bytes a call keeps so that it can be sent again (0 to 64 MiB;
-    /// grpc-go keeps 256 KiB). A call whose body is larger, or still being sent when the
-    /// call fails, is not sent again, and its error says so. The bytes are kept as
-    /// reference-counted `Bytes`, not copied. Default 256 KiB.
-    pub fn replay_buffer_limit(mut self, bytes: usize) -> Self {
-        self.config.replay_buffer_limit = bytes;
-        self
-    }
-
-    /// Outlier ejection (Envoy's outlier detection): an endpoint whose calls fail
-    /// `consecutive_failures` times in a row takes no new streams for a while. `None` (the
-    /// default) turns it off.
-    pub fn outlier_detection(mut self, outliers: Option<crate::OutlierDetection>) -> Self {
-        self.config.outlier_detection = outliers;
-        self
-    }
-
-    /// TLS for the `https://` endpoints (see [`TlsConfig`](crate::TlsConfig)); without it,
-    /// they verify servers against the system's roots. `http://` endpoints stay plaintext.
-    pub fn tls(mut self, tls: crate::TlsConfig) -> Self {
-        self.config.tls = Some(tls);
-        self
-    }
-
-    /// How often the gauges (connections by state, streams in flight, waiters) are sampled
-    /// (10 ms to 1 h). They are sampled rather than updated on every change so that calls
-    /// pay nothing for them. Default 1 s.
-    pub fn metrics_interval(mut self, interval: Duration) -> Self {
-        self.config.metrics_interval = interval;
-        self
-    }
-
-    /// Reconnect backoff after failed connects. Default: gRPC's (1 s, x1.6, +/-20%, 120 s).
-    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
-        self.config.backoff = backoff;
-        self
-    }
-
-    /// HTTP/2 window, frame and header-list settings.
-    pub fn h2(mut self, h2: H2Config) -> Self {
-        self.config.h2 = h2;
-        self
-    }
-
     /// A builder with every setting of `config`.
     pub fn from_config(config: Config) -> Builder {
         Builder { config }
@@ -372,7 +216,8 @@ impl Builder {
             None => None,
         };
         // Last, so that a build that fails above never holds the name.
-        let (claim, name) = PoolName::claim(&self.config.name)?;
+        let numbered = self.config.name == crate::config::DEFAULT_POOL_NAME;
+        let (claim, name) = PoolName::claim(&self.config.name, numbered)?;
         self.config.name = name;
         let (inner, ejections) = PoolInner::new(self.config, endpoints, claim);
         let inner = Arc::new(inner);

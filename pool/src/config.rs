@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use crate::error::Error;
-pub use crate::metrics::DEFAULT_POOL_NAME;
 pub use crate::proto::h2::settings::H2Config;
 
 /// Reconnect backoff after failed connects, as in gRPC's connection-backoff spec.
@@ -137,6 +136,9 @@ pub struct Config {
     pub h2: H2Config,
 }
 
+/// The name of a pool built without one.
+pub const DEFAULT_POOL_NAME: &str = "grpc-pool";
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -209,30 +211,7 @@ impl Config {
         check_range("max_attempts", self.max_attempts, 1, MAX_ATTEMPTS_LIMIT)?;
         check_range("replay_buffer_limit", self.replay_buffer_limit, 0, MAX_REPLAY_BUFFER)?;
         if let Some(outliers) = &self.outlier_detection {
-            check_range("outlier_detection.consecutive_failures", outliers.consecutive_failures, 1, 10_000)?;
-            check_duration(
-                "outlier_detection.base_ejection_time",
-                outliers.base_ejection_time,
-                Duration::from_millis(1),
-                DAY,
-            )?;
-            check_duration(
-                "outlier_detection.max_ejection_time",
-                outliers.max_ejection_time,
-                Duration::from_millis(1),
-                30 * DAY,
-            )?;
-            if outliers.max_ejection_time < outliers.base_ejection_time {
-                return Err(Error::config(
-                    "outlier_detection.max_ejection_time",
-                    &format!(
-                        "{:?} is below base_ejection_time = {:?}",
-                        outliers.max_ejection_time, outliers.base_ejection_time
-                    ),
-                    "a duration of at least base_ejection_time",
-                ));
-            }
-            check_range("outlier_detection.max_ejection_percent", outliers.max_ejection_percent, 0, 100)?;
+            check_outliers(outliers)?;
         }
         if self.metrics_interval < Duration::from_millis(10) || self.metrics_interval > MAX_BACKOFF {
             return Err(Error::config(
@@ -241,46 +220,74 @@ impl Config {
                 "10ms to 3600s",
             ));
         }
-        check_nonzero("backoff.base", self.backoff.base)?;
-        if self.backoff.max > MAX_BACKOFF {
-            return Err(Error::config(
-                "backoff.max",
-                &format!("{:?}", self.backoff.max),
-                &format!("backoff.base to {MAX_BACKOFF:?}"),
-            ));
-        }
-        if self.backoff.max < self.backoff.base {
-            return Err(Error::config(
-                "backoff.max",
-                &format!("{:?} is below backoff.base = {:?}", self.backoff.max, self.backoff.base),
-                "a duration of at least backoff.base",
-            ));
-        }
-        if !(self.backoff.multiplier >= 1.0 && self.backoff.multiplier <= 100.0) {
-            return Err(Error::config(
-                "backoff.multiplier",
-                &format!("{}", self.backoff.multiplier),
-                "1.0 to 100.0",
-            ));
-        }
-        if !(self.backoff.jitter >= 0.0 && self.backoff.jitter < 1.0) {
-            return Err(Error::config(
-                "backoff.jitter",
-                &format!("{}", self.backoff.jitter),
-                "0.0 up to (not including) 1.0",
-            ));
-        }
-        check_range("h2.initial_stream_window_size", self.h2.initial_stream_window_size, 1, MAX_WINDOW)?;
-        check_range(
-            "h2.initial_connection_window_size",
-            self.h2.initial_connection_window_size,
-            65_535,
-            MAX_WINDOW,
-        )?;
-        check_range("h2.max_frame_size", self.h2.max_frame_size, 16_384, 16_777_215)?;
-        check_range("h2.max_header_list_size", self.h2.max_header_list_size, 1, u32::MAX)?;
-        Ok(())
+        check_backoff(&self.backoff)?;
+        check_h2(&self.h2)
     }
+}
+
+fn check_outliers(outliers: &crate::outlier::OutlierDetection) -> Result<(), Error> {
+    check_range("outlier_detection.consecutive_failures", outliers.consecutive_failures, 1, 10_000)?;
+    check_duration(
+        "outlier_detection.base_ejection_time",
+        outliers.base_ejection_time,
+        Duration::from_millis(1),
+        DAY,
+    )?;
+    check_duration(
+        "outlier_detection.max_ejection_time",
+        outliers.max_ejection_time,
+        Duration::from_millis(1),
+        30 * DAY,
+    )?;
+    if outliers.max_ejection_time < outliers.base_ejection_time {
+        return Err(Error::config(
+            "outlier_detection.max_ejection_time",
+            &format!(
+                "{:?} is below base_ejection_time = {:?}",
+                outliers.max_ejection_time, outliers.base_ejection_time
+            ),
+            "a duration of at least base_ejection_time",
+        ));
+    }
+    check_range("outlier_detection.max_ejection_percent", outliers.max_ejection_percent, 0, 100)?;
+    Ok(())
+}
+
+fn check_backoff(backoff: &BackoffConfig) -> Result<(), Error> {
+    check_nonzero("backoff.base", backoff.base)?;
+    if backoff.max > MAX_BACKOFF {
+        return Err(Error::config(
+            "backoff.max",
+            &format!("{:?}", backoff.max),
+            &format!("backoff.base to {MAX_BACKOFF:?}"),
+        ));
+    }
+    if backoff.max < backoff.base {
+        return Err(Error::config(
+            "backoff.max",
+            &format!("{:?} is below backoff.base = {:?}", backoff.max, backoff.base),
+            "a duration of at least backoff.base",
+        ));
+    }
+    if !(backoff.multiplier >= 1.0 && backoff.multiplier <= 100.0) {
+        return Err(Error::config("backoff.multiplier", &format!("{}", backoff.multiplier), "1.0 to 100.0"));
+    }
+    if !(backoff.jitter >= 0.0 && backoff.jitter < 1.0) {
+        return Err(Error::config(
+            "backoff.jitter",
+            &format!("{}", backoff.jitter),
+            "0.0 up to (not including) 1.0",
+        ));
+    }
+    Ok(())
+}
+
+fn check_h2(h2: &H2Config) -> Result<(), Error> {
+    check_range("h2.initial_stream_window_size", h2.initial_stream_window_size, 1, MAX_WINDOW)?;
+    check_range("h2.initial_connection_window_size", h2.initial_connection_window_size, 65_535, MAX_WINDOW)?;
+    check_range("h2.max_frame_size", h2.max_frame_size, 16_384, 16_777_215)?;
+    check_range("h2.max_header_list_size", h2.max_header_list_size, 1, u32::MAX)?;
+    Ok(())
 }
 
 fn check_range<T>(field: &str, value: T, min: T, max: T) -> Result<(), Error>

@@ -186,56 +186,9 @@ impl PoolInner {
         let _permit = entry.connect_permits.acquire().await;
         let started = Instant::now();
         let span = tracing::debug_span!("connect", pool = %self.name(), endpoint = %entry.label());
-        let attempt = async {
-            // A connector of the user's makes the whole stream, TLS included.
-            let tls = match entry.endpoint().is_tls() && self.config.connector.is_none() {
-                true => Some(self.tls_client()?),
-                false => None,
-            };
-            let hs = client::handshake(
-                &entry.shared.endpoint,
-                &self.config.h2,
-                self.config.tcp_user_timeout,
-                tls.as_deref(),
-                self.config.connector.as_ref(),
-            )
-            .await?;
-            let id = self.next_member_id.fetch_add(1, Ordering::Relaxed);
-            let member = Arc::new(Member::new(
-                id,
-                entry.shared.clone(),
-                hs.send,
-                hs.signals.clone(),
-                hs.pinger,
-                self.waiters.clone(),
-                self.config.max_concurrent_streams,
-                retire_at_stream_id(self.config.max_streams_per_connection),
-            ));
-            // Tracked in `live` for as long as it runs; aborted if the handshake fails or
-            // times out before the member is handed over.
-            let driver = AbortOnDropHandle::new(self.live.spawn(drive(
-                hs.connection,
-                hs.signals.clone(),
-                Arc::downgrade(&member),
-                Arc::downgrade(self),
-                entry.shared.clone(),
-            )));
-            member.set_driver(driver.abort_handle());
-            if !hs.signals.settings_or_closed().await {
-                let what = match hs.signals.close_error() {
-                    Some(error) => format!("the connection failed before the server's HTTP/2 SETTINGS: {error}"),
-                    None => "the server closed the connection before sending HTTP/2 SETTINGS (is it an HTTP/2 server?)"
-                        .to_owned(),
-                };
-                return Err(Error::connect(entry.label(), &what, None));
-            }
-            // The member owns the connection now (it aborts the task itself when killed).
-            drop(driver.detach());
-            Ok(member)
-        };
         let result = match tokio::time::timeout(
             self.config.connect_timeout,
-            tracing::Instrument::instrument(attempt, span),
+            tracing::Instrument::instrument(self.connect_member(entry), span),
         )
         .await
         {
@@ -246,10 +199,73 @@ impl PoolInner {
                 None,
             )),
         };
-        let elapsed = started.elapsed();
+        self.record_connect(entry, round, &result, started.elapsed());
+        result
+    }
+
+    /// The connect itself: the transport and the HTTP/2 handshake, the member and its
+    /// connection's driver task, then the server's SETTINGS.
+    async fn connect_member(self: &Arc<Self>, entry: &Arc<EndpointEntry>) -> Result<Arc<Member>, Error> {
+        // A connector of the user's makes the whole stream, TLS included.
+        let tls = match entry.endpoint().is_tls() && self.config.connector.is_none() {
+            true => Some(self.tls_client()?),
+            false => None,
+        };
+        let hs = client::handshake(
+            &entry.shared.endpoint,
+            &self.config.h2,
+            self.config.tcp_user_timeout,
+            tls.as_deref(),
+            self.config.connector.as_ref(),
+        )
+        .await?;
+        let id = self.next_member_id.fetch_add(1, Ordering::Relaxed);
+        let member = Arc::new(Member::new(
+            id,
+            entry.shared.clone(),
+            hs.send,
+            hs.signals.clone(),
+            hs.pinger,
+            self.waiters.clone(),
+            self.config.max_concurrent_streams,
+            retire_at_stream_id(self.config.max_streams_per_connection),
+        ));
+        // Tracked in `live` for as long as it runs; aborted if the handshake fails or times
+        // out before the member is handed over.
+        let driver = AbortOnDropHandle::new(self.live.spawn(drive(
+            hs.connection,
+            hs.signals.clone(),
+            Arc::downgrade(&member),
+            Arc::downgrade(self),
+            entry.shared.clone(),
+        )));
+        member.set_driver(driver.abort_handle());
+        if !hs.signals.settings_or_closed().await {
+            let what = match hs.signals.close_error() {
+                Some(error) => format!("the connection failed before the server's HTTP/2 SETTINGS: {error}"),
+                None => {
+                    "the server closed the connection before sending HTTP/2 SETTINGS (is it an HTTP/2 server?)"
+                        .to_owned()
+                }
+            };
+            return Err(Error::connect(entry.label(), &what, None));
+        }
+        // The member owns the connection now (it aborts the task itself when killed).
+        drop(driver.detach());
+        Ok(member)
+    }
+
+    /// A connect's outcome in statistics, metrics and logs, and a failure in the backoff.
+    fn record_connect(
+        &self,
+        entry: &Arc<EndpointEntry>,
+        round: u64,
+        result: &Result<Arc<Member>, Error>,
+        elapsed: std::time::Duration,
+    ) {
         let pool_label = self.config.name.clone();
         let endpoint_label = entry.label().to_owned();
-        match &result {
+        match result {
             Ok(member) => {
                 // The backoff is reset only once the member is listed (`add_member`): a
                 // server that sends GOAWAY with its SETTINGS must not reset it every time.
@@ -265,7 +281,6 @@ impl PoolInner {
                 tracing::warn!(pool = %self.name(), endpoint = %entry.label(), failures, retry_in = ?delay, error = %error, "connect failed");
             }
         }
-        result
     }
 
     /// A member that dies young without having carried a call (a server that accepts and

@@ -49,7 +49,8 @@ pub enum ErrorKind {
 /// [`Error::grpc_code`] the gRPC status code a caller sees through tonic.
 ///
 /// ```
-/// let err = grpc_pool_core::Pool::builder().max_connections(0).build_lazy(["http://127.0.0.1:1"]).unwrap_err();
+/// let config = grpc_pool_core::Config { max_connections: 0, ..Default::default() };
+/// let err = grpc_pool_core::Builder::from_config(config).build_lazy(["http://127.0.0.1:1"]).unwrap_err();
 /// assert_eq!(err.kind(), grpc_pool_core::ErrorKind::Config);
 /// assert!(err.to_string().contains("max_connections"));
 /// ```

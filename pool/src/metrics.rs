@@ -14,9 +14,6 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::error::Error;
 
-/// The name of a pool built without one: the `pool` label of its series.
-pub const DEFAULT_POOL_NAME: &str = "grpc-pool";
-
 /// Counter: connection attempts, by `result` (`ok`, `error`).
 pub const CONNECTS: &str = "grpc_pool_connects_total";
 /// Histogram (seconds): time to open a connection and receive the server's SETTINGS.
@@ -85,11 +82,12 @@ fn live_names() -> &'static Mutex<HashSet<String>> {
 }
 
 impl PoolName {
-    /// Claims `wanted` for a new pool; returns the name it gets. The default name takes the
-    /// first free `-N` suffix when taken; any other name in use is an error.
-    pub(crate) fn claim(wanted: &str) -> Result<(PoolName, String), Error> {
+    /// Claims `wanted` for a new pool; returns the name it gets. A `numbered` name (the
+    /// default one) takes the first free `-N` suffix when taken; any other name in use is an
+    /// error.
+    pub(crate) fn claim(wanted: &str, numbered: bool) -> Result<(PoolName, String), Error> {
         let mut names = live_names().lock().unwrap_or_else(|e| e.into_inner());
-        let name = if wanted == DEFAULT_POOL_NAME {
+        let name = if numbered {
             let mut name = wanted.to_owned();
             let mut n = 2;
             while names.contains(&name) {

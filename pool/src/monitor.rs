@@ -2,7 +2,7 @@
 //! drain or kill, and events as members come and go.
 //!
 //! The health task of `grpc-pool-health` is built on this; so can be any other policy. A
-//! [`PoolMonitor`] does not keep the pool open (dropping the last [`Pool`](crate::Pool) handle
+//! [`PoolMonitor`] does not keep the pool open (dropping the last [`Pool`] handle
 //! still closes it), and a [`MemberHandle`] does not keep its connection open.
 
 use std::fmt;

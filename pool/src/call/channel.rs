@@ -7,7 +7,8 @@ use http::Request;
 use http_body::Body;
 use tower_service::Service;
 
-use super::future::{ResponseFuture, Target};
+use super::attempt::Target;
+use super::future::ResponseFuture;
 use crate::error::Error;
 use crate::inner::PoolInner;
 use crate::internals::EndpointEntry;

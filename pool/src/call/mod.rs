@@ -3,6 +3,7 @@
 //! [`Pool`](crate::Pool) implements `Service<http::Request<B>>`; its future takes a stream
 //! slot, sends the request on the member's `h2` connection from the caller's own task (no
 //! channel hop to a worker), and resolves to an `http::Response<`[`ResponseBody`]`>`.
+mod attempt;
 mod body;
 mod channel;
 pub(crate) mod deadline;

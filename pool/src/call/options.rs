@@ -1,7 +1,7 @@
 //! Per-call options, set as request extensions.
 
 /// Whether a call waits for a connection when no endpoint can take it now (gRPC's
-/// `wait_for_ready`), overriding the pool's [`Builder::wait_for_ready`](crate::Builder::wait_for_ready)
+/// `wait_for_ready`), overriding the pool's [`Config::wait_for_ready`](crate::Config::wait_for_ready)
 /// for one call.
 ///
 /// Off (the default, gRPC's too), a call fails at once with `UNAVAILABLE` and the real cause

@@ -80,6 +80,9 @@ where
 {
     type Output = Result<(), PumpError>;
 
+    // One loop of ~100 lines on purpose: it runs on every call's hot path, and each branch
+    // moves the same projected fields (pending chunk, lookahead, recording) on; split into
+    // helpers, each would need all of them passed and its outcome matched again here.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
