@@ -851,6 +851,22 @@ fn outliers(percent: u32) -> grpc_pool::OutlierDetection {
     }
 }
 
+/// A pool over `servers` with outlier detection (3 failures in a row, 50%), the first server
+/// answering every call with UNAVAILABLE.
+async fn first_failing(servers: &[TestServer]) -> Pool {
+    servers[0].set_unavailable(true);
+    Pool::builder()
+        .outlier_detection(Some(outliers(50)))
+        .build(servers.iter().map(|s| s.uri()))
+        .await
+        .unwrap()
+}
+
+/// Whether the pool's first endpoint is ejected now.
+fn ejected(pool: &Pool) -> bool {
+    pool.state().endpoints[0].ejected_for.is_some()
+}
+
 /// Calls until `done` holds (at most `limit` calls); returns how many failed.
 async fn call_until(client: &mut EchoClient<Pool>, limit: usize, mut done: impl FnMut() -> bool) -> usize {
     let mut failed = 0;
@@ -869,13 +885,7 @@ async fn call_until(client: &mut EchoClient<Pool>, limit: usize, mut done: impl 
 #[tokio::test]
 async fn an_endpoint_failing_every_call_is_ejected_and_returns_when_its_time_is_up() {
     let servers = [TestServer::start().await, TestServer::start().await, TestServer::start().await];
-    servers[0].set_unavailable(true);
-    let pool = Pool::builder()
-        .outlier_detection(Some(outliers(50)))
-        .build(servers.iter().map(|s| s.uri()))
-        .await
-        .unwrap();
-    let ejected = |pool: &Pool| pool.state().endpoints[0].ejected_for.is_some();
+    let pool = first_failing(&servers).await;
     let mut client = client(&pool);
     // Only the calls that reach the failing server fail, and the third in a row ejects it.
     let failed = call_until(&mut client, 500, || ejected(&pool)).await;
@@ -894,6 +904,40 @@ async fn an_endpoint_failing_every_call_is_ejected_and_returns_when_its_time_is_
     }
     assert!(servers[0].calls() > 3, "the endpoint took no call after its ejection");
     assert_eq!(pool.state().statistics.ejections, 1);
+}
+
+#[tokio::test]
+async fn a_failure_seen_only_in_a_response_body_ejects_too() {
+    // UNAVAILABLE in the trailers, after a message: the call's response body (which holds no
+    // pool handle) decides the ejection and the pool's ejector task carries it out.
+    let servers = [TestServer::start().await, TestServer::start().await];
+    let pool = first_failing(&servers).await;
+    let mut client = client(&pool);
+    let mut failed = 0;
+    for _ in 0..500 {
+        if ejected(&pool) {
+            break;
+        }
+        let mut stream = client.server_streaming_echo(request(b"x", 1)).await.unwrap().into_inner();
+        while let Some(item) = stream.next().await {
+            if let Err(status) = item {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                failed += 1;
+            }
+        }
+        if failed >= 3 {
+            // The request is on its way to the ejector; give it its moment.
+            wait_until(WAIT, "the ejection asked for by a response body", || ejected(&pool)).await;
+        }
+    }
+    assert!(ejected(&pool), "{:?}", pool.state().endpoints);
+    assert_eq!(failed, 3, "the third failure in a row asks for the ejection");
+    assert_eq!(pool.state().statistics.ejections, 1);
+    let before = servers[0].calls();
+    for _ in 0..20 {
+        client.unary_echo(request(b"x", 0)).await.unwrap();
+    }
+    assert_eq!(servers[0].calls(), before, "an ejected endpoint took calls");
 }
 
 #[tokio::test]

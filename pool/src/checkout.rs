@@ -12,7 +12,7 @@ use crate::endpoint::EndpointShared;
 use crate::error::Error;
 use crate::inner::PoolInner;
 use crate::internals::EndpointEntry;
-use crate::member::{MemberState, Slot};
+use crate::member::{Member, MemberState, Slot};
 use crate::metrics as names;
 
 /// What a waiting checkout needs to know of its call.
@@ -125,21 +125,23 @@ impl PoolInner {
         let started = Instant::now();
         let mut waiting = self.waiters.enqueue(wait.wait_for_ready);
         // A slot freed, or a close, between our fast path and joining the queue was not
-        // handed to us: look again.
+        // handed to us: look again. A slot found goes to the oldest waiter, which is us only
+        // if nobody queued before us.
         if self.is_closed() {
             metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "closed").increment(1);
             return Err(Error::pool_closed(self.name()));
         }
-        let result = match self.try_checkout() {
-            Some(slot) => Ok(slot),
-            None if !wait.wait_for_ready && self.all_in_transient_failure() => {
+        let found = self.try_checkout().map(|slot| self.waiters.hand_on::<Arc<Member>>(slot)).is_some();
+        let result = match waiting.slot.try_recv() {
+            Ok(result) => result,
+            Err(_) if !found && !wait.wait_for_ready && self.all_in_transient_failure() => {
                 // Nothing can serve the call now, and it asked not to wait (gRPC's default).
                 drop(waiting);
                 let (error, result) = self.hopeless_error();
                 metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => result).increment(1);
                 return Err(error);
             }
-            None => {
+            Err(_) => {
                 self.grow();
                 // A wait-for-ready call with a deadline waits as long as its deadline lets it
                 // (the call's future enforces that); any other waits `checkout_timeout` at most.

@@ -276,13 +276,22 @@ impl EndpointShared {
         }
     }
 
-    /// Reports how a call on this endpoint ended, for outlier detection: `failed` says
-    /// whether it failed, or `None` if the end says nothing either way. Only called when the
-    /// pool has outlier detection, so calls without it do not pay for reading their status.
-    pub(crate) fn record_outcome(self: &Arc<Self>, failed: impl FnOnce() -> Option<bool>) {
+    /// Counts how a call on this endpoint ended, for outlier detection: `failed` says
+    /// whether it failed, or `None` if the end says nothing either way (only called when the
+    /// pool has outlier detection, so calls without it do not pay for reading their status).
+    /// Returns the failures in a row when they reach the threshold: the caller then ejects the
+    /// endpoint (`PoolInner::eject_shared`), or, without a pool at hand, asks the pool to
+    /// (`ask_ejection`).
+    #[must_use = "a count at the threshold means: eject the endpoint"]
+    pub(crate) fn record_outcome(&self, failed: impl FnOnce() -> Option<bool>) -> Option<u32> {
+        let reports = self.outliers.as_ref()?;
+        reports.outliers.count(&self.failures_in_a_row, failed()?)
+    }
+
+    /// Sends an ejection decision to the pool's ejector task, for a response body, which has
+    /// no pool handle; one request at a time per endpoint.
+    pub(crate) fn ask_ejection(self: &Arc<Self>, failures: u32) {
         let Some(reports) = &self.outliers else { return };
-        let Some(failed) = failed() else { return };
-        let Some(failures) = reports.outliers.count(&self.failures_in_a_row, failed) else { return };
         if !self.ejection_asked.swap(true, Ordering::AcqRel)
             && reports.ejections.send((self.clone(), failures)).is_err()
         {

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::AllUnhealthy;
-use crate::endpoint::{EjectionRequest, Endpoint};
+use crate::endpoint::{EjectionRequest, Endpoint, EndpointShared};
 use crate::events::{MemberEvent, PoolEvent};
 use crate::inner::PoolInner;
 use crate::internals::EndpointEntry;
@@ -76,17 +76,23 @@ impl PoolInner {
         });
     }
 
-    /// Runs the ejections that calls ask for (`EndpointShared::record_outcome`), one at a
-    /// time, until the pool closes. A request for an endpoint no longer in the pool is
+    /// Outlier detection decided to eject the endpoint whose members share `shared` (a call
+    /// with the pool at hand: its future); ejects it now if the pool still has it.
+    pub(crate) fn eject_shared(self: &Arc<Self>, shared: &Arc<EndpointShared>, failures: u32) {
+        if let Some(entry) = self.entry_sharing(shared) {
+            self.eject(&entry, failures);
+        }
+    }
+
+    /// Runs the ejections that response bodies ask for (`EndpointShared::ask_ejection`), one
+    /// at a time, until the pool closes. A request for an endpoint no longer in the pool is
     /// dropped; each endpoint has at most one request on its way.
     pub(crate) fn spawn_ejector(self: &Arc<Self>, mut requests: mpsc::UnboundedReceiver<EjectionRequest>) {
         let (pool, shutdown) = (Arc::downgrade(self), self.shutdown.clone());
         tokio::spawn(async move {
             while let Some(Some((endpoint, failures))) = shutdown.run_until_cancelled(requests.recv()).await {
                 let Some(pool) = pool.upgrade() else { return };
-                if let Some(entry) = pool.entry_sharing(&endpoint) {
-                    pool.eject(&entry, failures);
-                }
+                pool.eject_shared(&endpoint, failures);
                 // Cleared after the ejection (or its refusal), so that failures that came
                 // meanwhile ask again only if the endpoint is still failing afterwards.
                 endpoint.ejection_asked.store(false, Ordering::Release);

@@ -68,16 +68,18 @@ pub(crate) trait SlotSource {
 ///
 /// The protocol, which `wait_queue/loom_tests.rs` checks under loom:
 /// - a caller that finds no free slot joins (`enqueue`: counts itself in `waiting`, SeqCst,
-///   then queues under the lock), then looks for a free slot once more (`checkout_wait`);
+///   then queues under the lock), then looks for a free slot once more (`checkout_wait`),
+///   and gives what it finds to the oldest waiter (`hand_on`), which may be itself;
 /// - a releaser frees its slot (SeqCst), then reads `waiting` (SeqCst) and, if anybody
 ///   waits, `serve`s: under the lock, takes a slot for the oldest open waiter and sends it;
 /// - a waiter that gives up closes its receiver, then counts itself out; a slot sent before
 ///   the close is dropped with the receiver (a release), one sent after comes back to
 ///   `serve`, which offers it to the next waiter or frees it under the lock.
 ///
-/// FIFO holds for the slots the queue hands on. A caller in the middle of joining can still
-/// take a slot freed in that moment by its second look, before the releaser serves the
-/// oldest waiter (the loom model finds that interleaving).
+/// FIFO holds among the waiters: a slot freed while a caller is joining may be taken by that
+/// caller's second look before the releaser serves the queue, but the look hands it on to the
+/// oldest waiter (the loom model found the overtaking before `hand_on`, and checks it is gone).
+/// A caller on the fast path takes a free slot only when nobody is counted as waiting.
 #[derive(Debug)]
 pub(crate) struct WaitQueue<S> {
     waiting: AtomicUsize,
@@ -163,6 +165,22 @@ impl<S> WaitQueue<S> {
             // next sees it when it looks at the slots again.
             M::free_leftover(slot);
         }
+    }
+
+    /// Gives `slot`, which a caller that has just joined took on its second look, to the
+    /// oldest open waiter, perhaps that caller itself: a look at the slots from inside the
+    /// queue must not overtake anyone queued before it. Frees the slot, under the lock, if
+    /// nobody takes it.
+    pub(crate) fn hand_on<M: SlotSource<Slot = S> + ?Sized>(&self, slot: S) {
+        let mut queue = self.lock();
+        let mut slot = slot;
+        while let Some(waiter) = queue.pop_front() {
+            match waiter.slot.send(Ok(slot)) {
+                Err(Ok(back)) => slot = back, // gave up meanwhile: the next one
+                _ => return,
+            }
+        }
+        M::free_leftover(slot);
     }
 
     /// Fails every waiter with `error()`.

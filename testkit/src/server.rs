@@ -87,6 +87,18 @@ impl Echo for EchoServer {
     ) -> Result<Response<Self::ServerStreamingEchoStream>, Status> {
         let active = ActiveGuard::new(&self.counters);
         let request = request.into_inner();
+        if self.unavailable.load(Ordering::Relaxed) {
+            // One message, then the status in the trailers: a failure the client learns from
+            // the response body, not from its head.
+            let items = [
+                Ok(EchoResponse { message: request.message }),
+                Err(Status::unavailable("the test made this server unavailable")),
+            ];
+            return Ok(Response::new(Box::pin(tokio_stream::iter(items).map(move |item| {
+                let _keep = &active;
+                item
+            }))));
+        }
         let repeat = request.repeat.max(1);
         let stream = async_stream(repeat, request);
         Ok(Response::new(Box::pin(stream.map(move |item| {
@@ -261,7 +273,8 @@ impl TestServer {
         self.counters.timeouts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// While `on`, unary calls end with `UNAVAILABLE` (after their `delay_ms`).
+    /// While `on`, unary calls end with `UNAVAILABLE` (after their `delay_ms`), and server
+    /// streams with `UNAVAILABLE` in their trailers after one message.
     pub fn set_unavailable(&self, on: bool) {
         self.unavailable.store(on, Ordering::Relaxed);
     }

@@ -71,7 +71,10 @@ impl ResponseBody {
 
     fn fail(&mut self, err: h2::Error) -> Error {
         if let Some(slot) = &self.slot {
-            slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err));
+            let endpoint = &slot.member().endpoint;
+            if let Some(failures) = endpoint.record_outcome(|| crate::outlier::is_failure(&err)) {
+                endpoint.ask_ejection(failures);
+            }
         }
         let mut error = Error::from_h2(self.endpoint(), err);
         if self.pool_call {
@@ -131,9 +134,11 @@ impl ResponseBody {
             Poll::Ready(Ok(Some(trailers))) => {
                 if let Some(slot) = &this.slot {
                     // Trailers without `grpc-status` count as a success: the server answered.
-                    slot.member()
-                        .endpoint
-                        .record_outcome(|| Some(crate::outlier::unavailable(&trailers).unwrap_or(false)));
+                    let endpoint = &slot.member().endpoint;
+                    let failed = || Some(crate::outlier::unavailable(&trailers).unwrap_or(false));
+                    if let Some(failures) = endpoint.record_outcome(failed) {
+                        endpoint.ask_ejection(failures);
+                    }
                 }
                 this.finish();
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))

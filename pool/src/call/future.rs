@@ -391,7 +391,11 @@ where
         drop(head_future);
         // A trailers-only answer carries its status in the head; any other is judged by its
         // trailers, in the body.
-        slot.member().endpoint.record_outcome(|| crate::outlier::unavailable(response.headers()));
+        if let Some(failures) =
+            slot.member().endpoint.record_outcome(|| crate::outlier::unavailable(response.headers()))
+        {
+            self.pool.eject_shared(&slot.member().endpoint, failures);
+        }
         // The server answered before the request body ended (streaming): keep sending from a
         // task of its own.
         let pump = match pump.filter(|_| !pump_stopped).map(spawn_pump).transpose() {
@@ -414,7 +418,9 @@ where
         let over_limit =
             body_kept && (body_over_limit || pump.as_ref().is_some_and(|p| p.over_replay_limit()));
         let body_not_whole = body_kept && sent_body.is_none();
-        slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err));
+        if let Some(failures) = slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err)) {
+            self.pool.eject_shared(&slot.member().endpoint, failures);
+        }
         let error = response_error(&slot, stream_id, err);
         let slot_endpoint = slot.member().endpoint.clone();
         drop(slot);

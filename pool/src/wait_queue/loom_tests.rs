@@ -6,7 +6,8 @@
 //! HTTP/2 connection) and implements `SlotSource` as `Arc<Member>` does, less the state and
 //! routing checks; `ProbeSlot` drops as `Slot` does; the oneshot channel is the loom stand-in
 //! of `crate::sync`; `checkout_wait` and `give_up` below follow the steps of
-//! `PoolInner::checkout_wait` (join, look again, wait; on timeout `try_recv`, then leave).
+//! `PoolInner::checkout_wait` (join, look again and hand on what it finds, wait; on timeout
+//! `try_recv`, then leave).
 //!
 //! `RUSTFLAGS="--cfg grpc_pool_loom" CARGO_TARGET_DIR=target/loom cargo test -p grpc-pool-core --lib loom`
 //! (the README's Development section; CI runs it).
@@ -92,38 +93,33 @@ fn use_and_drop(slot: ProbeSlot) {
     drop(slot);
 }
 
-/// How a waiting checkout got its slot.
-#[derive(Debug, PartialEq)]
-enum Got {
-    /// Its own look at the slots right after joining the queue.
-    LookingAgain,
-    /// Sent by a releaser through the queue.
-    FromQueue,
+/// A checkout that found no free slot, as `checkout_wait` goes on: joins the queue, looks at
+/// the slots once more and hands what it finds to the oldest waiter (perhaps itself), then
+/// waits for its turn. A wake-up that never comes leaves this thread blocked for good, which
+/// loom reports as a deadlock.
+fn checkout_wait(member: &Arc<Probe>) -> ProbeSlot {
+    let mut waiting = join_and_look_again(member);
+    let slot = match waiting.slot.try_recv() {
+        Ok(slot) => slot,
+        Err(_) => loom::future::block_on(&mut waiting.slot).expect("the queue keeps its senders"),
+    };
+    drop(waiting);
+    slot.expect("no failure")
 }
 
-/// A checkout that found no free slot, as `checkout_wait` goes on: joins the queue, looks at
-/// the slots once more, then waits for a releaser to send one. A wake-up that never comes
-/// leaves this thread blocked for good, which loom reports as a deadlock.
-fn checkout_wait(member: &Arc<Probe>) -> (ProbeSlot, Got) {
-    let mut waiting = member.waiters.enqueue(false);
+/// `checkout_wait`'s first steps: join, look at the slots again, hand a free one on.
+fn join_and_look_again(member: &Arc<Probe>) -> super::Waiting<'_, ProbeSlot> {
+    let waiting = member.waiters.enqueue(false);
     if let Some(slot) = member.try_acquire() {
-        drop(waiting);
-        return (slot, Got::LookingAgain);
+        member.waiters.hand_on::<Arc<Probe>>(slot);
     }
-    let slot =
-        loom::future::block_on(&mut waiting.slot).expect("the queue keeps its senders").expect("no failure");
-    drop(waiting);
-    (slot, Got::FromQueue)
+    waiting
 }
 
 /// A checkout that joins the queue, finds no free slot, and gives up at once (its timeout):
 /// `try_recv` for a slot sent meanwhile, then leaves the queue. Returns the slot it got.
 fn give_up(member: &Arc<Probe>) -> Option<ProbeSlot> {
-    let mut waiting = member.waiters.enqueue(false);
-    if let Some(slot) = member.try_acquire() {
-        drop(waiting);
-        return Some(slot);
-    }
+    let mut waiting = join_and_look_again(member);
     match waiting.slot.try_recv() {
         Ok(slot) => Some(slot.expect("no failure")),
         // Leaving: a slot sent between the `try_recv` and the close is dropped with the
@@ -170,7 +166,7 @@ fn loom_release_reaches_a_caller_joining_the_queue() {
         // The caller's fast path, then the queue if that found the member full.
         let slot = match member.try_acquire() {
             Some(slot) => slot,
-            None => checkout_wait(&member).0,
+            None => checkout_wait(&member),
         };
         use_and_drop(slot);
 
@@ -180,13 +176,10 @@ fn loom_release_reaches_a_caller_joining_the_queue() {
 }
 
 /// Two waiters and a release, one slot: each waiter is served exactly once and never while
-/// the other holds the slot, and the queue serves the older waiter first.
-///
-/// The younger one may still get the slot first, by its own second look right after joining:
-/// when the release's decrement comes between that look and the releaser's `serve`, the slot
-/// is free and the look takes it (loom finds that interleaving; the strict "older first"
-/// fails). FIFO holds for what the queue hands on, not against a caller in the middle of
-/// joining, as for a caller on the fast path.
+/// the other holds the slot, and the older waiter always goes first, even when the release's
+/// decrement comes between the younger one's joining and the releaser's `serve` (its second
+/// look finds the slot free, and hands it on to the older one: without `hand_on`, loom finds
+/// the younger one first).
 #[test]
 fn loom_queue_serves_the_oldest_waiter_first() {
     model(Some(3), || {
@@ -200,10 +193,10 @@ fn loom_queue_serves_the_oldest_waiter_first() {
         let second = {
             let (member, order) = (member.clone(), order.clone());
             thread::spawn(move || {
-                let (slot, got) = checkout_wait(&member);
+                let slot = checkout_wait(&member);
                 let turn = order.fetch_add(1, Ordering::SeqCst);
                 use_and_drop(slot);
-                (turn, got)
+                turn
             })
         };
         let releaser = thread::spawn(move || drop(held));
@@ -213,11 +206,9 @@ fn loom_queue_serves_the_oldest_waiter_first() {
         let first_turn = order.fetch_add(1, Ordering::SeqCst);
         use_and_drop(slot);
 
-        let (second_turn, second_got) = second.join().unwrap();
+        let second_turn = second.join().unwrap();
         releaser.join().unwrap();
-        if second_turn < first_turn {
-            assert_eq!(second_got, Got::LookingAgain, "the queue served the younger waiter first");
-        }
+        assert!(first_turn < second_turn, "the younger waiter went first");
         assert_settled(&member);
     });
 }
@@ -257,7 +248,7 @@ fn loom_a_slot_refused_by_a_leaving_waiter_reaches_the_next() {
         };
         let releaser = thread::spawn(move || drop(held));
 
-        let (slot, _) = checkout_wait(&member);
+        let slot = checkout_wait(&member);
         use_and_drop(slot);
 
         leaving.join().unwrap();
