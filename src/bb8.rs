@@ -26,8 +26,9 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::{Endpoint, Error, MemberState};
@@ -40,9 +41,39 @@ pub struct Http2ConnectionManager {
     ping_timeout: Duration,
 }
 
-/// Numbers the connections of every manager: each is a one-connection pool, and pool names
-/// (the metric series' `pool` label) are unique.
-static OPENED: AtomicU64 = AtomicU64::new(0);
+/// The numbers in the names of the bb8 connections' pools (`<name> bb8 #<n>`), by manager
+/// name: each connection is a one-connection pool, pool names (the metric series' `pool`
+/// label) are unique, and a new connection takes the lowest number free, so that a process
+/// churning connections has as many series as it ever had connections open at once.
+static NUMBERS: Mutex<BTreeMap<String, BTreeSet<u64>>> = Mutex::new(BTreeMap::new());
+
+/// One connection's number, given back when the last clone of the connection drops.
+struct Number {
+    name: String,
+    n: u64,
+}
+
+impl Number {
+    fn take(name: &str) -> Number {
+        let mut numbers = NUMBERS.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = numbers.entry(name.to_owned()).or_default();
+        let n = (1..).find(|n| !taken.contains(n)).unwrap_or(u64::MAX);
+        taken.insert(n);
+        Number { name: name.to_owned(), n }
+    }
+}
+
+impl Drop for Number {
+    fn drop(&mut self) {
+        let mut numbers = NUMBERS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(taken) = numbers.get_mut(&self.name) {
+            taken.remove(&self.n);
+            if taken.is_empty() {
+                numbers.remove(&self.name);
+            }
+        }
+    }
+}
 
 impl Http2ConnectionManager {
     /// Connections to `uri` (`http://host:port`, `https://...`, `unix:///path`) with the
@@ -80,6 +111,9 @@ pub struct Http2Connection {
     // the pool's members, without growing (max 1) or reconnecting (min 0) on its own, which
     // is bb8's job here.
     pool: grpc_pool_core::Pool,
+    // Dropped after `pool` (fields drop in order), which gives its name back as it closes, so
+    // the number is never free while its name is still taken.
+    _number: Arc<Number>,
 }
 
 impl Http2Connection {
@@ -95,7 +129,10 @@ impl Http2Connection {
 
 impl fmt::Debug for Http2Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Http2Connection").field("ready", &self.is_ready()).finish()
+        f.debug_struct("Http2Connection")
+            .field("pool", &self.pool.name())
+            .field("ready", &self.is_ready())
+            .finish()
     }
 }
 
@@ -106,13 +143,13 @@ impl bb8::ManageConnection for Http2ConnectionManager {
     type Error = Error;
 
     async fn connect(&self) -> Result<Http2Connection, Error> {
-        let n = OPENED.fetch_add(1, Ordering::Relaxed) + 1;
+        let number = Number::take(&self.builder.config().name);
         let mut config = self.builder.config().split()?.0;
-        config.name = format!("{} bb8 #{n}", self.builder.config().name);
+        config.name = format!("{} bb8 #{}", number.name, number.n);
         config.min_connections = 0;
         config.max_connections = 1;
         let pool = grpc_pool_core::Builder::from_config(config).build([self.endpoint.to_string()]).await?;
-        Ok(Http2Connection { pool })
+        Ok(Http2Connection { pool, _number: Arc::new(number) })
     }
 
     async fn is_valid(&self, connection: &mut Http2Connection) -> Result<(), Error> {

@@ -99,3 +99,32 @@ async fn several_connections_each_carry_their_own_calls() {
     assert_eq!(relay.accepted(), 3);
     assert_eq!(relay.open_connections(), 3);
 }
+
+#[tokio::test]
+async fn a_new_connection_takes_the_lowest_free_number_so_metric_series_stay_bounded() {
+    // Each bb8 connection is a pool of its own, named `<name> bb8 #<n>` (the `pool` label of
+    // its metric series): numbers come back when connections close, so churn makes no new
+    // series.
+    let server = TestServer::start().await;
+    let manager = Http2ConnectionManager::new(&server.uri())
+        .unwrap()
+        .settings(grpc_pool::Pool::builder().name("bb8-numbers"));
+    let named = |connection: &grpc_pool::bb8::Http2Connection, n: u32| {
+        let debug = format!("{connection:?}");
+        assert!(debug.contains(&format!("\"bb8-numbers bb8 #{n}\"")), "{debug}");
+    };
+    let first = manager.connect().await.unwrap();
+    let second = manager.connect().await.unwrap();
+    named(&first, 1);
+    named(&second, 2);
+    let first_clone = first.clone();
+    drop(first);
+    // A clone keeps the connection, and its number.
+    named(&manager.connect().await.unwrap(), 3);
+    drop(first_clone);
+    // Numbers 1 and 3 are free again (the third connection above was dropped at once).
+    let again = manager.connect().await.unwrap();
+    named(&again, 1);
+    named(&manager.connect().await.unwrap(), 3);
+    drop(second);
+}
