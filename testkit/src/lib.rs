@@ -6,6 +6,8 @@ pub mod bare;
 #[allow(missing_docs)] // generated code, documented by the proto's comments
 pub mod echo;
 pub mod frame_server;
+#[cfg(target_os = "linux")]
+pub mod netns;
 pub mod peer;
 pub mod ping_policy;
 pub mod process;
@@ -16,6 +18,8 @@ pub mod server;
 
 pub use bare::BareH2;
 pub use frame_server::{Behaviour, FrameServer};
+#[cfg(target_os = "linux")]
+pub use netns::BlackHoleLink;
 pub use peer::{PeerOptions, PythonPeer};
 pub use ping_policy::{PingEnforcer, PingPolicy};
 pub use raw::{Misbehaviour, RawServer};
