@@ -2,6 +2,7 @@
 //! servers started in-process on 127.0.0.1, and a TCP relay that injects faults.
 #![deny(missing_docs)]
 pub mod bare;
+pub mod clock;
 /// The echo service, generated from `testkit/proto/echo.proto` by `scripts/regen-proto.sh`.
 #[allow(missing_docs)] // generated code, documented by the proto's comments
 pub mod echo;
@@ -17,6 +18,7 @@ pub mod relay;
 pub mod server;
 
 pub use bare::BareH2;
+pub use clock::HeldClock;
 pub use frame_server::{Behaviour, FrameServer};
 #[cfg(target_os = "linux")]
 pub use netns::BlackHoleLink;
