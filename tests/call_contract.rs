@@ -10,7 +10,7 @@ use bytes::Bytes;
 use grpc_pool::{ErrorKind, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{wait_until, Behaviour, FrameServer, ServerOptions, TestServer};
+use grpc_pool_testkit::{wait_until, Behaviour, FrameServer, HeldClock, ServerOptions, TestServer};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -47,68 +47,99 @@ fn parse_grpc_timeout(text: &str) -> Duration {
 const SLOW: Duration = Duration::from_secs(2);
 const DEADLINE: Duration = Duration::from_millis(200);
 
-#[tokio::test]
+/// How far the deadline tests move their held clock at a time.
+const STEP: Duration = Duration::from_millis(10);
+
+/// Runs `call` with the clock held, moving it on in steps until the call ends, by `bound`
+/// at most (then the test fails); returns its outcome and how long it took on the clock.
+/// The deadline tests run this way: the server's late answer and the call's deadline are
+/// both on the clock, so the deadline wins however slow the machine.
+async fn on_the_clock<T: Send + 'static>(
+    clock: &HeldClock,
+    bound: Duration,
+    call: impl std::future::Future<Output = T> + Send + 'static,
+) -> (T, Duration) {
+    let call = tokio::spawn(call);
+    let took = clock.advance_until(bound, STEP, "the call ends", || call.is_finished()).await;
+    (call.await.expect("the call's task"), took)
+}
+
+/// A deadline's bound on the clock: tokio's timers round up to the millisecond, and the
+/// clock moves by steps. Far below [`SLOW`]: a call that waited for the answer fails the
+/// test.
+const DEADLINE_BOUND: Duration = DEADLINE.saturating_add(STEP).saturating_add(STEP);
+
+#[tokio::test(start_paused = true)]
 async fn a_call_past_its_deadline_fails_with_deadline_exceeded_and_is_cancelled_at_once() {
+    let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::AnswerAfter(SLOW)).await;
     let pool = Pool::builder().name("deadlines").build([server.uri()]).await.unwrap();
-    let mut client = client(&pool);
     for call in 1..=5u64 {
-        let started = Instant::now();
-        let status = client.unary_echo(with_deadline(0, DEADLINE)).await.unwrap_err();
-        let took = started.elapsed();
+        let mut client = client(&pool);
+        let (outcome, took) = on_the_clock(&clock, DEADLINE_BOUND, async move {
+            client.unary_echo(with_deadline(0, DEADLINE)).await
+        })
+        .await;
+        let status = outcome.unwrap_err();
         assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
         assert!(took >= DEADLINE, "ended after {took:?}, before its deadline");
-        // The server answers at 2 s: ending before that is the client's doing.
-        assert!(took < SLOW, "ended after {took:?}: the deadline was not enforced");
         for part in ["deadline of 200ms exceeded", "waiting for the response head from", &server.uri()] {
             assert!(status.message().contains(part), "`{part}` missing from: {}", status.message());
         }
         // Its slot is free the moment the call returns.
         assert_eq!(pool.state().in_flight(), 0);
         // The stream was reset, so the server stopped waiting to answer it.
-        wait_until(WAIT, "the server saw the call cancelled", || {
-            server.resets() == call && server.waiting() == 0
-        })
-        .await;
+        clock
+            .wait_until(WAIT, "the server saw the call cancelled", || {
+                server.resets() == call && server.waiting() == 0
+            })
+            .await;
     }
     let state = pool.state();
     assert_eq!(state.statistics.retries, 0, "a call past its deadline is never sent again");
     assert_eq!(server.answered(), 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_response_stream_that_stalls_fails_at_the_deadline() {
+    let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::HeadThenStall(SLOW)).await;
     let pool = Pool::builder().build([server.uri()]).await.unwrap();
-    let started = Instant::now();
-    // The head comes at once, so the call itself succeeds; its stream then stalls.
-    let mut stream =
-        client(&pool).server_streaming_echo(with_deadline(0, DEADLINE)).await.unwrap().into_inner();
-    let status = stream.message().await.unwrap_err();
-    let took = started.elapsed();
+    let mut client = client(&pool);
+    let (outcome, took) = on_the_clock(&clock, DEADLINE_BOUND, async move {
+        // The head comes at once, so the call itself succeeds; its stream then stalls.
+        let mut stream = client.server_streaming_echo(with_deadline(0, DEADLINE)).await.unwrap().into_inner();
+        let status = stream.message().await.unwrap_err();
+        (status, stream)
+    })
+    .await;
+    let (status, stream) = outcome;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(took >= DEADLINE && took < SLOW, "ended after {took:?}");
+    assert!(took >= DEADLINE, "ended after {took:?}");
     assert!(status.message().contains("while receiving the response from"), "{}", status.message());
     assert_eq!(
         pool.state().in_flight(),
         0,
         "the slot is freed with the error, not when the stream is dropped"
     );
-    wait_until(WAIT, "the server saw the stream cancelled", || server.resets() == 1).await;
+    clock.wait_until(WAIT, "the server saw the stream cancelled", || server.resets() == 1).await;
     drop(stream);
 
     // Side by side: tonic's `Channel` bounds only the response head by the deadline, so the
     // same stalled stream keeps its caller until the server answers.
     let channel = tonic::transport::Endpoint::from_shared(server.uri()).unwrap().connect().await.unwrap();
-    let started = Instant::now();
-    let response = EchoClient::new(channel).server_streaming_echo(with_deadline(0, DEADLINE)).await.unwrap();
-    let _ = response.into_inner().message().await;
-    let channel_took = started.elapsed();
+    let (_, channel_took) = on_the_clock(&clock, SLOW + DEADLINE_BOUND, async move {
+        let response =
+            EchoClient::new(channel).server_streaming_echo(with_deadline(0, DEADLINE)).await.unwrap();
+        let _ = response.into_inner().message().await;
+    })
+    .await;
     assert!(channel_took >= SLOW, "the Channel ended the stalled stream after {channel_took:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_call_waiting_for_a_slot_fails_at_its_deadline_and_leaves_the_queue() {
+    let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::AnswerAfter(SLOW)).await;
     let pool = Pool::builder()
         .max_connections(1)
@@ -120,18 +151,25 @@ async fn a_call_waiting_for_a_slot_fails_at_its_deadline_and_leaves_the_queue() 
     let mut busy = client(&pool);
     let holder =
         tokio::spawn(async move { busy.unary_echo(with_deadline(0, Duration::from_secs(30))).await });
-    wait_until(WAIT, "the only slot is taken", || pool.state().in_flight() == 1).await;
+    clock.wait_until(WAIT, "the only slot is taken", || pool.state().in_flight() == 1).await;
 
-    let started = Instant::now();
-    let status = client(&pool).unary_echo(with_deadline(0, DEADLINE)).await.unwrap_err();
-    let took = started.elapsed();
+    let mut queued = client(&pool);
+    let (outcome, took) =
+        on_the_clock(
+            &clock,
+            DEADLINE_BOUND,
+            async move { queued.unary_echo(with_deadline(0, DEADLINE)).await },
+        )
+        .await;
+    let status = outcome.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(took >= DEADLINE && took < SLOW, "ended after {took:?}");
+    assert!(took >= DEADLINE, "ended after {took:?}");
     assert!(status.message().contains("waiting for a stream slot"), "{}", status.message());
     let state = pool.state();
     assert_eq!(state.waiters, 0);
     assert_eq!(state.in_flight(), 1, "only the call holding the slot is in flight");
     assert_eq!(server.waiting(), 1, "the queued call never reached the server");
+    clock.advance_until(SLOW, STEP, "the call holding the slot ends", || holder.is_finished()).await;
     holder.await.unwrap().unwrap();
 }
 
@@ -166,22 +204,29 @@ async fn the_server_is_sent_the_time_left_when_the_call_goes_out() {
     assert!(told < timeout, "told {value}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_pool_timeout_bounds_calls_without_a_deadline_of_their_own() {
+    let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::AnswerAfter(SLOW)).await;
     let pool = Pool::builder().timeout(Some(DEADLINE)).build([server.uri()]).await.unwrap();
-    let started = Instant::now();
-    let request = EchoRequest { message: Bytes::from_static(b"x"), repeat: 0, delay_ms: 0 };
-    let status = client(&pool).unary_echo(request).await.unwrap_err();
-    let took = started.elapsed();
+    let mut client_of_pool = client(&pool);
+    let (outcome, took) = on_the_clock(&clock, DEADLINE_BOUND, async move {
+        let request = EchoRequest { message: Bytes::from_static(b"x"), repeat: 0, delay_ms: 0 };
+        client_of_pool.unary_echo(request).await
+    })
+    .await;
+    let status = outcome.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(took >= DEADLINE && took < SLOW, "ended after {took:?}");
+    assert!(took >= DEADLINE, "ended after {took:?}");
     // A call's own shorter deadline still holds under a longer pool timeout.
     let pool = Pool::builder().timeout(Some(Duration::from_secs(30))).build([server.uri()]).await.unwrap();
-    let started = Instant::now();
-    let status = client(&pool).unary_echo(with_deadline(0, DEADLINE)).await.unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(started.elapsed() < SLOW);
+    let mut client_of_pool = client(&pool);
+    let (outcome, took) = on_the_clock(&clock, DEADLINE_BOUND, async move {
+        client_of_pool.unary_echo(with_deadline(0, DEADLINE)).await
+    })
+    .await;
+    assert_eq!(outcome.unwrap_err().code(), Code::DeadlineExceeded);
+    assert!(took >= DEADLINE, "ended after {took:?}");
 }
 
 #[test]
