@@ -564,29 +564,29 @@ async fn calls_queued_behind_a_dead_host_are_released_once_health_checks_mark_it
     assert!(!pool.state().endpoints[0].healthy);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_connection_closed_gracefully_while_young_costs_the_next_call_no_backoff() {
     // Every connection is closed (GOAWAY NO_ERROR) at 500 ms of age, before it carried a
-    // call: the pool replaces it at once, so a call never waits out a reconnect backoff.
+    // call: the pool replaces it at once, so a call never waits out a reconnect backoff. The
+    // clock is held: each call must end with it standing still, so it waited for no timer.
+    let clock = HeldClock::hold();
     let server = TestServer::start_with(ServerOptions {
         max_connection_age: Some(Duration::from_millis(500)),
         ..Default::default()
     })
     .await;
     let pool = Pool::builder().build([server.uri()]).await.unwrap();
-    let mut client = client(&pool);
-    let mut slowest = Duration::ZERO;
     for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(700)).await; // quiet past a connection's age
-        let started = Instant::now();
-        client.unary_echo(with_deadline(0, WAIT)).await.unwrap();
-        slowest = slowest.max(started.elapsed());
+        // Quiet past a connection's age (the server's timer is on the clock too).
+        clock.advance_in_steps(Duration::from_millis(700), STEP, || false).await;
+        let mut client = client(&pool);
+        let call = tokio::spawn(async move { client.unary_echo(with_deadline(0, WAIT)).await });
+        clock.wait_until(WAIT, "the call ends, the clock standing still", || call.is_finished()).await;
+        call.await.unwrap().unwrap();
     }
-    // A backoff after a "failed" connect would be 0.8-1.2 s.
-    assert!(slowest < Duration::from_millis(500), "a call waited {slowest:?}");
     let state = pool.state();
     assert_eq!(state.endpoints[0].consecutive_failures, 0);
-    assert!(state.statistics.closed(grpc_pool::EvictionReason::GoAway) >= 5);
+    assert!(state.statistics.closed(grpc_pool::EvictionReason::GoAway) >= 5, "{:?}", state.statistics);
 }
 
 #[tokio::test]
@@ -604,8 +604,9 @@ async fn a_call_resent_after_a_refusal_tells_the_server_the_time_left() {
     assert!(resent + pause <= first, "first attempt told {first:?}, the resend {resent:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn calls_on_a_silently_dropped_connection_fail_at_their_deadline_with_pool_defaults() {
+    let clock = HeldClock::hold();
     let server = TestServer::start().await;
     let relay = grpc_pool_testkit::Relay::start(server.addr()).await;
     let pool = Pool::builder().build([relay.uri()]).await.unwrap();
@@ -615,20 +616,20 @@ async fn calls_on_a_silently_dropped_connection_fail_at_their_deadline_with_pool
     let calls: Vec<_> = (0..8)
         .map(|_| {
             let mut client = client(&pool);
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let status = client.unary_echo(with_deadline(0, deadline)).await.unwrap_err();
-                (started.elapsed(), status)
-            })
+            tokio::spawn(async move { client.unary_echo(with_deadline(0, deadline)).await.unwrap_err() })
         })
         .collect();
+    // Keepalive's defaults find the dead connection only after 30 s: the deadline is what
+    // ends these calls, and it does so on time.
+    let took = clock
+        .advance_until(deadline + 2 * STEP, STEP, "the calls fail at their deadline", || {
+            calls.iter().all(|c| c.is_finished())
+        })
+        .await;
+    assert!(took >= deadline, "failed after {took:?}");
     for call in calls {
-        let (took, status) = call.await.unwrap();
+        let status = call.await.unwrap();
         assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-        assert!(took >= deadline, "failed after {took:?}");
-        // Keepalive's defaults find the dead connection only after minutes: the deadline is
-        // what ends these calls, and it does so on time.
-        assert!(took < deadline * 3, "failed after {took:?}, well past its deadline");
     }
     assert_eq!(pool.state().in_flight(), 0);
 }
