@@ -218,34 +218,38 @@ async fn a_silent_drop_under_load_moves_calls_to_the_other_endpoint() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idle_members_are_pinged_only_when_permitted() {
+    let clock = HeldClock::hold();
     let server = TestServer::start().await;
+    let time = Duration::from_millis(50);
     let quiet = {
-        let mut v = Keepalive::new(Duration::from_millis(50), Duration::from_secs(1));
+        let mut v = Keepalive::new(time, Duration::from_secs(1));
         v.permit_without_stream = false;
         v
     };
     let pool = Pool::builder().keepalive(Some(quiet)).build([server.uri()]).await.unwrap();
     let permitted = Pool::builder()
-        .keepalive(Some(idle_keepalive(Duration::from_millis(50), Duration::from_secs(1))))
+        .keepalive(Some(idle_keepalive(time, Duration::from_secs(1))))
         .build([server.uri()])
         .await
         .unwrap();
-    wait_until(WAIT, "the permitted pool has pinged its idle member", || {
-        permitted.state().endpoints[0].members[0].last_ping_rtt.is_some()
-    })
-    .await;
-    // By now the other pool's member has been idle for several keepalive times.
-    assert_eq!(pool.state().endpoints[0].members[0].last_ping_rtt, None, "an idle member was pinged");
+    let pinged = |pool: &Pool| pool.state().endpoints[0].members[0].last_ping_rtt.is_some();
+    clock
+        .advance_until(time + 2 * GRID, STEP, "the permitted pool has pinged its idle member", || {
+            pinged(&permitted)
+        })
+        .await;
+    // Ten keepalive times more of quiet, on the same clock for both pools.
+    let early = clock.advance_in_steps(10 * time, STEP, || pinged(&pool)).await;
+    assert!(!early, "an idle member was pinged");
 
     // With a stream open, it is pinged.
     let mut client = EchoClient::new(pool.clone());
     let call = tokio::spawn(async move { client.unary_echo(request(1_000)).await });
-    wait_until(WAIT, "the busy member is pinged", || {
-        pool.state().endpoints[0].members[0].last_ping_rtt.is_some()
-    })
-    .await;
+    clock.wait_until(WAIT, "the call is on the server", || server.active() == 1).await;
+    clock.advance_until(2 * (time + GRID), STEP, "the busy member is pinged", || pinged(&pool)).await;
+    clock.advance_until(Duration::from_secs(1), STEP, "the call ends", || call.is_finished()).await;
     call.await.unwrap().unwrap();
 }
 
