@@ -257,10 +257,15 @@ async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() 
         pool.state().endpoints[0].members[0].idle >= 2 * quiet
     })
     .await;
-    // Cancelled at its first wait: the PING has gone out, its PONG not yet come back.
-    let cancelled =
-        tokio::time::timeout(Duration::from_nanos(1), client(&pool).unary_echo(with_deadline(0, WAIT))).await;
-    assert!(cancelled.is_err(), "the call should have been cancelled while PINGing");
+    // Cancelled at its first wait: the PING has gone out, its PONG not yet come back. One
+    // poll and a drop, not a 1 ns timeout: tokio's timers tick by the millisecond, and a PONG
+    // back within that tick let the call go out (101 calls answered, on a busy machine).
+    let mut cancelled_client = client(&pool);
+    let mut cancelled = std::pin::pin!(cancelled_client.unary_echo(with_deadline(0, WAIT)));
+    let first =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(cancelled.as_mut(), cx)));
+    assert!(first.await.is_pending(), "the call should have been waiting for its PONG");
+    drop(cancelled);
     wait_until(WAIT, "the PING before use reached the server", || server.pings() == 1).await;
 
     let mut client = client(&pool);
