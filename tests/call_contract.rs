@@ -4,6 +4,7 @@
 //! Real servers on 127.0.0.1: tonic, and the frame-level test server for answers that come
 //! late whatever the call's `grpc-timeout` says.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -241,8 +242,9 @@ fn a_pool_timeout_of_zero_is_rejected_at_build() {
 
 /// PINGs are cancel-safe: h2 keeps one user PING per connection, and a PING whose waiter
 /// went away must not block every later one.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() {
+    let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::AnswerAfter(Duration::ZERO)).await;
     let quiet = Duration::from_millis(50);
     let pool = Pool::builder()
@@ -253,30 +255,43 @@ async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() 
         .await
         .unwrap();
     let member = pool.state().endpoints[0].members[0].id;
-    wait_until(WAIT, "the member has been quiet long enough to be PINGed before use", || {
-        pool.state().endpoints[0].members[0].idle >= 2 * quiet
-    })
-    .await;
+    clock.advance(2 * quiet).await;
     // Cancelled at its first wait: the PING has gone out, its PONG not yet come back. One
     // poll and a drop, not a 1 ns timeout: tokio's timers tick by the millisecond, and a PONG
     // back within that tick let the call go out (101 calls answered, on a busy machine).
     let mut cancelled_client = client(&pool);
-    let mut cancelled = std::pin::pin!(cancelled_client.unary_echo(with_deadline(0, WAIT)));
-    let first =
-        std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(cancelled.as_mut(), cx)));
-    assert!(first.await.is_pending(), "the call should have been waiting for its PONG");
+    let mut cancelled = Box::pin(cancelled_client.unary_echo(with_deadline(0, WAIT)));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(cancelled.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "the call should have been waiting for its PONG");
     drop(cancelled);
-    wait_until(WAIT, "the PING before use reached the server", || server.pings() == 1).await;
+    clock.wait_until(WAIT, "the PING before use reached the server", || server.pings() == 1).await;
 
+    // Quiet again: a later call PINGs before use too, after the abandoned PING, and goes out.
+    // (The abandoned PING's PONG counts as news whenever it is read: a call before the clock
+    // has moved on past it is not PINGed, hence the tries.)
     let mut client = client(&pool);
-    for _ in 0..100 {
-        let call = tokio::time::timeout(WAIT, client.unary_echo(with_deadline(0, WAIT)));
-        call.await.expect("a call waited for a PING nobody will finish").unwrap();
+    let mut calls = 0;
+    while server.pings() < 2 {
+        assert!(calls < 5, "no call was PINGed before use after the abandoned PING");
+        clock.advance(2 * quiet).await;
+        let mut caller = client.clone();
+        let call = tokio::spawn(async move { caller.unary_echo(with_deadline(0, WAIT)).await });
+        clock.wait_until(WAIT, "a call after the abandoned PING ends", || call.is_finished()).await;
+        call.await.unwrap().expect("a call after the abandoned PING");
+        calls += 1;
     }
+    // And none of the calls after it waits for a PING nobody finishes.
+    let more = tokio::spawn(async move {
+        for _ in 0..100 {
+            client.unary_echo(with_deadline(0, WAIT)).await.unwrap();
+        }
+    });
+    clock.wait_until(WAIT, "a hundred more calls end", || more.is_finished()).await;
+    more.await.unwrap();
     let state = pool.state();
     assert_eq!(state.endpoints[0].members.len(), 1);
     assert_eq!(state.endpoints[0].members[0].id, member, "the member was replaced");
-    assert_eq!(server.answered(), 100);
+    assert_eq!(server.answered(), 100 + calls);
 }
 
 #[tokio::test]
