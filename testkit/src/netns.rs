@@ -117,9 +117,15 @@ impl Drop for BlackHoleLink {
     fn drop(&mut self) {
         // Deleting our end deletes the pair at once; the namespace itself lives on until the
         // last socket in it closes, without a name.
-        let _ = Command::new("ip").args(["link", "del", &self.near]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.namespace]).output();
+        quietly("ip", &["link", "del", &self.near]);
+        quietly("ip", &["netns", "del", &self.namespace]);
     }
+}
+
+/// Runs `program` (as [`run`] finds it) and ignores how it went: for cleaning up, in a
+/// `Drop` that may run while a test panics, so it never panics itself.
+fn quietly(program: &str, args: &[&str]) {
+    let _ = output(program, args);
 }
 
 fn ip(args: &[&str]) {
@@ -131,7 +137,7 @@ fn tc(args: &[&str]) {
 }
 
 fn run(program: &str, args: &[&str]) {
-    let output = Command::new(program).args(args).output().unwrap_or_else(|e| {
+    let output = output(program, args).unwrap_or_else(|e| {
         panic!("cannot run `{program}` (iproute2): {e}; install it, or set {SKIP_ENV}=1 to skip this test")
     });
     assert!(
@@ -140,6 +146,18 @@ fn run(program: &str, args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// `program`'s output, found on the PATH or, since a sudo or CI environment's PATH may lack
+/// them, in /usr/sbin or /sbin.
+fn output(program: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
+    for path in [program.to_owned(), format!("/usr/sbin/{program}"), format!("/sbin/{program}")] {
+        match Command::new(&path).args(args).output() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            other => return other,
+        }
+    }
+    Err(std::io::ErrorKind::NotFound.into())
 }
 
 /// Which of the capabilities the link needs this process lacks.
@@ -154,17 +172,30 @@ fn missing_capabilities() -> Vec<&'static str> {
     NEEDED.iter().filter(|(bit, _)| effective & (1 << bit) == 0).map(|(_, name)| *name).collect()
 }
 
-/// Namespaces of ours whose process is gone (killed before it could drop its link).
+/// Namespaces and links of ours whose process is gone (killed before it could drop its
+/// link). Deleting a namespace is not enough: sockets the dead process left in it (a
+/// connection still retransmitting) keep it, and the pair, alive for minutes.
 fn remove_stale_namespaces() {
+    let gone = |pid: &str| !std::path::Path::new(&format!("/proc/{pid}")).exists();
+    if let Ok(links) = std::fs::read_dir("/sys/class/net") {
+        for link in links.flatten() {
+            let name = link.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("gpbh").and_then(|rest| rest.split(['n', 'f']).next()) else {
+                continue;
+            };
+            if gone(pid) {
+                quietly("ip", &["link", "del", &name]);
+            }
+        }
+    }
     let Ok(entries) = std::fs::read_dir("/var/run/netns") else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(pid) = name.strip_prefix(NAME_PREFIX).and_then(|rest| rest.split('-').next()) else {
             continue;
         };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            // Its veth pair goes with it.
-            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        if gone(pid) {
+            quietly("ip", &["netns", "del", &name]);
         }
     }
 }
