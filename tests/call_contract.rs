@@ -4,13 +4,14 @@
 //! Real servers on 127.0.0.1: tonic, and the frame-level test server for answers that come
 //! late whatever the call's `grpc-timeout` says.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use grpc_pool::{ErrorKind, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{wait_until, Behaviour, FrameServer, ServerOptions, TestServer};
+use grpc_pool_testkit::{wait_until, Behaviour, FrameServer, HeldClock, ServerOptions, TestServer};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -47,68 +48,99 @@ fn parse_grpc_timeout(text: &str) -> Duration {
 const SLOW: Duration = Duration::from_secs(2);
 const DEADLINE: Duration = Duration::from_millis(200);
 
-#[tokio::test]
+/// How far the deadline tests move their held clock at a time.
+const STEP: Duration = Duration::from_millis(10);
+
+/// Runs `call` with the clock held, moving it on in steps until the call ends, by `bound`
+/// at most (then the test fails); returns its outcome and how long it took on the clock.
+/// The deadline tests run this way: the server's late answer and the call's deadline are
+/// both on the clock, so the deadline wins however slow the machine.
+async fn on_the_clock<T: Send + 'static>(
+    clock: &HeldClock,
+    bound: Duration,
+    call: impl std::future::Future<Output = T> + Send + 'static,
+) -> (T, Duration) {
+    let call = tokio::spawn(call);
+    let took = clock.advance_until(bound, STEP, "the call ends", || call.is_finished()).await;
+    (call.await.expect("the call's task"), took)
+}
+
+/// A deadline's bound on the clock: tokio's timers round up to the millisecond, and the
+/// clock moves by steps. Far below [`SLOW`]: a call that waited for the answer fails the
+/// test.
+const DEADLINE_BOUND: Duration = DEADLINE.saturating_add(STEP).saturating_add(STEP);
+
+#[tokio::test(start_paused = true)]
 async fn a_call_past_its_deadline_fails_with_deadline_exceeded_and_is_cancelled_at_once() {
+    let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::AnswerAfter(SLOW)).await;
     let pool = Pool::builder().name("deadlines").build([server.uri()]).await.unwrap();
-    let mut client = client(&pool);
     for call in 1..=5u64 {
-        let started = Instant::now();
-        let status = client.unary_echo(with_deadline(0, DEADLINE)).await.unwrap_err();
-        let took = started.elapsed();
+        let mut client = client(&pool);
+        let (outcome, took) = on_the_clock(&clock, DEADLINE_BOUND, async move {
+            client.unary_echo(with_deadline(0, DEADLINE)).await
+        })
+        .await;
+        let status = outcome.unwrap_err();
         assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
         assert!(took >= DEADLINE, "ended after {took:?}, before its deadline");
-        // The server answers at 2 s: ending before that is the client's doing.
-        assert!(took < SLOW, "ended after {took:?}: the deadline was not enforced");
         for part in ["deadline of 200ms exceeded", "waiting for the response head from", &server.uri()] {
             assert!(status.message().contains(part), "`{part}` missing from: {}", status.message());
         }
         // Its slot is free the moment the call returns.
         assert_eq!(pool.state().in_flight(), 0);
         // The stream was reset, so the server stopped waiting to answer it.
-        wait_until(WAIT, "the server saw the call cancelled", || {
-            server.resets() == call && server.waiting() == 0
-        })
-        .await;
+        clock
+            .wait_until(WAIT, "the server saw the call cancelled", || {
+                server.resets() == call && server.waiting() == 0
+            })
+            .await;
     }
     let state = pool.state();
     assert_eq!(state.statistics.retries, 0, "a call past its deadline is never sent again");
     assert_eq!(server.answered(), 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_response_stream_that_stalls_fails_at_the_deadline() {
+    let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::HeadThenStall(SLOW)).await;
     let pool = Pool::builder().build([server.uri()]).await.unwrap();
-    let started = Instant::now();
-    // The head comes at once, so the call itself succeeds; its stream then stalls.
-    let mut stream =
-        client(&pool).server_streaming_echo(with_deadline(0, DEADLINE)).await.unwrap().into_inner();
-    let status = stream.message().await.unwrap_err();
-    let took = started.elapsed();
+    let mut client = client(&pool);
+    let (outcome, took) = on_the_clock(&clock, DEADLINE_BOUND, async move {
+        // The head comes at once, so the call itself succeeds; its stream then stalls.
+        let mut stream = client.server_streaming_echo(with_deadline(0, DEADLINE)).await.unwrap().into_inner();
+        let status = stream.message().await.unwrap_err();
+        (status, stream)
+    })
+    .await;
+    let (status, stream) = outcome;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(took >= DEADLINE && took < SLOW, "ended after {took:?}");
+    assert!(took >= DEADLINE, "ended after {took:?}");
     assert!(status.message().contains("while receiving the response from"), "{}", status.message());
     assert_eq!(
         pool.state().in_flight(),
         0,
         "the slot is freed with the error, not when the stream is dropped"
     );
-    wait_until(WAIT, "the server saw the stream cancelled", || server.resets() == 1).await;
+    clock.wait_until(WAIT, "the server saw the stream cancelled", || server.resets() == 1).await;
     drop(stream);
 
     // Side by side: tonic's `Channel` bounds only the response head by the deadline, so the
     // same stalled stream keeps its caller until the server answers.
     let channel = tonic::transport::Endpoint::from_shared(server.uri()).unwrap().connect().await.unwrap();
-    let started = Instant::now();
-    let response = EchoClient::new(channel).server_streaming_echo(with_deadline(0, DEADLINE)).await.unwrap();
-    let _ = response.into_inner().message().await;
-    let channel_took = started.elapsed();
+    let (_, channel_took) = on_the_clock(&clock, SLOW + DEADLINE_BOUND, async move {
+        let response =
+            EchoClient::new(channel).server_streaming_echo(with_deadline(0, DEADLINE)).await.unwrap();
+        let _ = response.into_inner().message().await;
+    })
+    .await;
     assert!(channel_took >= SLOW, "the Channel ended the stalled stream after {channel_took:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_call_waiting_for_a_slot_fails_at_its_deadline_and_leaves_the_queue() {
+    let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::AnswerAfter(SLOW)).await;
     let pool = Pool::builder()
         .max_connections(1)
@@ -120,18 +152,25 @@ async fn a_call_waiting_for_a_slot_fails_at_its_deadline_and_leaves_the_queue() 
     let mut busy = client(&pool);
     let holder =
         tokio::spawn(async move { busy.unary_echo(with_deadline(0, Duration::from_secs(30))).await });
-    wait_until(WAIT, "the only slot is taken", || pool.state().in_flight() == 1).await;
+    clock.wait_until(WAIT, "the only slot is taken", || pool.state().in_flight() == 1).await;
 
-    let started = Instant::now();
-    let status = client(&pool).unary_echo(with_deadline(0, DEADLINE)).await.unwrap_err();
-    let took = started.elapsed();
+    let mut queued = client(&pool);
+    let (outcome, took) =
+        on_the_clock(
+            &clock,
+            DEADLINE_BOUND,
+            async move { queued.unary_echo(with_deadline(0, DEADLINE)).await },
+        )
+        .await;
+    let status = outcome.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(took >= DEADLINE && took < SLOW, "ended after {took:?}");
+    assert!(took >= DEADLINE, "ended after {took:?}");
     assert!(status.message().contains("waiting for a stream slot"), "{}", status.message());
     let state = pool.state();
     assert_eq!(state.waiters, 0);
     assert_eq!(state.in_flight(), 1, "only the call holding the slot is in flight");
     assert_eq!(server.waiting(), 1, "the queued call never reached the server");
+    clock.advance_until(SLOW, STEP, "the call holding the slot ends", || holder.is_finished()).await;
     holder.await.unwrap().unwrap();
 }
 
@@ -166,22 +205,29 @@ async fn the_server_is_sent_the_time_left_when_the_call_goes_out() {
     assert!(told < timeout, "told {value}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_pool_timeout_bounds_calls_without_a_deadline_of_their_own() {
+    let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::AnswerAfter(SLOW)).await;
     let pool = Pool::builder().timeout(Some(DEADLINE)).build([server.uri()]).await.unwrap();
-    let started = Instant::now();
-    let request = EchoRequest { message: Bytes::from_static(b"x"), repeat: 0, delay_ms: 0 };
-    let status = client(&pool).unary_echo(request).await.unwrap_err();
-    let took = started.elapsed();
+    let mut client_of_pool = client(&pool);
+    let (outcome, took) = on_the_clock(&clock, DEADLINE_BOUND, async move {
+        let request = EchoRequest { message: Bytes::from_static(b"x"), repeat: 0, delay_ms: 0 };
+        client_of_pool.unary_echo(request).await
+    })
+    .await;
+    let status = outcome.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(took >= DEADLINE && took < SLOW, "ended after {took:?}");
+    assert!(took >= DEADLINE, "ended after {took:?}");
     // A call's own shorter deadline still holds under a longer pool timeout.
     let pool = Pool::builder().timeout(Some(Duration::from_secs(30))).build([server.uri()]).await.unwrap();
-    let started = Instant::now();
-    let status = client(&pool).unary_echo(with_deadline(0, DEADLINE)).await.unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(started.elapsed() < SLOW);
+    let mut client_of_pool = client(&pool);
+    let (outcome, took) = on_the_clock(&clock, DEADLINE_BOUND, async move {
+        client_of_pool.unary_echo(with_deadline(0, DEADLINE)).await
+    })
+    .await;
+    assert_eq!(outcome.unwrap_err().code(), Code::DeadlineExceeded);
+    assert!(took >= DEADLINE, "ended after {took:?}");
 }
 
 #[test]
@@ -196,8 +242,9 @@ fn a_pool_timeout_of_zero_is_rejected_at_build() {
 
 /// PINGs are cancel-safe: h2 keeps one user PING per connection, and a PING whose waiter
 /// went away must not block every later one.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() {
+    let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::AnswerAfter(Duration::ZERO)).await;
     let quiet = Duration::from_millis(50);
     let pool = Pool::builder()
@@ -208,25 +255,43 @@ async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() 
         .await
         .unwrap();
     let member = pool.state().endpoints[0].members[0].id;
-    wait_until(WAIT, "the member has been quiet long enough to be PINGed before use", || {
-        pool.state().endpoints[0].members[0].idle >= 2 * quiet
-    })
-    .await;
-    // Cancelled at its first wait: the PING has gone out, its PONG not yet come back.
-    let cancelled =
-        tokio::time::timeout(Duration::from_nanos(1), client(&pool).unary_echo(with_deadline(0, WAIT))).await;
-    assert!(cancelled.is_err(), "the call should have been cancelled while PINGing");
-    wait_until(WAIT, "the PING before use reached the server", || server.pings() == 1).await;
+    clock.advance(2 * quiet).await;
+    // Cancelled at its first wait: the PING has gone out, its PONG not yet come back. One
+    // poll and a drop, not a 1 ns timeout: tokio's timers tick by the millisecond, and a PONG
+    // back within that tick let the call go out (101 calls answered, on a busy machine).
+    let mut cancelled_client = client(&pool);
+    let mut cancelled = Box::pin(cancelled_client.unary_echo(with_deadline(0, WAIT)));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(cancelled.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "the call should have been waiting for its PONG");
+    drop(cancelled);
+    clock.wait_until(WAIT, "the PING before use reached the server", || server.pings() == 1).await;
 
+    // Quiet again: a later call PINGs before use too, after the abandoned PING, and goes out.
+    // (The abandoned PING's PONG counts as news whenever it is read: a call before the clock
+    // has moved on past it is not PINGed, hence the tries.)
     let mut client = client(&pool);
-    for _ in 0..100 {
-        let call = tokio::time::timeout(WAIT, client.unary_echo(with_deadline(0, WAIT)));
-        call.await.expect("a call waited for a PING nobody will finish").unwrap();
+    let mut calls = 0;
+    while server.pings() < 2 {
+        assert!(calls < 5, "no call was PINGed before use after the abandoned PING");
+        clock.advance(2 * quiet).await;
+        let mut caller = client.clone();
+        let call = tokio::spawn(async move { caller.unary_echo(with_deadline(0, WAIT)).await });
+        clock.wait_until(WAIT, "a call after the abandoned PING ends", || call.is_finished()).await;
+        call.await.unwrap().expect("a call after the abandoned PING");
+        calls += 1;
     }
+    // And none of the calls after it waits for a PING nobody finishes.
+    let more = tokio::spawn(async move {
+        for _ in 0..100 {
+            client.unary_echo(with_deadline(0, WAIT)).await.unwrap();
+        }
+    });
+    clock.wait_until(WAIT, "a hundred more calls end", || more.is_finished()).await;
+    more.await.unwrap();
     let state = pool.state();
     assert_eq!(state.endpoints[0].members.len(), 1);
     assert_eq!(state.endpoints[0].members[0].id, member, "the member was replaced");
-    assert_eq!(server.answered(), 100);
+    assert_eq!(server.answered(), 100 + calls);
 }
 
 #[tokio::test]
@@ -519,29 +584,29 @@ async fn calls_queued_behind_a_dead_host_are_released_once_health_checks_mark_it
     assert!(!pool.state().endpoints[0].healthy);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_connection_closed_gracefully_while_young_costs_the_next_call_no_backoff() {
     // Every connection is closed (GOAWAY NO_ERROR) at 500 ms of age, before it carried a
-    // call: the pool replaces it at once, so a call never waits out a reconnect backoff.
+    // call: the pool replaces it at once, so a call never waits out a reconnect backoff. The
+    // clock is held: each call must end with it standing still, so it waited for no timer.
+    let clock = HeldClock::hold();
     let server = TestServer::start_with(ServerOptions {
         max_connection_age: Some(Duration::from_millis(500)),
         ..Default::default()
     })
     .await;
     let pool = Pool::builder().build([server.uri()]).await.unwrap();
-    let mut client = client(&pool);
-    let mut slowest = Duration::ZERO;
     for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(700)).await; // quiet past a connection's age
-        let started = Instant::now();
-        client.unary_echo(with_deadline(0, WAIT)).await.unwrap();
-        slowest = slowest.max(started.elapsed());
+        // Quiet past a connection's age (the server's timer is on the clock too).
+        clock.advance_in_steps(Duration::from_millis(700), STEP, || false).await;
+        let mut client = client(&pool);
+        let call = tokio::spawn(async move { client.unary_echo(with_deadline(0, WAIT)).await });
+        clock.wait_until(WAIT, "the call ends, the clock standing still", || call.is_finished()).await;
+        call.await.unwrap().unwrap();
     }
-    // A backoff after a "failed" connect would be 0.8-1.2 s.
-    assert!(slowest < Duration::from_millis(500), "a call waited {slowest:?}");
     let state = pool.state();
     assert_eq!(state.endpoints[0].consecutive_failures, 0);
-    assert!(state.statistics.closed(grpc_pool::EvictionReason::GoAway) >= 5);
+    assert!(state.statistics.closed(grpc_pool::EvictionReason::GoAway) >= 5, "{:?}", state.statistics);
 }
 
 #[tokio::test]
@@ -559,8 +624,9 @@ async fn a_call_resent_after_a_refusal_tells_the_server_the_time_left() {
     assert!(resent + pause <= first, "first attempt told {first:?}, the resend {resent:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn calls_on_a_silently_dropped_connection_fail_at_their_deadline_with_pool_defaults() {
+    let clock = HeldClock::hold();
     let server = TestServer::start().await;
     let relay = grpc_pool_testkit::Relay::start(server.addr()).await;
     let pool = Pool::builder().build([relay.uri()]).await.unwrap();
@@ -570,20 +636,20 @@ async fn calls_on_a_silently_dropped_connection_fail_at_their_deadline_with_pool
     let calls: Vec<_> = (0..8)
         .map(|_| {
             let mut client = client(&pool);
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let status = client.unary_echo(with_deadline(0, deadline)).await.unwrap_err();
-                (started.elapsed(), status)
-            })
+            tokio::spawn(async move { client.unary_echo(with_deadline(0, deadline)).await.unwrap_err() })
         })
         .collect();
+    // Keepalive's defaults find the dead connection only after 30 s: the deadline is what
+    // ends these calls, and it does so on time.
+    let took = clock
+        .advance_until(deadline + 2 * STEP, STEP, "the calls fail at their deadline", || {
+            calls.iter().all(|c| c.is_finished())
+        })
+        .await;
+    assert!(took >= deadline, "failed after {took:?}");
     for call in calls {
-        let (took, status) = call.await.unwrap();
+        let status = call.await.unwrap();
         assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-        assert!(took >= deadline, "failed after {took:?}");
-        // Keepalive's defaults find the dead connection only after minutes: the deadline is
-        // what ends these calls, and it does so on time.
-        assert!(took < deadline * 3, "failed after {took:?}, well past its deadline");
     }
     assert_eq!(pool.state().in_flight(), 0);
 }

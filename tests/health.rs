@@ -10,7 +10,7 @@ use bytes::Bytes;
 use grpc_pool::{BackoffConfig, CheckMode, EvictionReason, HealthCheck, Keepalive, MemberState, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{wait_until, Relay, ServerOptions, TestServer};
+use grpc_pool_testkit::{wait_until, HeldClock, Relay, ServerOptions, TestServer};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -37,12 +37,22 @@ fn keepalive() -> Keepalive {
     idle_keepalive(Duration::from_millis(300), Duration::from_millis(300))
 }
 
-fn bound(keepalive: &Keepalive) -> Duration {
-    keepalive.time + keepalive.timeout + SLACK
+/// The health task's timer grid (`BATCH` in health/src/task.rs): a PING goes out, and its
+/// deadline falls, on the first multiple of it at or after the instant due.
+const GRID: Duration = Duration::from_millis(50);
+
+/// How far tests on a held clock move it at a time.
+const STEP: Duration = Duration::from_millis(10);
+
+/// On a held clock, where scheduling costs no time: a quiet member is PINGed at most `time`
+/// after its last read and evicted `timeout` later, each rounded up to the grid.
+fn held_bound(keepalive: &Keepalive) -> Duration {
+    keepalive.time + keepalive.timeout + 2 * GRID
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keepalive_replaces_a_silently_dropped_idle_member_before_the_next_call() {
+    let clock = HeldClock::hold();
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;
     let pool = Pool::builder().keepalive(Some(keepalive())).build([relay.uri()]).await.unwrap();
@@ -51,25 +61,33 @@ async fn keepalive_replaces_a_silently_dropped_idle_member_before_the_next_call(
     let dropped = pool.state().endpoints[0].members[0].id;
 
     relay.freeze();
-    let frozen_at = Instant::now();
-    wait_until(WAIT, "the dropped member is evicted for ping_timeout", || {
-        pool.state().statistics.closed(EvictionReason::PingTimeout) == 1
-    })
-    .await;
-    let found_after = frozen_at.elapsed();
-    assert!(found_after <= bound(&keepalive()), "found after {found_after:?}");
+    let found_after = clock
+        .advance_until(
+            held_bound(&keepalive()),
+            STEP,
+            "the dropped member is evicted for ping_timeout",
+            || pool.state().statistics.closed(EvictionReason::PingTimeout) == 1,
+        )
+        .await;
+    println!("evicted {found_after:?} after the freeze");
+    assert!(
+        found_after >= keepalive().timeout,
+        "evicted after {found_after:?}, before a PING could time out"
+    );
 
-    // The next call never meets the dead connection.
-    let started = Instant::now();
-    client.unary_echo(request(0)).await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(2), "the call waited {:?}", started.elapsed());
+    // The next call never meets the dead connection: it ends with the clock standing still,
+    // so it waited for no timer.
+    let call = tokio::spawn(async move { client.unary_echo(request(0)).await });
+    clock.wait_until(WAIT, "the next call ends", || call.is_finished()).await;
+    call.await.unwrap().expect("the next call succeeds");
     let state = pool.state();
     assert!(state.endpoints[0].members.iter().all(|m| m.id != dropped), "{state:?}");
     assert_eq!(relay.accepted(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn members_opened_together_send_their_first_pings_spread_over_half_a_keepalive_time() {
+    let clock = HeldClock::hold();
     let server = TestServer::start().await;
     let time = Duration::from_secs(2);
     let pool = Pool::builder()
@@ -79,23 +97,20 @@ async fn members_opened_together_send_their_first_pings_spread_over_half_a_keepa
         .build([server.uri()])
         .await
         .unwrap();
-    let opened = Instant::now();
-    // When each member's first PING was answered, as seen by polling the pool's state.
+    let opened = tokio::time::Instant::now();
+    // When each member's first PING was answered, on the clock, as seen by the state after
+    // each step (an answer is seen a step or two after its PING at most).
     let mut first_pong: std::collections::HashMap<u64, Duration> = Default::default();
-    while first_pong.len() < 24 {
-        assert!(
-            opened.elapsed() < time + SLACK,
-            "only {} members PINGed after {:?}",
-            first_pong.len(),
-            opened.elapsed()
-        );
-        for member in &pool.state().endpoints[0].members {
-            if member.last_ping_rtt.is_some() {
-                first_pong.entry(member.id).or_insert_with(|| opened.elapsed());
+    clock
+        .advance_until(time + GRID, STEP, "every member's first PING is answered", || {
+            for member in &pool.state().endpoints[0].members {
+                if member.last_ping_rtt.is_some() {
+                    first_pong.entry(member.id).or_insert_with(|| opened.elapsed());
+                }
             }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+            first_pong.len() == 24
+        })
+        .await;
     let earliest = first_pong.values().min().copied().unwrap();
     let latest = first_pong.values().max().copied().unwrap();
     // Quiet for half the keepalive time at least; and not all at once: 24 draws from a
@@ -107,8 +122,9 @@ async fn members_opened_together_send_their_first_pings_spread_over_half_a_keepa
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keepalive_fails_calls_on_a_dead_connection_at_once_instead_of_at_their_deadline() {
+    let clock = HeldClock::hold();
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;
     let pool = Pool::builder().keepalive(Some(keepalive())).build([relay.uri()]).await.unwrap();
@@ -117,15 +133,22 @@ async fn keepalive_fails_calls_on_a_dead_connection_at_once_instead_of_at_their_
         let mut client = EchoClient::new(pool.clone());
         calls.push(tokio::spawn(async move { client.unary_echo(request(60_000)).await }));
     }
-    wait_until(WAIT, "the calls are on the server", || server.active() == 4).await;
+    clock.wait_until(WAIT, "the calls are on the server", || server.active() == 4).await;
     relay.freeze();
-    let frozen_at = Instant::now();
+    let failed_after = clock
+        .advance_until(held_bound(&keepalive()), STEP, "the calls fail", || {
+            calls.iter().all(|c| c.is_finished())
+        })
+        .await;
+    println!("calls failed {failed_after:?} after the freeze");
+    assert!(
+        failed_after >= keepalive().timeout,
+        "calls failed after {failed_after:?}, before a PING could time out"
+    );
     for call in calls {
         let status = call.await.unwrap().unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     }
-    let failed_after = frozen_at.elapsed();
-    assert!(failed_after <= bound(&keepalive()), "calls failed after {failed_after:?}");
     assert_eq!(pool.state().statistics.closed(EvictionReason::PingTimeout), 1);
 }
 
@@ -173,13 +196,13 @@ async fn a_silent_drop_under_load_moves_calls_to_the_other_endpoint() {
     // From now on, connections to A go nowhere: the member dies, and so would a new one.
     relay.freeze_new_connections(true);
     relay.freeze();
-    let frozen_at = Instant::now();
+    // How soon keepalive finds it is checked on a held clock above; here, where the load
+    // needs real time, only that it does.
     wait_until(WAIT, "the frozen member is evicted", || {
         pool.state().statistics.closed(EvictionReason::PingTimeout) >= 1
     })
     .await;
     *evicted_at.lock().unwrap() = Some(Instant::now());
-    assert!(frozen_at.elapsed() <= bound(&keepalive()), "evicted after {:?}", frozen_at.elapsed());
     let b_before = b.calls();
     wait_until(WAIT, "calls keep flowing to B", || b.calls() > b_before + 200).await;
     stop.store(true, Ordering::Relaxed);
@@ -195,82 +218,99 @@ async fn a_silent_drop_under_load_moves_calls_to_the_other_endpoint() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idle_members_are_pinged_only_when_permitted() {
+    let clock = HeldClock::hold();
     let server = TestServer::start().await;
+    let time = Duration::from_millis(50);
     let quiet = {
-        let mut v = Keepalive::new(Duration::from_millis(50), Duration::from_secs(1));
+        let mut v = Keepalive::new(time, Duration::from_secs(1));
         v.permit_without_stream = false;
         v
     };
     let pool = Pool::builder().keepalive(Some(quiet)).build([server.uri()]).await.unwrap();
     let permitted = Pool::builder()
-        .keepalive(Some(idle_keepalive(Duration::from_millis(50), Duration::from_secs(1))))
+        .keepalive(Some(idle_keepalive(time, Duration::from_secs(1))))
         .build([server.uri()])
         .await
         .unwrap();
-    wait_until(WAIT, "the permitted pool has pinged its idle member", || {
-        permitted.state().endpoints[0].members[0].last_ping_rtt.is_some()
-    })
-    .await;
-    // By now the other pool's member has been idle for several keepalive times.
-    assert_eq!(pool.state().endpoints[0].members[0].last_ping_rtt, None, "an idle member was pinged");
+    let pinged = |pool: &Pool| pool.state().endpoints[0].members[0].last_ping_rtt.is_some();
+    clock
+        .advance_until(time + 2 * GRID, STEP, "the permitted pool has pinged its idle member", || {
+            pinged(&permitted)
+        })
+        .await;
+    // Ten keepalive times more of quiet, on the same clock for both pools.
+    let early = clock.advance_in_steps(10 * time, STEP, || pinged(&pool)).await;
+    assert!(!early, "an idle member was pinged");
 
     // With a stream open, it is pinged.
     let mut client = EchoClient::new(pool.clone());
     let call = tokio::spawn(async move { client.unary_echo(request(1_000)).await });
-    wait_until(WAIT, "the busy member is pinged", || {
-        pool.state().endpoints[0].members[0].last_ping_rtt.is_some()
-    })
-    .await;
+    clock.wait_until(WAIT, "the call is on the server", || server.active() == 1).await;
+    clock.advance_until(2 * (time + GRID), STEP, "the busy member is pinged", || pinged(&pool)).await;
+    clock.advance_until(Duration::from_secs(1), STEP, "the call ends", || call.is_finished()).await;
     call.await.unwrap().unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idle_timeout_closes_members_above_the_minimum() {
+    let clock = HeldClock::hold();
     let server =
         TestServer::start_with(ServerOptions { max_concurrent_streams: Some(1), ..Default::default() }).await;
+    let idle = Duration::from_millis(300);
     let pool = Pool::builder()
         .min_connections(1)
         .max_connections(4)
-        .idle_timeout(Some(Duration::from_millis(300)))
+        .idle_timeout(Some(idle))
         .build([server.uri()])
         .await
         .unwrap();
-    let mut calls = Vec::new();
-    for _ in 0..4 {
-        let mut client = EchoClient::new(pool.clone());
-        calls.push(tokio::spawn(async move { client.unary_echo(request(200)).await }));
-    }
-    for call in calls {
-        call.await.unwrap().unwrap();
-    }
+    // Calls that take 10 ms of the clock, one per connection: `n` members carry them.
+    let calls_on_members = |n: usize| {
+        let calls: Vec<_> = (0..n)
+            .map(|_| {
+                let mut client = EchoClient::new(pool.clone());
+                tokio::spawn(async move { client.unary_echo(request(10)).await })
+            })
+            .collect();
+        let (pool, server, clock) = (&pool, &server, &clock);
+        async move {
+            clock.wait_until(WAIT, "the calls are on the server", || server.active() == n).await;
+            let started = tokio::time::Instant::now();
+            clock.advance(Duration::from_millis(10)).await;
+            clock.wait_until(WAIT, "the calls end", || calls.iter().all(|c| c.is_finished())).await;
+            for call in calls {
+                call.await.unwrap().unwrap();
+            }
+            assert_eq!(pool.state().in_flight(), 0);
+            started
+        }
+    };
+    let started = calls_on_members(4).await;
     assert_eq!(pool.state().statistics.connections_created, 4);
-    wait_until(WAIT, "idle members above the minimum are closed", || pool.state().members() == 1).await;
+    clock
+        .advance_until(idle + GRID, STEP, "idle members above the minimum are closed", || {
+            pool.state().members() == 1
+        })
+        .await;
+    let after = started.elapsed();
+    assert!(after >= idle, "members closed {after:?} after their last stream, before idle_timeout");
     let stats = pool.state().statistics;
     assert_eq!(stats.closed(EvictionReason::IdleTimeout), 3, "{stats:?}");
     // It stays at the minimum, idle for three idle timeouts...
-    wait_until(WAIT, "the last member has been idle for three idle timeouts", || {
-        pool.state().endpoints[0].members.iter().all(|m| m.idle >= Duration::from_millis(900))
-    })
-    .await;
+    clock.advance_in_steps(3 * idle, STEP, || pool.state().members() != 1).await;
     assert_eq!(pool.state().members(), 1);
     assert_eq!(pool.state().statistics.closed(EvictionReason::IdleTimeout), 3);
     // ...and the task that kept it there is still at work: a member above the minimum is
     // closed again (a dead task would leave it, and the check above would pass all the same).
-    let calls: Vec<_> = (0..2)
-        .map(|_| {
-            let mut client = EchoClient::new(pool.clone());
-            tokio::spawn(async move { client.unary_echo(request(200)).await })
+    calls_on_members(2).await;
+    assert_eq!(pool.state().members(), 2);
+    clock
+        .advance_until(idle + GRID, STEP, "the extra member is closed too", || {
+            pool.state().statistics.closed(EvictionReason::IdleTimeout) == 4
         })
-        .collect();
-    for call in calls {
-        call.await.unwrap().unwrap();
-    }
-    wait_until(WAIT, "the extra member is closed too", || {
-        pool.state().statistics.closed(EvictionReason::IdleTimeout) == 4
-    })
-    .await;
+        .await;
     assert_eq!(pool.state().members(), 1);
 }
 
@@ -341,15 +381,17 @@ async fn members_are_retired_after_max_streams_per_connection() {
     assert_eq!(pool.state().statistics.connect_failures, 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_member_unused_for_long_is_pinged_before_use_and_replaced_if_dead() {
+    let clock = HeldClock::hold();
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;
-    // Keepalive PINGs too rare to matter here; their timeout bounds the PING before use.
+    // Keepalive PINGs too rare to matter here.
     let keepalive = idle_keepalive(Duration::from_secs(3600), Duration::from_millis(300));
+    let unused = Duration::from_millis(200);
     let pool = Pool::builder()
-        .keepalive(Some(keepalive.clone()))
-        .ping_before_use(Some(Duration::from_millis(200)))
+        .keepalive(Some(keepalive))
+        .ping_before_use(Some(unused))
         .build([relay.uri()])
         .await
         .unwrap();
@@ -358,7 +400,7 @@ async fn a_member_unused_for_long_is_pinged_before_use_and_replaced_if_dead() {
     let first = pool.state().endpoints[0].members[0].id;
 
     // Still alive after a pause: PINGed, answered, used.
-    tokio::time::sleep(Duration::from_millis(300)).await; // unused past the interval
+    clock.advance(unused + STEP).await;
     client.unary_echo(request(0)).await.unwrap();
     let state = pool.state();
     assert_eq!(state.endpoints[0].members[0].id, first);
@@ -366,12 +408,12 @@ async fn a_member_unused_for_long_is_pinged_before_use_and_replaced_if_dead() {
 
     // Silently dropped while unused: the PING finds it, the call goes to a new member.
     relay.freeze();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = Instant::now();
-    let reply = tokio::time::timeout(Duration::from_secs(30), client.unary_echo(request(0))).await;
-    assert!(reply.expect("the call hung").is_ok());
-    let took = started.elapsed();
-    assert!(took <= keepalive.timeout + SLACK, "the call took {took:?}");
+    clock.advance(unused + STEP).await;
+    let call = tokio::spawn(async move { client.unary_echo(request(0)).await });
+    let bound = grpc_pool::DEFAULT_PING_BEFORE_USE_TIMEOUT + STEP;
+    let took = clock.advance_until(bound, STEP, "the call ends", || call.is_finished()).await;
+    call.await.unwrap().expect("the call succeeds on a new member");
+    assert!(took >= grpc_pool::DEFAULT_PING_BEFORE_USE_TIMEOUT, "the PING before use gave up after {took:?}");
     let state = pool.state();
     assert_eq!(state.statistics.closed(EvictionReason::PingTimeout), 1, "{:?}", state.statistics);
     assert!(state.endpoints[0].members.iter().all(|m| m.id != first));
@@ -653,48 +695,48 @@ fn polled_once(unhealthy_interval: Duration) -> HealthCheck {
     checks
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_unhealthy_endpoint_is_checked_every_unhealthy_interval() {
+    let clock = HeldClock::hold();
     // An interval far beyond the test: only the unhealthy interval can bring it back soon.
     let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
     server.set_serving(false).await;
     let checks = polled_once(Duration::from_millis(100));
     let pool = Pool::builder().health_checks(Some(checks.clone())).build([server.uri()]).await.unwrap();
-    wait_until(checks.timeout + SLACK, "the first check marks it unhealthy", || {
-        !pool.state().endpoints[0].healthy
-    })
-    .await;
+    // The new connection is checked at once: with the clock standing still.
+    clock.wait_until(WAIT, "the first check marks it unhealthy", || !pool.state().endpoints[0].healthy).await;
     server.set_serving(true).await;
-    let serving_at = Instant::now();
-    let bound = checks.unhealthy_interval.mul_f64(1.1) + SLACK;
+    // The next check comes one unhealthy interval (+/-10%) after that one, on the task's grid.
+    let bound = checks.unhealthy_interval.mul_f64(1.1) + GRID;
     assert!(bound < checks.interval);
-    wait_until(bound, "a check at the unhealthy interval finds it serving", || {
-        pool.state().endpoints[0].healthy
-    })
-    .await;
-    println!("healthy {:?} after the server said SERVING", serving_at.elapsed());
+    let after = clock
+        .advance_until(bound, STEP, "a check at the unhealthy interval finds it serving", || {
+            pool.state().endpoints[0].healthy
+        })
+        .await;
+    println!("healthy {after:?} after the server said SERVING");
+    assert!(after >= checks.unhealthy_interval.mul_f64(0.9), "checked again after {after:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_unhealthy_endpoint_is_checked_as_soon_as_a_new_connection_to_it_is_ready() {
-    // Both intervals far beyond the test: only the check on the new connection can bring the
-    // endpoint back soon.
+    let clock = HeldClock::hold();
+    // Both intervals far beyond the test, and the clock standing still from here on: only
+    // the check on the new connection can bring the endpoint back.
     let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;
     server.set_serving(false).await;
     let relay = Relay::start(server.addr()).await;
     let checks = polled_once(Duration::from_secs(30));
     let pool = Pool::builder().health_checks(Some(checks.clone())).build([relay.uri()]).await.unwrap();
-    wait_until(checks.timeout + SLACK, "the first check marks it unhealthy", || {
-        !pool.state().endpoints[0].healthy
-    })
-    .await;
+    clock.wait_until(WAIT, "the first check marks it unhealthy", || !pool.state().endpoints[0].healthy).await;
     server.set_serving(true).await;
     // The connection breaks; the pool opens another at once (no connect has failed).
     relay.reset();
-    let reset_at = Instant::now();
-    wait_until(SLACK, "the endpoint is checked on its new connection", || pool.state().endpoints[0].healthy)
+    clock
+        .wait_until(WAIT, "the endpoint is checked on its new connection", || {
+            pool.state().endpoints[0].healthy
+        })
         .await;
-    println!("healthy {:?} after the connection was reset", reset_at.elapsed());
     assert_eq!(relay.accepted(), 2);
     EchoClient::new(pool.clone()).unary_echo(request(0)).await.unwrap();
 }

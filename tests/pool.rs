@@ -10,7 +10,9 @@ use bytes::Bytes;
 use grpc_pool::{BackoffConfig, ErrorKind, EvictionReason, MemberState, Pool, RetryReason};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{unused_uri, wait_until, Behaviour, FrameServer, Relay, ServerOptions, TestServer};
+use grpc_pool_testkit::{
+    unused_uri, wait_until, Behaviour, FrameServer, HeldClock, Relay, ServerOptions, TestServer,
+};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -157,8 +159,11 @@ async fn two_thousand_concurrent_calls_grow_the_pool_over_capped_servers() {
     assert!(state.statistics.checkouts_waited > 0, "{:?}", state.statistics);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn saturation_past_max_connections_waits_then_fails_with_a_clear_error() {
+    // The clock moves only when the test says: the long calls outlast the checkout timeout
+    // however slow the machine, and the wait ends at checkout_timeout exactly.
+    let clock = HeldClock::hold();
     let server =
         TestServer::start_with(ServerOptions { max_concurrent_streams: Some(2), ..Default::default() }).await;
     let timeout = Duration::from_millis(300);
@@ -174,11 +179,17 @@ async fn saturation_past_max_connections_waits_then_fails_with_a_clear_error() {
         let mut client = client(&pool);
         long_calls.push(tokio::spawn(async move { client.unary_echo(request(b"slow", 2_000)).await }));
     }
-    wait_until(WAIT, "both slots are taken", || pool.state().in_flight() == 2).await;
+    clock.wait_until(WAIT, "both slots are taken", || pool.state().in_flight() == 2).await;
 
-    let started = Instant::now();
-    let status = client(&pool).unary_echo(request(b"late", 0)).await.unwrap_err();
-    let waited = started.elapsed();
+    let started = tokio::time::Instant::now();
+    let mut late = client(&pool);
+    let late = tokio::spawn(async move { late.unary_echo(request(b"late", 0)).await });
+    let step = Duration::from_millis(10);
+    let early = clock.advance_in_steps(timeout - step, step, || late.is_finished()).await;
+    assert!(!early, "gave up after {:?}, before checkout_timeout", started.elapsed());
+    // tokio's timers round up to the next millisecond.
+    clock.advance_until(2 * step, step, "the checkout gives up", || late.is_finished()).await;
+    let status = late.await.unwrap().unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     let message = status.message();
     for part in
@@ -186,8 +197,12 @@ async fn saturation_past_max_connections_waits_then_fails_with_a_clear_error() {
     {
         assert!(message.contains(part), "`{part}` missing from: {message}");
     }
-    assert!(waited >= timeout, "gave up after {waited:?}, before checkout_timeout");
     assert_eq!(pool.state().statistics.checkout_timeouts, 1);
+    clock
+        .advance_until(Duration::from_secs(2), step, "the long calls end", || {
+            long_calls.iter().all(|c| c.is_finished())
+        })
+        .await;
     for call in long_calls {
         call.await.unwrap().unwrap();
     }
@@ -882,10 +897,14 @@ async fn call_until(client: &mut EchoClient<Pool>, limit: usize, mut done: impl 
     failed
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_endpoint_failing_every_call_is_ejected_and_returns_when_its_time_is_up() {
+    // The clock stands still while the calls run, however slow the machine: the ejection
+    // ends when the test moves the clock past its 300 ms, and not before.
+    let clock = HeldClock::hold();
     let servers = [TestServer::start().await, TestServer::start().await, TestServer::start().await];
     let pool = first_failing(&servers).await;
+    let detection = outliers(50);
     let mut client = client(&pool);
     // Only the calls that reach the failing server fail, and the third in a row ejects it.
     let failed = call_until(&mut client, 500, || ejected(&pool)).await;
@@ -896,9 +915,13 @@ async fn an_endpoint_failing_every_call_is_ejected_and_returns_when_its_time_is_
         client.unary_echo(request(b"x", 0)).await.unwrap();
     }
     assert_eq!(servers[0].calls(), 3);
-    // Repaired; after its 300 ms it takes calls again.
+    // Repaired; it stays out until its 300 ms are up...
     servers[0].set_unavailable(false);
-    wait_until(WAIT, "the ejection ended", || !ejected(&pool)).await;
+    let step = Duration::from_millis(10);
+    let early = clock.advance_in_steps(detection.base_ejection_time - step, step, || !ejected(&pool)).await;
+    assert!(!early, "the ejection ended before its {:?}", detection.base_ejection_time);
+    // ...and then takes calls again.
+    clock.advance_until(2 * step, step, "the ejection ended", || !ejected(&pool)).await;
     for _ in 0..100 {
         client.unary_echo(request(b"x", 0)).await.unwrap();
     }

@@ -2,10 +2,13 @@
 //! servers started in-process on 127.0.0.1, and a TCP relay that injects faults.
 #![deny(missing_docs)]
 pub mod bare;
+pub mod clock;
 /// The echo service, generated from `testkit/proto/echo.proto` by `scripts/regen-proto.sh`.
 #[allow(missing_docs)] // generated code, documented by the proto's comments
 pub mod echo;
 pub mod frame_server;
+#[cfg(target_os = "linux")]
+pub mod netns;
 pub mod peer;
 pub mod ping_policy;
 pub mod process;
@@ -15,7 +18,10 @@ pub mod relay;
 pub mod server;
 
 pub use bare::BareH2;
+pub use clock::HeldClock;
 pub use frame_server::{Behaviour, FrameServer};
+#[cfg(target_os = "linux")]
+pub use netns::BlackHoleLink;
 pub use peer::{PeerOptions, PythonPeer};
 pub use ping_policy::{PingEnforcer, PingPolicy};
 pub use raw::{Misbehaviour, RawServer};

@@ -186,8 +186,8 @@ pub struct ServerTls {
     pub client_ca_pem: Option<String>,
 }
 
-/// An echo server on 127.0.0.1, stopped gracefully (GOAWAY, in-flight calls finish) by
-/// [`TestServer::shutdown`] or abruptly when dropped.
+/// An echo server on 127.0.0.1 (or on a listener of the caller's), stopped gracefully
+/// (GOAWAY, in-flight calls finish) by [`TestServer::shutdown`] or abruptly when dropped.
 pub struct TestServer {
     addr: SocketAddr,
     scheme: &'static str,
@@ -208,6 +208,12 @@ impl TestServer {
     pub async fn start_with(options: ServerOptions) -> TestServer {
         let listener =
             TcpListener::bind(("127.0.0.1", options.port.unwrap_or(0))).await.expect("bind 127.0.0.1");
+        TestServer::start_on(listener, options).await
+    }
+
+    /// Starts a server on a listener of the caller's (bound elsewhere than 127.0.0.1, say
+    /// in another network namespace); `options.port` is not used.
+    pub async fn start_on(listener: TcpListener, options: ServerOptions) -> TestServer {
         let addr = listener.local_addr().expect("local address");
         let service = EchoServer::default();
         let counters = service.counters.clone();
