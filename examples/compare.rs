@@ -1,5 +1,5 @@
 //! The side-by-side load comparison: the same closed-loop unary workload through each client
-//! a Rust user has, against one in-process tonic echo server on several ports.
+//! a Rust user has, against one tonic echo server on several ports, in a process of its own.
 //!
 //! `cargo run --release --example compare -- --help`
 //!
@@ -7,10 +7,18 @@
 //! `Channel::balance_list` over the ports), `rr4` (four Channels picked round-robin), `bb8` (a
 //! bb8 pool of Channels, checked out per call), and `h2load` (nghttp2's C load generator with
 //! correctly framed gRPC requests, when installed: Debian's `nghttp2-client`) as the
-//! server's limit. For each: calls/s, p50/p99/p99.9 latency, errors, and callers that
-//! completed no call at all ("starved").
+//! server's limit. For each: calls/s, p50/p99/p99.9 latency, errors, callers that completed
+//! no call at all ("starved"), and per call over the measured window: CPU time of the client
+//! and of the server process, TCP segments, and the client's socket writes.
 
-use std::process::Command;
+#[path = "compare/counting.rs"]
+mod counting;
+#[path = "compare/measure.rs"]
+mod measure;
+#[path = "compare/report.rs"]
+mod report;
+
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,9 +27,11 @@ use bytes::Bytes;
 use grpc_pool::Pool;
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::TestServer;
 use hdrhistogram::Histogram;
 use tonic::transport::{Channel, Endpoint};
+
+use measure::{per_call, Probe, ServerProcess, Writes};
+use report::Row;
 
 const HELP: &str = "\
 The load comparison: one workload through every gRPC client, side by side.
@@ -36,8 +46,15 @@ OPTIONS:
   --layouts LIST         multi (default runtimes, both sides) and/or single (one worker
                          thread per side) (default multi,single)
   --ports N              server ports, one endpoint each (default 4)
+  --rounds N             run every cell N times, interleaved; the tables give medians
+                         (default 1)
   --markdown FILE        also write the tables as Markdown
   --json FILE            also write the results as JSON
+
+Beside calls/s and latency, per call over each measured window: CPU time (user + system) of
+the client process and of the server process (a child of this one, or h2load itself), TCP
+segments sent (the machine's, and the client's and server's sockets' own), and the client's
+socket writes. scripts/setup-bench installs h2load (and strace).
 ";
 
 struct Options {
@@ -47,6 +64,7 @@ struct Options {
     clients: Vec<String>,
     layouts: Vec<String>,
     ports: usize,
+    rounds: usize,
     markdown: Option<String>,
     json: Option<String>,
 }
@@ -59,6 +77,7 @@ fn parse() -> Result<Options, String> {
         clients: ["pool", "channel", "balance", "rr4", "bb8", "h2load"].map(String::from).to_vec(),
         layouts: vec!["multi".into(), "single".into()],
         ports: 4,
+        rounds: 1,
         markdown: None,
         json: None,
     };
@@ -88,6 +107,13 @@ fn parse() -> Result<Options, String> {
                     .and_then(|v| v.parse().ok())
                     .filter(|n| (1..=64).contains(n))
                     .ok_or("--ports takes 1 to 64")?
+            }
+            "--rounds" => {
+                o.rounds = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n| (1..=20).contains(n))
+                    .ok_or("--rounds takes 1 to 20")?
             }
             "--markdown" => o.markdown = Some(args.next().ok_or("--markdown takes a file")?),
             "--json" => o.json = Some(args.next().ok_or("--json takes a file")?),
@@ -123,7 +149,7 @@ impl bb8::ManageConnection for ChannelManager {
     type Error = tonic::transport::Error;
 
     async fn connect(&self) -> Result<Channel, Self::Error> {
-        self.0.connect().await
+        self.0.connect_with_connector(counting::for_tonic()).await
     }
 
     async fn is_valid(&self, _: &mut Channel) -> Result<(), Self::Error> {
@@ -163,14 +189,21 @@ impl Client {
 
 async fn make_client(kind: &str, uris: &[String]) -> Client {
     let endpoint = |uri: &String| Endpoint::from_shared(uri.clone()).unwrap();
+    // Every client but `balance` (`balance_list` takes no connector) over the counting socket.
+    let channel = |uri: &String| {
+        let endpoint = endpoint(uri);
+        async move { endpoint.connect_with_connector(counting::for_tonic()).await }
+    };
     match kind {
-        "pool" => Client::Pool(EchoClient::new(Pool::builder().name("compare").build(uris).await.unwrap())),
-        "channel" => Client::Channel(EchoClient::new(endpoint(&uris[0]).connect().await.unwrap())),
+        "pool" => Client::Pool(EchoClient::new(
+            Pool::builder().name("compare").connector(counting::for_pool()).build(uris).await.unwrap(),
+        )),
+        "channel" => Client::Channel(EchoClient::new(channel(&uris[0]).await.unwrap())),
         "balance" => Client::Channel(EchoClient::new(Channel::balance_list(uris.iter().map(endpoint)))),
         "rr4" => {
             let mut clients = Vec::new();
             for i in 0..4 {
-                clients.push(EchoClient::new(endpoint(&uris[i % uris.len()]).connect().await.unwrap()));
+                clients.push(EchoClient::new(channel(&uris[i % uris.len()]).await.unwrap()));
             }
             Client::RoundRobin(Arc::new(clients), Arc::new(AtomicUsize::new(0)))
         }
@@ -181,24 +214,9 @@ async fn make_client(kind: &str, uris: &[String]) -> Client {
     }
 }
 
-struct Row {
-    layout: String,
-    client: String,
-    concurrency: usize,
-    calls_per_sec: f64,
-    p50_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-    errors: u64,
-    starved: usize,
-}
-
-async fn run(
-    client: Client,
-    concurrency: usize,
-    warmup: Duration,
-    duration: Duration,
-) -> (f64, Histogram<u64>, u64, usize) {
+/// One cell: `concurrency` callers in a closed loop; after `warmup`, a measured window of
+/// `duration` with the probe read at both ends.
+async fn run(client: Client, concurrency: usize, warmup: Duration, duration: Duration, probe: Probe) -> Row {
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let payload = Bytes::from(vec![7u8; 64]);
@@ -225,11 +243,13 @@ async fn run(
         }));
     }
     tokio::time::sleep(warmup).await;
+    let before = probe.start();
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
+    let after = probe.end();
     let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     let (mut calls, mut errors, mut starved) = (0u64, 0u64, 0usize);
     for task in tasks {
@@ -239,7 +259,18 @@ async fn run(
         errors += e;
         starved += usize::from(n == 0);
     }
-    (calls as f64 / elapsed, all, errors, starved)
+    Row {
+        layout: String::new(),
+        client: String::new(),
+        concurrency,
+        calls_per_sec: calls as f64 / elapsed,
+        p50_us: all.value_at_quantile(0.5) as f64,
+        p99_us: all.value_at_quantile(0.99) as f64,
+        p999_us: all.value_at_quantile(0.999) as f64,
+        errors,
+        starved,
+        per: per_call(before, after, calls as f64),
+    }
 }
 
 /// The gRPC request h2load sends: a length-prefixed EchoRequest with a 64-byte message.
@@ -252,24 +283,38 @@ fn grpc_frame() -> Vec<u8> {
     frame
 }
 
-fn h2load(uri: &str, concurrency: usize, duration: Duration, warmup: Duration, single: bool) -> Option<Row> {
+/// One h2load cell. h2load runs `warmup` + `duration`; the probe is read 0.3 s into its
+/// measured part and 0.3 s before its end (its own clock starts after it connects), and the
+/// calls in that window are its rate times the window.
+fn h2load(uri: &str, concurrency: usize, options: &Options, single: bool, mut probe: Probe) -> Option<Row> {
     let body = std::env::temp_dir().join("grpc-pool-compare-request.bin");
     std::fs::write(&body, grpc_frame()).ok()?;
     let connections = concurrency.min(4);
-    let output = Command::new("h2load")
+    let seconds = |d: Duration| (d.as_secs_f64().ceil() as u64).max(1);
+    let (warmup, duration) = (seconds(options.warmup), seconds(options.duration));
+    let child = Command::new("h2load")
         .arg(format!("{uri}/echo.Echo/UnaryEcho"))
         .args(["-c", &connections.to_string(), "-m", &concurrency.div_ceil(connections).to_string()])
-        .args(["-D", &format!("{}", duration.as_secs_f64().ceil() as u64)])
-        .args(["--warm-up-time", &format!("{}", warmup.as_secs_f64().ceil() as u64)])
+        .args(["-D", &duration.to_string(), "--warm-up-time", &warmup.to_string()])
         // h2load wants no more threads than connections.
         .args(["-t", &(if single { 1 } else { 2 }).min(connections).to_string()])
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .arg("-d")
         .arg(&body)
-        .output()
+        .stdout(Stdio::piped())
+        .spawn()
         .ok()?;
+    probe.client = child.id();
+    probe.writes = Writes::Syscalls(child.id());
+    std::thread::sleep(Duration::from_secs(warmup) + Duration::from_millis(300));
+    let before = probe.start();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(duration).saturating_sub(Duration::from_millis(600)));
+    let after = probe.end();
+    let window = started.elapsed().as_secs_f64();
+    let output = child.wait_with_output().ok()?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let rps = text
+    let rps: f64 = text
         .lines()
         .find(|l| l.starts_with("finished in"))?
         .split(", ")
@@ -284,13 +329,12 @@ fn h2load(uri: &str, concurrency: usize, duration: Duration, warmup: Duration, s
         .and_then(|l| l.split(", ").find(|p| p.ends_with("errored")))
         .and_then(|p| p.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    let latency = |row: &str| -> Option<f64> {
-        // "time for request:  min  max  mean  sd  +/- sd" (h2load gives no percentiles).
-        let line = text.lines().find(|l| l.trim_start().starts_with(row))?;
-        let mean = line.split_whitespace().nth(5)?;
-        parse_h2load_time(mean)
-    };
-    let mean = latency("time for request:").unwrap_or(f64::NAN);
+    // "time for request:  min  max  mean  sd  +/- sd" (h2load gives no percentiles).
+    let mean = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("time for request:"))
+        .and_then(|l| parse_h2load_time(l.split_whitespace().nth(5)?))
+        .unwrap_or(f64::NAN);
     Some(Row {
         layout: String::new(),
         client: "h2load".into(),
@@ -301,6 +345,7 @@ fn h2load(uri: &str, concurrency: usize, duration: Duration, warmup: Duration, s
         p999_us: f64::NAN,
         errors: errored,
         starved: 0,
+        per: per_call(before, after, rps * window),
     })
 }
 
@@ -326,6 +371,11 @@ fn runtime(single: bool) -> tokio::runtime::Runtime {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--serve") {
+        let ports = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(4);
+        return measure::serve(ports, args.get(3).map(String::as_str) == Some("single"));
+    }
     let options = match parse() {
         Ok(o) => o,
         Err(message) => {
@@ -334,119 +384,68 @@ fn main() {
         }
     };
     let has_h2load = Command::new("h2load").arg("--version").output().is_ok();
+    if !has_h2load && options.clients.iter().any(|c| c == "h2load") {
+        eprintln!("h2load is not installed (scripts/setup-bench installs it): its rows are left out");
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load =
+        format!("load average at start: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!("{load}");
     let mut rows = Vec::new();
-    for layout in &options.layouts {
-        let single = layout == "single";
-        // The server on a runtime (and threads) of its own.
-        let server_rt = runtime(single);
-        let servers: Vec<TestServer> = server_rt.block_on(async {
-            let mut servers = Vec::new();
-            for _ in 0..options.ports {
-                servers.push(TestServer::start().await);
-            }
-            servers
-        });
-        let uris: Vec<String> = servers.iter().map(|s| s.uri()).collect();
-        let client_rt = runtime(single);
-        println!(
-            "\n## layout `{layout}`: {} worker thread(s) per side, {} ports\n",
-            if single { "1" } else { "default" },
-            uris.len()
-        );
-        for client in &options.clients {
-            for &concurrency in &options.concurrency {
-                let row = if client == "h2load" {
-                    if !has_h2load {
-                        continue;
-                    }
-                    match h2load(&uris[0], concurrency, options.duration, options.warmup, single) {
-                        Some(row) => row,
-                        None => {
-                            eprintln!("h2load failed at concurrency {concurrency}");
+    for round in 1..=options.rounds {
+        for layout in &options.layouts {
+            let single = layout == "single";
+            let server = ServerProcess::start(options.ports, single);
+            let uris = server.uris();
+            let client_rt = runtime(single);
+            println!(
+                "\n## round {round}, layout `{layout}`: {} worker thread(s) per side, {} ports\n",
+                if single { "1" } else { "default" },
+                uris.len()
+            );
+            for client in &options.clients {
+                let probe = Probe {
+                    client: std::process::id(),
+                    server: server.child.id(),
+                    ports: server.ports.clone(),
+                    writes: if client == "balance" { Writes::None } else { Writes::Counted },
+                };
+                for &concurrency in &options.concurrency {
+                    let row = if client == "h2load" {
+                        if !has_h2load {
                             continue;
                         }
-                    }
-                } else {
-                    let (rate, histogram, errors, starved) = client_rt.block_on(async {
-                        let c = make_client(client, &uris).await;
-                        run(c, concurrency, options.warmup, options.duration).await
-                    });
-                    Row {
-                        layout: String::new(),
-                        client: client.clone(),
-                        concurrency,
-                        calls_per_sec: rate,
-                        p50_us: histogram.value_at_quantile(0.5) as f64,
-                        p99_us: histogram.value_at_quantile(0.99) as f64,
-                        p999_us: histogram.value_at_quantile(0.999) as f64,
-                        errors,
-                        starved,
-                    }
-                };
-                println!(
-                    "{:<8} c={:<4} {:>9.0} calls/s  p50 {:>8.0} µs  p99 {:>8.0} µs  p99.9 {:>8.0} µs  errors {}  starved {}",
-                    row.client, row.concurrency, row.calls_per_sec, row.p50_us, row.p99_us, row.p999_us, row.errors, row.starved
-                );
-                rows.push(Row { layout: layout.clone(), ..row });
+                        match h2load(&uris[0], concurrency, &options, single, probe.clone()) {
+                            Some(row) => row,
+                            None => {
+                                eprintln!("h2load failed at concurrency {concurrency}");
+                                continue;
+                            }
+                        }
+                    } else {
+                        // The callers run on the runtime's workers; this future, and the probe's
+                        // reads, on this thread.
+                        client_rt.block_on(async {
+                            let c = make_client(client, &uris).await;
+                            run(c, concurrency, options.warmup, options.duration, probe.clone()).await
+                        })
+                    };
+                    let row = Row { layout: layout.clone(), client: client.clone(), ..row };
+                    println!("{}", report::line(&row));
+                    rows.push(row);
+                }
             }
+            drop(client_rt);
+            drop(server);
         }
-        drop(client_rt);
-        server_rt.block_on(async move { drop(servers) });
     }
-    let markdown = tables(&rows);
+    let rows = report::medians(&rows);
+    let markdown = format!("{load}; {} round(s), medians\n\n{}", options.rounds, report::tables(&rows));
     println!("\n{markdown}");
     if let Some(path) = &options.markdown {
         std::fs::write(path, &markdown).expect("write the Markdown file");
     }
     if let Some(path) = &options.json {
-        std::fs::write(path, json(&rows)).expect("write the JSON file");
+        std::fs::write(path, report::json(&rows)).expect("write the JSON file");
     }
-}
-
-fn ratio(rows: &[Row], row: &Row, client: &str) -> String {
-    rows.iter()
-        .find(|r| r.layout == row.layout && r.concurrency == row.concurrency && r.client == client)
-        .map(|base| format!("{:.2}", row.calls_per_sec / base.calls_per_sec))
-        .unwrap_or_else(|| "-".into())
-}
-
-fn tables(rows: &[Row]) -> String {
-    let mut out = String::new();
-    let mut layouts: Vec<&str> = rows.iter().map(|r| r.layout.as_str()).collect();
-    layouts.dedup();
-    for layout in layouts {
-        out.push_str(&format!("### layout `{layout}`\n\n| client | concurrency | calls/s | p50 µs | p99 µs | p99.9 µs | errors | starved | / channel | / h2load |\n|---|---|---|---|---|---|---|---|---|---|\n"));
-        for row in rows.iter().filter(|r| r.layout == layout) {
-            out.push_str(&format!(
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |\n",
-                row.client,
-                row.concurrency,
-                row.calls_per_sec,
-                row.p50_us,
-                row.p99_us,
-                row.p999_us,
-                row.errors,
-                row.starved,
-                ratio(rows, row, "channel"),
-                ratio(rows, row, "h2load"),
-            ));
-        }
-        out.push('\n');
-    }
-    out.push_str("(h2load reports no percentiles: its p50 column is its mean.)\n");
-    out
-}
-
-fn json(rows: &[Row]) -> String {
-    let items: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            let num = |v: f64| if v.is_finite() { format!("{v:.1}") } else { "null".into() };
-            format!(
-                "{{\"layout\":\"{}\",\"client\":\"{}\",\"concurrency\":{},\"calls_per_sec\":{},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{},\"starved\":{}}}",
-                r.layout, r.client, r.concurrency, num(r.calls_per_sec), num(r.p50_us), num(r.p99_us), num(r.p999_us), r.errors, r.starved
-            )
-        })
-        .collect();
-    format!("[\n  {}\n]\n", items.join(",\n  "))
 }

@@ -42,9 +42,21 @@ pub(crate) async fn drive(
     pool: Weak<PoolInner>,
     endpoint: Arc<EndpointShared>,
 ) {
-    let _open = OpenConnection::enter(endpoint);
+    let open = OpenConnection::enter(endpoint);
     let mut goaway_reported = false;
+    // Each poll of the connection writes all the frames queued by then in one write. Woken
+    // while other calls are in flight on the endpoint, the task first goes once to the back
+    // of its worker's run queue (a wake of itself is a yield), so that the callers made
+    // runnable with it, by the responses it last read, queue their next requests before it
+    // writes: theirs then leave together. With one call in flight nobody would join the
+    // write, and the yield would only cost a trip through the scheduler.
+    let mut yielded = false;
     let result = poll_fn(|cx| {
+        yielded = !yielded && open.0.in_flight.load(Ordering::Relaxed) > 1;
+        if yielded {
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
         let result = Pin::new(&mut connection).poll(cx);
         if signals.take_limit_raised() {
             if let (Some(pool), Some(member)) = (pool.upgrade(), member.upgrade()) {

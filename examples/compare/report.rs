@@ -1,0 +1,172 @@
+//! The comparison's results: one row per cell (layout x client x concurrency), the median
+//! over rounds, and the Markdown and JSON they are written as.
+
+use super::measure::PerCall;
+
+#[derive(Clone)]
+pub struct Row {
+    pub layout: String,
+    pub client: String,
+    pub concurrency: usize,
+    pub calls_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub errors: u64,
+    pub starved: usize,
+    pub per: PerCall,
+}
+
+/// Shows a figure, or `-` where there is none.
+fn show(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "-".into()
+    }
+}
+
+/// The per-call figures, shown: client CPU, server CPU, segments (all, client's, server's),
+/// client writes.
+fn per_call(row: &Row) -> [String; 6] {
+    let p = &row.per;
+    [
+        show(p.client_cpu_us, 1),
+        show(p.server_cpu_us, 1),
+        show(p.segments, 2),
+        show(p.client_segments, 2),
+        show(p.server_segments, 2),
+        show(p.client_writes, 2),
+    ]
+}
+
+pub fn line(row: &Row) -> String {
+    let [client_cpu, server_cpu, segments, client_segments, server_segments, writes] = per_call(row);
+    format!(
+        "{:<8} c={:<4} {:>9.0} calls/s  p50 {:>7.0} µs  p99 {:>7.0} µs  p99.9 {:>7.0} µs  errors {}  starved {}  \
+         cpu/call client {client_cpu:>5} µs server {server_cpu:>5} µs  \
+         segs/call {segments:>5} (client {client_segments:>5}, server {server_segments:>5})  writes/call {writes:>5}",
+        row.client, row.concurrency, row.calls_per_sec, row.p50_us, row.p99_us, row.p999_us, row.errors, row.starved,
+    )
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// One row per cell: each figure the median of that cell's rounds (each figure on its own, so
+/// a row's figures may come from different rounds).
+pub fn medians(rows: &[Row]) -> Vec<Row> {
+    let mut out: Vec<Row> = Vec::new();
+    for row in rows {
+        let same =
+            |r: &&Row| r.layout == row.layout && r.client == row.client && r.concurrency == row.concurrency;
+        if out.iter().any(|r| same(&r)) {
+            continue;
+        }
+        let cell: Vec<&Row> = rows.iter().filter(same).collect();
+        let m = |f: &dyn Fn(&Row) -> f64| median(cell.iter().map(|r| f(r)).collect());
+        out.push(Row {
+            layout: row.layout.clone(),
+            client: row.client.clone(),
+            concurrency: row.concurrency,
+            calls_per_sec: m(&|r| r.calls_per_sec),
+            p50_us: m(&|r| r.p50_us),
+            p99_us: m(&|r| r.p99_us),
+            p999_us: m(&|r| r.p999_us),
+            errors: m(&|r| r.errors as f64) as u64,
+            starved: m(&|r| r.starved as f64) as usize,
+            per: PerCall {
+                client_cpu_us: m(&|r| r.per.client_cpu_us),
+                server_cpu_us: m(&|r| r.per.server_cpu_us),
+                segments: m(&|r| r.per.segments),
+                client_segments: m(&|r| r.per.client_segments),
+                server_segments: m(&|r| r.per.server_segments),
+                client_writes: m(&|r| r.per.client_writes),
+                client_flushes: m(&|r| r.per.client_flushes),
+            },
+        });
+    }
+    out
+}
+
+fn ratio(rows: &[Row], row: &Row, client: &str) -> String {
+    rows.iter()
+        .find(|r| r.layout == row.layout && r.concurrency == row.concurrency && r.client == client)
+        .map(|base| format!("{:.2}", row.calls_per_sec / base.calls_per_sec))
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn tables(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let mut layouts: Vec<&str> = rows.iter().map(|r| r.layout.as_str()).collect();
+    layouts.dedup();
+    for layout in layouts {
+        out.push_str(&format!(
+            "### layout `{layout}`\n\n| client | concurrency | calls/s | p50 µs | p99 µs | p99.9 µs | errors | starved | client CPU µs/call | server CPU µs/call | segments/call | client segments/call | server segments/call | client writes/call | / channel | / h2load |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        ));
+        for row in rows.iter().filter(|r| r.layout == layout) {
+            out.push_str(&format!(
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                row.client,
+                row.concurrency,
+                row.calls_per_sec,
+                show(row.p50_us, 0),
+                show(row.p99_us, 0),
+                show(row.p999_us, 0),
+                row.errors,
+                row.starved,
+                per_call(row).join(" | "),
+                ratio(rows, row, "channel"),
+                ratio(rows, row, "h2load"),
+            ));
+        }
+        out.push('\n');
+    }
+    out.push_str(
+        "(h2load reports no percentiles: its p50 column is its mean; its writes are the write \
+         system calls of /proc/<pid>/io, its calls in the window its rate times the window. \
+         segments/call: /proc/net/snmp OutSegs over the window, the whole machine, both \
+         directions; client and server segments/call: the sockets between them only, from `ss -ti`.)\n",
+    );
+    out
+}
+
+pub fn json(rows: &[Row]) -> String {
+    let num = |v: f64| if v.is_finite() { format!("{v:.3}") } else { "null".into() };
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"layout\":\"{}\",\"client\":\"{}\",\"concurrency\":{},\"calls_per_sec\":{},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{},\"starved\":{},\"client_cpu_us_per_call\":{},\"server_cpu_us_per_call\":{},\"segments_per_call\":{},\"client_segments_per_call\":{},\"server_segments_per_call\":{},\"client_writes_per_call\":{},\"client_flushes_per_call\":{}}}",
+                r.layout,
+                r.client,
+                r.concurrency,
+                num(r.calls_per_sec),
+                num(r.p50_us),
+                num(r.p99_us),
+                num(r.p999_us),
+                r.errors,
+                r.starved,
+                num(r.per.client_cpu_us),
+                num(r.per.server_cpu_us),
+                num(r.per.segments),
+                num(r.per.client_segments),
+                num(r.per.server_segments),
+                num(r.per.client_writes),
+                num(r.per.client_flushes),
+            )
+        })
+        .collect();
+    format!("[\n  {}\n]\n", items.join(",\n  "))
+}
