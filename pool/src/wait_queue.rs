@@ -141,29 +141,20 @@ impl<S> WaitQueue<S> {
     /// Hands slots of `member` to waiters, oldest first, while it has room.
     pub(crate) fn serve<M: SlotSource<Slot = S> + ?Sized>(&self, member: &M) {
         let mut queue = self.lock();
-        let mut leftover = None;
-        while let Some(waiter) = queue.pop_front() {
-            if waiter.slot.is_closed() {
-                continue;
+        loop {
+            while queue.front().is_some_and(|w| w.slot.is_closed()) {
+                queue.pop_front();
             }
-            let slot = match leftover.take() {
-                Some(slot) => slot,
-                None => match member.try_acquire() {
-                    Some(slot) => slot,
-                    None => {
-                        queue.push_front(waiter);
-                        break;
-                    }
-                },
-            };
-            if let Err(Ok(slot)) = waiter.slot.send(Ok(slot)) {
-                leftover = Some(slot); // gave up meanwhile; offer it to the next one
+            if queue.is_empty() {
+                return;
             }
-        }
-        if let Some(slot) = leftover {
-            // Nobody left to take it; free it here, under the lock, so that a waiter queueing
-            // next sees it when it looks at the slots again.
-            M::free_leftover(slot);
+            let Some(slot) = member.try_acquire() else { return };
+            if let Some(slot) = send_to_oldest(&mut queue, slot) {
+                // Nobody left to take it; free it here, under the lock, so that a waiter
+                // queueing next sees it when it looks at the slots again.
+                M::free_leftover(slot);
+                return;
+            }
         }
     }
 
@@ -173,14 +164,9 @@ impl<S> WaitQueue<S> {
     /// nobody takes it.
     pub(crate) fn hand_on<M: SlotSource<Slot = S> + ?Sized>(&self, slot: S) {
         let mut queue = self.lock();
-        let mut slot = slot;
-        while let Some(waiter) = queue.pop_front() {
-            match waiter.slot.send(Ok(slot)) {
-                Err(Ok(back)) => slot = back, // gave up meanwhile: the next one
-                _ => return,
-            }
+        if let Some(slot) = send_to_oldest(&mut queue, slot) {
+            M::free_leftover(slot);
         }
-        M::free_leftover(slot);
     }
 
     /// Fails every waiter with `error()`.
@@ -210,6 +196,18 @@ impl<S> WaitQueue<S> {
         *queue = kept;
         failed
     }
+}
+
+/// Sends `slot` to the oldest waiter still waiting, dropping from the queue those that gave
+/// up; returns it if nobody took it.
+fn send_to_oldest<S>(queue: &mut VecDeque<Waiter<S>>, mut slot: S) -> Option<S> {
+    while let Some(waiter) = queue.pop_front() {
+        match waiter.slot.send(Ok(slot)) {
+            Err(Ok(back)) => slot = back, // gave up meanwhile: the next one
+            _ => return None,
+        }
+    }
+    Some(slot)
 }
 
 #[cfg(all(test, grpc_pool_loom))]
