@@ -5,7 +5,8 @@
 //! CPU is split into user and kernel time; on loopback the kernel time includes the server
 //! side's TCP receive work, which runs in the sender's system call.
 //!
-//! Run: `cargo bench --bench health_task [-- --members N --seconds S]`. The servers run in a
+//! Run: `cargo bench --bench health_task [-- --members N --seconds S --only ROWS]` (ROWS: any
+//! of `defaults,keepalive,none,bare`; all by default). The servers run in a
 //! child process (this same binary, re-executed), so that the numbers are the client's
 //! alone: process CPU time over a quiet window (PINGs, PONGs and the health task's timer
 //! queue, all of it), once with keepalive at 10 s and once without, and resident memory per
@@ -119,11 +120,14 @@ fn main() {
     }
     let mut members = 10_000usize;
     let mut seconds = 20u64;
+    // Which rows to run (all by default): any of defaults, keepalive, none, bare.
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--members" => members = args.next().and_then(|v| v.parse().ok()).expect("--members N"),
             "--seconds" => seconds = args.next().and_then(|v| v.parse().ok()).expect("--seconds S"),
+            "--only" => only = Some(args.next().expect("--only defaults,keepalive,none,bare")),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -132,6 +136,7 @@ fn main() {
     let members = per_endpoint * uris.len();
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runs = |row: &str| only.as_deref().is_none_or(|only| only.split(',').any(|o| o == row));
     rt.block_on(async {
         let base = || {
             Pool::builder()
@@ -142,7 +147,10 @@ fn main() {
         };
         let window = Duration::from_secs(seconds);
         // The defaults: idle members are not PINGed (they are checked before use instead).
-        measure("defaults (keepalive 20s/10s with calls in flight)", base(), &uris, members, window).await;
+        if runs("defaults") {
+            measure("defaults (keepalive 20s/10s with calls in flight)", base(), &uris, members, window)
+                .await;
+        }
         // Idle members PINGed every 10 s, as servers that permit it allow.
         let idle_pings = {
             let mut v = Keepalive::new(Duration::from_secs(10), Duration::from_secs(5));
@@ -150,16 +158,16 @@ fn main() {
             v.max_pings_without_data = 0;
             v
         };
-        measure(
-            "keepalive 10s/5s, idle members too",
-            base().keepalive(Some(idle_pings)),
-            &uris,
-            members,
-            window,
-        )
-        .await;
-        measure("no keepalive", base().keepalive(None), &uris, members, window).await;
-        measure_bare_h2(&uris, members, Duration::from_secs(10), window).await;
+        if runs("keepalive") {
+            let builder = base().keepalive(Some(idle_pings));
+            measure("keepalive 10s/5s, idle members too", builder, &uris, members, window).await;
+        }
+        if runs("none") {
+            measure("no keepalive", base().keepalive(None), &uris, members, window).await;
+        }
+        if runs("bare") {
+            measure_bare_h2(&uris, members, Duration::from_secs(10), window).await;
+        }
     });
     drop(child.stdin.take());
     let _ = child.wait();

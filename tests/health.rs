@@ -496,16 +496,30 @@ async fn keepalive_pings_keep_a_connection_alive_through_an_idle_expiring_middle
     // RST (a NAT gateway or load balancer's idle timeout). The pool PINGs after 200 ms of
     // quiet, so its connection is never quiet that long; a pool without keepalive loses its
     // connection and the first call after the quiet spell.
+    through_an_idle_expiring_middlebox(idle_keepalive(
+        Duration::from_millis(200),
+        Duration::from_millis(500),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_keepalive_timeout_longer_than_its_time_does_not_space_the_pings_out() {
+    // The health task learns that a PING was answered when it next looks at the member: at
+    // the PING's deadline, or after the keepalive time if that comes first. Looking only at
+    // the deadline (3 s here) would leave the connection quiet for 3 s between PINGs, and
+    // the middlebox would forget it.
+    through_an_idle_expiring_middlebox(idle_keepalive(Duration::from_millis(200), Duration::from_secs(3)))
+        .await;
+}
+
+async fn through_an_idle_expiring_middlebox(keepalive: Keepalive) {
     let server = TestServer::start().await;
     let relay = Relay::start(server.addr()).await;
     relay.set_idle_expiry(Some(Duration::from_secs(1)));
     let quiet = Duration::from_millis(2_500);
 
-    let pinging = Pool::builder()
-        .keepalive(Some(idle_keepalive(Duration::from_millis(200), Duration::from_millis(500))))
-        .build([relay.uri()])
-        .await
-        .unwrap();
+    let pinging = Pool::builder().keepalive(Some(keepalive)).build([relay.uri()]).await.unwrap();
     let mut client = EchoClient::new(pinging.clone());
     client.unary_echo(request(0)).await.unwrap();
     tokio::time::sleep(quiet).await; // the quiet spell is what is tested

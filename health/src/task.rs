@@ -3,11 +3,16 @@
 //! (`max_streams_per_connection` is enforced by the pool itself, on the call that reaches the
 //! limit; the task handles the time-based rules.)
 //!
-//! Every member has one entry in a `DelayQueue`, due at the earliest moment something may
+//! Every member has one entry in a timer queue (`grid`), due at the earliest moment something may
 //! need doing to it: a keepalive PING (quiet for `time`), idle retirement, lifetime
 //! retirement. When an entry fires, the member's state is read (a few atomics) and the entry
-//! is put back for the next such moment; busy members just move their entry along. PINGs in
-//! flight are futures polled by the same task, not tasks of their own.
+//! is put back for the next such moment; busy members just move their entry along.
+//!
+//! A keepalive PING is sent without waiting for its PONG: the member's entry comes back at
+//! the PING's deadline and asks whether the PONG came (the connection counts them as it
+//! reads them). So 1,000 PINGs a second cost the task its batched timer wake-ups and
+//! nothing per PONG. Health-check RPC probes (for servers that limit PINGs) are futures
+//! polled by the same task, not tasks of their own.
 //!
 //! This file holds the task's state, its loop, and the look at a member that falls due;
 //! `members` follows the pool's members and endpoints as they come and go, `verdicts` the
@@ -16,6 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::{poll_fn, Future};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,7 +30,7 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use grpc_pool_core::metrics as names;
 use grpc_pool_core::{
-    Endpoint, Error, EvictionReason, MemberHandle, MemberState, MemberStatus, MonitorEvent, PoolMonitor,
+    Endpoint, EvictionReason, MemberHandle, MemberState, MemberStatus, MonitorEvent, PoolMonitor, SentPing,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -34,6 +40,7 @@ use tokio_util::time::delay_queue::{DelayQueue, Key};
 
 use crate::checks::{self, Verdict, WatchEnd};
 
+mod grid;
 mod members;
 mod probes;
 mod supervisor;
@@ -42,6 +49,7 @@ mod verdicts;
 pub use supervisor::{__test, spawn};
 
 use crate::config::{CheckMode, HealthConfig, Keepalive};
+use grid::{GridKey, GridQueue};
 use grpc_pool_core::call::EndpointChannel;
 use probes::PingMetrics;
 
@@ -59,8 +67,8 @@ const MIN_RECHECK: Duration = Duration::from_millis(5);
 /// than one each.
 const BATCH: Duration = Duration::from_millis(50);
 
-/// A probe of one member, PING or health-check RPC: (member id, probe number, round trip).
-/// Its deadline is the member's queue entry, not a timer of its own.
+/// A health-check RPC probe of one member: (member id, probe number, round trip). Its
+/// deadline is the member's queue entry, not a timer of its own.
 type Probe = Pin<Box<dyn Future<Output = (u64, u64, Result<Duration, String>)> + Send>>;
 /// One `Check` of one endpoint (by its id in the task).
 type Check = Pin<Box<dyn Future<Output = (u64, Verdict, Option<Duration>)> + Send>>;
@@ -81,15 +89,6 @@ enum Watched {
 /// How often a `Watch` stream looks whether its connection still takes new streams.
 const WATCH_RECHECK: Duration = Duration::from_millis(250);
 
-/// What a queue entry is due for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Due {
-    Member(u64),
-    /// An endpoint by its id in the task: ids are never reused, so an entry or a check
-    /// result of a removed endpoint finds nothing and is dropped.
-    Endpoint(u64),
-}
-
 /// One endpoint's health-check state.
 struct EndpointHealth {
     endpoint: Endpoint,
@@ -109,6 +108,32 @@ struct EndpointHealth {
     poll_only: bool,
 }
 
+/// Hashes member ids, which the pool hands out in sequence: a multiplication spreads them
+/// over the table, where the standard SipHash (made to resist chosen keys, which a counter
+/// is not) cost a few hundred instructions per PING in lookups.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(self.0 ^ u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        // Fibonacci hashing: the golden ratio's 64-bit fraction, odd, so ids map one to one.
+        self.0 = (self.0 ^ id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Tracked members by id.
+type ById<T> = HashMap<u64, T, BuildHasherDefault<IdHasher>>;
+
 /// A uniformly distributed number in `[-1, 1)`, for symmetric jitter.
 fn symmetric_unit() -> f64 {
     fastrand::f64() * 2.0 - 1.0
@@ -119,23 +144,19 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(1.0 + 0.1 * symmetric_unit())
 }
 
-/// `at`, rounded up to the next multiple of [`BATCH`] since `epoch`: members due within one
-/// batch are looked at, and PINGed, in one turn of the task.
-fn batched(epoch: Instant, at: Instant) -> Instant {
-    let since = at.saturating_duration_since(epoch).as_nanos();
-    let batch = BATCH.as_nanos();
-    let rounded = since.div_ceil(batch) * batch;
-    epoch + Duration::from_nanos(rounded as u64)
-}
-
 struct Tracked {
     member: MemberHandle,
     /// Its entry in the queue; `None` while it is being looked at (the entry fired).
-    key: Option<Key>,
+    key: Option<GridKey>,
     /// This member's jittered `max_lifetime`.
     lifetime: Option<Duration>,
     /// The number of the probe in flight, if one is: its queue entry is then its deadline.
     probe: Option<u64>,
+    /// The PING in flight, if the probe is one, and its deadline.
+    ping: Option<(SentPing, Instant)>,
+    /// Its endpoint's PING metrics, looked up once: hashing an endpoint per PING cost more
+    /// than the rest of the task's work for it.
+    ping_metrics: Arc<PingMetrics>,
     /// How quiet it must be for its first keepalive PING: somewhere between half the
     /// keepalive time and all of it, so that connections opened together (a pool starting,
     /// an endpoint coming back) do not PING together ever after. Later PINGs wait the full
@@ -150,9 +171,15 @@ struct Tracked {
 struct Task {
     monitor: PoolMonitor,
     config: HealthConfig,
-    queue: DelayQueue<Due>,
-    members: HashMap<u64, Tracked>,
+    /// Each tracked member's next look, on the [`BATCH`] grid.
+    members_due: GridQueue<u64>,
+    /// Each endpoint's next health check (by its id in the task: ids are never reused, so an
+    /// entry or a check result of a removed endpoint finds nothing and is dropped), at the
+    /// exact interval.
+    checks_due: DelayQueue<u64>,
+    members: ById<Tracked>,
     by_endpoint: HashMap<Endpoint, HashSet<u64>>,
+    /// Health-check RPC probes in flight (PINGs are not waited for).
     probes: FuturesUnordered<Probe>,
     /// Endpoints by id, and ids by endpoint.
     endpoints: HashMap<u64, EndpointHealth>,
@@ -171,13 +198,11 @@ struct Task {
     /// The member each endpoint last drained for its lifetime, when, and how many of the
     /// endpoint's members were ready then.
     lifetime_drain: HashMap<Endpoint, (MemberHandle, Instant, usize)>,
-    /// The grid [`BATCH`] rounds to.
-    epoch: Instant,
     /// Probes started so far; numbers them, so that a late answer is not taken for the
     /// current probe's.
     probes_started: u64,
     /// PING metrics per endpoint, labelled once.
-    ping_metrics: HashMap<Endpoint, PingMetrics>,
+    ping_metrics: HashMap<Endpoint, Arc<PingMetrics>>,
 }
 
 impl Task {
@@ -186,8 +211,9 @@ impl Task {
         Task {
             monitor,
             config,
-            queue: DelayQueue::new(),
-            members: HashMap::new(),
+            members_due: GridQueue::new(Instant::now(), BATCH),
+            checks_due: DelayQueue::new(),
+            members: ById::default(),
             by_endpoint: HashMap::new(),
             probes: FuturesUnordered::new(),
             endpoints: HashMap::new(),
@@ -200,7 +226,6 @@ impl Task {
             ping_limited: HashSet::new(),
             keepalive_time: HashMap::new(),
             lifetime_drain: HashMap::new(),
-            epoch: Instant::now(),
             probes_started: 0,
             ping_metrics: HashMap::new(),
         }
@@ -226,24 +251,21 @@ impl Task {
                     Some(event) => self.on_event(event),
                     None => break,
                 },
-                Some(expired) = poll_fn(|cx| self.queue.poll_expired(cx)), if !self.queue.is_empty() => {
-                    match expired.into_inner() {
-                        Due::Member(id) => {
-                            if let Some(tracked) = self.members.get_mut(&id) {
-                                tracked.key = None;
-                            }
-                            self.check(id);
-                        }
-                        Due::Endpoint(id) => {
-                            if let Some(health) = self.endpoints.get_mut(&id) {
-                                health.key = None;
-                            }
-                            self.start_check(id);
-                        }
+                id = poll_fn(|cx| self.members_due.poll_expired(cx)), if !self.members_due.is_empty() => {
+                    if let Some(tracked) = self.members.get_mut(&id) {
+                        tracked.key = None;
                     }
+                    self.check(id);
+                }
+                Some(expired) = poll_fn(|cx| self.checks_due.poll_expired(cx)), if !self.checks_due.is_empty() => {
+                    let id = expired.into_inner();
+                    if let Some(health) = self.endpoints.get_mut(&id) {
+                        health.key = None;
+                    }
+                    self.start_check(id);
                 }
                 Some((id, probe, result)) = self.probes.next(), if !self.probes.is_empty() => {
-                    self.on_pong(id, probe, result);
+                    self.on_rpc_probe(id, probe, result);
                 }
                 Some((id, verdict, latency)) = self.checks.next(), if !self.checks.is_empty() => {
                     self.on_verdict(id, verdict, latency, false);
@@ -278,17 +300,32 @@ impl Task {
     fn check(&mut self, id: u64) {
         let Some(tracked) = self.members.get(&id) else { return };
         let member = tracked.member.clone();
+        let (probe, ping) = (tracked.probe, tracked.ping);
         let status = member.status();
         if matches!(status.state, MemberState::Closed | MemberState::Draining) {
             // Nothing more to do for it; the pool closes it when its streams end.
             self.untrack(id);
             return;
         }
-        if tracked.probe.is_some() {
+        if let Some((sent, deadline)) = ping {
+            if member.ping_answered(sent) {
+                self.on_pong(id, &member);
+            } else {
+                let now = Instant::now();
+                if now < deadline {
+                    // Looked at before its deadline (its keepalive time is the shorter).
+                    self.reschedule(id, deadline - now);
+                } else {
+                    self.on_probe_timeout(id, &member);
+                }
+                return;
+            }
+        } else if probe.is_some() {
             // Its entry fired while a probe was out: the probe's deadline passed.
             self.on_probe_timeout(id, &member);
             return;
         }
+        let Some(tracked) = self.members.get(&id) else { return };
         let (lifetime, first_ping_after) = (tracked.lifetime, tracked.first_ping_after);
         let MemberStatus { age, idle, in_flight, since_last_read: quiet, data_frames, .. } = status;
 
@@ -329,9 +366,13 @@ impl Task {
                 && self.may_ping_without_data(id, data_frames, keepalive.max_pings_without_data);
             if quiet >= time && permitted {
                 let rpc = in_flight == 0 && self.ping_limited.contains(member.endpoint());
-                self.start_probe(id, &member, rpc);
-                // The entry comes back at the probe's deadline.
-                self.reschedule(id, keepalive.timeout);
+                if self.start_probe(id, &member, rpc, keepalive.timeout) {
+                    // The entry comes back at the probe's deadline, or after the keepalive
+                    // time if that is shorter: an answered PING is seen by then.
+                    self.reschedule(id, keepalive.timeout.min(time));
+                } else {
+                    self.reschedule(id, MIN_RECHECK);
+                }
                 return;
             } else if permitted {
                 next = next.min(time - quiet);

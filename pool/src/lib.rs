@@ -53,7 +53,7 @@ pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
 pub use events::{PoolEvent, PoolEvents, EVENT_BUFFER};
 pub use member::{EvictionReason, MemberState};
-pub use monitor::{MemberHandle, MemberStatus, MonitorEvent, MonitorEvents, PoolMonitor};
+pub use monitor::{MemberHandle, MemberStatus, MonitorEvent, MonitorEvents, PoolMonitor, SentPing};
 pub use outlier::OutlierDetection;
 pub use proto::connector::Connector;
 pub use proto::tls::{ClientIdentity, TlsConfig};

@@ -325,12 +325,13 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (send, connection) = h2::client::handshake(client).await.expect("h2 client preface");
         let entry = EndpointEntry::new(Endpoint::parse("http://127.0.0.1:1").unwrap(), 1, None);
+        let signals = Arc::new(ConnSignals::new());
         let member = Member::new(
             1,
             entry.shared.clone(),
             send,
-            Arc::new(ConnSignals::new()),
-            Pinger::new(None),
+            signals.clone(),
+            Pinger::new(None, signals),
             Arc::default(),
             10,
             u32::MAX,

@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::events::MemberEvent;
 use crate::inner::PoolInner;
 use crate::member::{EvictionReason, Member, MemberState};
-use crate::proto::h2::ping::PingError;
+use crate::proto::h2::ping::{PingError, SentPing as SentOnConnection};
 
 /// A pool's maintenance view, from [`Pool::monitor`](crate::Pool::monitor).
 ///
@@ -190,6 +190,11 @@ pub struct MemberStatus {
     pub data_frames: u64,
 }
 
+/// A PING sent by [`MemberHandle::send_ping`], to ask [`MemberHandle::ping_answered`]
+/// about later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SentPing(SentOnConnection);
+
 /// A member, seen from outside the pool. Holds no strong reference: once the pool lets go
 /// of the member, every query answers as for a closed one.
 #[derive(Clone)]
@@ -308,6 +313,30 @@ impl MemberHandle {
                 Err(Error::ping(label, self.id, &format!("{what}; the connection was closed")))
             }
         }
+    }
+
+    /// Sends an HTTP/2 PING and returns at once, without waiting for the PONG: ask
+    /// [`MemberHandle::ping_answered`] by the PING's deadline. The PONG is counted and timed
+    /// ([`MemberHandle::last_ping_rtt`]) when the connection reads it, and wakes nobody: a
+    /// keepalive over thousands of idle members costs one look per PING instead of a wake-up
+    /// per PONG. Fails at once if another PING is in flight on this member (ask again a
+    /// little later), its connection failed, or the member is gone.
+    pub fn send_ping(&self) -> Result<SentPing, Error> {
+        let member = self.member.upgrade().ok_or_else(|| self.gone())?;
+        let label = &member.endpoint.label;
+        match member.pinger.send() {
+            Ok(sent) => Ok(SentPing(sent)),
+            Err(PingError::Busy) => Err(Error::ping(label, self.id, "a PING is already in flight")),
+            Err(PingError::Connection(e)) => {
+                Err(Error::ping(label, self.id, &format!("connection failed: {e}")))
+            }
+        }
+    }
+
+    /// Whether the PONG of a PING sent with [`MemberHandle::send_ping`] has come; `false`
+    /// once the member is gone.
+    pub fn ping_answered(&self, sent: SentPing) -> bool {
+        self.member.upgrade().is_some_and(|m| m.pinger.answered(sent.0))
     }
 
     /// Stops new streams on it; the ones in flight finish, then it closes. The pool

@@ -12,9 +12,10 @@ impl Task {
         }
         let lifetime = self.config.eviction.max_lifetime.map(jittered);
         self.by_endpoint.entry(member.endpoint().clone()).or_default().insert(id);
-        let key = Some(self.queue.insert(Due::Member(id), MIN_RECHECK));
+        let key = Some(self.members_due.insert_at(id, Instant::now() + MIN_RECHECK));
         let first_ping_after =
             self.keepalive_time(member.endpoint()).map(|time| time.mul_f64(0.75 + 0.25 * symmetric_unit()));
+        let ping_metrics = self.ping_metrics(member.endpoint());
         self.members.insert(
             id,
             Tracked {
@@ -22,6 +23,8 @@ impl Task {
                 key,
                 lifetime,
                 probe: None,
+                ping: None,
+                ping_metrics,
                 first_ping_after,
                 pings_without_data: 0,
                 data_frames: 0,
@@ -34,7 +37,7 @@ impl Task {
     pub(super) fn untrack(&mut self, id: u64) {
         if let Some(tracked) = self.members.remove(&id) {
             if let Some(key) = tracked.key {
-                self.queue.remove(&key);
+                self.members_due.remove(&key);
             }
             if let Some(ids) = self.by_endpoint.get_mut(tracked.member.endpoint()) {
                 ids.remove(&id);
@@ -99,7 +102,7 @@ impl Task {
             if let Some(health) = self.endpoints.remove(&id) {
                 health.removed.store(true, Ordering::Relaxed);
                 if let Some(key) = health.key {
-                    self.queue.remove(&key);
+                    self.checks_due.remove(&key);
                 }
             }
         }

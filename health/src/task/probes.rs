@@ -60,41 +60,79 @@ impl Task {
     }
 
     /// Probes a quiet member: an HTTP/2 PING, or for `rpc` a health-check call on that
-    /// connection (for servers that limit PINGs on idle connections).
-    pub(super) fn start_probe(&mut self, id: u64, member: &MemberHandle, rpc: bool) {
+    /// connection (for servers that limit PINGs on idle connections). Its deadline is
+    /// `timeout` from now. Returns whether a probe went out: a PING cannot while another is
+    /// in flight on the member (a caller's check before use), or once its connection failed.
+    pub(super) fn start_probe(
+        &mut self,
+        id: u64,
+        member: &MemberHandle,
+        rpc: bool,
+        timeout: Duration,
+    ) -> bool {
+        let channel = if rpc { member.channel() } else { None };
+        let Some(channel) = channel else {
+            let sent = match member.send_ping() {
+                Ok(sent) => sent,
+                Err(error) => {
+                    self.metrics_of(id, member).error.increment(1);
+                    tracing::debug!(member = id, error = %error, "keepalive PING not sent");
+                    return false;
+                }
+            };
+            self.probes_started += 1;
+            if let Some(tracked) = self.members.get_mut(&id) {
+                tracked.probe = Some(self.probes_started);
+                tracked.ping = Some((sent, Instant::now() + timeout));
+                tracked.pings_without_data += 1;
+            }
+            return true;
+        };
+        // A health-check call makes the server send HEADERS: it does not count as a PING.
         self.probes_started += 1;
         let probe = self.probes_started;
         if let Some(tracked) = self.members.get_mut(&id) {
             tracked.probe = Some(probe);
-            if !rpc {
-                // A health-check call makes the server send HEADERS: only PINGs count.
-                tracked.pings_without_data += 1;
-            }
         }
-        let member = member.clone();
-        let service = if rpc { self.config.checks.as_ref().map(|c| c.service.clone()) } else { None };
-        // The probe's deadline is the member's queue entry, due after the keepalive timeout
-        // (rounded up to the batch grid); the PING's own bound, a little later, is a backstop
-        // that also closes the connection should the task be late.
-        let backstop = self.keepalive().map(|k| k.timeout).unwrap_or(Duration::from_secs(20)) + 2 * BATCH;
-        self.probes.push(Box::pin(async move {
-            let result = match (rpc, member.channel()) {
-                (true, Some(channel)) => checks::probe(channel, service.unwrap_or_default()).await,
-                _ => member.ping(backstop).await.map_err(|e: Error| e.to_string()),
-            };
-            (id, probe, result)
-        }));
+        let service = self.config.checks.as_ref().map(|c| c.service.clone()).unwrap_or_default();
+        self.probes.push(Box::pin(async move { (id, probe, checks::probe(channel, service).await) }));
+        true
     }
 
-    pub(super) fn ping_metrics(&mut self, endpoint: &Endpoint) -> &PingMetrics {
-        if !self.ping_metrics.contains_key(endpoint) {
-            let metrics = PingMetrics::new(self.monitor.name(), endpoint);
-            self.ping_metrics.insert(endpoint.clone(), metrics);
+    /// The endpoint's PING metrics, made on first use.
+    pub(super) fn ping_metrics(&mut self, endpoint: &Endpoint) -> Arc<PingMetrics> {
+        if let Some(metrics) = self.ping_metrics.get(endpoint) {
+            return metrics.clone();
         }
-        &self.ping_metrics[endpoint]
+        let metrics = Arc::new(PingMetrics::new(self.monitor.name(), endpoint));
+        self.ping_metrics.insert(endpoint.clone(), metrics.clone());
+        metrics
     }
 
-    pub(super) fn on_pong(&mut self, id: u64, probe: u64, result: Result<Duration, String>) {
+    /// A member's PING metrics: those it was tracked with.
+    fn metrics_of(&mut self, id: u64, member: &MemberHandle) -> Arc<PingMetrics> {
+        match self.members.get(&id) {
+            Some(tracked) => tracked.ping_metrics.clone(),
+            None => self.ping_metrics(member.endpoint()),
+        }
+    }
+
+    /// The PONG of the member's keepalive PING came (seen when its entry fell due).
+    pub(super) fn on_pong(&mut self, id: u64, member: &MemberHandle) {
+        if let Some(tracked) = self.members.get_mut(&id) {
+            (tracked.probe, tracked.ping, tracked.first_ping_after) = (None, None, None);
+        }
+        let rtt = member.last_ping_rtt();
+        let metrics = self.metrics_of(id, member);
+        metrics.ok.increment(1);
+        if let Some(rtt) = rtt {
+            metrics.rtt.record(rtt.as_secs_f64());
+        }
+        tracing::trace!(member = id, rtt = ?rtt, "keepalive PONG");
+    }
+
+    /// A health-check RPC probe ended.
+    pub(super) fn on_rpc_probe(&mut self, id: u64, probe: u64, result: Result<Duration, String>) {
         let Some(tracked) = self.members.get_mut(&id) else { return };
         if tracked.probe != Some(probe) {
             return; // answered after its deadline; the member was dealt with then
@@ -104,15 +142,15 @@ impl Task {
         let member = tracked.member.clone();
         match result {
             Ok(rtt) => {
-                let metrics = self.ping_metrics(member.endpoint());
+                let metrics = self.metrics_of(id, &member);
                 metrics.ok.increment(1);
                 metrics.rtt.record(rtt.as_secs_f64());
-                tracing::trace!(member = id, rtt = ?rtt, "keepalive PONG");
+                tracing::trace!(member = id, rtt = ?rtt, "keepalive health-check probe answered");
                 // Due again at whichever comes first: the next PING, its idle or lifetime end.
                 self.check(id);
             }
             Err(error) => {
-                self.ping_metrics(member.endpoint()).error.increment(1);
+                self.metrics_of(id, &member).error.increment(1);
                 tracing::debug!(member = id, error = %error, "keepalive probe failed");
                 // The connection failed; the pool is taking it out already.
                 self.reschedule(id, MIN_RECHECK);
@@ -122,7 +160,7 @@ impl Task {
 
     /// A probe got no answer within the keepalive timeout: the connection is dead.
     pub(super) fn on_probe_timeout(&mut self, id: u64, member: &MemberHandle) {
-        self.ping_metrics(member.endpoint()).timeout.increment(1);
+        self.metrics_of(id, member).timeout.increment(1);
         let timeout = self.keepalive().map(|k| k.timeout).unwrap_or_default();
         member.kill(EvictionReason::PingTimeout, &format!("no PONG within keepalive timeout {timeout:?}"));
         // Its probe ends when the connection does; the answer finds no member.

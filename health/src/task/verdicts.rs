@@ -11,8 +11,8 @@ impl Task {
         }
         let Some(health) = self.endpoints.get_mut(&id) else { return };
         match &health.key {
-            Some(key) => self.queue.reset(key, after),
-            None => health.key = Some(self.queue.insert(Due::Endpoint(id), after)),
+            Some(key) => self.checks_due.reset(key, after),
+            None => health.key = Some(self.checks_due.insert(id, after)),
         }
     }
 
@@ -205,10 +205,11 @@ impl Task {
 
     pub(super) fn reschedule(&mut self, id: u64, after: Duration) {
         if let Some(tracked) = self.members.get_mut(&id) {
-            let at = batched(self.epoch, Instant::now() + after.max(MIN_RECHECK));
+            // The queue rounds it up to the grid.
+            let at = Instant::now() + after.max(MIN_RECHECK);
             match &tracked.key {
-                Some(key) => self.queue.reset_at(key, at),
-                None => tracked.key = Some(self.queue.insert_at(Due::Member(id), at)),
+                Some(key) => self.members_due.reset_at(key, at),
+                None => tracked.key = Some(self.members_due.insert_at(id, at)),
             }
         }
     }

@@ -142,7 +142,7 @@ pub(crate) async fn handshake(
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| Error::connect(&endpoint.to_string(), "HTTP/2 handshake", Some(Box::new(e))))?;
-    let pinger = Pinger::new(connection.ping_pong());
+    let pinger = Pinger::new(connection.ping_pong(), signals.clone());
     Ok(Handshaken { send, connection, signals, pinger })
 }
 

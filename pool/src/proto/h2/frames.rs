@@ -7,6 +7,11 @@
 //! the socket and `h2`, reads the 9-byte frame headers as the bytes go by, and records those
 //! two frames in [`ConnSignals`]. It copies at most a few hundred bytes per SETTINGS or GOAWAY
 //! frame and nothing else; every other payload is skipped by length.
+//!
+//! It also counts PING acknowledgements (PONGs) and times them against the moment the last
+//! PING was sent: so a PING's answer is known, with its round trip, the moment it is read,
+//! without anyone waiting for it. The health task sends its keepalive PINGs that way and
+//! looks at the count at the PING's deadline, instead of being woken by every PONG.
 
 use std::io;
 use std::pin::Pin;
@@ -25,6 +30,7 @@ const FRAME_HEADER_LEN: usize = 9;
 const TYPE_DATA: u8 = 0x0;
 const TYPE_HEADERS: u8 = 0x1;
 const TYPE_SETTINGS: u8 = 0x4;
+const TYPE_PING: u8 = 0x6;
 const TYPE_GOAWAY: u8 = 0x7;
 const FLAG_ACK: u8 = 0x1;
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
@@ -54,6 +60,13 @@ pub(crate) struct ConnSignals {
     /// When bytes last arrived from the server: keepalive PINGs only connections that have
     /// been quiet.
     last_read: AtomicInstant,
+    /// When the last PING was handed to `h2`, to time its PONG.
+    ping_sent: AtomicInstant,
+    /// PING acknowledgements received so far. `h2` allows one PING of the client's in flight
+    /// and sends none of its own, so each answers the PING sent last.
+    pongs: AtomicU64,
+    /// Round trip of the last answered PING, in microseconds; 0 before the first.
+    last_rtt_micros: AtomicU64,
     /// DATA and HEADERS frames received so far. Servers forgive a client's PINGs once they
     /// have sent either (gRPC's PING policy resets its strikes then), so keepalive counts the
     /// PINGs it sends between two changes of this.
@@ -79,6 +92,9 @@ impl ConnSignals {
     pub(crate) fn new() -> ConnSignals {
         ConnSignals {
             last_read: AtomicInstant::now(),
+            ping_sent: AtomicInstant::now(),
+            pongs: AtomicU64::new(0),
+            last_rtt_micros: AtomicU64::new(0),
             data_frames: AtomicU64::new(0),
             server_max_streams: AtomicU32::new(u32::MAX),
             settings_seen: AtomicBool::new(false),
@@ -94,6 +110,33 @@ impl ConnSignals {
     /// Time since bytes last arrived from the server.
     pub(crate) fn since_last_read(&self) -> Duration {
         self.last_read.elapsed()
+    }
+
+    /// Notes that a PING goes out now: its PONG's round trip is measured from here.
+    pub(crate) fn ping_sent_now(&self) {
+        self.ping_sent.set_now();
+    }
+
+    /// PING acknowledgements received so far.
+    pub(crate) fn pongs(&self) -> u64 {
+        self.pongs.load(Ordering::Acquire)
+    }
+
+    /// Round trip of the last answered PING, if one was answered yet.
+    pub(crate) fn last_rtt(&self) -> Option<Duration> {
+        match self.last_rtt_micros.load(Ordering::Relaxed) {
+            0 => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
+    }
+
+    fn on_pong(&self) {
+        let rtt = self.ping_sent.elapsed();
+        self.last_rtt_micros.store((rtt.as_micros() as u64).max(1), Ordering::Relaxed);
+        // Only the connection's reader writes it; Release so that whoever sees the new count
+        // sees the round trip too.
+        let seen = self.pongs.load(Ordering::Relaxed);
+        self.pongs.store(seen + 1, Ordering::Release);
     }
 
     /// DATA and HEADERS frames received from the server so far.
@@ -254,6 +297,8 @@ impl FrameReader {
             // read-modify-write on every frame.
             let seen = signals.data_frames.load(Ordering::Relaxed);
             signals.data_frames.store(seen + 1, Ordering::Relaxed);
+        } else if self.kind == TYPE_PING && flags & FLAG_ACK != 0 {
+            signals.on_pong();
         }
         self.payload.clear();
         if self.remaining == 0 {
@@ -282,6 +327,7 @@ struct Recorded {
     limit_raised: bool,
     goaway: Option<GoAway>,
     close_error: Option<String>,
+    pongs: u64,
 }
 
 fn observe(pieces: &mut dyn Iterator<Item = &[u8]>) -> Recorded {
@@ -295,6 +341,7 @@ fn observe(pieces: &mut dyn Iterator<Item = &[u8]>) -> Recorded {
         limit_raised: signals.take_limit_raised(),
         goaway: signals.goaway(),
         close_error: signals.close_error(),
+        pongs: signals.pongs(),
     }
 }
 
@@ -406,7 +453,8 @@ mod tests {
         let mut bytes = settings(50);
         bytes.extend(frame(0x0, 0x1, &[7u8; 300])); // DATA
         bytes.extend(frame(TYPE_SETTINGS, FLAG_ACK, &[]));
-        bytes.extend(frame(0x6, 0, &[1u8; 8])); // PING
+        bytes.extend(frame(TYPE_PING, 0, &[1u8; 8])); // the server's PING: not an answer
+        bytes.extend(frame(TYPE_PING, FLAG_ACK, &[2u8; 8])); // PONG
         bytes.extend(goaway(41, 0xb, b"too_many_pings"));
         bytes
     }
@@ -418,6 +466,8 @@ mod tests {
         assert_eq!(goaway.last_stream_id, 41);
         assert_eq!(goaway.reason(), h2::Reason::ENHANCE_YOUR_CALM);
         assert_eq!(&goaway.debug_data[..], b"too_many_pings");
+        assert_eq!(signals.pongs(), 1, "one PONG; the server's own PING is not one");
+        assert!(signals.last_rtt().is_some());
     }
 
     #[test]

@@ -11,14 +11,21 @@
 //!
 //! One pinger at a time holds the connection's `PingPong`; a second caller while a PING is
 //! out is told so rather than queued, since the answer to the first PING answers it too.
+//!
+//! Two ways to PING: [`Pinger::ping`] waits for the PONG (a caller's check before use, which
+//! must know now), and [`Pinger::send`] does not (the health task's keepalive, which only
+//! needs to know by the PING's deadline). The PONG of either is counted, and its round trip
+//! measured, by the connection's frame observer as it is read ([`ConnSignals`]), so nobody
+//! is woken for an answer that nobody waits for.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use super::frames::ConnSignals;
 
 /// Why a PING did not come back.
 #[derive(Debug)]
@@ -41,8 +48,15 @@ struct Held {
 #[derive(Debug)]
 pub(crate) struct Pinger {
     held: Mutex<Option<Held>>,
-    /// Round trip of the last answered PING, in microseconds; 0 before the first.
-    last_rtt_micros: AtomicU64,
+    /// Counts the PONGs and times them.
+    signals: Arc<ConnSignals>,
+}
+
+/// A PING sent by [`Pinger::send`]: answered once the connection's PONG count passes
+/// `pongs_before`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SentPing {
+    pongs_before: u64,
 }
 
 /// Lends the `PingPong` to one pinger and puts it back however the PING ends: answered,
@@ -62,11 +76,39 @@ impl Drop for Lent<'_> {
 }
 
 impl Pinger {
-    pub(crate) fn new(ping_pong: Option<h2::PingPong>) -> Pinger {
+    pub(crate) fn new(ping_pong: Option<h2::PingPong>, signals: Arc<ConnSignals>) -> Pinger {
         Pinger {
             held: Mutex::new(ping_pong.map(|ping_pong| Held { ping_pong, outstanding: false })),
-            last_rtt_micros: AtomicU64::new(0),
+            signals,
         }
+    }
+
+    /// Sends a PING and returns at once; [`Pinger::answered`] tells later whether its PONG
+    /// came. `Busy` when another PING is out (a waiter's, or one whose waiter went away and
+    /// whose PONG has not come): its answer would be ambiguous here, since its PONG may
+    /// have been counted already while `h2` has not taken it yet. Ask again a little later.
+    pub(crate) fn send(&self) -> Result<SentPing, PingError> {
+        let mut guard = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let held = guard.as_mut().ok_or(PingError::Busy)?;
+        if held.outstanding {
+            let mut cx = Context::from_waker(Waker::noop());
+            match held.ping_pong.poll_pong(&mut cx) {
+                Poll::Ready(Ok(_)) => held.outstanding = false, // answered; nothing waits for it
+                Poll::Ready(Err(error)) => return Err(PingError::Connection(error)),
+                Poll::Pending => return Err(PingError::Busy),
+            }
+        }
+        // No PING of ours is out, so the next PONG read answers this one: count from here.
+        let pongs_before = self.signals.pongs();
+        self.signals.ping_sent_now();
+        held.ping_pong.send_ping(h2::Ping::opaque()).map_err(PingError::Connection)?;
+        held.outstanding = true;
+        Ok(SentPing { pongs_before })
+    }
+
+    /// Whether the PONG of a PING sent with [`Pinger::send`] has come.
+    pub(crate) fn answered(&self, sent: SentPing) -> bool {
+        self.signals.pongs() > sent.pongs_before
     }
 
     /// Sends a PING and waits for its PONG; returns the round trip. Safe to cancel: bound it
@@ -78,7 +120,6 @@ impl Pinger {
             return Err(PingError::Busy);
         };
         let started = Instant::now();
-        let mut fresh = true;
         if held.outstanding {
             // A PING whose waiter went away: collect its PONG if it came (stale, so PING
             // again), or wait for it if it is still out (then its answer is news).
@@ -86,27 +127,93 @@ impl Pinger {
             match held.ping_pong.poll_pong(&mut cx) {
                 Poll::Ready(Ok(_)) => held.outstanding = false,
                 Poll::Ready(Err(error)) => return Err(PingError::Connection(error)),
-                Poll::Pending => fresh = false,
+                Poll::Pending => {}
             }
         }
         if !held.outstanding {
+            self.signals.ping_sent_now();
             held.ping_pong.send_ping(h2::Ping::opaque()).map_err(PingError::Connection)?;
             held.outstanding = true;
         }
         poll_fn(|cx| held.ping_pong.poll_pong(cx)).await.map_err(PingError::Connection)?;
         held.outstanding = false;
-        let rtt = started.elapsed();
-        if fresh {
-            self.last_rtt_micros.store(rtt.as_micros().max(1) as u64, Ordering::Relaxed);
-        }
-        Ok(rtt)
+        Ok(started.elapsed())
     }
 
     /// The last measured round trip, if any PING was answered yet.
     pub(crate) fn last_rtt(&self) -> Option<Duration> {
-        match self.last_rtt_micros.load(Ordering::Relaxed) {
-            0 => None,
-            micros => Some(Duration::from_micros(micros)),
+        self.signals.last_rtt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::h2::frames::ObservedIo;
+
+    /// A client connection to an in-memory `h2` server that answers PINGs, its `Pinger`, and
+    /// the server's side to keep open.
+    async fn answered_pinger() -> (Pinger, impl Sized) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server).await.expect("server handshake");
+            // Polling the connection answers PINGs; no stream is ever opened.
+            while connection.accept().await.is_some() {}
+        });
+        let signals = Arc::new(ConnSignals::new());
+        let io = ObservedIo::new(client, signals.clone());
+        let (send, mut connection) = h2::client::handshake(io).await.expect("client handshake");
+        let pinger = Pinger::new(connection.ping_pong(), signals);
+        let client = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        (pinger, (send, server, client))
+    }
+
+    /// Waits until the PONG of `sent` has been read, for at most 5 s.
+    async fn until_answered(pinger: &Pinger, sent: SentPing) {
+        let started = std::time::Instant::now();
+        while !pinger.answered(sent) {
+            assert!(started.elapsed() < Duration::from_secs(5), "no PONG within 5s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_sent_ping_is_answered_and_timed_with_nobody_waiting() {
+        let (pinger, _keep) = answered_pinger().await;
+        assert_eq!(pinger.last_rtt(), None);
+        let first = pinger.send().expect("first PING");
+        until_answered(&pinger, first).await;
+        assert!(pinger.last_rtt().is_some(), "the PONG's round trip is recorded as it is read");
+        // Its PONG was never collected with `poll_pong`: the next send collects it and sends.
+        let second = pinger.send().expect("second PING, after an answer nobody collected");
+        assert_ne!(first, second, "the second waits for a second PONG");
+        until_answered(&pinger, second).await;
+        assert_eq!(pinger.signals.pongs(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_after_a_sent_ping_shares_its_pong() {
+        let (pinger, _keep) = answered_pinger().await;
+        let sent = pinger.send().expect("PING");
+        // The waiter finds the sent PING out and waits for its PONG instead of sending one.
+        pinger.ping().await.expect("the waiter's answer");
+        assert!(pinger.answered(sent), "the PONG the waiter collected answers the sent PING too");
+        assert_eq!(pinger.signals.pongs(), 1, "one PING, one PONG");
+    }
+
+    #[tokio::test]
+    async fn no_ping_is_sent_while_another_is_out() {
+        let (pinger, _keep) = answered_pinger().await;
+        // A waiter holds the connection's `PingPong` while its PING is out.
+        let waiting = pinger.ping();
+        tokio::pin!(waiting);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(std::future::Future::poll(waiting.as_mut(), &mut cx).is_pending());
+        assert!(matches!(pinger.send(), Err(PingError::Busy)), "the waiter's PING is out");
+        waiting.await.expect("the waiter's answer");
+        let sent = pinger.send().expect("a PING once the waiter is done");
+        until_answered(&pinger, sent).await;
     }
 }
