@@ -115,6 +115,13 @@ impl Error {
         )
     }
 
+    /// A service config document that cannot be used: the JSON path of the bad field (empty
+    /// for the document itself) and what is wrong with it.
+    pub(crate) fn service_config(path: &str, problem: &str) -> Error {
+        let at = if path.is_empty() { String::new() } else { format!("{path}: ") };
+        Error::new(ErrorKind::Config, Code::InvalidArgument, format!("invalid service config: {at}{problem}"), None)
+    }
+
     /// A configuration error for settings outside this crate (the health task's), worded
     /// like the pool's own: the field, its value, and what is allowed.
     pub fn invalid_config(field: &str, value: &str, allowed: &str) -> Error {
