@@ -9,6 +9,32 @@ use tokio::task::AbortHandle;
 use super::deadline::Deadline;
 use crate::error::Error;
 use crate::member::Slot;
+use crate::service_config::{RetryPolicy, RetryTokens};
+
+/// For a call under a retry policy in a pool with retry throttling: how its trailers count
+/// in the throttle (OK gives back, a retryable status takes, as A6 counts a committed call).
+pub(crate) struct ThrottleWatch {
+    tokens: std::sync::Arc<RetryTokens>,
+    /// The policy's retryable codes, one bit per code.
+    retryable: u32,
+}
+
+impl ThrottleWatch {
+    pub(crate) fn new(tokens: std::sync::Arc<RetryTokens>, policy: &RetryPolicy) -> ThrottleWatch {
+        let retryable = policy.retryable_status_codes.iter().fold(0u32, |bits, code| bits | 1 << (*code as u32 & 31));
+        ThrottleWatch { tokens, retryable }
+    }
+
+    fn trailers(&self, trailers: &http::HeaderMap) {
+        match super::retry::status(trailers) {
+            Some(tonic::Code::Ok) => self.tokens.success(),
+            Some(code) if self.retryable & (1 << (code as u32 & 31)) != 0 => {
+                let _ = self.tokens.failure();
+            }
+            _ => {}
+        }
+    }
+}
 
 /// The body of a response from the pool: the stream's data, then its trailers (where gRPC
 /// puts `grpc-status`).
@@ -28,6 +54,8 @@ pub struct ResponseBody {
     pool_call: bool,
     /// The call's deadline, which bounds the response body too (streaming calls).
     deadline: Option<Deadline>,
+    /// Where its trailers count for the retry throttle, if anywhere.
+    watch: Option<ThrottleWatch>,
 }
 
 impl ResponseBody {
@@ -37,8 +65,9 @@ impl ResponseBody {
         pump: Option<AbortHandle>,
         pool_call: bool,
         deadline: Option<Deadline>,
+        watch: Option<ThrottleWatch>,
     ) -> ResponseBody {
-        ResponseBody { recv: Some(recv), slot: Some(slot), pump, data_done: false, pool_call, deadline }
+        ResponseBody { recv: Some(recv), slot: Some(slot), pump, data_done: false, pool_call, deadline, watch }
     }
 
     fn endpoint(&self) -> &str {
@@ -139,6 +168,9 @@ impl ResponseBody {
                     if let Some(failures) = endpoint.record_outcome(failed) {
                         endpoint.ask_ejection(failures);
                     }
+                }
+                if let Some(watch) = this.watch.take() {
+                    watch.trailers(&trailers);
                 }
                 this.finish();
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))

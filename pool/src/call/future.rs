@@ -18,15 +18,17 @@ use http::{Request, Uri, Version};
 use http_body::Body;
 
 use super::attempt::{needs_check, rebuild, response_error, slot_now, spawn_pump, Head, Sending, Target};
-use super::body::ResponseBody;
+use super::body::{ResponseBody, ThrottleWatch};
 use super::deadline::{self, Deadline, GRPC_TIMEOUT};
 use super::options::WaitForReady;
+use super::retry::{self, Verdict};
 use crate::endpoint::EndpointShared;
 use crate::error::{Error, ErrorKind};
 use crate::inner::PoolInner;
 use crate::member::{EvictionReason, Member, Slot};
 use crate::proto::h2::body::{Pump, Unsent};
 use crate::proto::h2::replay::{CallBody, Recording, UnsentBody};
+use crate::service_config::MethodConfig;
 use crate::stats::RetryReason;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -49,6 +51,12 @@ pub struct ResponseFuture<B> {
     deadline: Option<Deadline>,
     /// Wait for an endpoint to come back rather than fail fast (gRPC's `wait_for_ready`).
     wait_for_ready: bool,
+    /// The service config's entry for this call's method, for calls through the pool.
+    method: Option<Arc<MethodConfig>>,
+    /// Attempts the retry policy has seen fail with a retryable status.
+    retries: u32,
+    /// The retry policy's backoff exponent: retries since the start or the last pushback.
+    backoff_n: u32,
 }
 
 /// Where a call that has not ended is. Each state owns what it needs, so every step has its
@@ -68,6 +76,11 @@ enum Live<B> {
         check: Pin<Box<dyn Future<Output = bool> + Send>>,
     },
     Sending(Sending<B>),
+    /// The retry policy's backoff before the next attempt.
+    Backoff {
+        request: Request<CallBody<B>>,
+        sleep: Pin<Box<tokio::time::Sleep>>,
+    },
 }
 
 /// What moving a call on came to: `Continue` once its next state is in place (to be polled
@@ -99,13 +112,17 @@ where
         // shorter one holds. Calls aimed at one endpoint or member (health checks, probes)
         // bound themselves.
         let own = request.headers().get(&GRPC_TIMEOUT).and_then(deadline::parse);
-        let pool_default = pool.config.timeout.filter(|_| matches!(target, Target::Pool));
-        let timeout = match (own, pool_default) {
-            (Some(own), Some(default)) => Some(own.min(default)),
-            (own, default) => own.or(default),
+        let pool_call = matches!(target, Target::Pool);
+        // The service config's entry for the method; its timeout holds when it is shorter.
+        let method = match &pool.config.service_config {
+            Some(config) if pool_call => config.for_path(request.uri().path()).cloned(),
+            _ => None,
         };
-        let wait_for_ready =
-            request.extensions().get::<WaitForReady>().map_or(pool.config.wait_for_ready, |w| w.0);
+        let pool_default = pool.config.timeout.filter(|_| pool_call);
+        let method_timeout = method.as_ref().and_then(|m| m.timeout);
+        let timeout = [own, pool_default, method_timeout].into_iter().flatten().min();
+        let default_wait = method.as_ref().and_then(|m| m.wait_for_ready).unwrap_or(pool.config.wait_for_ready);
+        let wait_for_ready = request.extensions().get::<WaitForReady>().map_or(default_wait, |w| w.0);
         ResponseFuture {
             pool,
             target,
@@ -114,7 +131,15 @@ where
             attempts: 0,
             deadline: timeout.map(Deadline::after),
             wait_for_ready,
+            method,
+            retries: 0,
+            backoff_n: 0,
         }
+    }
+
+    /// The retry policy of the call's method, if it has one.
+    fn retry_policy(&self) -> Option<&crate::service_config::RetryPolicy> {
+        self.method.as_ref().and_then(|m| m.retry_policy.as_ref())
     }
 
     /// The error of a call whose deadline passed while it waited in `live`, saying where it
@@ -134,6 +159,9 @@ where
             }
             Live::Sending(sending) => {
                 format!("waiting for the response head from {}", sending.slot.member().endpoint.label)
+            }
+            Live::Backoff { .. } => {
+                format!("in the retry policy's backoff, after {} attempts", self.retries)
             }
         };
         drop(live);
@@ -167,8 +195,9 @@ where
             Uri::from_parts(uri).map_err(|e| Error::request_body(&member.endpoint.label, Box::new(e)))?;
         // Kept only while another attempt is allowed: h2 consumes the head even when it
         // refuses to open the stream.
-        let retry_allowed =
-            matches!(self.target, Target::Pool) && self.attempts + 1 < self.pool.config.max_attempts;
+        let policy_allows = self.retry_policy().is_some_and(|p| self.retries + 1 < p.max_attempts);
+        let retry_allowed = matches!(self.target, Target::Pool)
+            && (self.attempts + 1 < self.pool.config.max_attempts || policy_allows);
         Ok(retry_allowed.then(|| Head {
             method: parts.method.clone(),
             path,
@@ -180,6 +209,15 @@ where
     /// again if the member could not open a stream and nothing was sent.
     fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Step {
         let member = slot.member().clone();
+        if self.method.is_some() {
+            tracing::debug!(
+                pool = %self.pool.name(),
+                endpoint = %member.endpoint.label,
+                attempt = self.retries + 1,
+                path = %request.uri().path(),
+                "sending an attempt of a call under a service config",
+            );
+        }
         let (mut parts, body) = request.into_parts();
         let again = match self.prepare_head(&member, &mut parts) {
             Ok(again) => again,
@@ -323,8 +361,15 @@ where
                         Err(body_failed) => Step::Break(Err(body_failed)),
                     }
                 }
+                Some(Live::Backoff { sleep, .. }) => {
+                    let Poll::Ready(()) = sleep.as_mut().poll(cx) else { break };
+                    let Some(Live::Backoff { request, .. }) = this.state.take() else { unreachable!("{MATCHED}") };
+                    this.state = Some(Live::checkout(request));
+                    Step::Continue(())
+                }
             };
             if let Step::Break(output) = step {
+                this.finished();
                 return Poll::Ready(output);
             }
         }
@@ -332,7 +377,9 @@ where
         if this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
             // Every arm that breaks out of the loop above left its state in place.
             let Some(live) = this.state.take() else { unreachable!("a waiting call has its state") };
-            return Poll::Ready(Err(this.expire(live)));
+            let error = this.expire(live);
+            this.finished();
+            return Poll::Ready(Err(error));
         }
         Poll::Pending
     }
@@ -386,16 +433,30 @@ where
     }
 
     /// The response head came: the call's result, its body carrying the slot.
-    fn answered(&mut self, sending: Sending<B>, response: http::Response<h2::RecvStream>) -> Step {
-        let Sending { slot, response: head_future, pump, pump_stopped, .. } = sending;
-        drop(head_future);
+    fn answered(&mut self, mut sending: Sending<B>, mut response: http::Response<h2::RecvStream>) -> Step {
         // A trailers-only answer carries its status in the head; any other is judged by its
         // trailers, in the body.
-        if let Some(failures) =
-            slot.member().endpoint.record_outcome(|| crate::outlier::unavailable(response.headers()))
-        {
-            self.pool.eject_shared(&slot.member().endpoint, failures);
+        let endpoint = &sending.slot.member().endpoint;
+        if let Some(failures) = endpoint.record_outcome(|| crate::outlier::unavailable(response.headers())) {
+            self.pool.eject_shared(endpoint, failures);
         }
+        let mut watch = None;
+        if let Some(policy) = self.retry_policy() {
+            match retry::judge(&self.pool, policy, self.retries, &mut sending, response.headers()) {
+                Verdict::Committed => {
+                    watch = self.pool.retry_tokens.clone().map(|tokens| ThrottleWatch::new(tokens, policy));
+                }
+                Verdict::Done => {}
+                Verdict::NotRetried(why) => {
+                    retry::note_not_retried(response.headers_mut(), &why);
+                }
+                Verdict::Retry { code, pushback, head, body } => {
+                    return self.retry(sending, code, pushback, head, body);
+                }
+            }
+        }
+        let Sending { slot, response: head_future, pump, pump_stopped, .. } = sending;
+        drop(head_future);
         // The server answered before the request body ended (streaming): keep sending from a
         // task of its own.
         let pump = match pump.filter(|_| !pump_stopped).map(spawn_pump).transpose() {
@@ -404,7 +465,55 @@ where
         };
         let pool_call = matches!(self.target, Target::Pool);
         let deadline = self.deadline.take();
-        Step::Break(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline))))
+        Step::Break(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline, watch))))
+    }
+
+    /// The attempt ended with a status the retry policy retries, and the whole body is at
+    /// hand: waits out the backoff (or the server's pushback), then queues the call again,
+    /// on another endpoint when there is one.
+    fn retry(
+        &mut self,
+        sending: Sending<B>,
+        code: tonic::Code,
+        pushback: Option<std::time::Duration>,
+        mut head: Head,
+        body: CallBody<B>,
+    ) -> Step {
+        self.retries += 1;
+        let delay = match pushback {
+            Some(delay) => {
+                // The server said when: that exactly, and the backoff starts over (A6).
+                self.backoff_n = 0;
+                delay
+            }
+            None => {
+                self.backoff_n += 1;
+                self.retry_policy().map(|p| p.backoff(self.backoff_n)).unwrap_or_default()
+            }
+        };
+        self.avoid = Some(sending.slot.member().endpoint.clone());
+        tracing::debug!(
+            pool = %self.pool.name(),
+            endpoint = %sending.slot.member().endpoint.label,
+            code = crate::service_config::code_name(code),
+            attempt = self.retries,
+            ?delay,
+            "retrying a call under its retry policy",
+        );
+        drop(sending);
+        self.pool.count_policy_retry(code);
+        retry::set_previous_attempts(&mut head, self.retries);
+        let request = rebuild(head, body);
+        self.state = Some(Live::Backoff { request, sleep: Box::pin(tokio::time::sleep(delay)) });
+        Step::Continue(())
+    }
+
+    /// The call is over, with whatever result: counts its attempts when it had a retry
+    /// policy.
+    fn finished(&self) {
+        if self.retry_policy().is_some() {
+            self.pool.record_call_attempts(1 + self.attempts + self.retries);
+        }
     }
 
     /// The stream failed before its response head: resent on another member if the server
@@ -461,6 +570,7 @@ impl<B> fmt::Debug for ResponseFuture<B> {
             Some(Live::Checkout { waiting: Some(_), .. }) => "waiting",
             Some(Live::Verifying { .. }) => "verifying",
             Some(Live::Sending(_)) => "sending",
+            Some(Live::Backoff { .. }) => "backoff",
             None => "done",
         };
         f.debug_struct("ResponseFuture")

@@ -9,6 +9,7 @@ mod channel;
 pub(crate) mod deadline;
 mod future;
 mod options;
+mod retry;
 mod service;
 
 pub use body::ResponseBody;
