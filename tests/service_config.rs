@@ -1,0 +1,433 @@
+//! gRPC's service config in the pool: per-method timeout and wait-for-ready, the retry
+//! policy (A6: retryable statuses, backoff bounds, `grpc-previous-rpc-attempts`, server
+//! pushback, the replay buffer limit, another endpoint for the retry, commitment once the
+//! server answered), retry throttling to A6's exact arithmetic, and invalid documents named
+//! by their JSON path. Real tonic servers on 127.0.0.1 that count every attempt they see.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use grpc_pool::{ErrorKind, Pool, WaitForReady};
+use grpc_pool_testkit::echo::echo_client::EchoClient;
+use grpc_pool_testkit::echo::echo_server::{Echo, EchoServer};
+use grpc_pool_testkit::echo::{EchoRequest, EchoResponse};
+use grpc_pool_testkit::{unused_uri, TestServer};
+use tokio::net::TcpListener;
+use tokio_stream::Stream;
+use tonic::metadata::MetadataMap;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// One attempt as the server saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    /// Its `grpc-previous-rpc-attempts` header.
+    previous: Option<String>,
+    /// The server's port.
+    port: u16,
+}
+
+/// What the servers of one test share: how they fail, and every attempt they saw, by call
+/// (the request's message names the call).
+struct Script {
+    /// Attempts of each call that fail; later ones answer.
+    fail_first: AtomicU32,
+    code: Code,
+    /// `grpc-retry-pushback-ms` sent with each failure.
+    pushback: Option<&'static str>,
+    attempts: Mutex<HashMap<Bytes, Vec<Seen>>>,
+    total: AtomicU64,
+}
+
+impl Script {
+    fn new(fail_first: u32, code: Code, pushback: Option<&'static str>) -> Arc<Script> {
+        Arc::new(Script {
+            fail_first: AtomicU32::new(fail_first),
+            code,
+            pushback,
+            attempts: Mutex::new(HashMap::new()),
+            total: AtomicU64::new(0),
+        })
+    }
+
+    /// Records an attempt of `call`; its number, from 1.
+    fn record<T>(&self, call: &Bytes, request: &Request<T>, port: u16) -> u32 {
+        let previous = request
+            .metadata()
+            .get("grpc-previous-rpc-attempts")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let mut attempts = self.attempts.lock().unwrap();
+        let seen = attempts.entry(call.clone()).or_default();
+        seen.push(Seen { at: Instant::now(), previous, port });
+        seen.len() as u32
+    }
+
+    fn failure(&self) -> Status {
+        let mut metadata = MetadataMap::new();
+        if let Some(pushback) = self.pushback {
+            metadata.insert("grpc-retry-pushback-ms", pushback.parse().unwrap());
+        }
+        Status::with_metadata(self.code, "the script fails this attempt", metadata)
+    }
+
+    fn attempts_of(&self, call: &str) -> Vec<Seen> {
+        self.attempts.lock().unwrap().get(call.as_bytes()).cloned().unwrap_or_default()
+    }
+
+    fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+struct Scripted {
+    script: Arc<Script>,
+    port: u16,
+}
+
+type Responses = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Echo for Scripted {
+    async fn unary_echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
+        let call = request.get_ref().message.clone();
+        let attempt = self.script.record(&call, &request, self.port);
+        if attempt <= self.script.fail_first.load(Ordering::Relaxed) {
+            return Err(self.script.failure());
+        }
+        Ok(Response::new(EchoResponse { message: call }))
+    }
+
+    type ServerStreamingEchoStream = Responses;
+
+    /// One message, then the script's failure in the trailers: the server had answered.
+    async fn server_streaming_echo(&self, request: Request<EchoRequest>) -> Result<Response<Responses>, Status> {
+        let call = request.get_ref().message.clone();
+        self.script.record(&call, &request, self.port);
+        let items = [Ok(EchoResponse { message: call }), Err(self.script.failure())];
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+
+    async fn client_streaming_echo(
+        &self,
+        _request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    type BidirectionalStreamingEchoStream = Responses;
+
+    async fn bidirectional_streaming_echo(
+        &self,
+        _request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Responses>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+/// Starts a server following `script` on 127.0.0.1; its URI. It runs until the test ends.
+async fn serve(script: &Arc<Script>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = EchoServer::new(Scripted { script: script.clone(), port: addr.port() });
+    tokio::spawn(async move {
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let _ = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await;
+    });
+    format!("http://{addr}")
+}
+
+/// A service config retrying `codes` of every `echo.Echo` method.
+fn retrying(max_attempts: u32, initial: &str, max: &str, multiplier: f64, codes: &str, extra: &str) -> String {
+    format!(
+        r#"{{
+          "methodConfig": [{{
+            "name": [{{"service": "echo.Echo"}}],
+            "retryPolicy": {{
+              "maxAttempts": {max_attempts},
+              "initialBackoff": "{initial}",
+              "maxBackoff": "{max}",
+              "backoffMultiplier": {multiplier},
+              "retryableStatusCodes": [{codes}]
+            }}
+          }}]{extra}
+        }}"#
+    )
+}
+
+async fn pool_with(config: Option<&str>, endpoints: &[String]) -> Pool {
+    let mut builder = Pool::builder();
+    if let Some(config) = config {
+        builder = builder.service_config(config);
+    }
+    builder.build(endpoints).await.expect("the pool builds")
+}
+
+fn call(name: &str) -> EchoRequest {
+    EchoRequest { message: Bytes::copy_from_slice(name.as_bytes()), repeat: 0, delay_ms: 0 }
+}
+
+async fn unary(pool: &Pool, name: &str) -> Result<EchoResponse, Status> {
+    EchoClient::new(pool.clone()).unary_echo(call(name)).await.map(Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_policy_sends_each_call_until_its_third_attempt_answers() {
+    let script = Script::new(2, Code::Unavailable, None);
+    let server = serve(&script).await;
+    // Backoff bounds: up to 100 ms before the first retry, then min(100 ms * 100, 150 ms).
+    let config = retrying(3, "0.1s", "0.15s", 100.0, r#""UNAVAILABLE""#, "");
+    let pool = pool_with(Some(&config), &[server]).await;
+
+    let names: Vec<String> = (0..20).map(|i| format!("call-{i}")).collect();
+    let results = join_all(names.iter().map(|name| unary(&pool, name))).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "calls failed: {failed:?}");
+
+    let slack = Duration::from_millis(600);
+    let mut first_gaps = Vec::new();
+    for name in &names {
+        let seen = script.attempts_of(name);
+        assert_eq!(seen.len(), 3, "{name}: attempts at the server");
+        let previous: Vec<_> = seen.iter().map(|s| s.previous.as_deref()).collect();
+        assert_eq!(previous, [None, Some("1"), Some("2")], "{name}: grpc-previous-rpc-attempts");
+        let (first, second) = (seen[1].at - seen[0].at, seen[2].at - seen[1].at);
+        assert!(first <= Duration::from_millis(100) + slack, "{name}: first backoff {first:?}");
+        assert!(second <= Duration::from_millis(150) + slack, "{name}: second backoff {second:?} over maxBackoff");
+        first_gaps.push(first);
+    }
+    // The backoff is random in [0, 100 ms): among 20 calls, one waits 30 ms or more unless
+    // there is no backoff at all (0.3^20 otherwise).
+    let longest = first_gaps.iter().max().copied().unwrap_or_default();
+    assert!(longest >= Duration::from_millis(30), "no call waited before its retry: longest {longest:?}");
+    assert_eq!(pool.state().statistics.policy_retries, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_policy_or_with_another_status_calls_are_not_retried() {
+    // No service config: each call fails at its first attempt.
+    let script = Script::new(2, Code::Unavailable, None);
+    let pool = pool_with(None, &[serve(&script).await]).await;
+    for i in 0..5 {
+        let status = unary(&pool, &format!("plain-{i}")).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    assert_eq!(script.total(), 5, "one attempt per call");
+
+    // A status the policy does not name: not retried either.
+    let script = Script::new(2, Code::Internal, None);
+    let config = retrying(3, "0.01s", "0.01s", 1.0, r#""UNAVAILABLE""#, "");
+    let pool = pool_with(Some(&config), &[serve(&script).await]).await;
+    for i in 0..5 {
+        let status = unary(&pool, &format!("internal-{i}")).await.unwrap_err();
+        assert_eq!(status.code(), Code::Internal);
+    }
+    assert_eq!(script.total(), 5, "one attempt per call");
+    assert_eq!(pool.state().statistics.policy_retries, 0);
+}
+
+/// A6's throttle, written out: attempts a run of always-failing calls makes, the tokens left
+/// (in thousandths) and the failures not retried for the throttle.
+fn a6_model(calls: u32, max_attempts: u32, max_tokens: u64) -> (u64, u64, u64) {
+    let (mut attempts, mut milli, mut throttled) = (0, max_tokens * 1000, 0);
+    for _ in 0..calls {
+        for n in 1..=max_attempts {
+            attempts += 1;
+            milli = milli.saturating_sub(1000);
+            if milli <= max_tokens * 1000 / 2 {
+                throttled += 1;
+                break;
+            }
+            if n == max_attempts {
+                break;
+            }
+        }
+    }
+    (attempts, milli, throttled)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_throttling_follows_a6_arithmetic_exactly() {
+    let script = Script::new(u32::MAX, Code::Unavailable, None);
+    let throttling = r#", "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.25}"#;
+    let config = retrying(3, "0.001s", "0.001s", 1.0, "14", throttling);
+    let pool = pool_with(Some(&config), &[serve(&script).await]).await;
+    assert_eq!(pool.state().retry_tokens, Some(10.0));
+
+    let calls = 12;
+    for i in 0..calls {
+        let status = unary(&pool, &format!("doomed-{i}")).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    let (attempts, milli, throttled) = a6_model(calls, 3, 10);
+    assert_eq!(attempts, 3 + 2 + 10, "the model itself: 3, then 2, then 1 per call");
+    assert_eq!(script.total(), attempts, "attempts at the server");
+    assert_eq!(pool.state().retry_tokens, Some(milli as f64 / 1000.0));
+    assert_eq!(pool.state().statistics.retries_throttled, throttled);
+
+    // Successes give back tokenRatio each: 0 + 8 * 0.25 = 2 tokens.
+    script.fail_first.store(0, Ordering::Relaxed);
+    for i in 0..8 {
+        unary(&pool, &format!("fine-{i}")).await.expect("the server answers now");
+    }
+    assert_eq!(pool.state().retry_tokens, Some(milli as f64 / 1000.0 + 2.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_pushback_sets_the_delay_or_stops_the_retries() {
+    // Pushback 300 ms: the retry waits that long, whatever the policy's backoff (1 ms here).
+    let script = Script::new(1, Code::Unavailable, Some("300"));
+    let config = retrying(3, "0.001s", "0.001s", 1.0, r#""UNAVAILABLE""#, "");
+    let pool = pool_with(Some(&config), &[serve(&script).await]).await;
+    unary(&pool, "pushed-back").await.expect("the second attempt answers");
+    let seen = script.attempts_of("pushed-back");
+    assert_eq!(seen.len(), 2);
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_millis(300), "the retry came {gap:?} after the first attempt");
+
+    // Pushback -1: no retry.
+    let script = Script::new(1, Code::Unavailable, Some("-1"));
+    let pool = pool_with(Some(&config), &[serve(&script).await]).await;
+    let status = unary(&pool, "stopped").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("grpc-retry-pushback-ms (-1)"), "{}", status.message());
+    assert_eq!(script.attempts_of("stopped").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_to_another_endpoint() {
+    let script = Script::new(1, Code::Unavailable, None);
+    let servers = [serve(&script).await, serve(&script).await];
+    let config = retrying(2, "0.001s", "0.001s", 1.0, r#""UNAVAILABLE""#, "");
+    let pool = pool_with(Some(&config), &servers).await;
+    for i in 0..10 {
+        let name = format!("moved-{i}");
+        unary(&pool, &name).await.expect("the retry answers");
+        let seen = script.attempts_of(&name);
+        assert_eq!(seen.len(), 2);
+        assert_ne!(seen[0].port, seen[1].port, "{name}: both attempts went to one server");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_replay_buffer_limit_is_not_retried_and_the_error_says_so() {
+    let script = Script::new(1, Code::Unavailable, None);
+    let config = retrying(3, "0.001s", "0.001s", 1.0, r#""UNAVAILABLE""#, "");
+    let pool = Pool::builder()
+        .service_config(&config)
+        .replay_buffer_limit(64)
+        .build([serve(&script).await])
+        .await
+        .unwrap();
+    let big = "x".repeat(200);
+    let status = unary(&pool, &big).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("replay buffer limit (64 bytes)"), "{}", status.message());
+    assert_eq!(script.attempts_of(&big).len(), 1);
+    // A small body is retried by the same pool.
+    unary(&pool, "small").await.expect("retried");
+    assert_eq!(script.attempts_of("small").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_call_that_delivered_a_message_is_never_retried() {
+    let script = Script::new(u32::MAX, Code::Unavailable, None);
+    let config = retrying(5, "0.001s", "0.001s", 1.0, r#""UNAVAILABLE""#, "");
+    let pool = pool_with(Some(&config), &[serve(&script).await]).await;
+    let mut client = EchoClient::new(pool.clone());
+    let mut stream = client.server_streaming_echo(call("streamed")).await.expect("the server answers").into_inner();
+    let first = stream.message().await.expect("one message").expect("a message");
+    assert_eq!(first.message, "streamed".as_bytes());
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(script.attempts_of("streamed").len(), 1, "attempts at the server");
+    assert_eq!(pool.state().statistics.policy_retries, 0);
+}
+
+/// A `grpc-timeout` value as a duration.
+fn grpc_timeout(text: &str) -> Duration {
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let n: u64 = digits.parse().expect("digits");
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        other => panic!("unit {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_timeout_shorter_than_the_callers_deadline_ends_the_call() {
+    let server = TestServer::start().await;
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo", "method": "UnaryEcho"}], "timeout": "0.2s"}]}"#;
+    let pool = pool_with(Some(config), &[server.uri()]).await;
+    let mut request = tonic::Request::new(EchoRequest { message: Bytes::from_static(b"slow"), repeat: 0, delay_ms: 3_000 });
+    request.set_timeout(Duration::from_secs(10));
+    let started = Instant::now();
+    let status = EchoClient::new(pool.clone()).unary_echo(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    // The server was told the method's timeout, not the caller's.
+    let (_, told) = server.grpc_timeouts().pop().expect("the server saw the call");
+    assert!(grpc_timeout(&told) <= Duration::from_millis(200), "grpc-timeout {told}");
+
+    // A method with no timeout keeps the caller's deadline: the same slow call answers.
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Other"}], "timeout": "0.2s"}]}"#;
+    let pool = pool_with(Some(config), &[server.uri()]).await;
+    let mut request = tonic::Request::new(EchoRequest { message: Bytes::from_static(b"slow"), repeat: 0, delay_ms: 300 });
+    request.set_timeout(Duration::from_secs(10));
+    EchoClient::new(pool.clone()).unary_echo(request).await.expect("no method timeout applies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_ready_comes_from_the_method_config_unless_the_call_says_otherwise() {
+    let config = r#"{"methodConfig": [{"name": [{}], "waitForReady": true}]}"#;
+    let pool = Pool::builder().service_config(config).build_lazy([unused_uri()]).unwrap();
+    grpc_pool_testkit::wait_until(Duration::from_secs(10), "the connect failed", || {
+        pool.state().endpoints[0].consecutive_failures > 0
+    })
+    .await;
+    // The method's waitForReady: the call waits for the endpoint, until its deadline.
+    let mut request = tonic::Request::new(call("waits"));
+    request.set_timeout(Duration::from_millis(300));
+    let status = EchoClient::new(pool.clone()).unary_echo(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The call's own WaitForReady(false) wins: it fails fast.
+    let mut request = tonic::Request::new(call("fails fast"));
+    request.set_timeout(Duration::from_secs(5));
+    request.extensions_mut().insert(WaitForReady(false));
+    let started = Instant::now();
+    let status = EchoClient::new(pool.clone()).unary_echo(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "it waited for its deadline");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_invalid_service_config_fails_the_build_naming_the_json_path() {
+    let config = retrying(1, "0.1s", "1s", 2.0, r#""UNAVAILABLE""#, "");
+    let err = Pool::builder().service_config(&config).build_lazy([unused_uri()]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(
+        err.to_string().contains("methodConfig[0].retryPolicy.maxAttempts: must be at least 2"),
+        "{err}"
+    );
+    let config = retrying(2, "0.1s", "1s", 2.0, r#""UNAVAILABLE", "SOMETIMES""#, "");
+    let err = Pool::builder().service_config(&config).build_lazy([unused_uri()]).unwrap_err();
+    assert!(err.to_string().contains("methodConfig[0].retryPolicy.retryableStatusCodes[1]"), "{err}");
+    let err = Pool::builder()
+        .service_config_file("/nonexistent/service-config.json")
+        .build_lazy([unused_uri()])
+        .unwrap_err();
+    assert!(err.to_string().contains("service_config_file"), "{err}");
+}
