@@ -42,8 +42,9 @@ pub use config::{DnsConfig, PoolConfig};
 pub use grpc_pool_core::{
     discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, ClientIdentity, Connector, Endpoint,
     EndpointState, Error, ErrorKind, EvictionReason, H2Config, HedgingPolicy, MemberSnapshot, MemberState,
-    MethodConfig, MethodName, OutlierDetection, PoolEvent, PoolEvents, ResponseBody, RetryPolicy, RetryReason,
-    RetryThrottling, ServiceConfig, State, Statistics, TlsConfig, WaitForReady, DEFAULT_POOL_NAME, EVENT_BUFFER,
+    MethodConfig, MethodName, OutlierDetection, PoolEvent, PoolEvents, ResponseBody, RetryPolicy,
+    RetryReason, RetryThrottling, ServiceConfig, State, Statistics, TlsConfig, WaitForReady,
+    DEFAULT_POOL_NAME, EVENT_BUFFER,
 };
 pub use grpc_pool_health::{
     CheckMode, HealthCheck, Keepalive, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,

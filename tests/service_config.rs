@@ -109,7 +109,10 @@ impl Echo for Scripted {
     type ServerStreamingEchoStream = Responses;
 
     /// One message, then the script's failure in the trailers: the server had answered.
-    async fn server_streaming_echo(&self, request: Request<EchoRequest>) -> Result<Response<Responses>, Status> {
+    async fn server_streaming_echo(
+        &self,
+        request: Request<EchoRequest>,
+    ) -> Result<Response<Responses>, Status> {
         let call = request.get_ref().message.clone();
         self.script.record(&call, &request, self.port);
         let items = [Ok(EchoResponse { message: call }), Err(self.script.failure())];
@@ -146,7 +149,14 @@ async fn serve(script: &Arc<Script>) -> String {
 }
 
 /// A service config retrying `codes` of every `echo.Echo` method.
-fn retrying(max_attempts: u32, initial: &str, max: &str, multiplier: f64, codes: &str, extra: &str) -> String {
+fn retrying(
+    max_attempts: u32,
+    initial: &str,
+    max: &str,
+    multiplier: f64,
+    codes: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"{{
           "methodConfig": [{{
@@ -201,7 +211,10 @@ async fn a_retry_policy_sends_each_call_until_its_third_attempt_answers() {
         assert_eq!(previous, [None, Some("1"), Some("2")], "{name}: grpc-previous-rpc-attempts");
         let (first, second) = (seen[1].at - seen[0].at, seen[2].at - seen[1].at);
         assert!(first <= Duration::from_millis(100) + slack, "{name}: first backoff {first:?}");
-        assert!(second <= Duration::from_millis(150) + slack, "{name}: second backoff {second:?} over maxBackoff");
+        assert!(
+            second <= Duration::from_millis(150) + slack,
+            "{name}: second backoff {second:?} over maxBackoff"
+        );
         first_gaps.push(first);
     }
     // The backoff is random in [0, 100 ms): among 20 calls, one waits 30 ms or more unless
@@ -343,7 +356,8 @@ async fn a_streaming_call_that_delivered_a_message_is_never_retried() {
     let config = retrying(5, "0.001s", "0.001s", 1.0, r#""UNAVAILABLE""#, "");
     let pool = pool_with(Some(&config), &[serve(&script).await]).await;
     let mut client = EchoClient::new(pool.clone());
-    let mut stream = client.server_streaming_echo(call("streamed")).await.expect("the server answers").into_inner();
+    let mut stream =
+        client.server_streaming_echo(call("streamed")).await.expect("the server answers").into_inner();
     let first = stream.message().await.expect("one message").expect("a message");
     assert_eq!(first.message, "streamed".as_bytes());
     let status = stream.message().await.unwrap_err();
@@ -372,7 +386,8 @@ async fn a_method_timeout_shorter_than_the_callers_deadline_ends_the_call() {
     let server = TestServer::start().await;
     let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo", "method": "UnaryEcho"}], "timeout": "0.2s"}]}"#;
     let pool = pool_with(Some(config), &[server.uri()]).await;
-    let mut request = tonic::Request::new(EchoRequest { message: Bytes::from_static(b"slow"), repeat: 0, delay_ms: 3_000 });
+    let mut request =
+        tonic::Request::new(EchoRequest { message: Bytes::from_static(b"slow"), repeat: 0, delay_ms: 3_000 });
     request.set_timeout(Duration::from_secs(10));
     let started = Instant::now();
     let status = EchoClient::new(pool.clone()).unary_echo(request).await.unwrap_err();
@@ -385,7 +400,8 @@ async fn a_method_timeout_shorter_than_the_callers_deadline_ends_the_call() {
     // A method with no timeout keeps the caller's deadline: the same slow call answers.
     let config = r#"{"methodConfig": [{"name": [{"service": "echo.Other"}], "timeout": "0.2s"}]}"#;
     let pool = pool_with(Some(config), &[server.uri()]).await;
-    let mut request = tonic::Request::new(EchoRequest { message: Bytes::from_static(b"slow"), repeat: 0, delay_ms: 300 });
+    let mut request =
+        tonic::Request::new(EchoRequest { message: Bytes::from_static(b"slow"), repeat: 0, delay_ms: 300 });
     request.set_timeout(Duration::from_secs(10));
     EchoClient::new(pool.clone()).unary_echo(request).await.expect("no method timeout applies");
 }
@@ -418,10 +434,7 @@ async fn an_invalid_service_config_fails_the_build_naming_the_json_path() {
     let config = retrying(1, "0.1s", "1s", 2.0, r#""UNAVAILABLE""#, "");
     let err = Pool::builder().service_config(&config).build_lazy([unused_uri()]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
-    assert!(
-        err.to_string().contains("methodConfig[0].retryPolicy.maxAttempts: must be at least 2"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("methodConfig[0].retryPolicy.maxAttempts: must be at least 2"), "{err}");
     let config = retrying(2, "0.1s", "1s", 2.0, r#""UNAVAILABLE", "SOMETIMES""#, "");
     let err = Pool::builder().service_config(&config).build_lazy([unused_uri()]).unwrap_err();
     assert!(err.to_string().contains("methodConfig[0].retryPolicy.retryableStatusCodes[1]"), "{err}");

@@ -119,7 +119,12 @@ impl Error {
     /// for the document itself) and what is wrong with it.
     pub(crate) fn service_config(path: &str, problem: &str) -> Error {
         let at = if path.is_empty() { String::new() } else { format!("{path}: ") };
-        Error::new(ErrorKind::Config, Code::InvalidArgument, format!("invalid service config: {at}{problem}"), None)
+        Error::new(
+            ErrorKind::Config,
+            Code::InvalidArgument,
+            format!("invalid service config: {at}{problem}"),
+            None,
+        )
     }
 
     /// A configuration error for settings outside this crate (the health task's), worded

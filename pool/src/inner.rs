@@ -358,12 +358,14 @@ impl PoolInner {
     /// A retryable failure not sent again: the retry throttle was at or below half.
     pub(crate) fn count_throttled_retry(&self) {
         self.stats.retries_throttled.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(names::RETRIES_THROTTLED, names::LABEL_POOL => self.config.name.clone()).increment(1);
+        metrics::counter!(names::RETRIES_THROTTLED, names::LABEL_POOL => self.config.name.clone())
+            .increment(1);
     }
 
     /// The attempts of a call under a retry policy, once it is over.
     pub(crate) fn record_call_attempts(&self, attempts: u32) {
-        metrics::histogram!(names::CALL_ATTEMPTS, names::LABEL_POOL => self.config.name.clone()).record(f64::from(attempts));
+        metrics::histogram!(names::CALL_ATTEMPTS, names::LABEL_POOL => self.config.name.clone())
+            .record(f64::from(attempts));
     }
 
     // ----- shutdown -----

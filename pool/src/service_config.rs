@@ -199,8 +199,8 @@ impl ServiceConfig {
     /// Parses and checks a service config document. Fails with the JSON path of the first
     /// bad field (`methodConfig[1].timeout: ...`); fields it does not know are ignored.
     pub fn from_json(json: &str) -> Result<ServiceConfig, Error> {
-        let value: Value =
-            serde_json::from_str(json).map_err(|e| Error::service_config("", &format!("not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_str(json)
+            .map_err(|e| Error::service_config("", &format!("not valid JSON: {e}")))?;
         let root = object(&value, "")?;
         let mut config = ServiceConfig::default();
         if let Some(list) = get(root, "methodConfig") {
@@ -382,20 +382,30 @@ fn positive_duration(object: &Map<String, Value>, name: &str, path: &str) -> Res
 /// A status code, by name (`"UNAVAILABLE"`) or number (`14`).
 fn code(value: &Value, path: &str) -> Result<Code, Error> {
     let number = match value {
-        Value::String(name) => CODE_NAMES.iter().position(|n| n.eq_ignore_ascii_case(name)).ok_or_else(|| {
-            Error::service_config(path, &format!("`{name}` is not a gRPC status code (such as \"UNAVAILABLE\")"))
-        })?,
-        Value::Number(n) => n
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .filter(|n| *n < CODE_NAMES.len())
-            .ok_or_else(|| Error::service_config(path, &format!("{n} is not a gRPC status code (0 to 16)")))?,
+        Value::String(name) => {
+            CODE_NAMES.iter().position(|n| n.eq_ignore_ascii_case(name)).ok_or_else(|| {
+                Error::service_config(
+                    path,
+                    &format!("`{name}` is not a gRPC status code (such as \"UNAVAILABLE\")"),
+                )
+            })?
+        }
+        Value::Number(n) => {
+            n.as_u64().and_then(|n| usize::try_from(n).ok()).filter(|n| *n < CODE_NAMES.len()).ok_or_else(
+                || Error::service_config(path, &format!("{n} is not a gRPC status code (0 to 16)")),
+            )?
+        }
         other => return Err(wrong_type(other, path, "a status code name or number")),
     };
     Ok(Code::from_i32(i32::try_from(number).unwrap_or(2)))
 }
 
-fn codes(object: &Map<String, Value>, name: &str, path: &str, must_have_one: bool) -> Result<Vec<Code>, Error> {
+fn codes(
+    object: &Map<String, Value>,
+    name: &str,
+    path: &str,
+    must_have_one: bool,
+) -> Result<Vec<Code>, Error> {
     let path = join(path, name);
     let list = match get(object, name) {
         None if must_have_one => return Err(Error::service_config(&path, "is missing")),
@@ -437,7 +447,9 @@ fn method_config(value: &Value, path: &str) -> Result<MethodConfig, Error> {
             let name_path = format!("{names_path}[{i}]");
             let name = self::object(name, &name_path)?;
             let field = |field: &str| -> Result<String, Error> {
-                get(name, field).map(|v| string(v, &join(&name_path, field)).map(str::to_owned)).unwrap_or(Ok(String::new()))
+                get(name, field)
+                    .map(|v| string(v, &join(&name_path, field)).map(str::to_owned))
+                    .unwrap_or(Ok(String::new()))
             };
             let (service, method) = (field("service")?, field("method")?);
             if service.is_empty() && !method.is_empty() {
@@ -522,7 +534,10 @@ fn retry_throttling(value: &Value, path: &str) -> Result<RetryThrottling, Error>
         return Err(Error::service_config(&ratio_path, "must be above zero"));
     }
     if (token_ratio * 1000.0).round() < 1.0 {
-        return Err(Error::service_config(&ratio_path, "must be at least 0.001 (three decimal places are kept)"));
+        return Err(Error::service_config(
+            &ratio_path,
+            "must be at least 0.001 (three decimal places are kept)",
+        ));
     }
     let max_tokens = u32::try_from(max_tokens).unwrap_or(1000);
     Ok(RetryThrottling { max_tokens, token_ratio: (token_ratio * 1000.0).round() / 1000.0 })

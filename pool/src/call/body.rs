@@ -21,7 +21,8 @@ pub(crate) struct ThrottleWatch {
 
 impl ThrottleWatch {
     pub(crate) fn new(tokens: std::sync::Arc<RetryTokens>, policy: &RetryPolicy) -> ThrottleWatch {
-        let retryable = policy.retryable_status_codes.iter().fold(0u32, |bits, code| bits | 1 << (*code as u32 & 31));
+        let retryable =
+            policy.retryable_status_codes.iter().fold(0u32, |bits, code| bits | 1 << (*code as u32 & 31));
         ThrottleWatch { tokens, retryable }
     }
 
@@ -67,7 +68,15 @@ impl ResponseBody {
         deadline: Option<Deadline>,
         watch: Option<ThrottleWatch>,
     ) -> ResponseBody {
-        ResponseBody { recv: Some(recv), slot: Some(slot), pump, data_done: false, pool_call, deadline, watch }
+        ResponseBody {
+            recv: Some(recv),
+            slot: Some(slot),
+            pump,
+            data_done: false,
+            pool_call,
+            deadline,
+            watch,
+        }
     }
 
     fn endpoint(&self) -> &str {

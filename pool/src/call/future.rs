@@ -121,7 +121,8 @@ where
         let pool_default = pool.config.timeout.filter(|_| pool_call);
         let method_timeout = method.as_ref().and_then(|m| m.timeout);
         let timeout = [own, pool_default, method_timeout].into_iter().flatten().min();
-        let default_wait = method.as_ref().and_then(|m| m.wait_for_ready).unwrap_or(pool.config.wait_for_ready);
+        let default_wait =
+            method.as_ref().and_then(|m| m.wait_for_ready).unwrap_or(pool.config.wait_for_ready);
         let wait_for_ready = request.extensions().get::<WaitForReady>().map_or(default_wait, |w| w.0);
         ResponseFuture {
             pool,
@@ -363,7 +364,9 @@ where
                 }
                 Some(Live::Backoff { sleep, .. }) => {
                     let Poll::Ready(()) = sleep.as_mut().poll(cx) else { break };
-                    let Some(Live::Backoff { request, .. }) = this.state.take() else { unreachable!("{MATCHED}") };
+                    let Some(Live::Backoff { request, .. }) = this.state.take() else {
+                        unreachable!("{MATCHED}")
+                    };
                     this.state = Some(Live::checkout(request));
                     Step::Continue(())
                 }

@@ -89,14 +89,17 @@ where
             Some(ms) => Some(Duration::from_millis(ms)),
             None => {
                 let shown = String::from_utf8_lossy(value.as_bytes()).into_owned();
-                return Verdict::NotRetried(format!("the server's grpc-retry-pushback-ms ({shown}) says not to"));
+                return Verdict::NotRetried(format!(
+                    "the server's grpc-retry-pushback-ms ({shown}) says not to"
+                ));
             }
         },
     };
     match take_replay(sending) {
         Some((head, body)) => Verdict::Retry { code, pushback, head, body },
         None => {
-            let over = sending.body_over_limit || sending.pump.as_ref().is_some_and(|p| p.over_replay_limit());
+            let over =
+                sending.body_over_limit || sending.pump.as_ref().is_some_and(|p| p.over_replay_limit());
             Verdict::NotRetried(if over {
                 format!(
                     "its request body is over the replay buffer limit ({} bytes)",
@@ -140,7 +143,8 @@ pub(super) fn set_previous_attempts(head: &mut Head, previous: u32) {
 
 /// Adds why a retryable status was not retried to the answer's `grpc-message`.
 pub(super) fn note_not_retried(headers: &mut HeaderMap, why: &str) {
-    let message = match headers.get(&GRPC_MESSAGE).map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned()) {
+    let message = match headers.get(&GRPC_MESSAGE).map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned())
+    {
         Some(message) if !message.is_empty() => format!("{message}; not retried: {why}"),
         _ => format!("not retried: {why}"),
     };
