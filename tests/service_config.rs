@@ -16,7 +16,7 @@ use grpc_pool::{ErrorKind, Pool, WaitForReady};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::echo_server::{Echo, EchoServer};
 use grpc_pool_testkit::echo::{EchoRequest, EchoResponse};
-use grpc_pool_testkit::{unused_uri, TestServer};
+use grpc_pool_testkit::{parse_grpc_timeout, unused_uri, wait_until, Behaviour, FrameServer, TestServer};
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
@@ -330,6 +330,71 @@ async fn a_retry_goes_to_another_endpoint() {
     }
 }
 
+/// An h2 server that resets every stream with `INTERNAL_ERROR` once its request is in,
+/// except each `answer_every`-th, which it answers with the request's own message (an
+/// `EchoRequest` with only its message set encodes as the `EchoResponse` of that message).
+/// Its URI and the count of streams it saw.
+async fn resetting_server(answer_every: u64) -> (String, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(AtomicU64::new(0));
+    let counter = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(socket).await else { return };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                    tokio::spawn(async move {
+                        let mut body = request.into_body();
+                        let mut echoed = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            echoed.extend_from_slice(&chunk);
+                        }
+                        if n % answer_every != 0 {
+                            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                            return;
+                        }
+                        let head = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let Ok(mut send) = respond.send_response(head, false) else { return };
+                        let _ = send.send_data(Bytes::from(echoed), false);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let _ = send.send_trailers(trailers);
+                    });
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), streams)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_before_the_response_head_is_retried_when_its_status_is_retryable() {
+    // RST_STREAM INTERNAL_ERROR is gRPC's INTERNAL: retried when the policy names it.
+    let (server, streams) = resetting_server(3).await;
+    let config = retrying(3, "0.001s", "0.001s", 1.0, r#""INTERNAL""#, "");
+    let pool = pool_with(Some(&config), &[server]).await;
+    for i in 0..5 {
+        unary(&pool, &format!("reset-{i}")).await.expect("the third attempt answers");
+    }
+    assert_eq!(streams.load(Ordering::SeqCst), 15, "three attempts per call");
+
+    // Not named: the first reset ends the call, and the error says the server may have it.
+    let (server, streams) = resetting_server(3).await;
+    let config = retrying(3, "0.001s", "0.001s", 1.0, r#""UNAVAILABLE""#, "");
+    let pool = pool_with(Some(&config), &[server]).await;
+    let status = unary(&pool, "reset-once").await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("the server may have processed it"), "{}", status.message());
+    assert_eq!(streams.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_replay_buffer_limit_is_not_retried_and_the_error_says_so() {
     let script = Script::new(1, Code::Unavailable, None);
@@ -366,36 +431,29 @@ async fn a_streaming_call_that_delivered_a_message_is_never_retried() {
     assert_eq!(pool.state().statistics.policy_retries, 0);
 }
 
-/// A `grpc-timeout` value as a duration.
-fn grpc_timeout(text: &str) -> Duration {
-    let (digits, unit) = text.split_at(text.len() - 1);
-    let n: u64 = digits.parse().expect("digits");
-    match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        other => panic!("unit {other}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_timeout_shorter_than_the_callers_deadline_ends_the_call() {
-    let server = TestServer::start().await;
     let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo", "method": "UnaryEcho"}], "timeout": "0.2s"}]}"#;
-    let pool = pool_with(Some(config), &[server.uri()]).await;
-    let mut request =
-        tonic::Request::new(EchoRequest { message: Bytes::from_static(b"slow"), repeat: 0, delay_ms: 3_000 });
+    // A server that answers after 3 s whatever the call's grpc-timeout says (a tonic server
+    // would end the call itself at the timeout it is told, with CANCELLED).
+    let slow = FrameServer::start(Behaviour::AnswerAfter(Duration::from_secs(3))).await;
+    let pool = pool_with(Some(config), &[slow.uri()]).await;
+    let mut request = tonic::Request::new(call("slow"));
     request.set_timeout(Duration::from_secs(10));
     let started = Instant::now();
     let status = EchoClient::new(pool.clone()).unary_echo(request).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() >= Duration::from_millis(200));
-    // The server was told the method's timeout, not the caller's.
+    wait_until(Duration::from_secs(10), "the stream was reset", || slow.resets() >= 1).await;
+
+    // The server is told the method's timeout, not the caller's.
+    let server = TestServer::start().await;
+    let pool = pool_with(Some(config), &[server.uri()]).await;
+    let mut request = tonic::Request::new(call("quick"));
+    request.set_timeout(Duration::from_secs(10));
+    EchoClient::new(pool.clone()).unary_echo(request).await.expect("a quick call answers");
     let (_, told) = server.grpc_timeouts().pop().expect("the server saw the call");
-    assert!(grpc_timeout(&told) <= Duration::from_millis(200), "grpc-timeout {told}");
+    assert!(parse_grpc_timeout(&told) <= Duration::from_millis(200), "grpc-timeout {told}");
 
     // A method with no timeout keeps the caller's deadline: the same slow call answers.
     let config = r#"{"methodConfig": [{"name": [{"service": "echo.Other"}], "timeout": "0.2s"}]}"#;
@@ -410,7 +468,7 @@ async fn a_method_timeout_shorter_than_the_callers_deadline_ends_the_call() {
 async fn wait_for_ready_comes_from_the_method_config_unless_the_call_says_otherwise() {
     let config = r#"{"methodConfig": [{"name": [{}], "waitForReady": true}]}"#;
     let pool = Pool::builder().service_config(config).build_lazy([unused_uri()]).unwrap();
-    grpc_pool_testkit::wait_until(Duration::from_secs(10), "the connect failed", || {
+    wait_until(Duration::from_secs(10), "the connect failed", || {
         pool.state().endpoints[0].consecutive_failures > 0
     })
     .await;

@@ -41,6 +41,22 @@ pub fn unused_uri() -> String {
     format!("http://{}", probe.local_addr().expect("local address"))
 }
 
+/// A `grpc-timeout` value as a server saw it (`200000u`), as a duration; panics on a value
+/// that is not one, so that a test never reads a wrong header as a short timeout.
+pub fn parse_grpc_timeout(text: &str) -> Duration {
+    let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = digits.parse().unwrap_or_else(|_| panic!("digits in grpc-timeout {text}"));
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        other => panic!("unit {other} in grpc-timeout {text}"),
+    }
+}
+
 /// Polls `condition` every few milliseconds until it holds, for at most `limit`; panics with
 /// `what` if it never does. Tests wait on state this way instead of sleeping for a guess.
 pub async fn wait_until<F>(limit: Duration, what: &str, mut condition: F)

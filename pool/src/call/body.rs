@@ -26,13 +26,12 @@ impl ThrottleWatch {
         ThrottleWatch { tokens, retryable }
     }
 
-    fn trailers(&self, trailers: &http::HeaderMap) {
-        match super::retry::status(trailers) {
-            Some(tonic::Code::Ok) => self.tokens.success(),
-            Some(code) if self.retryable & (1 << (code as u32 & 31)) != 0 => {
-                let _ = self.tokens.failure();
-            }
-            _ => {}
+    /// The call ended with `code` (from its trailers, or the error that ended its stream).
+    fn ended(&self, code: tonic::Code) {
+        if code == tonic::Code::Ok {
+            self.tokens.success();
+        } else if self.retryable & (1 << (code as u32 & 31)) != 0 {
+            let _ = self.tokens.failure();
         }
     }
 }
@@ -115,6 +114,9 @@ impl ResponseBody {
             }
         }
         let mut error = Error::from_h2(self.endpoint(), err);
+        if let Some(watch) = self.watch.take() {
+            watch.ended(error.grpc_code());
+        }
         if self.pool_call {
             // The server had sent its response head: it has the call.
             error = error.not_retried("the server was already answering it");
@@ -178,8 +180,8 @@ impl ResponseBody {
                         endpoint.ask_ejection(failures);
                     }
                 }
-                if let Some(watch) = this.watch.take() {
-                    watch.trailers(&trailers);
+                if let Some((watch, code)) = this.watch.take().zip(super::retry::status(&trailers)) {
+                    watch.ended(code);
                 }
                 this.finish();
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))

@@ -521,19 +521,38 @@ where
 
     /// The stream failed before its response head: resent on another member if the server
     /// never processed it and the whole body is at hand, else the call's error.
-    fn failed(&mut self, sending: Sending<B>, err: h2::Error) -> Step {
-        let Sending { slot, response, pump, stream_id, head, sent_body, body_over_limit, .. } = sending;
+    fn failed(&mut self, mut sending: Sending<B>, err: h2::Error) -> Step {
+        let endpoint = &sending.slot.member().endpoint;
+        if let Some(failures) = endpoint.record_outcome(|| crate::outlier::is_failure(&err)) {
+            self.pool.eject_shared(endpoint, failures);
+        }
+        let error = response_error(&sending.slot, sending.stream_id, err);
+        // The head may be kept for the retry policy alone: a transparent resend also needs
+        // an attempt left of `max_attempts`.
+        let transparent_left = self.attempts + 1 < self.pool.config.max_attempts;
+        if !(error.is_unprocessed() && transparent_left) {
+            // The server may have seen it, or the transparent attempts are used up: the
+            // retry policy judges its status as it would a trailers-only answer's.
+            if let Some(policy) = self.retry_policy() {
+                let code = error.grpc_code();
+                match retry::judge_status(&self.pool, policy, self.retries, &mut sending, code, None) {
+                    Verdict::Retry { code, pushback, head, body } => {
+                        return self.retry(sending, code, pushback, head, body)
+                    }
+                    Verdict::NotRetried(why) => return Step::Break(Err(error.not_retried(&why))),
+                    Verdict::Committed | Verdict::Done => {}
+                }
+            }
+        }
+        let Sending { slot, response, pump, head, sent_body, body_over_limit, .. } = sending;
         drop(response);
+        let head = head.filter(|_| transparent_left);
         // Why a replay may be impossible, for the error: with no head kept, the attempts are
         // used up; with a head but no whole body, the body is to blame.
         let body_kept = head.is_some();
         let over_limit =
             body_kept && (body_over_limit || pump.as_ref().is_some_and(|p| p.over_replay_limit()));
         let body_not_whole = body_kept && sent_body.is_none();
-        if let Some(failures) = slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err)) {
-            self.pool.eject_shared(&slot.member().endpoint, failures);
-        }
-        let error = response_error(&slot, stream_id, err);
         let slot_endpoint = slot.member().endpoint.clone();
         drop(slot);
         // Never processed, and the whole body is at hand (kept as it went out, plus what had

@@ -62,6 +62,24 @@ where
     B::Error: Into<BoxError>,
 {
     let Some(code) = status(headers) else { return Verdict::Committed };
+    judge_status(pool, policy, retries, sending, code, headers.get(&PUSHBACK))
+}
+
+/// Judges an attempt that ended with `code` before the server committed to it: a
+/// trailers-only answer (with the server's `pushback`, if any), or a stream that failed
+/// before its response head.
+pub(super) fn judge_status<B>(
+    pool: &PoolInner,
+    policy: &RetryPolicy,
+    retries: u32,
+    sending: &mut Sending<B>,
+    code: Code,
+    pushback: Option<&HeaderValue>,
+) -> Verdict<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     if code == Code::Ok {
         if let Some(tokens) = &pool.retry_tokens {
             tokens.success();
@@ -83,7 +101,7 @@ where
     if retries + 1 >= policy.max_attempts {
         return Verdict::NotRetried(format!("all {} attempts of its retry policy used", policy.max_attempts));
     }
-    let pushback = match headers.get(&PUSHBACK) {
+    let pushback = match pushback {
         None => None,
         Some(value) => match value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
             Some(ms) => Some(Duration::from_millis(ms)),
