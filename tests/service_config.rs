@@ -487,6 +487,38 @@ async fn wait_for_ready_comes_from_the_method_config_unless_the_call_says_otherw
     assert!(started.elapsed() < Duration::from_secs(5), "it waited for its deadline");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_size_limits_end_the_call_with_resource_exhausted() {
+    let script = Script::new(0, Code::Ok, None);
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+        "maxRequestMessageBytes": 100, "maxResponseMessageBytes": "50"}]}"#;
+    let pool = pool_with(Some(config), &[serve(&script).await]).await;
+    // 200 bytes of message (202 encoded): over the request limit, never sent whole.
+    let big = "r".repeat(200);
+    let status = unary(&pool, &big).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains(
+            "request message of 203 bytes is over the service config's maxRequestMessageBytes (100 bytes)"
+        ),
+        "{}",
+        status.message()
+    );
+    assert!(script.attempts_of(&big).is_empty(), "the server never got the message");
+    // 60 bytes: the request fits, the echo (62 encoded) is over the response limit.
+    let status = unary(&pool, &"e".repeat(60)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains(
+            "response message of 62 bytes is over the service config's maxResponseMessageBytes (50 bytes)"
+        ),
+        "{}",
+        status.message()
+    );
+    // Within both.
+    unary(&pool, "small").await.expect("a small call answers");
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn an_invalid_service_config_fails_the_build_naming_the_json_path() {
     let config = retrying(1, "0.1s", "1s", 2.0, r#""UNAVAILABLE""#, "");

@@ -9,6 +9,7 @@ use tokio::task::AbortHandle;
 use super::deadline::Deadline;
 use crate::error::Error;
 use crate::member::Slot;
+use crate::proto::grpc::MessageLimit;
 use crate::service_config::{RetryPolicy, RetryTokens};
 
 /// For a call under a retry policy in a pool with retry throttling: how its trailers count
@@ -56,6 +57,14 @@ pub struct ResponseBody {
     deadline: Option<Deadline>,
     /// Where its trailers count for the retry throttle, if anywhere.
     watch: Option<ThrottleWatch>,
+    /// The method's `maxResponseMessageBytes`, if it has one.
+    limit: Option<MessageLimit>,
+}
+
+/// What a response body carries for a call under a service config.
+pub(crate) struct BodyExtras {
+    pub(crate) watch: Option<ThrottleWatch>,
+    pub(crate) limit: Option<MessageLimit>,
 }
 
 impl ResponseBody {
@@ -65,8 +74,9 @@ impl ResponseBody {
         pump: Option<AbortHandle>,
         pool_call: bool,
         deadline: Option<Deadline>,
-        watch: Option<ThrottleWatch>,
+        extras: BodyExtras,
     ) -> ResponseBody {
+        let BodyExtras { watch, limit } = extras;
         ResponseBody {
             recv: Some(recv),
             slot: Some(slot),
@@ -75,6 +85,7 @@ impl ResponseBody {
             pool_call,
             deadline,
             watch,
+            limit,
         }
     }
 
@@ -163,6 +174,12 @@ impl ResponseBody {
                 Poll::Ready(Some(Ok(data))) => {
                     // The caller has the bytes: let the server send more.
                     let _ = recv.flow_control().release_capacity(data.len());
+                    if let Some(Err(too_large)) = this.limit.as_mut().map(|limit| limit.check(&data)) {
+                        // Dropping the stream resets it (CANCEL): the rest is not wanted.
+                        this.recv = None;
+                        this.finish();
+                        return Poll::Ready(Some(Err(Error::message_too_large(too_large))));
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(this.fail(err)))),

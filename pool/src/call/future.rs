@@ -18,7 +18,7 @@ use http::{Request, Uri, Version};
 use http_body::Body;
 
 use super::attempt::{needs_check, rebuild, response_error, slot_now, spawn_pump, Head, Sending, Target};
-use super::body::{ResponseBody, ThrottleWatch};
+use super::body::{BodyExtras, ResponseBody, ThrottleWatch};
 use super::deadline::{self, Deadline, GRPC_TIMEOUT};
 use super::options::WaitForReady;
 use super::retry::{self, Verdict};
@@ -26,6 +26,7 @@ use crate::endpoint::EndpointShared;
 use crate::error::{Error, ErrorKind};
 use crate::inner::PoolInner;
 use crate::member::{EvictionReason, Member, Slot};
+use crate::proto::grpc::MessageLimit;
 use crate::proto::h2::body::{Pump, Unsent};
 use crate::proto::h2::replay::{CallBody, Recording, UnsentBody};
 use crate::service_config::MethodConfig;
@@ -128,7 +129,9 @@ where
             pool,
             target,
             avoid: None,
-            state: Some(Live::checkout(request.map(CallBody::original))),
+            state: Some(Live::checkout(request.map(|body| {
+                CallBody::original(body, method.as_ref().and_then(|m| m.max_request_message_bytes))
+            }))),
             attempts: 0,
             deadline: timeout.map(Deadline::after),
             wait_for_ready,
@@ -468,7 +471,9 @@ where
         };
         let pool_call = matches!(self.target, Target::Pool);
         let deadline = self.deadline.take();
-        Step::Break(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline, watch))))
+        let limit = self.method.as_ref().and_then(|m| m.max_response_message_bytes);
+        let extras = BodyExtras { watch, limit: limit.map(|max| MessageLimit::new(max, "response")) };
+        Step::Break(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline, extras))))
     }
 
     /// The attempt ended with a status the retry policy retries, and the whole body is at
