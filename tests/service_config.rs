@@ -353,7 +353,7 @@ async fn resetting_server(answer_every: u64) -> (String, Arc<AtomicU64>) {
                             let _ = body.flow_control().release_capacity(chunk.len());
                             echoed.extend_from_slice(&chunk);
                         }
-                        if n % answer_every != 0 {
+                        if !n.is_multiple_of(answer_every) {
                             respond.send_reset(h2::Reason::INTERNAL_ERROR);
                             return;
                         }

@@ -105,11 +105,11 @@ pub struct MethodConfig {
     /// `waitForReady`: gRPC's wait-for-ready for these calls, unless the caller sets
     /// [`WaitForReady`](crate::WaitForReady) itself.
     pub wait_for_ready: Option<bool>,
-    /// `maxRequestMessageBytes`: read and checked, not enforced by the pool (tonic's client
-    /// `max_encoding_message_size` does that).
+    /// `maxRequestMessageBytes`: a request message longer than this ends the call with
+    /// `RESOURCE_EXHAUSTED` before it is sent whole.
     pub max_request_message_bytes: Option<u64>,
-    /// `maxResponseMessageBytes`: read and checked, not enforced by the pool (tonic's client
-    /// `max_decoding_message_size` does that).
+    /// `maxResponseMessageBytes`: a response message longer than this ends the call with
+    /// `RESOURCE_EXHAUSTED`, its stream reset.
     pub max_response_message_bytes: Option<u64>,
     /// `retryPolicy`: calls that end with a retryable status are sent again.
     pub retry_policy: Option<RetryPolicy>,
