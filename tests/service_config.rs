@@ -534,3 +534,69 @@ async fn an_invalid_service_config_fails_the_build_naming_the_json_path() {
         .unwrap_err();
     assert!(err.to_string().contains("service_config_file"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedging_sends_a_copy_to_the_fast_endpoint_and_cancels_the_loser() {
+    // One endpoint answers after 500 ms, the other after 5 ms; a copy goes out after 50 ms.
+    let slow = FrameServer::start(Behaviour::AnswerAfter(Duration::from_millis(500))).await;
+    let fast = FrameServer::start(Behaviour::AnswerAfter(Duration::from_millis(5))).await;
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+        "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0.05s", "nonFatalStatusCodes": ["UNAVAILABLE"]}}]}"#;
+    let pool = pool_with(Some(config), &[slow.uri(), fast.uri()]).await;
+    let mut latencies = Vec::new();
+    for chunk in 0..25 {
+        let calls = (0..8).map(|i| {
+            let pool = pool.clone();
+            async move {
+                let started = Instant::now();
+                unary(&pool, &format!("hedged-{chunk}-{i}")).await.expect("a copy answers");
+                started.elapsed()
+            }
+        });
+        latencies.extend(join_all(calls).await);
+    }
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100 - 1];
+    let stats = pool.state().statistics;
+    println!("hedged p99 {p99:?}, median {:?}, {stats:?}", latencies[latencies.len() / 2]);
+    // Without hedging, the calls sent to the slow endpoint (about half) take 500 ms.
+    assert!(p99 < Duration::from_millis(400), "p99 {p99:?}");
+    assert!(stats.hedges_sent > 0 && stats.hedges_won > 0, "{stats:?}");
+    // Every losing copy is cancelled, and the servers see each reset.
+    assert_eq!(stats.hedges_cancelled, stats.hedges_sent, "each hedged call has one loser");
+    wait_until(Duration::from_secs(10), "the servers saw every cancelled copy", || {
+        slow.resets() + fast.resets() >= stats.hedges_cancelled
+    })
+    .await;
+    assert_eq!(slow.resets() + fast.resets(), stats.hedges_cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_fatal_status_sends_the_next_copy_at_once_and_a_fatal_one_ends_the_call() {
+    // hedgingDelay 60 s: only a non-fatal status can bring the next copy within the call's
+    // 10 s deadline.
+    let hedging = |codes: &str| {
+        format!(
+            r#"{{"methodConfig": [{{"name": [{{"service": "echo.Echo"}}],
+            "hedgingPolicy": {{"maxAttempts": 3, "hedgingDelay": "60s", "nonFatalStatusCodes": [{codes}]}}}}]}}"#
+        )
+    };
+    let script = Script::new(1, Code::Unavailable, None);
+    let pool = pool_with(Some(&hedging(r#""UNAVAILABLE""#)), &[serve(&script).await]).await;
+    let mut request = tonic::Request::new(call("non-fatal"));
+    request.set_timeout(Duration::from_secs(10));
+    EchoClient::new(pool.clone()).unary_echo(request).await.expect("the second copy answers");
+    let seen = script.attempts_of("non-fatal");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].previous.as_deref(), Some("1"), "grpc-previous-rpc-attempts on the copy");
+
+    // INTERNAL is not in nonFatalStatusCodes: the first copy's answer is the call's.
+    let script = Script::new(1, Code::Internal, None);
+    let pool = pool_with(Some(&hedging(r#""UNAVAILABLE""#)), &[serve(&script).await]).await;
+    let mut request = tonic::Request::new(call("fatal"));
+    request.set_timeout(Duration::from_secs(10));
+    let status = EchoClient::new(pool.clone()).unary_echo(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert_eq!(script.attempts_of("fatal").len(), 1);
+    assert_eq!(pool.state().statistics.hedges_sent, 0);
+}

@@ -317,7 +317,7 @@ fn status_of(
 }
 
 /// The gRPC code for an HTTP/2 failure, per gRPC's "HTTP/2 to gRPC status" mapping.
-fn code_for_h2(err: &h2::Error) -> Code {
+pub(crate) fn code_for_h2(err: &h2::Error) -> Code {
     if err.is_io() {
         return Code::Unavailable;
     }

@@ -362,6 +362,18 @@ impl PoolInner {
             .increment(1);
     }
 
+    /// Hedged copies: `sent`, `won` (a copy after the first answered first), `cancelled`
+    /// (a copy reset because another answered).
+    pub(crate) fn count_hedges(&self, result: &'static str, n: u64) {
+        let counter = match result {
+            "sent" => &self.stats.hedges_sent,
+            "won" => &self.stats.hedges_won,
+            _ => &self.stats.hedges_cancelled,
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(names::HEDGES, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => result).increment(n);
+    }
+
     /// The attempts of a call under a retry policy, once it is over.
     pub(crate) fn record_call_attempts(&self, attempts: u32) {
         metrics::histogram!(names::CALL_ATTEMPTS, names::LABEL_POOL => self.config.name.clone())

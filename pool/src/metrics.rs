@@ -34,8 +34,12 @@ pub const POLICY_RETRIES: &str = "grpc_pool_policy_retries_total";
 /// Counter: retryable failures not sent again because retry throttling was at or below half
 /// its tokens.
 pub const RETRIES_THROTTLED: &str = "grpc_pool_retries_throttled_total";
-/// Histogram: attempts per call, for calls under a retry policy (1 when the first attempt
-/// was the last).
+/// Counter: hedged copies (service config `hedgingPolicy`), by `result`: `sent` (a copy after
+/// the first went out), `won` (a copy after the first answered first), `cancelled` (a copy
+/// reset because another answered first).
+pub const HEDGES: &str = "grpc_pool_hedges_total";
+/// Histogram: attempts per call, hedged copies included, for calls under a retry or hedging
+/// policy (1 when the first attempt was the last).
 pub const CALL_ATTEMPTS: &str = "grpc_pool_call_attempts";
 /// Gauge: the retry throttle's tokens (service config `retryThrottling`); sampled every
 /// `metrics_interval`.

@@ -113,7 +113,7 @@ pub struct MethodConfig {
     pub max_response_message_bytes: Option<u64>,
     /// `retryPolicy`: calls that end with a retryable status are sent again.
     pub retry_policy: Option<RetryPolicy>,
-    /// `hedgingPolicy`: read and checked; the pool does not hedge calls yet.
+    /// `hedgingPolicy`: copies of the call go out `hedgingDelay` apart until one answers.
     pub hedging_policy: Option<HedgingPolicy>,
 }
 
@@ -169,8 +169,11 @@ impl RetryPolicy {
     }
 }
 
-/// `hedgingPolicy` (gRPC A6). Read and checked; the pool does not send hedged copies yet, so a
-/// method with one is called once (transparent resends aside).
+/// `hedgingPolicy` (gRPC A6): the call goes out again every `hedging_delay`, to another
+/// endpoint when there is one, up to `max_attempts` copies in all, until a copy's response
+/// head comes; that copy wins and the others are reset (`CANCEL`). A copy that ends with one
+/// of `non_fatal_status_codes` lets the others go on and the next copy go out at once; any
+/// other status ends the call.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct HedgingPolicy {
@@ -577,6 +580,11 @@ impl RetryTokens {
         let _ = self
             .milli
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some((t + self.ratio).min(self.max)));
+    }
+
+    /// Whether retries and hedges may go out now: the tokens are above half of the maximum.
+    pub(crate) fn allows(&self) -> bool {
+        self.milli.load(Ordering::Acquire) > self.max / 2
     }
 
     /// The tokens now.

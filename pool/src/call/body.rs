@@ -10,7 +10,7 @@ use super::deadline::Deadline;
 use crate::error::Error;
 use crate::member::Slot;
 use crate::proto::grpc::MessageLimit;
-use crate::service_config::{RetryPolicy, RetryTokens};
+use crate::service_config::RetryTokens;
 
 /// For a call under a retry policy in a pool with retry throttling: how its trailers count
 /// in the throttle (OK gives back, a retryable status takes, as A6 counts a committed call).
@@ -21,9 +21,10 @@ pub(crate) struct ThrottleWatch {
 }
 
 impl ThrottleWatch {
-    pub(crate) fn new(tokens: std::sync::Arc<RetryTokens>, policy: &RetryPolicy) -> ThrottleWatch {
-        let retryable =
-            policy.retryable_status_codes.iter().fold(0u32, |bits, code| bits | 1 << (*code as u32 & 31));
+    /// `failures`: the codes that count as failures (the retry policy's retryable ones, or the
+    /// hedging policy's non-fatal ones).
+    pub(crate) fn new(tokens: std::sync::Arc<RetryTokens>, failures: &[tonic::Code]) -> ThrottleWatch {
+        let retryable = failures.iter().fold(0u32, |bits, code| bits | 1 << (*code as u32 & 31));
         ThrottleWatch { tokens, retryable }
     }
 

@@ -20,6 +20,7 @@ use http_body::Body;
 use super::attempt::{needs_check, rebuild, response_error, slot_now, spawn_pump, Head, Sending, Target};
 use super::body::{BodyExtras, ResponseBody, ThrottleWatch};
 use super::deadline::{self, Deadline, GRPC_TIMEOUT};
+use super::hedge::{Ended, Hedge};
 use super::options::WaitForReady;
 use super::retry::{self, Verdict};
 use crate::endpoint::EndpointShared;
@@ -56,6 +57,8 @@ pub struct ResponseFuture<B> {
     method: Option<Arc<MethodConfig>>,
     /// Attempts the retry policy has seen fail with a retryable status.
     retries: u32,
+    /// Hedged copies sent after the first.
+    hedged: u32,
     /// The retry policy's backoff exponent: retries since the start or the last pushback.
     backoff_n: u32,
 }
@@ -77,6 +80,8 @@ enum Live<B> {
         check: Pin<Box<dyn Future<Output = bool> + Send>>,
     },
     Sending(Sending<B>),
+    /// Copies of the call out at once (the hedging policy), the first response head wins.
+    Hedging(Box<Hedge<B>>),
     /// The retry policy's backoff before the next attempt.
     Backoff {
         request: Request<CallBody<B>>,
@@ -87,6 +92,19 @@ enum Live<B> {
 /// What moving a call on came to: `Continue` once its next state is in place (to be polled
 /// at once), `Break` with its output when it ended.
 type Step = ControlFlow<Result<http::Response<ResponseBody>, Error>>;
+
+/// What opening a stream came to.
+enum Opened<B> {
+    Sent(Sending<B>),
+    /// The connection was going away: nothing was written. With the head, if another
+    /// attempt is allowed.
+    NotSent {
+        error: Error,
+        again: Option<Head>,
+        body: CallBody<B>,
+    },
+    Failed(Error),
+}
 
 impl<B> Live<B> {
     /// The first state of a call, and of each resend.
@@ -137,6 +155,7 @@ where
             wait_for_ready,
             method,
             retries: 0,
+            hedged: 0,
             backoff_n: 0,
         }
     }
@@ -166,6 +185,9 @@ where
             }
             Live::Backoff { .. } => {
                 format!("in the retry policy's backoff, after {} attempts", self.retries)
+            }
+            Live::Hedging(hedge) => {
+                format!("waiting for the response head of {} hedged copies", hedge.attempts.len())
             }
         };
         drop(live);
@@ -199,7 +221,8 @@ where
             Uri::from_parts(uri).map_err(|e| Error::request_body(&member.endpoint.label, Box::new(e)))?;
         // Kept only while another attempt is allowed: h2 consumes the head even when it
         // refuses to open the stream.
-        let policy_allows = self.retry_policy().is_some_and(|p| self.retries + 1 < p.max_attempts);
+        let policy_allows = self.retry_policy().is_some_and(|p| self.retries + 1 < p.max_attempts)
+            || self.method.as_ref().is_some_and(|m| m.hedging_policy.is_some());
         let retry_allowed = matches!(self.target, Target::Pool)
             && (self.attempts + 1 < self.pool.config.max_attempts || policy_allows);
         Ok(retry_allowed.then(|| Head {
@@ -212,6 +235,26 @@ where
     /// Opens the stream on the slot's member and starts sending the body; queues the call
     /// again if the member could not open a stream and nothing was sent.
     fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Step {
+        match self.open(slot, request) {
+            Opened::Sent(sending) => {
+                self.state = Some(match self.method.as_ref().and_then(|m| m.hedging_policy.as_ref()) {
+                    Some(policy) => Live::Hedging(Box::new(Hedge::new(sending, policy))),
+                    None => Live::Sending(sending),
+                });
+                Step::Continue(())
+            }
+            Opened::NotSent { error, again: Some(head), body } => {
+                self.again(RetryReason::NotSent, rebuild(head, body), error)
+            }
+            Opened::NotSent { error, again: None, .. } => {
+                Step::Break(Err(self.not_retried(error, false, false)))
+            }
+            Opened::Failed(error) => Step::Break(Err(error)),
+        }
+    }
+
+    /// Opens the stream on the slot's member and starts sending the body.
+    fn open(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Opened<B> {
         let member = slot.member().clone();
         if self.method.is_some() {
             tracing::debug!(
@@ -225,7 +268,7 @@ where
         let (mut parts, body) = request.into_parts();
         let again = match self.prepare_head(&member, &mut parts) {
             Ok(again) => again,
-            Err(error) => return Step::Break(Err(error)),
+            Err(error) => return Opened::Failed(error),
         };
         let mut head = Request::new(());
         *head.method_mut() = parts.method;
@@ -247,7 +290,7 @@ where
                 let replay_limit = again.as_ref().map(|_| self.pool.config.replay_buffer_limit);
                 let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream, replay_limit)));
                 let sent_body = end_of_stream.then(Recording::default);
-                self.state = Some(Live::Sending(Sending {
+                Opened::Sent(Sending {
                     slot,
                     response,
                     pump,
@@ -256,21 +299,17 @@ where
                     sent_body,
                     body_over_limit: false,
                     pump_stopped: false,
-                }));
-                Step::Continue(())
+                })
             }
             Err(err) if err.is_go_away() || err.is_io() => {
                 // The connection is going away and never saw this request.
                 self.pool.on_send_failed(&member, &err);
                 drop(slot);
                 let error = Error::from_h2(&member.endpoint.label, err).mark_unprocessed();
-                match again {
-                    Some(head) => self.again(RetryReason::NotSent, rebuild(head, body), error),
-                    None => Step::Break(Err(self.not_retried(error, false, false))),
-                }
+                Opened::NotSent { error, again, body }
             }
             Err(err) => {
-                Step::Break(Err(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false)))
+                Opened::Failed(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false))
             }
         }
     }
@@ -365,6 +404,13 @@ where
                         Err(body_failed) => Step::Break(Err(body_failed)),
                     }
                 }
+                Some(Live::Hedging(_)) => {
+                    let Some(Live::Hedging(hedge)) = this.state.take() else { unreachable!("{MATCHED}") };
+                    match this.poll_hedge(hedge, cx) {
+                        Some(step) => step,
+                        None => break,
+                    }
+                }
                 Some(Live::Backoff { sleep, .. }) => {
                     let Poll::Ready(()) = sleep.as_mut().poll(cx) else { break };
                     let Some(Live::Backoff { request, .. }) = this.state.take() else {
@@ -447,10 +493,21 @@ where
             self.pool.eject_shared(endpoint, failures);
         }
         let mut watch = None;
+        if let Some(hedging) = self.method.as_ref().and_then(|m| m.hedging_policy.as_ref()) {
+            watch = self
+                .pool
+                .retry_tokens
+                .clone()
+                .map(|tokens| ThrottleWatch::new(tokens, &hedging.non_fatal_status_codes));
+        }
         if let Some(policy) = self.retry_policy() {
             match retry::judge(&self.pool, policy, self.retries, &mut sending, response.headers()) {
                 Verdict::Committed => {
-                    watch = self.pool.retry_tokens.clone().map(|tokens| ThrottleWatch::new(tokens, policy));
+                    watch = self
+                        .pool
+                        .retry_tokens
+                        .clone()
+                        .map(|tokens| ThrottleWatch::new(tokens, &policy.retryable_status_codes));
                 }
                 Verdict::Done => {}
                 Verdict::NotRetried(why) => {
@@ -519,8 +576,8 @@ where
     /// The call is over, with whatever result: counts its attempts when it had a retry
     /// policy.
     fn finished(&self) {
-        if self.retry_policy().is_some() {
-            self.pool.record_call_attempts(1 + self.attempts + self.retries);
+        if self.method.as_ref().is_some_and(|m| m.retry_policy.is_some() || m.hedging_policy.is_some()) {
+            self.pool.record_call_attempts(1 + self.attempts + self.retries + self.hedged);
         }
     }
 
@@ -590,6 +647,125 @@ where
     }
 }
 
+impl<B> ResponseFuture<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Moves a hedged call on: polls every copy out, sends the next copy when it is due,
+    /// and ends the call with the first response head that is not a non-fatal status (the
+    /// other copies are dropped, which resets their streams with `CANCEL`). `None` while it
+    /// waits, its state put back in place.
+    fn poll_hedge(&mut self, mut hedge: Box<Hedge<B>>, cx: &mut Context<'_>) -> Option<Step> {
+        loop {
+            let mut i = 0;
+            while i < hedge.attempts.len() {
+                let Poll::Ready(head) = hedge.attempts[i].1.poll_head(cx) else {
+                    i += 1;
+                    continue;
+                };
+                let (copy, sending) = hedge.attempts.swap_remove(i);
+                match head {
+                    // Dropping `hedge` resets the other copies.
+                    Err(body_failed) => return Some(Step::Break(Err(body_failed))),
+                    Ok(Ok(response)) => {
+                        if retry::status(response.headers()).is_some_and(|code| hedge.is_non_fatal(code)) {
+                            hedge.failed_non_fatally(&self.pool, Ended::Answer(sending, response));
+                            continue;
+                        }
+                        self.hedge_over(hedge, copy);
+                        return Some(self.answered(sending, response));
+                    }
+                    Ok(Err(err)) => {
+                        if hedge.is_non_fatal(crate::error::code_for_h2(&err)) {
+                            hedge.failed_non_fatally(&self.pool, Ended::Failed(sending, err));
+                            continue;
+                        }
+                        self.hedge_over(hedge, copy);
+                        return Some(self.failed(sending, err));
+                    }
+                }
+            }
+            hedge.keep_copy();
+            if hedge.attempts.is_empty() && !hedge.can_send_more() {
+                // Every copy ended with a non-fatal status and no other may go: the last
+                // one's outcome is the call's.
+                let step = match hedge.last.take() {
+                    Some(Ended::Answer(sending, response)) => self.answered(sending, response),
+                    Some(Ended::Failed(sending, err)) => self.failed(sending, err),
+                    None => {
+                        Step::Break(Err(Error::no_member(self.pool.name(), "no hedged copy could be sent")))
+                    }
+                };
+                return Some(step);
+            }
+            if hedge.can_send_more() && hedge.due(cx) {
+                if let Some((head, body)) = hedge.next_copy() {
+                    if self.send_copy(&mut hedge, head, body) {
+                        continue;
+                    }
+                }
+                hedge.wait(cx);
+            }
+            self.state = Some(Live::Hedging(hedge));
+            return None;
+        }
+    }
+
+    /// Sends the next hedged copy on a slot free now, on another endpoint than the last
+    /// copy's when there is one. False if it did not go out.
+    fn send_copy(&mut self, hedge: &mut Hedge<B>, mut head: Head, body: Recording) -> bool {
+        // Throttled (A6): no hedges while the tokens are at or below half.
+        if self.pool.retry_tokens.as_ref().is_some_and(|tokens| !tokens.allows()) {
+            self.pool.count_throttled_retry();
+            hedge.stop();
+            return false;
+        }
+        let avoid = hedge.attempts.last().map(|(_, s)| s.slot.member().endpoint.clone());
+        let slot = match slot_now(&self.pool, &self.target, avoid.as_ref()) {
+            Ok(Some(slot)) => slot,
+            // No slot now: the next try after another delay.
+            Ok(None) => return false,
+            Err(_) => {
+                hedge.stop();
+                return false;
+            }
+        };
+        retry::set_previous_attempts(&mut head, hedge.sent);
+        match self.open(slot, rebuild(head, CallBody::replay(body, None))) {
+            Opened::Sent(sending) => {
+                tracing::debug!(
+                    pool = %self.pool.name(),
+                    endpoint = %sending.slot.member().endpoint.label,
+                    copy = hedge.sent,
+                    "sending a hedged copy",
+                );
+                hedge.sent_copy(sending);
+                self.hedged += 1;
+                self.pool.count_hedges("sent", 1);
+                true
+            }
+            _ => {
+                hedge.stop();
+                false
+            }
+        }
+    }
+
+    /// A copy's answer ends the call: the others are cancelled (dropped, which resets their
+    /// streams).
+    fn hedge_over(&self, hedge: Box<Hedge<B>>, winner: u32) {
+        if winner > 0 {
+            self.pool.count_hedges("won", 1);
+        }
+        let cancelled = hedge.attempts.len() as u64;
+        if cancelled > 0 {
+            self.pool.count_hedges("cancelled", cancelled);
+        }
+        drop(hedge);
+    }
+}
+
 impl<B> fmt::Debug for ResponseFuture<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
@@ -598,6 +774,7 @@ impl<B> fmt::Debug for ResponseFuture<B> {
             Some(Live::Verifying { .. }) => "verifying",
             Some(Live::Sending(_)) => "sending",
             Some(Live::Backoff { .. }) => "backoff",
+            Some(Live::Hedging(_)) => "hedging",
             None => "done",
         };
         f.debug_struct("ResponseFuture")

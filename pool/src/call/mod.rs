@@ -8,6 +8,7 @@ mod body;
 mod channel;
 pub(crate) mod deadline;
 mod future;
+mod hedge;
 mod options;
 mod retry;
 mod service;

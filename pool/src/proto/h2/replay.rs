@@ -22,7 +22,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub(crate) type UnsentBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
 
 /// The body as it went out: data chunks, then trailers if any.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Recording {
     /// The first chunk, kept apart: a unary call's body is one chunk, and keeping it then
     /// costs no allocation.
