@@ -16,7 +16,9 @@ use grpc_pool::{ErrorKind, Pool, WaitForReady};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::echo_server::{Echo, EchoServer};
 use grpc_pool_testkit::echo::{EchoRequest, EchoResponse};
-use grpc_pool_testkit::{parse_grpc_timeout, unused_uri, wait_until, Behaviour, FrameServer, TestServer};
+use grpc_pool_testkit::{
+    grpcio_calls, parse_grpc_timeout, unused_uri, wait_until, Behaviour, FrameServer, TestServer,
+};
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
@@ -599,4 +601,131 @@ async fn a_non_fatal_status_sends_the_next_copy_at_once_and_a_fatal_one_ends_the
     assert_eq!(status.code(), Code::Internal);
     assert_eq!(script.attempts_of("fatal").len(), 1);
     assert_eq!(pool.state().statistics.hedges_sent, 0);
+}
+
+/// One scenario against the gRPC C core: a server script, a service config, the calls.
+struct Scenario {
+    fail_first: u32,
+    code: Code,
+    pushback: Option<&'static str>,
+    config: String,
+    calls: usize,
+}
+
+/// Attempts a scenario's server counted and each call's status code, for calls from the
+/// pool and, on a fresh server, from the C core (grpcio) with the same document.
+async fn both_clients(label: &str, scenario: &Scenario) -> [(u64, Vec<String>); 2] {
+    let names: Vec<String> = (0..scenario.calls).map(|i| format!("{label}-{i}")).collect();
+    let script = Script::new(scenario.fail_first, scenario.code, scenario.pushback);
+    let pool = pool_with(Some(&scenario.config), &[serve(&script).await]).await;
+    let mut codes = Vec::new();
+    for name in &names {
+        let code = unary(&pool, name).await.map_or_else(|status| status.code(), |_| Code::Ok);
+        codes.push(code_name(code));
+    }
+    let ours = (script.total(), codes);
+    let script = Script::new(scenario.fail_first, scenario.code, scenario.pushback);
+    let uri = serve(&script).await;
+    let codes = grpcio_calls(uri.trim_start_matches("http://"), &scenario.config, &names).await;
+    [ours, (script.total(), codes)]
+}
+
+fn code_name(code: Code) -> String {
+    match code {
+        Code::Ok => "OK",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::Internal => "INTERNAL",
+        other => return format!("{other:?}"),
+    }
+    .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_service_config_makes_the_same_attempts_as_the_grpc_c_core() {
+    let unavailable = r#""UNAVAILABLE""#;
+    let throttling = r#", "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.25}"#;
+    let scenarios = [
+        (
+            "two-fail",
+            Scenario {
+                fail_first: 2,
+                code: Code::Unavailable,
+                pushback: None,
+                config: retrying(3, "0.01s", "0.01s", 1.0, unavailable, ""),
+                calls: 5,
+            },
+        ),
+        (
+            "throttled",
+            Scenario {
+                fail_first: u32::MAX,
+                code: Code::Unavailable,
+                pushback: None,
+                config: retrying(3, "0.01s", "0.01s", 1.0, unavailable, throttling),
+                calls: 12,
+            },
+        ),
+        (
+            "not-retryable",
+            Scenario {
+                fail_first: 2,
+                code: Code::Internal,
+                pushback: None,
+                config: retrying(3, "0.01s", "0.01s", 1.0, unavailable, ""),
+                calls: 5,
+            },
+        ),
+        (
+            "pushback-stop",
+            Scenario {
+                fail_first: 1,
+                code: Code::Unavailable,
+                pushback: Some("-1"),
+                config: retrying(3, "0.01s", "0.01s", 1.0, unavailable, ""),
+                calls: 3,
+            },
+        ),
+        (
+            "pushback-50",
+            Scenario {
+                fail_first: 1,
+                code: Code::Unavailable,
+                pushback: Some("50"),
+                config: retrying(3, "0.01s", "0.01s", 1.0, unavailable, ""),
+                calls: 3,
+            },
+        ),
+        (
+            "capped-at-5",
+            Scenario {
+                fail_first: u32::MAX,
+                code: Code::Unavailable,
+                pushback: None,
+                config: retrying(9, "0.01s", "0.01s", 1.0, unavailable, ""),
+                calls: 2,
+            },
+        ),
+    ];
+    // Successes give tokens back: 4 -> 3, +0.5, -> 2.5, +0.5, -> 2 (stops), then 1, 0...
+    let mixed = r#", "retryThrottling": {"maxTokens": 4, "tokenRatio": 0.5}"#;
+    let scenarios = scenarios.into_iter().chain([(
+        "throttled-mixed",
+        Scenario {
+            fail_first: 1,
+            code: Code::Unavailable,
+            pushback: None,
+            config: retrying(3, "0.01s", "0.01s", 1.0, unavailable, mixed),
+            calls: 5,
+        },
+    )]);
+    let mut table = Vec::new();
+    for (label, scenario) in scenarios {
+        let [ours, core] = both_clients(label, &scenario).await;
+        table.push(format!(
+            "{label}: pool {} attempts {:?}; C core {} attempts {:?}",
+            ours.0, ours.1, core.0, core.1
+        ));
+        assert_eq!(ours, core, "{label}: the pool and the C core differ");
+    }
+    println!("{}", table.join("\n"));
 }

@@ -22,7 +22,7 @@ pub use clock::HeldClock;
 pub use frame_server::{Behaviour, FrameServer};
 #[cfg(target_os = "linux")]
 pub use netns::BlackHoleLink;
-pub use peer::{PeerOptions, PythonPeer};
+pub use peer::{grpcio_calls, PeerOptions, PythonPeer};
 pub use ping_policy::{PingEnforcer, PingPolicy};
 pub use raw::{Misbehaviour, RawServer};
 pub use refusing::RefuseFirstServer;
