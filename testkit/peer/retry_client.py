@@ -13,20 +13,14 @@ import sys
 
 import grpc
 
+# The peer server's encoder (this script's folder is on the import path).
+from echo_peer import write_varint
+
 
 def encode(name):
+    """An EchoRequest whose message is `name` (field 1, bytes)."""
     data = name.encode()
-    length = bytearray()
-    n = len(data)
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            length.append(byte | 0x80)
-        else:
-            length.append(byte)
-            break
-    return b"\x0a" + bytes(length) + data
+    return b"\x0a" + write_varint(len(data)) + data
 
 
 def main():
