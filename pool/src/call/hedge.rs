@@ -112,16 +112,19 @@ impl<B> Hedge<B> {
         }
     }
 
-    /// Waits `delay` before the next try, with the task's waker registered. A copy that is
+    /// Waits `delay` (at least a millisecond: a `hedgingDelay` of 0 must not spin while no
+    /// slot is free) before the next try, with the task's waker registered. A copy that is
     /// due but has no body yet is tried again when a copy's progress wakes the task.
     pub(super) fn wait(&mut self, cx: &mut Context<'_>) {
         if self.copy.is_none() {
             self.timer = None;
             return;
         }
-        let mut timer = Box::pin(tokio::time::sleep(self.delay));
-        if timer.as_mut().poll(cx).is_pending() {
-            self.timer = Some(timer);
+        let mut timer = Box::pin(tokio::time::sleep(self.delay.max(Duration::from_millis(1))));
+        if timer.as_mut().poll(cx).is_ready() {
+            // Due already: poll again rather than wait for nothing.
+            cx.waker().wake_by_ref();
         }
+        self.timer = Some(timer);
     }
 }
