@@ -201,6 +201,32 @@ impl Builder {
         self
     }
 
+    /// gRPC's service config, as the standard JSON document: per-method `timeout`,
+    /// `waitForReady` and `retryPolicy` (calls that end with a retryable status are sent
+    /// again, with backoff), and `retryThrottling` for the pool. Checked at build: a bad
+    /// document fails the build with the JSON path of the bad field. See the README's
+    /// "Service config".
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let err = grpc_pool::Pool::builder()
+    ///     .service_config(r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}], "timeout": "soon"}]}"#)
+    ///     .build_lazy(["http://127.0.0.1:50051"])
+    ///     .unwrap_err();
+    /// assert!(err.to_string().contains("methodConfig[0].timeout: `soon` is not a duration"));
+    /// # }
+    /// ```
+    pub fn service_config(mut self, json: &str) -> Self {
+        self.config.service_config = Some(json.to_owned());
+        self
+    }
+
+    /// The service config read from a file at build (see [`service_config`](Self::service_config)).
+    pub fn service_config_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.service_config_file = Some(path.into());
+        self
+    }
+
     /// The settings so far.
     pub fn config(&self) -> &PoolConfig {
         &self.config

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::dns::{DnsDiscover, SystemResolver};
 use crate::{
     AllUnhealthy, BackoffConfig, Builder, Connector, Error, H2Config, HealthCheck, Keepalive,
-    OutlierDetection, Pool, TlsConfig, DEFAULT_PING_BEFORE_USE,
+    OutlierDetection, Pool, ServiceConfig, TlsConfig, DEFAULT_PING_BEFORE_USE,
 };
 
 /// A whole pool configuration. [`PoolConfig::default`] holds the defaults, and is the one
@@ -105,6 +105,13 @@ pub struct PoolConfig {
     pub backoff: BackoffConfig,
     /// HTTP/2 settings.
     pub h2: H2Config,
+    /// gRPC's service config, the JSON document itself (per-method `timeout`,
+    /// `waitForReady` and `retryPolicy`, and `retryThrottling`; see the README's "Service
+    /// config"). Checked at build: a bad field fails the build naming its JSON path. Default:
+    /// none.
+    pub service_config: Option<String>,
+    /// The same, read from this file at build. Default: none; set one of the two.
+    pub service_config_file: Option<std::path::PathBuf>,
 }
 
 /// `dns`: a host name whose addresses become endpoints, looked up again every `interval`
@@ -170,6 +177,8 @@ impl Default for PoolConfig {
             dns: None,
             backoff: core.backoff,
             h2: core.h2,
+            service_config: None,
+            service_config_file: None,
         }
     }
 }
@@ -189,6 +198,29 @@ impl PoolConfig {
     /// Builds the pool and connects in the background (see [`Builder::build_lazy`]).
     pub fn build_lazy(self) -> Result<Pool, Error> {
         self.builder().build_lazy(Vec::<String>::new())
+    }
+
+    /// The service config, parsed from `service_config` or read from `service_config_file`.
+    fn service_config(&self) -> Result<Option<ServiceConfig>, Error> {
+        let text = match (&self.service_config, &self.service_config_file) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid_config(
+                    "service_config_file",
+                    "set beside service_config",
+                    "one of service_config (the JSON) and service_config_file (its path)",
+                ))
+            }
+            (Some(json), None) => json.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+                Error::invalid_config(
+                    "service_config_file",
+                    &format!("`{}` ({e})", path.display()),
+                    "a readable file holding the service config JSON",
+                )
+            })?,
+            (None, None) => return Ok(None),
+        };
+        ServiceConfig::from_json(&text).map(Some)
     }
 
     /// The core's settings and the health task's, checked.
@@ -229,6 +261,7 @@ impl PoolConfig {
             connector: self.connector.clone(),
             backoff: self.backoff.clone(),
             h2: self.h2.clone(),
+            service_config: self.service_config()?.map(std::sync::Arc::new),
         };
         Ok((core, health))
     }

@@ -41,8 +41,9 @@ pub use builder::{Builder, DEFAULT_PING_BEFORE_USE, DEFAULT_PING_BEFORE_USE_TIME
 pub use config::{DnsConfig, PoolConfig};
 pub use grpc_pool_core::{
     discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, ClientIdentity, Connector, Endpoint,
-    EndpointState, Error, ErrorKind, EvictionReason, H2Config, MemberSnapshot, MemberState, OutlierDetection,
-    PoolEvent, PoolEvents, ResponseBody, RetryReason, State, Statistics, TlsConfig, WaitForReady,
+    EndpointState, Error, ErrorKind, EvictionReason, H2Config, HedgingPolicy, MemberSnapshot, MemberState,
+    MethodConfig, MethodName, OutlierDetection, PoolEvent, PoolEvents, ResponseBody, RetryPolicy,
+    RetryReason, RetryThrottling, ServiceConfig, State, Statistics, TlsConfig, WaitForReady,
     DEFAULT_POOL_NAME, EVENT_BUFFER,
 };
 pub use grpc_pool_health::{

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use grpc_pool::{ErrorKind, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{wait_until, Behaviour, FrameServer, HeldClock, ServerOptions, TestServer};
+use grpc_pool_testkit::{
+    parse_grpc_timeout, wait_until, Behaviour, FrameServer, HeldClock, ServerOptions, TestServer,
+};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -26,21 +28,6 @@ fn with_deadline(delay_ms: u32, timeout: Duration) -> tonic::Request<EchoRequest
         tonic::Request::new(EchoRequest { message: Bytes::from_static(b"hi"), repeat: 0, delay_ms });
     request.set_timeout(timeout);
     request
-}
-
-/// A `grpc-timeout` value as the server saw it.
-fn parse_grpc_timeout(text: &str) -> Duration {
-    let (digits, unit) = text.split_at(text.len() - 1);
-    let n: u64 = digits.parse().expect("digits");
-    match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        other => panic!("unit {other} in grpc-timeout {text}"),
-    }
 }
 
 /// The server answers after 2 s whatever the deadline: a call given 200 ms must end at its

@@ -134,6 +134,9 @@ pub struct Config {
     pub backoff: BackoffConfig,
     /// HTTP/2 settings.
     pub h2: H2Config,
+    /// gRPC's service config: per-method timeouts, wait-for-ready and retry policies, and
+    /// the pool's retry throttling.
+    pub service_config: Option<std::sync::Arc<crate::service_config::ServiceConfig>>,
 }
 
 /// The name of a pool built without one.
@@ -163,6 +166,7 @@ impl Default for Config {
             connector: None,
             backoff: BackoffConfig::default(),
             h2: H2Config::default(),
+            service_config: None,
         }
     }
 }

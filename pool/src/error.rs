@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
+use crate::proto::grpc::MessageTooLarge;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// What kind of failure an [`Error`] is.
@@ -38,6 +40,9 @@ pub enum ErrorKind {
     Ping,
     /// The call's deadline passed (its `grpc-timeout`, or the pool's `timeout`).
     DeadlineExceeded,
+    /// A request or response message was over the service config's
+    /// `maxRequestMessageBytes` or `maxResponseMessageBytes` (`RESOURCE_EXHAUSTED`).
+    MessageTooLarge,
     /// No endpoint could take the call (all unreachable, unhealthy, ejected or removed), and
     /// the call failed fast instead of waiting for one (`wait_for_ready` off).
     Unavailable,
@@ -111,6 +116,18 @@ impl Error {
             ErrorKind::Config,
             Code::InvalidArgument,
             format!("invalid pool configuration: `{field}` = {value}; allowed: {allowed}"),
+            None,
+        )
+    }
+
+    /// A service config document that cannot be used: the JSON path of the bad field (empty
+    /// for the document itself) and what is wrong with it.
+    pub(crate) fn service_config(path: &str, problem: &str) -> Error {
+        let at = if path.is_empty() { String::new() } else { format!("{path}: ") };
+        Error::new(
+            ErrorKind::Config,
+            Code::InvalidArgument,
+            format!("invalid service config: {at}{problem}"),
             None,
         )
     }
@@ -263,11 +280,26 @@ impl Error {
     }
 
     pub(crate) fn request_body(endpoint: &str, cause: BoxError) -> Error {
+        if let Some(too_large) = cause.downcast_ref::<MessageTooLarge>() {
+            return Error::message_too_large(too_large.clone());
+        }
         Error::new(
             ErrorKind::RequestBody,
             Code::Internal,
             format!("call to {endpoint}: the request body failed: {cause}"),
             Some(cause),
+        )
+    }
+}
+
+impl Error {
+    /// A message over the method's size limit; the call is not sent again.
+    pub(crate) fn message_too_large(too_large: MessageTooLarge) -> Error {
+        Error::new(
+            ErrorKind::MessageTooLarge,
+            Code::ResourceExhausted,
+            format!("{too_large}; the call was cancelled, not retried"),
+            None,
         )
     }
 }
@@ -285,7 +317,7 @@ fn status_of(
 }
 
 /// The gRPC code for an HTTP/2 failure, per gRPC's "HTTP/2 to gRPC status" mapping.
-fn code_for_h2(err: &h2::Error) -> Code {
+pub(crate) fn code_for_h2(err: &h2::Error) -> Code {
     if err.is_io() {
         return Code::Unavailable;
     }

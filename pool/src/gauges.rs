@@ -28,6 +28,9 @@ impl PoolInner {
             }
             metrics::gauge!(names::IN_FLIGHT, names::LABEL_POOL => pool.clone(), names::LABEL_ENDPOINT => endpoint).set(entry.in_flight() as f64);
         }
+        if let Some(tokens) = &self.retry_tokens {
+            metrics::gauge!(names::RETRY_TOKENS, names::LABEL_POOL => pool.clone()).set(tokens.tokens());
+        }
         metrics::gauge!(names::WAITERS, names::LABEL_POOL => pool).set(self.waiters.len() as f64);
     }
 

@@ -23,6 +23,7 @@ use crate::internals::EndpointEntry;
 use crate::member::{EvictionReason, Member, MemberState, Slot};
 use crate::metrics::{self as names, PoolName};
 use crate::outlier::Outliers;
+use crate::service_config::{code_name, RetryTokens};
 use crate::stats::{RetryReason, Stats};
 use crate::wait_queue::WaitQueue;
 
@@ -63,6 +64,8 @@ pub(crate) struct PoolInner {
     /// The pool's hold on its name, given back when the pool closes so the name (and its
     /// metric series) can serve another pool.
     pub(crate) name_claim: Mutex<Option<PoolName>>,
+    /// The retry throttle, when the service config sets `retryThrottling`.
+    pub(crate) retry_tokens: Option<Arc<RetryTokens>>,
 }
 
 impl PoolInner {
@@ -83,6 +86,11 @@ impl PoolInner {
             }
             None => (None, None),
         };
+        let config_tokens = config
+            .service_config
+            .as_ref()
+            .and_then(|c| c.retry_throttling.as_ref())
+            .map(|t| Arc::new(RetryTokens::new(t)));
         let inner = PoolInner {
             endpoints: ArcSwap::from_pointee(
                 endpoints
@@ -105,6 +113,7 @@ impl PoolInner {
             subscribers: Mutex::new(Vec::new()),
             events: broadcast::channel(EVENT_BUFFER).0,
             name_claim: Mutex::new(Some(name_claim)),
+            retry_tokens: config_tokens,
         };
         (inner, ejections)
     }
@@ -338,6 +347,37 @@ impl PoolInner {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
         self.stats.retries_by_reason[reason as usize].fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::RETRIES, names::LABEL_POOL => self.config.name.clone(), names::LABEL_REASON => reason.as_str()).increment(1);
+    }
+
+    /// A call sent again by its retry policy after ending with `code`.
+    pub(crate) fn count_policy_retry(&self, code: tonic::Code) {
+        self.stats.policy_retries.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::POLICY_RETRIES, names::LABEL_POOL => self.config.name.clone(), names::LABEL_CODE => code_name(code)).increment(1);
+    }
+
+    /// A retryable failure not sent again: the retry throttle was at or below half.
+    pub(crate) fn count_throttled_retry(&self) {
+        self.stats.retries_throttled.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::RETRIES_THROTTLED, names::LABEL_POOL => self.config.name.clone())
+            .increment(1);
+    }
+
+    /// Hedged copies: `sent`, `won` (a copy after the first answered first), `cancelled`
+    /// (a copy reset because another answered).
+    pub(crate) fn count_hedges(&self, result: &'static str, n: u64) {
+        let counter = match result {
+            "sent" => &self.stats.hedges_sent,
+            "won" => &self.stats.hedges_won,
+            _ => &self.stats.hedges_cancelled,
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(names::HEDGES, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => result).increment(n);
+    }
+
+    /// The attempts of a call under a retry policy, once it is over.
+    pub(crate) fn record_call_attempts(&self, attempts: u32) {
+        metrics::histogram!(names::CALL_ATTEMPTS, names::LABEL_POOL => self.config.name.clone())
+            .record(f64::from(attempts));
     }
 
     // ----- shutdown -----

@@ -39,6 +39,7 @@ mod notify;
 mod outlier;
 mod proto;
 mod routing;
+mod service_config;
 mod state;
 mod stats;
 mod sync;
@@ -57,6 +58,9 @@ pub use monitor::{MemberHandle, MemberStatus, MonitorEvent, MonitorEvents, PoolM
 pub use outlier::OutlierDetection;
 pub use proto::connector::Connector;
 pub use proto::tls::{ClientIdentity, TlsConfig};
+pub use service_config::{
+    HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig, MAX_POLICY_ATTEMPTS,
+};
 pub use state::{EndpointState, MemberSnapshot, State};
 pub use stats::{RetryReason, Statistics};
 /// The rustls this crate is built with, for [`TlsConfig::rustls`].

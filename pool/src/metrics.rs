@@ -28,6 +28,22 @@ pub const CHECKOUT_WAIT: &str = "grpc_pool_checkout_wait_seconds";
 /// Counter: calls sent again on another member because the server never processed them (by
 /// `reason`, see `RetryReason::as_str`).
 pub const RETRIES: &str = "grpc_pool_retries_total";
+/// Counter: calls sent again by their service config's retry policy, by `code` (the status
+/// the attempt ended with, `UNAVAILABLE`).
+pub const POLICY_RETRIES: &str = "grpc_pool_policy_retries_total";
+/// Counter: retryable failures not sent again because retry throttling was at or below half
+/// its tokens.
+pub const RETRIES_THROTTLED: &str = "grpc_pool_retries_throttled_total";
+/// Counter: hedged copies (service config `hedgingPolicy`), by `result`: `sent` (a copy after
+/// the first went out), `won` (a copy after the first answered first), `cancelled` (a copy
+/// reset because another answered first).
+pub const HEDGES: &str = "grpc_pool_hedges_total";
+/// Histogram: attempts per call, hedged copies included, for calls under a retry or hedging
+/// policy (1 when the first attempt was the last).
+pub const CALL_ATTEMPTS: &str = "grpc_pool_call_attempts";
+/// Gauge: the retry throttle's tokens (service config `retryThrottling`); sampled every
+/// `metrics_interval`.
+pub const RETRY_TOKENS: &str = "grpc_pool_retry_tokens";
 
 /// Counter: keepalive PINGs, by `result` (`ok`, `timeout`, `error`).
 pub const PINGS: &str = "grpc_pool_pings_total";
@@ -69,6 +85,8 @@ pub const LABEL_ENDPOINT: &str = "endpoint";
 pub const LABEL_RESULT: &str = "result";
 /// Label: a connection's state (`ready`, `draining`, `connecting`).
 pub const LABEL_STATE: &str = "state";
+/// Label: a gRPC status code's name (`UNAVAILABLE`).
+pub const LABEL_CODE: &str = "code";
 /// Label: why something happened (an eviction or retry reason).
 pub const LABEL_REASON: &str = "reason";
 

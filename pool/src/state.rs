@@ -50,6 +50,7 @@ impl PoolInner {
             open_connections: self.live.len(),
             closed: self.is_closed(),
             statistics: self.stats.snapshot(),
+            retry_tokens: self.retry_tokens.as_ref().map(|t| t.tokens()),
         }
     }
 }
@@ -70,6 +71,9 @@ pub struct State {
     pub closed: bool,
     /// Counters since the pool was built.
     pub statistics: Statistics,
+    /// The retry throttle's tokens now, when the service config sets `retryThrottling`:
+    /// failed calls are sent again only while they are above half of `maxTokens`.
+    pub retry_tokens: Option<f64>,
 }
 
 impl State {

@@ -18,6 +18,11 @@ pub(crate) struct Stats {
     pub(crate) retries: AtomicU64,
     pub(crate) retries_by_reason: [AtomicU64; RetryReason::ALL.len()],
     pub(crate) ejections: AtomicU64,
+    pub(crate) policy_retries: AtomicU64,
+    pub(crate) retries_throttled: AtomicU64,
+    pub(crate) hedges_sent: AtomicU64,
+    pub(crate) hedges_won: AtomicU64,
+    pub(crate) hedges_cancelled: AtomicU64,
     pub(crate) closed_by_reason: [AtomicU64; EvictionReason::ALL.len()],
 }
 
@@ -34,6 +39,11 @@ impl Stats {
             connect_failures: load(&self.connect_failures),
             retries: load(&self.retries),
             ejections: load(&self.ejections),
+            policy_retries: load(&self.policy_retries),
+            retries_throttled: load(&self.retries_throttled),
+            hedges_sent: load(&self.hedges_sent),
+            hedges_won: load(&self.hedges_won),
+            hedges_cancelled: load(&self.hedges_cancelled),
             retries_by_reason: RetryReason::ALL
                 .iter()
                 .map(|r| (*r, load(&self.retries_by_reason[*r as usize])))
@@ -68,6 +78,17 @@ pub struct Statistics {
     pub retries_by_reason: Vec<(RetryReason, u64)>,
     /// Endpoints ejected by outlier detection.
     pub ejections: u64,
+    /// Calls sent again by their service config's retry policy (not counted in `retries`).
+    pub policy_retries: u64,
+    /// Retryable failures not sent again because retry throttling was at or below half its
+    /// tokens.
+    pub retries_throttled: u64,
+    /// Hedged copies sent after a call's first (service config `hedgingPolicy`).
+    pub hedges_sent: u64,
+    /// Hedged calls answered by a copy other than the first.
+    pub hedges_won: u64,
+    /// Hedged copies reset (`CANCEL`) because another copy answered first.
+    pub hedges_cancelled: u64,
     /// Connections taken out of service, by reason.
     pub connections_closed: Vec<(EvictionReason, u64)>,
 }

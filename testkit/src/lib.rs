@@ -22,7 +22,7 @@ pub use clock::HeldClock;
 pub use frame_server::{Behaviour, FrameServer};
 #[cfg(target_os = "linux")]
 pub use netns::BlackHoleLink;
-pub use peer::{PeerOptions, PythonPeer};
+pub use peer::{grpcio_calls, PeerOptions, PythonPeer};
 pub use ping_policy::{PingEnforcer, PingPolicy};
 pub use raw::{Misbehaviour, RawServer};
 pub use refusing::RefuseFirstServer;
@@ -39,6 +39,22 @@ use std::time::Duration;
 pub fn unused_uri() -> String {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
     format!("http://{}", probe.local_addr().expect("local address"))
+}
+
+/// A `grpc-timeout` value as a server saw it (`200000u`), as a duration; panics on a value
+/// that is not one, so that a test never reads a wrong header as a short timeout.
+pub fn parse_grpc_timeout(text: &str) -> Duration {
+    let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = digits.parse().unwrap_or_else(|_| panic!("digits in grpc-timeout {text}"));
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        other => panic!("unit {other} in grpc-timeout {text}"),
+    }
 }
 
 /// Polls `condition` every few milliseconds until it holds, for at most `limit`; panics with

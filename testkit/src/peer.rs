@@ -57,6 +57,35 @@ impl PeerOptions {
     }
 }
 
+/// Makes one unary `echo.Echo/UnaryEcho` call per name, one after another, from a gRPC C
+/// core client (Python grpcio) with `service_config` and retries enabled, to `target`
+/// (`127.0.0.1:port`); each call's message is its name. The status code name of each call,
+/// in order.
+pub async fn grpcio_calls(target: &str, service_config: &str, names: &[String]) -> Vec<String> {
+    let python = python();
+    assert!(
+        python.exists(),
+        "the Python gRPC peer is not installed ({} is missing): run scripts/setup-peer",
+        python.display()
+    );
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peer/retry_client.py");
+    let output = Command::new(&python)
+        .arg(&script)
+        .arg(target)
+        .arg(service_config)
+        .args(names)
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("the grpcio client did not finish within 120 s")
+        .unwrap_or_else(|e| panic!("running {}: {e}", python.display()));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.lines().last() == Some("done"), "the grpcio client failed: {text}");
+    text.lines().filter_map(|line| line.rsplit_once(' ').map(|(_, code)| code.to_owned())).collect()
+}
+
 /// A running peer; killed when dropped.
 pub struct PythonPeer {
     port: u16,

@@ -42,6 +42,7 @@ pub(crate) enum Target {
 /// The request head kept for another attempt: h2 consumes the head it sends. The headers
 /// are kept as a list, which is cheaper to make than a `HeaderMap` clone and is only turned
 /// back into a map on the rare resend.
+#[derive(Clone)]
 pub(super) struct Head {
     pub(super) method: Method,
     pub(super) path: PathAndQuery,

@@ -9,6 +9,34 @@ use tokio::task::AbortHandle;
 use super::deadline::Deadline;
 use crate::error::Error;
 use crate::member::Slot;
+use crate::proto::grpc::MessageLimit;
+use crate::service_config::RetryTokens;
+
+/// For a call under a retry policy in a pool with retry throttling: how its trailers count
+/// in the throttle (OK gives back, a retryable status takes, as A6 counts a committed call).
+pub(crate) struct ThrottleWatch {
+    tokens: std::sync::Arc<RetryTokens>,
+    /// The policy's retryable codes, one bit per code.
+    retryable: u32,
+}
+
+impl ThrottleWatch {
+    /// `failures`: the codes that count as failures (the retry policy's retryable ones, or the
+    /// hedging policy's non-fatal ones).
+    pub(crate) fn new(tokens: std::sync::Arc<RetryTokens>, failures: &[tonic::Code]) -> ThrottleWatch {
+        let retryable = failures.iter().fold(0u32, |bits, code| bits | 1 << (*code as u32 & 31));
+        ThrottleWatch { tokens, retryable }
+    }
+
+    /// The call ended with `code` (from its trailers, or the error that ended its stream).
+    fn ended(&self, code: tonic::Code) {
+        if code == tonic::Code::Ok {
+            self.tokens.success();
+        } else if self.retryable & (1 << (code as u32 & 31)) != 0 {
+            let _ = self.tokens.failure();
+        }
+    }
+}
 
 /// The body of a response from the pool: the stream's data, then its trailers (where gRPC
 /// puts `grpc-status`).
@@ -28,6 +56,16 @@ pub struct ResponseBody {
     pool_call: bool,
     /// The call's deadline, which bounds the response body too (streaming calls).
     deadline: Option<Deadline>,
+    /// Where its trailers count for the retry throttle, if anywhere.
+    watch: Option<ThrottleWatch>,
+    /// The method's `maxResponseMessageBytes`, if it has one.
+    limit: Option<MessageLimit>,
+}
+
+/// What a response body carries for a call under a service config.
+pub(crate) struct BodyExtras {
+    pub(crate) watch: Option<ThrottleWatch>,
+    pub(crate) limit: Option<MessageLimit>,
 }
 
 impl ResponseBody {
@@ -37,8 +75,19 @@ impl ResponseBody {
         pump: Option<AbortHandle>,
         pool_call: bool,
         deadline: Option<Deadline>,
+        extras: BodyExtras,
     ) -> ResponseBody {
-        ResponseBody { recv: Some(recv), slot: Some(slot), pump, data_done: false, pool_call, deadline }
+        let BodyExtras { watch, limit } = extras;
+        ResponseBody {
+            recv: Some(recv),
+            slot: Some(slot),
+            pump,
+            data_done: false,
+            pool_call,
+            deadline,
+            watch,
+            limit,
+        }
     }
 
     fn endpoint(&self) -> &str {
@@ -77,6 +126,9 @@ impl ResponseBody {
             }
         }
         let mut error = Error::from_h2(self.endpoint(), err);
+        if let Some(watch) = self.watch.take() {
+            watch.ended(error.grpc_code());
+        }
         if self.pool_call {
             // The server had sent its response head: it has the call.
             error = error.not_retried("the server was already answering it");
@@ -123,6 +175,12 @@ impl ResponseBody {
                 Poll::Ready(Some(Ok(data))) => {
                     // The caller has the bytes: let the server send more.
                     let _ = recv.flow_control().release_capacity(data.len());
+                    if let Some(Err(too_large)) = this.limit.as_mut().map(|limit| limit.check(&data)) {
+                        // Dropping the stream resets it (CANCEL): the rest is not wanted.
+                        this.recv = None;
+                        this.finish();
+                        return Poll::Ready(Some(Err(Error::message_too_large(too_large))));
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(this.fail(err)))),
@@ -139,6 +197,9 @@ impl ResponseBody {
                     if let Some(failures) = endpoint.record_outcome(failed) {
                         endpoint.ask_ejection(failures);
                     }
+                }
+                if let Some((watch, code)) = this.watch.take().zip(super::retry::status(&trailers)) {
+                    watch.ended(code);
                 }
                 this.finish();
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))

@@ -18,15 +18,19 @@ use http::{Request, Uri, Version};
 use http_body::Body;
 
 use super::attempt::{needs_check, rebuild, response_error, slot_now, spawn_pump, Head, Sending, Target};
-use super::body::ResponseBody;
+use super::body::{BodyExtras, ResponseBody, ThrottleWatch};
 use super::deadline::{self, Deadline, GRPC_TIMEOUT};
+use super::hedge::{Ended, Hedge};
 use super::options::WaitForReady;
+use super::retry::{self, Verdict};
 use crate::endpoint::EndpointShared;
 use crate::error::{Error, ErrorKind};
 use crate::inner::PoolInner;
 use crate::member::{EvictionReason, Member, Slot};
+use crate::proto::grpc::MessageLimit;
 use crate::proto::h2::body::{Pump, Unsent};
 use crate::proto::h2::replay::{CallBody, Recording, UnsentBody};
+use crate::service_config::MethodConfig;
 use crate::stats::RetryReason;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -49,6 +53,14 @@ pub struct ResponseFuture<B> {
     deadline: Option<Deadline>,
     /// Wait for an endpoint to come back rather than fail fast (gRPC's `wait_for_ready`).
     wait_for_ready: bool,
+    /// The service config's entry for this call's method, for calls through the pool.
+    method: Option<Arc<MethodConfig>>,
+    /// Attempts the retry policy has seen fail with a retryable status.
+    retries: u32,
+    /// Hedged copies sent after the first.
+    hedged: u32,
+    /// The retry policy's backoff exponent: retries since the start or the last pushback.
+    backoff_n: u32,
 }
 
 /// Where a call that has not ended is. Each state owns what it needs, so every step has its
@@ -68,11 +80,31 @@ enum Live<B> {
         check: Pin<Box<dyn Future<Output = bool> + Send>>,
     },
     Sending(Sending<B>),
+    /// Copies of the call out at once (the hedging policy), the first response head wins.
+    Hedging(Box<Hedge<B>>),
+    /// The retry policy's backoff before the next attempt.
+    Backoff {
+        request: Request<CallBody<B>>,
+        sleep: Pin<Box<tokio::time::Sleep>>,
+    },
 }
 
 /// What moving a call on came to: `Continue` once its next state is in place (to be polled
 /// at once), `Break` with its output when it ended.
 type Step = ControlFlow<Result<http::Response<ResponseBody>, Error>>;
+
+/// What opening a stream came to.
+enum Opened<B> {
+    Sent(Sending<B>),
+    /// The connection was going away: nothing was written. With the head, if another
+    /// attempt is allowed.
+    NotSent {
+        error: Error,
+        again: Option<Head>,
+        body: CallBody<B>,
+    },
+    Failed(Error),
+}
 
 impl<B> Live<B> {
     /// The first state of a call, and of each resend.
@@ -99,22 +131,38 @@ where
         // shorter one holds. Calls aimed at one endpoint or member (health checks, probes)
         // bound themselves.
         let own = request.headers().get(&GRPC_TIMEOUT).and_then(deadline::parse);
-        let pool_default = pool.config.timeout.filter(|_| matches!(target, Target::Pool));
-        let timeout = match (own, pool_default) {
-            (Some(own), Some(default)) => Some(own.min(default)),
-            (own, default) => own.or(default),
+        let pool_call = matches!(target, Target::Pool);
+        // The service config's entry for the method; its timeout holds when it is shorter.
+        let method = match &pool.config.service_config {
+            Some(config) if pool_call => config.for_path(request.uri().path()).cloned(),
+            _ => None,
         };
-        let wait_for_ready =
-            request.extensions().get::<WaitForReady>().map_or(pool.config.wait_for_ready, |w| w.0);
+        let pool_default = pool.config.timeout.filter(|_| pool_call);
+        let method_timeout = method.as_ref().and_then(|m| m.timeout);
+        let timeout = [own, pool_default, method_timeout].into_iter().flatten().min();
+        let default_wait =
+            method.as_ref().and_then(|m| m.wait_for_ready).unwrap_or(pool.config.wait_for_ready);
+        let wait_for_ready = request.extensions().get::<WaitForReady>().map_or(default_wait, |w| w.0);
         ResponseFuture {
             pool,
             target,
             avoid: None,
-            state: Some(Live::checkout(request.map(CallBody::original))),
+            state: Some(Live::checkout(request.map(|body| {
+                CallBody::original(body, method.as_ref().and_then(|m| m.max_request_message_bytes))
+            }))),
             attempts: 0,
             deadline: timeout.map(Deadline::after),
             wait_for_ready,
+            method,
+            retries: 0,
+            hedged: 0,
+            backoff_n: 0,
         }
+    }
+
+    /// The retry policy of the call's method, if it has one.
+    fn retry_policy(&self) -> Option<&crate::service_config::RetryPolicy> {
+        self.method.as_ref().and_then(|m| m.retry_policy.as_ref())
     }
 
     /// The error of a call whose deadline passed while it waited in `live`, saying where it
@@ -134,6 +182,12 @@ where
             }
             Live::Sending(sending) => {
                 format!("waiting for the response head from {}", sending.slot.member().endpoint.label)
+            }
+            Live::Backoff { .. } => {
+                format!("in the retry policy's backoff, after {} attempts", self.retries)
+            }
+            Live::Hedging(hedge) => {
+                format!("waiting for the response head of {} hedged copies", hedge.attempts.len())
             }
         };
         drop(live);
@@ -167,8 +221,10 @@ where
             Uri::from_parts(uri).map_err(|e| Error::request_body(&member.endpoint.label, Box::new(e)))?;
         // Kept only while another attempt is allowed: h2 consumes the head even when it
         // refuses to open the stream.
-        let retry_allowed =
-            matches!(self.target, Target::Pool) && self.attempts + 1 < self.pool.config.max_attempts;
+        let policy_allows = self.retry_policy().is_some_and(|p| self.retries + 1 < p.max_attempts)
+            || self.method.as_ref().is_some_and(|m| m.hedging_policy.is_some());
+        let retry_allowed = matches!(self.target, Target::Pool)
+            && (self.attempts + 1 < self.pool.config.max_attempts || policy_allows);
         Ok(retry_allowed.then(|| Head {
             method: parts.method.clone(),
             path,
@@ -179,11 +235,40 @@ where
     /// Opens the stream on the slot's member and starts sending the body; queues the call
     /// again if the member could not open a stream and nothing was sent.
     fn start(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Step {
+        match self.open(slot, request) {
+            Opened::Sent(sending) => {
+                self.state = Some(match self.method.as_ref().and_then(|m| m.hedging_policy.as_ref()) {
+                    Some(policy) => Live::Hedging(Box::new(Hedge::new(sending, policy))),
+                    None => Live::Sending(sending),
+                });
+                Step::Continue(())
+            }
+            Opened::NotSent { error, again: Some(head), body } => {
+                self.again(RetryReason::NotSent, rebuild(head, body), error)
+            }
+            Opened::NotSent { error, again: None, .. } => {
+                Step::Break(Err(self.not_retried(error, false, false)))
+            }
+            Opened::Failed(error) => Step::Break(Err(error)),
+        }
+    }
+
+    /// Opens the stream on the slot's member and starts sending the body.
+    fn open(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Opened<B> {
         let member = slot.member().clone();
+        if self.method.is_some() {
+            tracing::debug!(
+                pool = %self.pool.name(),
+                endpoint = %member.endpoint.label,
+                attempt = self.retries + 1,
+                path = %request.uri().path(),
+                "sending an attempt of a call under a service config",
+            );
+        }
         let (mut parts, body) = request.into_parts();
         let again = match self.prepare_head(&member, &mut parts) {
             Ok(again) => again,
-            Err(error) => return Step::Break(Err(error)),
+            Err(error) => return Opened::Failed(error),
         };
         let mut head = Request::new(());
         *head.method_mut() = parts.method;
@@ -205,7 +290,7 @@ where
                 let replay_limit = again.as_ref().map(|_| self.pool.config.replay_buffer_limit);
                 let pump = (!end_of_stream).then(|| Box::pin(Pump::new(body, stream, replay_limit)));
                 let sent_body = end_of_stream.then(Recording::default);
-                self.state = Some(Live::Sending(Sending {
+                Opened::Sent(Sending {
                     slot,
                     response,
                     pump,
@@ -214,21 +299,17 @@ where
                     sent_body,
                     body_over_limit: false,
                     pump_stopped: false,
-                }));
-                Step::Continue(())
+                })
             }
             Err(err) if err.is_go_away() || err.is_io() => {
                 // The connection is going away and never saw this request.
                 self.pool.on_send_failed(&member, &err);
                 drop(slot);
                 let error = Error::from_h2(&member.endpoint.label, err).mark_unprocessed();
-                match again {
-                    Some(head) => self.again(RetryReason::NotSent, rebuild(head, body), error),
-                    None => Step::Break(Err(self.not_retried(error, false, false))),
-                }
+                Opened::NotSent { error, again, body }
             }
             Err(err) => {
-                Step::Break(Err(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false)))
+                Opened::Failed(self.not_retried(Error::from_h2(&member.endpoint.label, err), false, false))
             }
         }
     }
@@ -323,8 +404,24 @@ where
                         Err(body_failed) => Step::Break(Err(body_failed)),
                     }
                 }
+                Some(Live::Hedging(_)) => {
+                    let Some(Live::Hedging(hedge)) = this.state.take() else { unreachable!("{MATCHED}") };
+                    match this.poll_hedge(hedge, cx) {
+                        Some(step) => step,
+                        None => break,
+                    }
+                }
+                Some(Live::Backoff { sleep, .. }) => {
+                    let Poll::Ready(()) = sleep.as_mut().poll(cx) else { break };
+                    let Some(Live::Backoff { request, .. }) = this.state.take() else {
+                        unreachable!("{MATCHED}")
+                    };
+                    this.state = Some(Live::checkout(request));
+                    Step::Continue(())
+                }
             };
             if let Step::Break(output) = step {
+                this.finished();
                 return Poll::Ready(output);
             }
         }
@@ -332,7 +429,9 @@ where
         if this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
             // Every arm that breaks out of the loop above left its state in place.
             let Some(live) = this.state.take() else { unreachable!("a waiting call has its state") };
-            return Poll::Ready(Err(this.expire(live)));
+            let error = this.expire(live);
+            this.finished();
+            return Poll::Ready(Err(error));
         }
         Poll::Pending
     }
@@ -386,16 +485,41 @@ where
     }
 
     /// The response head came: the call's result, its body carrying the slot.
-    fn answered(&mut self, sending: Sending<B>, response: http::Response<h2::RecvStream>) -> Step {
-        let Sending { slot, response: head_future, pump, pump_stopped, .. } = sending;
-        drop(head_future);
+    fn answered(&mut self, mut sending: Sending<B>, mut response: http::Response<h2::RecvStream>) -> Step {
         // A trailers-only answer carries its status in the head; any other is judged by its
         // trailers, in the body.
-        if let Some(failures) =
-            slot.member().endpoint.record_outcome(|| crate::outlier::unavailable(response.headers()))
-        {
-            self.pool.eject_shared(&slot.member().endpoint, failures);
+        let endpoint = &sending.slot.member().endpoint;
+        if let Some(failures) = endpoint.record_outcome(|| crate::outlier::unavailable(response.headers())) {
+            self.pool.eject_shared(endpoint, failures);
         }
+        let mut watch = None;
+        if let Some(hedging) = self.method.as_ref().and_then(|m| m.hedging_policy.as_ref()) {
+            watch = self
+                .pool
+                .retry_tokens
+                .clone()
+                .map(|tokens| ThrottleWatch::new(tokens, &hedging.non_fatal_status_codes));
+        }
+        if let Some(policy) = self.retry_policy() {
+            match retry::judge(&self.pool, policy, self.retries, &mut sending, response.headers()) {
+                Verdict::Committed => {
+                    watch = self
+                        .pool
+                        .retry_tokens
+                        .clone()
+                        .map(|tokens| ThrottleWatch::new(tokens, &policy.retryable_status_codes));
+                }
+                Verdict::Done => {}
+                Verdict::NotRetried(why) => {
+                    retry::note_not_retried(response.headers_mut(), &why);
+                }
+                Verdict::Retry { code, pushback, head, body } => {
+                    return self.retry(sending, code, pushback, head, body);
+                }
+            }
+        }
+        let Sending { slot, response: head_future, pump, pump_stopped, .. } = sending;
+        drop(head_future);
         // The server answered before the request body ended (streaming): keep sending from a
         // task of its own.
         let pump = match pump.filter(|_| !pump_stopped).map(spawn_pump).transpose() {
@@ -404,24 +528,93 @@ where
         };
         let pool_call = matches!(self.target, Target::Pool);
         let deadline = self.deadline.take();
-        Step::Break(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline))))
+        let limit = self.method.as_ref().and_then(|m| m.max_response_message_bytes);
+        let extras = BodyExtras { watch, limit: limit.map(|max| MessageLimit::new(max, "response")) };
+        Step::Break(Ok(response.map(|recv| ResponseBody::new(recv, slot, pump, pool_call, deadline, extras))))
+    }
+
+    /// The attempt ended with a status the retry policy retries, and the whole body is at
+    /// hand: waits out the backoff (or the server's pushback), then queues the call again,
+    /// on another endpoint when there is one.
+    fn retry(
+        &mut self,
+        sending: Sending<B>,
+        code: tonic::Code,
+        pushback: Option<std::time::Duration>,
+        mut head: Head,
+        body: CallBody<B>,
+    ) -> Step {
+        self.retries += 1;
+        let delay = match pushback {
+            Some(delay) => {
+                // The server said when: that exactly, and the backoff starts over (A6).
+                self.backoff_n = 0;
+                delay
+            }
+            None => {
+                self.backoff_n += 1;
+                self.retry_policy().map(|p| p.backoff(self.backoff_n)).unwrap_or_default()
+            }
+        };
+        self.avoid = Some(sending.slot.member().endpoint.clone());
+        tracing::debug!(
+            pool = %self.pool.name(),
+            endpoint = %sending.slot.member().endpoint.label,
+            code = crate::service_config::code_name(code),
+            attempt = self.retries,
+            ?delay,
+            "retrying a call under its retry policy",
+        );
+        drop(sending);
+        self.pool.count_policy_retry(code);
+        retry::set_previous_attempts(&mut head, self.retries);
+        let request = rebuild(head, body);
+        self.state = Some(Live::Backoff { request, sleep: Box::pin(tokio::time::sleep(delay)) });
+        Step::Continue(())
+    }
+
+    /// The call is over, with whatever result: counts its attempts when it had a retry
+    /// policy.
+    fn finished(&self) {
+        if self.method.as_ref().is_some_and(|m| m.retry_policy.is_some() || m.hedging_policy.is_some()) {
+            self.pool.record_call_attempts(1 + self.attempts + self.retries + self.hedged);
+        }
     }
 
     /// The stream failed before its response head: resent on another member if the server
     /// never processed it and the whole body is at hand, else the call's error.
-    fn failed(&mut self, sending: Sending<B>, err: h2::Error) -> Step {
-        let Sending { slot, response, pump, stream_id, head, sent_body, body_over_limit, .. } = sending;
+    fn failed(&mut self, mut sending: Sending<B>, err: h2::Error) -> Step {
+        let endpoint = &sending.slot.member().endpoint;
+        if let Some(failures) = endpoint.record_outcome(|| crate::outlier::is_failure(&err)) {
+            self.pool.eject_shared(endpoint, failures);
+        }
+        let error = response_error(&sending.slot, sending.stream_id, err);
+        // The head may be kept for the retry policy alone: a transparent resend also needs
+        // an attempt left of `max_attempts`.
+        let transparent_left = self.attempts + 1 < self.pool.config.max_attempts;
+        if !(error.is_unprocessed() && transparent_left) {
+            // The server may have seen it, or the transparent attempts are used up: the
+            // retry policy judges its status as it would a trailers-only answer's.
+            if let Some(policy) = self.retry_policy() {
+                let code = error.grpc_code();
+                match retry::judge_status(&self.pool, policy, self.retries, &mut sending, code, None) {
+                    Verdict::Retry { code, pushback, head, body } => {
+                        return self.retry(sending, code, pushback, head, body)
+                    }
+                    Verdict::NotRetried(why) => return Step::Break(Err(error.not_retried(&why))),
+                    Verdict::Committed | Verdict::Done => {}
+                }
+            }
+        }
+        let Sending { slot, response, pump, head, sent_body, body_over_limit, .. } = sending;
         drop(response);
+        let head = head.filter(|_| transparent_left);
         // Why a replay may be impossible, for the error: with no head kept, the attempts are
         // used up; with a head but no whole body, the body is to blame.
         let body_kept = head.is_some();
         let over_limit =
             body_kept && (body_over_limit || pump.as_ref().is_some_and(|p| p.over_replay_limit()));
         let body_not_whole = body_kept && sent_body.is_none();
-        if let Some(failures) = slot.member().endpoint.record_outcome(|| crate::outlier::is_failure(&err)) {
-            self.pool.eject_shared(&slot.member().endpoint, failures);
-        }
-        let error = response_error(&slot, stream_id, err);
         let slot_endpoint = slot.member().endpoint.clone();
         drop(slot);
         // Never processed, and the whole body is at hand (kept as it went out, plus what had
@@ -454,6 +647,125 @@ where
     }
 }
 
+impl<B> ResponseFuture<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Moves a hedged call on: polls every copy out, sends the next copy when it is due,
+    /// and ends the call with the first response head that is not a non-fatal status (the
+    /// other copies are dropped, which resets their streams with `CANCEL`). `None` while it
+    /// waits, its state put back in place.
+    fn poll_hedge(&mut self, mut hedge: Box<Hedge<B>>, cx: &mut Context<'_>) -> Option<Step> {
+        loop {
+            let mut i = 0;
+            while i < hedge.attempts.len() {
+                let Poll::Ready(head) = hedge.attempts[i].1.poll_head(cx) else {
+                    i += 1;
+                    continue;
+                };
+                let (copy, sending) = hedge.attempts.swap_remove(i);
+                match head {
+                    // Dropping `hedge` resets the other copies.
+                    Err(body_failed) => return Some(Step::Break(Err(body_failed))),
+                    Ok(Ok(response)) => {
+                        if retry::status(response.headers()).is_some_and(|code| hedge.is_non_fatal(code)) {
+                            hedge.failed_non_fatally(&self.pool, Ended::Answer(sending, response));
+                            continue;
+                        }
+                        self.hedge_over(hedge, copy);
+                        return Some(self.answered(sending, response));
+                    }
+                    Ok(Err(err)) => {
+                        if hedge.is_non_fatal(crate::error::code_for_h2(&err)) {
+                            hedge.failed_non_fatally(&self.pool, Ended::Failed(sending, err));
+                            continue;
+                        }
+                        self.hedge_over(hedge, copy);
+                        return Some(self.failed(sending, err));
+                    }
+                }
+            }
+            hedge.keep_copy();
+            if hedge.attempts.is_empty() && !hedge.can_send_more() {
+                // Every copy ended with a non-fatal status and no other may go: the last
+                // one's outcome is the call's.
+                let step = match hedge.last.take() {
+                    Some(Ended::Answer(sending, response)) => self.answered(sending, response),
+                    Some(Ended::Failed(sending, err)) => self.failed(sending, err),
+                    None => {
+                        Step::Break(Err(Error::no_member(self.pool.name(), "no hedged copy could be sent")))
+                    }
+                };
+                return Some(step);
+            }
+            if hedge.can_send_more() && hedge.due(cx) {
+                if let Some((head, body)) = hedge.next_copy() {
+                    if self.send_copy(&mut hedge, head, body) {
+                        continue;
+                    }
+                }
+                hedge.wait(cx);
+            }
+            self.state = Some(Live::Hedging(hedge));
+            return None;
+        }
+    }
+
+    /// Sends the next hedged copy on a slot free now, on another endpoint than the last
+    /// copy's when there is one. False if it did not go out.
+    fn send_copy(&mut self, hedge: &mut Hedge<B>, mut head: Head, body: Recording) -> bool {
+        // Throttled (A6): no hedges while the tokens are at or below half.
+        if self.pool.retry_tokens.as_ref().is_some_and(|tokens| !tokens.allows()) {
+            self.pool.count_throttled_retry();
+            hedge.stop();
+            return false;
+        }
+        let avoid = hedge.attempts.last().map(|(_, s)| s.slot.member().endpoint.clone());
+        let slot = match slot_now(&self.pool, &self.target, avoid.as_ref()) {
+            Ok(Some(slot)) => slot,
+            // No slot now: the next try after another delay.
+            Ok(None) => return false,
+            Err(_) => {
+                hedge.stop();
+                return false;
+            }
+        };
+        retry::set_previous_attempts(&mut head, hedge.sent);
+        match self.open(slot, rebuild(head, CallBody::replay(body, None))) {
+            Opened::Sent(sending) => {
+                tracing::debug!(
+                    pool = %self.pool.name(),
+                    endpoint = %sending.slot.member().endpoint.label,
+                    copy = hedge.sent,
+                    "sending a hedged copy",
+                );
+                hedge.sent_copy(sending);
+                self.hedged += 1;
+                self.pool.count_hedges("sent", 1);
+                true
+            }
+            _ => {
+                hedge.stop();
+                false
+            }
+        }
+    }
+
+    /// A copy's answer ends the call: the others are cancelled (dropped, which resets their
+    /// streams).
+    fn hedge_over(&self, hedge: Box<Hedge<B>>, winner: u32) {
+        if winner > 0 {
+            self.pool.count_hedges("won", 1);
+        }
+        let cancelled = hedge.attempts.len() as u64;
+        if cancelled > 0 {
+            self.pool.count_hedges("cancelled", cancelled);
+        }
+        drop(hedge);
+    }
+}
+
 impl<B> fmt::Debug for ResponseFuture<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
@@ -461,6 +773,8 @@ impl<B> fmt::Debug for ResponseFuture<B> {
             Some(Live::Checkout { waiting: Some(_), .. }) => "waiting",
             Some(Live::Verifying { .. }) => "verifying",
             Some(Live::Sending(_)) => "sending",
+            Some(Live::Backoff { .. }) => "backoff",
+            Some(Live::Hedging(_)) => "hedging",
             None => "done",
         };
         f.debug_struct("ResponseFuture")

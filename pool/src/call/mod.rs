@@ -8,7 +8,9 @@ mod body;
 mod channel;
 pub(crate) mod deadline;
 mod future;
+mod hedge;
 mod options;
+mod retry;
 mod service;
 
 pub use body::ResponseBody;

@@ -13,6 +13,8 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::proto::grpc::MessageLimit;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The part of a body an earlier attempt had not sent; boxed, as it holds that attempt's
@@ -20,7 +22,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub(crate) type UnsentBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
 
 /// The body as it went out: data chunks, then trailers if any.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Recording {
     /// The first chunk, kept apart: a unary call's body is one chunk, and keeping it then
     /// costs no allocation.
@@ -66,14 +68,15 @@ pin_project_lite::pin_project! {
     /// before, followed by what had not gone out yet, if anything.
     #[project = CallBodyProj]
     pub(crate) enum CallBody<B> {
-        Original { #[pin] body: B },
+        Original { #[pin] body: B, limit: Option<MessageLimit> },
         Replay { recording: Recording, rest: Option<UnsentBody> },
     }
 }
 
 impl<B> CallBody<B> {
-    pub(crate) fn original(body: B) -> CallBody<B> {
-        CallBody::Original { body }
+    /// The caller's body; with `max_message`, a message longer than that fails it.
+    pub(crate) fn original(body: B, max_message: Option<u64>) -> CallBody<B> {
+        CallBody::Original { body, limit: max_message.map(|max| MessageLimit::new(max, "request")) }
     }
 
     /// A body that sends `recording` again, then `rest`.
@@ -95,7 +98,15 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            CallBodyProj::Original { body } => body.poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
+            CallBodyProj::Original { body, limit } => {
+                let polled = body.poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into)));
+                if let (Some(limit), Poll::Ready(Some(Ok(frame)))) = (limit.as_mut(), &polled) {
+                    if let Some(data) = frame.data_ref() {
+                        limit.check(data).map_err(|too_large| -> BoxError { Box::new(too_large) })?;
+                    }
+                }
+                polled
+            }
             CallBodyProj::Replay { recording, rest } => {
                 if let Some(chunk) = recording.next_chunk() {
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
@@ -113,7 +124,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         match self {
-            CallBody::Original { body } => body.is_end_stream(),
+            CallBody::Original { body, .. } => body.is_end_stream(),
             CallBody::Replay { recording, rest } => {
                 recording.is_empty() && rest.as_ref().is_none_or(|rest| rest.is_end_stream())
             }
@@ -122,7 +133,7 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            CallBody::Original { body } => body.size_hint(),
+            CallBody::Original { body, .. } => body.size_hint(),
             CallBody::Replay { recording, rest: None } => SizeHint::with_exact(recording.len as u64),
             CallBody::Replay { recording, rest: Some(_) } => {
                 let mut hint = SizeHint::new();

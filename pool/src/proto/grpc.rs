@@ -1,0 +1,104 @@
+//! gRPC's message framing, as far as the service config's size limits need it: each message
+//! is a 1-byte compression flag and a 4-byte big-endian length, then that many bytes. The
+//! scanner reads only the prefixes, across chunks cut anywhere, and copies nothing.
+
+use std::fmt;
+
+/// Follows a body's message prefixes and finds the first message longer than a limit.
+#[derive(Debug, Clone)]
+pub(crate) struct MessageLimit {
+    max: u64,
+    /// Which way the messages go, for the error: `request` or `response`.
+    direction: &'static str,
+    /// The prefix bytes read so far of the next message.
+    prefix: [u8; 5],
+    have: usize,
+    /// Bytes of the current message still to come.
+    remaining: u64,
+}
+
+impl MessageLimit {
+    pub(crate) fn new(max: u64, direction: &'static str) -> MessageLimit {
+        MessageLimit { max, direction, prefix: [0; 5], have: 0, remaining: 0 }
+    }
+
+    /// Reads the next chunk of the body; the error if a message in it is over the limit.
+    pub(crate) fn check(&mut self, mut chunk: &[u8]) -> Result<(), MessageTooLarge> {
+        while !chunk.is_empty() {
+            if self.remaining > 0 {
+                let skip = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(chunk.len());
+                self.remaining -= skip as u64;
+                chunk = &chunk[skip..];
+                continue;
+            }
+            let take = (5 - self.have).min(chunk.len());
+            self.prefix[self.have..self.have + take].copy_from_slice(&chunk[..take]);
+            self.have += take;
+            chunk = &chunk[take..];
+            if self.have == 5 {
+                self.have = 0;
+                let len = u64::from(u32::from_be_bytes([
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ]));
+                if len > self.max {
+                    return Err(MessageTooLarge { direction: self.direction, len, max: self.max });
+                }
+                self.remaining = len;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A message over the service config's `maxRequestMessageBytes` or `maxResponseMessageBytes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MessageTooLarge {
+    pub(crate) direction: &'static str,
+    pub(crate) len: u64,
+    pub(crate) max: u64,
+}
+
+impl fmt::Display for MessageTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let field =
+            if self.direction == "request" { "maxRequestMessageBytes" } else { "maxResponseMessageBytes" };
+        write!(
+            f,
+            "a {} message of {} bytes is over the service config's {field} ({} bytes)",
+            self.direction, self.len, self.max
+        )
+    }
+}
+
+impl std::error::Error for MessageTooLarge {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(len: u32) -> Vec<u8> {
+        let mut bytes = vec![0];
+        bytes.extend_from_slice(&len.to_be_bytes());
+        bytes.extend(std::iter::repeat_n(7, len as usize));
+        bytes
+    }
+
+    #[test]
+    fn finds_the_first_message_over_the_limit_however_the_chunks_are_cut() {
+        let body: Vec<u8> = [message(10), message(0), message(16), message(17), message(3)].concat();
+        for cut in 1..=body.len() {
+            let mut limit = MessageLimit::new(16, "response");
+            let found = body.chunks(cut).find_map(|chunk| limit.check(chunk).err());
+            assert_eq!(
+                found,
+                Some(MessageTooLarge { direction: "response", len: 17, max: 16 }),
+                "chunks of {cut}"
+            );
+        }
+        let mut limit = MessageLimit::new(17, "request");
+        assert!(body.chunks(3).all(|chunk| limit.check(chunk).is_ok()));
+    }
+}
