@@ -198,8 +198,11 @@ impl ResponseBody {
                         endpoint.ask_ejection(failures);
                     }
                 }
-                if let Some((watch, code)) = this.watch.take().zip(super::retry::status(&trailers)) {
-                    watch.ended(code);
+                // Only calls under a throttled policy read the status here (a header lookup).
+                if let Some(watch) = this.watch.take() {
+                    if let Some(code) = super::retry::status(&trailers) {
+                        watch.ended(code);
+                    }
                 }
                 this.finish();
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
