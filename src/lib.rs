@@ -34,6 +34,8 @@
 pub mod bb8;
 mod builder;
 mod config;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 
 use std::fmt;
 
