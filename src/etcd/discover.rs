@@ -352,13 +352,15 @@ impl Watcher {
         // ends a watch stream whose requests end.
         let _ = requests.try_send(create);
         let mut client = self.client.watch();
+        // etcd answers a watch's creation at once; one that does not is as good as down.
         let opened = tokio::select! {
-            opened = client.watch(Requests(request_stream)) => opened,
+            opened = tokio::time::timeout(Duration::from_secs(10), client.watch(Requests(request_stream))) => opened,
             _ = changes.closed() => return Ended::Closed,
         };
         let mut responses = match opened {
-            Ok(response) => response.into_inner(),
-            Err(status) => return Ended::Failed(format!("{:?}: {}", status.code(), status.message())),
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return Ended::Failed(format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => return Ended::Failed("no answer to the watch's creation within 10 s".to_owned()),
         };
         loop {
             let message = tokio::select! {

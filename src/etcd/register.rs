@@ -186,19 +186,22 @@ impl Keeper {
     /// One keepalive stream, until it fails or the lease is gone.
     async fn renew(&self, period: Duration, backoff: &mut Backoff) -> Renewal {
         let (requests, request_stream) = mpsc::channel(1);
+        // The first renewal goes with the call: etcd sends its response head only with its
+        // first answer, so the call would wait for it for ever with nothing sent.
+        let _ = requests.try_send(proto::LeaseKeepAliveRequest { id: self.lease.load(Ordering::Relaxed) });
+        let answer_within = period.max(Duration::from_secs(1));
         let mut client = self.client.lease();
-        let mut responses = match client.lease_keep_alive(Requests(request_stream)).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return Renewal::Failed(format!("{:?}: {}", status.code(), status.message())),
+        let opened =
+            tokio::time::timeout(answer_within, client.lease_keep_alive(Requests(request_stream))).await;
+        let mut responses = match opened {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return Renewal::Failed(format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => return Renewal::Failed("no keepalive answer in time".to_owned()),
         };
         let mut ticks = tokio::time::interval(period);
+        ticks.tick().await;
         loop {
-            ticks.tick().await;
-            let id = self.lease.load(Ordering::Relaxed);
-            if requests.send(proto::LeaseKeepAliveRequest { id }).await.is_err() {
-                return Renewal::Failed("the keepalive stream closed".to_owned());
-            }
-            let answer = tokio::time::timeout(period.max(Duration::from_secs(1)), responses.message()).await;
+            let answer = tokio::time::timeout(answer_within, responses.message()).await;
             match answer {
                 Ok(Ok(Some(response))) if response.ttl > 0 => {
                     metrics::counter!(m::ETCD_KEEPALIVES, m::LABEL_RESULT => "ok").increment(1);
@@ -210,6 +213,11 @@ impl Keeper {
                     return Renewal::Failed(format!("{:?}: {}", status.code(), status.message()))
                 }
                 Err(_) => return Renewal::Failed("no keepalive answer in time".to_owned()),
+            }
+            ticks.tick().await;
+            let id = self.lease.load(Ordering::Relaxed);
+            if requests.send(proto::LeaseKeepAliveRequest { id }).await.is_err() {
+                return Renewal::Failed("the keepalive stream closed".to_owned());
             }
         }
     }
