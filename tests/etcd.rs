@@ -336,3 +336,41 @@ async fn values_that_name_no_endpoint_are_skipped_and_counted() {
         .await
         .unwrap();
 }
+
+#[cfg(feature = "serde")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_section_of_the_config_follows_the_prefix_and_bad_values_fail_the_build_naming_the_field() {
+    let etcd_server = EtcdServer::start();
+    let etcd = EtcdClient::new([etcd_server.uri()]).unwrap();
+    let server = TestServer::start().await;
+    let _reg = register(&etcd, "svc/f/1", &server.addr().to_string(), TTL).await.unwrap();
+    let text = format!(
+        "name = \"from-etcd\"\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"svc/f/\"\n",
+        etcd_server.uri()
+    );
+    let config: grpc_pool::PoolConfig = toml::from_str(&text).unwrap();
+    let pool = config.build().await.unwrap();
+    wait_until(WAIT, "the registered server is in the pool", || {
+        endpoints(&pool) == set([server.uri().as_str()])
+    })
+    .await;
+    let mut client = EchoClient::new(pool.clone());
+    client
+        .unary_echo(EchoRequest { message: Bytes::from_static(b"x"), repeat: 0, delay_ms: 0 })
+        .await
+        .unwrap();
+
+    for (section, field, allowed) in [
+        ("endpoints = []\nprefix = \"p/\"", "`etcd.endpoints`", "1 or more"),
+        ("endpoints = [\"unix:///tmp/etcd.sock\"]\nprefix = \"p/\"", "`etcd.endpoints`", "http://host:port"),
+        ("endpoints = [\"no uri\"]\nprefix = \"p/\"", "`etcd.endpoints`", "http://host:port"),
+        ("endpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"\"", "`etcd.prefix`", "1 or more bytes"),
+    ] {
+        let config: grpc_pool::PoolConfig = toml::from_str(&format!("[etcd]\n{section}\n")).unwrap();
+        let err = config.build_lazy().unwrap_err().to_string();
+        assert!(err.contains(field) && err.contains(allowed), "{section}: {err}");
+    }
+    let err =
+        toml::from_str::<grpc_pool::PoolConfig>("[etcd]\nendpoints = []\nprefixx = \"p/\"\n").unwrap_err();
+    assert!(err.to_string().contains("prefixx"), "{err}");
+}

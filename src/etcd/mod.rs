@@ -86,13 +86,13 @@ impl EtcdClient {
             ));
         }
         for uri in &endpoints {
-            let endpoint = crate::Endpoint::parse(uri)?;
-            if endpoint.unix_path().is_some() {
-                return Err(Error::invalid_config(
-                    "etcd.endpoints",
-                    uri,
-                    "`http://host:port` or `https://host:port` URIs",
-                ));
+            let allowed = "`http://host:port` or `https://host:port` URIs";
+            match crate::Endpoint::parse(uri) {
+                Ok(endpoint) if endpoint.unix_path().is_none() => {}
+                Ok(_) => return Err(Error::invalid_config("etcd.endpoints", uri, allowed)),
+                Err(e) => {
+                    return Err(Error::invalid_config("etcd.endpoints", &format!("`{uri}` ({e})"), allowed))
+                }
             }
         }
         loop {
