@@ -121,12 +121,20 @@ fn start_registrant(etcd: &EtcdServer, key: &str) -> (Child, String) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the registrant");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines.next().expect("the registrant's URI").expect("read the registrant");
-        // libtest's "test registrant_child ... " may stand before it on the line.
-        if let Some((_, uri)) = line.split_once("SERVING ") {
-            return (child, uri.trim().to_owned());
+    let stdout = child.stdout.take();
+    let lines = stdout.map(|out| BufReader::new(out).lines());
+    // libtest's "test registrant_child ... " may stand before it on the line.
+    let uri = lines
+        .into_iter()
+        .flatten()
+        .map_while(Result::ok)
+        .find_map(|line| line.split_once("SERVING ").map(|(_, uri)| uri.trim().to_owned()));
+    match uri {
+        Some(uri) => (child, uri),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the registrant ended without serving");
         }
     }
 }
