@@ -293,11 +293,15 @@ async fn a_compaction_past_the_watch_revision_relists_and_the_next_change_arrive
 async fn a_thousand_registrations_and_removals_over_10s_end_with_etcds_set_each_applied_once() {
     let etcd_server = EtcdServer::start();
     let etcd = EtcdClient::new([etcd_server.uri()]).unwrap();
+    // The watch goes through a relay that cuts it twice on the way: it resumes each time.
+    let relay = Relay::start(etcd_server.uri().trim_start_matches("http://").parse().unwrap()).await;
+    let watching = EtcdClient::new([relay.uri()]).unwrap();
     // No connections: the endpoints are ports nobody listens on, and only the set matters.
     let pool = Pool::builder().min_connections(0).build_lazy(Vec::<String>::new()).unwrap();
-    let discover = EtcdDiscover::new(&etcd, "svc/d/").unwrap();
+    let discover = EtcdDiscover::new(&watching, "svc/d/").unwrap();
     let status = discover.status();
     pool.discover(discover);
+    wait_until(WAIT, "the watch is established", || status.watching()).await;
 
     // 1,000 keys put and every other one deleted again, one step per 10 ms: 1,500 changes.
     let started = Instant::now();
@@ -308,6 +312,9 @@ async fn a_thousand_registrations_and_removals_over_10s_end_with_etcds_set_each_
         if i % 2 == 1 {
             etcd.delete(&format!("svc/d/{:04}", i - 1)).await.unwrap();
         }
+        if i == 333 || i == 666 {
+            relay.reset();
+        }
     }
     let took = started.elapsed();
     let in_etcd = registered(&etcd, "svc/d/").await;
@@ -316,6 +323,8 @@ async fn a_thousand_registrations_and_removals_over_10s_end_with_etcds_set_each_
     assert_eq!(status.inserts(), 1000, "{status:?}");
     assert_eq!(status.removes(), 500, "{status:?}");
     assert_eq!(status.endpoints().len(), 500);
+    assert!(status.reconnects() >= 2, "{status:?}");
+    assert_eq!(status.relists(), 0, "{status:?}");
     println!("1,500 changes written in {took:?}");
 }
 
