@@ -121,20 +121,24 @@ fn start_registrant(etcd: &EtcdServer, key: &str) -> (Child, String) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the registrant");
-    let stdout = child.stdout.take();
-    let lines = stdout.map(|out| BufReader::new(out).lines());
-    // libtest's "test registrant_child ... " may stand before it on the line.
-    let uri = lines
-        .into_iter()
-        .flatten()
-        .map_while(Result::ok)
-        .find_map(|line| line.split_once("SERVING ").map(|(_, uri)| uri.trim().to_owned()));
-    match uri {
-        Some(uri) => (child, uri),
-        None => {
+    let (found, uri) = std::sync::mpsc::channel();
+    if let Some(stdout) = child.stdout.take() {
+        // Reads on after the URI, so that the child's later output never meets a closed pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // libtest's "test registrant_child ... " may stand before it on the line.
+                if let Some((_, uri)) = line.split_once("SERVING ") {
+                    let _ = found.send(uri.trim().to_owned());
+                }
+            }
+        });
+    }
+    match uri.recv_timeout(WAIT) {
+        Ok(uri) => (child, uri),
+        Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the registrant ended without serving");
+            panic!("the registrant did not serve within {WAIT:?}");
         }
     }
 }
