@@ -166,14 +166,23 @@ async fn registrations_under_load_one_added_one_deregistered_one_killed() {
 
     // The first deregisters: out of the pool at once; its calls in flight finish.
     first_reg.deregister().await.unwrap();
-    wait_until(WAIT, "the first is out of the pool", || !endpoints(&pool).contains(&first.uri())).await;
+    let deregistered = Instant::now();
+    wait_until(TTL + Duration::from_secs(1), "the first is out of the pool, its connections drained", || {
+        let state = pool.state();
+        let listed = state.endpoints.iter().any(|e| e.endpoint.to_string() == first.uri());
+        !listed && state.open_connections == state.members()
+    })
+    .await;
+    println!("the deregistered server left the pool, drained, {:?} after", deregistered.elapsed());
 
     // The second dies without a word: out within the lease's TTL and a second.
     let killed = Instant::now();
     second.kill().unwrap();
     second.wait().unwrap();
-    wait_until(TTL + Duration::from_secs(1), "the killed server is out of the pool", || {
-        !endpoints(&pool).contains(&second_uri)
+    wait_until(TTL + Duration::from_secs(1), "the killed server is out of the pool, no member left", || {
+        let state = pool.state();
+        let listed = state.endpoints.iter().any(|e| e.endpoint.to_string() == second_uri);
+        !listed && state.open_connections == state.members()
     })
     .await;
     let gone_after = killed.elapsed();
@@ -185,6 +194,10 @@ async fn registrations_under_load_one_added_one_deregistered_one_killed() {
     // before the kill.
     assert!(failures.iter().all(|(at, _)| *at >= killed), "failures before the kill: {failures:?}");
     assert!(failures.len() <= 16, "{} failures: {failures:?}", failures.len());
+    assert!(
+        failures.iter().all(|(_, status)| status.message().contains(&second_uri)),
+        "failures not on the killed server: {failures:?}"
+    );
     assert_eq!(endpoints(&pool), set([third.uri().as_str(), fourth.uri().as_str()]));
     assert_eq!(status.bad_values(), 0);
     println!("{calls} calls, {} failed (in flight on the killed server); it left the pool {gone_after:?} after the kill", failures.len());
