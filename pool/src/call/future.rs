@@ -259,15 +259,22 @@ where
     /// Opens the stream on the slot's member and starts sending the body.
     fn open(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Opened<B> {
         let member = slot.member().clone();
-        if self.method.is_some() {
-            tracing::debug!(
-                pool = %self.pool.name(),
-                endpoint = %member.endpoint.label,
-                attempt = self.retries + 1,
-                path = %request.uri().path(),
-                "sending an attempt of a call under a service config",
-            );
-        }
+        let span = match self.method {
+            // Retries and hedged copies are told apart by their spans' fields.
+            Some(_) => {
+                let span = tracing::debug_span!(
+                    "attempt",
+                    pool = %self.pool.name(),
+                    endpoint = %member.endpoint.label,
+                    path = %request.uri().path(),
+                    retry = self.retries,
+                    copy = self.hedged,
+                );
+                span.in_scope(|| tracing::debug!("sending an attempt of a call under a service config"));
+                span
+            }
+            None => tracing::Span::none(),
+        };
         let (mut parts, body) = request.into_parts();
         let again = match self.prepare_head(&member, &mut parts) {
             Ok(again) => again,
@@ -302,6 +309,7 @@ where
                     sent_body,
                     body_over_limit: false,
                     pump_stopped: false,
+                    span,
                 })
             }
             Err(err) if err.is_go_away() || err.is_io() => {
