@@ -213,6 +213,10 @@ where
             }
             parts.headers.insert(GRPC_TIMEOUT.clone(), deadline::encode(left));
         }
+        // Who is calling, as tonic's `Channel` tells; a caller's own header is kept.
+        if let http::header::Entry::Vacant(entry) = parts.headers.entry(http::header::USER_AGENT) {
+            entry.insert(self.pool.user_agent.clone());
+        }
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         // Put together from parts already checked (the endpoint's at build, the path by the
         // caller's `Uri`): cheaper than the builder, which checks each of them again.
