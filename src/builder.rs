@@ -95,6 +95,20 @@ impl Builder {
         self
     }
 
+    /// Your application's name and version, put before the pool's own
+    /// ([`POOL_USER_AGENT`](crate::POOL_USER_AGENT)) in the `user-agent` header of every
+    /// call that carries none, as tonic's `Endpoint::user_agent` puts it before
+    /// `tonic/<version>`. 1 to 512 visible ASCII characters or spaces, checked at build.
+    ///
+    /// ```
+    /// let builder = grpc_pool::Pool::builder().user_agent("billing/2.3");
+    /// assert_eq!(builder.config().user_agent.as_deref(), Some("billing/2.3"));
+    /// ```
+    pub fn user_agent(mut self, user_agent: &str) -> Self {
+        self.config.user_agent = Some(user_agent.to_owned());
+        self
+    }
+
     setters! {
         /// Connections kept open per endpoint even when idle (0 to `max_connections`).
         min_connections: usize;

@@ -116,6 +116,11 @@ pub struct PoolConfig {
     pub service_config: Option<String>,
     /// The same, read from this file at build. Default: none; set one of the two.
     pub service_config_file: Option<std::path::PathBuf>,
+    /// Your application's name and version, put before the pool's own in the `user-agent`
+    /// header of calls that carry none (`"my-app/1.2 grpc-pool/0.1.0"`; 1 to 512 visible
+    /// ASCII characters or spaces). Default: none, the header is
+    /// [`POOL_USER_AGENT`](crate::POOL_USER_AGENT) alone.
+    pub user_agent: Option<String>,
 }
 
 /// `dns`: a host name whose addresses become endpoints, looked up again every `interval`
@@ -244,6 +249,7 @@ impl Default for PoolConfig {
             h2: core.h2,
             service_config: None,
             service_config_file: None,
+            user_agent: core.user_agent,
         }
     }
 }
@@ -327,6 +333,7 @@ impl PoolConfig {
             backoff: self.backoff.clone(),
             h2: self.h2.clone(),
             service_config: self.service_config()?.map(std::sync::Arc::new),
+            user_agent: self.user_agent.clone(),
         };
         Ok((core, health))
     }

@@ -48,7 +48,7 @@ pub use grpc_pool_core::{
     EndpointState, Error, ErrorKind, EvictionReason, H2Config, HedgingPolicy, MemberSnapshot, MemberState,
     MethodConfig, MethodName, OutlierDetection, PoolEvent, PoolEvents, ResponseBody, RetryPolicy,
     RetryReason, RetryThrottling, ServiceConfig, State, Statistics, TlsConfig, WaitForReady,
-    DEFAULT_POOL_NAME, EVENT_BUFFER,
+    DEFAULT_POOL_NAME, EVENT_BUFFER, POOL_USER_AGENT,
 };
 pub use grpc_pool_health::{
     CheckMode, HealthCheck, Keepalive, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,

@@ -998,3 +998,33 @@ async fn no_more_endpoints_are_ejected_than_max_ejection_percent_allows() {
     assert_eq!(servers[0].calls() + servers[1].calls() - failed_before, failed as u64);
     assert_eq!(pool.state().statistics.ejections, 1);
 }
+
+#[tokio::test]
+async fn calls_say_who_is_calling_in_their_user_agent_as_tonic_channels_do() {
+    let server = TestServer::start().await;
+    let call = |pool: Pool, agent: Option<&'static str>| async move {
+        let mut request =
+            tonic::Request::new(EchoRequest { message: Bytes::from_static(b"who"), repeat: 0, delay_ms: 0 });
+        if let Some(agent) = agent {
+            request.metadata_mut().insert("user-agent", agent.parse().unwrap());
+        }
+        EchoClient::new(pool).unary_echo(request).await.expect("answered");
+    };
+    let plain = Pool::builder().build([server.uri()]).await.unwrap();
+    call(plain.clone(), None).await;
+    assert_eq!(server.last_user_agent().as_deref(), Some(grpc_pool::POOL_USER_AGENT));
+    assert!(grpc_pool::POOL_USER_AGENT.starts_with("grpc-pool/"));
+
+    let named = Pool::builder().name("agent").user_agent("billing/2.3").build([server.uri()]).await.unwrap();
+    call(named.clone(), None).await;
+    let expected = format!("billing/2.3 {}", grpc_pool::POOL_USER_AGENT);
+    assert_eq!(server.last_user_agent(), Some(expected));
+    // A caller's own header is sent as it is.
+    call(named, Some("mine/1")).await;
+    assert_eq!(server.last_user_agent().as_deref(), Some("mine/1"));
+
+    let error = Pool::builder().user_agent("two\nlines").build_lazy([server.uri()]).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Config);
+    assert!(error.to_string().contains("user_agent"), "{error}");
+    assert!(error.to_string().contains("visible ASCII"), "{error}");
+}

@@ -729,3 +729,59 @@ async fn the_same_service_config_makes_the_same_attempts_as_the_grpc_c_core() {
     }
     println!("{}", table.join("\n"));
 }
+
+/// Records the `attempt` spans the pool opens and closes: the `retry` field of each opened,
+/// and how many have closed.
+#[derive(Clone, Default)]
+struct AttemptSpans {
+    opened: Arc<Mutex<Vec<u64>>>,
+    closed: Arc<AtomicU32>,
+}
+
+impl<S> tracing_subscriber::Layer<S> for AttemptSpans
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _id: &tracing::span::Id,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Retry(Option<u64>);
+        impl tracing::field::Visit for Retry {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                if field.name() == "retry" {
+                    self.0 = Some(value);
+                }
+            }
+            fn record_debug(&mut self, _field: &tracing::field::Field, _value: &dyn std::fmt::Debug) {}
+        }
+        if attrs.metadata().name() == "attempt" {
+            let mut retry = Retry(None);
+            attrs.record(&mut retry);
+            self.opened.lock().unwrap().push(retry.0.expect("an attempt span names its retry"));
+        }
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if ctx.metadata(&id).is_some_and(|m| m.name() == "attempt") {
+            self.closed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_attempt_of_a_call_under_a_retry_policy_is_a_span() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let spans = AttemptSpans::default();
+    // This thread's subscriber: the test runtime is current-thread, so the call's future
+    // is polled here.
+    let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let script = Script::new(2, Code::Unavailable, None);
+    let config = retrying(3, "0.01s", "0.01s", 1.0, r#""UNAVAILABLE""#, "");
+    let pool = pool_with(Some(&config), &[serve(&script).await]).await;
+    unary(&pool, "spanned").await.expect("answered at its third attempt");
+    assert_eq!(*spans.opened.lock().unwrap(), [0, 1, 2], "one span per attempt, numbered by retry");
+    assert_eq!(spans.closed.load(Ordering::SeqCst), 3, "every attempt's span closed with its attempt");
+}

@@ -137,6 +137,27 @@ pub struct Config {
     /// gRPC's service config: per-method timeouts, wait-for-ready and retry policies, and
     /// the pool's retry throttling.
     pub service_config: Option<std::sync::Arc<crate::service_config::ServiceConfig>>,
+    /// Put before the pool's own `grpc-pool/<version>` in the `user-agent` header of calls
+    /// that carry none (as tonic's `Endpoint::user_agent` does before `tonic/<version>`).
+    pub user_agent: Option<String>,
+}
+
+/// The pool's own part of the `user-agent` header.
+pub const POOL_USER_AGENT: &str = concat!("grpc-pool/", env!("CARGO_PKG_VERSION"));
+
+/// Longest `user_agent`: headers that long are a mistake, and servers cap header lists.
+const MAX_USER_AGENT: usize = 512;
+
+impl Config {
+    /// The `user-agent` header calls without one are sent with: the configured prefix, if
+    /// any, then [`POOL_USER_AGENT`].
+    pub(crate) fn user_agent_header(&self) -> http::HeaderValue {
+        match &self.user_agent {
+            Some(prefix) => http::HeaderValue::try_from(format!("{prefix} {POOL_USER_AGENT}"))
+                .unwrap_or(http::HeaderValue::from_static(POOL_USER_AGENT)),
+            None => http::HeaderValue::from_static(POOL_USER_AGENT),
+        }
+    }
 }
 
 /// The name of a pool built without one.
@@ -167,6 +188,7 @@ impl Default for Config {
             backoff: BackoffConfig::default(),
             h2: H2Config::default(),
             service_config: None,
+            user_agent: None,
         }
     }
 }
@@ -223,6 +245,9 @@ impl Config {
                 &format!("{:?}", self.metrics_interval),
                 "10ms to 3600s",
             ));
+        }
+        if let Some(user_agent) = &self.user_agent {
+            check_user_agent(user_agent)?;
         }
         check_backoff(&self.backoff)?;
         check_h2(&self.h2)
@@ -291,6 +316,20 @@ fn check_h2(h2: &H2Config) -> Result<(), Error> {
     check_range("h2.initial_connection_window_size", h2.initial_connection_window_size, 65_535, MAX_WINDOW)?;
     check_range("h2.max_frame_size", h2.max_frame_size, 16_384, 16_777_215)?;
     check_range("h2.max_header_list_size", h2.max_header_list_size, 1, u32::MAX)?;
+    Ok(())
+}
+
+/// A header value's characters (visible ASCII and spaces: what every server takes), not
+/// empty, not too long.
+fn check_user_agent(user_agent: &str) -> Result<(), Error> {
+    let printable = user_agent.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+    if user_agent.trim().is_empty() || user_agent.len() > MAX_USER_AGENT || !printable {
+        return Err(Error::config(
+            "user_agent",
+            &format!("{user_agent:?}"),
+            &format!("1 to {MAX_USER_AGENT} visible ASCII characters or spaces"),
+        ));
+    }
     Ok(())
 }
 

@@ -66,6 +66,8 @@ pub(crate) struct PoolInner {
     pub(crate) name_claim: Mutex<Option<PoolName>>,
     /// The retry throttle, when the service config sets `retryThrottling`.
     pub(crate) retry_tokens: Option<Arc<RetryTokens>>,
+    /// The `user-agent` header of calls that carry none, made once.
+    pub(crate) user_agent: http::HeaderValue,
 }
 
 impl PoolInner {
@@ -91,7 +93,9 @@ impl PoolInner {
             .as_ref()
             .and_then(|c| c.retry_throttling.as_ref())
             .map(|t| Arc::new(RetryTokens::new(t)));
+        let user_agent = config.user_agent_header();
         let inner = PoolInner {
+            user_agent,
             endpoints: ArcSwap::from_pointee(
                 endpoints
                     .into_iter()

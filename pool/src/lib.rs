@@ -49,7 +49,7 @@ pub use api::{Builder, Pool};
 pub use call::{ResponseBody, ResponseFuture, WaitForReady};
 #[doc(hidden)]
 pub use config::check_duration;
-pub use config::{AllUnhealthy, BackoffConfig, Config, H2Config, DEFAULT_POOL_NAME};
+pub use config::{AllUnhealthy, BackoffConfig, Config, H2Config, DEFAULT_POOL_NAME, POOL_USER_AGENT};
 pub use endpoint::Endpoint;
 pub use error::{Error, ErrorKind};
 pub use events::{PoolEvent, PoolEvents, EVENT_BUFFER};

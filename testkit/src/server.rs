@@ -29,6 +29,8 @@ pub struct Counters {
     pub active: AtomicUsize,
     /// Each unary call's `grpc-timeout` header as it arrived, and when it arrived.
     pub timeouts: std::sync::Mutex<Vec<(std::time::Instant, String)>>,
+    /// The `user-agent` header of the last unary call that had one.
+    pub user_agent: std::sync::Mutex<Option<String>>,
 }
 
 /// The echo service; every method honours `delay_ms`.
@@ -70,6 +72,9 @@ impl Echo for EchoServer {
         if let Some(timeout) = request.metadata().get("grpc-timeout").and_then(|t| t.to_str().ok()) {
             let seen = (std::time::Instant::now(), timeout.to_owned());
             self.counters.timeouts.lock().unwrap_or_else(|e| e.into_inner()).push(seen);
+        }
+        if let Some(agent) = request.metadata().get("user-agent").and_then(|a| a.to_str().ok()) {
+            *self.counters.user_agent.lock().unwrap_or_else(|e| e.into_inner()) = Some(agent.to_owned());
         }
         let request = request.into_inner();
         delay(request.delay_ms).await;
@@ -277,6 +282,11 @@ impl TestServer {
     /// out), and when it arrived.
     pub fn grpc_timeouts(&self) -> Vec<(std::time::Instant, String)> {
         self.counters.timeouts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The `user-agent` header of the last unary call that had one.
+    pub fn last_user_agent(&self) -> Option<String> {
+        self.counters.user_agent.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// While `on`, unary calls end with `UNAVAILABLE` (after their `delay_ms`), and server

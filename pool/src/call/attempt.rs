@@ -64,6 +64,9 @@ pub(super) struct Sending<B> {
     /// The pump stopped because its stream failed; it is kept, unpolled, for what it had
     /// not sent yet.
     pub(super) pump_stopped: bool,
+    /// For a call under a service config, this attempt's span (entered while the attempt
+    /// is polled, closed when it ends); none for other calls.
+    pub(super) span: tracing::Span,
 }
 
 /// Runs the rest of a request body on a task of its own.
@@ -196,6 +199,8 @@ where
 {
     /// Sends more of the request body and looks for the response head.
     pub(super) fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<HeadResult> {
+        let span = (!self.span.is_none()).then(|| self.span.clone());
+        let _attempt = span.as_ref().map(|span| span.enter());
         if let Err(error) = self.poll_pump(cx) {
             return Poll::Ready(Err(error));
         }

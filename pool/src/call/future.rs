@@ -213,6 +213,10 @@ where
             }
             parts.headers.insert(GRPC_TIMEOUT.clone(), deadline::encode(left));
         }
+        // Who is calling, as tonic's `Channel` tells; a caller's own header is kept.
+        if let http::header::Entry::Vacant(entry) = parts.headers.entry(http::header::USER_AGENT) {
+            entry.insert(self.pool.user_agent.clone());
+        }
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         // Put together from parts already checked (the endpoint's at build, the path by the
         // caller's `Uri`): cheaper than the builder, which checks each of them again.
@@ -259,15 +263,22 @@ where
     /// Opens the stream on the slot's member and starts sending the body.
     fn open(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Opened<B> {
         let member = slot.member().clone();
-        if self.method.is_some() {
-            tracing::debug!(
-                pool = %self.pool.name(),
-                endpoint = %member.endpoint.label,
-                attempt = self.retries + 1,
-                path = %request.uri().path(),
-                "sending an attempt of a call under a service config",
-            );
-        }
+        let span = match self.method {
+            // Retries and hedged copies are told apart by their spans' fields.
+            Some(_) => {
+                let span = tracing::debug_span!(
+                    "attempt",
+                    pool = %self.pool.name(),
+                    endpoint = %member.endpoint.label,
+                    path = %request.uri().path(),
+                    retry = self.retries,
+                    copy = self.hedged,
+                );
+                span.in_scope(|| tracing::debug!("sending an attempt of a call under a service config"));
+                span
+            }
+            None => tracing::Span::none(),
+        };
         let (mut parts, body) = request.into_parts();
         let again = match self.prepare_head(&member, &mut parts) {
             Ok(again) => again,
@@ -302,6 +313,7 @@ where
                     sent_body,
                     body_over_limit: false,
                     pump_stopped: false,
+                    span,
                 })
             }
             Err(err) if err.is_go_away() || err.is_io() => {

@@ -34,14 +34,14 @@ where
             }
         };
         self.avoid = Some(sending.slot.member().endpoint.clone());
-        tracing::debug!(
-            pool = %self.pool.name(),
-            endpoint = %sending.slot.member().endpoint.label,
-            code = crate::service_config::code_name(code),
-            attempt = self.retries,
-            ?delay,
-            "retrying a call under its retry policy",
-        );
+        sending.span.in_scope(|| {
+            tracing::debug!(
+                code = crate::service_config::code_name(code),
+                retry = self.retries,
+                ?delay,
+                "retrying a call under its retry policy",
+            )
+        });
         drop(sending);
         self.pool.count_policy_retry(code);
         retry::set_previous_attempts(&mut head, self.retries);
@@ -140,12 +140,7 @@ where
         retry::set_previous_attempts(&mut head, hedge.sent);
         match self.open(slot, rebuild(head, CallBody::replay(body, None))) {
             Opened::Sent(sending) => {
-                tracing::debug!(
-                    pool = %self.pool.name(),
-                    endpoint = %sending.slot.member().endpoint.label,
-                    copy = hedge.sent,
-                    "sending a hedged copy",
-                );
+                sending.span.in_scope(|| tracing::debug!(copy = hedge.sent, "sending a hedged copy"));
                 hedge.sent_copy(sending);
                 self.hedged += 1;
                 self.pool.count_hedges("sent", 1);
