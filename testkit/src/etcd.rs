@@ -27,7 +27,9 @@ pub fn etcd_binary() -> Result<PathBuf, String> {
         .to_owned())
 }
 
-/// One etcd member on 127.0.0.1, killed (SIGKILL) and its directory removed on drop.
+/// One etcd member on 127.0.0.1, killed (SIGKILL) and its directory removed on drop. On
+/// Linux it also dies with the thread that started it (`PR_SET_PDEATHSIG`): start it on the
+/// test's own thread, not on a thread that ends before the test does.
 pub struct EtcdServer {
     binary: PathBuf,
     dir: PathBuf,
@@ -85,7 +87,23 @@ impl EtcdServer {
         let client = format!("http://{}", self.client);
         let peer = format!("http://{}", self.peer);
         let log = std::fs::File::create(self.dir.join("etcd.log")).expect("etcd log file");
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe and touches only the child being started.
+            // etcd gets SIGKILL when the thread that started it ends, so a test process
+            // killed from outside (a timeout, ^C) leaves no etcd behind.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .arg("--name=test")
             .arg(format!("--data-dir={}", self.dir.join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
