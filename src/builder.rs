@@ -267,13 +267,14 @@ impl Builder {
         S: AsRef<str>,
     {
         let endpoints = self.endpoints(endpoints);
-        if endpoints.is_empty() && self.config.dns.is_some() {
+        if endpoints.is_empty() && (self.config.dns.is_some() || self.etcd_set()) {
             return self.build_lazy(endpoints);
         }
         let (core, health) = self.config.split()?;
         let discover = self.config.dns.as_ref().map(DnsConfig::discover).transpose()?;
+        let etcd = self.etcd()?;
         let core = grpc_pool_core::Builder::from_config(core).build(endpoints).await?;
-        Ok(Pool::start(core, health, discover))
+        Ok(Pool::start(core, health, discover, etcd))
     }
 
     /// Builds the pool at once and connects in the background (`min_connections` per
@@ -288,21 +289,54 @@ impl Builder {
         let endpoints = self.endpoints(endpoints);
         let (core, health) = self.config.split()?;
         let discover = self.config.dns.as_ref().map(DnsConfig::discover).transpose()?;
+        let etcd = self.etcd()?;
         let core = grpc_pool_core::Builder::from_config(core).build_lazy(endpoints)?;
-        Ok(Pool::start(core, health, discover))
+        Ok(Pool::start(core, health, discover, etcd))
+    }
+
+    /// Whether an `etcd` section is set.
+    fn etcd_set(&self) -> bool {
+        #[cfg(feature = "etcd")]
+        return self.config.etcd.is_some();
+        #[cfg(not(feature = "etcd"))]
+        false
+    }
+
+    /// The `etcd` section's discovery stream, checked.
+    #[cfg(feature = "etcd")]
+    fn etcd(&self) -> Result<Option<crate::etcd::EtcdDiscover>, Error> {
+        self.config.etcd.as_ref().map(crate::EtcdConfig::discover).transpose()
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn etcd(&self) -> Result<Option<std::convert::Infallible>, Error> {
+        Ok(None)
     }
 }
+
+/// What the `etcd` section adds to a pool: its discovery stream, when the feature is on.
+#[cfg(feature = "etcd")]
+type EtcdStream = crate::etcd::EtcdDiscover;
+#[cfg(not(feature = "etcd"))]
+type EtcdStream = std::convert::Infallible;
 
 impl Pool {
     fn start(
         core: grpc_pool_core::Pool,
         health: grpc_pool_health::HealthConfig,
         discover: Option<dns::DnsDiscover<dns::SystemResolver>>,
+        etcd: Option<EtcdStream>,
     ) -> Pool {
         grpc_pool_health::spawn(core.monitor(), health);
         if let Some(discover) = discover {
             core.discover(discover);
         }
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = etcd {
+            core.discover(etcd);
+        }
+        #[cfg(not(feature = "etcd"))]
+        let _ = etcd;
         Pool { core }
     }
 }

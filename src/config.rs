@@ -101,6 +101,10 @@ pub struct PoolConfig {
     pub connector: Option<Connector>,
     /// Endpoints from DNS, besides `endpoints`. Default: none.
     pub dns: Option<DnsConfig>,
+    /// Endpoints registered in etcd under a key prefix, besides `endpoints` (feature
+    /// `etcd`). Default: none.
+    #[cfg(feature = "etcd")]
+    pub etcd: Option<EtcdConfig>,
     /// Reconnect backoff after failed connects. Default: gRPC's.
     pub backoff: BackoffConfig,
     /// HTTP/2 settings.
@@ -152,6 +156,65 @@ impl DnsConfig {
     }
 }
 
+/// `etcd` (feature `etcd`): the endpoints registered under a key prefix of an etcd cluster,
+/// followed by an [`EtcdDiscover`](crate::etcd::EtcdDiscover) (values read by
+/// [`parse_value`](crate::etcd::parse_value)). The pool's own `tls` does not apply to etcd:
+/// this section has its own. etcd's user and password authentication is not supported.
+///
+/// ```
+/// # #[cfg(feature = "serde")] {
+/// let config: grpc_pool::PoolConfig = toml::from_str(r#"
+///     [etcd]
+///     endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+///     prefix = "services/echo/"
+/// "#).unwrap();
+/// assert_eq!(config.etcd.unwrap().prefix, "services/echo/");
+/// # }
+/// ```
+#[cfg(feature = "etcd")]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(deny_unknown_fields))]
+#[non_exhaustive]
+pub struct EtcdConfig {
+    /// The etcd cluster's client URIs (`http://host:2379`, `https://...`), 1 or more.
+    pub endpoints: Vec<String>,
+    /// The key prefix the servers register under (`services/echo/`), not empty.
+    pub prefix: String,
+    /// TLS for `https://` etcd endpoints. Default: the system's roots, no client
+    /// certificate.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub tls: Option<TlsConfig>,
+}
+
+#[cfg(feature = "etcd")]
+impl EtcdConfig {
+    /// The keys under `prefix` in the etcd at `endpoints`.
+    pub fn new<I, S>(endpoints: I, prefix: &str) -> EtcdConfig
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        EtcdConfig {
+            endpoints: endpoints.into_iter().map(|e| e.as_ref().to_owned()).collect(),
+            prefix: prefix.to_owned(),
+            tls: None,
+        }
+    }
+
+    /// The client and its discovery stream; fails naming `etcd.endpoints` or `etcd.prefix`.
+    pub(crate) fn discover(&self) -> Result<crate::etcd::EtcdDiscover, Error> {
+        if self.prefix.is_empty() {
+            return Err(Error::invalid_config(
+                "etcd.prefix",
+                "\"\"",
+                "a key prefix of 1 or more bytes (`services/echo/`)",
+            ));
+        }
+        let client = crate::etcd::EtcdClient::with_tls(&self.endpoints, self.tls.clone())?;
+        crate::etcd::EtcdDiscover::new(&client, &self.prefix)
+    }
+}
+
 impl Default for PoolConfig {
     fn default() -> Self {
         let core = grpc_pool_core::Config::default();
@@ -180,6 +243,8 @@ impl Default for PoolConfig {
             tls: core.tls,
             connector: core.connector,
             dns: None,
+            #[cfg(feature = "etcd")]
+            etcd: None,
             backoff: core.backoff,
             h2: core.h2,
             service_config: None,

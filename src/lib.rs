@@ -34,10 +34,14 @@
 pub mod bb8;
 mod builder;
 mod config;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 
 use std::fmt;
 
 pub use builder::{Builder, DEFAULT_PING_BEFORE_USE, DEFAULT_PING_BEFORE_USE_TIMEOUT};
+#[cfg(feature = "etcd")]
+pub use config::EtcdConfig;
 pub use config::{DnsConfig, PoolConfig};
 pub use grpc_pool_core::{
     discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, ClientIdentity, Connector, Endpoint,

@@ -77,6 +77,26 @@ pub const IN_FLIGHT: &str = "grpc_pool_in_flight_streams";
 /// Gauge: checkouts waiting for a slot; sampled every `metrics_interval`.
 pub const WAITERS: &str = "grpc_pool_waiters";
 
+/// Counter: endpoint changes an `EtcdDiscover` (facade feature `etcd`) passed on to its
+/// pool, by `change` (`insert`, `remove`) and `prefix` (the key prefix it watches).
+pub const ETCD_CHANGES: &str = "grpc_pool_etcd_changes_total";
+/// Counter: etcd values an `EtcdDiscover` skipped because they name no usable endpoint (not
+/// JSON, no address, an unsupported scheme), by `prefix`; each value once.
+pub const ETCD_BAD_VALUES: &str = "grpc_pool_etcd_bad_values_total";
+/// Counter: an `EtcdDiscover`'s failed lists and lost watches, each followed by a reconnect
+/// after a backoff (the endpoints stay as they were meanwhile), by `prefix`.
+pub const ETCD_RECONNECTS: &str = "grpc_pool_etcd_reconnects_total";
+/// Counter: an `EtcdDiscover`'s full re-lists after etcd compacted the history its watch
+/// needed, by `prefix`.
+pub const ETCD_RELISTS: &str = "grpc_pool_etcd_relists_total";
+/// Gauge: 1 while an `EtcdDiscover`'s watch is established, 0 while it reconnects, by
+/// `prefix`.
+pub const ETCD_WATCHING: &str = "grpc_pool_etcd_watching";
+/// Counter: lease renewals of etcd registrations (`register`), by `result` (`ok`; `error`:
+/// the keepalive stream failed and is opened again; `lost`: the lease expired and the key is
+/// registered again under a new one).
+pub const ETCD_KEEPALIVES: &str = "grpc_pool_etcd_keepalives_total";
+
 /// Label: the pool's name.
 pub const LABEL_POOL: &str = "pool";
 /// Label: the endpoint, as `http://host:port`.
@@ -89,6 +109,10 @@ pub const LABEL_STATE: &str = "state";
 pub const LABEL_CODE: &str = "code";
 /// Label: why something happened (an eviction or retry reason).
 pub const LABEL_REASON: &str = "reason";
+/// Label: the etcd key prefix an `EtcdDiscover` watches.
+pub const LABEL_PREFIX: &str = "prefix";
+/// Label: an endpoint change (`insert`, `remove`).
+pub const LABEL_CHANGE: &str = "change";
 
 /// A live pool's hold on its name; dropping it frees the name.
 #[derive(Debug)]

@@ -6,6 +6,7 @@ pub mod clock;
 /// The echo service, generated from `testkit/proto/echo.proto` by `scripts/regen-proto.sh`.
 #[allow(missing_docs)] // generated code, documented by the proto's comments
 pub mod echo;
+pub mod etcd;
 pub mod frame_server;
 #[cfg(target_os = "linux")]
 pub mod netns;
@@ -19,6 +20,7 @@ pub mod server;
 
 pub use bare::BareH2;
 pub use clock::HeldClock;
+pub use etcd::EtcdServer;
 pub use frame_server::{Behaviour, FrameServer};
 #[cfg(target_os = "linux")]
 pub use netns::BlackHoleLink;

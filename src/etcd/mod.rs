@@ -1,0 +1,310 @@
+//! Endpoints from etcd (feature `etcd`): servers register themselves under a key prefix with
+//! a lease ([`register`]), and pools follow the prefix ([`EtcdDiscover`]).
+//!
+//! The client is a small one of the crate's own, speaking etcd's v3 gRPC API (ranges, puts,
+//! deletes, compaction, watches, leases) through a [`Pool`] of its own to the etcd cluster's
+//! endpoints: connections, reconnects, keepalive and TLS are the pool's.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use grpc_pool::etcd::{register, EtcdClient, EtcdDiscover};
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let etcd = EtcdClient::new(["http://127.0.0.1:2379"])?;
+//!
+//! // A server: registered while `registration` lives, gone at once when it is dropped, and
+//! // within 10 s of a crash.
+//! let registration = register(&etcd, "services/echo/a", "10.0.0.7:50051", Duration::from_secs(10)).await?;
+//!
+//! // A client: the pool follows every key under `services/echo/`.
+//! let pool = grpc_pool::Pool::builder().name("echo").build_lazy(Vec::<String>::new())?;
+//! pool.discover(EtcdDiscover::new(&etcd, "services/echo/")?);
+//! # drop(registration); Ok(()) }
+//! ```
+
+mod discover;
+#[allow(missing_docs, clippy::all, clippy::pedantic)] // generated from proto/etcd.proto
+mod proto;
+mod register;
+mod value;
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+pub use discover::{EtcdDiscover, WatchStatus};
+pub use register::{register, Registration};
+pub use value::{parse_value, ParseValue};
+
+use crate::{Error, ErrorKind, Pool, TlsConfig};
+use proto::kv_client::KvClient;
+use proto::lease_client::LeaseClient;
+use proto::watch_client::WatchClient;
+
+/// A client of one etcd cluster: a [`Pool`] of connections to its endpoints, shared by every
+/// clone, the [`EtcdDiscover`] streams and the [`Registration`]s made with it. It closes
+/// when the last of them is dropped. Its pool is named `etcd` (`etcd-2`, ... for more
+/// clients), connects within 3 s, and reconnects at most 5 s apart.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let etcd = grpc_pool::etcd::EtcdClient::new(["http://10.0.0.1:2379", "http://10.0.0.2:2379"])?;
+/// let revision = etcd.put("services/echo/a", "10.0.0.7:50051").await?;
+/// assert_eq!(etcd.get_prefix("services/echo/").await?.len(), 1);
+/// # let _ = revision; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct EtcdClient {
+    pool: Pool,
+}
+
+/// Numbers the etcd clients' pools (`etcd`, `etcd-2`, ...): pool names are unique.
+static CLIENTS: AtomicUsize = AtomicUsize::new(0);
+
+impl EtcdClient {
+    /// A client of the etcd cluster at `endpoints` (`http://host:port`, or `https://` with
+    /// the system's roots). Connects in the background; must be called inside a Tokio
+    /// runtime. Fails if the list is empty or an endpoint is not a URI.
+    pub fn new<I, S>(endpoints: I) -> Result<EtcdClient, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        EtcdClient::with_tls(endpoints, None)
+    }
+
+    /// The same, with TLS settings for `https://` endpoints (roots, a client certificate).
+    pub fn with_tls<I, S>(endpoints: I, tls: Option<TlsConfig>) -> Result<EtcdClient, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let endpoints: Vec<String> = endpoints.into_iter().map(|e| e.as_ref().to_owned()).collect();
+        if endpoints.is_empty() {
+            return Err(Error::invalid_config(
+                "etcd.endpoints",
+                "[]",
+                "1 or more etcd URIs (`http://host:2379`)",
+            ));
+        }
+        for uri in &endpoints {
+            let allowed = "`http://host:port` or `https://host:port` URIs";
+            match crate::Endpoint::parse(uri) {
+                Ok(endpoint) if endpoint.unix_path().is_none() => {}
+                Ok(_) => return Err(Error::invalid_config("etcd.endpoints", uri, allowed)),
+                Err(e) => {
+                    return Err(Error::invalid_config("etcd.endpoints", &format!("`{uri}` ({e})"), allowed))
+                }
+            }
+        }
+        loop {
+            let n = CLIENTS.fetch_add(1, Ordering::Relaxed) + 1;
+            let name = if n == 1 { "etcd".to_owned() } else { format!("etcd-{n}") };
+            // A registry that was away is wanted back soon: reconnects at most 5 s apart
+            // (the pool's default goes to 120 s).
+            let mut backoff = crate::BackoffConfig::default();
+            backoff.base = Duration::from_millis(200);
+            backoff.max = Duration::from_secs(5);
+            let mut builder = Pool::builder().backoff(backoff);
+            if let Some(tls) = &tls {
+                builder = builder.tls(tls.clone());
+            }
+            let built = builder
+                .name(&name)
+                // Watches and lease keepalives are long calls; a few connections carry them.
+                .max_connections(2)
+                .connect_timeout(Duration::from_secs(3))
+                .build_lazy(&endpoints);
+            match built {
+                Ok(pool) => return Ok(EtcdClient { pool }),
+                // A pool of the application's holds that name: take the next.
+                Err(e)
+                    if e.kind() == ErrorKind::Config && e.to_string().contains("`name`") && n < 1 << 20 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The pool under the client: its state shows the connections to etcd.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn kv(&self) -> KvClient<Pool> {
+        KvClient::new(self.pool.clone())
+    }
+
+    fn watch(&self) -> WatchClient<Pool> {
+        WatchClient::new(self.pool.clone())
+    }
+
+    fn lease(&self) -> LeaseClient<Pool> {
+        LeaseClient::new(self.pool.clone())
+    }
+
+    /// Sets `key` to `value` (no lease); returns the store's revision after the write.
+    pub async fn put(&self, key: &str, value: &str) -> Result<i64, EtcdError> {
+        self.put_with_lease(key, value.as_bytes(), 0).await
+    }
+
+    async fn put_with_lease(&self, key: &str, value: &[u8], lease: i64) -> Result<i64, EtcdError> {
+        let request = proto::PutRequest { key: key.to_owned().into(), value: value.to_vec().into(), lease };
+        let response = self.kv().put(request).await.map_err(|s| EtcdError::call("put", s))?;
+        Ok(response.into_inner().header.map_or(0, |h| h.revision))
+    }
+
+    /// Deletes `key`; returns how many keys were deleted (0 or 1).
+    pub async fn delete(&self, key: &str) -> Result<i64, EtcdError> {
+        let request = proto::DeleteRangeRequest { key: key.to_owned().into(), range_end: Default::default() };
+        let response = self.kv().delete_range(request).await.map_err(|s| EtcdError::call("delete", s))?;
+        Ok(response.into_inner().deleted)
+    }
+
+    /// Every key under `prefix` with its value, in key order (keys as UTF-8, lossily).
+    pub async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, EtcdError> {
+        let (_, kvs) = self.range_prefix(prefix).await?;
+        Ok(kvs
+            .into_iter()
+            .map(|kv| (String::from_utf8_lossy(&kv.key).into_owned(), kv.value.to_vec()))
+            .collect())
+    }
+
+    /// The keys under `prefix` now, and the revision they are at.
+    async fn range_prefix(&self, prefix: &str) -> Result<(i64, Vec<proto::KeyValue>), EtcdError> {
+        let request = proto::RangeRequest {
+            key: prefix.to_owned().into(),
+            range_end: prefix_end(prefix.as_bytes()).into(),
+            limit: 0,
+            revision: 0,
+        };
+        let response = self.kv().range(request).await.map_err(|s| EtcdError::call("range", s))?.into_inner();
+        Ok((response.header.map_or(0, |h| h.revision), response.kvs))
+    }
+
+    /// Forgets the history before `revision` (etcd's compaction): watches that still need
+    /// it are cancelled as compacted.
+    pub async fn compact(&self, revision: i64) -> Result<(), EtcdError> {
+        let request = proto::CompactionRequest { revision, physical: true };
+        self.kv().compact(request).await.map_err(|s| EtcdError::call("compact", s))?;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for EtcdClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdClient").field("pool", &self.pool.name()).finish_non_exhaustive()
+    }
+}
+
+/// The end of the key range that holds every key starting with `prefix`: the prefix with its
+/// last byte below 0xff incremented (etcd's convention), or `\0` (every key) when there is
+/// none.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// A failed etcd call, or a setting out of range.
+///
+/// ```
+/// let err = grpc_pool::etcd::EtcdError::from(grpc_pool::Error::invalid_config("ttl", "0s", "1s to 9e9 s"));
+/// assert!(err.to_string().contains("`ttl`"));
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum EtcdError {
+    /// A setting out of range; nothing was sent.
+    Config(Error),
+    /// etcd answered a call with an error status, or could not be reached.
+    Call {
+        /// The call: `put`, `delete`, `range`, `compact`, `lease grant`, `lease revoke`.
+        op: &'static str,
+        /// The status it ended with.
+        status: tonic::Status,
+    },
+}
+
+impl EtcdError {
+    fn call(op: &'static str, status: tonic::Status) -> EtcdError {
+        EtcdError::Call { op, status }
+    }
+}
+
+impl From<Error> for EtcdError {
+    fn from(error: Error) -> EtcdError {
+        EtcdError::Config(error)
+    }
+}
+
+impl fmt::Display for EtcdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EtcdError::Config(error) => error.fmt(f),
+            EtcdError::Call { op, status } => {
+                write!(f, "etcd {op} failed: {:?}: {}", status.code(), status.message())
+            }
+        }
+    }
+}
+
+impl std::error::Error for EtcdError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            EtcdError::Config(error) => Some(error),
+            EtcdError::Call { status, .. } => Some(status),
+        }
+    }
+}
+
+/// Backoff between reconnects: 100 ms doubling to `max`, with +/-20% jitter.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff { next: min, min, max }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The wait before the next try, and doubles the one after.
+    pub(crate) fn next_wait(&mut self) -> Duration {
+        let wait = self.next.mul_f64(0.8 + 0.4 * fastrand::f64());
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_end_covers_every_key_under_the_prefix() {
+        assert_eq!(prefix_end(b"services/echo/"), b"services/echo0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+        assert_eq!(prefix_end(b""), vec![0]);
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(300));
+        let waits: Vec<Duration> = (0..4).map(|_| backoff.next_wait()).collect();
+        assert!(waits[0] >= Duration::from_millis(80) && waits[0] <= Duration::from_millis(120));
+        assert!(waits[3] >= Duration::from_millis(240) && waits[3] <= Duration::from_millis(360));
+        backoff.reset();
+        assert!(backoff.next_wait() <= Duration::from_millis(120));
+    }
+}
