@@ -46,6 +46,26 @@ impl Default for BackoffConfig {
     }
 }
 
+impl BackoffConfig {
+    /// The wait before attempt number `failures + 1`, after `failures` failed attempts in a
+    /// row: `base * multiplier^(failures - 1)`, capped at `max`, then spread by `+/- jitter`
+    /// (zero for no failure). The pool waits this long between connects; anything else that
+    /// retries with the same policy can ask it too.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut backoff = grpc_pool_core::BackoffConfig::default();
+    /// backoff.jitter = 0.0;
+    /// assert_eq!(backoff.delay(0), Duration::ZERO);
+    /// assert_eq!(backoff.delay(1), Duration::from_secs(1));
+    /// assert_eq!(backoff.delay(2), Duration::from_millis(1600));
+    /// assert_eq!(backoff.delay(99), Duration::from_secs(120));
+    /// ```
+    pub fn delay(&self, failures: u32) -> Duration {
+        crate::backoff::delay(self, failures)
+    }
+}
+
 /// What checkouts do when the health task has marked every endpoint unhealthy.
 ///
 /// ```

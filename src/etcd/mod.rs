@@ -261,28 +261,29 @@ impl std::error::Error for EtcdError {
     }
 }
 
-/// Backoff between reconnects: 100 ms doubling to `max`, with +/-20% jitter.
+/// Backoff between reconnects: `min` doubling to `max`, with +/-20% jitter (the pool's own
+/// backoff arithmetic, [`BackoffConfig::delay`](crate::BackoffConfig::delay)).
 #[derive(Debug, Clone)]
 pub(crate) struct Backoff {
-    next: Duration,
-    min: Duration,
-    max: Duration,
+    policy: crate::BackoffConfig,
+    failures: u32,
 }
 
 impl Backoff {
     pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { next: min, min, max }
+        let mut policy = crate::BackoffConfig::default();
+        (policy.base, policy.multiplier, policy.jitter, policy.max) = (min, 2.0, 0.2, max);
+        Backoff { policy, failures: 0 }
     }
 
     pub(crate) fn reset(&mut self) {
-        self.next = self.min;
+        self.failures = 0;
     }
 
-    /// The wait before the next try, and doubles the one after.
+    /// The wait before the next try; the one after is twice as long, up to `max`.
     pub(crate) fn next_wait(&mut self) -> Duration {
-        let wait = self.next.mul_f64(0.8 + 0.4 * fastrand::f64());
-        self.next = (self.next * 2).min(self.max);
-        wait
+        self.failures = self.failures.saturating_add(1);
+        self.policy.delay(self.failures)
     }
 }
 
