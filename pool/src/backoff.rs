@@ -1,4 +1,6 @@
-//! Exponential reconnect backoff with jitter, as in gRPC's connection-backoff spec.
+//! Exponential reconnect backoff with jitter, as in gRPC's connection-backoff spec. The
+//! arithmetic is [`BackoffConfig::delay`] (public, so the etcd client's reconnects use it
+//! too); this is the pool's name for it, and its tests.
 
 use std::time::Duration;
 
@@ -8,19 +10,7 @@ use crate::config::BackoffConfig;
 /// failed attempts: `base * multiplier^(failures - 1)`, capped at `max`, then spread by
 /// `+/- jitter`. Zero failures means no delay.
 pub(crate) fn delay(config: &BackoffConfig, failures: u32) -> Duration {
-    if failures == 0 {
-        return Duration::ZERO;
-    }
-    let exponent = (failures - 1).min(64) as i32;
-    let raw = config.base.as_secs_f64() * config.multiplier.powi(exponent);
-    let capped = raw.min(config.max.as_secs_f64());
-    let jittered = capped * (1.0 + config.jitter * symmetric_unit());
-    Duration::from_secs_f64(jittered.max(0.0))
-}
-
-/// A uniformly distributed number in `[-1, 1)`.
-fn symmetric_unit() -> f64 {
-    fastrand::f64() * 2.0 - 1.0
+    config.delay(failures)
 }
 
 #[cfg(test)]

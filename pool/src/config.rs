@@ -62,7 +62,15 @@ impl BackoffConfig {
     /// assert_eq!(backoff.delay(99), Duration::from_secs(120));
     /// ```
     pub fn delay(&self, failures: u32) -> Duration {
-        crate::backoff::delay(self, failures)
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let exponent = (failures - 1).min(64) as i32;
+        let raw = self.base.as_secs_f64() * self.multiplier.powi(exponent);
+        let capped = raw.min(self.max.as_secs_f64());
+        // Spread uniformly over [-jitter, +jitter).
+        let jittered = capped * (1.0 + self.jitter * (fastrand::f64() * 2.0 - 1.0));
+        Duration::from_secs_f64(jittered.max(0.0))
     }
 }
 
