@@ -159,7 +159,8 @@ impl DnsConfig {
 /// `etcd` (feature `etcd`): the endpoints registered under a key prefix of an etcd cluster,
 /// followed by an [`EtcdDiscover`](crate::etcd::EtcdDiscover) (values read by
 /// [`parse_value`](crate::etcd::parse_value)). The pool's own `tls` does not apply to etcd:
-/// this section has its own. etcd's user and password authentication is not supported.
+/// this section has its own. An etcd with authentication enabled takes `user` and `password`
+/// (or `password_file`, read at build).
 ///
 /// ```
 /// # #[cfg(feature = "serde")] {
@@ -167,12 +168,16 @@ impl DnsConfig {
 ///     [etcd]
 ///     endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
 ///     prefix = "services/echo/"
+///     user = "echo"
+///     password_file = "/run/secrets/etcd-password"
 /// "#).unwrap();
-/// assert_eq!(config.etcd.unwrap().prefix, "services/echo/");
+/// let etcd = config.etcd.unwrap();
+/// assert_eq!(etcd.prefix, "services/echo/");
+/// assert!(!format!("{etcd:?}").contains("secrets"), "Debug hides where the password is");
 /// # }
 /// ```
 #[cfg(feature = "etcd")]
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(deny_unknown_fields))]
 #[non_exhaustive]
 pub struct EtcdConfig {
@@ -184,6 +189,32 @@ pub struct EtcdConfig {
     /// certificate.
     #[cfg_attr(feature = "serde", serde(default))]
     pub tls: Option<TlsConfig>,
+    /// The etcd user to sign in as, for an etcd with authentication enabled. Default: none
+    /// (calls carry no token).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub user: Option<String>,
+    /// The user's password. Set this or `password_file` with `user`.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub password: Option<String>,
+    /// A file holding the user's password (one trailing newline is dropped), read when the
+    /// pool is built.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+/// Shows the user but neither the password nor where it is kept.
+#[cfg(feature = "etcd")]
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("tls", &self.tls)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "(hidden)"))
+            .field("password_file", &self.password_file.as_ref().map(|_| "(hidden)"))
+            .finish()
+    }
 }
 
 #[cfg(feature = "etcd")]
@@ -198,6 +229,53 @@ impl EtcdConfig {
             endpoints: endpoints.into_iter().map(|e| e.as_ref().to_owned()).collect(),
             prefix: prefix.to_owned(),
             tls: None,
+            user: None,
+            password: None,
+            password_file: None,
+        }
+    }
+
+    /// The user and password to sign in with, checked (and the password file read); errors
+    /// name `etcd.user`, `etcd.password` or `etcd.password_file`.
+    pub(crate) fn credentials(&self) -> Result<Option<(&str, String)>, Error> {
+        let password = match (&self.password, &self.password_file) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid_config(
+                    "etcd.password_file",
+                    "(set with `etcd.password`)",
+                    "either `password` or `password_file`, not both",
+                ))
+            }
+            (Some(password), None) => Some(password.clone()),
+            (None, Some(path)) => {
+                let read = std::fs::read_to_string(path).map_err(|e| {
+                    Error::invalid_config(
+                        "etcd.password_file",
+                        &format!("`{}` ({e})", path.display()),
+                        "a readable UTF-8 file holding the password",
+                    )
+                })?;
+                let password = read.strip_suffix('\n').unwrap_or(&read);
+                Some(password.strip_suffix('\r').unwrap_or(password).to_owned())
+            }
+            (None, None) => None,
+        };
+        match (&self.user, password) {
+            (Some(user), _) if user.is_empty() => {
+                Err(Error::invalid_config("etcd.user", "\"\"", "a user name of 1 or more characters"))
+            }
+            (Some(user), Some(password)) => Ok(Some((user, password))),
+            (Some(_), None) => Err(Error::invalid_config(
+                "etcd.password",
+                "(none)",
+                "a password for `etcd.user`, or `etcd.password_file`",
+            )),
+            (None, Some(_)) => Err(Error::invalid_config(
+                "etcd.user",
+                "(none)",
+                "the user the password is for (a password needs a user)",
+            )),
+            (None, None) => Ok(None),
         }
     }
 
@@ -210,7 +288,11 @@ impl EtcdConfig {
                 "a key prefix of 1 or more bytes (`services/echo/`)",
             ));
         }
-        let client = crate::etcd::EtcdClient::with_tls(&self.endpoints, self.tls.clone())?;
+        let credentials = self.credentials()?;
+        let mut client = crate::etcd::EtcdClient::with_tls(&self.endpoints, self.tls.clone())?;
+        if let Some((user, password)) = credentials {
+            client = client.with_user(user, &password)?;
+        }
         crate::etcd::EtcdDiscover::new(&client, &self.prefix)
     }
 }

@@ -1,6 +1,6 @@
 //! Endpoints from etcd (feature `etcd`), against a real etcd (testkit's `EtcdServer`, one per
 //! test on free 127.0.0.1 ports) and real tonic servers: registrations under load, etcd
-//! stopped, compaction, churn, and values that name no endpoint.
+//! stopped, compaction, churn, values that name no endpoint, and an etcd with authentication.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -407,4 +407,116 @@ async fn an_etcd_section_of_the_config_follows_the_prefix_and_bad_values_fail_th
     let err =
         toml::from_str::<grpc_pool::PoolConfig>("[etcd]\nendpoints = []\nprefixx = \"p/\"\n").unwrap_err();
     assert!(err.to_string().contains("prefixx"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_authentication_a_user_registers_and_follows_and_signs_in_again_when_its_token_expires() {
+    // Tokens expire after 1 s unused (etcd's default is 300 s).
+    let etcd_server = EtcdServer::start_with(&["--auth-token-ttl=1"]);
+    etcd_server.enable_auth("root-password", &[("echo", "echo-password", "svc/auth/")]);
+
+    // No user, a wrong password, a key outside the user's prefix: each a clear error.
+    let anonymous = EtcdClient::new([etcd_server.uri()]).unwrap();
+    let err = anonymous.put("svc/auth/x", "127.0.0.1:1").await.unwrap_err().to_string();
+    assert!(err.starts_with("etcd put failed") && err.contains("user name is empty"), "{err}");
+    let wrong = EtcdClient::new([etcd_server.uri()]).unwrap().with_user("echo", "nope").unwrap();
+    let err = wrong.put("svc/auth/x", "127.0.0.1:1").await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("etcd authenticate failed") && err.contains("invalid user ID or password"),
+        "{err}"
+    );
+    let etcd = EtcdClient::new([etcd_server.uri()]).unwrap().with_user("echo", "echo-password").unwrap();
+    assert_eq!(etcd.user(), Some("echo"));
+    assert!(!format!("{etcd:?}").contains("echo-password"));
+    let err = etcd.put("svc/other/x", "127.0.0.1:1").await.unwrap_err().to_string();
+    assert!(err.contains("permission denied"), "{err}");
+    let err = EtcdClient::new([etcd_server.uri()]).unwrap().with_user("", "x").unwrap_err().to_string();
+    assert!(err.contains("`etcd.user`"), "{err}");
+
+    let (a, b) = (TestServer::start().await, TestServer::start().await);
+    let _a_reg = register(&etcd, "svc/auth/a", &a.addr().to_string(), TTL).await.unwrap();
+    // The pool's watch has a client of its own, through a relay the test can cut, so that
+    // nothing else signs in for it.
+    let relay = Relay::start(etcd_server.uri().trim_start_matches("http://").parse().unwrap()).await;
+    let watching = EtcdClient::new([relay.uri()]).unwrap().with_user("echo", "echo-password").unwrap();
+    let (pool, status) = following(&watching, "svc/auth/");
+    wait_until(WAIT, "the registered server is in the pool", || endpoints(&pool) == set([a.uri().as_str()]))
+        .await;
+    wait_until(WAIT, "the watch is established", || status.watching()).await;
+    let mut client = EchoClient::new(pool.clone());
+    client
+        .unary_echo(EchoRequest { message: Bytes::from_static(b"x"), repeat: 0, delay_ms: 0 })
+        .await
+        .unwrap();
+
+    // Unused for 3 s, both clients' tokens have expired (etcd drops them within 1 s of
+    // their TTL). A call with one is refused; the client signs in again and repeats it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The watch, cut, is created again: refused with the old token, then with a new one.
+    relay.reset();
+    wait_until(WAIT, "the watch notices the cut", || status.reconnects() >= 1).await;
+    wait_until(WAIT, "the watch is established again, with a new token", || status.watching()).await;
+    let _b_reg =
+        register(&etcd, "svc/auth/b", &b.addr().to_string(), TTL).await.expect("registers with a new token");
+    wait_until(WAIT, "the new registration reaches the pool", || {
+        endpoints(&pool) == set([a.uri().as_str(), b.uri().as_str()])
+    })
+    .await;
+    assert_eq!(
+        registered(&etcd, "svc/auth/").await,
+        set([a.uri().as_str(), b.uri().as_str()]),
+        "the first registration's lease is still kept alive"
+    );
+}
+
+#[cfg(feature = "serde")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_section_signs_in_with_a_password_file_and_bad_credentials_fail_the_build_naming_the_field() {
+    let etcd_server = EtcdServer::start();
+    etcd_server.enable_auth("root-password", &[("echo", "echo-password", "svc/g/")]);
+    let etcd = EtcdClient::new([etcd_server.uri()]).unwrap().with_user("echo", "echo-password").unwrap();
+    let server = TestServer::start().await;
+    let _reg = register(&etcd, "svc/g/1", &server.addr().to_string(), TTL).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("grpc-pool-etcd-password-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let password_file = dir.join("password");
+    // As secret files usually are: one line.
+    std::fs::write(&password_file, "echo-password\n").unwrap();
+    let text = format!(
+        "[etcd]\nendpoints = [\"{}\"]\nprefix = \"svc/g/\"\nuser = \"echo\"\npassword_file = \"{}\"\n",
+        etcd_server.uri(),
+        password_file.display()
+    );
+    let config: grpc_pool::PoolConfig = toml::from_str(&text).unwrap();
+    assert!(!format!("{config:?}").contains(&password_file.display().to_string()));
+    let pool = config.build_lazy().unwrap();
+    wait_until(WAIT, "the registered server is in the pool", || {
+        endpoints(&pool) == set([server.uri().as_str()])
+    })
+    .await;
+
+    let missing = dir.join("missing");
+    let base = "endpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"p/\"";
+    for (credentials, field, allowed) in [
+        ("user = \"echo\"".to_owned(), "`etcd.password`", "a password for `etcd.user`"),
+        ("password = \"x\"".to_owned(), "`etcd.user`", "a password needs a user"),
+        ("user = \"\"\npassword = \"x\"".to_owned(), "`etcd.user`", "1 or more characters"),
+        (
+            format!("user = \"echo\"\npassword = \"x\"\npassword_file = \"{}\"", password_file.display()),
+            "`etcd.password_file`",
+            "not both",
+        ),
+        (
+            format!("user = \"echo\"\npassword_file = \"{}\"", missing.display()),
+            "`etcd.password_file`",
+            "a readable UTF-8 file",
+        ),
+    ] {
+        let config: grpc_pool::PoolConfig =
+            toml::from_str(&format!("[etcd]\n{base}\n{credentials}\n")).unwrap();
+        let err = config.build_lazy().unwrap_err().to_string();
+        assert!(err.contains(field) && err.contains(allowed), "{credentials}: {err}");
+        assert!(!err.contains("\"x\""), "the password is not shown: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -96,6 +96,10 @@ pub const ETCD_WATCHING: &str = "grpc_pool_etcd_watching";
 /// the keepalive stream failed and is opened again; `lost`: the lease expired and the key is
 /// registered again under a new one).
 pub const ETCD_KEEPALIVES: &str = "grpc_pool_etcd_keepalives_total";
+/// Counter: sign-ins of etcd clients with a user and password (`EtcdClient::with_user`), by
+/// `result` (`ok`: a new token; `error`: refused, or etcd unreachable). After the first, each
+/// `ok` means etcd stopped taking the previous token (it expired unused, or etcd restarted).
+pub const ETCD_AUTHENTICATIONS: &str = "grpc_pool_etcd_authentications_total";
 
 /// Label: the pool's name.
 pub const LABEL_POOL: &str = "pool";

@@ -13,6 +13,7 @@ use grpc_pool_core::discover::Change;
 use grpc_pool_core::metrics as m;
 use tokio::sync::mpsc;
 
+use super::proto::watch_client::WatchClient;
 use super::proto::{self, event::EventType, watch_request::RequestUnion};
 use super::value::{parse_value, ParseValue};
 use super::{prefix_end, Backoff, EtcdClient};
@@ -351,7 +352,15 @@ impl Watcher {
         // The channel has room for it; `requests` stays open with the watch, since etcd
         // ends a watch stream whose requests end.
         let _ = requests.try_send(create);
-        let mut client = self.client.watch();
+        let token = tokio::select! {
+            token = self.client.token() => token,
+            _ = changes.closed() => return Ended::Closed,
+        };
+        let token = match token {
+            Ok(token) => token,
+            Err(error) => return Ended::Failed(error.to_string()),
+        };
+        let mut client = WatchClient::new(self.client.channel(token.clone()));
         // etcd answers a watch's creation at once; one that does not is as good as down.
         let opened = tokio::select! {
             opened = tokio::time::timeout(Duration::from_secs(10), client.watch(Requests(request_stream))) => opened,
@@ -359,7 +368,10 @@ impl Watcher {
         };
         let mut responses = match opened {
             Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => return Ended::Failed(format!("{:?}: {}", status.code(), status.message())),
+            Ok(Err(status)) => {
+                self.client.token_rejected(&status, &token);
+                return Ended::Failed(format!("{:?}: {}", status.code(), status.message()));
+            }
             Err(_) => return Ended::Failed("no answer to the watch's creation within 10 s".to_owned()),
         };
         loop {
@@ -376,6 +388,12 @@ impl Watcher {
                 return Ended::Compacted(response.compact_revision);
             }
             if response.canceled {
+                // etcd cancels the creation of a watch whose token it no longer takes with
+                // the refusal as the reason (`rpc error: code = Unauthenticated desc =
+                // etcdserver: invalid auth token`): sign in again before the next try.
+                if super::auth::refuses_token(&response.cancel_reason) {
+                    self.client.forget_token(&token);
+                }
                 return Ended::Failed(format!("etcd cancelled the watch: {}", response.cancel_reason));
             }
             if response.created {

@@ -3,7 +3,8 @@
 //!
 //! The client is a small one of the crate's own, speaking etcd's v3 gRPC API (ranges, puts,
 //! deletes, compaction, watches, leases) through a [`Pool`] of its own to the etcd cluster's
-//! endpoints: connections, reconnects, keepalive and TLS are the pool's.
+//! endpoints: connections, reconnects, keepalive and TLS are the pool's. An etcd with
+//! authentication enabled takes a user name and password ([`EtcdClient::with_user`]).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -21,6 +22,7 @@
 //! # drop(registration); Ok(()) }
 //! ```
 
+mod auth;
 mod discover;
 #[allow(missing_docs, clippy::all, clippy::pedantic)] // generated from proto/etcd.proto
 mod proto;
@@ -28,17 +30,20 @@ mod register;
 mod value;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tonic::service::interceptor::InterceptedService;
 
 pub use discover::{EtcdDiscover, WatchStatus};
 pub use register::{register, Registration};
 pub use value::{parse_value, ParseValue};
 
 use crate::{Error, ErrorKind, Pool, TlsConfig};
+use auth::{Credentials, SendToken, SharedCredentials, Token};
 use proto::kv_client::KvClient;
-use proto::lease_client::LeaseClient;
-use proto::watch_client::WatchClient;
 
 /// A client of one etcd cluster: a [`Pool`] of connections to its endpoints, shared by every
 /// clone, the [`EtcdDiscover`] streams and the [`Registration`]s made with it. It closes
@@ -55,7 +60,11 @@ use proto::watch_client::WatchClient;
 #[derive(Clone)]
 pub struct EtcdClient {
     pool: Pool,
+    credentials: SharedCredentials,
 }
+
+/// The pool, with the token (if any) put on every call.
+pub(crate) type Channel = InterceptedService<Pool, SendToken>;
 
 /// Numbers the etcd clients' pools (`etcd`, `etcd-2`, ...): pool names are unique.
 static CLIENTS: AtomicUsize = AtomicUsize::new(0);
@@ -115,7 +124,7 @@ impl EtcdClient {
                 .connect_timeout(Duration::from_secs(3))
                 .build_lazy(&endpoints);
             match built {
-                Ok(pool) => return Ok(EtcdClient { pool }),
+                Ok(pool) => return Ok(EtcdClient { pool, credentials: None }),
                 // A pool of the application's holds that name: take the next.
                 Err(e)
                     if e.kind() == ErrorKind::Config && e.to_string().contains("`name`") && n < 1 << 20 => {}
@@ -124,21 +133,86 @@ impl EtcdClient {
         }
     }
 
+    /// The same client, signing in to etcd as `user` (for an etcd with authentication
+    /// enabled): the first call gets a token for the user and password (etcd's
+    /// `Authenticate`), every call carries it, and when etcd no longer takes it (it expired
+    /// unused, or etcd restarted) the client signs in again and repeats the call once. A
+    /// wrong password fails calls with `etcd authenticate failed: InvalidArgument: ...
+    /// invalid user ID or password`. Fails if `user` is empty.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let password = std::fs::read_to_string("/run/secrets/etcd")?;
+    /// let etcd = grpc_pool::etcd::EtcdClient::new(["http://10.0.0.1:2379"])?.with_user("echo", password.trim_end())?;
+    /// etcd.put("services/echo/a", "10.0.0.7:50051").await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_user(self, user: &str, password: &str) -> Result<EtcdClient, Error> {
+        if user.is_empty() {
+            return Err(Error::invalid_config("etcd.user", "\"\"", "a user name of 1 or more characters"));
+        }
+        Ok(EtcdClient { credentials: Some(Arc::new(Credentials::new(user, password))), ..self })
+    }
+
+    /// The user the client signs in as, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.credentials.as_deref().map(Credentials::user)
+    }
+
     /// The pool under the client: its state shows the connections to etcd.
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
-    fn kv(&self) -> KvClient<Pool> {
-        KvClient::new(self.pool.clone())
+    /// The token to send with a call: `None` without credentials; signs in when there is
+    /// none in hand.
+    pub(crate) async fn token(&self) -> Result<Option<Token>, EtcdError> {
+        match &self.credentials {
+            Some(credentials) => credentials.token(&self.pool).await.map(Some),
+            None => Ok(None),
+        }
     }
 
-    fn watch(&self) -> WatchClient<Pool> {
-        WatchClient::new(self.pool.clone())
+    /// Whether `status` says etcd no longer takes the token `used`; if so, the next call
+    /// signs in again.
+    pub(crate) fn token_rejected(&self, status: &tonic::Status, used: &Option<Token>) -> bool {
+        match (&self.credentials, used) {
+            (Some(credentials), Some(used)) => credentials.rejected(status, used),
+            _ => false,
+        }
     }
 
-    fn lease(&self) -> LeaseClient<Pool> {
-        LeaseClient::new(self.pool.clone())
+    /// Makes the next call sign in again instead of sending `used` (for answers that do not
+    /// say why, like a watch cancelled as `permission denied`).
+    pub(crate) fn forget_token(&self, used: &Option<Token>) {
+        if let (Some(credentials), Some(used)) = (&self.credentials, used) {
+            credentials.forget(used);
+        }
+    }
+
+    /// The pool, putting `token` on every call.
+    pub(crate) fn channel(&self, token: Option<Token>) -> Channel {
+        InterceptedService::new(self.pool.clone(), SendToken(token))
+    }
+
+    /// A unary call made by `call`, with the token; made once more, after signing in again,
+    /// if etcd no longer took the token.
+    pub(crate) async fn unary<T, F, Fut>(&self, op: &'static str, mut call: F) -> Result<T, EtcdError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut signed_in_again = false;
+        loop {
+            let token = self.token().await?;
+            match call(self.channel(token.clone())).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if !signed_in_again && self.token_rejected(&status, &token) => {
+                    signed_in_again = true;
+                }
+                Err(status) => return Err(EtcdError::call(op, status)),
+            }
+        }
     }
 
     /// Sets `key` to `value` (no lease); returns the store's revision after the write.
@@ -148,15 +222,25 @@ impl EtcdClient {
 
     async fn put_with_lease(&self, key: &str, value: &[u8], lease: i64) -> Result<i64, EtcdError> {
         let request = proto::PutRequest { key: key.to_owned().into(), value: value.to_vec().into(), lease };
-        let response = self.kv().put(request).await.map_err(|s| EtcdError::call("put", s))?;
-        Ok(response.into_inner().header.map_or(0, |h| h.revision))
+        let response = self
+            .unary("put", |channel| {
+                let request = request.clone();
+                async move { KvClient::new(channel).put(request).await }
+            })
+            .await?;
+        Ok(response.header.map_or(0, |h| h.revision))
     }
 
     /// Deletes `key`; returns how many keys were deleted (0 or 1).
     pub async fn delete(&self, key: &str) -> Result<i64, EtcdError> {
         let request = proto::DeleteRangeRequest { key: key.to_owned().into(), range_end: Default::default() };
-        let response = self.kv().delete_range(request).await.map_err(|s| EtcdError::call("delete", s))?;
-        Ok(response.into_inner().deleted)
+        let response = self
+            .unary("delete", |channel| {
+                let request = request.clone();
+                async move { KvClient::new(channel).delete_range(request).await }
+            })
+            .await?;
+        Ok(response.deleted)
     }
 
     /// Every key under `prefix` with its value, in key order (keys as UTF-8, lossily).
@@ -176,7 +260,12 @@ impl EtcdClient {
             limit: 0,
             revision: 0,
         };
-        let response = self.kv().range(request).await.map_err(|s| EtcdError::call("range", s))?.into_inner();
+        let response = self
+            .unary("range", |channel| {
+                let request = request.clone();
+                async move { KvClient::new(channel).range(request).await }
+            })
+            .await?;
         Ok((response.header.map_or(0, |h| h.revision), response.kvs))
     }
 
@@ -184,14 +273,17 @@ impl EtcdClient {
     /// it are cancelled as compacted.
     pub async fn compact(&self, revision: i64) -> Result<(), EtcdError> {
         let request = proto::CompactionRequest { revision, physical: true };
-        self.kv().compact(request).await.map_err(|s| EtcdError::call("compact", s))?;
+        self.unary("compact", |channel| async move { KvClient::new(channel).compact(request).await }).await?;
         Ok(())
     }
 }
 
 impl fmt::Debug for EtcdClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdClient").field("pool", &self.pool.name()).finish_non_exhaustive()
+        f.debug_struct("EtcdClient")
+            .field("pool", &self.pool.name())
+            .field("user", &self.user())
+            .finish_non_exhaustive()
     }
 }
 
@@ -222,7 +314,8 @@ pub enum EtcdError {
     Config(Error),
     /// etcd answered a call with an error status, or could not be reached.
     Call {
-        /// The call: `put`, `delete`, `range`, `compact`, `lease grant`, `lease revoke`.
+        /// The call: `put`, `delete`, `range`, `compact`, `lease grant`, `lease revoke`,
+        /// `authenticate` (signing in with [`EtcdClient::with_user`]'s credentials).
         op: &'static str,
         /// The status it ended with.
         status: tonic::Status,

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use super::discover::Requests;
 use super::proto;
+use super::proto::lease_client::LeaseClient;
 use super::{Backoff, EtcdClient, EtcdError};
 use crate::Error;
 
@@ -89,12 +90,16 @@ impl Registration {
 /// without the lease would stay).
 async fn remove(client: &EtcdClient, key: &str, lease: i64) -> Result<(), EtcdError> {
     client.delete(key).await?;
-    let revoked = client.lease().lease_revoke(proto::LeaseRevokeRequest { id: lease }).await;
+    let revoked = client
+        .unary("lease revoke", |channel| async move {
+            LeaseClient::new(channel).lease_revoke(proto::LeaseRevokeRequest { id: lease }).await
+        })
+        .await;
     match revoked {
         Ok(_) => Ok(()),
         // Expired or revoked already: the key is gone either way.
-        Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
-        Err(status) => Err(EtcdError::call("lease revoke", status)),
+        Err(EtcdError::Call { status, .. }) if status.code() == tonic::Code::NotFound => Ok(()),
+        Err(error) => Err(error),
     }
 }
 
@@ -138,8 +143,11 @@ impl Keeper {
     async fn grant_and_put(&self) -> Result<(), EtcdError> {
         let request = proto::LeaseGrantRequest { ttl: self.ttl_secs, id: 0 };
         let granted =
-            self.client.lease().lease_grant(request).await.map_err(|s| EtcdError::call("lease grant", s))?;
-        let granted = granted.into_inner();
+            self.client
+                .unary("lease grant", |channel| async move {
+                    LeaseClient::new(channel).lease_grant(request).await
+                })
+                .await?;
         if !granted.error.is_empty() {
             return Err(EtcdError::call("lease grant", tonic::Status::unavailable(granted.error)));
         }
@@ -190,12 +198,19 @@ impl Keeper {
         // first answer, so the call would wait for it for ever with nothing sent.
         let _ = requests.try_send(proto::LeaseKeepAliveRequest { id: self.lease.load(Ordering::Relaxed) });
         let answer_within = period.max(Duration::from_secs(1));
-        let mut client = self.client.lease();
+        let token = match self.client.token().await {
+            Ok(token) => token,
+            Err(error) => return Renewal::Failed(error.to_string()),
+        };
+        let mut client = LeaseClient::new(self.client.channel(token.clone()));
         let opened =
             tokio::time::timeout(answer_within, client.lease_keep_alive(Requests(request_stream))).await;
         let mut responses = match opened {
             Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => return Renewal::Failed(format!("{:?}: {}", status.code(), status.message())),
+            Ok(Err(status)) => {
+                self.client.token_rejected(&status, &token);
+                return Renewal::Failed(format!("{:?}: {}", status.code(), status.message()));
+            }
             Err(_) => return Renewal::Failed("no keepalive answer in time".to_owned()),
         };
         let mut ticks = tokio::time::interval(period);
@@ -210,7 +225,8 @@ impl Keeper {
                 Ok(Ok(Some(_))) => return Renewal::Lost,
                 Ok(Ok(None)) => return Renewal::Failed("etcd ended the keepalive stream".to_owned()),
                 Ok(Err(status)) => {
-                    return Renewal::Failed(format!("{:?}: {}", status.code(), status.message()))
+                    self.client.token_rejected(&status, &token);
+                    return Renewal::Failed(format!("{:?}: {}", status.code(), status.message()));
                 }
                 Err(_) => return Renewal::Failed("no keepalive answer in time".to_owned()),
             }

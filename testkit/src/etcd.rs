@@ -35,6 +35,8 @@ pub struct EtcdServer {
     dir: PathBuf,
     client: SocketAddr,
     peer: SocketAddr,
+    /// Flags of the test's own, after the ones every instance gets.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -49,12 +51,19 @@ impl EtcdServer {
     /// Starts etcd and waits until it answers `/health`; panics with instructions when the
     /// binary is missing or etcd does not come up within 30 s.
     pub fn start() -> EtcdServer {
+        EtcdServer::start_with(&[])
+    }
+
+    /// The same, with more flags for etcd (`--auth-token-ttl=1`), kept for restarts.
+    pub fn start_with(args: &[&str]) -> EtcdServer {
         let binary = etcd_binary().unwrap_or_else(|e| panic!("{e}"));
         let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("grpc-pool-etcd-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("etcd data directory");
-        let mut server = EtcdServer { binary, dir, client: free_port(), peer: free_port(), child: None };
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut server =
+            EtcdServer { binary, dir, client: free_port(), peer: free_port(), args, child: None };
         server.spawn();
         server
     }
@@ -114,6 +123,7 @@ impl EtcdServer {
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -129,6 +139,50 @@ impl EtcdServer {
             assert!(Instant::now() < deadline, "etcd at {client} not healthy within 30 s");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Turns on etcd's authentication with a `root` user (password `root_password`) and, for
+    /// each `(user, password, prefix)`, a user whose role may read and write the keys under
+    /// `prefix`. Goes through etcd's JSON gateway, so the crate under test is not involved.
+    /// Panics if etcd refuses any step.
+    pub fn enable_auth(&self, root_password: &str, users: &[(&str, &str, &str)]) {
+        self.post("/v3/auth/user/add", &format!(r#"{{"name":"root","password":"{root_password}"}}"#));
+        self.post("/v3/auth/role/add", r#"{"name":"root"}"#);
+        self.post("/v3/auth/user/grant", r#"{"user":"root","role":"root"}"#);
+        for (user, password, prefix) in users {
+            let role = format!("{user}-role");
+            self.post("/v3/auth/user/add", &format!(r#"{{"name":"{user}","password":"{password}"}}"#));
+            self.post("/v3/auth/role/add", &format!(r#"{{"name":"{role}"}}"#));
+            // Every key under the prefix: up to the prefix with its last byte one higher
+            // (the test prefixes end in `/`, far below 0xff).
+            let mut end = prefix.as_bytes().to_vec();
+            *end.last_mut().expect("a prefix of 1 or more bytes") += 1;
+            let (key, end) = (base64(prefix.as_bytes()), base64(&end));
+            // permType 2: READWRITE.
+            self.post(
+                "/v3/auth/role/grant",
+                &format!(r#"{{"name":"{role}","perm":{{"permType":2,"key":"{key}","range_end":"{end}"}}}}"#),
+            );
+            self.post("/v3/auth/user/grant", &format!(r#"{{"user":"{user}","role":"{role}"}}"#));
+        }
+        self.post("/v3/auth/enable", "{}");
+    }
+
+    /// POSTs a JSON body to etcd's gateway; panics unless etcd answers 200.
+    fn post(&self, path: &str, body: &str) -> String {
+        let mut stream = TcpStream::connect_timeout(&self.client, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect to etcd at {}: {e}", self.client));
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.client,
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap_or_else(|e| panic!("POST {path} to etcd: {e}"));
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "etcd refused POST {path} {body}:\n{answer}");
+        answer
     }
 
     /// Whether `/health` answers `"health":"true"`.
@@ -147,9 +201,38 @@ impl EtcdServer {
     }
 }
 
+/// Standard base64 with padding: how etcd's JSON gateway takes bytes fields.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_pads_like_the_standard() {
+        assert_eq!(super::base64(b""), "");
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(super::base64(b"svc/a/"), "c3ZjL2Ev");
     }
 }

@@ -1,0 +1,167 @@
+//! Signing in to an etcd with authentication enabled: a user name and password exchanged for a
+//! token (etcd's `Auth.Authenticate`), sent as the `token` metadata of every call, and
+//! exchanged again when etcd no longer knows it (simple tokens expire after
+//! `--auth-token-ttl`, 300 s by default, unused, and are forgotten when etcd restarts).
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use grpc_pool_core::metrics as m;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+
+use super::proto::auth_client::AuthClient;
+use super::proto::AuthenticateRequest;
+use super::EtcdError;
+use crate::Pool;
+
+/// A token etcd handed out; cheap to clone.
+pub(crate) type Token = MetadataValue<Ascii>;
+
+/// A user's name and password, and the token they last got.
+pub(crate) struct Credentials {
+    user: String,
+    password: String,
+    token: Mutex<Option<Token>>,
+    /// Held while authenticating, so that callers who find no token wait for one sign-in
+    /// instead of each signing in (etcd hashes the password with bcrypt for each).
+    signing_in: tokio::sync::Mutex<()>,
+}
+
+impl Credentials {
+    pub(crate) fn new(user: &str, password: &str) -> Credentials {
+        Credentials {
+            user: user.to_owned(),
+            password: password.to_owned(),
+            token: Mutex::new(None),
+            signing_in: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn user(&self) -> &str {
+        &self.user
+    }
+
+    fn current(&self) -> Option<Token> {
+        self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The token to send: the one in hand, or a new one from etcd.
+    pub(crate) async fn token(&self, pool: &Pool) -> Result<Token, EtcdError> {
+        if let Some(token) = self.current() {
+            return Ok(token);
+        }
+        let _signing_in = self.signing_in.lock().await;
+        // Someone else may have signed in while this caller waited.
+        if let Some(token) = self.current() {
+            return Ok(token);
+        }
+        let request = AuthenticateRequest { name: self.user.clone(), password: self.password.clone() };
+        let answer = AuthClient::new(pool.clone()).authenticate(request).await;
+        let token = match answer {
+            Ok(answer) => answer.into_inner().token,
+            Err(status) => {
+                metrics::counter!(m::ETCD_AUTHENTICATIONS, m::LABEL_RESULT => "error").increment(1);
+                tracing::warn!(user = %self.user, code = ?status.code(), error = %status.message(), "etcd authentication failed");
+                return Err(EtcdError::call("authenticate", status));
+            }
+        };
+        let Ok(token) = Token::try_from(token.as_str()) else {
+            metrics::counter!(m::ETCD_AUTHENTICATIONS, m::LABEL_RESULT => "error").increment(1);
+            let status = tonic::Status::internal("etcd's token is not a valid metadata value");
+            return Err(EtcdError::call("authenticate", status));
+        };
+        metrics::counter!(m::ETCD_AUTHENTICATIONS, m::LABEL_RESULT => "ok").increment(1);
+        tracing::info!(user = %self.user, "etcd authenticated");
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+        Ok(token)
+    }
+
+    /// Forgets `used` (if it is still the token in hand) so that the next call signs in
+    /// again; true if `status` says etcd no longer takes it.
+    pub(crate) fn rejected(&self, status: &tonic::Status, used: &Token) -> bool {
+        if !token_refused(status.code(), status.message()) {
+            return false;
+        }
+        self.forget(used);
+        true
+    }
+
+    /// Forgets `used` if it is still the token in hand.
+    pub(crate) fn forget(&self, used: &Token) {
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        if token.as_ref() == Some(used) {
+            *token = None;
+            tracing::info!(user = %self.user, "etcd no longer takes the token; authenticating again");
+        }
+    }
+}
+
+/// Whether an error from etcd means the token it was sent with is no longer good: expired or
+/// unknown (`invalid auth token`), or issued before the users or roles changed (`revision
+/// of auth store is old`). A wrong password or a missing permission is not.
+pub(crate) fn token_refused(code: tonic::Code, message: &str) -> bool {
+    matches!(code, tonic::Code::Unauthenticated | tonic::Code::InvalidArgument) && refuses_token(message)
+}
+
+/// Whether etcd's message (a status's, or the reason a watch was cancelled) says the token
+/// is no longer good.
+pub(crate) fn refuses_token(message: &str) -> bool {
+    message.contains("invalid auth token") || message.contains("revision of auth store is old")
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+/// Puts the token on a call's metadata (nothing without credentials).
+#[derive(Clone)]
+pub(crate) struct SendToken(pub(crate) Option<Token>);
+
+impl Interceptor for SendToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert("token", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The credentials a client signs in with, shared by its clones.
+pub(crate) type SharedCredentials = Option<Arc<Credentials>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_expired_or_stale_token_is_signed_in_again() {
+        assert!(token_refused(tonic::Code::Unauthenticated, "etcdserver: invalid auth token"));
+        assert!(token_refused(tonic::Code::InvalidArgument, "etcdserver: revision of auth store is old"));
+        assert!(!token_refused(
+            tonic::Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password"
+        ));
+        assert!(!token_refused(tonic::Code::PermissionDenied, "etcdserver: permission denied"));
+        assert!(!token_refused(tonic::Code::Unavailable, "invalid auth token"));
+        // How etcd 3.4 cancels a watch created with an expired token.
+        assert!(refuses_token("rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"));
+        assert!(!refuses_token("etcdserver: permission denied"));
+    }
+
+    #[test]
+    fn a_rejected_token_is_forgotten_only_if_it_is_still_in_hand() {
+        let credentials = Credentials::new("app", "secret");
+        let old = Token::from_static("old.1");
+        let new = Token::from_static("new.2");
+        *credentials.token.lock().unwrap() = Some(new.clone());
+        let expired = tonic::Status::unauthenticated("etcdserver: invalid auth token");
+        assert!(credentials.rejected(&expired, &old));
+        assert_eq!(credentials.current(), Some(new.clone()), "a newer token stays");
+        assert!(credentials.rejected(&expired, &new));
+        assert_eq!(credentials.current(), None);
+        assert!(!format!("{credentials:?}").contains("secret"));
+    }
+}
