@@ -173,7 +173,7 @@ impl DnsConfig {
 /// "#).unwrap();
 /// let etcd = config.etcd.unwrap();
 /// assert_eq!(etcd.prefix, "services/echo/");
-/// assert!(!format!("{etcd:?}").contains("secrets"), "Debug hides where the password is");
+/// assert!(format!("{etcd:?}").contains("password_file: Some(\"/run/secrets/etcd-password\")"));
 /// # }
 /// ```
 #[cfg(feature = "etcd")]
@@ -202,7 +202,7 @@ pub struct EtcdConfig {
     pub password_file: Option<std::path::PathBuf>,
 }
 
-/// Shows the user but neither the password nor where it is kept.
+/// Shows everything but the password.
 #[cfg(feature = "etcd")]
 impl std::fmt::Debug for EtcdConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -212,7 +212,7 @@ impl std::fmt::Debug for EtcdConfig {
             .field("tls", &self.tls)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "(hidden)"))
-            .field("password_file", &self.password_file.as_ref().map(|_| "(hidden)"))
+            .field("password_file", &self.password_file)
             .finish()
     }
 }
@@ -264,6 +264,11 @@ impl EtcdConfig {
             (Some(user), _) if user.is_empty() => {
                 Err(Error::invalid_config("etcd.user", "\"\"", "a user name of 1 or more characters"))
             }
+            (Some(_), Some(password)) if password.is_empty() => Err(Error::invalid_config(
+                if self.password_file.is_some() { "etcd.password_file" } else { "etcd.password" },
+                "(empty)",
+                "a password of 1 or more characters",
+            )),
             (Some(user), Some(password)) => Ok(Some((user, password))),
             (Some(_), None) => Err(Error::invalid_config(
                 "etcd.password",
@@ -279,7 +284,8 @@ impl EtcdConfig {
         }
     }
 
-    /// The client and its discovery stream; fails naming `etcd.endpoints` or `etcd.prefix`.
+    /// The client and its discovery stream; fails naming the field (`etcd.endpoints`,
+    /// `etcd.prefix`, `etcd.user`, `etcd.password`, `etcd.password_file`).
     pub(crate) fn discover(&self) -> Result<crate::etcd::EtcdDiscover, Error> {
         if self.prefix.is_empty() {
             return Err(Error::invalid_config(

@@ -427,6 +427,7 @@ async fn with_authentication_a_user_registers_and_follows_and_signs_in_again_whe
     );
     let etcd = EtcdClient::new([etcd_server.uri()]).unwrap().with_user("echo", "echo-password").unwrap();
     assert_eq!(etcd.user(), Some("echo"));
+    assert!(EtcdClient::new([etcd_server.uri()]).unwrap().with_user("echo", "").is_err());
     assert!(!format!("{etcd:?}").contains("echo-password"));
     let err = etcd.put("svc/other/x", "127.0.0.1:1").await.unwrap_err().to_string();
     assert!(err.contains("permission denied"), "{err}");
@@ -451,10 +452,12 @@ async fn with_authentication_a_user_registers_and_follows_and_signs_in_again_whe
 
     // Unused for 3 s, both clients' tokens have expired (etcd drops them within 1 s of
     // their TTL). A call with one is refused; the client signs in again and repeats it.
+    assert!(!etcd_server.log().contains("invalid auth token"), "no token refused yet");
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The watch, cut, is created again: refused with the old token, then with a new one.
+    let reconnects = status.reconnects();
     relay.reset();
-    wait_until(WAIT, "the watch notices the cut", || status.reconnects() >= 1).await;
+    wait_until(WAIT, "the watch notices the cut", || status.reconnects() > reconnects).await;
     wait_until(WAIT, "the watch is established again, with a new token", || status.watching()).await;
     let _b_reg =
         register(&etcd, "svc/auth/b", &b.addr().to_string(), TTL).await.expect("registers with a new token");
@@ -462,11 +465,26 @@ async fn with_authentication_a_user_registers_and_follows_and_signs_in_again_whe
         endpoints(&pool) == set([a.uri().as_str(), b.uri().as_str()])
     })
     .await;
+    // The tokens did expire (else this test would not have tested signing in again). A slow
+    // machine could keep etcd from expiring them in time; that would fail here, not pass.
+    assert!(etcd_server.log().contains("invalid auth token"), "etcd refused no token");
     assert_eq!(
         registered(&etcd, "svc/auth/").await,
         set([a.uri().as_str(), b.uri().as_str()]),
         "the first registration's lease is still kept alive"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_a_user_works_with_an_etcd_whose_authentication_is_off_and_signs_in_once_it_is_on() {
+    let etcd_server = EtcdServer::start();
+    let etcd = EtcdClient::new([etcd_server.uri()]).unwrap().with_user("echo", "echo-password").unwrap();
+    // Credentials deployed before `etcdctl auth enable`: calls go without a token.
+    etcd.put("svc/off/a", "127.0.0.1:1").await.expect("a put while authentication is off");
+    etcd_server.enable_auth("root-password", &[("echo", "echo-password", "svc/off/")]);
+    // Now etcd wants a token (`user name is empty` for a call without one): signs in.
+    etcd.put("svc/off/b", "127.0.0.1:2").await.expect("a put once authentication is on");
+    assert_eq!(etcd.get_prefix("svc/off/").await.unwrap().len(), 2);
 }
 
 #[cfg(feature = "serde")]
@@ -488,7 +506,6 @@ async fn an_etcd_section_signs_in_with_a_password_file_and_bad_credentials_fail_
         password_file.display()
     );
     let config: grpc_pool::PoolConfig = toml::from_str(&text).unwrap();
-    assert!(!format!("{config:?}").contains(&password_file.display().to_string()));
     let pool = config.build_lazy().unwrap();
     wait_until(WAIT, "the registered server is in the pool", || {
         endpoints(&pool) == set([server.uri().as_str()])
@@ -497,12 +514,28 @@ async fn an_etcd_section_signs_in_with_a_password_file_and_bad_credentials_fail_
 
     let missing = dir.join("missing");
     let base = "endpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"p/\"";
+    // A password in the file itself: never shown, in errors or in the config's Debug.
+    let secret = "pw-not-shown";
+    let inline: grpc_pool::PoolConfig =
+        toml::from_str(&format!("[etcd]\n{base}\nuser = \"echo\"\npassword = \"{secret}\"\n")).unwrap();
+    assert!(!format!("{inline:?}").contains(secret));
+    let empty_file = dir.join("empty");
+    std::fs::write(&empty_file, "\n").unwrap();
     for (credentials, field, allowed) in [
         ("user = \"echo\"".to_owned(), "`etcd.password`", "a password for `etcd.user`"),
-        ("password = \"x\"".to_owned(), "`etcd.user`", "a password needs a user"),
-        ("user = \"\"\npassword = \"x\"".to_owned(), "`etcd.user`", "1 or more characters"),
+        (format!("password = \"{secret}\""), "`etcd.user`", "a password needs a user"),
+        (format!("user = \"\"\npassword = \"{secret}\""), "`etcd.user`", "1 or more characters"),
+        ("user = \"echo\"\npassword = \"\"".to_owned(), "`etcd.password`", "1 or more characters"),
         (
-            format!("user = \"echo\"\npassword = \"x\"\npassword_file = \"{}\"", password_file.display()),
+            format!("user = \"echo\"\npassword_file = \"{}\"", empty_file.display()),
+            "`etcd.password_file`",
+            "1 or more characters",
+        ),
+        (
+            format!(
+                "user = \"echo\"\npassword = \"{secret}\"\npassword_file = \"{}\"",
+                password_file.display()
+            ),
             "`etcd.password_file`",
             "not both",
         ),
@@ -516,7 +549,7 @@ async fn an_etcd_section_signs_in_with_a_password_file_and_bad_credentials_fail_
             toml::from_str(&format!("[etcd]\n{base}\n{credentials}\n")).unwrap();
         let err = config.build_lazy().unwrap_err().to_string();
         assert!(err.contains(field) && err.contains(allowed), "{credentials}: {err}");
-        assert!(!err.contains("\"x\""), "the password is not shown: {err}");
+        assert!(!err.contains(secret), "the password is not shown: {err}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

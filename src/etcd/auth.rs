@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use grpc_pool_core::metrics as m;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -18,22 +19,37 @@ use crate::Pool;
 /// A token etcd handed out; cheap to clone.
 pub(crate) type Token = MetadataValue<Ascii>;
 
-/// A user's name and password, and the token they last got.
+/// A user's name and password, and what signing in last gave.
 pub(crate) struct Credentials {
     user: String,
     password: String,
-    token: Mutex<Option<Token>>,
+    held: Mutex<Held>,
     /// Held while authenticating, so that callers who find no token wait for one sign-in
     /// instead of each signing in (etcd hashes the password with bcrypt for each).
     signing_in: tokio::sync::Mutex<()>,
 }
+
+/// What calls are sent with.
+#[derive(Clone, PartialEq)]
+enum Held {
+    /// Sign in first.
+    Nothing,
+    Token(Token),
+    /// etcd answered that its authentication is off: calls go without a token (as etcd's Go
+    /// client does) until one is refused for lacking it.
+    AuthOff,
+}
+
+/// How long a sign-in may take: a connection that silently drops everything must not hold
+/// every caller of the client (they wait for the one sign-in) for longer.
+const SIGN_IN_WITHIN: Duration = Duration::from_secs(10);
 
 impl Credentials {
     pub(crate) fn new(user: &str, password: &str) -> Credentials {
         Credentials {
             user: user.to_owned(),
             password: password.to_owned(),
-            token: Mutex::new(None),
+            held: Mutex::new(Held::Nothing),
             signing_in: tokio::sync::Mutex::new(()),
         }
     }
@@ -42,24 +58,45 @@ impl Credentials {
         &self.user
     }
 
-    fn current(&self) -> Option<Token> {
-        self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn held(&self) -> Held {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The token to send: the one in hand, or a new one from etcd.
-    pub(crate) async fn token(&self, pool: &Pool) -> Result<Token, EtcdError> {
-        if let Some(token) = self.current() {
-            return Ok(token);
+    fn set(&self, held: Held) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    }
+
+    /// The token to send: the one in hand, a new one from etcd, or none when etcd said its
+    /// authentication is off.
+    pub(crate) async fn token(&self, pool: &Pool) -> Result<Option<Token>, EtcdError> {
+        match self.held() {
+            Held::Token(token) => return Ok(Some(token)),
+            Held::AuthOff => return Ok(None),
+            Held::Nothing => {}
         }
         let _signing_in = self.signing_in.lock().await;
         // Someone else may have signed in while this caller waited.
-        if let Some(token) = self.current() {
-            return Ok(token);
+        match self.held() {
+            Held::Token(token) => return Ok(Some(token)),
+            Held::AuthOff => return Ok(None),
+            Held::Nothing => {}
         }
         let request = AuthenticateRequest { name: self.user.clone(), password: self.password.clone() };
-        let answer = AuthClient::new(pool.clone()).authenticate(request).await;
+        let mut client = AuthClient::new(pool.clone());
+        let answer = match tokio::time::timeout(SIGN_IN_WITHIN, client.authenticate(request)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {SIGN_IN_WITHIN:?}"))),
+        };
         let token = match answer {
             Ok(answer) => answer.into_inner().token,
+            Err(status)
+                if status.code() == tonic::Code::FailedPrecondition
+                    && status.message().contains("authentication is not enabled") =>
+            {
+                tracing::info!(user = %self.user, "etcd's authentication is off; calls go without a token");
+                self.set(Held::AuthOff);
+                return Ok(None);
+            }
             Err(status) => {
                 metrics::counter!(m::ETCD_AUTHENTICATIONS, m::LABEL_RESULT => "error").increment(1);
                 tracing::warn!(user = %self.user, code = ?status.code(), error = %status.message(), "etcd authentication failed");
@@ -73,13 +110,13 @@ impl Credentials {
         };
         metrics::counter!(m::ETCD_AUTHENTICATIONS, m::LABEL_RESULT => "ok").increment(1);
         tracing::info!(user = %self.user, "etcd authenticated");
-        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
-        Ok(token)
+        self.set(Held::Token(token.clone()));
+        Ok(Some(token))
     }
 
-    /// Forgets `used` (if it is still the token in hand) so that the next call signs in
-    /// again; true if `status` says etcd no longer takes it.
-    pub(crate) fn rejected(&self, status: &tonic::Status, used: &Token) -> bool {
+    /// Forgets `used` (if it is still what calls are sent with) so that the next call signs
+    /// in again; true if `status` says etcd no longer takes it.
+    pub(crate) fn rejected(&self, status: &tonic::Status, used: &Option<Token>) -> bool {
         if !token_refused(status.code(), status.message()) {
             return false;
         }
@@ -87,19 +124,25 @@ impl Credentials {
         true
     }
 
-    /// Forgets `used` if it is still the token in hand.
-    pub(crate) fn forget(&self, used: &Token) {
-        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
-        if token.as_ref() == Some(used) {
-            *token = None;
+    /// Forgets `used` (a token, or none) if it is still what calls are sent with.
+    pub(crate) fn forget(&self, used: &Option<Token>) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let still = match (&*held, used) {
+            (Held::Token(token), Some(used)) => token == used,
+            (Held::AuthOff, None) => true,
+            _ => false,
+        };
+        if still {
+            *held = Held::Nothing;
             tracing::info!(user = %self.user, "etcd no longer takes the token; authenticating again");
         }
     }
 }
 
-/// Whether an error from etcd means the token it was sent with is no longer good: expired or
-/// unknown (`invalid auth token`), or issued before the users or roles changed (`revision
-/// of auth store is old`). A wrong password or a missing permission is not.
+/// Whether an error from etcd means what the call was sent with is no longer good: a token
+/// expired or unknown (`invalid auth token`), issued before the users or roles changed
+/// (`revision of auth store is old`), or no token where etcd now wants one (`user name is
+/// empty`: authentication was turned on). A wrong password or a missing permission is not.
 pub(crate) fn token_refused(code: tonic::Code, message: &str) -> bool {
     matches!(code, tonic::Code::Unauthenticated | tonic::Code::InvalidArgument) && refuses_token(message)
 }
@@ -107,7 +150,9 @@ pub(crate) fn token_refused(code: tonic::Code, message: &str) -> bool {
 /// Whether etcd's message (a status's, or the reason a watch was cancelled) says the token
 /// is no longer good.
 pub(crate) fn refuses_token(message: &str) -> bool {
-    message.contains("invalid auth token") || message.contains("revision of auth store is old")
+    ["invalid auth token", "revision of auth store is old", "user name is empty"]
+        .iter()
+        .any(|refusal| message.contains(refusal))
 }
 
 impl fmt::Debug for Credentials {
@@ -149,6 +194,7 @@ mod tests {
         // How etcd 3.4 cancels a watch created with an expired token.
         assert!(refuses_token("rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"));
         assert!(!refuses_token("etcdserver: permission denied"));
+        assert!(token_refused(tonic::Code::InvalidArgument, "etcdserver: user name is empty"));
     }
 
     #[test]
@@ -156,12 +202,21 @@ mod tests {
         let credentials = Credentials::new("app", "secret");
         let old = Token::from_static("old.1");
         let new = Token::from_static("new.2");
-        *credentials.token.lock().unwrap() = Some(new.clone());
+        credentials.set(Held::Token(new.clone()));
         let expired = tonic::Status::unauthenticated("etcdserver: invalid auth token");
-        assert!(credentials.rejected(&expired, &old));
-        assert_eq!(credentials.current(), Some(new.clone()), "a newer token stays");
-        assert!(credentials.rejected(&expired, &new));
-        assert_eq!(credentials.current(), None);
+        assert!(credentials.rejected(&expired, &Some(old)));
+        assert!(credentials.held() == Held::Token(new.clone()), "a newer token stays");
+        assert!(credentials.rejected(&expired, &Some(new)));
+        assert!(credentials.held() == Held::Nothing);
         assert!(!format!("{credentials:?}").contains("secret"));
+    }
+
+    #[test]
+    fn calls_without_a_token_sign_in_once_etcd_wants_one() {
+        let credentials = Credentials::new("app", "secret");
+        credentials.set(Held::AuthOff);
+        let wants_one = tonic::Status::invalid_argument("etcdserver: user name is empty");
+        assert!(credentials.rejected(&wants_one, &None));
+        assert!(credentials.held() == Held::Nothing);
     }
 }

@@ -229,6 +229,10 @@ enum Ended {
     Compacted(i64),
     /// etcd unreachable, the stream broken, or the watch refused: reconnect after a backoff.
     Failed(String),
+    /// etcd refused the watch's token: sign in again and create it again at once, the first
+    /// time in a row (the token goes only with a watch's creation, so an open watch does not
+    /// keep it from expiring); then as `Failed`.
+    TokenRefused(String),
 }
 
 /// The task behind an [`EtcdDiscover`]: lists, watches, and sends the changes.
@@ -251,6 +255,8 @@ type Changes = mpsc::Sender<Change<String, Endpoint>>;
 impl Watcher {
     async fn run(mut self, changes: Changes) {
         let mut listed = false;
+        // Whether the last try was refused for its token and retried at once.
+        let mut signed_in_again = false;
         loop {
             if !listed {
                 match self.list(&changes).await {
@@ -272,8 +278,19 @@ impl Watcher {
                     metrics::counter!(m::ETCD_RELISTS, m::LABEL_PREFIX => self.prefix.clone()).increment(1);
                     self.status.shared.relists.fetch_add(1, Ordering::Relaxed);
                     listed = false;
+                    signed_in_again = false;
+                }
+                Ended::TokenRefused(error) if !signed_in_again => {
+                    tracing::debug!(prefix = %self.prefix, error = %error, "etcd refused the watch's token; signing in again");
+                    signed_in_again = true;
+                }
+                Ended::TokenRefused(error) => {
+                    if !self.fail(&changes, "watch", &error).await {
+                        return;
+                    }
                 }
                 Ended::Failed(error) => {
+                    signed_in_again = false;
                     if !self.fail(&changes, "watch", &error).await {
                         return;
                     }
@@ -369,8 +386,11 @@ impl Watcher {
         let mut responses = match opened {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
-                self.client.token_rejected(&status, &token);
-                return Ended::Failed(format!("{:?}: {}", status.code(), status.message()));
+                let error = format!("{:?}: {}", status.code(), status.message());
+                if self.client.token_rejected(&status, &token) {
+                    return Ended::TokenRefused(error);
+                }
+                return Ended::Failed(error);
             }
             Err(_) => return Ended::Failed("no answer to the watch's creation within 10 s".to_owned()),
         };
@@ -388,13 +408,18 @@ impl Watcher {
                 return Ended::Compacted(response.compact_revision);
             }
             if response.canceled {
+                let error = format!("etcd cancelled the watch: {}", response.cancel_reason);
                 // etcd cancels the creation of a watch whose token it no longer takes with
                 // the refusal as the reason (`rpc error: code = Unauthenticated desc =
-                // etcdserver: invalid auth token`): sign in again before the next try.
-                if super::auth::refuses_token(&response.cancel_reason) {
+                // etcdserver: invalid auth token`); before 3.4.22 and 3.5.6 as `permission
+                // denied`, the same as for a user who may not read the prefix (who then
+                // signs in again before each try: one sign-in per backoff wait).
+                let reason = &response.cancel_reason;
+                if super::auth::refuses_token(reason) || reason.contains("permission denied") {
                     self.client.forget_token(&token);
+                    return Ended::TokenRefused(error);
                 }
-                return Ended::Failed(format!("etcd cancelled the watch: {}", response.cancel_reason));
+                return Ended::Failed(error);
             }
             if response.created {
                 self.set_watching(true);

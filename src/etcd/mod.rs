@@ -138,7 +138,8 @@ impl EtcdClient {
     /// `Authenticate`), every call carries it, and when etcd no longer takes it (it expired
     /// unused, or etcd restarted) the client signs in again and repeats the call once. A
     /// wrong password fails calls with `etcd authenticate failed: InvalidArgument: ...
-    /// invalid user ID or password`. Fails if `user` is empty.
+    /// invalid user ID or password`; an etcd whose authentication is off is called without
+    /// a token (until it asks for one). Fails if `user` or `password` is empty.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -150,6 +151,9 @@ impl EtcdClient {
     pub fn with_user(self, user: &str, password: &str) -> Result<EtcdClient, Error> {
         if user.is_empty() {
             return Err(Error::invalid_config("etcd.user", "\"\"", "a user name of 1 or more characters"));
+        }
+        if password.is_empty() {
+            return Err(Error::invalid_config("etcd.password", "\"\"", "a password of 1 or more characters"));
         }
         Ok(EtcdClient { credentials: Some(Arc::new(Credentials::new(user, password))), ..self })
     }
@@ -168,7 +172,7 @@ impl EtcdClient {
     /// none in hand.
     pub(crate) async fn token(&self) -> Result<Option<Token>, EtcdError> {
         match &self.credentials {
-            Some(credentials) => credentials.token(&self.pool).await.map(Some),
+            Some(credentials) => credentials.token(&self.pool).await,
             None => Ok(None),
         }
     }
@@ -176,16 +180,16 @@ impl EtcdClient {
     /// Whether `status` says etcd no longer takes the token `used`; if so, the next call
     /// signs in again.
     pub(crate) fn token_rejected(&self, status: &tonic::Status, used: &Option<Token>) -> bool {
-        match (&self.credentials, used) {
-            (Some(credentials), Some(used)) => credentials.rejected(status, used),
-            _ => false,
+        match &self.credentials {
+            Some(credentials) => credentials.rejected(status, used),
+            None => false,
         }
     }
 
-    /// Makes the next call sign in again instead of sending `used` (for answers that do not
-    /// say why, like a watch cancelled as `permission denied`).
+    /// Makes the next call sign in again instead of sending `used` (for answers that are no
+    /// status, like the reason a watch was cancelled).
     pub(crate) fn forget_token(&self, used: &Option<Token>) {
-        if let (Some(credentials), Some(used)) = (&self.credentials, used) {
+        if let Some(credentials) = &self.credentials {
             credentials.forget(used);
         }
     }
@@ -207,10 +211,15 @@ impl EtcdClient {
             let token = self.token().await?;
             match call(self.channel(token.clone())).await {
                 Ok(response) => return Ok(response.into_inner()),
-                Err(status) if !signed_in_again && self.token_rejected(&status, &token) => {
-                    signed_in_again = true;
+                Err(status) => {
+                    // Forgotten even when it is the second refusal, so that the next call
+                    // does not try it first.
+                    if self.token_rejected(&status, &token) && !signed_in_again {
+                        signed_in_again = true;
+                        continue;
+                    }
+                    return Err(EtcdError::call(op, status));
                 }
-                Err(status) => return Err(EtcdError::call(op, status)),
             }
         }
     }

@@ -198,9 +198,10 @@ impl Keeper {
         // first answer, so the call would wait for it for ever with nothing sent.
         let _ = requests.try_send(proto::LeaseKeepAliveRequest { id: self.lease.load(Ordering::Relaxed) });
         let answer_within = period.max(Duration::from_secs(1));
-        let token = match self.client.token().await {
-            Ok(token) => token,
-            Err(error) => return Renewal::Failed(error.to_string()),
+        let token = match tokio::time::timeout(answer_within, self.client.token()).await {
+            Ok(Ok(token)) => token,
+            Ok(Err(error)) => return Renewal::Failed(error.to_string()),
+            Err(_) => return Renewal::Failed("no token in time".to_owned()),
         };
         let mut client = LeaseClient::new(self.client.channel(token.clone()));
         let opened =

@@ -168,6 +168,11 @@ impl EtcdServer {
         self.post("/v3/auth/enable", "{}");
     }
 
+    /// What etcd has logged so far (its `zap` lines, JSON).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+
     /// POSTs a JSON body to etcd's gateway; panics unless etcd answers 200.
     fn post(&self, path: &str, body: &str) -> String {
         let mut stream = TcpStream::connect_timeout(&self.client, Duration::from_secs(5))
