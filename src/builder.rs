@@ -125,6 +125,27 @@ impl Builder {
         checkout_timeout: Duration;
         /// Longest a connect may take, from TCP to the server's SETTINGS (1 ms to an hour).
         connect_timeout: Duration;
+        /// TCP keepalive, as tonic's `Endpoint::tcp_keepalive`: after this much quiet on a
+        /// connection's socket, the kernel sends probes (1 s to 32767 s, whole seconds). It
+        /// keeps an idle connection's entry in NATs and load balancers alive and finds a dead
+        /// peer without waking the process, and the server's HTTP/2 PING policy never sees
+        /// it. `None` (the default): off.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let builder = grpc_pool::Pool::builder()
+        ///     .tcp_keepalive(Some(Duration::from_secs(60)))
+        ///     .tcp_keepalive_interval(Some(Duration::from_secs(10)))
+        ///     .tcp_keepalive_retries(Some(3));
+        /// assert_eq!(builder.config().tcp_keepalive_retries, Some(3));
+        /// ```
+        tcp_keepalive: Option<Duration>;
+        /// Time between TCP keepalive probes (1 s to 32767 s), with `tcp_keepalive`. `None`:
+        /// the system's (75 s on Linux).
+        tcp_keepalive_interval: Option<Duration>;
+        /// Unanswered TCP keepalive probes before the kernel drops the connection (1 to 127),
+        /// with `tcp_keepalive`. `None`: the system's (9 on Linux).
+        tcp_keepalive_retries: Option<u32>;
         /// The deadline of calls without a `grpc-timeout` of their own, and the most any
         /// call may take (up to 30 days): a call's deadline is the shorter of its own and
         /// this one. It bounds the whole call: the wait for a slot, a PING before use, every

@@ -38,8 +38,8 @@ pub struct PoolConfig {
     /// Default [`DEFAULT_POOL_NAME`](crate::DEFAULT_POOL_NAME), which a second pool gets as
     /// `grpc-pool-2`.
     pub name: String,
-    /// Endpoint URIs (`http://host:port`, `https://...`, `unix:///path`), before those given
-    /// to `build`.
+    /// Endpoint URIs (`http://host:port`, `https://...`, `unix:///path`; without a port, the
+    /// scheme's), before those given to `build`.
     pub endpoints: Vec<String>,
     /// Connections kept open per endpoint even when idle (0 to `max_connections`). Default 1.
     pub min_connections: usize,
@@ -76,6 +76,19 @@ pub struct PoolConfig {
     /// Default [`DEFAULT_PING_BEFORE_USE`].
     #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::optional_duration"))]
     pub ping_before_use: Option<Duration>,
+    /// TCP keepalive: after this much quiet on a connection's socket the kernel sends probes
+    /// (1 s to 32767 s, whole seconds), as tonic's `Endpoint::tcp_keepalive`. It keeps an
+    /// idle connection's entry in NATs and load balancers and finds a dead peer with no work
+    /// in the process and nothing the server's HTTP/2 PING policy sees. Default: none.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::optional_duration"))]
+    pub tcp_keepalive: Option<Duration>,
+    /// Time between TCP keepalive probes (1 s to 32767 s), with `tcp_keepalive`. Default: the
+    /// system's (75 s on Linux).
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::optional_duration"))]
+    pub tcp_keepalive_interval: Option<Duration>,
+    /// Unanswered TCP keepalive probes before the kernel drops the connection (1 to 127), with
+    /// `tcp_keepalive`. Default: the system's (9 on Linux).
+    pub tcp_keepalive_retries: Option<u32>,
     /// Keepalive PINGs; default [`Keepalive::default`]. `None` (`"off"` in a file): none.
     #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::off_or"))]
     pub keepalive: Option<Keepalive>,
@@ -322,6 +335,9 @@ impl Default for PoolConfig {
             when_all_unhealthy: core.all_unhealthy,
             metrics_interval: core.metrics_interval,
             ping_before_use: Some(DEFAULT_PING_BEFORE_USE),
+            tcp_keepalive: core.tcp_keepalive,
+            tcp_keepalive_interval: core.tcp_keepalive_interval,
+            tcp_keepalive_retries: core.tcp_keepalive_retries,
             keepalive: Some(Keepalive::default()),
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: None,
@@ -408,6 +424,9 @@ impl PoolConfig {
             max_concurrent_connects: self.max_concurrent_connects,
             // A write to a dead peer fails as fast as a PING to it would.
             tcp_user_timeout: self.keepalive.as_ref().map(|k| k.timeout),
+            tcp_keepalive: self.tcp_keepalive,
+            tcp_keepalive_interval: self.tcp_keepalive_interval,
+            tcp_keepalive_retries: self.tcp_keepalive_retries,
             ping_before_use: self
                 .ping_before_use
                 .map(|after| (after, crate::DEFAULT_PING_BEFORE_USE_TIMEOUT)),

@@ -532,7 +532,6 @@ async fn invalid_configuration_is_rejected_at_build_with_the_field_named() {
             vec!["http://127.0.0.1:1"],
             "`max_concurrent_streams` = 0",
         ),
-        (Pool::builder(), vec!["http://127.0.0.1"], "no port"),
         (Pool::builder(), vec!["http://:50051"], "no host"),
         (Pool::builder(), vec!["ftp://127.0.0.1:21"], "unsupported scheme `ftp`"),
         (Pool::builder(), vec!["http://127.0.0.1:1", "http://127.0.0.1:1"], "listed twice"),

@@ -1,6 +1,8 @@
 //! `TCP_USER_TIMEOUT` end to end: a write to a peer that went silent (a dead host, a
 //! firewall dropping the flow) fails within the keepalive timeout, which the pool sets as the
-//! sockets' `TCP_USER_TIMEOUT`, even when no keepalive PING is due to find it.
+//! sockets' `TCP_USER_TIMEOUT`, even when no keepalive PING is due to find it. And TCP
+//! keepalive (`Builder::tcp_keepalive`): the kernel's probes find such a peer under an idle
+//! connection, with no PING and no call to notice.
 //!
 //! The peer is a tonic server in a network namespace of its own behind a veth pair, and the
 //! black hole a `blackhole` qdisc on our end of the pair (testkit's `BlackHoleLink`): the
@@ -128,4 +130,87 @@ async fn without_tcp_user_timeout_the_same_write_hangs_past_that_bound() {
         .expect("the message is echoed");
     assert_eq!(&reply.message[..], b"into the void");
     assert_eq!(pool.state().statistics.closed(EvictionReason::IoError), 0);
+}
+
+/// A pool of one idle connection to a server behind `link`, without keepalive PINGs or a
+/// PING before use, so that only the kernel can notice the peer going silent.
+async fn idle_connection(
+    name: &str,
+    link: &BlackHoleLink,
+    tcp_keepalive: Option<Duration>,
+) -> (TestServer, Pool) {
+    let server = TestServer::start_on(link.listen(), ServerOptions::default()).await;
+    let pool = Pool::builder()
+        .name(name)
+        .max_connections(1)
+        .keepalive(None)
+        .ping_before_use(None)
+        .tcp_keepalive(tcp_keepalive)
+        .tcp_keepalive_interval(tcp_keepalive.map(|_| TCP_KEEPALIVE_INTERVAL))
+        .tcp_keepalive_retries(tcp_keepalive.map(|_| TCP_KEEPALIVE_RETRIES))
+        .build([server.uri()])
+        .await
+        .expect("the pool connects to the server in the namespace");
+    EchoClient::new(pool.clone()).unary_echo(message("before")).await.expect("a call before the black hole");
+    (server, pool)
+}
+
+/// TCP keepalive: 1 s of quiet, then 2 probes 1 s apart: the kernel drops a connection whose
+/// peer answers none about 3 s after its last packet.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(1);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const TCP_KEEPALIVE_RETRIES: u32 = 2;
+
+#[tokio::test]
+async fn tcp_keepalive_finds_a_black_holed_peer_under_an_idle_connection() {
+    let Some(link) = BlackHoleLink::create() else { return };
+    let (_server, pool) = idle_connection("black-hole-tcp-keepalive", &link, Some(TCP_KEEPALIVE)).await;
+    let mut events = pool.events();
+
+    // Both ways: a segment of the server's still unacknowledged when the link goes would
+    // otherwise be retransmitted to us, and each arrival restarts the kernel's quiet time.
+    link.cut_both_ways();
+    let holed = Instant::now();
+    let bound = TCP_KEEPALIVE + TCP_KEEPALIVE_INTERVAL * TCP_KEEPALIVE_RETRIES + MARGIN;
+    let closed = tokio::time::timeout(bound, async {
+        loop {
+            match events.recv().await.expect("the pool's events") {
+                PoolEvent::ConnectionClosed { reason, detail, .. } => return (reason, detail),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the idle connection to the black-holed peer was still open {bound:?} later"));
+    let took = holed.elapsed();
+    println!("closed {took:?} after the link was cut: {closed:?}");
+    // The kernel's probes went unanswered: an I/O error with its timeout, and no sooner than
+    // the quiet time and one probe interval.
+    assert_eq!(closed.0, EvictionReason::IoError, "{closed:?}");
+    assert!(closed.1.contains("timed out"), "{closed:?}");
+    assert!(
+        took >= TCP_KEEPALIVE + TCP_KEEPALIVE_INTERVAL,
+        "closed after {took:?}, before any probe went unanswered"
+    );
+}
+
+/// The control: without TCP keepalive the same idle connection stays open past that bound.
+#[tokio::test]
+async fn without_tcp_keepalive_the_same_idle_connection_stays_open() {
+    let Some(link) = BlackHoleLink::create() else { return };
+    let (_server, pool) = idle_connection("black-hole-no-tcp-keepalive", &link, None).await;
+    let mut events = pool.events();
+
+    link.cut_both_ways();
+    let bound = TCP_KEEPALIVE + TCP_KEEPALIVE_INTERVAL * TCP_KEEPALIVE_RETRIES + MARGIN;
+    let closed = tokio::time::timeout(bound, async {
+        loop {
+            if let PoolEvent::ConnectionClosed { reason, detail, .. } = events.recv().await.expect("events") {
+                return (reason, detail);
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_err(), "closed without TCP keepalive: {closed:?}");
+    assert_eq!(pool.state().members(), 1);
 }

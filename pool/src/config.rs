@@ -142,6 +142,13 @@ pub struct Config {
     pub max_concurrent_connects: usize,
     /// `TCP_USER_TIMEOUT` on Linux.
     pub tcp_user_timeout: Option<Duration>,
+    /// TCP keepalive (`SO_KEEPALIVE`): the kernel probes a socket quiet for this long.
+    pub tcp_keepalive: Option<Duration>,
+    /// Time between TCP keepalive probes; the system's when `None`.
+    pub tcp_keepalive_interval: Option<Duration>,
+    /// Unanswered TCP keepalive probes before the kernel drops the connection; the system's
+    /// when `None`.
+    pub tcp_keepalive_retries: Option<u32>,
     /// PING before use: after this much quiet, with this timeout.
     pub ping_before_use: Option<(Duration, Duration)>,
     /// What calls do when every endpoint is unhealthy.
@@ -205,6 +212,9 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             max_concurrent_connects: 8,
             tcp_user_timeout: None,
+            tcp_keepalive: None,
+            tcp_keepalive_interval: None,
+            tcp_keepalive_retries: None,
             ping_before_use: None,
             all_unhealthy: AllUnhealthy::FailFast,
             max_attempts: 3,
@@ -258,6 +268,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_tcp_keepalive()?;
         if let Some((after, timeout)) = self.ping_before_use {
             check_duration("ping_before_use", after, Duration::from_millis(1), DAY)?;
             check_duration("ping_before_use.timeout", timeout, Duration::from_millis(1), HOUR)?;
@@ -361,6 +372,41 @@ fn check_user_agent(user_agent: &str) -> Result<(), Error> {
     Ok(())
 }
 
+impl Config {
+    /// The TCP keepalive settings: whole seconds in what Linux takes (1 s to 32767 s, 1 to
+    /// 127 probes), and an interval or a count only with the time they belong to.
+    fn validate_tcp_keepalive(&self) -> Result<(), Error> {
+        let (one, most) = (Duration::from_secs(1), Duration::from_secs(MAX_TCP_KEEPALIVE_SECS));
+        if let Some(time) = self.tcp_keepalive {
+            check_duration("tcp_keepalive", time, one, most)?;
+        }
+        if let Some(interval) = self.tcp_keepalive_interval {
+            if self.tcp_keepalive.is_none() {
+                return Err(Error::config(
+                    "tcp_keepalive_interval",
+                    &format!("{interval:?}"),
+                    "set with tcp_keepalive",
+                ));
+            }
+            check_duration("tcp_keepalive_interval", interval, one, most)?;
+        }
+        if let Some(retries) = self.tcp_keepalive_retries {
+            if self.tcp_keepalive.is_none() {
+                return Err(Error::config(
+                    "tcp_keepalive_retries",
+                    &retries.to_string(),
+                    "set with tcp_keepalive",
+                ));
+            }
+            check_range("tcp_keepalive_retries", retries, 1, 127)?;
+        }
+        Ok(())
+    }
+}
+
+/// The most seconds Linux takes for `TCP_KEEPIDLE` and `TCP_KEEPINTVL`.
+const MAX_TCP_KEEPALIVE_SECS: u64 = 32_767;
+
 fn check_range<T>(field: &str, value: T, min: T, max: T) -> Result<(), Error>
 where
     T: PartialOrd + std::fmt::Display,
@@ -423,6 +469,24 @@ mod tests {
             (Box::new(|c| c.max_concurrent_connects = 0), "max_concurrent_connects", "1 to 10000"),
             (Box::new(|c| c.backoff.base = Duration::ZERO), "backoff.base", "above zero"),
             (Box::new(|c| c.tcp_user_timeout = Some(Duration::ZERO)), "tcp_user_timeout", "above zero"),
+            (
+                Box::new(|c| c.tcp_keepalive = Some(Duration::from_millis(500))),
+                "tcp_keepalive",
+                "1s to 32767s",
+            ),
+            (
+                Box::new(|c| c.tcp_keepalive_interval = Some(Duration::from_secs(5))),
+                "tcp_keepalive_interval",
+                "set with tcp_keepalive",
+            ),
+            (
+                Box::new(|c| {
+                    c.tcp_keepalive = Some(Duration::from_secs(60));
+                    c.tcp_keepalive_retries = Some(0);
+                }),
+                "tcp_keepalive_retries",
+                "1 to 127",
+            ),
             (
                 Box::new(|c| c.max_streams_per_connection = Some(0)),
                 "max_streams_per_connection",

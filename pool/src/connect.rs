@@ -214,7 +214,7 @@ impl PoolInner {
         let hs = client::handshake(
             &entry.shared.endpoint,
             &self.config.h2,
-            self.config.tcp_user_timeout,
+            &client::SocketOptions::from_config(&self.config),
             tls.as_deref(),
             self.config.connector.as_ref(),
         )

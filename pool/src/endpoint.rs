@@ -19,15 +19,15 @@ use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 /// this machine (a sidecar), a Unix domain socket: `unix:///absolute/path` (or
 /// `unix:/absolute/path`).
 ///
-/// The port is required: gRPC servers rarely listen on 80, and a silent default would send a
-/// pool to the wrong place. Requests over a Unix socket carry `:authority` `localhost`, as
-/// gRPC's own clients send.
+/// Without a port, the scheme's: 443 for `https`, 80 for `http` (as tonic's `Endpoint` and
+/// the `http` crate take it); `:authority` stays as written. Requests over a Unix socket
+/// carry `:authority` `localhost`, as gRPC's own clients send.
 ///
 /// ```
 /// use grpc_pool_core::Endpoint;
 /// let endpoint: Endpoint = "http://127.0.0.1:50051".parse().unwrap();
 /// assert_eq!(endpoint.port(), 50051);
-/// assert!("http://127.0.0.1".parse::<Endpoint>().unwrap_err().to_string().contains("port"));
+/// assert_eq!("https://api.example.com".parse::<Endpoint>().unwrap().port(), 443);
 /// # #[cfg(unix)] {
 /// let sidecar: Endpoint = "unix:///run/envoy/grpc.sock".parse().unwrap();
 /// assert_eq!(sidecar.unix_path(), Some(std::path::Path::new("/run/envoy/grpc.sock")));
@@ -83,7 +83,11 @@ impl Endpoint {
         if host.is_empty() {
             return Err(Error::invalid_endpoint(uri, "no host"));
         }
-        let port = authority.port_u16().ok_or_else(|| Error::invalid_endpoint(uri, "no port"))?;
+        let port = match authority.port_u16() {
+            Some(port) => port,
+            None if scheme == Scheme::HTTPS => 443,
+            None => 80,
+        };
         if port == 0 {
             return Err(Error::invalid_endpoint(uri, "port 0"));
         }
@@ -327,6 +331,10 @@ mod tests {
         let e = Endpoint::parse("https://grpc.example.com:443").unwrap();
         assert!(e.is_tls());
         assert_eq!(e.scheme(), &Scheme::HTTPS);
+        // No port: the scheme's; `:authority` as written.
+        let e = Endpoint::parse("https://api.example.com").unwrap();
+        assert_eq!((e.host(), e.port(), e.authority().as_str()), ("api.example.com", 443, "api.example.com"));
+        assert_eq!(Endpoint::parse("http://10.0.0.7").unwrap().port(), 80);
         let e = Endpoint::parse("http://[::1]:50051/").unwrap();
         assert_eq!((e.host(), e.port()), ("::1", 50051));
         assert_eq!(e.authority().as_str(), "[::1]:50051");
@@ -335,7 +343,6 @@ mod tests {
     #[test]
     fn rejects_what_it_cannot_connect_to() {
         for (uri, problem) in [
-            ("http://127.0.0.1", "no port"),
             ("127.0.0.1:80", "no scheme"),
             ("ftp://127.0.0.1:21", "unsupported scheme `ftp`"),
             ("http://:80", "no host"),

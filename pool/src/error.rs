@@ -20,7 +20,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum ErrorKind {
     /// A configuration value is out of range; nothing was started.
     Config,
-    /// An endpoint URI could not be used (no host, no port, unsupported scheme).
+    /// An endpoint URI could not be used (no host, port 0, unsupported scheme).
     InvalidEndpoint,
     /// Connecting to an endpoint failed (TCP, timeout, or the HTTP/2 handshake).
     Connect,

@@ -34,6 +34,8 @@ pub struct BlackHoleLink {
     namespace: String,
     /// Our end of the pair, in this namespace.
     near: String,
+    /// The peer's end of the pair, in the namespace.
+    far: String,
     /// The peer's address, in the namespace.
     peer: Ipv4Addr,
 }
@@ -66,9 +68,10 @@ impl BlackHoleLink {
             namespace: format!("{NAME_PREFIX}{pid}-{n}"),
             // Interface names have at most 15 bytes.
             near: format!("gpbh{pid}n{n}"),
+            far: format!("gpbh{pid}f{n}"),
             peer,
         };
-        let far = format!("gpbh{pid}f{n}");
+        let far = link.far.clone();
         let ns = link.namespace.clone();
         // From here on, a failure drops `link`, which removes what was made.
         ip(&["netns", "add", &ns]);
@@ -107,7 +110,15 @@ impl BlackHoleLink {
         tc(&["qdisc", "add", "dev", &self.near, "root", "blackhole"]);
     }
 
-    /// Packets flow again.
+    /// From now on, every packet either side sends is dropped: the flow is gone both ways, as
+    /// when a NAT or load balancer forgets it. (With [`black_hole`](Self::black_hole) alone,
+    /// the peer's retransmissions still arrive, and each counts as news for this side's TCP.)
+    pub fn cut_both_ways(&self) {
+        tc(&["qdisc", "add", "dev", &self.near, "root", "blackhole"]);
+        tc(&["-n", &self.namespace, "qdisc", "add", "dev", &self.far, "root", "blackhole"]);
+    }
+
+    /// Packets flow again (after [`black_hole`](Self::black_hole)).
     pub fn restore(&self) {
         tc(&["qdisc", "del", "dev", &self.near, "root"]);
     }

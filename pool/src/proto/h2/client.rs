@@ -115,21 +115,69 @@ pub(crate) struct Handshaken {
     pub(crate) pinger: Pinger,
 }
 
+/// What the pool sets on each TCP socket it opens, besides `TCP_NODELAY`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SocketOptions {
+    /// `TCP_USER_TIMEOUT` (Linux): how long written data may stay unacknowledged before the
+    /// kernel gives up on the connection, so a write to a dead peer fails fast too.
+    pub(crate) user_timeout: Option<Duration>,
+    /// `SO_KEEPALIVE` and its timing: probes the kernel sends on a quiet socket, with no
+    /// wake-up of the process and unseen by the server's HTTP/2 PING policy.
+    pub(crate) keepalive: Option<socket2::TcpKeepalive>,
+}
+
+impl SocketOptions {
+    pub(crate) fn from_config(config: &crate::config::Config) -> SocketOptions {
+        let keepalive = config.tcp_keepalive.map(|time| {
+            probe_timing(
+                socket2::TcpKeepalive::new().with_time(time),
+                config.tcp_keepalive_interval,
+                config.tcp_keepalive_retries,
+            )
+        });
+        SocketOptions { user_timeout: config.tcp_user_timeout, keepalive }
+    }
+}
+
+/// The interval between keepalive probes and their count, where the pool sets them (Linux,
+/// Android, FreeBSD, Apple's systems); elsewhere they are the system's.
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd", target_vendor = "apple"))]
+fn probe_timing(
+    keepalive: socket2::TcpKeepalive,
+    interval: Option<Duration>,
+    retries: Option<u32>,
+) -> socket2::TcpKeepalive {
+    let keepalive = match interval {
+        Some(interval) => keepalive.with_interval(interval),
+        None => keepalive,
+    };
+    match retries {
+        Some(retries) => keepalive.with_retries(retries),
+        None => keepalive,
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd", target_vendor = "apple")))]
+fn probe_timing(
+    keepalive: socket2::TcpKeepalive,
+    _: Option<Duration>,
+    _: Option<u32>,
+) -> socket2::TcpKeepalive {
+    keepalive
+}
+
 /// Opens the socket to `endpoint` and starts the HTTP/2 handshake. The caller bounds the
 /// time.
-///
-/// `tcp_user_timeout` (Linux) bounds how long written data may stay unacknowledged before
-/// the kernel gives up on the connection, so a write to a dead peer fails fast too.
 pub(crate) async fn handshake(
     endpoint: &Endpoint,
     config: &H2Config,
-    tcp_user_timeout: Option<Duration>,
+    socket: &SocketOptions,
     tls: Option<&Tls>,
     connector: Option<&Connector>,
 ) -> Result<Handshaken, Error> {
     let transport = match connector {
         Some(connector) => connect_with(connector, endpoint).await?,
-        None => connect(endpoint, tcp_user_timeout, tls).await?,
+        None => connect(endpoint, socket, tls).await?,
     };
     let signals = Arc::new(ConnSignals::new());
     let io = ObservedIo::new(transport, signals.clone());
@@ -167,11 +215,7 @@ async fn connect_with(connector: &Connector, endpoint: &Endpoint) -> Result<Tran
     Ok(Transport::Custom(io))
 }
 
-async fn connect(
-    endpoint: &Endpoint,
-    tcp_user_timeout: Option<Duration>,
-    tls: Option<&Tls>,
-) -> Result<Transport, Error> {
+async fn connect(endpoint: &Endpoint, socket: &SocketOptions, tls: Option<&Tls>) -> Result<Transport, Error> {
     #[cfg(unix)]
     if let Some(path) = endpoint.unix_path() {
         let socket = tokio::net::UnixStream::connect(path).await.map_err(|e| {
@@ -191,10 +235,15 @@ async fn connect(
     // gRPC messages are small and latency-bound: never wait to coalesce them.
     tcp.set_nodelay(true)
         .map_err(|e| Error::connect(&endpoint.to_string(), "setting TCP_NODELAY", Some(Box::new(e))))?;
-    if let Some(timeout) = tcp_user_timeout {
+    if let Some(timeout) = socket.user_timeout {
         set_tcp_user_timeout(&tcp, timeout).map_err(|e| {
             Error::connect(&endpoint.to_string(), "setting TCP_USER_TIMEOUT", Some(Box::new(e)))
         })?;
+    }
+    if let Some(keepalive) = &socket.keepalive {
+        socket2::SockRef::from(&tcp)
+            .set_tcp_keepalive(keepalive)
+            .map_err(|e| Error::connect(&endpoint.to_string(), "setting TCP keepalive", Some(Box::new(e))))?;
     }
     match tls {
         Some(tls) if endpoint.is_tls() => Ok(Transport::Tls(Box::new(tls.connect(endpoint, tcp).await?))),
@@ -223,5 +272,26 @@ mod tests {
         set_tcp_user_timeout(&tcp, Duration::from_millis(1_500)).unwrap();
         let read_back = socket2::SockRef::from(&tcp).tcp_user_timeout().unwrap();
         assert_eq!(read_back, Some(Duration::from_millis(1_500)));
+    }
+
+    #[tokio::test]
+    async fn tcp_keepalive_is_set_on_the_pools_sockets_as_configured() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = Endpoint::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let mut config = crate::config::Config::default();
+        let socket = SocketOptions::from_config(&config);
+        let Transport::Tcp(plain) = connect(&endpoint, &socket, None).await.unwrap() else { panic!("TCP") };
+        assert!(!socket2::SockRef::from(&plain).keepalive().unwrap(), "off unless configured");
+
+        config.tcp_keepalive = Some(Duration::from_secs(45));
+        config.tcp_keepalive_interval = Some(Duration::from_secs(7));
+        config.tcp_keepalive_retries = Some(4);
+        let socket = SocketOptions::from_config(&config);
+        let Transport::Tcp(tcp) = connect(&endpoint, &socket, None).await.unwrap() else { panic!("TCP") };
+        let read_back = socket2::SockRef::from(&tcp);
+        assert!(read_back.keepalive().unwrap());
+        assert_eq!(read_back.tcp_keepalive_time().unwrap(), Duration::from_secs(45));
+        assert_eq!(read_back.tcp_keepalive_interval().unwrap(), Duration::from_secs(7));
+        assert_eq!(read_back.tcp_keepalive_retries().unwrap(), 4);
     }
 }
