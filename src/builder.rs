@@ -109,6 +109,20 @@ impl Builder {
         self
     }
 
+    /// The `:scheme` and `:authority` every call carries instead of its endpoint's, as
+    /// tonic's `Endpoint::origin`: for a proxy or ingress reached by address that routes by
+    /// host name. `http://host[:port]` or `https://host[:port]`, checked at build. TLS still
+    /// verifies the endpoint's host name (or [`TlsConfig`](crate::TlsConfig)'s `server_name`).
+    ///
+    /// ```
+    /// let builder = grpc_pool::Pool::builder().origin("https://orders.example.com");
+    /// assert_eq!(builder.config().origin.as_deref(), Some("https://orders.example.com"));
+    /// ```
+    pub fn origin(mut self, origin: &str) -> Self {
+        self.config.origin = Some(origin.to_owned());
+        self
+    }
+
     setters! {
         /// Connections kept open per endpoint even when idle (0 to `max_connections`).
         min_connections: usize;

@@ -134,6 +134,11 @@ pub struct PoolConfig {
     /// ASCII characters or spaces). Default: none, the header is
     /// [`POOL_USER_AGENT`](crate::POOL_USER_AGENT) alone.
     pub user_agent: Option<String>,
+    /// The `:scheme` and `:authority` every call carries instead of its endpoint's
+    /// (`https://api.example.com`: a proxy or ingress reached by address that routes by
+    /// host), as tonic's `Endpoint::origin`. TLS still verifies the endpoint's host (or
+    /// `tls.server_name`). Default: none, each endpoint's own.
+    pub origin: Option<String>,
 }
 
 /// `dns`: a host name whose addresses become endpoints, looked up again every `interval`
@@ -354,6 +359,7 @@ impl Default for PoolConfig {
             service_config: None,
             service_config_file: None,
             user_agent: core.user_agent,
+            origin: core.origin,
         }
     }
 }
@@ -441,6 +447,7 @@ impl PoolConfig {
             h2: self.h2.clone(),
             service_config: self.service_config()?.map(std::sync::Arc::new),
             user_agent: self.user_agent.clone(),
+            origin: self.origin.clone(),
         };
         Ok((core, health))
     }

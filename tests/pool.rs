@@ -1027,3 +1027,30 @@ async fn calls_say_who_is_calling_in_their_user_agent_as_tonic_channels_do() {
     assert!(error.to_string().contains("user_agent"), "{error}");
     assert!(error.to_string().contains("visible ASCII"), "{error}");
 }
+
+#[tokio::test]
+async fn calls_carry_the_origin_instead_of_the_endpoint_as_tonic_channels_do() {
+    let server =
+        grpc_pool_testkit::RawServer::start(grpc_pool_testkit::Misbehaviour::RefuseEvery(u64::MAX)).await;
+    let call = |pool: Pool| async move {
+        let request = EchoRequest { message: Bytes::from_static(b"where"), repeat: 0, delay_ms: 0 };
+        EchoClient::new(pool).unary_echo(request).await.expect("answered");
+    };
+    let plain = Pool::builder().name("no-origin").build([server.uri()]).await.unwrap();
+    call(plain).await;
+    assert_eq!(server.last_origin(), Some(server.uri()), "the endpoint's own");
+
+    let behind_proxy = Pool::builder()
+        .name("origin")
+        .origin("https://orders.example.com")
+        .build([server.uri()])
+        .await
+        .unwrap();
+    call(behind_proxy).await;
+    assert_eq!(server.last_origin().as_deref(), Some("https://orders.example.com"));
+
+    for bad in ["orders.example.com", "https://orders.example.com/v1", "ftp://orders.example.com"] {
+        let error = Pool::builder().origin(bad).build_lazy([server.uri()]).unwrap_err().to_string();
+        assert!(error.contains("`origin`") && error.contains("`https://host[:port]`"), "{bad}: {error}");
+    }
+}

@@ -175,6 +175,9 @@ pub struct Config {
     /// Put before the pool's own `grpc-pool/<version>` in the `user-agent` header of calls
     /// that carry none (as tonic's `Endpoint::user_agent` does before `tonic/<version>`).
     pub user_agent: Option<String>,
+    /// The `:scheme` and `:authority` of every call instead of its endpoint's
+    /// (`https://api.example.com`), as tonic's `Endpoint::origin`.
+    pub origin: Option<String>,
 }
 
 /// The pool's own part of the `user-agent` header.
@@ -192,6 +195,25 @@ impl Config {
                 .unwrap_or(http::HeaderValue::from_static(POOL_USER_AGENT)),
             None => http::HeaderValue::from_static(POOL_USER_AGENT),
         }
+    }
+
+    /// `origin` as the scheme and authority calls carry; `None` without one (or if it does
+    /// not parse, which `validate` rules out).
+    pub(crate) fn origin_parts(&self) -> Option<(http::uri::Scheme, http::uri::Authority)> {
+        parse_origin(self.origin.as_deref()?).ok()
+    }
+}
+
+/// An origin: `http` or `https`, a host and maybe a port, nothing else.
+fn parse_origin(origin: &str) -> Result<(http::uri::Scheme, http::uri::Authority), ()> {
+    let uri: http::Uri = origin.parse().map_err(|_| ())?;
+    let scheme = uri.scheme().filter(|s| **s == http::uri::Scheme::HTTP || **s == http::uri::Scheme::HTTPS);
+    let authority = uri.authority().filter(|a| !a.host().is_empty() && !a.as_str().contains('@'));
+    match (scheme, authority) {
+        (Some(scheme), Some(authority)) if matches!(uri.path(), "" | "/") && uri.query().is_none() => {
+            Ok((scheme.clone(), authority.clone()))
+        }
+        _ => Err(()),
     }
 }
 
@@ -227,6 +249,7 @@ impl Default for Config {
             h2: H2Config::default(),
             service_config: None,
             user_agent: None,
+            origin: None,
         }
     }
 }
@@ -287,6 +310,15 @@ impl Config {
         }
         if let Some(user_agent) = &self.user_agent {
             check_user_agent(user_agent)?;
+        }
+        if let Some(origin) = &self.origin {
+            parse_origin(origin).map_err(|()| {
+                Error::config(
+                    "origin",
+                    &format!("{origin:?}"),
+                    "`http://host[:port]` or `https://host[:port]`, no path",
+                )
+            })?;
         }
         check_backoff(&self.backoff)?;
         check_h2(&self.h2)
@@ -469,6 +501,8 @@ mod tests {
             (Box::new(|c| c.max_concurrent_connects = 0), "max_concurrent_connects", "1 to 10000"),
             (Box::new(|c| c.backoff.base = Duration::ZERO), "backoff.base", "above zero"),
             (Box::new(|c| c.tcp_user_timeout = Some(Duration::ZERO)), "tcp_user_timeout", "above zero"),
+            (Box::new(|c| c.origin = Some("https://api.example.com/v1".into())), "origin", "no path"),
+            (Box::new(|c| c.origin = Some("api.example.com".into())), "origin", "`https://host[:port]`"),
             (
                 Box::new(|c| c.tcp_keepalive = Some(Duration::from_millis(500))),
                 "tcp_keepalive",

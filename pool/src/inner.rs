@@ -68,6 +68,8 @@ pub(crate) struct PoolInner {
     pub(crate) retry_tokens: Option<Arc<RetryTokens>>,
     /// The `user-agent` header of calls that carry none, made once.
     pub(crate) user_agent: http::HeaderValue,
+    /// The `:scheme` and `:authority` of every call, when set apart from the endpoints'.
+    pub(crate) origin: Option<(http::uri::Scheme, http::uri::Authority)>,
 }
 
 impl PoolInner {
@@ -94,8 +96,10 @@ impl PoolInner {
             .and_then(|c| c.retry_throttling.as_ref())
             .map(|t| Arc::new(RetryTokens::new(t)));
         let user_agent = config.user_agent_header();
+        let origin = config.origin_parts();
         let inner = PoolInner {
             user_agent,
+            origin,
             endpoints: ArcSwap::from_pointee(
                 endpoints
                     .into_iter()

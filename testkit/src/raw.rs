@@ -21,6 +21,8 @@ pub enum Misbehaviour {
 /// A misbehaving echo server on 127.0.0.1.
 pub struct RawServer {
     addr: SocketAddr,
+    /// `:scheme://:authority` of the last request.
+    origin: Arc<std::sync::Mutex<Option<String>>>,
     answered: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
     task: JoinHandle<()>,
@@ -33,19 +35,25 @@ impl RawServer {
         let addr = listener.local_addr().expect("address");
         let answered = Arc::new(AtomicU64::new(0));
         let refused = Arc::new(AtomicU64::new(0));
-        let (a, r) = (answered.clone(), refused.clone());
+        let origin = Arc::new(std::sync::Mutex::new(None));
+        let (a, r, o) = (answered.clone(), refused.clone(), origin.clone());
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let _ = tcp.set_nodelay(true);
-                tokio::spawn(serve(tcp, misbehaviour, a.clone(), r.clone()));
+                tokio::spawn(serve(tcp, misbehaviour, a.clone(), r.clone(), o.clone()));
             }
         });
-        RawServer { addr, answered, refused, task }
+        RawServer { addr, origin, answered, refused, task }
     }
 
     /// `http://127.0.0.1:port`.
     pub fn uri(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `:scheme://:authority` of the last request, as the server read them.
+    pub fn last_origin(&self) -> Option<String> {
+        self.origin.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Calls answered.
@@ -70,11 +78,16 @@ async fn serve(
     misbehaviour: Misbehaviour,
     answered: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
+    origin: Arc<std::sync::Mutex<Option<String>>>,
 ) {
     let Ok(mut connection) = h2::server::handshake(tcp).await else { return };
     let mut seen = 0u64;
     while let Some(Ok((request, mut respond))) = connection.accept().await {
         seen += 1;
+        let uri = request.uri();
+        let seen_origin =
+            format!("{}://{}", uri.scheme_str().unwrap_or("?"), uri.authority().map_or("?", |a| a.as_str()));
+        *origin.lock().unwrap_or_else(|e| e.into_inner()) = Some(seen_origin);
         let Misbehaviour::RefuseEvery(n) = misbehaviour;
         if seen.is_multiple_of(n) {
             refused.fetch_add(1, Ordering::Relaxed);
