@@ -212,11 +212,9 @@ async fn a_plaintext_endpoint_named_https_fails_the_handshake_clearly() {
     assert!(err.contains("TLS handshake"), "{err}");
 }
 
-#[tokio::test]
-async fn a_tls_server_that_does_not_agree_to_http2_is_refused_clearly() {
-    // A TLS server without ALPN, as an HTTP/1.1-only server is: the handshake succeeds, and
-    // the pool must not then speak HTTP/2 at it.
-    let ca = Ca::new("CA");
+/// A TLS server at the address returned that agrees to no protocol (no ALPN), as HTTP/1.1-only
+/// servers and some TLS terminators do; behind it, an HTTP/2 echo when `h2`, else a sink.
+async fn tls_server_without_alpn(ca: &Ca, h2: bool) -> std::net::SocketAddr {
     let (cert_pem, key_pem) = ca.issue(&["127.0.0.1"], false);
     let certs: Vec<_> =
         rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()).map(Result::unwrap).collect();
@@ -236,15 +234,39 @@ async fn a_tls_server_that_does_not_agree_to_http2_is_refused_clearly() {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                if h2 {
+                    grpc_pool_testkit::serve_echo(tls).await;
+                } else {
                     let mut sink = Vec::new();
                     let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut sink).await;
                 }
             });
         }
     });
+    addr
+}
+
+#[tokio::test]
+async fn a_tls_server_that_does_not_agree_to_http2_is_refused_clearly() {
+    // A TLS server without ALPN, as an HTTP/1.1-only server is: the handshake succeeds, and
+    // the pool must not then speak HTTP/2 at it.
+    let ca = Ca::new("CA");
+    let addr = tls_server_without_alpn(&ca, false).await;
     let err = build_error(trusting(&ca), format!("https://{addr}")).await;
     assert!(err.contains("did not agree to HTTP/2") && err.contains("ALPN h2"), "{err}");
+    assert!(err.contains("assume_http2"), "the error says what would take it: {err}");
+}
+
+#[tokio::test]
+async fn assume_http2_takes_a_tls_server_without_alpn_to_speak_it_as_tonic_does() {
+    let ca = Ca::new("CA");
+    let addr = tls_server_without_alpn(&ca, true).await;
+    let mut tls = trusting(&ca);
+    tls.assume_http2 = true;
+    let pool =
+        Pool::builder().tls(tls).build([format!("https://{addr}")]).await.expect("connects without ALPN");
+    echo(&pool).await;
 }
 
 /// Resolves every name to one address.

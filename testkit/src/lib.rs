@@ -26,7 +26,7 @@ pub use frame_server::{Behaviour, FrameServer};
 pub use netns::BlackHoleLink;
 pub use peer::{grpcio_calls, PeerOptions, PythonPeer};
 pub use ping_policy::{PingEnforcer, PingPolicy};
-pub use raw::{Misbehaviour, RawServer};
+pub use raw::{serve_echo, Misbehaviour, RawServer};
 pub use refusing::RefuseFirstServer;
 pub use relay::Relay;
 #[cfg(unix)]

@@ -73,13 +73,26 @@ impl Drop for RawServer {
     }
 }
 
-async fn serve(
-    tcp: tokio::net::TcpStream,
+/// Serves the echo on a connection of any kind (a TLS stream the test made, say) as
+/// `RawServer` does, answering every call, until the client goes.
+pub async fn serve_echo<T>(io: T)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let none = || Arc::new(AtomicU64::new(0));
+    serve(io, Misbehaviour::RefuseEvery(u64::MAX), none(), none(), Arc::new(std::sync::Mutex::new(None)))
+        .await;
+}
+
+async fn serve<T>(
+    tcp: T,
     misbehaviour: Misbehaviour,
     answered: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
     origin: Arc<std::sync::Mutex<Option<String>>>,
-) {
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let Ok(mut connection) = h2::server::handshake(tcp).await else { return };
     let mut seen = 0u64;
     while let Some(Ok((request, mut respond))) = connection.accept().await {

@@ -50,6 +50,10 @@ pub struct TlsConfig {
     /// Accept any certificate. For tests against self-signed servers only: it makes the
     /// connection open to anyone in the path. Logged as a warning when the pool is built.
     pub insecure_skip_verify: bool,
+    /// Take a server that agrees to no protocol in the handshake (no ALPN) to speak HTTP/2,
+    /// as tonic's `ClientTlsConfig::assume_http2`: for TLS terminators that do not do ALPN.
+    /// A server that picks another protocol (`http/1.1`) is still refused.
+    pub assume_http2: bool,
     /// A whole rustls configuration of the user's, which the fields above do not touch.
     pub(crate) rustls: Option<Arc<ClientConfig>>,
 }
@@ -104,6 +108,7 @@ struct TlsFiles {
     key_file: Option<std::path::PathBuf>,
     server_name: Option<String>,
     insecure_skip_verify: bool,
+    assume_http2: bool,
 }
 
 #[cfg(feature = "serde")]
@@ -129,6 +134,7 @@ impl TryFrom<TlsFiles> for TlsConfig {
             client_identity,
             server_name: files.server_name,
             insecure_skip_verify: files.insecure_skip_verify,
+            assume_http2: files.assume_http2,
             rustls: None,
         })
     }
@@ -141,6 +147,7 @@ impl std::fmt::Debug for TlsConfig {
             .field("client_identity", &self.client_identity.as_ref().map(|_| "set"))
             .field("server_name", &self.server_name)
             .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .field("assume_http2", &self.assume_http2)
             .field("rustls", &self.rustls.as_ref().map(|_| "set"))
             .finish()
     }
@@ -150,6 +157,7 @@ impl std::fmt::Debug for TlsConfig {
 pub(crate) struct Tls {
     connector: TlsConnector,
     server_name: Option<ServerName<'static>>,
+    assume_http2: bool,
 }
 
 impl Tls {
@@ -165,7 +173,8 @@ impl Tls {
         if let Some(theirs) = &config.rustls {
             let mut client = ClientConfig::clone(theirs);
             client.alpn_protocols = vec![b"h2".to_vec()];
-            return Ok(Tls { connector: TlsConnector::from(Arc::new(client)), server_name });
+            let connector = TlsConnector::from(Arc::new(client));
+            return Ok(Tls { connector, server_name, assume_http2: config.assume_http2 });
         }
         let provider = Arc::new(crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -215,10 +224,12 @@ impl Tls {
         };
         // gRPC is HTTP/2 only: offer nothing else, and insist on it after the handshake.
         client.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Tls { connector: TlsConnector::from(Arc::new(client)), server_name })
+        let connector = TlsConnector::from(Arc::new(client));
+        Ok(Tls { connector, server_name, assume_http2: config.assume_http2 })
     }
 
-    /// The TLS handshake over `tcp`; fails unless the server agrees to HTTP/2.
+    /// The TLS handshake over `tcp`; fails unless the server agrees to HTTP/2 (or agrees to
+    /// nothing, with `assume_http2`).
     pub(crate) async fn connect(
         &self,
         endpoint: &Endpoint,
@@ -235,12 +246,27 @@ impl Tls {
             .connect(name, tcp)
             .await
             .map_err(|e| Error::connect(&label, "TLS handshake", Some(Box::new(e))))?;
-        if stream.get_ref().1.alpn_protocol() != Some(b"h2".as_slice()) {
-            return Err(Error::connect(
-                &label,
-                "the server did not agree to HTTP/2 in the TLS handshake (ALPN h2); it may speak only HTTP/1.1",
-                None,
-            ));
+        match stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => {}
+            None if self.assume_http2 => {}
+            None => {
+                return Err(Error::connect(
+                    &label,
+                    "the server did not agree to HTTP/2 in the TLS handshake (ALPN h2); it may speak only \
+                     HTTP/1.1 (`assume_http2` takes a server without ALPN to speak HTTP/2)",
+                    None,
+                ))
+            }
+            Some(other) => {
+                return Err(Error::connect(
+                    &label,
+                    &format!(
+                        "the server chose `{}` instead of HTTP/2 in the TLS handshake (ALPN h2)",
+                        String::from_utf8_lossy(other)
+                    ),
+                    None,
+                ))
+            }
         }
         Ok(stream)
     }
