@@ -387,6 +387,9 @@ fn check_h2(h2: &H2Config) -> Result<(), Error> {
     check_range("h2.initial_connection_window_size", h2.initial_connection_window_size, 65_535, MAX_WINDOW)?;
     check_range("h2.max_frame_size", h2.max_frame_size, 16_384, 16_777_215)?;
     check_range("h2.max_header_list_size", h2.max_header_list_size, 1, u32::MAX)?;
+    check_range("h2.max_concurrent_reset_streams", h2.max_concurrent_reset_streams, 0, 1_000_000)?;
+    check_duration("h2.reset_stream_duration", h2.reset_stream_duration, Duration::ZERO, HOUR)?;
+    check_range("h2.max_local_error_reset_streams", h2.max_local_error_reset_streams, 1, 1_000_000_000)?;
     Ok(())
 }
 
@@ -531,6 +534,16 @@ mod tests {
             (Box::new(|c| c.backoff.multiplier = 0.5), "backoff.multiplier", "1.0 to 100.0"),
             (Box::new(|c| c.backoff.multiplier = f64::NAN), "backoff.multiplier", "1.0 to 100.0"),
             (Box::new(|c| c.backoff.jitter = 1.0), "backoff.jitter", "0.0 up to"),
+            (
+                Box::new(|c| c.h2.reset_stream_duration = Duration::from_secs(7200)),
+                "h2.reset_stream_duration",
+                "0ns to 3600s",
+            ),
+            (
+                Box::new(|c| c.h2.max_local_error_reset_streams = 0),
+                "h2.max_local_error_reset_streams",
+                "1 to 1000000000",
+            ),
             (
                 Box::new(|c| c.h2.initial_stream_window_size = 0),
                 "h2.initial_stream_window_size",

@@ -181,12 +181,20 @@ pub(crate) async fn handshake(
     };
     let signals = Arc::new(ConnSignals::new());
     let io = ObservedIo::new(transport, signals.clone());
-    let (send, mut connection) = h2::client::Builder::new()
+    let mut builder = h2::client::Builder::new();
+    builder
         .initial_window_size(config.initial_stream_window_size)
         .initial_connection_window_size(config.initial_connection_window_size)
         .max_frame_size(config.max_frame_size)
         .max_header_list_size(config.max_header_list_size)
-        .enable_push(false)
+        .max_concurrent_reset_streams(config.max_concurrent_reset_streams)
+        .reset_stream_duration(config.reset_stream_duration)
+        .max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
+        .enable_push(false);
+    if config.header_table_size != super::settings::DEFAULT_HEADER_TABLE_SIZE {
+        builder.header_table_size(config.header_table_size);
+    }
+    let (send, mut connection) = builder
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| Error::connect(&endpoint.to_string(), "HTTP/2 handshake", Some(Box::new(e))))?;
@@ -272,6 +280,44 @@ mod tests {
         set_tcp_user_timeout(&tcp, Duration::from_millis(1_500)).unwrap();
         let read_back = socket2::SockRef::from(&tcp).tcp_user_timeout().unwrap();
         assert_eq!(read_back, Some(Duration::from_millis(1_500)));
+    }
+
+    /// The SETTINGS the handshake announces with `config`, as (id, value) pairs off the wire.
+    async fn announced_settings(config: &H2Config) -> Vec<(u16, u32)> {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = Endpoint::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let config = config.clone();
+        let client = tokio::spawn(async move {
+            // The SETTINGS leave when the connection is polled.
+            if let Ok(handshaken) = handshake(&endpoint, &config, &SocketOptions::default(), None, None).await
+            {
+                let _ = handshaken.connection.await;
+            }
+        });
+        let (mut server, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 24 + 9];
+        server.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head[..24], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert_eq!(head[24 + 3], 4, "SETTINGS first");
+        let length = usize::from(head[24]) << 16 | usize::from(head[25]) << 8 | usize::from(head[26]);
+        let mut payload = vec![0u8; length];
+        server.read_exact(&mut payload).await.unwrap();
+        client.abort();
+        payload
+            .chunks(6)
+            .map(|c| (u16::from_be_bytes([c[0], c[1]]), u32::from_be_bytes([c[2], c[3], c[4], c[5]])))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_header_table_size_is_announced_only_when_it_is_not_the_protocols() {
+        const HEADER_TABLE_SIZE: u16 = 1;
+        let default = announced_settings(&H2Config::default()).await;
+        assert!(!default.iter().any(|(id, _)| *id == HEADER_TABLE_SIZE), "{default:?}");
+        let none = H2Config { header_table_size: 0, ..H2Config::default() };
+        let settings = announced_settings(&none).await;
+        assert!(settings.contains(&(HEADER_TABLE_SIZE, 0)), "{settings:?}");
     }
 
     #[tokio::test]

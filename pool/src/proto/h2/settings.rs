@@ -1,4 +1,7 @@
-//! The HTTP/2 settings a member announces in its handshake.
+//! The HTTP/2 settings a member announces in its handshake, and the limits its `h2`
+//! connection keeps.
+
+use std::time::Duration;
 
 /// HTTP/2 settings the pool's connections announce.
 ///
@@ -22,7 +25,24 @@ pub struct H2Config {
     pub max_frame_size: u32,
     /// `SETTINGS_MAX_HEADER_LIST_SIZE`: largest response header list accepted, at least 1.
     pub max_header_list_size: u32,
+    /// `SETTINGS_HEADER_TABLE_SIZE`: the HPACK table the server may use for the headers it
+    /// sends, in bytes (0 for none). Default 4,096, the protocol's (then not sent).
+    pub header_table_size: u32,
+    /// Streams reset by this side kept in memory at once so that frames still arriving for
+    /// them are recognised, 0 to 1,000,000 (`h2`'s default 50), as tonic's
+    /// `http2_max_concurrent_reset_streams`.
+    pub max_concurrent_reset_streams: usize,
+    /// How long a reset stream is kept so (0 to 3600 s; default 1 s, `h2`'s).
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::de::duration"))]
+    pub reset_stream_duration: Duration,
+    /// Streams the connection may reset for the server's protocol errors before it closes
+    /// the connection with `ENHANCE_YOUR_CALM`, 1 to 10^9 (`h2`'s default 1,024): a guard
+    /// against a server that provokes resets without end.
+    pub max_local_error_reset_streams: usize,
 }
+
+/// The protocol's own `SETTINGS_HEADER_TABLE_SIZE`, which the handshake need not announce.
+pub(crate) const DEFAULT_HEADER_TABLE_SIZE: u32 = 4_096;
 
 impl Default for H2Config {
     fn default() -> Self {
@@ -31,6 +51,10 @@ impl Default for H2Config {
             initial_connection_window_size: 4 * 1024 * 1024,
             max_frame_size: 16 * 1024,
             max_header_list_size: 16 * 1024,
+            header_table_size: DEFAULT_HEADER_TABLE_SIZE,
+            max_concurrent_reset_streams: 50,
+            reset_stream_duration: Duration::from_secs(1),
+            max_local_error_reset_streams: 1_024,
         }
     }
 }
