@@ -160,6 +160,11 @@ impl Builder {
         /// Unanswered TCP keepalive probes before the kernel drops the connection (1 to 127),
         /// with `tcp_keepalive`. `None`: the system's (9 on Linux).
         tcp_keepalive_retries: Option<u32>;
+        /// The local IP address TCP connections are made from, as tonic's
+        /// `Endpoint::local_address`: for hosts with several addresses where the server (or a
+        /// firewall) allows only one. Each connection goes to the endpoint's addresses of the
+        /// same family. `None` (the default): the system's choice.
+        local_address: Option<std::net::IpAddr>;
         /// The deadline of calls without a `grpc-timeout` of their own, and the most any
         /// call may take (up to 30 days): a call's deadline is the shorter of its own and
         /// this one. It bounds the whole call: the wait for a slot, a PING before use, every

@@ -89,6 +89,11 @@ pub struct PoolConfig {
     /// Unanswered TCP keepalive probes before the kernel drops the connection (1 to 127), with
     /// `tcp_keepalive`. Default: the system's (9 on Linux).
     pub tcp_keepalive_retries: Option<u32>,
+    /// The local IP address TCP connections are made from (`"10.0.0.5"`), for hosts with
+    /// several where the server allows only one, as tonic's `Endpoint::local_address`; each
+    /// connects to the endpoint's addresses of its family. Not for Unix sockets. Default:
+    /// the system's choice.
+    pub local_address: Option<std::net::IpAddr>,
     /// Keepalive PINGs; default [`Keepalive::default`]. `None` (`"off"` in a file): none.
     #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::off_or"))]
     pub keepalive: Option<Keepalive>,
@@ -343,6 +348,7 @@ impl Default for PoolConfig {
             tcp_keepalive: core.tcp_keepalive,
             tcp_keepalive_interval: core.tcp_keepalive_interval,
             tcp_keepalive_retries: core.tcp_keepalive_retries,
+            local_address: core.local_address,
             keepalive: Some(Keepalive::default()),
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: None,
@@ -433,6 +439,7 @@ impl PoolConfig {
             tcp_keepalive: self.tcp_keepalive,
             tcp_keepalive_interval: self.tcp_keepalive_interval,
             tcp_keepalive_retries: self.tcp_keepalive_retries,
+            local_address: self.local_address,
             ping_before_use: self
                 .ping_before_use
                 .map(|after| (after, crate::DEFAULT_PING_BEFORE_USE_TIMEOUT)),

@@ -1054,3 +1054,22 @@ async fn calls_carry_the_origin_instead_of_the_endpoint_as_tonic_channels_do() {
         assert!(error.contains("`origin`") && error.contains("`https://host[:port]`"), "{bad}: {error}");
     }
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn connections_come_from_the_local_address_as_tonic_channels_can() {
+    let server =
+        grpc_pool_testkit::RawServer::start(grpc_pool_testkit::Misbehaviour::RefuseEvery(u64::MAX)).await;
+    // 127.0.0.0/8 is all loopback on Linux: 127.0.0.2 is a second local address.
+    let local: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let pool = Pool::builder().local_address(Some(local)).build([server.uri()]).await.unwrap();
+    let request = EchoRequest { message: Bytes::from_static(b"from"), repeat: 0, delay_ms: 0 };
+    EchoClient::new(pool).unary_echo(request).await.expect("answered");
+    assert_eq!(server.last_peer().map(|p| p.ip()), Some(local));
+
+    // No address of the endpoint's family: the connect fails and says why.
+    let v6: std::net::IpAddr = "::1".parse().unwrap();
+    let error =
+        Pool::builder().name("v6-from").local_address(Some(v6)).build([server.uri()]).await.unwrap_err();
+    assert!(error.to_string().contains("no IPv6 address to connect to"), "{error}");
+}

@@ -149,6 +149,8 @@ pub struct Config {
     /// Unanswered TCP keepalive probes before the kernel drops the connection; the system's
     /// when `None`.
     pub tcp_keepalive_retries: Option<u32>,
+    /// The local address TCP connections are made from; the system's choice when `None`.
+    pub local_address: Option<std::net::IpAddr>,
     /// PING before use: after this much quiet, with this timeout.
     pub ping_before_use: Option<(Duration, Duration)>,
     /// What calls do when every endpoint is unhealthy.
@@ -237,6 +239,7 @@ impl Default for Config {
             tcp_keepalive: None,
             tcp_keepalive_interval: None,
             tcp_keepalive_retries: None,
+            local_address: None,
             ping_before_use: None,
             all_unhealthy: AllUnhealthy::FailFast,
             max_attempts: 3,

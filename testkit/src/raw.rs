@@ -23,6 +23,8 @@ pub struct RawServer {
     addr: SocketAddr,
     /// `:scheme://:authority` of the last request.
     origin: Arc<std::sync::Mutex<Option<String>>>,
+    /// Where the last connection came from.
+    peer: Arc<std::sync::Mutex<Option<SocketAddr>>>,
     answered: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
     task: JoinHandle<()>,
@@ -36,14 +38,16 @@ impl RawServer {
         let answered = Arc::new(AtomicU64::new(0));
         let refused = Arc::new(AtomicU64::new(0));
         let origin = Arc::new(std::sync::Mutex::new(None));
-        let (a, r, o) = (answered.clone(), refused.clone(), origin.clone());
+        let peer = Arc::new(std::sync::Mutex::new(None));
+        let (a, r, o, p) = (answered.clone(), refused.clone(), origin.clone(), peer.clone());
         let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
+            while let Ok((tcp, from)) = listener.accept().await {
+                *p.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
                 let _ = tcp.set_nodelay(true);
                 tokio::spawn(serve(tcp, misbehaviour, a.clone(), r.clone(), o.clone()));
             }
         });
-        RawServer { addr, origin, answered, refused, task }
+        RawServer { addr, origin, peer, answered, refused, task }
     }
 
     /// `http://127.0.0.1:port`.
@@ -54,6 +58,11 @@ impl RawServer {
     /// `:scheme://:authority` of the last request, as the server read them.
     pub fn last_origin(&self) -> Option<String> {
         self.origin.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Where the last connection came from.
+    pub fn last_peer(&self) -> Option<SocketAddr> {
+        *self.peer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Calls answered.

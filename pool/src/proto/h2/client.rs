@@ -124,6 +124,8 @@ pub(crate) struct SocketOptions {
     /// `SO_KEEPALIVE` and its timing: probes the kernel sends on a quiet socket, with no
     /// wake-up of the process and unseen by the server's HTTP/2 PING policy.
     pub(crate) keepalive: Option<socket2::TcpKeepalive>,
+    /// The local address to connect from (its port chosen by the system).
+    pub(crate) local_address: Option<std::net::IpAddr>,
 }
 
 impl SocketOptions {
@@ -135,7 +137,11 @@ impl SocketOptions {
                 config.tcp_keepalive_retries,
             )
         });
-        SocketOptions { user_timeout: config.tcp_user_timeout, keepalive }
+        SocketOptions {
+            user_timeout: config.tcp_user_timeout,
+            keepalive,
+            local_address: config.local_address,
+        }
     }
 }
 
@@ -235,9 +241,10 @@ async fn connect(endpoint: &Endpoint, socket: &SocketOptions, tls: Option<&Tls>)
         })?;
         return Ok(Transport::Unix(socket));
     }
-    let tcp = match endpoint.address() {
-        Some(address) => TcpStream::connect(address).await,
-        None => TcpStream::connect((endpoint.host(), endpoint.port())).await,
+    let tcp = match (socket.local_address, endpoint.address()) {
+        (Some(local), _) => connect_from(local, endpoint).await,
+        (None, Some(address)) => TcpStream::connect(address).await,
+        (None, None) => TcpStream::connect((endpoint.host(), endpoint.port())).await,
     };
     let tcp = tcp.map_err(|e| Error::connect(&endpoint.to_string(), "TCP connect", Some(Box::new(e))))?;
     // gRPC messages are small and latency-bound: never wait to coalesce them.
@@ -257,6 +264,32 @@ async fn connect(endpoint: &Endpoint, socket: &SocketOptions, tls: Option<&Tls>)
         Some(tls) if endpoint.is_tls() => Ok(Transport::Tls(Box::new(tls.connect(endpoint, tcp).await?))),
         _ => Ok(Transport::Tcp(tcp)),
     }
+}
+
+/// A TCP connection from `local` (port chosen by the system) to the first of the endpoint's
+/// addresses of the same family that takes it.
+async fn connect_from(local: std::net::IpAddr, endpoint: &Endpoint) -> std::io::Result<TcpStream> {
+    let addresses: Vec<std::net::SocketAddr> = match endpoint.address() {
+        Some(address) => vec![address],
+        None => tokio::net::lookup_host((endpoint.host(), endpoint.port())).await?.collect(),
+    };
+    let mut last_error = None;
+    for address in addresses.into_iter().filter(|a| a.is_ipv4() == local.is_ipv4()) {
+        let socket =
+            if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        match socket.connect(address).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        let family = if local.is_ipv4() { "IPv4" } else { "IPv6" };
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("no {family} address to connect to from the local address {local}"),
+        )
+    }))
 }
 
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
