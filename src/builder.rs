@@ -230,8 +230,11 @@ impl Builder {
     /// `tower::Service<http::Uri>` returning a byte stream (a proxy tunnel, a socket with
     /// options of its own, an in-memory pipe, a TLS stream it made). It is called once per
     /// connection with the endpoint's URI (for an endpoint found by DNS, its resolved
-    /// address), within `connect_timeout`; its stream is used as it is, so `TCP_NODELAY`,
-    /// `TCP_USER_TIMEOUT` and TLS are its business.
+    /// address), within `connect_timeout`; its stream is used as it is, so `TCP_NODELAY` and
+    /// `TCP_USER_TIMEOUT` are its business. TLS is too, unless [`tls`](Builder::tls) is set:
+    /// then the pool runs TLS over the connector's stream to `https://` endpoints (checking
+    /// the endpoint's host name), as tonic runs `tls_config` over `connect_with_connector`'s
+    /// streams: for a connector that opens a tunnel through a proxy.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), grpc_pool::Error> {

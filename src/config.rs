@@ -113,8 +113,8 @@ pub struct PoolConfig {
     pub outlier_detection: Option<OutlierDetection>,
     /// TLS for `https://` endpoints. Default: the system's roots, no client certificate.
     pub tls: Option<TlsConfig>,
-    /// A connector of your own, instead of the pool's TCP (or Unix socket) and TLS connects
-    /// (see [`Builder::connector`]). Not read from files.
+    /// A connector of your own, instead of the pool's TCP (or Unix socket) connects, and its
+    /// TLS unless `tls` is set (see [`Builder::connector`]). Not read from files.
     #[cfg_attr(feature = "serde", serde(skip))]
     pub connector: Option<Connector>,
     /// Endpoints from DNS, besides `endpoints`. Default: none.

@@ -302,3 +302,30 @@ async fn endpoints_from_dns_keep_tls_and_check_the_certificate_against_the_host_
     echo(&pool).await;
     assert_eq!(server.calls(), 1);
 }
+
+#[tokio::test]
+async fn tls_settings_with_a_connector_run_tls_over_its_stream_as_tonic_does() {
+    let ca = Ca::new("CA");
+    let server = tls_server(ca.server(&["orders.test"], false, None)).await;
+    let target = server.addr();
+    // A tunnel of sorts: whatever the endpoint names, the connector dials the server.
+    let tunnel = tower::service_fn(move |_uri: http::Uri| tokio::net::TcpStream::connect(target));
+    let pool = Pool::builder()
+        .connector(tunnel)
+        .tls(trusting(&ca))
+        .build(["https://orders.test:443"])
+        .await
+        .expect("TLS over the connector's stream, checked against the endpoint's host");
+    echo(&pool).await;
+    assert_eq!(server.calls(), 1);
+
+    // Without TLS settings the stream is used as it is: HTTP/2 in the clear at a TLS server.
+    let err = Pool::builder()
+        .name("connector-without-tls")
+        .connector(tunnel)
+        .connect_timeout(Duration::from_secs(5))
+        .build(["https://orders.test:443"])
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains("TLS handshake"), "no TLS was tried: {err}");
+}

@@ -165,7 +165,8 @@ pub struct Config {
     pub metrics_interval: Duration,
     /// TLS for `https://` endpoints.
     pub tls: Option<crate::proto::tls::TlsConfig>,
-    /// The user's connector, instead of the pool's TCP, TLS and Unix socket connects.
+    /// The user's connector, instead of the pool's TCP and Unix socket connects (and its TLS,
+    /// unless `tls` is set).
     pub connector: Option<crate::proto::connector::Connector>,
     /// Reconnect backoff.
     pub backoff: BackoffConfig,

@@ -206,8 +206,11 @@ impl PoolInner {
     /// The connect itself: the transport and the HTTP/2 handshake, the member and its
     /// connection's driver task, then the server's SETTINGS.
     async fn connect_member(self: &Arc<Self>, entry: &Arc<EndpointEntry>) -> Result<Arc<Member>, Error> {
-        // A connector of the user's makes the whole stream, TLS included.
-        let tls = match entry.endpoint().is_tls() && self.config.connector.is_none() {
+        // A connector of the user's makes the whole stream, TLS included, unless TLS settings
+        // are given too: then the pool runs them over its stream, as tonic runs `tls_config`
+        // over `connect_with_connector`'s.
+        let pool_runs_tls = self.config.connector.is_none() || self.config.tls.is_some();
+        let tls = match entry.endpoint().is_tls() && pool_runs_tls {
             true => Some(self.tls_client()?),
             false => None,
         };

@@ -1,7 +1,8 @@
 //! A connector of the user's: any `tower::Service<http::Uri>` that returns a byte stream, as
 //! tonic's `Endpoint::connect_with_connector` takes. The pool runs HTTP/2 over what it
-//! returns, as it is: a proxy tunnel, an in-memory pipe, a socket with options of its own, a
-//! TLS stream made by the connector.
+//! returns: a proxy tunnel, an in-memory pipe, a socket with options of its own, a TLS stream
+//! made by the connector; or, when the pool has TLS settings, TLS over it to `https://`
+//! endpoints first.
 
 use std::fmt;
 use std::future::{poll_fn, Future};
@@ -24,9 +25,11 @@ type Connecting = Pin<Box<dyn Future<Output = Result<Box<dyn ConnectedIo>, BoxEr
 ///
 /// It is called with the endpoint's URI (`http://host:port`; for an endpoint found by DNS,
 /// the address it resolved to in place of the name), once per connection. Its stream is used
-/// as it is: `TCP_NODELAY`, `TCP_USER_TIMEOUT` and TLS are the connector's to set, and the
-/// pool's TLS settings do not apply. `connect_timeout` still bounds each connect. (An
-/// example is at the facade's `Builder::connector`.)
+/// as it is (`TCP_NODELAY` and `TCP_USER_TIMEOUT` are the connector's to set), but when the
+/// pool has TLS settings (`tls`), the pool runs TLS over it to `https://` endpoints, as tonic
+/// runs `tls_config` over `connect_with_connector`'s streams; without them, TLS is the
+/// connector's too. `connect_timeout` still bounds each connect. (An example is at the
+/// facade's `Builder::connector`.)
 #[derive(Clone)]
 pub struct Connector {
     connect: Arc<dyn Fn(http::Uri) -> Connecting + Send + Sync>,

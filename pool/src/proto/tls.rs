@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
 use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use tokio_rustls::rustls::crypto::{self, CryptoProvider};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -230,11 +229,14 @@ impl Tls {
 
     /// The TLS handshake over `tcp`; fails unless the server agrees to HTTP/2 (or agrees to
     /// nothing, with `assume_http2`).
-    pub(crate) async fn connect(
+    pub(crate) async fn connect<IO>(
         &self,
         endpoint: &Endpoint,
-        tcp: TcpStream,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+        tcp: IO,
+    ) -> Result<tokio_rustls::client::TlsStream<IO>, Error>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let label = endpoint.to_string();
         let name = match &self.server_name {
             Some(name) => name.clone(),

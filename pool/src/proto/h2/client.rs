@@ -182,7 +182,7 @@ pub(crate) async fn handshake(
     connector: Option<&Connector>,
 ) -> Result<Handshaken, Error> {
     let transport = match connector {
-        Some(connector) => connect_with(connector, endpoint).await?,
+        Some(connector) => connect_with(connector, endpoint, tls).await?,
         None => connect(endpoint, socket, tls).await?,
     };
     let signals = Arc::new(ConnSignals::new());
@@ -209,7 +209,13 @@ pub(crate) async fn handshake(
 }
 
 /// Through the user's connector, with the endpoint's URI (its resolved address, if it has one).
-async fn connect_with(connector: &Connector, endpoint: &Endpoint) -> Result<Transport, Error> {
+/// Through the user's connector, with the endpoint's URI (its resolved address, if it has
+/// one); with `tls` (a connector that leaves TLS to the pool), TLS over its stream.
+async fn connect_with(
+    connector: &Connector,
+    endpoint: &Endpoint,
+    tls: Option<&Tls>,
+) -> Result<Transport, Error> {
     let authority = match endpoint.address() {
         Some(address) => address.to_string(),
         None => endpoint.authority().to_string(),
@@ -226,7 +232,10 @@ async fn connect_with(connector: &Connector, endpoint: &Endpoint) -> Result<Tran
         .connect(uri)
         .await
         .map_err(|e| Error::connect(&endpoint.to_string(), "the connector failed", Some(e)))?;
-    Ok(Transport::Custom(io))
+    match tls {
+        Some(tls) => Ok(Transport::Custom(Box::new(tls.connect(endpoint, io).await?))),
+        None => Ok(Transport::Custom(io)),
+    }
 }
 
 async fn connect(endpoint: &Endpoint, socket: &SocketOptions, tls: Option<&Tls>) -> Result<Transport, Error> {
