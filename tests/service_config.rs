@@ -785,3 +785,49 @@ async fn each_attempt_of_a_call_under_a_retry_policy_is_a_span() {
     assert_eq!(*spans.opened.lock().unwrap(), [0, 1, 2], "one span per attempt, numbered by retry");
     assert_eq!(spans.closed.load(Ordering::SeqCst), 3, "every attempt's span closed with its attempt");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_copies_that_fail_count_for_outlier_detection_though_another_copy_answers() {
+    // Every first copy that lands on the broken endpoint answers UNAVAILABLE (non-fatal), and
+    // the next copy, sent at once, answers from the good one: the calls all succeed, and the
+    // broken endpoint's failures must still get it ejected.
+    let (broken, good) = (TestServer::start().await, TestServer::start().await);
+    broken.set_unavailable(true);
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+        "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "60s", "nonFatalStatusCodes": ["UNAVAILABLE"]}}]}"#;
+    let mut outliers = grpc_pool::OutlierDetection::default();
+    outliers.consecutive_failures = 3;
+    outliers.max_ejection_percent = 50;
+    let pool = Pool::builder()
+        .service_config(config)
+        .outlier_detection(Some(outliers))
+        .build([broken.uri(), good.uri()])
+        .await
+        .unwrap();
+    let ejected = |pool: &Pool| {
+        pool.state()
+            .endpoints
+            .iter()
+            .find(|e| e.endpoint.to_string() == broken.uri())
+            .and_then(|e| e.ejected_for)
+    };
+    for i in 0..40 {
+        unary(&pool, &format!("hedged-{i}")).await.expect("a copy answers");
+        if ejected(&pool).is_some() {
+            break;
+        }
+    }
+    assert!(broken.calls() >= 3, "the broken endpoint took {} copies", broken.calls());
+    assert!(
+        ejected(&pool).is_some(),
+        "not ejected after {} failed copies: {:?}",
+        broken.calls(),
+        pool.state().endpoints
+    );
+    // Ejected, it takes no more first copies.
+    let before = broken.calls();
+    for i in 0..10 {
+        unary(&pool, &format!("after-{i}")).await.expect("answered");
+    }
+    assert_eq!(broken.calls(), before);
+}

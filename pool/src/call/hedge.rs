@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Context;
 use std::time::Duration;
 
@@ -19,6 +20,22 @@ use crate::service_config::HedgingPolicy;
 pub(super) enum Ended<B> {
     Answer(Sending<B>, http::Response<h2::RecvStream>),
     Failed(Sending<B>, h2::Error),
+}
+
+impl<B> Ended<B> {
+    /// Counts the copy's outcome for outlier detection, as the outcome that ends a call is
+    /// counted: a copy passed over for a later one still tells how its endpoint is.
+    pub(super) fn count_outcome(&self, pool: &Arc<PoolInner>) {
+        let (Ended::Answer(sending, _) | Ended::Failed(sending, _)) = self;
+        let endpoint = &sending.slot.member().endpoint;
+        let failures = endpoint.record_outcome(|| match self {
+            Ended::Answer(_, response) => crate::outlier::unavailable(response.headers()),
+            Ended::Failed(_, err) => crate::outlier::is_failure(err),
+        });
+        if let Some(failures) = failures {
+            pool.eject_shared(endpoint, failures);
+        }
+    }
 }
 
 /// A hedged call's copies and schedule.
@@ -62,14 +79,17 @@ impl<B> Hedge<B> {
 
     /// A copy ended with a non-fatal status: it counts as a failure for the throttle, and
     /// the next copy is due at once (A6).
-    pub(super) fn failed_non_fatally(&mut self, pool: &PoolInner, ended: Ended<B>) {
+    pub(super) fn failed_non_fatally(&mut self, pool: &Arc<PoolInner>, ended: Ended<B>) {
         if let Some(tokens) = &pool.retry_tokens {
             if !tokens.failure() {
                 pool.count_throttled_retry();
                 self.stopped = true;
             }
         }
-        self.last = Some(ended);
+        // The one kept before is passed over now: it will not end the call.
+        if let Some(passed_over) = self.last.replace(ended) {
+            passed_over.count_outcome(pool);
+        }
         self.timer = None;
     }
 

@@ -155,7 +155,11 @@ where
 
     /// A copy's answer ends the call: the others are cancelled (dropped, which resets their
     /// streams).
-    fn hedge_over(&self, hedge: Box<Hedge<B>>, winner: u32) {
+    fn hedge_over(&self, mut hedge: Box<Hedge<B>>, winner: u32) {
+        // A copy that ended non-fatally before the winner answered still counts.
+        if let Some(passed_over) = hedge.last.take() {
+            passed_over.count_outcome(&self.pool);
+        }
         if winner > 0 {
             self.pool.count_hedges("won", 1);
         }
