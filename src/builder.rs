@@ -158,7 +158,9 @@ impl Builder {
         /// the system's (75 s on Linux).
         tcp_keepalive_interval: Option<Duration>;
         /// Unanswered TCP keepalive probes before the kernel drops the connection (1 to 127),
-        /// with `tcp_keepalive`. `None`: the system's (9 on Linux).
+        /// with `tcp_keepalive`. `None`: the system's (9 on Linux). On Linux the sockets'
+        /// `TCP_USER_TIMEOUT` (the keepalive PINGs' timeout) ends the probing sooner when
+        /// probes have gone unanswered that long.
         tcp_keepalive_retries: Option<u32>;
         /// The local IP address TCP connections are made from, as tonic's
         /// `Endpoint::local_address`: for hosts with several addresses where the server (or a
