@@ -98,7 +98,8 @@ pub const ETCD_WATCHING: &str = "grpc_pool_etcd_watching";
 pub const ETCD_KEEPALIVES: &str = "grpc_pool_etcd_keepalives_total";
 /// Counter: sign-ins of etcd clients with a user and password (`EtcdClient::with_user`), by
 /// `result` (`ok`: a new token; `error`: refused, or etcd unreachable). After the first, each
-/// `ok` means etcd stopped taking the previous token (it expired unused, or etcd restarted).
+/// `ok` means etcd stopped taking the previous token (it expired unused, or the users or
+/// roles changed).
 pub const ETCD_AUTHENTICATIONS: &str = "grpc_pool_etcd_authentications_total";
 
 /// Label: the pool's name.

@@ -1,7 +1,9 @@
 //! Signing in to an etcd with authentication enabled: a user name and password exchanged for a
 //! token (etcd's `Auth.Authenticate`), sent as the `token` metadata of every call, and
 //! exchanged again when etcd no longer knows it (simple tokens expire after
-//! `--auth-token-ttl`, 300 s by default, unused, and are forgotten when etcd restarts).
+//! `--auth-token-ttl`, 300 s by default, unused; a token from before a change of users or roles
+//! is refused as old). A restarted etcd still knows its tokens: it assigns them again as it
+//! replays its log.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};

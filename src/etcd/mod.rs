@@ -136,7 +136,7 @@ impl EtcdClient {
     /// The same client, signing in to etcd as `user` (for an etcd with authentication
     /// enabled): the first call gets a token for the user and password (etcd's
     /// `Authenticate`), every call carries it, and when etcd no longer takes it (it expired
-    /// unused, or etcd restarted) the client signs in again and repeats the call once. A
+    /// unused, or the users or roles changed) the client signs in again and repeats the call once. A
     /// wrong password fails calls with `etcd authenticate failed: InvalidArgument: ...
     /// invalid user ID or password`; an etcd whose authentication is off is called without
     /// a token (until it asks for one). Fails if `user` or `password` is empty.

@@ -221,15 +221,12 @@ where
         // Put together from parts already checked (the endpoint's at build, the path by the
         // caller's `Uri`): cheaper than the builder, which checks each of them again.
         let mut uri = http::uri::Parts::default();
-        match &self.pool.origin {
-            Some((scheme, authority)) => {
-                (uri.scheme, uri.authority) = (Some(scheme.clone()), Some(authority.clone()))
-            }
-            None => {
-                (uri.scheme, uri.authority) =
-                    (Some(endpoint.scheme().clone()), Some(endpoint.authority().clone()))
-            }
-        }
+        let (scheme, authority) = match &self.pool.origin {
+            Some((scheme, authority)) => (scheme, authority),
+            None => (endpoint.scheme(), endpoint.authority()),
+        };
+        uri.scheme = Some(scheme.clone());
+        uri.authority = Some(authority.clone());
         uri.path_and_query = Some(path.clone());
         parts.uri =
             Uri::from_parts(uri).map_err(|e| Error::request_body(&member.endpoint.label, Box::new(e)))?;
