@@ -126,6 +126,45 @@ async fn a_response_stream_that_stalls_fails_at_the_deadline() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_response_stream_whose_data_is_always_ready_is_cut_at_the_deadline() {
+    // The server streams without pause, so the body always has data waiting when it is
+    // polled: its deadline must still end it (before, only a pending poll looked). Each
+    // message is larger than an HTTP/2 frame (16 KiB), so tonic never has a whole message
+    // buffered that it could hand out without polling the body.
+    let clock = HeldClock::hold();
+    let server = TestServer::start().await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    let mut client = client(&pool);
+    let mut request = tonic::Request::new(EchoRequest {
+        message: Bytes::from(vec![b'x'; 32 * 1024]),
+        repeat: u32::MAX,
+        delay_ms: 0,
+    });
+    request.set_timeout(DEADLINE);
+    let started = tokio::time::Instant::now();
+    let mut stream = client.server_streaming_echo(request).await.unwrap().into_inner();
+    let mut late = 0u32;
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(_)) if started.elapsed() > DEADLINE => late += 1,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the endless stream ended"),
+            Err(status) => break status,
+        }
+        assert!(
+            started.elapsed() <= DEADLINE_BOUND,
+            "the stream outlived its deadline, {late} messages late"
+        );
+        // Real time for the server to keep the window full, then the clock moves on.
+        clock.advance(STEP).await;
+    };
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    assert_eq!(late, 0, "messages were delivered after the deadline");
+    assert!(ended.message().contains("while receiving the response from"), "{}", ended.message());
+    assert_eq!(pool.state().in_flight(), 0, "the slot is freed with the error");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_call_waiting_for_a_slot_fails_at_its_deadline_and_leaves_the_queue() {
     let clock = HeldClock::hold();
     let server = FrameServer::start(Behaviour::AnswerAfter(SLOW)).await;

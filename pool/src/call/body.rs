@@ -148,7 +148,15 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
         let polled = this.poll_stream(cx);
-        if polled.is_pending() && this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
+        // The deadline bounds the data as well as the waits: a server that keeps data ready
+        // would otherwise never let a pending poll see it. Trailers that are in end the
+        // call as the server ended it, late or not.
+        let bounded = match &polled {
+            Poll::Pending => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_data(),
+            Poll::Ready(_) => false,
+        };
+        if bounded && this.deadline.as_mut().is_some_and(|d| d.poll_expired(cx)) {
             return Poll::Ready(Some(Err(this.expire())));
         }
         polled
