@@ -25,6 +25,9 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+/// The most a test waits for what should come at once, on a machine however busy.
+const WAIT: Duration = Duration::from_secs(10);
+
 /// One attempt as the server saw it.
 #[derive(Debug, Clone)]
 struct Seen {
@@ -315,6 +318,37 @@ async fn server_pushback_sets_the_delay_or_stops_the_retries() {
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("grpc-retry-pushback-ms (-1)"), "{}", status.message());
     assert_eq!(script.attempts_of("stopped").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushback_longer_than_the_call_may_wait_ends_the_call_with_the_servers_status() {
+    // A day: nothing but the pool bounds that wait for a call without a deadline (before,
+    // the call slept it out). The bound on each call here is the test's, far above "at once".
+    let config = retrying(3, "0.001s", "0.001s", 1.0, r#""UNAVAILABLE""#, "");
+    let script = Script::new(1, Code::Unavailable, Some("86400000"));
+    let pool = pool_with(Some(&config), &[serve(&script).await]).await;
+    let status = tokio::time::timeout(WAIT, unary(&pool, "a-day"))
+        .await
+        .expect("the call ends rather than wait a day")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let why = "grpc-retry-pushback-ms (86400000) is longer than a call without a deadline waits (30s";
+    assert!(status.message().contains(why), "{}", status.message());
+    assert_eq!(script.attempts_of("a-day").len(), 1);
+
+    // 60 s against a call with 30 s left: it ends now with the server's status, not with
+    // DEADLINE_EXCEEDED 30 s later.
+    let script = Script::new(1, Code::Unavailable, Some("60000"));
+    let pool = pool_with(Some(&config), &[serve(&script).await]).await;
+    let mut request = tonic::Request::new(call("past-deadline"));
+    request.set_timeout(Duration::from_secs(30));
+    let status = tokio::time::timeout(WAIT, EchoClient::new(pool.clone()).unary_echo(request))
+        .await
+        .expect("the call ends before its deadline")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("(60000) ends past the call's deadline"), "{}", status.message());
+    assert_eq!(script.attempts_of("past-deadline").len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

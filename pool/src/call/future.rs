@@ -168,6 +168,11 @@ where
         self.method.as_ref().and_then(|m| m.retry_policy.as_ref())
     }
 
+    /// Where the call stands for its retry policy: its failed attempts and time left.
+    fn standing(&self) -> retry::Standing {
+        retry::Standing { retries: self.retries, time_left: self.deadline.as_ref().map(Deadline::remaining) }
+    }
+
     /// The error of a call whose deadline passed while it waited in `live`, saying where it
     /// was; ends the call (its slot freed, its stream, if open, reset with `CANCEL`).
     fn expire(&self, live: Live<B>) -> Error {
@@ -520,7 +525,7 @@ where
                 .map(|tokens| ThrottleWatch::new(tokens, &hedging.non_fatal_status_codes));
         }
         if let Some(policy) = self.retry_policy() {
-            match retry::judge(&self.pool, policy, self.retries, &mut sending, response.headers()) {
+            match retry::judge(&self.pool, policy, self.standing(), &mut sending, response.headers()) {
                 Verdict::Committed => {
                     watch = self
                         .pool
@@ -568,7 +573,7 @@ where
             // retry policy judges its status as it would a trailers-only answer's.
             if let Some(policy) = self.retry_policy() {
                 let code = error.grpc_code();
-                match retry::judge_status(&self.pool, policy, self.retries, &mut sending, code, None) {
+                match retry::judge_status(&self.pool, policy, self.standing(), &mut sending, code, None) {
                     Verdict::Retry { code, pushback, head, body } => {
                         return self.retry(sending, code, pushback, head, body)
                     }

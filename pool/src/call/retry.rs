@@ -48,12 +48,20 @@ pub(super) fn status(headers: &HeaderMap) -> Option<Code> {
     value.parse::<i32>().ok().map(Code::from_i32)
 }
 
-/// Judges an attempt whose response head came, under `policy`, after `retries` attempts
-/// that failed before it. Counts the outcome in the pool's retry throttle.
+/// Where a call under a retry policy stands when an attempt of it ends: the attempts that
+/// failed before it, and the time left of its deadline (`None`: no deadline).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Standing {
+    pub(super) retries: u32,
+    pub(super) time_left: Option<Duration>,
+}
+
+/// Judges an attempt whose response head came, under `policy`. Counts the outcome in the
+/// pool's retry throttle.
 pub(super) fn judge<B>(
     pool: &PoolInner,
     policy: &RetryPolicy,
-    retries: u32,
+    standing: Standing,
     sending: &mut Sending<B>,
     headers: &HeaderMap,
 ) -> Verdict<B>
@@ -62,7 +70,7 @@ where
     B::Error: Into<BoxError>,
 {
     let Some(code) = status(headers) else { return Verdict::Committed };
-    judge_status(pool, policy, retries, sending, code, headers.get(&PUSHBACK))
+    judge_status(pool, policy, standing, sending, code, headers.get(&PUSHBACK))
 }
 
 /// Judges an attempt that ended with `code` before the server committed to it: a
@@ -71,7 +79,7 @@ where
 pub(super) fn judge_status<B>(
     pool: &PoolInner,
     policy: &RetryPolicy,
-    retries: u32,
+    standing: Standing,
     sending: &mut Sending<B>,
     code: Code,
     pushback: Option<&HeaderValue>,
@@ -98,13 +106,18 @@ where
             );
         }
     }
-    if retries + 1 >= policy.max_attempts {
+    if standing.retries + 1 >= policy.max_attempts {
         return Verdict::NotRetried(format!("all {} attempts of its retry policy used", policy.max_attempts));
     }
     let pushback = match pushback {
         None => None,
         Some(value) => match value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
-            Some(ms) => Some(Duration::from_millis(ms)),
+            Some(ms) => match pushback_too_long(Duration::from_millis(ms), policy, standing.time_left) {
+                None => Some(Duration::from_millis(ms)),
+                Some(why) => {
+                    return Verdict::NotRetried(format!("the server's grpc-retry-pushback-ms ({ms}) {why}"))
+                }
+            },
             None => {
                 let shown = String::from_utf8_lossy(value.as_bytes()).into_owned();
                 return Verdict::NotRetried(format!(
@@ -125,6 +138,32 @@ where
                 )
             } else {
                 "its request body could not be kept for a resend".to_owned()
+            })
+        }
+    }
+}
+
+/// The longest pushback a call without a deadline waits out, unless its policy's
+/// `maxBackoff` is longer.
+const PUSHBACK_CEILING: Duration = Duration::from_secs(30);
+
+/// Why the server's pushback is not waited out, if it is not. The server may name any wait
+/// (a u64 of milliseconds): a call waits one that ends before its deadline, and a call with
+/// no deadline one up to the longer of its policy's `maxBackoff` and [`PUSHBACK_CEILING`].
+/// Past that the call ends now with the server's status, rather than sleep without bound,
+/// or sleep only to fail with DEADLINE_EXCEEDED and hide the server's answer.
+fn pushback_too_long(
+    pushback: Duration,
+    policy: &RetryPolicy,
+    time_left: Option<Duration>,
+) -> Option<String> {
+    match time_left {
+        Some(left) if pushback >= left => Some(format!("ends past the call's deadline ({left:?} left)")),
+        Some(_) => None,
+        None => {
+            let ceiling = policy.max_backoff.max(PUSHBACK_CEILING);
+            (pushback > ceiling).then(|| {
+                format!("is longer than a call without a deadline waits ({ceiling:?}: maxBackoff, or 30s if longer)")
             })
         }
     }
