@@ -17,7 +17,7 @@ use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::echo_server::{Echo, EchoServer};
 use grpc_pool_testkit::echo::{EchoRequest, EchoResponse};
 use grpc_pool_testkit::{
-    grpcio_calls, parse_grpc_timeout, unused_uri, wait_until, Behaviour, FrameServer, TestServer,
+    grpcio_calls, parse_grpc_timeout, unused_uri, wait_until, Behaviour, FrameServer, Relay, TestServer,
 };
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
@@ -864,4 +864,99 @@ async fn hedged_copies_that_fail_count_for_outlier_detection_though_another_copy
         unary(&pool, &format!("after-{i}")).await.expect("answered");
     }
     assert_eq!(broken.calls(), before);
+}
+
+/// A hedging policy for every `echo.Echo` method, with no non-fatal status.
+fn hedging_only(max_attempts: u32, delay: &str) -> String {
+    format!(
+        r#"{{"methodConfig": [{{"name": [{{"service": "echo.Echo"}}],
+        "hedgingPolicy": {{"maxAttempts": {max_attempts}, "hedgingDelay": "{delay}"}}}}]}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_copy_whose_connection_breaks_leaves_the_other_copies_to_answer() {
+    // Two copies out, one on each endpoint, both answering after 300 ms; the connection under
+    // one of them is reset. That copy's failure is no answer of the server's: the other copy
+    // must still answer the call (before, the broken copy's error cancelled it).
+    let (behind_relay, direct) = (TestServer::start().await, TestServer::start().await);
+    let relay = Relay::start(behind_relay.addr()).await;
+    let pool = pool_with(Some(&hedging_only(2, "0.05s")), &[relay.uri(), direct.uri()]).await;
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let slow = EchoRequest { message: Bytes::from_static(b"hedged"), repeat: 0, delay_ms: 300 };
+            EchoClient::new(pool).unary_echo(slow).await
+        }
+    });
+    wait_until(WAIT, "a copy is on each server", || behind_relay.active() == 1 && direct.active() == 1).await;
+    relay.reset();
+    let answer = tokio::time::timeout(WAIT, call).await.expect("the call ends").unwrap();
+    assert_eq!(answer.expect("the copy on the healthy connection answers").into_inner().message, "hedged");
+    assert_eq!(pool.state().statistics.hedges_sent, 1);
+}
+
+/// An h2 server that holds every stream for `hold`, then refuses it (`REFUSED_STREAM`: the
+/// server never saw it, so a client may send it again). Its URI and the streams it saw.
+async fn refusing_server(hold: Duration) -> (String, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(AtomicU64::new(0));
+    let counter = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(socket).await else { return };
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(hold).await;
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    });
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), streams)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_call_whose_copies_are_all_refused_opens_at_most_max_attempts_streams() {
+    // Five copies 10 ms apart, each refused 100 ms after it arrives. A refused copy was never
+    // seen, so it may be sent again, but within the policy's five (A6's cap): before, the
+    // first refusal cancelled the others and resent the call as a new hedge of five.
+    let (server, streams) = refusing_server(Duration::from_millis(100)).await;
+    let pool = pool_with(Some(&hedging_only(5, "0.01s")), &[server]).await;
+    let status = tokio::time::timeout(WAIT, unary(&pool, "refused"))
+        .await
+        .expect("the call ends")
+        .expect_err("every copy is refused");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("not retried: all 5 copies of its hedging policy used"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(streams.load(Ordering::SeqCst), 5, "streams the server saw for one call");
+    assert_eq!(pool.state().statistics.hedges_sent, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_call_dropped_by_its_caller_counts_its_copies_as_cancelled() {
+    let server = FrameServer::start(Behaviour::AnswerAfter(Duration::from_secs(30))).await;
+    let pool = pool_with(Some(&hedging_only(2, "0.01s")), &[server.uri()]).await;
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move { unary(&pool, "abandoned").await }
+    });
+    wait_until(WAIT, "both copies are out", || pool.state().statistics.hedges_sent == 1).await;
+    call.abort();
+    let _ = call.await;
+    // Dropping the call's future reset both copies; they count as cancelled (before, a
+    // dropped call counted nothing).
+    wait_until(WAIT, "the server saw both copies reset", || server.resets() == 2).await;
+    let stats = pool.state().statistics;
+    assert_eq!(stats.hedges_cancelled, 2, "{stats:?}");
+    assert_eq!(pool.state().in_flight(), 0);
 }

@@ -62,6 +62,9 @@ pub struct ResponseFuture<B> {
     retries: u32,
     /// Hedged copies sent after the first.
     hedged: u32,
+    /// Copies of a hedged call sent before its current copies: those of a hedge whose every
+    /// copy was lost, before the call was sent again. They count against `maxAttempts`.
+    hedge_sent: u32,
     /// The retry policy's backoff exponent: retries since the start or the last pushback.
     backoff_n: u32,
 }
@@ -159,6 +162,7 @@ where
             method,
             retries: 0,
             hedged: 0,
+            hedge_sent: 0,
             backoff_n: 0,
         }
     }
@@ -198,7 +202,7 @@ where
                 format!("waiting for the response head of {} hedged copies", hedge.attempts.len())
             }
         };
-        drop(live);
+        self.abandon(live);
         Error::deadline_exceeded(timeout, &situation)
     }
 
@@ -254,7 +258,7 @@ where
         match self.open(slot, request) {
             Opened::Sent(sending) => {
                 self.state = Some(match self.method.as_ref().and_then(|m| m.hedging_policy.as_ref()) {
-                    Some(policy) => Live::Hedging(Box::new(Hedge::new(sending, policy))),
+                    Some(policy) => Live::Hedging(Box::new(Hedge::new(sending, policy, self.hedge_sent))),
                     None => Live::Sending(sending),
                 });
                 Step::Continue(())
@@ -351,6 +355,13 @@ where
             format!("its request body is over the replay buffer limit ({} bytes)", config.replay_buffer_limit)
         } else if body_not_whole {
             "its request body had not been sent whole when the call failed".to_owned()
+        } else if let Some(policy) = self
+            .method
+            .as_ref()
+            .and_then(|m| m.hedging_policy.as_ref())
+            .filter(|p| self.hedge_sent >= p.max_attempts)
+        {
+            format!("all {} copies of its hedging policy used", policy.max_attempts)
         } else if config.max_attempts == 1 {
             "max_attempts is 1".to_owned()
         } else {
@@ -566,8 +577,13 @@ where
         }
         let error = response_error(&sending.slot, sending.stream_id, err);
         // The head may be kept for the retry policy alone: a transparent resend also needs
-        // an attempt left of `max_attempts`.
-        let transparent_left = self.attempts + 1 < self.pool.config.max_attempts;
+        // an attempt left of `max_attempts`, and for a hedged call a copy left of its
+        // policy's `maxAttempts` (A6's cap on the streams one call opens).
+        let copies_left = match self.method.as_ref().and_then(|m| m.hedging_policy.as_ref()) {
+            Some(policy) => self.hedge_sent < policy.max_attempts,
+            None => true,
+        };
+        let transparent_left = self.attempts + 1 < self.pool.config.max_attempts && copies_left;
         if !(error.is_unprocessed() && transparent_left) {
             // The server may have seen it, or the transparent attempts are used up: the
             // retry policy judges its status as it would a trailers-only answer's.

@@ -59,12 +59,14 @@ pub(super) struct Hedge<B> {
 }
 
 impl<B> Hedge<B> {
-    pub(super) fn new(first: Sending<B>, policy: &HedgingPolicy) -> Hedge<B> {
+    /// The copies of a call whose first copy (since `sent_before` copies of it that were
+    /// lost and sent again) just went out: all of them count against `maxAttempts`.
+    pub(super) fn new(first: Sending<B>, policy: &HedgingPolicy, sent_before: u32) -> Hedge<B> {
         Hedge {
-            attempts: vec![(0, first)],
+            attempts: vec![(sent_before, first)],
             copy: None,
             timer: Some(Box::pin(tokio::time::sleep(policy.hedging_delay))),
-            sent: 1,
+            sent: sent_before + 1,
             max_attempts: policy.max_attempts,
             delay: policy.hedging_delay,
             non_fatal: policy.non_fatal_status_codes.clone(),
@@ -86,11 +88,31 @@ impl<B> Hedge<B> {
                 self.stopped = true;
             }
         }
+        self.set_aside(pool, ended);
+    }
+
+    /// A copy was lost with its connection (or refused unseen): no answer of the server's,
+    /// so neither a status that ends the call nor one for the throttle. The others go on and
+    /// the next copy is due at once, as after a non-fatal status.
+    pub(super) fn lost_copy(&mut self, pool: &Arc<PoolInner>, sending: Sending<B>, err: h2::Error) {
+        self.set_aside(pool, Ended::Failed(sending, err));
+    }
+
+    /// Keeps `ended` as the call's outcome should no other copy do better; sends the next
+    /// copy now.
+    fn set_aside(&mut self, pool: &Arc<PoolInner>, ended: Ended<B>) {
         // The one kept before is passed over now: it will not end the call.
         if let Some(passed_over) = self.last.replace(ended) {
             passed_over.count_outcome(pool);
         }
         self.timer = None;
+    }
+
+    /// Whether a copy's stream failed because its connection did (it broke, or went away
+    /// with the stream unseen) or the server refused the stream unseen: a transport failure
+    /// of that copy, not an answer to the call.
+    pub(super) fn is_lost(err: &h2::Error) -> bool {
+        err.is_io() || err.is_go_away() || err.reason() == Some(h2::Reason::REFUSED_STREAM)
     }
 
     /// A copy went out: the next one is due a `hedgingDelay` later.

@@ -50,14 +50,6 @@ where
         Step::Continue(())
     }
 
-    /// The call is over, with whatever result: counts its attempts when it had a retry
-    /// policy.
-    pub(super) fn finished(&self) {
-        if self.method.as_ref().is_some_and(|m| m.retry_policy.is_some() || m.hedging_policy.is_some()) {
-            self.pool.record_call_attempts(1 + self.attempts + self.retries + self.hedged);
-        }
-    }
-
     /// Moves a hedged call on: polls every copy out, sends the next copy when it is due,
     /// and ends the call with the first response head that is not a non-fatal status (the
     /// other copies are dropped, which resets their streams with `CANCEL`). `None` while it
@@ -73,7 +65,10 @@ where
                 let (copy, sending) = hedge.attempts.swap_remove(i);
                 match head {
                     // Dropping `hedge` resets the other copies.
-                    Err(body_failed) => return Some(Step::Break(Err(body_failed))),
+                    Err(body_failed) => {
+                        self.abandon(Live::Hedging(hedge));
+                        return Some(Step::Break(Err(body_failed)));
+                    }
                     Ok(Ok(response)) => {
                         if retry::status(response.headers()).is_some_and(|code| hedge.is_non_fatal(code)) {
                             hedge.failed_non_fatally(&self.pool, Ended::Answer(sending, response));
@@ -87,6 +82,13 @@ where
                             hedge.failed_non_fatally(&self.pool, Ended::Failed(sending, err));
                             continue;
                         }
+                        // A copy whose connection broke under it is not the server's answer:
+                        // it must not cancel the copies still out, or stop the next one.
+                        if Hedge::<B>::is_lost(&err) && (!hedge.attempts.is_empty() || hedge.can_send_more())
+                        {
+                            hedge.lost_copy(&self.pool, sending, err);
+                            continue;
+                        }
                         self.hedge_over(hedge, copy);
                         return Some(self.failed(sending, err));
                     }
@@ -94,8 +96,9 @@ where
             }
             hedge.keep_copy();
             if hedge.attempts.is_empty() && !hedge.can_send_more() {
-                // Every copy ended with a non-fatal status and no other may go: the last
-                // one's outcome is the call's.
+                // Every copy ended with a non-fatal status (or was lost) and no other may
+                // go: the last one's outcome is the call's.
+                self.hedge_sent = hedge.sent;
                 let step = match hedge.last.take() {
                     Some(Ended::Answer(sending, response)) => self.answered(sending, response),
                     Some(Ended::Failed(sending, err)) => self.failed(sending, err),
@@ -155,18 +158,53 @@ where
 
     /// A copy's answer ends the call: the others are cancelled (dropped, which resets their
     /// streams).
-    fn hedge_over(&self, mut hedge: Box<Hedge<B>>, winner: u32) {
-        // A copy that ended non-fatally before the winner answered still counts.
-        if let Some(passed_over) = hedge.last.take() {
-            passed_over.count_outcome(&self.pool);
-        }
+    fn hedge_over(&mut self, hedge: Box<Hedge<B>>, winner: u32) {
+        self.hedge_sent = hedge.sent;
         if winner > 0 {
             self.pool.count_hedges("won", 1);
+        }
+        self.cancel_copies(hedge);
+    }
+}
+
+impl<B> ResponseFuture<B> {
+    /// The call is over, with whatever result: counts its attempts when it had a retry
+    /// policy.
+    pub(super) fn finished(&self) {
+        if self.method.as_ref().is_some_and(|m| m.retry_policy.is_some() || m.hedging_policy.is_some()) {
+            self.pool.record_call_attempts(1 + self.attempts + self.retries + self.hedged);
+        }
+    }
+
+    /// The call ends in `live`, unanswered (its deadline passed, its caller dropped it, its
+    /// request body failed): what it had out is cancelled and counted.
+    pub(super) fn abandon(&self, live: Live<B>) {
+        if let Live::Hedging(hedge) = live {
+            self.cancel_copies(hedge);
+        }
+    }
+
+    /// Resets every copy still out (by dropping it) and counts them, with the outcome of
+    /// one set aside, which will not end the call now.
+    fn cancel_copies(&self, mut hedge: Box<Hedge<B>>) {
+        if let Some(passed_over) = hedge.last.take() {
+            passed_over.count_outcome(&self.pool);
         }
         let cancelled = hedge.attempts.len() as u64;
         if cancelled > 0 {
             self.pool.count_hedges("cancelled", cancelled);
         }
         drop(hedge);
+    }
+}
+
+impl<B> Drop for ResponseFuture<B> {
+    /// A call dropped before it ended (its caller gave up) still counts: its hedged copies
+    /// as cancelled, its attempts in the histogram.
+    fn drop(&mut self) {
+        if let Some(live) = self.state.take() {
+            self.abandon(live);
+            self.finished();
+        }
     }
 }
