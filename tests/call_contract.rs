@@ -679,3 +679,75 @@ async fn calls_on_a_silently_dropped_connection_fail_at_their_deadline_with_pool
     }
     assert_eq!(pool.state().in_flight(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_drop_under_load_is_found_one_deadline_and_one_ping_after_it_with_pool_defaults() {
+    // 8 callers with 5 s deadlines; the connection goes silent under them. The first
+    // deadline to pass on it (5 s) PINGs it, and no PONG in 1 s kills it: found within 7 s
+    // at most (keepalive alone: 20 s + 10 s), costing the calls in flight on it (8) and at
+    // most as many again, however the steps fall. Calls that pick the member while its
+    // PING is out wait for the answer and go to a fresh connection.
+    let clock = HeldClock::hold();
+    let server = TestServer::start().await;
+    let relay = grpc_pool_testkit::Relay::start(server.addr()).await;
+    let pool = Pool::builder().build([relay.uri()]).await.unwrap();
+    let deadline = Duration::from_secs(5);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = client(&pool);
+            let stopped = stopped.clone();
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !*stopped.borrow() {
+                    let started = tokio::time::Instant::now();
+                    let result = client.unary_echo(with_deadline(0, deadline)).await;
+                    outcomes.push((started, result.err()));
+                    tokio::time::sleep(STEP).await;
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let flowing = clock.advance_in_steps(WAIT, STEP, || pool.state().statistics.checkouts_direct > 100).await;
+    assert!(flowing, "calls never flowed: {:?}", pool.state().statistics);
+
+    relay.freeze(); // the network drops the connection's packets from now on
+    let frozen_at = tokio::time::Instant::now();
+    let found = clock
+        .advance_in_steps(Duration::from_secs(30), STEP, || {
+            pool.state().statistics.closed(grpc_pool::EvictionReason::PingTimeout) >= 1
+        })
+        .await;
+    let found_after = frozen_at.elapsed();
+    assert!(found, "the silent connection was never found: {:?}", pool.state().statistics);
+    let evicted_at = tokio::time::Instant::now();
+    // Calls go on, on a fresh connection.
+    let recovered = clock
+        .advance_in_steps(WAIT, STEP, || {
+            let state = pool.state();
+            state.statistics.connections_created >= 2 && state.in_flight() == 0
+        })
+        .await;
+    assert!(recovered, "no fresh connection: {:?}", pool.state());
+    clock.advance_in_steps(Duration::from_secs(1), STEP, || false).await;
+    stop.send(true).unwrap();
+    clock.advance(Duration::from_secs(1)).await;
+    let (mut failed, mut late_failures, mut ok_after) = (Vec::new(), Vec::new(), 0);
+    for caller in callers {
+        for (started, status) in caller.await.unwrap() {
+            match status {
+                Some(status) if started >= evicted_at => late_failures.push(status),
+                Some(status) => failed.push(status),
+                None if started >= evicted_at => ok_after += 1,
+                None => {}
+            }
+        }
+    }
+    println!("silent drop under load: found after {found_after:?}, {} calls failed", failed.len());
+    assert!(found_after <= deadline + Duration::from_secs(1) + 2 * STEP, "found after {found_after:?}");
+    assert!(failed.len() <= 16, "{} calls failed: {failed:?}", failed.len());
+    assert!(failed.iter().all(|s| s.code() == Code::DeadlineExceeded), "{failed:?}");
+    assert!(late_failures.is_empty(), "calls started after the eviction failed: {late_failures:?}");
+    assert!(ok_after > 0);
+}

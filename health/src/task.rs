@@ -51,7 +51,7 @@ pub use supervisor::{__test, spawn};
 use crate::config::{CheckMode, HealthConfig, Keepalive};
 use grid::{GridKey, GridQueue};
 use grpc_pool_core::call::EndpointChannel;
-use probes::PingMetrics;
+use probes::{may_ping_without_data, PingMetrics};
 
 /// Longest keepalive time after `too_many_pings` doublings.
 const MAX_KEEPALIVE_TIME: Duration = Duration::from_secs(2 * 60 * 60);
@@ -162,10 +162,6 @@ struct Tracked {
     /// an endpoint coming back) do not PING together ever after. Later PINGs wait the full
     /// keepalive time, which the server's PING policy may be tuned to.
     first_ping_after: Option<Duration>,
-    /// PINGs sent since the server last sent DATA or HEADERS, and the member's count of such
-    /// frames when that was looked at: servers forgive PINGs only once they have sent data.
-    pings_without_data: u32,
-    data_frames: u64,
 }
 
 struct Task {
@@ -327,7 +323,7 @@ impl Task {
         }
         let Some(tracked) = self.members.get(&id) else { return };
         let (lifetime, first_ping_after) = (tracked.lifetime, tracked.first_ping_after);
-        let MemberStatus { age, idle, in_flight, since_last_read: quiet, data_frames, .. } = status;
+        let MemberStatus { age, idle, in_flight, since_last_read: quiet, pings_without_data, .. } = status;
 
         if let Some(lifetime) = lifetime.filter(|l| age >= *l) {
             if self.may_retire_for_lifetime(member.endpoint()) {
@@ -363,7 +359,7 @@ impl Task {
         {
             let time = first_ping_after.map_or(time, |first| first.min(time));
             let permitted = (keepalive.permit_without_stream || in_flight > 0)
-                && self.may_ping_without_data(id, data_frames, keepalive.max_pings_without_data);
+                && may_ping_without_data(pings_without_data, keepalive.max_pings_without_data);
             if quiet >= time && permitted {
                 let rpc = in_flight == 0 && self.ping_limited.contains(member.endpoint());
                 if self.start_probe(id, &member, rpc, keepalive.timeout) {

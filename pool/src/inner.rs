@@ -382,6 +382,12 @@ impl PoolInner {
         metrics::counter!(names::HEDGES, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => result).increment(n);
     }
 
+    /// A PING after a call's deadline (`call::attempt::ping_after_deadline`) was answered or not.
+    pub(crate) fn count_deadline_ping(&self, member: &Member, answered: bool) {
+        let result = if answered { "ok" } else { "timeout" };
+        metrics::counter!(names::DEADLINE_PINGS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => member.endpoint.label.clone(), names::LABEL_RESULT => result).increment(1);
+    }
+
     /// The attempts of a call under a retry policy, once it is over.
     pub(crate) fn record_call_attempts(&self, attempts: u32) {
         metrics::histogram!(names::CALL_ATTEMPTS, names::LABEL_POOL => self.config.name.clone())

@@ -244,8 +244,8 @@ impl Member {
 
     /// Takes the prober's role; `None` if another call has it. The role ends when the guard
     /// drops, however the probe ends: answered, timed out, or its call cancelled.
-    pub(crate) fn start_probe(&self) -> Option<ProbeGuard<'_>> {
-        (!self.probing.swap(true, Ordering::AcqRel)).then_some(ProbeGuard(self))
+    pub(crate) fn start_probe(self: &Arc<Self>) -> Option<ProbeGuard> {
+        (!self.probing.swap(true, Ordering::AcqRel)).then(|| ProbeGuard(self.clone()))
     }
 
     /// Waits until no call is PINGing it.
@@ -293,9 +293,9 @@ impl Member {
 }
 
 /// The prober's role on a member (see [`Member::start_probe`]).
-pub(crate) struct ProbeGuard<'a>(&'a Member);
+pub(crate) struct ProbeGuard(Arc<Member>);
 
-impl Drop for ProbeGuard<'_> {
+impl Drop for ProbeGuard {
     fn drop(&mut self) {
         self.0.probing.store(false, Ordering::Release);
         self.0.probe_done.notify_waiters();

@@ -45,6 +45,9 @@ pub const CALL_ATTEMPTS: &str = "grpc_pool_call_attempts";
 /// `metrics_interval`.
 pub const RETRY_TOKENS: &str = "grpc_pool_retry_tokens";
 
+/// Counter: PINGs of a quiet connection on which a call's deadline passed, by `result`
+/// (`ok`: answered; `timeout`: none in time, the connection was killed).
+pub const DEADLINE_PINGS: &str = "grpc_pool_deadline_pings_total";
 /// Counter: keepalive PINGs, by `result` (`ok`, `timeout`, `error`).
 pub const PINGS: &str = "grpc_pool_pings_total";
 /// Histogram (seconds): round trip of answered keepalive PINGs.

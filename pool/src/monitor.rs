@@ -188,6 +188,10 @@ pub struct MemberStatus {
     /// DATA and HEADERS frames the server has sent on it so far: a PING sent after the last
     /// of them counts toward the server's PING policy (see `Keepalive`).
     pub data_frames: u64,
+    /// PINGs sent on it since the server last sent DATA or HEADERS, by anyone (keepalive,
+    /// a caller's check before use, the PING after a deadline): each may be a strike under
+    /// the server's PING policy (see `Keepalive`).
+    pub pings_without_data: u64,
 }
 
 /// A PING sent by [`MemberHandle::send_ping`], to ask [`MemberHandle::ping_answered`]
@@ -262,6 +266,7 @@ impl MemberHandle {
                 idle: m.idle(),
                 since_last_read: m.signals.since_last_read(),
                 data_frames: m.signals.data_frames(),
+                pings_without_data: m.signals.pings_without_data(),
             },
             None => MemberStatus {
                 state: MemberState::Closed,
@@ -270,6 +275,7 @@ impl MemberHandle {
                 idle: Duration::ZERO,
                 since_last_read: Duration::ZERO,
                 data_frames: 0,
+                pings_without_data: 0,
             },
         }
     }

@@ -18,17 +18,7 @@ impl Task {
         let ping_metrics = self.ping_metrics(member.endpoint());
         self.members.insert(
             id,
-            Tracked {
-                member,
-                key,
-                lifetime,
-                probe: None,
-                ping: None,
-                ping_metrics,
-                first_ping_after,
-                pings_without_data: 0,
-                data_frames: 0,
-            },
+            Tracked { member, key, lifetime, probe: None, ping: None, ping_metrics, first_ping_after },
         );
         // Look at it right away (the entry is due at once), so a member that is already
         // old or quiet is handled on the next turn.

@@ -45,20 +45,6 @@ impl Task {
         );
     }
 
-    /// Whether the member may have another PING under the server's PING policy: fewer than
-    /// `most` (0: no limit) sent since the server last sent DATA or HEADERS, which resets
-    /// the server's strike count (the C core's `Chttp2PingAbusePolicy::ResetPingStrikes`,
-    /// grpc-go's `resetPingStrikes`). Past that, the member waits for data before its next
-    /// PING, as the C core's client does with `max_pings_without_data`.
-    pub(super) fn may_ping_without_data(&mut self, id: u64, data_frames: u64, most: u32) -> bool {
-        let Some(tracked) = self.members.get_mut(&id) else { return false };
-        if tracked.data_frames != data_frames {
-            tracked.data_frames = data_frames;
-            tracked.pings_without_data = 0;
-        }
-        most == 0 || tracked.pings_without_data < most
-    }
-
     /// Probes a quiet member: an HTTP/2 PING, or for `rpc` a health-check call on that
     /// connection (for servers that limit PINGs on idle connections). Its deadline is
     /// `timeout` from now. Returns whether a probe went out: a PING cannot while another is
@@ -84,7 +70,6 @@ impl Task {
             if let Some(tracked) = self.members.get_mut(&id) {
                 tracked.probe = Some(self.probes_started);
                 tracked.ping = Some((sent, Instant::now() + timeout));
-                tracked.pings_without_data += 1;
             }
             return true;
         };
@@ -166,4 +151,14 @@ impl Task {
         // Its probe ends when the connection does; the answer finds no member.
         self.untrack(id);
     }
+}
+
+/// Whether a member may have another PING under the server's PING policy: fewer than `most`
+/// (0: no limit) sent since the server last sent DATA or HEADERS, which resets the server's
+/// strike count (the C core's `Chttp2PingAbusePolicy::ResetPingStrikes`, grpc-go's
+/// `resetPingStrikes`). Every PING on the connection counts, the pool's own (a caller's
+/// check before use, the PING after a deadline) too. Past that, the member waits for data
+/// before its next PING, as the C core's client does with `max_pings_without_data`.
+pub(super) fn may_ping_without_data(pings_without_data: u64, most: u32) -> bool {
+    most == 0 || pings_without_data < u64::from(most)
 }

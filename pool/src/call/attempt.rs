@@ -7,6 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -18,7 +19,7 @@ use crate::endpoint::EndpointShared;
 use crate::error::Error;
 use crate::inner::PoolInner;
 use crate::internals::EndpointEntry;
-use crate::member::{EvictionReason, Member, Slot};
+use crate::member::{EvictionReason, Member, MemberState, Slot};
 use crate::proto::h2::body::{Pump, PumpError};
 use crate::proto::h2::ping::PingError;
 use crate::proto::h2::replay::{CallBody, Recording};
@@ -120,33 +121,79 @@ pub(super) fn needs_check(
     if !stale && !member.is_probing() {
         return None;
     }
-    // A few round trips of this connection, or the configured bound, whichever is longer: a
-    // far server is not taken for a dead one.
-    let timeout = member.pinger.last_rtt().map_or(timeout, |rtt| timeout.max(rtt * 4));
+    let timeout = ping_bound(member, timeout);
     let (pool, member) = (pool.clone(), member.clone());
     Some(Box::pin(async move {
         let Some(probe) = member.start_probe() else {
             // Another call is PINGing it: its answer serves this call too. That PING is
             // bounded by the same timeout, so waiting longer would only wait for nothing.
             let _ = tokio::time::timeout(timeout, member.probe_finished()).await;
-            return member.state() == crate::member::MemberState::Ready;
+            return member.state() == MemberState::Ready;
         };
-        let alive = match tokio::time::timeout(timeout, member.pinger.ping()).await {
-            Ok(Ok(_)) => true,
-            // A keepalive PING is out already; its own timeout decides.
-            Ok(Err(PingError::Busy)) => true,
-            Ok(Err(PingError::Connection(_))) | Err(_) => false,
-        };
-        if !alive {
-            pool.kill(
-                &member,
-                EvictionReason::PingTimeout,
-                &format!("no PONG within {timeout:?} when PINGed before use"),
-            );
-        }
+        let alive = ping_or_kill(&pool, &member, timeout, "when PINGed before use").await;
         drop(probe);
         alive
     }))
+}
+
+/// How long a PING waits for its PONG when `ping_before_use` does not say.
+const DEFAULT_PING_BOUND: Duration = Duration::from_secs(1);
+
+/// How long a check of `member` waits for its PONG: `timeout`, or four round trips of its
+/// connection if longer, so that a far server is not taken for a dead one.
+fn ping_bound(member: &Member, timeout: Duration) -> Duration {
+    member.pinger.last_rtt().map_or(timeout, |rtt| timeout.max(rtt * 4))
+}
+
+/// PINGs `member` (the caller holds its probe role) and kills it, as `PingTimeout`, if no
+/// PONG comes within `timeout`. Whether it answered; a keepalive PING already out counts as
+/// an answer, as its own timeout decides.
+async fn ping_or_kill(pool: &Arc<PoolInner>, member: &Arc<Member>, timeout: Duration, when: &str) -> bool {
+    let alive = match tokio::time::timeout(timeout, member.pinger.ping()).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(PingError::Busy)) => true,
+        Ok(Err(PingError::Connection(_))) | Err(_) => false,
+    };
+    if !alive {
+        pool.kill(member, EvictionReason::PingTimeout, &format!("no PONG within {timeout:?} {when}"));
+    }
+    alive
+}
+
+/// A call's deadline passed on `member` while it waited for the server: the first sign of a
+/// connection dropped without a word. If the connection has heard nothing for as long as a
+/// PING may take (1 s, or four round trips), it is PINGed at once, from a task of its own
+/// (the call has its error already), and killed without a PONG in that time. Calls that
+/// pick it meanwhile wait for the answer, as for a check before use, instead of following
+/// the dead call onto it: a silent drop under load is found a deadline and a second after
+/// it happened, not after keepalive's 30 s. Only while no PING went out since the server's
+/// last data, so this never spends more of the server's PING policy than keepalive would.
+pub(super) fn ping_after_deadline(pool: &Arc<PoolInner>, member: &Arc<Member>) {
+    let timeout = ping_bound(member, pool.config.ping_before_use.map_or(DEFAULT_PING_BOUND, |(_, t)| t));
+    let quiet = member.signals.since_last_read();
+    let usable = matches!(member.state(), MemberState::Ready | MemberState::Draining);
+    if quiet < timeout || !usable || member.is_probing() || member.signals.pings_without_data() > 0 {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    // The role is taken now, not in the task: a call that picks the member before the task
+    // runs must already wait for the PING's answer rather than go out on it.
+    let Some(probe) = member.start_probe() else { return };
+    let (pool, member) = (pool.clone(), member.clone());
+    runtime.spawn(async move {
+        tracing::debug!(
+            pool = %pool.name(),
+            member = member.id,
+            endpoint = %member.endpoint.label,
+            ?quiet,
+            "a call's deadline passed on a quiet connection: PINGing it",
+        );
+        let alive =
+            ping_or_kill(&pool, &member, timeout, "after a call's deadline passed on the quiet connection")
+                .await;
+        pool.count_deadline_ping(&member, alive);
+        drop(probe);
+    });
 }
 
 /// A slot at `target` now, or `Err` with the reason there is none; `Ok(None)` means queue in

@@ -18,7 +18,9 @@ use http::uri::PathAndQuery;
 use http::{Request, Uri, Version};
 use http_body::Body;
 
-use super::attempt::{needs_check, rebuild, response_error, slot_now, spawn_pump, Head, Sending, Target};
+use super::attempt::{
+    needs_check, ping_after_deadline, rebuild, response_error, slot_now, spawn_pump, Head, Sending, Target,
+};
 use super::body::{BodyExtras, ResponseBody, ThrottleWatch};
 use super::deadline::{self, Deadline, GRPC_TIMEOUT};
 use super::hedge::{Ended, Hedge};
@@ -193,12 +195,16 @@ where
                 format!("while PINGing the connection to {} before use", slot.member().endpoint.label)
             }
             Live::Sending(sending) => {
+                ping_after_deadline(&self.pool, sending.slot.member());
                 format!("waiting for the response head from {}", sending.slot.member().endpoint.label)
             }
             Live::Backoff { .. } => {
                 format!("in the retry policy's backoff, after {} attempts", self.retries)
             }
             Live::Hedging(hedge) => {
+                for (_, copy) in &hedge.attempts {
+                    ping_after_deadline(&self.pool, copy.slot.member());
+                }
                 format!("waiting for the response head of {} hedged copies", hedge.attempts.len())
             }
         };

@@ -71,6 +71,11 @@ pub(crate) struct ConnSignals {
     /// have sent either (gRPC's PING policy resets its strikes then), so keepalive counts the
     /// PINGs it sends between two changes of this.
     data_frames: AtomicU64,
+    /// PINGs sent since `data_frames` read `pings_mark`: every PING of ours (keepalive, the
+    /// check before use, the one after a deadline) counts against the server's PING policy
+    /// until the server sends DATA or HEADERS again.
+    pings_since_mark: AtomicU64,
+    pings_mark: AtomicU64,
     /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS`; `u32::MAX` until it sends one
     /// (unlimited, as RFC 9113 says of a setting not yet received).
     server_max_streams: AtomicU32,
@@ -96,6 +101,8 @@ impl ConnSignals {
             pongs: AtomicU64::new(0),
             last_rtt_micros: AtomicU64::new(0),
             data_frames: AtomicU64::new(0),
+            pings_since_mark: AtomicU64::new(0),
+            pings_mark: AtomicU64::new(0),
             server_max_streams: AtomicU32::new(u32::MAX),
             settings_seen: AtomicBool::new(false),
             limit_raised: AtomicBool::new(false),
@@ -112,9 +119,26 @@ impl ConnSignals {
         self.last_read.elapsed()
     }
 
-    /// Notes that a PING goes out now: its PONG's round trip is measured from here.
+    /// Notes that a PING goes out now: its PONG's round trip is measured from here, and it
+    /// counts as a PING without data until the server sends some.
     pub(crate) fn ping_sent_now(&self) {
         self.ping_sent.set_now();
+        let data = self.data_frames();
+        if self.pings_mark.swap(data, Ordering::AcqRel) == data {
+            self.pings_since_mark.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.pings_since_mark.store(1, Ordering::Release);
+        }
+    }
+
+    /// PINGs sent since the server last sent DATA or HEADERS (which resets its PING
+    /// policy's strikes), whoever sent them.
+    pub(crate) fn pings_without_data(&self) -> u64 {
+        if self.pings_mark.load(Ordering::Acquire) == self.data_frames() {
+            self.pings_since_mark.load(Ordering::Acquire)
+        } else {
+            0
+        }
     }
 
     /// PING acknowledgements received so far.
