@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use grpc_pool::Pool;
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::{wait_until, EtcdServer, Relay, TestServer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 const WAIT: Duration = Duration::from_secs(20);
 const TTL: Duration = Duration::from_secs(2);
@@ -552,4 +554,52 @@ async fn an_etcd_section_signs_in_with_a_password_file_and_bad_credentials_fail_
         assert!(!err.contains(secret), "the password is not shown: {err}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The process's metrics as a Prometheus page. The recorder is installed on first use, once
+/// for this test binary (a process has one); the etcd series are told apart by `prefix`.
+fn metrics_page() -> String {
+    static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+    RECORDER.get_or_init(|| PrometheusBuilder::new().install_recorder().expect("a metrics recorder")).render()
+}
+
+/// The `grpc_pool_etcd_watching` gauge of `prefix`, if it was ever set.
+fn watching_gauge(prefix: &str) -> Option<f64> {
+    let label = format!("prefix=\"{prefix}\"");
+    metrics_page()
+        .lines()
+        .filter(|line| line.starts_with("grpc_pool_etcd_watching{") && line.contains(&label))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watching_gauge_returns_to_0_when_the_discovery_stream_ends() {
+    metrics_page();
+    let etcd_server = EtcdServer::start();
+    let etcd = EtcdClient::new([etcd_server.uri()]).unwrap();
+    // One stream ends with its pool's close, the other when its following task is aborted.
+    let closed = Pool::builder().build_lazy(Vec::<String>::new()).unwrap();
+    let aborted = Pool::builder().build_lazy(Vec::<String>::new()).unwrap();
+    let (closed_discover, aborted_discover) =
+        (EtcdDiscover::new(&etcd, "svc/g1/").unwrap(), EtcdDiscover::new(&etcd, "svc/g2/").unwrap());
+    let (closed_status, aborted_status) = (closed_discover.status(), aborted_discover.status());
+    closed.discover(closed_discover);
+    let following = aborted.discover(aborted_discover);
+    wait_until(WAIT, "both watches are established", || {
+        closed_status.watching()
+            && aborted_status.watching()
+            && watching_gauge("svc/g1/") == Some(1.0)
+            && watching_gauge("svc/g2/") == Some(1.0)
+    })
+    .await;
+
+    closed.close().await;
+    following.abort();
+    wait_until(WAIT, "both watches show as stopped", || {
+        !closed_status.watching()
+            && !aborted_status.watching()
+            && watching_gauge("svc/g1/") == Some(0.0)
+            && watching_gauge("svc/g2/") == Some(0.0)
+    })
+    .await;
 }

@@ -89,8 +89,8 @@ pub const ETCD_RECONNECTS: &str = "grpc_pool_etcd_reconnects_total";
 /// Counter: an `EtcdDiscover`'s full re-lists after etcd compacted the history its watch
 /// needed, by `prefix`.
 pub const ETCD_RELISTS: &str = "grpc_pool_etcd_relists_total";
-/// Gauge: 1 while an `EtcdDiscover`'s watch is established, 0 while it reconnects, by
-/// `prefix`.
+/// Gauge: 1 while an `EtcdDiscover`'s watch is established, 0 while it reconnects and once
+/// the stream is dropped, by `prefix`.
 pub const ETCD_WATCHING: &str = "grpc_pool_etcd_watching";
 /// Counter: lease renewals of etcd registrations (`register`), by `result` (`ok`; `error`:
 /// the keepalive stream failed and is opened again; `lost`: the lease expired and the key is

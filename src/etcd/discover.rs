@@ -71,6 +71,7 @@ impl EtcdDiscover {
             current: BTreeMap::new(),
             bad: BTreeMap::new(),
             revision: 0,
+            watching: Watching { prefix: prefix.to_owned(), status: status.clone() },
             status: status.clone(),
         };
         Ok(EtcdDiscover { watcher: Some(watcher), changes: None, status })
@@ -171,7 +172,7 @@ impl WatchStatus {
         self.shared.revision.load(Ordering::Relaxed)
     }
 
-    /// Whether the watch is established now.
+    /// Whether the watch is established now (false again once the stream is dropped).
     pub fn watching(&self) -> bool {
         self.shared.watching.load(Ordering::Relaxed)
     }
@@ -247,7 +248,38 @@ struct Watcher {
     bad: BTreeMap<String, i64>,
     /// The last revision seen.
     revision: i64,
+    /// The `watching` flag and gauge, back to 0 when the watcher goes, however it goes.
+    watching: Watching,
     status: WatchStatus,
+}
+
+/// The `watching` flag of a [`WatchStatus`] and its gauge: set while the watch is
+/// established, and cleared when this is dropped (the stream dropped, the task aborted or
+/// panicked, the runtime shut down), so that a watcher that is gone never shows as watching.
+struct Watching {
+    prefix: String,
+    status: WatchStatus,
+}
+
+impl Watching {
+    fn set(&self, on: bool) {
+        if self.status.shared.watching.swap(on, Ordering::Relaxed) != on {
+            metrics::gauge!(m::ETCD_WATCHING, m::LABEL_PREFIX => self.prefix.clone()).set(if on {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if self.status.watching() {
+            tracing::debug!(prefix = %self.prefix, revision = self.status.revision(), "etcd watch stopped: the discovery stream was dropped or its task ended");
+        }
+        self.set(false);
+    }
 }
 
 type Changes = mpsc::Sender<Change<String, Endpoint>>;
@@ -314,13 +346,7 @@ impl Watcher {
     }
 
     fn set_watching(&self, on: bool) {
-        if self.status.shared.watching.swap(on, Ordering::Relaxed) != on {
-            metrics::gauge!(m::ETCD_WATCHING, m::LABEL_PREFIX => self.prefix.clone()).set(if on {
-                1.0
-            } else {
-                0.0
-            });
-        }
+        self.watching.set(on);
     }
 
     /// Lists the prefix and passes on the difference from what was passed on before. Ok(false)
