@@ -13,7 +13,7 @@ use grpc_pool::etcd::{parse_value, register, EtcdClient, EtcdDiscover, WatchStat
 use grpc_pool::Pool;
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{wait_until, EtcdServer, Relay, TestServer};
+use grpc_pool_testkit::{wait_until, Behaviour, EtcdServer, FrameServer, Relay, TestServer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -401,6 +401,11 @@ async fn an_etcd_section_of_the_config_follows_the_prefix_and_bad_values_fail_th
         ("endpoints = [\"unix:///tmp/etcd.sock\"]\nprefix = \"p/\"", "`etcd.endpoints`", "http://host:port"),
         ("endpoints = [\"no uri\"]\nprefix = \"p/\"", "`etcd.endpoints`", "http://host:port"),
         ("endpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"\"", "`etcd.prefix`", "1 or more bytes"),
+        (
+            "endpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"p/\"\ncall_timeout = \"0s\"",
+            "`etcd.call_timeout`",
+            "1ms to 3600s",
+        ),
     ] {
         let config: grpc_pool::PoolConfig = toml::from_str(&format!("[etcd]\n{section}\n")).unwrap();
         let err = config.build_lazy().unwrap_err().to_string();
@@ -602,4 +607,84 @@ async fn the_watching_gauge_returns_to_0_when_the_discovery_stream_ends() {
             && watching_gauge("svc/g2/") == Some(0.0)
     })
     .await;
+}
+
+/// A counter of the process's metrics, summed over the series whose labels hold `label`.
+fn counter(name: &str, label: &str) -> f64 {
+    metrics_page()
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs `call`, which must fail; its error and how long it took.
+async fn failing<T: std::fmt::Debug>(
+    call: impl std::future::Future<Output = Result<T, grpc_pool::etcd::EtcdError>>,
+) -> (String, Duration) {
+    let started = Instant::now();
+    let result = tokio::time::timeout(TIMED_OUT_WITHIN, call)
+        .await
+        .unwrap_or_else(|_| panic!("the call neither answered nor failed within {TIMED_OUT_WITHIN:?}"));
+    (result.expect_err("the call must fail").to_string(), started.elapsed())
+}
+
+/// The longest a call with a 300 ms timeout may take here: generous, for a loaded machine.
+const TIMED_OUT_WITHIN: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_that_takes_connections_and_never_answers_fails_calls_within_the_call_timeout() {
+    metrics_page();
+    // Takes connections and calls and answers PINGs (so the pool's keepalive sees a live
+    // connection), but answers no call within the test.
+    let deaf = FrameServer::start(Behaviour::AnswerAfter(Duration::from_secs(3600))).await;
+    let timeout = Duration::from_millis(300);
+    let etcd = EtcdClient::new([deaf.uri()]).unwrap().with_call_timeout(timeout).unwrap();
+    assert_eq!(etcd.call_timeout(), timeout);
+
+    let (err, took) = failing(register(&etcd, "svc/h/1", "127.0.0.1:1", TTL)).await;
+    assert!(err.contains("etcd lease grant failed: DeadlineExceeded: no answer within 300ms"), "{err}");
+    assert!(took >= timeout && took < TIMED_OUT_WITHIN, "register failed after {took:?}");
+    let (err, took) = failing(etcd.get_prefix("svc/h/")).await;
+    assert!(err.contains("etcd range failed: DeadlineExceeded: no answer within 300ms"), "{err}");
+    assert!(took >= timeout && took < TIMED_OUT_WITHIN, "the list failed after {took:?}");
+    let (err, took) = failing(etcd.put("svc/h/2", "127.0.0.1:2")).await;
+    assert!(err.contains("etcd put failed: DeadlineExceeded"), "{err}");
+    assert!(took < TIMED_OUT_WITHIN, "the put failed after {took:?}");
+    assert!(deaf.waiting() >= 1, "the calls reached the server and wait there");
+
+    // The discovery's list times out and is tried again after its backoff, for as long as
+    // etcd does not answer; the pool keeps its (empty) set.
+    let (pool, status) = following(&etcd, "svc/h/");
+    wait_until(WAIT, "the discovery's list has timed out twice", || status.reconnects() >= 2).await;
+    assert!(!status.watching() && endpoints(&pool).is_empty(), "{status:?}");
+    assert!(counter("grpc_pool_etcd_call_timeouts_total", "op=\"lease grant\"") >= 1.0, "{}", metrics_page());
+    assert!(counter("grpc_pool_etcd_call_timeouts_total", "op=\"range\"") >= 3.0, "{}", metrics_page());
+
+    // Out of range, the setting fails naming itself and its range.
+    for bad in [Duration::ZERO, Duration::from_secs(3601)] {
+        let err = etcd.clone().with_call_timeout(bad).unwrap_err().to_string();
+        assert!(err.contains("`etcd.call_timeout`") && err.contains("1ms to 3600s"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregistering_through_a_connection_gone_silent_fails_within_the_call_timeout() {
+    let etcd_server = EtcdServer::start();
+    let relay = Relay::start(etcd_server.uri().trim_start_matches("http://").parse().unwrap()).await;
+    let timeout = Duration::from_millis(300);
+    let etcd = EtcdClient::new([relay.uri()]).unwrap().with_call_timeout(timeout).unwrap();
+    let registration = register(&etcd, "svc/i/1", "127.0.0.1:1", Duration::from_secs(60)).await.unwrap();
+    // Every connection through the relay, and every new one, turns into a black hole.
+    relay.freeze_new_connections(true);
+    relay.freeze();
+    let (err, took) = failing(registration.deregister()).await;
+    assert!(err.contains("etcd delete failed: DeadlineExceeded: no answer within 300ms"), "{err}");
+    assert!(took >= timeout && took < TIMED_OUT_WITHIN, "deregister failed after {took:?}");
+    let (err, took) = failing(etcd.get_prefix("svc/i/")).await;
+    assert!(err.contains("etcd range failed: DeadlineExceeded"), "{err}");
+    assert!(took < TIMED_OUT_WITHIN, "the list failed after {took:?}");
+    // etcd itself still has the key: nothing reached it.
+    let direct = EtcdClient::new([etcd_server.uri()]).unwrap();
+    assert_eq!(direct.get_prefix("svc/i/").await.unwrap().len(), 1);
 }

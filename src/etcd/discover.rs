@@ -405,8 +405,9 @@ impl Watcher {
         };
         let mut client = WatchClient::new(self.client.channel(token.clone()));
         // etcd answers a watch's creation at once; one that does not is as good as down.
+        let within = self.client.call_timeout();
         let opened = tokio::select! {
-            opened = tokio::time::timeout(Duration::from_secs(10), client.watch(Requests(request_stream))) => opened,
+            opened = tokio::time::timeout(within, client.watch(Requests(request_stream))) => opened,
             _ = changes.closed() => return Ended::Closed,
         };
         let mut responses = match opened {
@@ -418,7 +419,14 @@ impl Watcher {
                 }
                 return Ended::Failed(error);
             }
-            Err(_) => return Ended::Failed("no answer to the watch's creation within 10 s".to_owned()),
+            Err(_) => {
+                let status = super::timed_out("watch", within);
+                return Ended::Failed(format!(
+                    "the watch's creation: {:?}: {}",
+                    status.code(),
+                    status.message()
+                ));
+            }
         };
         loop {
             let message = tokio::select! {
