@@ -688,3 +688,28 @@ async fn deregistering_through_a_connection_gone_silent_fails_within_the_call_ti
     let direct = EtcdClient::new([etcd_server.uri()]).unwrap();
     assert_eq!(direct.get_prefix("svc/i/").await.unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_connection_goes_silent_is_given_up_and_one_only_quiet_is_kept() {
+    let etcd_server = EtcdServer::start();
+    let relay = Relay::start(etcd_server.uri().trim_start_matches("http://").parse().unwrap()).await;
+    // A watch quiet for 6 call timeouts (1.8 s) asks etcd for its progress.
+    let timeout = Duration::from_millis(300);
+    let etcd = EtcdClient::new([relay.uri()]).unwrap().with_call_timeout(timeout).unwrap();
+    let (_pool, status) = following(&etcd, "svc/j/");
+    wait_until(WAIT, "the watch is established", || status.watching()).await;
+
+    // Quiet is not silent: etcd answers each progress request, and the watch stays. (A
+    // negative, so it is watched for a set time: three quiet periods.)
+    tokio::time::sleep(timeout * 6 * 3).await;
+    assert!(status.watching() && status.reconnects() == 0, "a quiet watch was given up: {status:?}");
+
+    // Silent: the connection drops everything from now, PINGs included, as a NAT that
+    // forgot the flow does. The watch is given up well before the pool's keepalive (20 s
+    // of quiet, then 10 s for the PONG) would notice.
+    relay.freeze();
+    let frozen = Instant::now();
+    wait_until(Duration::from_secs(10), "the silent watch is given up", || status.reconnects() >= 1).await;
+    assert!(!status.watching(), "{status:?}");
+    println!("the silent watch was given up {:?} after the connection went silent", frozen.elapsed());
+}

@@ -27,8 +27,11 @@ use crate::{Endpoint, Error};
 /// between the two is lost. When etcd is down or unreachable the endpoints stay as they are
 /// (a registry away never empties a pool): it reconnects with backoff and watches on from
 /// the last revision it saw. When etcd has compacted that revision away, it lists the prefix
-/// again and passes on only the difference. A value that names no endpoint is logged with
-/// its key, counted and skipped. Each of these is a `tracing` event and a metric
+/// again and passes on only the difference. A watch quiet for six call timeouts (60 s by
+/// default, [`EtcdClient::with_call_timeout`]) asks etcd for its progress, and one whose
+/// answer does not come within a call timeout (its connection went silent) is given up and
+/// made again. A value that names no endpoint is logged with its key, counted and skipped.
+/// Each of these is a `tracing` event and a metric
 /// (`grpc_pool_etcd_*`, see [`metrics`](crate::metrics)); [`EtcdDiscover::status`] shows
 /// them too.
 ///
@@ -284,6 +287,13 @@ impl Drop for Watching {
 
 type Changes = mpsc::Sender<Change<String, Endpoint>>;
 
+/// A watch quiet for this many call timeouts (60 s by default) asks etcd for its progress,
+/// and is given up when the answer takes longer than a call timeout.
+const PROGRESS_AFTER_TIMEOUTS: u32 = 6;
+
+/// The `watch_id` of etcd's answers to a progress request.
+const PROGRESS_ANSWER: i64 = -1;
+
 impl Watcher {
     async fn run(mut self, changes: Changes) {
         let mut listed = false;
@@ -428,11 +438,36 @@ impl Watcher {
                 ));
             }
         };
+        // A watch that hears nothing for a while asks etcd how far it is: the answer proves
+        // the stream alive, and its DATA lets the pool's keepalive PINGs go on (they stop
+        // after two without data from the server, so they alone lose sight of a connection
+        // that went silent after a long quiet watch).
+        let quiet = within.saturating_mul(PROGRESS_AFTER_TIMEOUTS);
+        let mut heard = tokio::time::Instant::now();
+        let mut asked = false;
         loop {
+            let check_at = if asked { heard + quiet + within } else { heard + quiet };
             let message = tokio::select! {
                 message = responses.message() => message,
                 _ = changes.closed() => return Ended::Closed,
+                _ = tokio::time::sleep_until(check_at) => {
+                    if asked {
+                        return Ended::Failed(format!(
+                            "no answer within {within:?} to a progress request, after {quiet:?} without a word: the watch's connection is silent"
+                        ));
+                    }
+                    let progress = proto::WatchRequest {
+                        request_union: Some(RequestUnion::ProgressRequest(proto::WatchProgressRequest {})),
+                    };
+                    // Room for it unless the last request is still unsent: then it is
+                    // silent too, which the deadline finds.
+                    let _ = requests.try_send(progress);
+                    tracing::debug!(prefix = %self.prefix, quiet = ?quiet, "etcd watch quiet; asking for its progress");
+                    asked = true;
+                    continue;
+                }
             };
+            (heard, asked) = (tokio::time::Instant::now(), false);
             let response = match message {
                 Ok(Some(response)) => response,
                 Ok(None) => return Ended::Failed("etcd ended the watch stream".to_owned()),
@@ -460,8 +495,11 @@ impl Watcher {
                 self.backoff.reset();
                 tracing::info!(prefix = %self.prefix, from = self.revision + 1, "etcd watch established");
             }
-            if response.events.is_empty() && !response.created {
+            if response.events.is_empty() && !response.created && response.watch_id != PROGRESS_ANSWER {
                 // A progress notification: every change up to its revision has been sent.
+                // Not so an answer to a progress request, which only shows the stream
+                // alive: older etcd releases answered with the store's revision, possibly
+                // ahead of changes not yet sent on this stream.
                 if let Some(header) = response.header {
                     self.set_revision(header.revision);
                 }

@@ -173,7 +173,8 @@ impl EtcdClient {
     /// answers (stuck, or a proxy in front of one that is gone) must not hang `register`,
     /// `deregister` or a discovery's list for ever. Each unary call, signing in, and a
     /// watch's creation get the timeout; the streams that last (a watch, a lease keepalive)
-    /// do not. A call that times out fails with `etcd put failed: DeadlineExceeded: no answer
+    /// do not, but a watch quiet for six timeouts asks etcd for its progress and is made
+    /// again when the answer takes longer than one. A call that times out fails with `etcd put failed: DeadlineExceeded: no answer
     /// within 5s (the etcd client's call timeout)`, is a `tracing` event and counts in
     /// `grpc_pool_etcd_call_timeouts_total`. Fails naming `etcd.call_timeout` outside the range.
     ///
