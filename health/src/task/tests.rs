@@ -91,19 +91,18 @@ async fn endpoint_churn_leaves_every_map_sized_by_the_live_endpoints() {
     let uris: Vec<String> = servers.iter().map(|(addr, _)| format!("http://{addr}")).collect();
     let (staying, churned) = uris.split_at(2);
 
-    let mut config = grpc_pool_core::Config::default();
-    config.name = "health-task-churn".to_owned();
+    let config = grpc_pool_core::Config { name: "health-task-churn".to_owned(), ..Default::default() };
     let pool = grpc_pool_core::Builder::from_config(config).build_lazy(staying).unwrap();
-    let mut health = HealthConfig {
+    let health = HealthConfig {
         keepalive: Some(Keepalive::new(Duration::from_millis(100), Duration::from_secs(5))),
+        checks: Some(HealthCheck {
+            interval: Duration::from_millis(100),
+            unhealthy_interval: Duration::from_millis(100),
+            mode: CheckMode::Poll,
+            ..HealthCheck::default()
+        }),
         ..HealthConfig::default()
     };
-    health.checks = Some(HealthCheck {
-        interval: Duration::from_millis(100),
-        unhealthy_interval: Duration::from_millis(100),
-        mode: CheckMode::Poll,
-        ..HealthCheck::default()
-    });
     let mut task = Task::new(pool.monitor(), health);
     let mut events = task.start();
     for uri in staying {
