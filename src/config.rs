@@ -223,6 +223,16 @@ pub struct EtcdConfig {
     /// pool is built.
     #[cfg_attr(feature = "serde", serde(default))]
     pub password_file: Option<std::path::PathBuf>,
+    /// How long each etcd call (a list, signing in, a watch's creation) may wait for its
+    /// answer before it fails and the discovery retries (1 ms to 3600 s). Default 10 s.
+    #[cfg_attr(
+        feature = "serde",
+        serde(
+            default = "EtcdConfig::default_call_timeout",
+            deserialize_with = "grpc_pool_core::de::duration"
+        )
+    )]
+    pub call_timeout: Duration,
 }
 
 /// Shows everything but the password.
@@ -236,6 +246,7 @@ impl std::fmt::Debug for EtcdConfig {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "(hidden)"))
             .field("password_file", &self.password_file)
+            .field("call_timeout", &self.call_timeout)
             .finish()
     }
 }
@@ -255,7 +266,12 @@ impl EtcdConfig {
             user: None,
             password: None,
             password_file: None,
+            call_timeout: EtcdConfig::default_call_timeout(),
         }
+    }
+
+    fn default_call_timeout() -> Duration {
+        crate::etcd::DEFAULT_CALL_TIMEOUT
     }
 
     /// The user and password to sign in with, checked (and the password file read); errors
@@ -308,7 +324,8 @@ impl EtcdConfig {
     }
 
     /// The client and its discovery stream; fails naming the field (`etcd.endpoints`,
-    /// `etcd.prefix`, `etcd.user`, `etcd.password`, `etcd.password_file`).
+    /// `etcd.prefix`, `etcd.user`, `etcd.password`, `etcd.password_file`,
+    /// `etcd.call_timeout`).
     pub(crate) fn discover(&self) -> Result<crate::etcd::EtcdDiscover, Error> {
         if self.prefix.is_empty() {
             return Err(Error::invalid_config(
@@ -318,7 +335,8 @@ impl EtcdConfig {
             ));
         }
         let credentials = self.credentials()?;
-        let mut client = crate::etcd::EtcdClient::with_tls(&self.endpoints, self.tls.clone())?;
+        let mut client = crate::etcd::EtcdClient::with_tls(&self.endpoints, self.tls.clone())?
+            .with_call_timeout(self.call_timeout)?;
         if let Some((user, password)) = credentials {
             client = client.with_user(user, &password)?;
         }

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,7 +13,8 @@ use grpc_pool::etcd::{parse_value, register, EtcdClient, EtcdDiscover, WatchStat
 use grpc_pool::Pool;
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{wait_until, EtcdServer, Relay, TestServer};
+use grpc_pool_testkit::{wait_until, Behaviour, EtcdServer, FrameServer, Relay, TestServer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 const WAIT: Duration = Duration::from_secs(20);
 const TTL: Duration = Duration::from_secs(2);
@@ -399,6 +401,11 @@ async fn an_etcd_section_of_the_config_follows_the_prefix_and_bad_values_fail_th
         ("endpoints = [\"unix:///tmp/etcd.sock\"]\nprefix = \"p/\"", "`etcd.endpoints`", "http://host:port"),
         ("endpoints = [\"no uri\"]\nprefix = \"p/\"", "`etcd.endpoints`", "http://host:port"),
         ("endpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"\"", "`etcd.prefix`", "1 or more bytes"),
+        (
+            "endpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"p/\"\ncall_timeout = \"0s\"",
+            "`etcd.call_timeout`",
+            "1ms to 3600s",
+        ),
     ] {
         let config: grpc_pool::PoolConfig = toml::from_str(&format!("[etcd]\n{section}\n")).unwrap();
         let err = config.build_lazy().unwrap_err().to_string();
@@ -552,4 +559,157 @@ async fn an_etcd_section_signs_in_with_a_password_file_and_bad_credentials_fail_
         assert!(!err.contains(secret), "the password is not shown: {err}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The process's metrics as a Prometheus page. The recorder is installed on first use, once
+/// for this test binary (a process has one); the etcd series are told apart by `prefix`.
+fn metrics_page() -> String {
+    static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+    RECORDER.get_or_init(|| PrometheusBuilder::new().install_recorder().expect("a metrics recorder")).render()
+}
+
+/// The `grpc_pool_etcd_watching` gauge of `prefix`, if it was ever set.
+fn watching_gauge(prefix: &str) -> Option<f64> {
+    let label = format!("prefix=\"{prefix}\"");
+    metrics_page()
+        .lines()
+        .filter(|line| line.starts_with("grpc_pool_etcd_watching{") && line.contains(&label))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watching_gauge_returns_to_0_when_the_discovery_stream_ends() {
+    metrics_page();
+    let etcd_server = EtcdServer::start();
+    let etcd = EtcdClient::new([etcd_server.uri()]).unwrap();
+    // One stream ends with its pool's close, the other when its following task is aborted.
+    let closed = Pool::builder().build_lazy(Vec::<String>::new()).unwrap();
+    let aborted = Pool::builder().build_lazy(Vec::<String>::new()).unwrap();
+    let (closed_discover, aborted_discover) =
+        (EtcdDiscover::new(&etcd, "svc/g1/").unwrap(), EtcdDiscover::new(&etcd, "svc/g2/").unwrap());
+    let (closed_status, aborted_status) = (closed_discover.status(), aborted_discover.status());
+    closed.discover(closed_discover);
+    let following = aborted.discover(aborted_discover);
+    wait_until(WAIT, "both watches are established", || {
+        closed_status.watching()
+            && aborted_status.watching()
+            && watching_gauge("svc/g1/") == Some(1.0)
+            && watching_gauge("svc/g2/") == Some(1.0)
+    })
+    .await;
+
+    closed.close().await;
+    following.abort();
+    wait_until(WAIT, "both watches show as stopped", || {
+        !closed_status.watching()
+            && !aborted_status.watching()
+            && watching_gauge("svc/g1/") == Some(0.0)
+            && watching_gauge("svc/g2/") == Some(0.0)
+    })
+    .await;
+}
+
+/// A counter of the process's metrics, summed over the series whose labels hold `label`.
+fn counter(name: &str, label: &str) -> f64 {
+    metrics_page()
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs `call`, which must fail; its error and how long it took.
+async fn failing<T: std::fmt::Debug>(
+    call: impl std::future::Future<Output = Result<T, grpc_pool::etcd::EtcdError>>,
+) -> (String, Duration) {
+    let started = Instant::now();
+    let result = tokio::time::timeout(TIMED_OUT_WITHIN, call)
+        .await
+        .unwrap_or_else(|_| panic!("the call neither answered nor failed within {TIMED_OUT_WITHIN:?}"));
+    (result.expect_err("the call must fail").to_string(), started.elapsed())
+}
+
+/// The longest a call with a 300 ms timeout may take here: generous, for a loaded machine.
+const TIMED_OUT_WITHIN: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_that_takes_connections_and_never_answers_fails_calls_within_the_call_timeout() {
+    metrics_page();
+    // Takes connections and calls and answers PINGs (so the pool's keepalive sees a live
+    // connection), but answers no call within the test.
+    let deaf = FrameServer::start(Behaviour::AnswerAfter(Duration::from_secs(3600))).await;
+    let timeout = Duration::from_millis(300);
+    let etcd = EtcdClient::new([deaf.uri()]).unwrap().with_call_timeout(timeout).unwrap();
+    assert_eq!(etcd.call_timeout(), timeout);
+
+    let (err, took) = failing(register(&etcd, "svc/h/1", "127.0.0.1:1", TTL)).await;
+    assert!(err.contains("etcd lease grant failed: DeadlineExceeded: no answer within 300ms"), "{err}");
+    assert!(took >= timeout && took < TIMED_OUT_WITHIN, "register failed after {took:?}");
+    let (err, took) = failing(etcd.get_prefix("svc/h/")).await;
+    assert!(err.contains("etcd range failed: DeadlineExceeded: no answer within 300ms"), "{err}");
+    assert!(took >= timeout && took < TIMED_OUT_WITHIN, "the list failed after {took:?}");
+    let (err, took) = failing(etcd.put("svc/h/2", "127.0.0.1:2")).await;
+    assert!(err.contains("etcd put failed: DeadlineExceeded"), "{err}");
+    assert!(took < TIMED_OUT_WITHIN, "the put failed after {took:?}");
+    assert!(deaf.waiting() >= 1, "the calls reached the server and wait there");
+
+    // The discovery's list times out and is tried again after its backoff, for as long as
+    // etcd does not answer; the pool keeps its (empty) set.
+    let (pool, status) = following(&etcd, "svc/h/");
+    wait_until(WAIT, "the discovery's list has timed out twice", || status.reconnects() >= 2).await;
+    assert!(!status.watching() && endpoints(&pool).is_empty(), "{status:?}");
+    assert!(counter("grpc_pool_etcd_call_timeouts_total", "op=\"lease grant\"") >= 1.0, "{}", metrics_page());
+    assert!(counter("grpc_pool_etcd_call_timeouts_total", "op=\"range\"") >= 3.0, "{}", metrics_page());
+
+    // Out of range, the setting fails naming itself and its range.
+    for bad in [Duration::ZERO, Duration::from_secs(3601)] {
+        let err = etcd.clone().with_call_timeout(bad).unwrap_err().to_string();
+        assert!(err.contains("`etcd.call_timeout`") && err.contains("1ms to 3600s"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregistering_through_a_connection_gone_silent_fails_within_the_call_timeout() {
+    let etcd_server = EtcdServer::start();
+    let relay = Relay::start(etcd_server.uri().trim_start_matches("http://").parse().unwrap()).await;
+    let timeout = Duration::from_millis(300);
+    let etcd = EtcdClient::new([relay.uri()]).unwrap().with_call_timeout(timeout).unwrap();
+    let registration = register(&etcd, "svc/i/1", "127.0.0.1:1", Duration::from_secs(60)).await.unwrap();
+    // Every connection through the relay, and every new one, turns into a black hole.
+    relay.freeze_new_connections(true);
+    relay.freeze();
+    let (err, took) = failing(registration.deregister()).await;
+    assert!(err.contains("etcd delete failed: DeadlineExceeded: no answer within 300ms"), "{err}");
+    assert!(took >= timeout && took < TIMED_OUT_WITHIN, "deregister failed after {took:?}");
+    let (err, took) = failing(etcd.get_prefix("svc/i/")).await;
+    assert!(err.contains("etcd range failed: DeadlineExceeded"), "{err}");
+    assert!(took < TIMED_OUT_WITHIN, "the list failed after {took:?}");
+    // etcd itself still has the key: nothing reached it.
+    let direct = EtcdClient::new([etcd_server.uri()]).unwrap();
+    assert_eq!(direct.get_prefix("svc/i/").await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_connection_goes_silent_is_given_up_and_one_only_quiet_is_kept() {
+    let etcd_server = EtcdServer::start();
+    let relay = Relay::start(etcd_server.uri().trim_start_matches("http://").parse().unwrap()).await;
+    // A watch quiet for 6 call timeouts (1.8 s) asks etcd for its progress.
+    let timeout = Duration::from_millis(300);
+    let etcd = EtcdClient::new([relay.uri()]).unwrap().with_call_timeout(timeout).unwrap();
+    let (_pool, status) = following(&etcd, "svc/j/");
+    wait_until(WAIT, "the watch is established", || status.watching()).await;
+
+    // Quiet is not silent: etcd answers each progress request, and the watch stays. (A
+    // negative, so it is watched for a set time: three quiet periods.)
+    tokio::time::sleep(timeout * 6 * 3).await;
+    assert!(status.watching() && status.reconnects() == 0, "a quiet watch was given up: {status:?}");
+
+    // Silent: the connection drops everything from now, PINGs included, as a NAT that
+    // forgot the flow does. The watch is given up well before the pool's keepalive (20 s
+    // of quiet, then 10 s for the PONG) would notice.
+    relay.freeze();
+    let frozen = Instant::now();
+    wait_until(Duration::from_secs(10), "the silent watch is given up", || status.reconnects() >= 1).await;
+    assert!(!status.watching(), "{status:?}");
+    println!("the silent watch was given up {:?} after the connection went silent", frozen.elapsed());
 }

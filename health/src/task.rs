@@ -30,7 +30,8 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use grpc_pool_core::metrics as names;
 use grpc_pool_core::{
-    Endpoint, EvictionReason, MemberHandle, MemberState, MemberStatus, MonitorEvent, PoolMonitor, SentPing,
+    Endpoint, EvictionReason, MemberHandle, MemberState, MemberStatus, MonitorEvent, MonitorEvents,
+    PoolMonitor, SentPing,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -44,6 +45,8 @@ mod grid;
 mod members;
 mod probes;
 mod supervisor;
+#[cfg(test)]
+mod tests;
 mod verdicts;
 
 pub use supervisor::{__test, spawn};
@@ -228,14 +231,26 @@ impl Task {
     }
 
     async fn run(mut self) {
+        let mut events = self.start();
+        self.serve(&mut events).await;
+        tracing::debug!(pool = %self.monitor.name(), "health task ended");
+    }
+
+    /// Takes in the pool's members and endpoints as they are now, and the events from then.
+    fn start(&mut self) -> MonitorEvents {
         // Subscribe first, then list: a member may show up twice, never zero times.
-        let mut events = self.monitor.subscribe();
+        let events = self.monitor.subscribe();
         for member in self.monitor.members() {
             self.track(member);
         }
         for endpoint in self.monitor.endpoints() {
             self.add_endpoint(endpoint);
         }
+        events
+    }
+
+    /// The task's loop, until the pool closes.
+    async fn serve(&mut self, events: &mut MonitorEvents) {
         let monitor = self.monitor.clone();
         let closed = monitor.closed();
         tokio::pin!(closed);
@@ -280,7 +295,6 @@ impl Task {
                 }
             }
         }
-        tracing::debug!(pool = %self.monitor.name(), "health task ended");
     }
 
     fn keepalive(&self) -> Option<&Keepalive> {

@@ -92,8 +92,8 @@ pub const ETCD_RECONNECTS: &str = "grpc_pool_etcd_reconnects_total";
 /// Counter: an `EtcdDiscover`'s full re-lists after etcd compacted the history its watch
 /// needed, by `prefix`.
 pub const ETCD_RELISTS: &str = "grpc_pool_etcd_relists_total";
-/// Gauge: 1 while an `EtcdDiscover`'s watch is established, 0 while it reconnects, by
-/// `prefix`.
+/// Gauge: 1 while an `EtcdDiscover`'s watch is established, 0 while it reconnects and once
+/// the stream is dropped, by `prefix`.
 pub const ETCD_WATCHING: &str = "grpc_pool_etcd_watching";
 /// Counter: lease renewals of etcd registrations (`register`), by `result` (`ok`; `error`:
 /// the keepalive stream failed and is opened again; `lost`: the lease expired and the key is
@@ -104,6 +104,11 @@ pub const ETCD_KEEPALIVES: &str = "grpc_pool_etcd_keepalives_total";
 /// `ok` means etcd stopped taking the previous token (it expired unused, or the users or
 /// roles changed).
 pub const ETCD_AUTHENTICATIONS: &str = "grpc_pool_etcd_authentications_total";
+/// Counter: etcd calls that got no answer within the etcd client's call timeout
+/// (`EtcdClient::with_call_timeout`, `[etcd] call_timeout`), by `op` (`put`, `delete`,
+/// `range`, `compact`, `lease grant`, `lease revoke`, `authenticate`, `watch`: a watch's
+/// creation).
+pub const ETCD_CALL_TIMEOUTS: &str = "grpc_pool_etcd_call_timeouts_total";
 
 /// Label: the pool's name.
 pub const LABEL_POOL: &str = "pool";
@@ -121,6 +126,8 @@ pub const LABEL_REASON: &str = "reason";
 pub const LABEL_PREFIX: &str = "prefix";
 /// Label: an endpoint change (`insert`, `remove`).
 pub const LABEL_CHANGE: &str = "change";
+/// Label: an etcd call (`put`, `range`, `lease grant`, ...).
+pub const LABEL_OP: &str = "op";
 
 /// A live pool's hold on its name; dropping it frees the name.
 #[derive(Debug)]

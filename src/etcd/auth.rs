@@ -42,10 +42,6 @@ enum Held {
     AuthOff,
 }
 
-/// How long a sign-in may take: a connection that silently drops everything must not hold
-/// every caller of the client (they wait for the one sign-in) for longer.
-const SIGN_IN_WITHIN: Duration = Duration::from_secs(10);
-
 impl Credentials {
     pub(crate) fn new(user: &str, password: &str) -> Credentials {
         Credentials {
@@ -69,8 +65,10 @@ impl Credentials {
     }
 
     /// The token to send: the one in hand, a new one from etcd, or none when etcd said its
-    /// authentication is off.
-    pub(crate) async fn token(&self, pool: &Pool) -> Result<Option<Token>, EtcdError> {
+    /// authentication is off. A sign-in gets no longer than `within` (the client's call
+    /// timeout): a connection that silently drops everything must not hold every caller of
+    /// the client (they wait for the one sign-in) for longer.
+    pub(crate) async fn token(&self, pool: &Pool, within: Duration) -> Result<Option<Token>, EtcdError> {
         match self.held() {
             Held::Token(token) => return Ok(Some(token)),
             Held::AuthOff => return Ok(None),
@@ -85,9 +83,9 @@ impl Credentials {
         }
         let request = AuthenticateRequest { name: self.user.clone(), password: self.password.clone() };
         let mut client = AuthClient::new(pool.clone());
-        let answer = match tokio::time::timeout(SIGN_IN_WITHIN, client.authenticate(request)).await {
+        let answer = match tokio::time::timeout(within, client.authenticate(request)).await {
             Ok(answer) => answer,
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {SIGN_IN_WITHIN:?}"))),
+            Err(_) => Err(super::timed_out("authenticate", within)),
         };
         let token = match answer {
             Ok(answer) => answer.into_inner().token,

@@ -27,8 +27,11 @@ use crate::{Endpoint, Error};
 /// between the two is lost. When etcd is down or unreachable the endpoints stay as they are
 /// (a registry away never empties a pool): it reconnects with backoff and watches on from
 /// the last revision it saw. When etcd has compacted that revision away, it lists the prefix
-/// again and passes on only the difference. A value that names no endpoint is logged with
-/// its key, counted and skipped. Each of these is a `tracing` event and a metric
+/// again and passes on only the difference. A watch quiet for six call timeouts (60 s by
+/// default, [`EtcdClient::with_call_timeout`]) asks etcd for its progress, and one whose
+/// answer does not come within a call timeout (its connection went silent) is given up and
+/// made again. A value that names no endpoint is logged with its key, counted and skipped.
+/// Each of these is a `tracing` event and a metric
 /// (`grpc_pool_etcd_*`, see [`metrics`](crate::metrics)); [`EtcdDiscover::status`] shows
 /// them too.
 ///
@@ -71,6 +74,7 @@ impl EtcdDiscover {
             current: BTreeMap::new(),
             bad: BTreeMap::new(),
             revision: 0,
+            watching: Watching { prefix: prefix.to_owned(), status: status.clone() },
             status: status.clone(),
         };
         Ok(EtcdDiscover { watcher: Some(watcher), changes: None, status })
@@ -171,7 +175,7 @@ impl WatchStatus {
         self.shared.revision.load(Ordering::Relaxed)
     }
 
-    /// Whether the watch is established now.
+    /// Whether the watch is established now (false again once the stream is dropped).
     pub fn watching(&self) -> bool {
         self.shared.watching.load(Ordering::Relaxed)
     }
@@ -247,10 +251,48 @@ struct Watcher {
     bad: BTreeMap<String, i64>,
     /// The last revision seen.
     revision: i64,
+    /// The `watching` flag and gauge, back to 0 when the watcher goes, however it goes.
+    watching: Watching,
     status: WatchStatus,
 }
 
+/// The `watching` flag of a [`WatchStatus`] and its gauge: set while the watch is
+/// established, and cleared when this is dropped (the stream dropped, the task aborted or
+/// panicked, the runtime shut down), so that a watcher that is gone never shows as watching.
+struct Watching {
+    prefix: String,
+    status: WatchStatus,
+}
+
+impl Watching {
+    fn set(&self, on: bool) {
+        if self.status.shared.watching.swap(on, Ordering::Relaxed) != on {
+            metrics::gauge!(m::ETCD_WATCHING, m::LABEL_PREFIX => self.prefix.clone()).set(if on {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if self.status.watching() {
+            tracing::debug!(prefix = %self.prefix, revision = self.status.revision(), "etcd watch stopped: the discovery stream was dropped or its task ended");
+        }
+        self.set(false);
+    }
+}
+
 type Changes = mpsc::Sender<Change<String, Endpoint>>;
+
+/// A watch quiet for this many call timeouts (60 s by default) asks etcd for its progress,
+/// and is given up when the answer takes longer than a call timeout.
+const PROGRESS_AFTER_TIMEOUTS: u32 = 6;
+
+/// The `watch_id` of etcd's answers to a progress request.
+const PROGRESS_ANSWER: i64 = -1;
 
 impl Watcher {
     async fn run(mut self, changes: Changes) {
@@ -314,13 +356,7 @@ impl Watcher {
     }
 
     fn set_watching(&self, on: bool) {
-        if self.status.shared.watching.swap(on, Ordering::Relaxed) != on {
-            metrics::gauge!(m::ETCD_WATCHING, m::LABEL_PREFIX => self.prefix.clone()).set(if on {
-                1.0
-            } else {
-                0.0
-            });
-        }
+        self.watching.set(on);
     }
 
     /// Lists the prefix and passes on the difference from what was passed on before. Ok(false)
@@ -379,8 +415,9 @@ impl Watcher {
         };
         let mut client = WatchClient::new(self.client.channel(token.clone()));
         // etcd answers a watch's creation at once; one that does not is as good as down.
+        let within = self.client.call_timeout();
         let opened = tokio::select! {
-            opened = tokio::time::timeout(Duration::from_secs(10), client.watch(Requests(request_stream))) => opened,
+            opened = tokio::time::timeout(within, client.watch(Requests(request_stream))) => opened,
             _ = changes.closed() => return Ended::Closed,
         };
         let mut responses = match opened {
@@ -392,13 +429,45 @@ impl Watcher {
                 }
                 return Ended::Failed(error);
             }
-            Err(_) => return Ended::Failed("no answer to the watch's creation within 10 s".to_owned()),
+            Err(_) => {
+                let status = super::timed_out("watch", within);
+                return Ended::Failed(format!(
+                    "the watch's creation: {:?}: {}",
+                    status.code(),
+                    status.message()
+                ));
+            }
         };
+        // A watch that hears nothing for a while asks etcd how far it is: the answer proves
+        // the stream alive, and its DATA lets the pool's keepalive PINGs go on (they stop
+        // after two without data from the server, so they alone lose sight of a connection
+        // that went silent after a long quiet watch).
+        let quiet = within.saturating_mul(PROGRESS_AFTER_TIMEOUTS);
+        let mut heard = tokio::time::Instant::now();
+        let mut asked = false;
         loop {
+            let check_at = if asked { heard + quiet + within } else { heard + quiet };
             let message = tokio::select! {
                 message = responses.message() => message,
                 _ = changes.closed() => return Ended::Closed,
+                _ = tokio::time::sleep_until(check_at) => {
+                    if asked {
+                        return Ended::Failed(format!(
+                            "no answer within {within:?} to a progress request, after {quiet:?} without a word: the watch's connection is silent"
+                        ));
+                    }
+                    let progress = proto::WatchRequest {
+                        request_union: Some(RequestUnion::ProgressRequest(proto::WatchProgressRequest {})),
+                    };
+                    // Room for it unless the last request is still unsent: then it is
+                    // silent too, which the deadline finds.
+                    let _ = requests.try_send(progress);
+                    tracing::debug!(prefix = %self.prefix, quiet = ?quiet, "etcd watch quiet; asking for its progress");
+                    asked = true;
+                    continue;
+                }
             };
+            (heard, asked) = (tokio::time::Instant::now(), false);
             let response = match message {
                 Ok(Some(response)) => response,
                 Ok(None) => return Ended::Failed("etcd ended the watch stream".to_owned()),
@@ -426,8 +495,11 @@ impl Watcher {
                 self.backoff.reset();
                 tracing::info!(prefix = %self.prefix, from = self.revision + 1, "etcd watch established");
             }
-            if response.events.is_empty() && !response.created {
+            if response.events.is_empty() && !response.created && response.watch_id != PROGRESS_ANSWER {
                 // A progress notification: every change up to its revision has been sent.
+                // Not so an answer to a progress request, which only shows the stream
+                // alive: older etcd releases answered with the store's revision, possibly
+                // ahead of changes not yet sent on this stream.
                 if let Some(header) = response.header {
                     self.set_revision(header.revision);
                 }

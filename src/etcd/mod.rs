@@ -43,12 +43,16 @@ pub use value::{parse_value, ParseValue};
 
 use crate::{Error, ErrorKind, Pool, TlsConfig};
 use auth::{Credentials, SendToken, SharedCredentials, Token};
+use grpc_pool_core::metrics as m;
 use proto::kv_client::KvClient;
 
 /// A client of one etcd cluster: a [`Pool`] of connections to its endpoints, shared by every
 /// clone, the [`EtcdDiscover`] streams and the [`Registration`]s made with it. It closes
 /// when the last of them is dropped. Its pool is named `etcd` (`etcd-2`, ... for more
-/// clients), connects within 3 s, and reconnects at most 5 s apart.
+/// clients), connects within 3 s, and reconnects at most 5 s apart. Each call (put, delete,
+/// range, compact, lease grant and revoke, signing in, a watch's creation) fails with
+/// `DeadlineExceeded` when etcd has not answered it within the call timeout (10 s;
+/// [`EtcdClient::with_call_timeout`]); watches and lease keepalives, which last, have none.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -61,7 +65,11 @@ use proto::kv_client::KvClient;
 pub struct EtcdClient {
     pool: Pool,
     credentials: SharedCredentials,
+    call_timeout: Duration,
 }
+
+/// How long an etcd call may wait for its answer, unless set otherwise.
+pub(crate) const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The pool, with the token (if any) put on every call.
 pub(crate) type Channel = InterceptedService<Pool, SendToken>;
@@ -124,7 +132,9 @@ impl EtcdClient {
                 .connect_timeout(Duration::from_secs(3))
                 .build_lazy(&endpoints);
             match built {
-                Ok(pool) => return Ok(EtcdClient { pool, credentials: None }),
+                Ok(pool) => {
+                    return Ok(EtcdClient { pool, credentials: None, call_timeout: DEFAULT_CALL_TIMEOUT })
+                }
                 // A pool of the application's holds that name: take the next.
                 Err(e)
                     if e.kind() == ErrorKind::Config && e.to_string().contains("`name`") && n < 1 << 20 => {}
@@ -158,6 +168,38 @@ impl EtcdClient {
         Ok(EtcdClient { credentials: Some(Arc::new(Credentials::new(user, password))), ..self })
     }
 
+    /// The same client, its calls failing when etcd has not answered them within `timeout`
+    /// (1 ms to 3600 s; default 10 s) instead: an etcd that takes connections and never
+    /// answers (stuck, or a proxy in front of one that is gone) must not hang `register`,
+    /// `deregister` or a discovery's list for ever. Each unary call, signing in, and a
+    /// watch's creation get the timeout; the streams that last (a watch, a lease keepalive)
+    /// do not, but a watch quiet for six timeouts asks etcd for its progress and is made
+    /// again when the answer takes longer than one. A call that times out fails with `etcd put failed: DeadlineExceeded: no answer
+    /// within 5s (the etcd client's call timeout)`, is a `tracing` event and counts in
+    /// `grpc_pool_etcd_call_timeouts_total`. Fails naming `etcd.call_timeout` outside the range.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), grpc_pool::Error> {
+    /// use std::time::Duration;
+    /// let etcd = grpc_pool::etcd::EtcdClient::new(["http://10.0.0.1:2379"])?.with_call_timeout(Duration::from_secs(5))?;
+    /// assert_eq!(etcd.call_timeout(), Duration::from_secs(5));
+    /// let err = etcd.with_call_timeout(Duration::ZERO).unwrap_err();
+    /// assert!(err.to_string().contains("`etcd.call_timeout`"));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_call_timeout(self, timeout: Duration) -> Result<EtcdClient, Error> {
+        if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(3600) {
+            return Err(Error::invalid_config("etcd.call_timeout", &format!("{timeout:?}"), "1ms to 3600s"));
+        }
+        Ok(EtcdClient { call_timeout: timeout, ..self })
+    }
+
+    /// How long a call waits for etcd's answer before it fails (see
+    /// [`EtcdClient::with_call_timeout`]).
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
     /// The user the client signs in as, if any.
     pub fn user(&self) -> Option<&str> {
         self.credentials.as_deref().map(Credentials::user)
@@ -172,7 +214,7 @@ impl EtcdClient {
     /// none in hand.
     pub(crate) async fn token(&self) -> Result<Option<Token>, EtcdError> {
         match &self.credentials {
-            Some(credentials) => credentials.token(&self.pool).await,
+            Some(credentials) => credentials.token(&self.pool, self.call_timeout).await,
             None => Ok(None),
         }
     }
@@ -200,8 +242,21 @@ impl EtcdClient {
     }
 
     /// A unary call made by `call`, with the token; made once more, after signing in again,
-    /// if etcd no longer took the token.
-    pub(crate) async fn unary<T, F, Fut>(&self, op: &'static str, mut call: F) -> Result<T, EtcdError>
+    /// if etcd no longer took the token. The whole of it (signing in and the second try
+    /// included) fails with `DeadlineExceeded` after the call timeout; the call's stream is
+    /// reset then, so etcd stops working on it too.
+    pub(crate) async fn unary<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, EtcdError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(self.call_timeout, self.unary_unbounded(op, call)).await {
+            Ok(result) => result,
+            Err(_) => Err(EtcdError::call(op, timed_out(op, self.call_timeout))),
+        }
+    }
+
+    async fn unary_unbounded<T, F, Fut>(&self, op: &'static str, mut call: F) -> Result<T, EtcdError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -292,8 +347,16 @@ impl fmt::Debug for EtcdClient {
         f.debug_struct("EtcdClient")
             .field("pool", &self.pool.name())
             .field("user", &self.user())
+            .field("call_timeout", &self.call_timeout)
             .finish_non_exhaustive()
     }
+}
+
+/// The status of an etcd call `op` that got no answer within `timeout`, logged and counted.
+pub(crate) fn timed_out(op: &'static str, timeout: Duration) -> tonic::Status {
+    metrics::counter!(m::ETCD_CALL_TIMEOUTS, m::LABEL_OP => op).increment(1);
+    tracing::warn!(op, timeout = ?timeout, "etcd call got no answer within the call timeout");
+    tonic::Status::deadline_exceeded(format!("no answer within {timeout:?} (the etcd client's call timeout)"))
 }
 
 /// The end of the key range that holds every key starting with `prefix`: the prefix with its
@@ -321,7 +384,8 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 pub enum EtcdError {
     /// A setting out of range; nothing was sent.
     Config(Error),
-    /// etcd answered a call with an error status, or could not be reached.
+    /// etcd answered a call with an error status, could not be reached, or did not answer
+    /// within the client's call timeout (`DeadlineExceeded`).
     Call {
         /// The call: `put`, `delete`, `range`, `compact`, `lease grant`, `lease revoke`,
         /// `authenticate` (signing in with [`EtcdClient::with_user`]'s credentials).

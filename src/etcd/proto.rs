@@ -131,7 +131,7 @@ pub struct CompactionResponse {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WatchRequest {
-    #[prost(oneof = "watch_request::RequestUnion", tags = "1")]
+    #[prost(oneof = "watch_request::RequestUnion", tags = "1, 3")]
     pub request_union: ::core::option::Option<watch_request::RequestUnion>,
 }
 /// Nested message and enum types in `WatchRequest`.
@@ -140,8 +140,14 @@ pub mod watch_request {
     pub enum RequestUnion {
         #[prost(message, tag = "1")]
         CreateRequest(super::WatchCreateRequest),
+        /// Asks etcd to answer at once with the watch stream's progress (etcd 3.4+), as a
+        /// WatchResponse with watch_id -1: proof that the stream is alive.
+        #[prost(message, tag = "3")]
+        ProgressRequest(super::WatchProgressRequest),
     }
 }
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchProgressRequest {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WatchCreateRequest {
     #[prost(bytes = "bytes", tag = "1")]

@@ -73,6 +73,11 @@ impl<T> GridQueue<T> {
         self.len == 0
     }
 
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
     /// The first slot that starts at or after `at`.
     fn slot_of(&self, at: Instant) -> u64 {
         let since = at.saturating_duration_since(self.epoch).as_nanos();

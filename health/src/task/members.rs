@@ -29,10 +29,31 @@ impl Task {
             if let Some(key) = tracked.key {
                 self.members_due.remove(&key);
             }
-            if let Some(ids) = self.by_endpoint.get_mut(tracked.member.endpoint()) {
+            let endpoint = tracked.member.endpoint();
+            if let Some(ids) = self.by_endpoint.get_mut(endpoint) {
                 ids.remove(&id);
+                // An empty set is dropped: endpoints come and go with discovery for the
+                // life of the process, and each would leave its key behind.
+                if ids.is_empty() {
+                    self.by_endpoint.remove(endpoint);
+                }
             }
+            self.forget_endpoint_if_gone(endpoint);
         }
+    }
+
+    /// Drops what the task keeps per endpoint (PING metrics, keepalive backoff, lifetime
+    /// drains) once the endpoint has left the pool and the task tracks none of its members.
+    /// Called whenever either becomes true, so that state made for a removed endpoint after
+    /// its removal (a late `MemberReady`, a GOAWAY on one of its draining members) goes too.
+    pub(super) fn forget_endpoint_if_gone(&mut self, endpoint: &Endpoint) {
+        if self.endpoint_ids.contains_key(endpoint) || self.by_endpoint.contains_key(endpoint) {
+            return;
+        }
+        self.ping_limited.remove(endpoint);
+        self.keepalive_time.remove(endpoint);
+        self.lifetime_drain.remove(endpoint);
+        self.ping_metrics.remove(endpoint);
     }
 
     pub(super) fn on_event(&mut self, event: MonitorEvent) {
@@ -84,8 +105,10 @@ impl Task {
         self.schedule_check(id, Duration::ZERO);
     }
 
-    /// Forgets an endpoint the pool removed. Its members drain and close on their own (the
-    /// task stops tracking each as it closes); a check or `Watch` still under way for it
+    /// Forgets an endpoint the pool removed. The pool drains its members before it says so:
+    /// they are no longer tracked from now (there is nothing more to do for a draining
+    /// member; the pool closes it when its streams end), and what the task kept for the
+    /// endpoint goes with the last of them. A check or `Watch` still under way for it
     /// reports to an id that is gone, and is dropped.
     pub(super) fn remove_endpoint(&mut self, endpoint: &Endpoint) {
         if let Some(id) = self.endpoint_ids.remove(endpoint) {
@@ -96,9 +119,17 @@ impl Task {
                 }
             }
         }
-        self.ping_limited.remove(endpoint);
-        self.keepalive_time.remove(endpoint);
-        self.lifetime_drain.remove(endpoint);
-        self.ping_metrics.remove(endpoint);
+        let ids: Vec<u64> =
+            self.by_endpoint.get(endpoint).map(|ids| ids.iter().copied().collect()).unwrap_or_default();
+        for id in ids {
+            let drained = self
+                .members
+                .get(&id)
+                .is_some_and(|t| matches!(t.member.state(), MemberState::Closed | MemberState::Draining));
+            if drained {
+                self.untrack(id);
+            }
+        }
+        self.forget_endpoint_if_gone(endpoint);
     }
 }

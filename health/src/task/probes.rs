@@ -32,6 +32,8 @@ impl Task {
         self.ping_limited.insert(endpoint.clone());
         let raised = (current * 2).min(MAX_KEEPALIVE_TIME);
         self.keepalive_time.insert(endpoint.clone(), raised);
+        // A GOAWAY read after the endpoint left the pool: nothing is kept for it.
+        self.forget_endpoint_if_gone(endpoint);
         metrics::counter!(names::KEEPALIVE_BACKOFFS, names::LABEL_POOL => self.monitor.name().to_owned(), names::LABEL_ENDPOINT => endpoint.to_string()).increment(1);
         tracing::warn!(
             pool = %self.monitor.name(),
@@ -94,11 +96,15 @@ impl Task {
         metrics
     }
 
-    /// A member's PING metrics: those it was tracked with.
+    /// A member's PING metrics: those it was tracked with. For a member no longer tracked,
+    /// its endpoint's, without keeping them: its endpoint may be gone.
     fn metrics_of(&mut self, id: u64, member: &MemberHandle) -> Arc<PingMetrics> {
         match self.members.get(&id) {
             Some(tracked) => tracked.ping_metrics.clone(),
-            None => self.ping_metrics(member.endpoint()),
+            None => match self.ping_metrics.get(member.endpoint()) {
+                Some(metrics) => metrics.clone(),
+                None => Arc::new(PingMetrics::new(self.monitor.name(), member.endpoint())),
+            },
         }
     }
 
