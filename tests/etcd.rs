@@ -651,7 +651,9 @@ async fn an_etcd_that_takes_connections_and_never_answers_fails_calls_within_the
     let (err, took) = failing(etcd.put("svc/h/2", "127.0.0.1:2")).await;
     assert!(err.contains("etcd put failed: DeadlineExceeded"), "{err}");
     assert!(took < TIMED_OUT_WITHIN, "the put failed after {took:?}");
-    assert!(deaf.waiting() >= 1, "the calls reached the server and wait there");
+    // Each call reached the server, and was reset there when it timed out (so etcd stops
+    // working on it).
+    wait_until(WAIT, "the server saw the three calls reset", || deaf.resets() >= 3).await;
 
     // The discovery's list times out and is tried again after its backoff, for as long as
     // etcd does not answer; the pool keeps its (empty) set.
@@ -693,15 +695,17 @@ async fn deregistering_through_a_connection_gone_silent_fails_within_the_call_ti
 async fn a_watch_whose_connection_goes_silent_is_given_up_and_one_only_quiet_is_kept() {
     let etcd_server = EtcdServer::start();
     let relay = Relay::start(etcd_server.uri().trim_start_matches("http://").parse().unwrap()).await;
-    // A watch quiet for 6 call timeouts (1.8 s) asks etcd for its progress.
+    // A watch quiet for 6 call timeouts, but at least 5 s, asks etcd for its progress and
+    // gives it 1 s at least to answer.
     let timeout = Duration::from_millis(300);
+    let quiet = Duration::from_secs(5);
     let etcd = EtcdClient::new([relay.uri()]).unwrap().with_call_timeout(timeout).unwrap();
     let (_pool, status) = following(&etcd, "svc/j/");
     wait_until(WAIT, "the watch is established", || status.watching()).await;
 
     // Quiet is not silent: etcd answers each progress request, and the watch stays. (A
-    // negative, so it is watched for a set time: three quiet periods.)
-    tokio::time::sleep(timeout * 6 * 3).await;
+    // negative, so it is watched for a set time: two quiet periods.)
+    tokio::time::sleep(quiet * 2 + Duration::from_millis(500)).await;
     assert!(status.watching() && status.reconnects() == 0, "a quiet watch was given up: {status:?}");
 
     // Silent: the connection drops everything from now, PINGs included, as a NAT that
@@ -709,7 +713,12 @@ async fn a_watch_whose_connection_goes_silent_is_given_up_and_one_only_quiet_is_
     // of quiet, then 10 s for the PONG) would notice.
     relay.freeze();
     let frozen = Instant::now();
-    wait_until(Duration::from_secs(10), "the silent watch is given up", || status.reconnects() >= 1).await;
+    wait_until(
+        quiet + Duration::from_secs(1) + Duration::from_secs(10),
+        "the silent watch is given up",
+        || status.reconnects() >= 1,
+    )
+    .await;
     assert!(!status.watching(), "{status:?}");
     println!("the silent watch was given up {:?} after the connection went silent", frozen.elapsed());
 }

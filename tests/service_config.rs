@@ -876,8 +876,8 @@ fn hedging_only(max_attempts: u32, delay: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hedged_copy_whose_connection_breaks_leaves_the_other_copies_to_answer() {
-    // Two copies out, one on each endpoint, both answering after 300 ms; the connection under
-    // one of them is reset. That copy's failure is no answer of the server's: the other copy
+    // Two copies out, one on each endpoint, both answering after 2 s (time enough for the
+    // test to see both out on a busy machine); the connection under one of them is reset. That copy's failure is no answer of the server's: the other copy
     // must still answer the call (before, the broken copy's error cancelled it).
     let (behind_relay, direct) = (TestServer::start().await, TestServer::start().await);
     let relay = Relay::start(behind_relay.addr()).await;
@@ -885,7 +885,7 @@ async fn a_hedged_copy_whose_connection_breaks_leaves_the_other_copies_to_answer
     let call = tokio::spawn({
         let pool = pool.clone();
         async move {
-            let slow = EchoRequest { message: Bytes::from_static(b"hedged"), repeat: 0, delay_ms: 300 };
+            let slow = EchoRequest { message: Bytes::from_static(b"hedged"), repeat: 0, delay_ms: 2_000 };
             EchoClient::new(pool).unary_echo(slow).await
         }
     });
@@ -959,4 +959,30 @@ async fn a_hedged_call_dropped_by_its_caller_counts_its_copies_as_cancelled() {
     let stats = pool.state().statistics;
     assert_eq!(stats.hedges_cancelled, 2, "{stats:?}");
     assert_eq!(pool.state().in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_call_whose_only_copy_is_lost_with_its_endpoint_down_fails_fast() {
+    // One endpoint, one copy out, hedgingDelay 60 s, no deadline: the server dies under the
+    // copy and does not come back. The call must end at once as any call would (UNAVAILABLE,
+    // failing fast while every endpoint is down), not wait for a slot to send the next copy.
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    let pool = pool_with(Some(&hedging_only(3, "60s")), &[relay.uri()]).await;
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let slow = EchoRequest { message: Bytes::from_static(b"lost"), repeat: 0, delay_ms: 5_000 };
+            EchoClient::new(pool).unary_echo(slow).await
+        }
+    });
+    wait_until(WAIT, "the copy is on the server", || server.active() == 1).await;
+    drop(server); // gone for good: its port refuses connects from now on
+    relay.reset();
+    let status = tokio::time::timeout(WAIT, call)
+        .await
+        .expect("the call ends rather than wait for a slot")
+        .unwrap()
+        .expect_err("nothing can answer it");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }

@@ -383,8 +383,7 @@ impl PoolInner {
     }
 
     /// A PING after a call's deadline (`call::attempt::ping_after_deadline`) was answered or not.
-    pub(crate) fn count_deadline_ping(&self, member: &Member, answered: bool) {
-        let result = if answered { "ok" } else { "timeout" };
+    pub(crate) fn count_deadline_ping(&self, member: &Member, result: &'static str) {
         metrics::counter!(names::DEADLINE_PINGS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => member.endpoint.label.clone(), names::LABEL_RESULT => result).increment(1);
     }
 

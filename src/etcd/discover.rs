@@ -287,9 +287,12 @@ impl Drop for Watching {
 
 type Changes = mpsc::Sender<Change<String, Endpoint>>;
 
-/// A watch quiet for this many call timeouts (60 s by default) asks etcd for its progress,
-/// and is given up when the answer takes longer than a call timeout.
+/// A watch quiet for this many call timeouts (60 s by default), and at least
+/// `PROGRESS_QUIET_FLOOR`, asks etcd for its progress, and is given up when the answer takes
+/// longer than a call timeout (and at least `PROGRESS_ANSWER_FLOOR`).
 const PROGRESS_AFTER_TIMEOUTS: u32 = 6;
+const PROGRESS_QUIET_FLOOR: Duration = Duration::from_secs(5);
+const PROGRESS_ANSWER_FLOOR: Duration = Duration::from_secs(1);
 
 /// The `watch_id` of etcd's answers to a progress request.
 const PROGRESS_ANSWER: i64 = -1;
@@ -442,7 +445,10 @@ impl Watcher {
         // the stream alive, and its DATA lets the pool's keepalive PINGs go on (they stop
         // after two without data from the server, so they alone lose sight of a connection
         // that went silent after a long quiet watch).
-        let quiet = within.saturating_mul(PROGRESS_AFTER_TIMEOUTS);
+        // Floors, so that a short call timeout does not make a watch chatty, or give it up
+        // for one slow answer of a loaded etcd.
+        let quiet = within.saturating_mul(PROGRESS_AFTER_TIMEOUTS).max(PROGRESS_QUIET_FLOOR);
+        let within = within.max(PROGRESS_ANSWER_FLOOR);
         let mut heard = tokio::time::Instant::now();
         let mut asked = false;
         loop {

@@ -250,9 +250,23 @@ impl EtcdClient {
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        match tokio::time::timeout(self.call_timeout, self.unary_unbounded(op, call)).await {
+        self.unary_within(self.call_timeout, op, call).await
+    }
+
+    /// [`EtcdClient::unary`] bounded by `timeout` rather than the call timeout.
+    async fn unary_within<T, F, Fut>(
+        &self,
+        timeout: Duration,
+        op: &'static str,
+        call: F,
+    ) -> Result<T, EtcdError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(timeout, self.unary_unbounded(op, call)).await {
             Ok(result) => result,
-            Err(_) => Err(EtcdError::call(op, timed_out(op, self.call_timeout))),
+            Err(_) => Err(EtcdError::call(op, timed_out(op, timeout))),
         }
     }
 
@@ -334,10 +348,15 @@ impl EtcdClient {
     }
 
     /// Forgets the history before `revision` (etcd's compaction): watches that still need
-    /// it are cancelled as compacted.
+    /// it are cancelled as compacted. A physical compaction of a large store takes a while,
+    /// so it is given 5 minutes (or the call timeout, if longer).
     pub async fn compact(&self, revision: i64) -> Result<(), EtcdError> {
         let request = proto::CompactionRequest { revision, physical: true };
-        self.unary("compact", |channel| async move { KvClient::new(channel).compact(request).await }).await?;
+        let timeout = self.call_timeout.max(COMPACT_TIMEOUT);
+        self.unary_within(timeout, "compact", |channel| async move {
+            KvClient::new(channel).compact(request).await
+        })
+        .await?;
         Ok(())
     }
 }
@@ -351,6 +370,10 @@ impl fmt::Debug for EtcdClient {
             .finish_non_exhaustive()
     }
 }
+
+/// The least time `EtcdClient::compact` is given: etcd answers a physical compaction
+/// only once the old revisions are gone from disk.
+const COMPACT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The status of an etcd call `op` that got no answer within `timeout`, logged and counted.
 pub(crate) fn timed_out(op: &'static str, timeout: Duration) -> tonic::Status {

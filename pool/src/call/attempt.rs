@@ -14,6 +14,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri};
 use http_body::Body;
+use tokio::time::Instant;
 
 use crate::endpoint::EndpointShared;
 use crate::error::Error;
@@ -106,22 +107,25 @@ pub(super) fn response_error(slot: &Slot, stream_id: u32, err: h2::Error) -> Err
 }
 
 /// The check a slot's member needs before the call may go out on it, if any: a PING when it
-/// has been unused for `ping_before_use`, or waiting for another call's PING of it.
+/// has been unused for `ping_before_use`, or waiting for another call's PING of it (one
+/// before use, or one after a deadline passed on it).
 pub(super) fn needs_check(
     pool: &Arc<PoolInner>,
     target: &Target,
     slot: &Slot,
 ) -> Option<Pin<Box<dyn Future<Output = bool> + Send>>> {
-    let (after, timeout) = pool.config.ping_before_use?;
     if !matches!(target, Target::Pool) {
         return None;
     }
     let member = slot.member();
-    let stale = slot.unused_for >= after && member.signals.since_last_read() >= after;
+    let stale = match pool.config.ping_before_use {
+        Some((after, _)) => slot.unused_for >= after && member.signals.since_last_read() >= after,
+        None => false,
+    };
     if !stale && !member.is_probing() {
         return None;
     }
-    let timeout = ping_bound(member, timeout);
+    let timeout = ping_bound(member, ping_timeout(pool));
     let (pool, member) = (pool.clone(), member.clone());
     Some(Box::pin(async move {
         let Some(probe) = member.start_probe() else {
@@ -130,14 +134,28 @@ pub(super) fn needs_check(
             let _ = tokio::time::timeout(timeout, member.probe_finished()).await;
             return member.state() == MemberState::Ready;
         };
-        let alive = ping_or_kill(&pool, &member, timeout, "when PINGed before use").await;
+        let verdict = ping(&member, Instant::now() + timeout).await;
+        if !verdict.alive() {
+            // Nothing is in flight on a member unused this long: closing it costs nothing.
+            let why = verdict.failure();
+            pool.kill(
+                &member,
+                EvictionReason::PingTimeout,
+                &format!("{why} when PINGed before use ({timeout:?})"),
+            );
+        }
         drop(probe);
-        alive
+        verdict.alive()
     }))
 }
 
 /// How long a PING waits for its PONG when `ping_before_use` does not say.
-const DEFAULT_PING_BOUND: Duration = Duration::from_secs(1);
+const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The PING before use's bound, which the PING after a deadline shares.
+fn ping_timeout(pool: &PoolInner) -> Duration {
+    pool.config.ping_before_use.map_or(DEFAULT_PING_TIMEOUT, |(_, timeout)| timeout)
+}
 
 /// How long a check of `member` waits for its PONG: `timeout`, or four round trips of its
 /// connection if longer, so that a far server is not taken for a dead one.
@@ -145,40 +163,73 @@ fn ping_bound(member: &Member, timeout: Duration) -> Duration {
     member.pinger.last_rtt().map_or(timeout, |rtt| timeout.max(rtt * 4))
 }
 
-/// PINGs `member` (the caller holds its probe role) and kills it, as `PingTimeout`, if no
-/// PONG comes within `timeout`. Whether it answered; a keepalive PING already out counts as
-/// an answer, as its own timeout decides.
-async fn ping_or_kill(pool: &Arc<PoolInner>, member: &Arc<Member>, timeout: Duration, when: &str) -> bool {
-    let alive = match tokio::time::timeout(timeout, member.pinger.ping()).await {
-        Ok(Ok(_)) => true,
-        Ok(Err(PingError::Busy)) => true,
-        Ok(Err(PingError::Connection(_))) | Err(_) => false,
-    };
-    if !alive {
-        pool.kill(member, EvictionReason::PingTimeout, &format!("no PONG within {timeout:?} {when}"));
+/// How a check's PING ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PingVerdict {
+    Answered,
+    /// A keepalive PING is out already: its own timeout decides.
+    KeepaliveOut,
+    NoPong,
+    /// The connection failed under the PING.
+    Broken,
+}
+
+impl PingVerdict {
+    fn alive(self) -> bool {
+        matches!(self, PingVerdict::Answered | PingVerdict::KeepaliveOut)
     }
-    alive
+
+    /// What happened to a PING that found its member dead.
+    fn failure(self) -> &'static str {
+        match self {
+            PingVerdict::Broken => "the connection failed under its PING",
+            _ => "no PONG",
+        }
+    }
+
+    /// `result` label of `grpc_pool_deadline_pings_total`.
+    fn label(self) -> &'static str {
+        match self {
+            PingVerdict::Answered => "ok",
+            PingVerdict::KeepaliveOut => "keepalive_out",
+            PingVerdict::NoPong => "timeout",
+            PingVerdict::Broken => "error",
+        }
+    }
+}
+
+/// PINGs `member` (the caller holds its probe role) and waits for the PONG until `until`.
+async fn ping(member: &Member, until: Instant) -> PingVerdict {
+    match tokio::time::timeout_at(until, member.pinger.ping()).await {
+        Ok(Ok(_)) => PingVerdict::Answered,
+        Ok(Err(PingError::Busy)) => PingVerdict::KeepaliveOut,
+        Ok(Err(PingError::Connection(_))) => PingVerdict::Broken,
+        Err(_) => PingVerdict::NoPong,
+    }
 }
 
 /// A call's deadline passed on `member` while it waited for the server: the first sign of a
 /// connection dropped without a word. If the connection has heard nothing for as long as a
-/// PING may take (1 s, or four round trips), it is PINGed at once, from a task of its own
-/// (the call has its error already), and killed without a PONG in that time. Calls that
-/// pick it meanwhile wait for the answer, as for a check before use, instead of following
-/// the dead call onto it: a silent drop under load is found a deadline and a second after
-/// it happened, not after keepalive's 30 s. Only while no PING went out since the server's
-/// last data, so this never spends more of the server's PING policy than keepalive would.
+/// PING may take (the PING before use's bound: 1 s, or four round trips), it is PINGed at
+/// once, from a task of its own (the call has its error already). Calls that pick it
+/// meanwhile wait for the answer, as for a check before use, instead of following the dead
+/// call onto it. Without a PONG in time it takes no new calls (drained, `ping_timeout`);
+/// the calls in flight on it keep their own deadlines, so a server only stalled (a long GC
+/// pause) costs none of them, and keepalive's timeout closes it if it stays silent. So a
+/// silent drop under load is found a deadline and a PING after it happened, not after
+/// keepalive's 30 s. Only while no PING went out since the server's last data: it adds at
+/// most one PING, the first, which no server's PING policy counts as a strike.
 pub(super) fn ping_after_deadline(pool: &Arc<PoolInner>, member: &Arc<Member>) {
-    let timeout = ping_bound(member, pool.config.ping_before_use.map_or(DEFAULT_PING_BOUND, |(_, t)| t));
+    let timeout = ping_bound(member, ping_timeout(pool));
     let quiet = member.signals.since_last_read();
-    let usable = matches!(member.state(), MemberState::Ready | MemberState::Draining);
-    if quiet < timeout || !usable || member.is_probing() || member.signals.pings_without_data() > 0 {
+    if quiet < timeout || member.state() != MemberState::Ready || member.signals.pings_without_data() > 0 {
         return;
     }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-    // The role is taken now, not in the task: a call that picks the member before the task
-    // runs must already wait for the PING's answer rather than go out on it.
+    // The role is taken, and the PING's bound starts, now rather than when the task runs: a
+    // call that picks the member meanwhile waits for this PING's answer, for no longer.
     let Some(probe) = member.start_probe() else { return };
+    let until = Instant::now() + timeout;
     let (pool, member) = (pool.clone(), member.clone());
     runtime.spawn(async move {
         tracing::debug!(
@@ -188,10 +239,14 @@ pub(super) fn ping_after_deadline(pool: &Arc<PoolInner>, member: &Arc<Member>) {
             ?quiet,
             "a call's deadline passed on a quiet connection: PINGing it",
         );
-        let alive =
-            ping_or_kill(&pool, &member, timeout, "after a call's deadline passed on the quiet connection")
-                .await;
-        pool.count_deadline_ping(&member, alive);
+        let verdict = ping(&member, until).await;
+        pool.count_deadline_ping(&member, verdict.label());
+        // A connection that failed under the PING is closed by its own task, as `io_error`.
+        if verdict == PingVerdict::NoPong {
+            let detail =
+                format!("no PONG within {timeout:?} after a call's deadline passed on the quiet connection");
+            pool.evict(&member, EvictionReason::PingTimeout, &detail);
+        }
         drop(probe);
     });
 }

@@ -64,6 +64,8 @@ pub struct ResponseFuture<B> {
     retries: u32,
     /// Hedged copies sent after the first.
     hedged: u32,
+    /// Streams the call opened: what its servers saw, for the attempts histogram.
+    streams: u32,
     /// Copies of a hedged call sent before its current copies: those of a hedge whose every
     /// copy was lost, before the call was sent again. They count against `maxAttempts`.
     hedge_sent: u32,
@@ -164,6 +166,7 @@ where
             method,
             retries: 0,
             hedged: 0,
+            streams: 0,
             hedge_sent: 0,
             backoff_n: 0,
         }
@@ -311,6 +314,7 @@ where
         let end_of_stream = body.is_end_stream();
         match member.sender().send_request(head, end_of_stream) {
             Ok((response, stream)) => {
+                self.streams += 1;
                 let stream_id = u32::from(response.stream_id());
                 member.record_stream_id(stream_id);
                 if stream_id >= member.retire_at_stream_id {
@@ -628,7 +632,11 @@ where
             _ => None,
         };
         match replay {
-            Some((head, body)) if error.is_unprocessed() => {
+            Some((mut head, body)) if error.is_unprocessed() => {
+                if self.method.as_ref().is_some_and(|m| m.hedging_policy.is_some()) {
+                    // The resend is the hedged call's next copy, and says so.
+                    retry::set_previous_attempts(&mut head, self.hedge_sent);
+                }
                 self.attempts += 1;
                 self.avoid = Some(slot_endpoint);
                 self.pool.count_retry(if error.kind() == ErrorKind::Stream {

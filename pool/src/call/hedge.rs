@@ -24,8 +24,10 @@ pub(super) enum Ended<B> {
 
 impl<B> Ended<B> {
     /// Counts the copy's outcome for outlier detection, as the outcome that ends a call is
-    /// counted: a copy passed over for a later one still tells how its endpoint is.
-    pub(super) fn count_outcome(&self, pool: &Arc<PoolInner>) {
+    /// counted: a copy passed over for a later one still tells how its endpoint is. An
+    /// ejection goes through the pool's ejector task, as a response body's does: this runs
+    /// from `Drop` too, maybe outside any runtime.
+    pub(super) fn count_outcome(&self) {
         let (Ended::Answer(sending, _) | Ended::Failed(sending, _)) = self;
         let endpoint = &sending.slot.member().endpoint;
         let failures = endpoint.record_outcome(|| match self {
@@ -33,7 +35,7 @@ impl<B> Ended<B> {
             Ended::Failed(_, err) => crate::outlier::is_failure(err),
         });
         if let Some(failures) = failures {
-            pool.eject_shared(endpoint, failures);
+            endpoint.ask_ejection(failures);
         }
     }
 }
@@ -47,8 +49,10 @@ pub(super) struct Hedge<B> {
     copy: Option<(Head, Recording)>,
     /// When the next copy is due; `None`: now.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Copies sent so far, the first included.
+    /// Copies sent so far, the first included (and those of the call's earlier hedges).
     pub(super) sent: u32,
+    /// The number of this hedge's first copy: a later one that wins counts as a hedge won.
+    pub(super) first: u32,
     max_attempts: u32,
     delay: Duration,
     non_fatal: Vec<Code>,
@@ -67,6 +71,7 @@ impl<B> Hedge<B> {
             copy: None,
             timer: Some(Box::pin(tokio::time::sleep(policy.hedging_delay))),
             sent: sent_before + 1,
+            first: sent_before,
             max_attempts: policy.max_attempts,
             delay: policy.hedging_delay,
             non_fatal: policy.non_fatal_status_codes.clone(),
@@ -88,22 +93,22 @@ impl<B> Hedge<B> {
                 self.stopped = true;
             }
         }
-        self.set_aside(pool, ended);
+        self.set_aside(ended);
     }
 
     /// A copy was lost with its connection (or refused unseen): no answer of the server's,
     /// so neither a status that ends the call nor one for the throttle. The others go on and
     /// the next copy is due at once, as after a non-fatal status.
-    pub(super) fn lost_copy(&mut self, pool: &Arc<PoolInner>, sending: Sending<B>, err: h2::Error) {
-        self.set_aside(pool, Ended::Failed(sending, err));
+    pub(super) fn lost_copy(&mut self, sending: Sending<B>, err: h2::Error) {
+        self.set_aside(Ended::Failed(sending, err));
     }
 
     /// Keeps `ended` as the call's outcome should no other copy do better; sends the next
     /// copy now.
-    fn set_aside(&mut self, pool: &Arc<PoolInner>, ended: Ended<B>) {
+    fn set_aside(&mut self, ended: Ended<B>) {
         // The one kept before is passed over now: it will not end the call.
         if let Some(passed_over) = self.last.replace(ended) {
-            passed_over.count_outcome(pool);
+            passed_over.count_outcome();
         }
         self.timer = None;
     }

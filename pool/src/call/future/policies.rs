@@ -74,7 +74,7 @@ where
                             hedge.failed_non_fatally(&self.pool, Ended::Answer(sending, response));
                             continue;
                         }
-                        self.hedge_over(hedge, copy);
+                        self.hedge_over(hedge, Some(copy));
                         return Some(self.answered(sending, response));
                     }
                     Ok(Err(err)) => {
@@ -83,13 +83,15 @@ where
                             continue;
                         }
                         // A copy whose connection broke under it is not the server's answer:
-                        // it must not cancel the copies still out, or stop the next one.
-                        if Hedge::<B>::is_lost(&err) && (!hedge.attempts.is_empty() || hedge.can_send_more())
-                        {
-                            hedge.lost_copy(&self.pool, sending, err);
+                        // it must not cancel the copies still out. With none out, the call
+                        // goes on as any call whose stream failed (`failed`: resent through
+                        // the checkout queue if the server never saw it, where waiting and
+                        // failing fast follow the call's wait-for-ready).
+                        if Hedge::<B>::is_lost(&err) && !hedge.attempts.is_empty() {
+                            hedge.lost_copy(sending, err);
                             continue;
                         }
-                        self.hedge_over(hedge, copy);
+                        self.hedge_over(hedge, None);
                         return Some(self.failed(sending, err));
                     }
                 }
@@ -110,7 +112,9 @@ where
             }
             if hedge.can_send_more() && hedge.due(cx) {
                 if let Some((head, body)) = hedge.next_copy() {
-                    if self.send_copy(&mut hedge, head, body) {
+                    // Sent, or no other may go (throttled, or none could be sent): look again
+                    // now rather than after a delay.
+                    if self.send_copy(&mut hedge, head, body) || !hedge.can_send_more() {
                         continue;
                     }
                 }
@@ -156,11 +160,11 @@ where
         }
     }
 
-    /// A copy's answer ends the call: the others are cancelled (dropped, which resets their
-    /// streams).
-    fn hedge_over(&mut self, hedge: Box<Hedge<B>>, winner: u32) {
+    /// A copy's answer (`winner`), or its failure (`None`), ends the call: the others are
+    /// cancelled (dropped, which resets their streams).
+    fn hedge_over(&mut self, hedge: Box<Hedge<B>>, winner: Option<u32>) {
         self.hedge_sent = hedge.sent;
-        if winner > 0 {
+        if winner.is_some_and(|copy| copy != hedge.first) {
             self.pool.count_hedges("won", 1);
         }
         self.cancel_copies(hedge);
@@ -171,8 +175,10 @@ impl<B> ResponseFuture<B> {
     /// The call is over, with whatever result: counts its attempts when it had a retry
     /// policy.
     pub(super) fn finished(&self) {
-        if self.method.as_ref().is_some_and(|m| m.retry_policy.is_some() || m.hedging_policy.is_some()) {
-            self.pool.record_call_attempts(1 + self.attempts + self.retries + self.hedged);
+        let policy =
+            self.method.as_ref().is_some_and(|m| m.retry_policy.is_some() || m.hedging_policy.is_some());
+        if policy && self.streams > 0 {
+            self.pool.record_call_attempts(self.streams);
         }
     }
 
@@ -188,7 +194,7 @@ impl<B> ResponseFuture<B> {
     /// one set aside, which will not end the call now.
     fn cancel_copies(&self, mut hedge: Box<Hedge<B>>) {
         if let Some(passed_over) = hedge.last.take() {
-            passed_over.count_outcome(&self.pool);
+            passed_over.count_outcome();
         }
         let cancelled = hedge.attempts.len() as u64;
         if cancelled > 0 {

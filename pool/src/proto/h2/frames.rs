@@ -71,11 +71,10 @@ pub(crate) struct ConnSignals {
     /// have sent either (gRPC's PING policy resets its strikes then), so keepalive counts the
     /// PINGs it sends between two changes of this.
     data_frames: AtomicU64,
-    /// PINGs sent since `data_frames` read `pings_mark`: every PING of ours (keepalive, the
-    /// check before use, the one after a deadline) counts against the server's PING policy
-    /// until the server sends DATA or HEADERS again.
-    pings_since_mark: AtomicU64,
-    pings_mark: AtomicU64,
+    /// PINGs sent since the server last sent DATA or HEADERS (the reader sets it back to 0):
+    /// every PING of ours (keepalive, the check before use, the one after a deadline) counts
+    /// against the server's PING policy until then.
+    pings_without_data: AtomicU64,
     /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS`; `u32::MAX` until it sends one
     /// (unlimited, as RFC 9113 says of a setting not yet received).
     server_max_streams: AtomicU32,
@@ -101,8 +100,7 @@ impl ConnSignals {
             pongs: AtomicU64::new(0),
             last_rtt_micros: AtomicU64::new(0),
             data_frames: AtomicU64::new(0),
-            pings_since_mark: AtomicU64::new(0),
-            pings_mark: AtomicU64::new(0),
+            pings_without_data: AtomicU64::new(0),
             server_max_streams: AtomicU32::new(u32::MAX),
             settings_seen: AtomicBool::new(false),
             limit_raised: AtomicBool::new(false),
@@ -123,22 +121,13 @@ impl ConnSignals {
     /// counts as a PING without data until the server sends some.
     pub(crate) fn ping_sent_now(&self) {
         self.ping_sent.set_now();
-        let data = self.data_frames();
-        if self.pings_mark.swap(data, Ordering::AcqRel) == data {
-            self.pings_since_mark.fetch_add(1, Ordering::AcqRel);
-        } else {
-            self.pings_since_mark.store(1, Ordering::Release);
-        }
+        self.pings_without_data.fetch_add(1, Ordering::Relaxed);
     }
 
     /// PINGs sent since the server last sent DATA or HEADERS (which resets its PING
     /// policy's strikes), whoever sent them.
     pub(crate) fn pings_without_data(&self) -> u64 {
-        if self.pings_mark.load(Ordering::Acquire) == self.data_frames() {
-            self.pings_since_mark.load(Ordering::Acquire)
-        } else {
-            0
-        }
+        self.pings_without_data.load(Ordering::Relaxed)
     }
 
     /// PING acknowledgements received so far.
@@ -321,6 +310,11 @@ impl FrameReader {
             // read-modify-write on every frame.
             let seen = signals.data_frames.load(Ordering::Relaxed);
             signals.data_frames.store(seen + 1, Ordering::Relaxed);
+            // The server forgives our PINGs now. Written only when there were some, so the
+            // common frame costs a load.
+            if signals.pings_without_data.load(Ordering::Relaxed) != 0 {
+                signals.pings_without_data.store(0, Ordering::Relaxed);
+            }
         } else if self.kind == TYPE_PING && flags & FLAG_ACK != 0 {
             signals.on_pong();
         }
@@ -492,6 +486,24 @@ mod tests {
         assert_eq!(&goaway.debug_data[..], b"too_many_pings");
         assert_eq!(signals.pongs(), 1, "one PONG; the server's own PING is not one");
         assert!(signals.last_rtt().is_some());
+    }
+
+    #[test]
+    fn pings_count_until_the_server_sends_data_or_headers() {
+        let (signals, mut reader) = (ConnSignals::new(), FrameReader::default());
+        reader.feed(&settings(50), &signals);
+        signals.ping_sent_now();
+        signals.ping_sent_now();
+        // A PONG, a SETTINGS ack and the server's own PING do not forgive them.
+        reader.feed(&frame(TYPE_PING, FLAG_ACK, &[2u8; 8]), &signals);
+        reader.feed(&frame(TYPE_SETTINGS, FLAG_ACK, &[]), &signals);
+        reader.feed(&frame(TYPE_PING, 0, &[1u8; 8]), &signals);
+        assert_eq!(signals.pings_without_data(), 2);
+        reader.feed(&frame(0x0, 0x0, &[7u8; 10]), &signals); // DATA
+        assert_eq!(signals.pings_without_data(), 0);
+        signals.ping_sent_now();
+        reader.feed(&frame(0x1, 0x4, &[0x88]), &signals); // HEADERS
+        assert_eq!(signals.pings_without_data(), 0);
     }
 
     #[test]
