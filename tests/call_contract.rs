@@ -751,3 +751,50 @@ async fn a_silent_drop_under_load_is_found_one_deadline_and_one_ping_after_it_wi
     assert!(late_failures.is_empty(), "calls started after the eviction failed: {late_failures:?}");
     assert!(ok_after > 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn deadlines_passing_on_a_slow_but_live_server_stay_within_its_ping_policy() {
+    // Every call outlives its 1 s deadline on a server that answers after 60 s whatever the
+    // call's grpc-timeout says (so it never sends a frame for a call), one after another
+    // for 40 s on the clock, through a proxy enforcing the C core's default PING
+    // policy (a PING within 5 minutes of the last, with no data from the server between, is
+    // a strike; a third strike is GOAWAY). The first deadline PINGs the quiet connection, the
+    // PONG keeps it; later deadlines find a PING already spent since the server's last data
+    // and send none, and keepalive adds at most one more: no GOAWAY, the connection kept.
+    let clock = HeldClock::hold();
+    let server = FrameServer::start(Behaviour::AnswerAfter(Duration::from_secs(60))).await;
+    let target = server.uri().trim_start_matches("http://").parse().unwrap();
+    let policy = grpc_pool_testkit::PingPolicy { min_interval: Duration::from_secs(300), max_strikes: 2 };
+    let enforcer = grpc_pool_testkit::PingEnforcer::start(target, policy).await;
+    let pool = Pool::builder().build([enforcer.uri()]).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(40) {
+        let mut client = client(&pool);
+        let (outcome, _) = on_the_clock(&clock, Duration::from_secs(2), async move {
+            client.unary_echo(with_deadline(0, Duration::from_secs(1))).await
+        })
+        .await;
+        assert_eq!(outcome.unwrap_err().code(), Code::DeadlineExceeded);
+        calls += 1;
+    }
+    let stats = pool.state().statistics;
+    println!(
+        "{calls} deadlines passed: {} PINGs, at most {} without data",
+        enforcer.pings(),
+        enforcer.most_pings_without_data()
+    );
+    assert!(enforcer.pings() >= 1, "the first deadline PINGs the quiet connection");
+    assert!(
+        enforcer.most_pings_without_data() <= 2,
+        "{} PINGs without data",
+        enforcer.most_pings_without_data()
+    );
+    assert_eq!(enforcer.goaways(), 0, "the server's PING policy was broken");
+    assert_eq!(
+        stats.closed(grpc_pool::EvictionReason::PingTimeout),
+        0,
+        "an answered PING keeps it: {stats:?}"
+    );
+    assert_eq!(stats.connections_created, 1, "{stats:?}");
+}
