@@ -877,3 +877,39 @@ async fn a_health_task_that_panics_is_restarted_and_goes_on_judging_endpoints() 
     .await;
     EchoClient::new(pool.clone()).unary_echo(request(0)).await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn keepalive_goes_on_for_a_draining_member_until_its_last_stream_ends() {
+    // A call with no deadline is on a member when max_lifetime drains it; then its connection
+    // goes silent. Keepalive must go on PINGing the draining member for that call's sake and
+    // kill it, or the call waits for ever (before, the task let go of draining members).
+    let clock = HeldClock::hold();
+    let server = TestServer::start().await;
+    let relay = Relay::start(server.addr()).await;
+    // No limit on PINGs without data: the call is silent from the start, and the default
+    // two would be spent before the drop (that limit is the server's policy's business).
+    let keepalive = idle_keepalive(Duration::from_secs(1), Duration::from_secs(1));
+    let pool = Pool::builder()
+        .keepalive(Some(keepalive.clone()))
+        .max_lifetime(Some(Duration::from_secs(2)))
+        .build([relay.uri()])
+        .await
+        .unwrap();
+    let mut client = EchoClient::new(pool.clone());
+    let call = tokio::spawn(async move { client.unary_echo(request(3_600_000)).await });
+    let drained = clock
+        .advance_in_steps(Duration::from_secs(10), STEP, || {
+            pool.state().statistics.closed(EvictionReason::MaxLifetime) == 1
+        })
+        .await;
+    assert!(drained, "max_lifetime never drained the member: {:?}", pool.state());
+    assert_eq!(server.active(), 1, "the call is still on the draining member");
+    relay.freeze();
+    let found =
+        clock.advance_in_steps(keepalive.time + keepalive.timeout + SLACK, STEP, || call.is_finished()).await;
+    assert!(found, "the call on the silent draining member never ended: {:?}", pool.state());
+    let status = call.await.unwrap().expect_err("its connection died");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Counted once, for the drain that took it out of service.
+    assert_eq!(pool.state().statistics.closed(EvictionReason::MaxLifetime), 1);
+}

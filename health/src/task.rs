@@ -312,8 +312,9 @@ impl Task {
         let member = tracked.member.clone();
         let (probe, ping) = (tracked.probe, tracked.ping);
         let status = member.status();
-        if matches!(status.state, MemberState::Closed | MemberState::Draining) {
-            // Nothing more to do for it; the pool closes it when its streams end.
+        let draining = status.state == MemberState::Draining;
+        if status.state == MemberState::Closed || (draining && status.in_flight == 0) {
+            // Nothing more to do for it; the pool closes a draining one as its streams end.
             self.untrack(id);
             return;
         }
@@ -338,6 +339,10 @@ impl Task {
         let Some(tracked) = self.members.get(&id) else { return };
         let (lifetime, first_ping_after) = (tracked.lifetime, tracked.first_ping_after);
         let MemberStatus { age, idle, in_flight, since_last_read: quiet, pings_without_data, .. } = status;
+        // A draining member with streams left is only kept alive or found dead: its streams
+        // may wait on a connection that went silent (a call without a deadline would wait
+        // for ever), so keepalive goes on PINGing it until the last one ends.
+        let lifetime = lifetime.filter(|_| !draining);
 
         if let Some(lifetime) = lifetime.filter(|l| age >= *l) {
             if self.may_retire_for_lifetime(member.endpoint()) {
@@ -349,13 +354,15 @@ impl Task {
                     self.lifetime_drain
                         .insert(member.endpoint().clone(), (member.clone(), Instant::now(), ready));
                 }
-                self.untrack(id);
+                // Looked at again as a draining member: kept alive while its streams last.
+                self.reschedule(id, MIN_RECHECK);
                 return;
             }
             self.reschedule(id, RETRY_RETIREMENT);
             return;
         }
-        if let Some(idle_timeout) = self.config.eviction.idle_timeout.filter(|t| idle >= *t && in_flight == 0)
+        if let Some(idle_timeout) =
+            self.config.eviction.idle_timeout.filter(|t| idle >= *t && in_flight == 0 && !draining)
         {
             if self.ready_members(member.endpoint()) > self.monitor.min_connections() {
                 member.drain(
@@ -393,7 +400,7 @@ impl Task {
         if let Some(lifetime) = lifetime {
             next = next.min(lifetime.saturating_sub(age));
         }
-        if let Some(idle_timeout) = self.config.eviction.idle_timeout {
+        if let Some(idle_timeout) = self.config.eviction.idle_timeout.filter(|_| !draining) {
             next = next.min(idle_timeout.saturating_sub(idle).max(if in_flight > 0 {
                 idle_timeout
             } else {

@@ -106,9 +106,9 @@ impl Task {
     }
 
     /// Forgets an endpoint the pool removed. The pool drains its members before it says so:
-    /// they are no longer tracked from now (there is nothing more to do for a draining
-    /// member; the pool closes it when its streams end), and what the task kept for the
-    /// endpoint goes with the last of them. A check or `Watch` still under way for it
+    /// those without streams are no longer tracked from now, those with streams once they
+    /// end (keepalive watches them until then), and what the task kept for the endpoint goes
+    /// with the last of them. A check or `Watch` still under way for it
     /// reports to an id that is gone, and is dropped.
     pub(super) fn remove_endpoint(&mut self, endpoint: &Endpoint) {
         if let Some(id) = self.endpoint_ids.remove(endpoint) {
@@ -122,10 +122,13 @@ impl Task {
         let ids: Vec<u64> =
             self.by_endpoint.get(endpoint).map(|ids| ids.iter().copied().collect()).unwrap_or_default();
         for id in ids {
-            let drained = self
-                .members
-                .get(&id)
-                .is_some_and(|t| matches!(t.member.state(), MemberState::Closed | MemberState::Draining));
+            // A draining member with streams left stays tracked, for keepalive, until they
+            // end (`check`).
+            let drained = self.members.get(&id).is_some_and(|t| {
+                let status = t.member.status();
+                status.state == MemberState::Closed
+                    || (status.state == MemberState::Draining && status.in_flight == 0)
+            });
             if drained {
                 self.untrack(id);
             }
