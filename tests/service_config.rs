@@ -986,3 +986,40 @@ async fn a_hedged_call_whose_only_copy_is_lost_with_its_endpoint_down_fails_fast
         .expect_err("nothing can answer it");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_calls_holding_every_slot_do_not_wait_on_each_other_for_their_next_copies() {
+    // Two stream slots in all, four hedged calls, every copy answered UNAVAILABLE (non-fatal,
+    // so each call wants its next copy at once). A call whose copy has ended holds that
+    // copy's slot while it wants another: waiting for a free one there, the calls would wait
+    // on each other until their deadlines (found by the simulation, seeds 1738 and 2076).
+    // Queued instead, each call gives its slot back and all end with their last status.
+    let script = Script::new(u32::MAX, Code::Unavailable, None);
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+        "hedgingPolicy": {"maxAttempts": 3, "hedgingDelay": "60s", "nonFatalStatusCodes": ["UNAVAILABLE"]}}]}"#;
+    let pool = Pool::builder()
+        .service_config(config)
+        .max_connections(1)
+        .max_concurrent_streams(2)
+        .build([serve(&script).await])
+        .await
+        .unwrap();
+    let calls = (0..4).map(|i| {
+        let pool = pool.clone();
+        async move {
+            let mut request = tonic::Request::new(call(&format!("crowded-{i}")));
+            request.set_timeout(Duration::from_secs(60));
+            EchoClient::new(pool).unary_echo(request).await
+        }
+    });
+    let outcomes =
+        tokio::time::timeout(WAIT, join_all(calls)).await.expect("the calls end long before their deadlines");
+    for outcome in outcomes {
+        let status = outcome.expect_err("every copy fails");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    for i in 0..4 {
+        assert_eq!(script.attempts_of(&format!("crowded-{i}")).len(), 3, "each call's three copies");
+    }
+    assert_eq!(pool.state().in_flight(), 0);
+}

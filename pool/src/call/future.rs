@@ -267,7 +267,15 @@ where
         match self.open(slot, request) {
             Opened::Sent(sending) => {
                 self.state = Some(match self.method.as_ref().and_then(|m| m.hedging_policy.as_ref()) {
-                    Some(policy) => Live::Hedging(Box::new(Hedge::new(sending, policy, self.hedge_sent))),
+                    Some(policy) => {
+                        if self.hedge_sent > 0 {
+                            // A later copy of the call (sent again after its copies were
+                            // lost, or queued for a slot): a hedge like any other.
+                            self.hedged += 1;
+                            self.pool.count_hedges("sent", 1);
+                        }
+                        Live::Hedging(Box::new(Hedge::new(sending, policy, self.hedge_sent)))
+                    }
                     None => Live::Sending(sending),
                 });
                 Step::Continue(())

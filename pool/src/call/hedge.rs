@@ -51,8 +51,6 @@ pub(super) struct Hedge<B> {
     timer: Option<Pin<Box<Sleep>>>,
     /// Copies sent so far, the first included (and those of the call's earlier hedges).
     pub(super) sent: u32,
-    /// The number of this hedge's first copy: a later one that wins counts as a hedge won.
-    pub(super) first: u32,
     max_attempts: u32,
     delay: Duration,
     non_fatal: Vec<Code>,
@@ -71,7 +69,6 @@ impl<B> Hedge<B> {
             copy: None,
             timer: Some(Box::pin(tokio::time::sleep(policy.hedging_delay))),
             sent: sent_before + 1,
-            first: sent_before,
             max_attempts: policy.max_attempts,
             delay: policy.hedging_delay,
             non_fatal: policy.non_fatal_status_codes.clone(),

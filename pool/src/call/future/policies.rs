@@ -117,6 +117,13 @@ where
                     if self.send_copy(&mut hedge, head, body) || !hedge.can_send_more() {
                         continue;
                     }
+                    if let Some((head, body)) = hedge.next_copy().filter(|_| hedge.attempts.is_empty()) {
+                        // No copy out and no slot free now: the next copy queues as any call
+                        // does (its deadline, wait-for-ready and failing fast hold there),
+                        // and the copy set aside gives its slot back meanwhile. Waiting here
+                        // on it instead, calls that hold every slot would wait on each other.
+                        return Some(self.queue_next_copy(hedge, head, body));
+                    }
                 }
                 hedge.wait(cx);
             }
@@ -164,10 +171,20 @@ where
     /// cancelled (dropped, which resets their streams).
     fn hedge_over(&mut self, hedge: Box<Hedge<B>>, winner: Option<u32>) {
         self.hedge_sent = hedge.sent;
-        if winner.is_some_and(|copy| copy != hedge.first) {
+        if winner.is_some_and(|copy| copy > 0) {
             self.pool.count_hedges("won", 1);
         }
         self.cancel_copies(hedge);
+    }
+
+    /// Puts the hedged call back in the checkout queue for its next copy, which then starts
+    /// a hedge of its own, counting on from this one's copies.
+    fn queue_next_copy(&mut self, hedge: Box<Hedge<B>>, mut head: Head, body: Recording) -> Step {
+        self.hedge_sent = hedge.sent;
+        retry::set_previous_attempts(&mut head, hedge.sent);
+        self.cancel_copies(hedge);
+        self.state = Some(Live::checkout(rebuild(head, CallBody::replay(body, None))));
+        Step::Continue(())
     }
 }
 
