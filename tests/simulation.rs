@@ -3,8 +3,8 @@
 //! one seed, and the pool's invariants checked on every run.
 //!
 //! `cargo test --all-features --test simulation` runs a batch of seeds
-//! (`GRPC_POOL_SIM_SEEDS`, from `GRPC_POOL_SIM_FROM`); a failing seed prints the command
-//! that replays it with its trace. `scripts/simulate` runs long batches. What runs and what
+//! (`GRPC_POOL_SIM_SEEDS`, from `GRPC_POOL_SIM_FROM`; `GRPC_POOL_SIM_DUMP=dir` writes every
+//! seed's trace there); a failing seed prints the command that replays it with its trace. `scripts/simulate` runs long batches. What runs and what
 //! cannot run under simulation: README, "Simulation".
 
 #[path = "simulation/check.rs"]
@@ -29,8 +29,9 @@ use std::time::Instant;
 
 /// Seeds in the CI batch, unless `GRPC_POOL_SIM_SEEDS` says otherwise.
 const CI_SEEDS: u64 = 500;
-/// Threads the batch runs seeds on (each simulation runs on one thread).
-const THREADS: usize = 2;
+/// Threads the batch runs seeds on (each simulation runs on one thread), unless
+/// `GRPC_POOL_SIM_THREADS` says otherwise.
+const THREADS: u64 = 2;
 /// The seed the trace-equality test runs twice, unless `GRPC_POOL_SIM_SEED` names one.
 const TRACE_SEED: u64 = 26;
 /// Seeds that once failed, kept as regressions: (seed, what it caught).
@@ -39,6 +40,10 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[];
 fn env_u64(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;
     Some(value.trim().parse().unwrap_or_else(|_| panic!("{name}={value} is not a number")))
+}
+
+fn threads() -> u64 {
+    env_u64("GRPC_POOL_SIM_THREADS").unwrap_or(THREADS).max(1)
 }
 
 fn replay_command(seed: u64) -> String {
@@ -67,13 +72,17 @@ fn batch_of(seeds: Vec<u64>) -> Vec<(u64, Vec<String>)> {
     let next = AtomicU64::new(0);
     let failed = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
-        for _ in 0..THREADS {
+        for _ in 0..threads() {
             std::thread::Builder::new()
                 .stack_size(16 << 20)
                 .spawn_scoped(scope, || loop {
                     let n = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(&seed) = seeds.get(n) else { return };
-                    let (violations, _) = violations(seed);
+                    let (violations, run) = violations(seed);
+                    if let (Some(dir), Some(run)) = (std::env::var_os("GRPC_POOL_SIM_DUMP"), run) {
+                        let path = std::path::Path::new(&dir).join(format!("seed-{seed}.trace"));
+                        std::fs::write(&path, run.journal.render()).expect("write the trace");
+                    }
                     if !violations.is_empty() {
                         failed.lock().unwrap().push((seed, violations));
                     }
@@ -106,8 +115,9 @@ fn batch() {
     let failed = batch_of((from..from + count).collect());
     let took = started.elapsed();
     eprintln!(
-        "simulation: {count} seeds from {from} in {took:.1?} ({:.1?} a seed on {THREADS} threads), {} failed",
+        "simulation: {count} seeds from {from} in {took:.1?} ({:.1?} a seed on {} threads), {} failed",
         took / count.max(1) as u32,
+        threads(),
         failed.len()
     );
     assert!(failed.is_empty(), "{} of {count} seeds failed:\n{}", failed.len(), report(&failed));

@@ -156,7 +156,13 @@ pub struct CallPlan {
     pub wait_for_ready: Option<bool>,
     /// The caller drops the call (future or body) this long after it started.
     pub drop_after: Option<Duration>,
+    /// Bytes in the request's message, echoed in every response message.
+    pub size: usize,
 }
+
+/// The message size of streams without pause: big messages keep the number of frames,
+/// and so the simulation's cost, down while the server keeps data ready.
+pub const ENDLESS_MESSAGE: usize = 32 << 10;
 
 /// An endpoint set change, at a time: insert (true) or remove server `index`.
 #[derive(Debug, Clone)]
@@ -208,6 +214,21 @@ impl Plan {
         };
         let hedged = matches!(policy, Policy::Hedge { .. });
 
+        // An outage of every server, from a moment until the heal (a third of the seeds):
+        // the recovery check then measures a real recovery.
+        let outage = (rng.u32(0..3) == 0).then(|| {
+            let fault = match rng.u32(0..6) {
+                0 => Fault::Partition,
+                1 => Fault::Hold,
+                2 if !(hedged && KNOWN_HOLE_HEDGE_RESEND) => Fault::Crash,
+                3 if !(hedged && KNOWN_HOLE_HEDGE_RESEND) => Fault::Shutdown,
+                4 => Fault::NotServing,
+                _ => Fault::Unavailable { pushback_ms: 0 },
+            };
+            (fault, millis(&mut rng, 4000..=6500))
+        });
+        let faults_end = outage.map_or(HEAL_AT, |(_, from)| from);
+
         // Faults: at most one at a time per server.
         let mut faults = Vec::new();
         let mut order: Vec<usize> = (0..servers).collect();
@@ -237,8 +258,15 @@ impl Plan {
                 other => other,
             };
             let from = millis(&mut rng, 300..=5500);
-            let until = (from + millis(&mut rng, 200..=3000)).min(HEAL_AT);
-            faults.push(FaultPlan { server, fault, from, until });
+            let until = (from + millis(&mut rng, 200..=3000)).min(faults_end);
+            if from < until {
+                faults.push(FaultPlan { server, fault, from, until });
+            }
+        }
+        if let Some((fault, from)) = outage {
+            for server in 0..servers {
+                faults.push(FaultPlan { server, fault, from, until: HEAL_AT });
+            }
         }
 
         // Discovery: some servers join later; some leave and come back.
@@ -262,10 +290,10 @@ impl Plan {
         discovery.sort_by_key(|d| d.at);
 
         let mut calls = Vec::new();
-        let count = rng.u64(10..=40);
+        let count = rng.u64(20..=100);
         for id in 1..=count {
             let at = millis(&mut rng, 50..=WORKLOAD_END.as_millis() as u64 - 1);
-            let endless = rng.u32(0..20) == 0;
+            let endless = rng.u32(0..30) == 0;
             let shape = if endless {
                 Shape::Stream { repeat: u32::MAX }
             } else if rng.u32(0..10) < 4 {
@@ -289,12 +317,13 @@ impl Plan {
                 // Never without an end: a deadline, or a caller that gives up.
                 if KNOWN_HOLE_BODY_DEADLINE {
                     deadline = None;
-                    drop_after = Some(millis(&mut rng, 20..=800));
+                    drop_after = Some(millis(&mut rng, 20..=300));
                 } else if deadline.is_none() && drop_after.is_none() {
-                    deadline = Some(millis(&mut rng, 50..=800));
+                    deadline = Some(millis(&mut rng, 20..=300));
                 }
             }
-            calls.push(CallPlan { id, at, shape, delay_ms, deadline, wait_for_ready, drop_after });
+            let size = if endless { ENDLESS_MESSAGE } else { 16 };
+            calls.push(CallPlan { id, at, shape, delay_ms, deadline, wait_for_ready, drop_after, size });
         }
         calls.sort_by_key(|c| (c.at, c.id));
 
