@@ -9,7 +9,7 @@ use super::trace::Journal;
 
 /// The server-side ledger: a handler runs a call more than once only under a retry or
 /// hedging policy, and never more often than the policy's attempts (at most 5).
-pub fn ledger(plan: &Plan, journal: &Journal) {
+pub fn ledger(plan: &Plan, journal: &Journal, at: std::time::Duration) {
     let allowed = plan.pool.policy.runs_allowed();
     let mut runs: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for (id, server, attempt) in journal.ledger() {
@@ -17,7 +17,8 @@ pub fn ledger(plan: &Plan, journal: &Journal) {
     }
     for (id, runs) in runs {
         if runs.len() > allowed {
-            journal.violation(
+            journal.violation_at(
+                at,
                 "ledger",
                 format!(
                     "call {id} ran {} times under {:?} (at most {allowed}): {}",
@@ -56,7 +57,9 @@ pub fn statistics(_plan: &Plan, stats: &Statistics, journal: &Journal) {
     if by_reason != stats.retries {
         journal.violation("statistics", format!("{} resends, but {by_reason} by reason", stats.retries));
     }
-    if stats.hedges_won + stats.hedges_cancelled > stats.hedges_sent + stats.checkouts_direct + stats.checkouts_waited {
+    if stats.hedges_won + stats.hedges_cancelled
+        > stats.hedges_sent + stats.checkouts_direct + stats.checkouts_waited
+    {
         journal.violation("statistics", "more hedged copies won or cancelled than were sent");
     }
 }

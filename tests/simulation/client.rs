@@ -2,7 +2,7 @@
 //! workload's calls, the state sampler, the recovery probe after the heal, and the checks
 //! at the close.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,8 +28,8 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(20);
 /// Longest `Pool::close` may take once every call has ended.
 const CLOSE_BOUND: Duration = Duration::from_secs(5);
 
-/// The calls not ended yet, for the report when a run never finishes.
-pub type Open = Arc<Mutex<BTreeSet<u64>>>;
+/// The calls not ended yet (id, start, deadline), for the report when a run never finishes.
+pub type Open = Arc<Mutex<BTreeMap<u64, (Duration, Option<Duration>)>>>;
 
 fn builder(plan: &Plan) -> grpc_pool::Builder {
     let mut keepalive = Keepalive::new(KEEPALIVE_TIME, KEEPALIVE_TIMEOUT);
@@ -76,7 +76,8 @@ pub async fn workload(
     let base = Instant::now();
     let initial: Vec<String> = plan.initial.iter().map(|&s| server_uri(s)).collect();
     let pool = builder(&plan).build_lazy(&initial)?;
-    let stream = futures_util::stream::unfold(changes, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let stream =
+        futures_util::stream::unfold(changes, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     pool.discover(stream);
 
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -112,6 +113,7 @@ pub async fn workload(
             wait_for_ready: Some(true),
             drop_after: None,
             size: 16,
+            read_pause: None,
         };
         let ok = run_call(pool.clone(), probe, journal.clone(), open.clone()).await;
         if ok {
@@ -129,7 +131,10 @@ pub async fn workload(
         }
         Some(at) => journal.violation(
             "recovery",
-            format!("the first call to succeed after the heal ended {:?} after it (bound {RECOVERY_BOUND:?})", at - healed),
+            format!(
+                "the first call to succeed after the heal ended {:?} after it (bound {RECOVERY_BOUND:?})",
+                at - healed
+            ),
         ),
         None => journal.violation(
             "recovery",
@@ -145,7 +150,10 @@ pub async fn workload(
 
     journal.note("closing the pool");
     if tokio::time::timeout(CLOSE_BOUND, pool.close()).await.is_err() {
-        journal.violation("close", format!("Pool::close did not return within {CLOSE_BOUND:?} of the last call's end"));
+        journal.violation(
+            "close",
+            format!("Pool::close did not return within {CLOSE_BOUND:?} of the last call's end"),
+        );
     }
     let state = pool.state();
     journal.note(format!(
@@ -182,6 +190,7 @@ async fn sample(
     let mut reported = false;
     while on.load(std::sync::atomic::Ordering::Relaxed) {
         let state = pool.state();
+        journal.set_last_state(summary(&state));
         for endpoint in &state.endpoints {
             let listed = endpoint
                 .members
@@ -192,7 +201,10 @@ async fn sample(
                 reported = true;
                 journal.violation(
                     "max-connections",
-                    format!("{} has {listed} members not draining (max_connections {max_connections})", endpoint.endpoint),
+                    format!(
+                        "{} has {listed} members not draining (max_connections {max_connections})",
+                        endpoint.endpoint
+                    ),
                 );
             }
             for member in &endpoint.members {
@@ -212,6 +224,34 @@ async fn sample(
     }
 }
 
+/// The pool's endpoints and members in a line.
+fn summary(state: &grpc_pool::State) -> String {
+    let endpoints: Vec<String> = state
+        .endpoints
+        .iter()
+        .map(|e| {
+            let members: Vec<String> = e
+                .members
+                .iter()
+                .map(|m| format!("#{} {:?} {} streams", m.id, m.state, m.in_flight))
+                .collect();
+            format!(
+                "{} ({}, {} connecting): [{}]",
+                e.endpoint,
+                if e.healthy { "healthy" } else { "unhealthy" },
+                e.connecting,
+                members.join(", ")
+            )
+        })
+        .collect();
+    format!(
+        "open connections {}, waiters {}; {}",
+        state.open_connections,
+        state.waiters,
+        endpoints.join("; ")
+    )
+}
+
 /// How a call ended.
 enum Ended {
     Ok { messages: u64 },
@@ -222,10 +262,10 @@ enum Ended {
 /// Runs one call as planned, writes its start and end into the journal and checks its
 /// deadline; true if it succeeded.
 async fn run_call(pool: Pool, call: CallPlan, journal: Journal, open: Open) -> bool {
-    open.lock().unwrap_or_else(|e| e.into_inner()).insert(call.id);
+    open.lock().unwrap_or_else(|e| e.into_inner()).insert(call.id, (now(), call.deadline));
     journal.note(format!(
-        "call {} starts: {:?} of {} bytes, server delay {}ms, deadline {:?}, wait_for_ready {:?}, dropped after {:?}",
-        call.id, call.shape, call.size, call.delay_ms, call.deadline, call.wait_for_ready, call.drop_after
+        "call {} starts: {:?} of {} bytes, server delay {}ms, deadline {:?}, wait_for_ready {:?}, dropped after {:?}, read pause {:?}",
+        call.id, call.shape, call.size, call.delay_ms, call.deadline, call.wait_for_ready, call.drop_after, call.read_pause
     ));
     let started = Instant::now();
     let attempt = perform(pool, &call);
@@ -274,8 +314,11 @@ async fn perform(pool: Pool, call: &CallPlan) -> Ended {
         Shape::Unary => 0,
         Shape::Stream { repeat } => repeat,
     };
-    let mut request =
-        tonic::Request::new(EchoRequest { message: Bytes::from(vec![b's'; call.size]), repeat, delay_ms: call.delay_ms });
+    let mut request = tonic::Request::new(EchoRequest {
+        message: Bytes::from(vec![b's'; call.size]),
+        repeat,
+        delay_ms: call.delay_ms,
+    });
     request.metadata_mut().insert(CALL_ID, call.id.to_string().parse().expect("digits"));
     if let Some(deadline) = call.deadline {
         request.set_timeout(deadline);
@@ -296,7 +339,12 @@ async fn perform(pool: Pool, call: &CallPlan) -> Ended {
             let mut messages = 0;
             loop {
                 match stream.message().await {
-                    Ok(Some(_)) => messages += 1,
+                    Ok(Some(_)) => {
+                        messages += 1;
+                        if let Some(pause) = call.read_pause {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
                     Ok(None) => return Ended::Ok { messages },
                     Err(status) => return Ended::Failed(status),
                 }

@@ -14,8 +14,10 @@ use turmoil::net::{TcpListener, TcpStream};
 /// the host named `server-3`. TCP socket options (TCP_NODELAY, TCP_USER_TIMEOUT, keepalive,
 /// local address) are the connector's business and turmoil has none, so none is simulated.
 pub fn connector(
-) -> impl tower_service::Service<http::Uri, Response = TcpStream, Error = io::Error, Future: Send> + Clone + Send + Sync
-{
+) -> impl tower_service::Service<http::Uri, Response = TcpStream, Error = io::Error, Future: Send>
+       + Clone
+       + Send
+       + Sync {
     tower::service_fn(|uri: http::Uri| async move {
         let host = uri.host().ok_or_else(|| io::Error::other(format!("no host in {uri}")))?.to_owned();
         let port = uri.port_u16().unwrap_or(80);
@@ -33,7 +35,11 @@ impl Connected for Accepted {
 }
 
 impl AsyncRead for Accepted {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }

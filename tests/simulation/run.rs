@@ -14,7 +14,11 @@ use super::trace::Journal;
 
 /// Something the driver does at a moment of simulated time.
 enum Action {
-    Fault { server: usize, fault: Fault, on: bool },
+    Fault {
+        server: usize,
+        fault: Fault,
+        on: bool,
+    },
     Discover(Discovery),
     /// Everything back: every server listed, running and reachable.
     HealAll,
@@ -23,7 +27,6 @@ enum Action {
 /// What a run leaves: its journal (trace, ledger, violations).
 pub struct Run {
     pub journal: Journal,
-    pub plan: Plan,
 }
 
 pub fn run(seed: u64) -> Run {
@@ -54,8 +57,16 @@ pub fn run(seed: u64) -> Run {
 
     let mut actions: Vec<(Duration, usize, Action)> = Vec::new();
     for fault in &plan.faults {
-        actions.push((fault.from, actions.len(), Action::Fault { server: fault.server, fault: fault.fault, on: true }));
-        actions.push((fault.until, actions.len(), Action::Fault { server: fault.server, fault: fault.fault, on: false }));
+        actions.push((
+            fault.from,
+            actions.len(),
+            Action::Fault { server: fault.server, fault: fault.fault, on: true },
+        ));
+        actions.push((
+            fault.until,
+            actions.len(),
+            Action::Fault { server: fault.server, fault: fault.fault, on: false },
+        ));
     }
     for change in &plan.discovery {
         actions.push((change.at, actions.len(), Action::Discover(change.clone())));
@@ -75,15 +86,28 @@ pub fn run(seed: u64) -> Run {
             let t = sim.elapsed();
             match action {
                 Action::Fault { server, fault, on } => {
-                    journal.at(t, format!("fault {} {fault:?} on {}", if on { "starts" } else { "ends" }, ctls[server].name));
+                    journal.at(
+                        t,
+                        format!(
+                            "fault {} {fault:?} on {}",
+                            if on { "starts" } else { "ends" },
+                            ctls[server].name
+                        ),
+                    );
                     apply(&mut sim, &plan, &ctls[server], fault, on, &mut down[server]);
                 }
                 Action::Discover(change) => {
                     let uri = server_uri(change.server);
-                    journal.at(t, format!("discovery {} {uri}", if change.insert { "inserts" } else { "removes" }));
+                    journal.at(
+                        t,
+                        format!("discovery {} {uri}", if change.insert { "inserts" } else { "removes" }),
+                    );
                     listed[change.server] = change.insert;
-                    let change =
-                        if change.insert { Change::Insert(change.server, uri) } else { Change::Remove(change.server) };
+                    let change = if change.insert {
+                        Change::Insert(change.server, uri)
+                    } else {
+                        Change::Remove(change.server)
+                    };
                     let _ = changes.send(Ok(change));
                 }
                 Action::HealAll => {
@@ -105,22 +129,40 @@ pub fn run(seed: u64) -> Run {
             Ok(true) => break,
             Ok(false) => {}
             Err(error) => {
-                journal.violation("simulation", format!("the simulation failed at {:?}: {error}", sim.elapsed()));
+                journal.violation_at(
+                    sim.elapsed(),
+                    "simulation",
+                    format!("the simulation failed at {:?}: {error}", sim.elapsed()),
+                );
                 break;
             }
         }
         if sim.elapsed() > HORIZON {
             let open = open.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            journal.violation(
+            let ids: Vec<u64> = open.keys().copied().collect();
+            journal.violation_at(
+                sim.elapsed(),
                 "every-call-ends",
-                format!("the client had not finished after {HORIZON:?}; calls not ended: {open:?}"),
+                format!(
+                    "the client had not finished after {HORIZON:?}; calls not ended: {ids:?}; the pool: {}",
+                    journal.last_state()
+                ),
             );
+            for (id, (started, deadline)) in open {
+                if let Some(deadline) = deadline {
+                    journal.violation_at(
+                        sim.elapsed(),
+                        "deadline",
+                        format!("call {id}, started at {started:?} with a deadline of {deadline:?}, has not ended"),
+                    );
+                }
+            }
             break;
         }
     }
-    super::check::ledger(&plan, &journal);
+    super::check::ledger(&plan, &journal, sim.elapsed());
     drop(sim);
-    Run { journal, plan }
+    Run { journal }
 }
 
 /// Starts (`on`) or ends a fault on one server.
@@ -130,7 +172,9 @@ fn apply(sim: &mut turmoil::Sim<'_>, plan: &Plan, ctl: &ServerCtl, fault: Fault,
         (Fault::Partition, true) => sim.partition("client", name),
         (Fault::PartitionToServer, true) => sim.partition_oneway("client", name),
         (Fault::PartitionToClient, true) => sim.partition_oneway(name, "client"),
-        (Fault::Partition | Fault::PartitionToServer | Fault::PartitionToClient, false) => sim.repair("client", name),
+        (Fault::Partition | Fault::PartitionToServer | Fault::PartitionToClient, false) => {
+            sim.repair("client", name)
+        }
         (Fault::Hold, true) => sim.hold("client", name),
         (Fault::Hold, false) => sim.release("client", name),
         (Fault::Crash, true) => {

@@ -95,7 +95,11 @@ impl SimEcho {
     /// Writes the call into the ledger and the trace; returns the extra delay to add.
     fn handled<T>(&self, request: &Request<T>, method: &str) -> u32 {
         let metadata = request.metadata();
-        let id = metadata.get(CALL_ID).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
+        let id = metadata
+            .get(CALL_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
         let attempt = metadata
             .get("grpc-previous-rpc-attempts")
             .and_then(|v| v.to_str().ok())
@@ -112,7 +116,9 @@ impl SimEcho {
         let mut status = Status::unavailable(format!("{} is unavailable (simulated)", self.ctl.name));
         let pushback = self.ctl.pushback_ms.load(Ordering::Relaxed);
         if pushback > 0 {
-            status.metadata_mut().insert("grpc-retry-pushback-ms", pushback.to_string().parse().expect("digits"));
+            status
+                .metadata_mut()
+                .insert("grpc-retry-pushback-ms", pushback.to_string().parse().expect("digits"));
         }
         Some(status)
     }

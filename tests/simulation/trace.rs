@@ -16,6 +16,8 @@ struct Inner {
     /// (call id, server, attempt number the server was told), one per handler run.
     ledger: Vec<(u64, String, u32)>,
     violations: Vec<String>,
+    /// The pool's state as the sampler last saw it (not a trace line: for reports).
+    last_state: String,
 }
 
 /// Simulated time now, as the host running the caller sees it (the driver passes its own).
@@ -47,9 +49,22 @@ impl Journal {
 
     /// An invariant failed: `check` is its name.
     pub fn violation(&self, check: &str, what: impl AsRef<str>) {
+        self.violation_at(now(), check, what);
+    }
+
+    /// An invariant failed, as the driver (outside the hosts) saw it at `at`.
+    pub fn violation_at(&self, at: Duration, check: &str, what: impl AsRef<str>) {
         let line = format!("[{check}] {}", what.as_ref());
-        self.note(format!("VIOLATION {line}"));
+        self.at(at, format!("VIOLATION {line}"));
         self.inner().violations.push(line);
+    }
+
+    pub fn set_last_state(&self, state: String) {
+        self.inner().last_state = state;
+    }
+
+    pub fn last_state(&self) -> String {
+        self.inner().last_state.clone()
     }
 
     pub fn violations(&self) -> Vec<String> {
