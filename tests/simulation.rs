@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 /// Seeds in the CI batch, unless `GRPC_POOL_SIM_SEEDS` says otherwise.
-const CI_SEEDS: u64 = 500;
+const CI_SEEDS: u64 = 400;
 /// Threads the batch runs seeds on (each simulation runs on one thread), unless
 /// `GRPC_POOL_SIM_THREADS` says otherwise.
 const THREADS: u64 = 2;
@@ -36,7 +36,10 @@ const THREADS: u64 = 2;
 /// between them every kind of fault, policy and call.
 const TRACE_SEEDS: &[u64] = &[26, 44, 68, 82, 97];
 /// Seeds that once failed, kept as regressions: (seed, what it caught).
-const REGRESSION_SEEDS: &[(u64, &str)] = &[];
+const REGRESSION_SEEDS: &[(u64, &str)] = &[(
+    82,
+    "statistics: a connection that ended between its handshake and its listing (every server crashed) was counted as opened, never as closed",
+)];
 
 fn env_u64(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;

@@ -356,6 +356,32 @@ impl Plan {
                 read_pause,
             });
         }
+        // A burst of short calls around each crash and graceful shutdown, so that some are
+        // on their way when the connection goes (resends of calls the server never saw).
+        let mut id = count + 1;
+        for fault in &faults {
+            if !matches!(fault.fault, Fault::Crash | Fault::Shutdown) {
+                continue;
+            }
+            for _ in 0..rng.usize(4..=10) {
+                let at = fault.from.saturating_sub(Duration::from_millis(15)) + millis(&mut rng, 0..=30);
+                let deadline = rng.bool().then(|| millis(&mut rng, 50..=1000));
+                let wait_for_ready = rng.bool().then(|| rng.bool());
+                let delay_ms = rng.u32(0..=100);
+                calls.push(CallPlan {
+                    id,
+                    at,
+                    shape: Shape::Unary,
+                    delay_ms,
+                    deadline,
+                    wait_for_ready,
+                    drop_after: None,
+                    size: 16,
+                    read_pause: None,
+                });
+                id += 1;
+            }
+        }
         calls.sort_by_key(|c| (c.at, c.id));
 
         Plan { seed, servers, initial, latency: millis(&mut rng, 1..=5), pool, faults, discovery, calls }
