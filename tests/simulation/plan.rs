@@ -37,6 +37,14 @@ pub const KNOWN_HOLE_HEDGE_RESEND: bool = true;
 /// partition starts, and the FIN is lost), a call without a deadline hangs for good. While
 /// set, faults on single servers end 100 ms before an outage of every server starts.
 pub const KNOWN_HOLE_DRAINING_UNWATCHED: bool = true;
+/// (Found by this simulation, seeds 1738 and 2076 with the flag off.) A hedged call whose
+/// copies all ended with a non-fatal status keeps the last one with its stream slot
+/// (`pool/src/call/hedge.rs`, `Hedge::last`) and tries for a free slot every `hedgingDelay`
+/// with no bound but its deadline (`call/future/policies.rs`, `poll_hedge`/`send_copy`):
+/// when such calls (and health checks' streams) hold every slot, none ever gets one and
+/// calls without a deadline hang for good. While set, every call under a hedging policy
+/// has a deadline.
+pub const KNOWN_HOLE_HEDGE_KEPT_SLOT: bool = true;
 
 /// The pool's keepalive: PINGs after this much quiet (every member, idle ones too) ...
 pub const KEEPALIVE_TIME: Duration = Duration::from_millis(1000);
@@ -329,6 +337,9 @@ impl Plan {
                 1 => Some(false),
                 _ => None,
             };
+            if hedged && KNOWN_HOLE_HEDGE_KEPT_SLOT && deadline.is_none() {
+                deadline = Some(millis(&mut rng, 50..=2000));
+            }
             let mut drop_after = (rng.u32(0..10) == 0).then(|| millis(&mut rng, 0..=800));
             if endless {
                 // Never without an end: a deadline, or a caller that gives up.
@@ -365,7 +376,8 @@ impl Plan {
             }
             for _ in 0..rng.usize(4..=10) {
                 let at = fault.from.saturating_sub(Duration::from_millis(15)) + millis(&mut rng, 0..=30);
-                let deadline = rng.bool().then(|| millis(&mut rng, 50..=1000));
+                let deadline = (rng.bool() || (hedged && KNOWN_HOLE_HEDGE_KEPT_SLOT))
+                    .then(|| millis(&mut rng, 50..=1000));
                 let wait_for_ready = rng.bool().then(|| rng.bool());
                 let delay_ms = rng.u32(0..=100);
                 calls.push(CallPlan {
