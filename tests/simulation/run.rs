@@ -77,6 +77,9 @@ pub fn run(seed: u64) -> Run {
 
     let mut listed: Vec<bool> = (0..plan.servers).map(|s| plan.initial.contains(&s)).collect();
     let mut down: Vec<bool> = vec![false; plan.servers];
+    // Crashes and restarts wait one tick after the host's connections were closed (see
+    // `net::Connections`).
+    let mut deferred: Vec<(usize, Host)> = Vec::new();
     loop {
         while let Some((at, _, _)) = actions.peek() {
             if *at > sim.elapsed() {
@@ -94,7 +97,9 @@ pub fn run(seed: u64) -> Run {
                             ctls[server].name
                         ),
                     );
-                    apply(&mut sim, &plan, &ctls[server], fault, on, &mut down[server]);
+                    if let Some(host) = apply(&sim, &plan, &ctls[server], fault, on, &mut down[server]) {
+                        deferred.push((server, host));
+                    }
                 }
                 Action::Discover(change) => {
                     let uri = server_uri(change.server);
@@ -114,7 +119,8 @@ pub fn run(seed: u64) -> Run {
                     journal.at(t, "heal: every server listed, running, healthy and reachable");
                     for (server, ctl) in ctls.iter().enumerate() {
                         if down[server] {
-                            sim.bounce(ctl.name.as_str());
+                            ctl.connections.close_all();
+                            deferred.push((server, Host::Bounce));
                             down[server] = false;
                         }
                         if !listed[server] {
@@ -125,7 +131,15 @@ pub fn run(seed: u64) -> Run {
                 }
             }
         }
-        match sim.step() {
+        let due = std::mem::take(&mut deferred);
+        let stepped = sim.step();
+        for (server, host) in due {
+            match host {
+                Host::Crash => sim.crash(ctls[server].name.as_str()),
+                Host::Bounce => sim.bounce(ctls[server].name.as_str()),
+            }
+        }
+        match stepped {
             Ok(true) => break,
             Ok(false) => {}
             Err(error) => {
@@ -165,8 +179,23 @@ pub fn run(seed: u64) -> Run {
     Run { journal }
 }
 
-/// Starts (`on`) or ends a fault on one server.
-fn apply(sim: &mut turmoil::Sim<'_>, plan: &Plan, ctl: &ServerCtl, fault: Fault, on: bool, down: &mut bool) {
+/// What the driver does to a host one tick after closing its connections.
+#[derive(Clone, Copy)]
+enum Host {
+    Crash,
+    Bounce,
+}
+
+/// Starts (`on`) or ends a fault on one server; returns a crash or restart to make a tick
+/// later.
+fn apply(
+    sim: &turmoil::Sim<'_>,
+    plan: &Plan,
+    ctl: &ServerCtl,
+    fault: Fault,
+    on: bool,
+    down: &mut bool,
+) -> Option<Host> {
     let name = ctl.name.as_str();
     match (fault, on) {
         (Fault::Partition, true) => sim.partition("client", name),
@@ -178,8 +207,9 @@ fn apply(sim: &mut turmoil::Sim<'_>, plan: &Plan, ctl: &ServerCtl, fault: Fault,
         (Fault::Hold, true) => sim.hold("client", name),
         (Fault::Hold, false) => sim.release("client", name),
         (Fault::Crash, true) => {
-            sim.crash(name);
+            ctl.connections.close_all();
             *down = true;
+            return Some(Host::Crash);
         }
         (Fault::Shutdown, true) => {
             ctl.shutdown.send_modify(|n| *n += 1);
@@ -187,8 +217,9 @@ fn apply(sim: &mut turmoil::Sim<'_>, plan: &Plan, ctl: &ServerCtl, fault: Fault,
         }
         (Fault::Crash | Fault::Shutdown, false) => {
             if *down {
-                sim.bounce(name);
+                ctl.connections.close_all();
                 *down = false;
+                return Some(Host::Bounce);
             }
         }
         (Fault::NotServing, on) => {
@@ -206,4 +237,5 @@ fn apply(sim: &mut turmoil::Sim<'_>, plan: &Plan, ctl: &ServerCtl, fault: Fault,
             sim.set_link_latency("client", name, latency);
         }
     }
+    None
 }

@@ -37,6 +37,8 @@ pub struct ServerCtl {
     pub serving: watch::Sender<bool>,
     /// Bumped to shut the server down gracefully (GOAWAY, calls in flight finish).
     pub shutdown: watch::Sender<u64>,
+    /// Its accepted connections, closed in order before a crash.
+    pub connections: Arc<super::net::Connections>,
 }
 
 impl ServerCtl {
@@ -48,6 +50,7 @@ impl ServerCtl {
             extra_delay_ms: AtomicU32::new(0),
             serving: watch::channel(true).0,
             shutdown: watch::channel(0).0,
+            connections: Arc::default(),
         })
     }
 }
@@ -75,7 +78,7 @@ pub async fn serve(ctl: Arc<ServerCtl>, journal: Journal) -> turmoil::Result {
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(EchoServer::new(echo))
-        .serve_with_incoming_shutdown(super::net::incoming(listener), async move {
+        .serve_with_incoming_shutdown(super::net::incoming(listener, ctl.connections.clone()), async move {
             let _ = shutdown.changed().await;
         })
         .await?;
