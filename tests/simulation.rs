@@ -172,6 +172,12 @@ fn same_seed_same_trace() {
         let first = on_a_thread(seed).journal.lines();
         for run in 2..=runs {
             let again = on_a_thread(seed).journal.lines();
+            if let Some(dir) = std::env::var_os("GRPC_POOL_SIM_DUMP") {
+                let path = std::path::Path::new(&dir).join(format!("seed-{seed}-run-{run}.trace"));
+                std::fs::write(&path, again.join("\n")).expect("write the trace");
+                let path = std::path::Path::new(&dir).join(format!("seed-{seed}-run-1.trace"));
+                std::fs::write(&path, first.join("\n")).expect("write the trace");
+            }
             if let Some(n) = (0..first.len().max(again.len())).find(|&n| first.get(n) != again.get(n)) {
                 panic!(
                     "seed {seed}: run {run}'s trace differs from the first's from line {n} on (of {} and {}):\n first:  {:?}\n run {run}: {:?}\n{}",

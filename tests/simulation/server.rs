@@ -80,6 +80,11 @@ pub async fn serve(ctl: Arc<ServerCtl>, journal: Journal) -> turmoil::Result {
         .add_service(EchoServer::new(echo))
         .serve_with_incoming_shutdown(super::net::incoming(listener, ctl.connections.clone()), async move {
             let _ = shutdown.changed().await;
+            // Half a tick later, when no segment can arrive (the network delivers at the
+            // tick's start): tonic's server `select!`s between the shutdown and its
+            // connections, in an order drawn from tokio's unseeded generator, so the two
+            // must never be ready together.
+            tokio::time::sleep(super::plan::TICK / 2).await;
         })
         .await?;
     Ok(())
