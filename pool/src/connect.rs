@@ -270,9 +270,9 @@ impl PoolInner {
         let endpoint_label = entry.label().to_owned();
         match result {
             Ok(member) => {
-                // The backoff is reset only once the member is listed (`add_member`): a
-                // server that sends GOAWAY with its SETTINGS must not reset it every time.
-                self.stats.connections_created.fetch_add(1, Ordering::Relaxed);
+                // The backoff is reset, and the connection counted in the statistics, only
+                // once the member is listed (`add_member`): a server that sends GOAWAY with
+                // its SETTINGS must not reset it every time.
                 metrics::counter!(names::CONNECTS, names::LABEL_POOL => pool_label.clone(), names::LABEL_ENDPOINT => endpoint_label.clone(), names::LABEL_RESULT => "ok").increment(1);
                 metrics::histogram!(names::CONNECT_DURATION, names::LABEL_POOL => pool_label, names::LABEL_ENDPOINT => endpoint_label).record(elapsed.as_secs_f64());
                 tracing::debug!(pool = %self.name(), endpoint = %entry.label(), member = member.id, elapsed = ?elapsed, "connection established");

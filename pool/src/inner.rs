@@ -196,6 +196,9 @@ impl PoolInner {
                 return false; // dropping it closes the connection
             }
             entry.insert(&mut locked, member.clone());
+            // Counted here, not when the handshake ends: every connection counted is then
+            // counted again when it leaves service (`count_eviction`), so the two add up.
+            self.stats.connections_created.fetch_add(1, Ordering::Relaxed);
             locked.consecutive_failures = 0;
             locked.next_attempt = None;
             locked.last_error = None;

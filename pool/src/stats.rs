@@ -68,7 +68,9 @@ pub struct Statistics {
     pub checkout_timeouts: u64,
     /// Total time waited by the checkouts that waited.
     pub checkout_wait_time: Duration,
-    /// Connections opened.
+    /// Connections opened and put in service. One that ends between its handshake and
+    /// its listing (the server closed it at once, or the pool closed) is not counted: it
+    /// counts as a failed connect in the endpoint's backoff.
     pub connections_created: u64,
     /// Connect attempts that failed.
     pub connect_failures: u64,
