@@ -36,10 +36,23 @@ const THREADS: u64 = 2;
 /// between them every kind of fault, policy and call.
 const TRACE_SEEDS: &[u64] = &[26, 44, 68, 82, 97];
 /// Seeds that once failed, kept as regressions: (seed, what it caught).
-const REGRESSION_SEEDS: &[(u64, &str)] = &[(
-    82,
-    "statistics: a connection that ended between its handshake and its listing (every server crashed) was counted as opened, never as closed",
-)];
+const REGRESSION_SEEDS: &[(u64, &str)] = &[
+    (0, "deadline: a slow reader's endless stream always had data ready, and was never cut at its deadline"),
+    (1, "deadline: the same, with another fault schedule"),
+    (
+        82,
+        "statistics: a connection that ended between its handshake and its listing (every server crashed) was counted as opened, never as closed",
+    ),
+    (469, "every-call-ends: the health task let go of a draining member, so a call on it waited for ever once its connection went silent"),
+    (1204, "every-call-ends: a call under a retry policy slept out the server's hour-long grpc-retry-pushback-ms"),
+    (1472, "every-call-ends: the same, another schedule"),
+    (1738, "every-call-ends: hedged calls holding every slot waited on each other for their next copies"),
+    (2076, "every-call-ends: the same, another schedule"),
+    (
+        659,
+        "every-call-ends: a PING given up on after a deadline stayed out on a dead connection, so keepalive never PINGed that draining member again and hedged calls on it waited for ever",
+    ),
+];
 
 fn env_u64(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;
@@ -141,6 +154,11 @@ fn replay() {
         eprintln!("replay: set GRPC_POOL_SIM_SEED to replay a seed");
         return;
     };
+    // `RUST_LOG=grpc_pool_core=debug` shows the pool's own events beside the trace.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let filter = tracing_subscriber::EnvFilter::from_default_env();
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).try_init();
+    }
     let (violations, run) = violations(seed);
     if std::env::var_os("GRPC_POOL_SIM_TRACE").is_some() {
         if let Some(run) = &run {

@@ -256,7 +256,10 @@ impl Task {
         tokio::pin!(closed);
         loop {
             __test::maybe_panic(monitor.name());
+            // `biased`: branches are looked at in this order, not a random one, so that the
+            // task does the same for the same inputs (the simulation replays seeds exactly).
             tokio::select! {
+                biased;
                 _ = &mut closed => break,
                 event = events.recv() => match event {
                     Some(event) => self.on_event(event),

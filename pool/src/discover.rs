@@ -23,9 +23,11 @@ where
     let mut discover = Box::pin(discover);
     let mut keys = Keys::default();
     loop {
+        // `biased`: a fixed order (shutdown first), the same on every run.
         let change = tokio::select! {
-            change = poll_fn(|cx| discover.as_mut().poll_discover(cx)) => change,
+            biased;
             _ = shutdown.cancelled() => return,
+            change = poll_fn(|cx| discover.as_mut().poll_discover(cx)) => change,
         };
         let Some(pool) = pool.upgrade() else { return };
         match change {

@@ -42,6 +42,7 @@ impl PoolInner {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
+                    biased;
                     _ = ticks.tick() => {}
                     _ = shutdown.cancelled() => return,
                 }

@@ -255,6 +255,11 @@ impl MemberHandle {
         self.member.upgrade().map(|m| m.signals.since_last_read()).unwrap_or_default()
     }
 
+    /// Time since the last PING on its connection went out, whoever sent it.
+    pub fn since_ping_sent(&self) -> Duration {
+        self.member.upgrade().map(|m| m.signals.since_ping_sent()).unwrap_or_default()
+    }
+
     /// Its state, in-flight streams, age, idle and quiet time, read together: one look at
     /// the member instead of one per question.
     pub fn status(&self) -> MemberStatus {

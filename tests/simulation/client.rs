@@ -49,7 +49,8 @@ fn builder(plan: &Plan) -> grpc_pool::Builder {
         .connect_timeout(CONNECT_TIMEOUT)
         .checkout_timeout(CHECKOUT_TIMEOUT)
         .keepalive(Some(keepalive))
-        .backoff(backoff);
+        .backoff(backoff)
+        .h2(h2());
     if plan.pool.health_checks {
         let mut checks = HealthCheck::service("echo.Echo");
         checks.interval = Duration::from_millis(500);
@@ -64,6 +65,16 @@ fn builder(plan: &Plan) -> grpc_pool::Builder {
         builder = builder.service_config(&json);
     }
     builder
+}
+
+/// The pool's HTTP/2 settings, with one change: `h2` keeps a reset stream's id for
+/// `reset_stream_duration` by the real clock (not tokio's), so on a busy machine a run's
+/// resets would expire at other simulated instants, and frames that arrive for them later
+/// would be taken differently: a seed would not replay. Kept for longer than any run.
+fn h2() -> grpc_pool::H2Config {
+    let mut h2 = grpc_pool::H2Config::default();
+    h2.reset_stream_duration = Duration::from_secs(3600);
+    h2
 }
 
 /// The client's software.

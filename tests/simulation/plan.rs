@@ -18,38 +18,6 @@ pub const HEAL_AT: Duration = Duration::from_secs(7);
 /// A run whose client has not finished by then fails the "every call ends" check.
 pub const HORIZON: Duration = Duration::from_secs(90);
 
-/// Known holes, being fixed elsewhere: while a flag is `true` the workload avoids the one
-/// case that trips it, so that the CI batch stays green. Flip it once the fix has landed.
-///
-/// (1) A response body whose server keeps data ready is never cut at its deadline
-/// (`pool/src/call/body.rs` checks the deadline only when the body is pending): endless
-/// streams get a caller that drops them instead of a deadline. With the flag off, the slow
-/// readers' endless streams never end (19 of seeds 0 to 39, e.g. 0, 1, 2).
-pub const KNOWN_HOLE_BODY_DEADLINE: bool = true;
-/// (2) `grpc-retry-pushback-ms` is unbounded: servers push back at most 200 ms. With the flag
-/// off, calls under a retry policy sleep out a pushback of up to an hour (seeds 1204, 1472).
-pub const KNOWN_HOLE_PUSHBACK: bool = true;
-/// (3) A hedged copy's transparent resend re-enters start() and goes over the attempts cap:
-/// seeds with a hedging policy get no GOAWAY (graceful shutdown) and no crash. Not met with
-/// the flag off: 3000 seeds with hedging and crashes or shutdowns on every server saw no
-/// resend of a hedged call at all.
-pub const KNOWN_HOLE_HEDGE_RESEND: bool = true;
-/// (Found by this simulation, seed 469 with the flag off.) The health task stops tracking a
-/// member once it drains (`health/src/task.rs`, `check`: `Draining` is untracked), so a
-/// call still streaming on a member that got a GOAWAY is never PINGed for: when its
-/// connection then dies silently (here the server is restarted at the very moment a
-/// partition starts, and the FIN is lost), a call without a deadline hangs for good. While
-/// set, faults on single servers end 100 ms before an outage of every server starts.
-pub const KNOWN_HOLE_DRAINING_UNWATCHED: bool = true;
-/// (Found by this simulation, seeds 1738 and 2076 with the flag off.) A hedged call whose
-/// copies all ended with a non-fatal status keeps the last one with its stream slot
-/// (`pool/src/call/hedge.rs`, `Hedge::last`) and tries for a free slot every `hedgingDelay`
-/// with no bound but its deadline (`call/future/policies.rs`, `poll_hedge`/`send_copy`):
-/// when such calls (and health checks' streams) hold every slot, none ever gets one and
-/// calls without a deadline hang for good. While set, every call under a hedging policy
-/// has a deadline.
-pub const KNOWN_HOLE_HEDGE_KEPT_SLOT: bool = true;
-
 /// The pool's keepalive: PINGs after this much quiet (every member, idle ones too) ...
 pub const KEEPALIVE_TIME: Duration = Duration::from_millis(1000);
 /// ... answered within this, or the member is killed.
@@ -238,7 +206,6 @@ impl Plan {
             health_checks: rng.bool(),
             policy,
         };
-        let hedged = matches!(policy, Policy::Hedge { .. });
 
         // An outage of every server, from a moment until the heal (a third of the seeds):
         // the recovery check then measures a real recovery.
@@ -246,15 +213,14 @@ impl Plan {
             let fault = match rng.u32(0..6) {
                 0 => Fault::Partition,
                 1 => Fault::Hold,
-                2 if !(hedged && KNOWN_HOLE_HEDGE_RESEND) => Fault::Crash,
-                3 if !(hedged && KNOWN_HOLE_HEDGE_RESEND) => Fault::Shutdown,
+                2 => Fault::Crash,
+                3 => Fault::Shutdown,
                 4 => Fault::NotServing,
                 _ => Fault::Unavailable { pushback_ms: 0 },
             };
             (fault, millis(&mut rng, 4000..=6500))
         });
-        let gap = if KNOWN_HOLE_DRAINING_UNWATCHED { Duration::from_millis(100) } else { Duration::ZERO };
-        let faults_end = outage.map_or(HEAL_AT, |(_, from)| from - gap);
+        let faults_end = outage.map_or(HEAL_AT, |(_, from)| from);
 
         // Faults: at most one at a time per server.
         let mut faults = Vec::new();
@@ -271,7 +237,6 @@ impl Plan {
                 5 => Fault::NotServing,
                 6 => {
                     let pushback_ms = match rng.u32(0..4) {
-                        0 if KNOWN_HOLE_PUSHBACK => rng.u64(10..=200),
                         0 => rng.u64(10..=3_600_000),
                         _ => 0,
                     };
@@ -279,12 +244,6 @@ impl Plan {
                 }
                 7 => Fault::Slow { ms: rng.u32(300..=3000) },
                 _ => Fault::Latency { ms: rng.u64(50..=400) },
-            };
-            let fault = match fault {
-                Fault::Crash | Fault::Shutdown if hedged && KNOWN_HOLE_HEDGE_RESEND => {
-                    Fault::Slow { ms: 500 }
-                }
-                other => other,
             };
             let from = millis(&mut rng, 300..=5500);
             let until = (from + millis(&mut rng, 200..=3000)).min(faults_end);
@@ -341,16 +300,10 @@ impl Plan {
                 1 => Some(false),
                 _ => None,
             };
-            if hedged && KNOWN_HOLE_HEDGE_KEPT_SLOT && deadline.is_none() {
-                deadline = Some(millis(&mut rng, 50..=2000));
-            }
-            let mut drop_after = (rng.u32(0..10) == 0).then(|| millis(&mut rng, 0..=800));
+            let drop_after = (rng.u32(0..10) == 0).then(|| millis(&mut rng, 0..=800));
             if endless {
                 // Never without an end: a deadline, or a caller that gives up.
-                if KNOWN_HOLE_BODY_DEADLINE {
-                    deadline = None;
-                    drop_after = Some(millis(&mut rng, 20..=300));
-                } else if deadline.is_none() && drop_after.is_none() {
+                if deadline.is_none() && drop_after.is_none() {
                     deadline = Some(millis(&mut rng, 20..=300));
                 }
             }
@@ -380,8 +333,7 @@ impl Plan {
             }
             for _ in 0..rng.usize(4..=10) {
                 let at = fault.from.saturating_sub(Duration::from_millis(15)) + millis(&mut rng, 0..=30);
-                let deadline = (rng.bool() || (hedged && KNOWN_HOLE_HEDGE_KEPT_SLOT))
-                    .then(|| millis(&mut rng, 50..=1000));
+                let deadline = rng.bool().then(|| millis(&mut rng, 50..=1000));
                 let wait_for_ready = rng.bool().then(|| rng.bool());
                 let delay_ms = rng.u32(0..=100);
                 calls.push(CallPlan {

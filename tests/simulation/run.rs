@@ -1,7 +1,8 @@
 //! One seed's run: the turmoil simulation of the servers and the client, driven step by
 //! step, with the plan's faults and endpoint changes applied between steps.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use grpc_pool::discover::Change;
@@ -29,7 +30,36 @@ pub struct Run {
     pub journal: Journal,
 }
 
+/// Seeds running now in this process. Two runs of one seed at once (the batch, the
+/// regressions and the trace check are tests that run side by side) would build two pools of
+/// one name, `sim-<seed>`, which the pool refuses; the name stays the seed's alone, so that
+/// it reads the same in every trace of that seed.
+static RUNNING: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+static FINISHED: Condvar = Condvar::new();
+
+/// A seed's turn to run; the next run of the same seed waits until it is dropped.
+struct SeedRunning(u64);
+
+impl SeedRunning {
+    fn wait_for(seed: u64) -> SeedRunning {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        while running.contains(&seed) {
+            running = FINISHED.wait(running).unwrap_or_else(|e| e.into_inner());
+        }
+        running.insert(seed);
+        SeedRunning(seed)
+    }
+}
+
+impl Drop for SeedRunning {
+    fn drop(&mut self) {
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.0);
+        FINISHED.notify_all();
+    }
+}
+
 pub fn run(seed: u64) -> Run {
+    let _alone = SeedRunning::wait_for(seed);
     let plan = Plan::draw(seed);
     // The pool draws its picks and jitter from fastrand's generator of this thread.
     fastrand::seed(seed);

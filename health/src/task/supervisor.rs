@@ -35,6 +35,7 @@ async fn supervise(monitor: PoolMonitor, config: HealthConfig) {
             .increment(1);
         tracing::error!(pool = %monitor.name(), panic = %what, restart_in = ?RESTART_DELAY, "the health task panicked; keepalive and health checks are down until it restarts");
         tokio::select! {
+            biased;
             _ = tokio::time::sleep(RESTART_DELAY) => {}
             _ = monitor.closed() => return,
         }

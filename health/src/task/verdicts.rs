@@ -237,6 +237,7 @@ pub(super) async fn watch_until(
         }
     };
     tokio::select! {
+        biased;
         end = watch => match end {
             WatchEnd::Ended => Watched::Ended,
             WatchEnd::Unimplemented => Watched::Unimplemented,

@@ -9,7 +9,7 @@ use tokio::task::AbortHandle;
 use super::deadline::Deadline;
 use crate::error::Error;
 use crate::member::Slot;
-use crate::proto::grpc::MessageLimit;
+use crate::proto::grpc::{MessageEnds, MessageLimit};
 use crate::service_config::RetryTokens;
 
 /// For a call under a retry policy in a pool with retry throttling: how its trailers count
@@ -60,6 +60,13 @@ pub struct ResponseBody {
     watch: Option<ThrottleWatch>,
     /// The method's `maxResponseMessageBytes`, if it has one.
     limit: Option<MessageLimit>,
+    /// For a call with a deadline: where messages end, so that data goes out one message
+    /// at a time and each is handed over only before the deadline. (A frame of small
+    /// messages handed over whole sits in the caller's decoder, which hands them out after
+    /// the deadline without polling the body again.)
+    ends: Option<MessageEnds>,
+    /// The rest of a frame after the message handed out last.
+    pending: Option<Bytes>,
 }
 
 /// What a response body carries for a call under a service config.
@@ -84,9 +91,11 @@ impl ResponseBody {
             pump,
             data_done: false,
             pool_call,
+            ends: deadline.is_some().then(MessageEnds::default),
             deadline,
             watch,
             limit,
+            pending: None,
         }
     }
 
@@ -102,6 +111,7 @@ impl ResponseBody {
         }
         self.slot = None;
         self.deadline = None;
+        self.pending = None;
     }
 
     /// The deadline passed while the response was still coming: the stream is reset
@@ -163,7 +173,7 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv.as_ref().is_none_or(|recv| recv.is_end_stream())
+        self.pending.is_none() && self.recv.as_ref().is_none_or(|recv| recv.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -177,6 +187,9 @@ impl ResponseBody {
         let Some(recv) = this.recv.as_mut() else {
             return Poll::Ready(None);
         };
+        if let Some(rest) = this.pending.take() {
+            return Poll::Ready(Some(Ok(Frame::data(this.one_message(rest)))));
+        }
         if !this.data_done {
             match recv.poll_data(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -189,7 +202,7 @@ impl ResponseBody {
                         this.finish();
                         return Poll::Ready(Some(Err(Error::message_too_large(too_large))));
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                    return Poll::Ready(Some(Ok(Frame::data(this.one_message(data)))));
                 }
                 Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(this.fail(err)))),
                 Poll::Ready(None) => this.data_done = true,
@@ -221,6 +234,20 @@ impl ResponseBody {
             }
             Poll::Ready(Err(err)) => Poll::Ready(Some(Err(this.fail(err)))),
         }
+    }
+}
+
+impl ResponseBody {
+    /// Of `data`, what goes out now: up to the end of the first message that ends in it
+    /// when the call has a deadline (the rest waits in `pending`), else all of it.
+    fn one_message(&mut self, mut data: Bytes) -> Bytes {
+        if let Some(ends) = self.ends.as_mut() {
+            let read = ends.through_next_end(&data);
+            if read < data.len() {
+                self.pending = Some(data.split_off(read));
+            }
+        }
+        data
     }
 }
 

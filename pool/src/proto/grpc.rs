@@ -53,6 +53,49 @@ impl MessageLimit {
     }
 }
 
+/// Follows a body's message prefixes to find where each message ends, so that a body can
+/// hand its data out one message at a time.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MessageEnds {
+    /// The prefix bytes read so far of the next message.
+    prefix: [u8; 5],
+    have: usize,
+    /// Bytes of the current message still to come.
+    remaining: u64,
+}
+
+impl MessageEnds {
+    /// Reads `chunk` up to the end of the first message that ends in it; how many bytes that
+    /// is (all of them when none ends in it). The rest is for the next call.
+    pub(crate) fn through_next_end(&mut self, chunk: &[u8]) -> usize {
+        let mut read = 0;
+        while read < chunk.len() {
+            if self.remaining > 0 {
+                let skip = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(chunk.len() - read);
+                self.remaining -= skip as u64;
+                read += skip;
+                if self.remaining == 0 {
+                    return read;
+                }
+                continue;
+            }
+            let take = (5 - self.have).min(chunk.len() - read);
+            self.prefix[self.have..self.have + take].copy_from_slice(&chunk[read..read + take]);
+            self.have += take;
+            read += take;
+            if self.have == 5 {
+                self.have = 0;
+                let [_, a, b, c, d] = self.prefix;
+                self.remaining = u64::from(u32::from_be_bytes([a, b, c, d]));
+                if self.remaining == 0 {
+                    return read;
+                }
+            }
+        }
+        read
+    }
+}
+
 /// A message over the service config's `maxRequestMessageBytes` or `maxResponseMessageBytes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct MessageTooLarge {
@@ -84,6 +127,34 @@ mod tests {
         bytes.extend_from_slice(&len.to_be_bytes());
         bytes.extend(std::iter::repeat_n(7, len as usize));
         bytes
+    }
+
+    #[test]
+    fn finds_each_message_end_however_the_chunks_are_cut() {
+        let lens = [10u32, 0, 16, 1, 3];
+        let body: Vec<u8> = lens.iter().flat_map(|len| message(*len)).collect();
+        let ends: Vec<usize> = lens
+            .iter()
+            .scan(0, |at, len| {
+                *at += 5 + *len as usize;
+                Some(*at)
+            })
+            .collect();
+        for cut in 1..=body.len() {
+            let (mut ends_seen, mut cuts, mut at) = (Vec::new(), MessageEnds::default(), 0);
+            for chunk in body.chunks(cut) {
+                let mut chunk = chunk;
+                while !chunk.is_empty() {
+                    let read = cuts.through_next_end(chunk);
+                    at += read;
+                    chunk = &chunk[read..];
+                    if cuts.have == 0 && cuts.remaining == 0 {
+                        ends_seen.push(at);
+                    }
+                }
+            }
+            assert_eq!(ends_seen, ends, "chunks of {cut}");
+        }
     }
 
     #[test]

@@ -117,6 +117,11 @@ impl ConnSignals {
         self.last_read.elapsed()
     }
 
+    /// Time since the last PING was handed to `h2`.
+    pub(crate) fn since_ping_sent(&self) -> Duration {
+        self.ping_sent.elapsed()
+    }
+
     /// Notes that a PING goes out now: its PONG's round trip is measured from here, and it
     /// counts as a PING without data until the server sends some.
     pub(crate) fn ping_sent_now(&self) {
