@@ -366,48 +366,58 @@ async fn a_retry_goes_to_another_endpoint() {
     }
 }
 
-/// An h2 server that resets every stream with `INTERNAL_ERROR` once its request is in,
-/// except each `answer_every`-th, which it answers with the request's own message (an
-/// `EchoRequest` with only its message set encodes as the `EchoResponse` of that message).
-/// Its URI and the count of streams it saw.
-async fn resetting_server(answer_every: u64) -> (String, Arc<AtomicU64>) {
+type Respond = h2::server::SendResponse<Bytes>;
+
+/// An h2 server on 127.0.0.1 that hands each stream, numbered from 1, to `answer` on a task of
+/// its own. Its URI and the count of streams it saw.
+async fn h2_server<F, Fut>(answer: F) -> (String, Arc<AtomicU64>)
+where
+    F: Fn(u64, http::Request<h2::RecvStream>, Respond) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let streams = Arc::new(AtomicU64::new(0));
     let counter = streams.clone();
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
-            let counter = counter.clone();
+            let (counter, answer) = (counter.clone(), answer.clone());
             tokio::spawn(async move {
                 let Ok(mut connection) = h2::server::handshake(socket).await else { return };
-                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                while let Some(Ok((request, respond))) = connection.accept().await {
                     let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                    tokio::spawn(async move {
-                        let mut body = request.into_body();
-                        let mut echoed = Vec::new();
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                            echoed.extend_from_slice(&chunk);
-                        }
-                        if !n.is_multiple_of(answer_every) {
-                            respond.send_reset(h2::Reason::INTERNAL_ERROR);
-                            return;
-                        }
-                        let head = http::Response::builder()
-                            .header("content-type", "application/grpc")
-                            .body(())
-                            .unwrap();
-                        let Ok(mut send) = respond.send_response(head, false) else { return };
-                        let _ = send.send_data(Bytes::from(echoed), false);
-                        let mut trailers = http::HeaderMap::new();
-                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                        let _ = send.send_trailers(trailers);
-                    });
+                    tokio::spawn(answer(n, request, respond));
                 }
             });
         }
     });
     (format!("http://{addr}"), streams)
+}
+
+/// An h2 server that resets every stream with `INTERNAL_ERROR` once its request is in,
+/// except each `answer_every`-th, which it answers with the request's own message (an
+/// `EchoRequest` with only its message set encodes as the `EchoResponse` of that message).
+/// Its URI and the count of streams it saw.
+async fn resetting_server(answer_every: u64) -> (String, Arc<AtomicU64>) {
+    h2_server(move |n, request, mut respond: Respond| async move {
+        let mut body = request.into_body();
+        let mut echoed = Vec::new();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+            echoed.extend_from_slice(&chunk);
+        }
+        if !n.is_multiple_of(answer_every) {
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+            return;
+        }
+        let head = http::Response::builder().header("content-type", "application/grpc").body(()).unwrap();
+        let Ok(mut send) = respond.send_response(head, false) else { return };
+        let _ = send.send_data(Bytes::from(echoed), false);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let _ = send.send_trailers(trailers);
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -899,26 +909,11 @@ async fn a_hedged_copy_whose_connection_breaks_leaves_the_other_copies_to_answer
 /// An h2 server that holds every stream for `hold`, then refuses it (`REFUSED_STREAM`: the
 /// server never saw it, so a client may send it again). Its URI and the streams it saw.
 async fn refusing_server(hold: Duration) -> (String, Arc<AtomicU64>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let streams = Arc::new(AtomicU64::new(0));
-    let counter = streams.clone();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let Ok(mut connection) = h2::server::handshake(socket).await else { return };
-                while let Some(Ok((_request, mut respond))) = connection.accept().await {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(hold).await;
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                    });
-                }
-            });
-        }
-    });
-    (format!("http://{addr}"), streams)
+    h2_server(move |_, _, mut respond: Respond| async move {
+        tokio::time::sleep(hold).await;
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
