@@ -189,8 +189,8 @@ where
 }
 
 impl<B> ResponseFuture<B> {
-    /// The call is over, with whatever result: counts its attempts when it had a retry
-    /// policy.
+    /// The call is over, with whatever result (or dropped): counts the streams it opened
+    /// when it had a retry or hedging policy.
     pub(super) fn finished(&self) {
         let policy =
             self.method.as_ref().is_some_and(|m| m.retry_policy.is_some() || m.hedging_policy.is_some());
