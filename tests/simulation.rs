@@ -52,6 +52,11 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
         659,
         "every-call-ends: a PING given up on after a deadline stayed out on a dead connection, so keepalive never PINGed that draining member again and hedged calls on it waited for ever",
     ),
+    (
+        20705,
+        "every-call-ends: the way to a server died (the way back did not) under a PING given up on after a deadline; keepalive waited for silence that never came, so a call without a deadline on that draining member waited for ever",
+    ),
+    (28563, "every-call-ends: the same, with a hedged server-streaming call"),
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -84,6 +89,9 @@ fn violations(seed: u64) -> (Vec<String>, Option<run::Run>) {
     }
 }
 
+/// A long batch says how far it got after this many seeds.
+const PROGRESS_EVERY: usize = 10_000;
+
 /// Runs `seeds` on [`THREADS`] threads; returns the failing ones with their violations.
 fn batch_of(seeds: Vec<u64>) -> Vec<(u64, Vec<String>)> {
     let next = AtomicU64::new(0);
@@ -101,7 +109,12 @@ fn batch_of(seeds: Vec<u64>) -> Vec<(u64, Vec<String>)> {
                         std::fs::write(&path, run.journal.render()).expect("write the trace");
                     }
                     if !violations.is_empty() {
+                        // Said at once as well: a long batch tells its failures as it goes.
+                        eprintln!("{}", report(&[(seed, violations.clone())]));
                         failed.lock().unwrap().push((seed, violations));
+                    }
+                    if (n + 1) % PROGRESS_EVERY == 0 {
+                        eprintln!("simulation: {} of {} seeds run", n + 1, seeds.len());
                     }
                 })
                 .expect("a simulation thread");

@@ -391,7 +391,11 @@ impl Task {
                     // time if that is shorter: an answered PING is seen by then.
                     self.reschedule(id, keepalive.timeout.min(time));
                 } else {
-                    self.reschedule(id, MIN_RECHECK);
+                    // Another's PING is out: look again when it has had the keepalive timeout.
+                    let left = member
+                        .ping_out_for()
+                        .map_or(MIN_RECHECK, |out| keepalive.timeout.saturating_sub(out));
+                    self.reschedule(id, left.max(MIN_RECHECK));
                 }
                 return;
             } else if permitted {

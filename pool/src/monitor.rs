@@ -255,11 +255,6 @@ impl MemberHandle {
         self.member.upgrade().map(|m| m.signals.since_last_read()).unwrap_or_default()
     }
 
-    /// Time since the last PING on its connection went out, whoever sent it.
-    pub fn since_ping_sent(&self) -> Duration {
-        self.member.upgrade().map(|m| m.signals.since_ping_sent()).unwrap_or_default()
-    }
-
     /// Its state, in-flight streams, age, idle and quiet time, read together: one look at
     /// the member instead of one per question.
     pub fn status(&self) -> MemberStatus {
@@ -324,6 +319,13 @@ impl MemberHandle {
                 Err(Error::ping(label, self.id, &format!("{what}; the connection was closed")))
             }
         }
+    }
+
+    /// How long the PING in flight on its connection has been out, if one is (whoever sent
+    /// it): what [`MemberHandle::send_ping`] found when it said another PING is in flight.
+    pub fn ping_out_for(&self) -> Option<Duration> {
+        let member = self.member.upgrade()?;
+        member.pinger.in_flight().then(|| member.signals.since_ping_sent())
     }
 
     /// Sends an HTTP/2 PING and returns at once, without waiting for the PONG: ask

@@ -62,10 +62,11 @@ impl Task {
         let Some(channel) = channel else {
             let sent = match member.send_ping() {
                 Ok(sent) => sent,
-                Err(_) if ping_out_unanswered(member, timeout) => {
-                    // Another's PING (a caller's, given up on) is out and has had this long,
-                    // the connection silent all along: as good as ours timing out. Waiting
-                    // instead, the member would never be PINGed again while that PING is out.
+                Err(_) if member.ping_out_for().is_some_and(|out| out >= timeout) => {
+                    // Another's PING (a caller's, given up on) has been out unanswered this
+                    // long: as good as ours timing out, whatever else the server sent (the way
+                    // to the server may be dead while the way back is not). Waiting instead,
+                    // the member would never be PINGed again while that PING is out.
                     self.on_probe_timeout(id, member);
                     return true;
                 }
@@ -174,11 +175,4 @@ impl Task {
 /// before its next PING, as the C core's client does with `max_pings_without_data`.
 pub(super) fn may_ping_without_data(pings_without_data: u64, most: u32) -> bool {
     most == 0 || pings_without_data < u64::from(most)
-}
-
-/// Whether a PING is out on `member` that has gone unanswered for `timeout`, with nothing
-/// read from the server since it went out.
-fn ping_out_unanswered(member: &MemberHandle, timeout: Duration) -> bool {
-    let since = member.since_ping_sent();
-    since >= timeout && member.since_last_read() >= since
 }

@@ -106,6 +106,12 @@ impl Pinger {
         Ok(SentPing { pongs_before })
     }
 
+    /// Whether a PING is out: lent to a waiter, or sent and its PONG not yet collected (as
+    /// [`Pinger::send`] last found it).
+    pub(crate) fn in_flight(&self) -> bool {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|held| held.outstanding)
+    }
+
     /// Whether the PONG of a PING sent with [`Pinger::send`] has come.
     pub(crate) fn answered(&self, sent: SentPing) -> bool {
         self.signals.pongs() > sent.pongs_before
