@@ -113,7 +113,7 @@ fn batch_of(seeds: Vec<u64>) -> Vec<(u64, Vec<String>)> {
                         eprintln!("{}", report(&[(seed, violations.clone())]));
                         failed.lock().unwrap().push((seed, violations));
                     }
-                    if (n + 1) % PROGRESS_EVERY == 0 {
+                    if (n + 1).is_multiple_of(PROGRESS_EVERY) {
                         eprintln!("simulation: {} of {} seeds run", n + 1, seeds.len());
                     }
                 })
