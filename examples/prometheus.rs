@@ -3,8 +3,8 @@
 //! 127.0.0.1.
 //!
 //! Run: `cargo run --release --example prometheus [-- --port 9898 --seconds 60]`, then
-//! `curl http://127.0.0.1:9898/metrics` while it runs. Every metric is listed in the README
-//! ("Metrics"); their names are constants in `grpc_pool::metrics`.
+//! `curl http://127.0.0.1:9898/metrics` while it runs. Every metric is listed in
+//! `docs/metrics.md`; their names are constants in `grpc_pool::metrics`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

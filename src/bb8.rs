@@ -10,7 +10,7 @@
 //! semantics (one connection per checkout, its own sizing and timeouts). When not to: for
 //! throughput. An HTTP/2 connection carries a hundred streams at once, and bb8 hands each
 //! connection to one caller at a time; with more callers than connections, bb8's wake-up order
-//! starves most of them (see the load comparison in the README: at 256 callers, 83 of 256 got
+//! starves most of them (see the load comparison in `docs/benchmarks.md`: at 256 callers, 83 of 256 got
 //! no call through in 4 s). [`Pool`](crate::Pool) multiplexes calls over its connections,
 //! queues fairly, retries what the server never processed, and keeps connections healthy in the
 //! background.

@@ -263,8 +263,8 @@ impl Builder {
     /// gRPC's service config, as the standard JSON document: per-method `timeout`,
     /// `waitForReady` and `retryPolicy` (calls that end with a retryable status are sent
     /// again, with backoff), and `retryThrottling` for the pool. Checked at build: a bad
-    /// document fails the build with the JSON path of the bad field. See the README's
-    /// "Service config".
+    /// document fails the build with the JSON path of the bad field. See
+    /// `docs/deadlines-and-retries.md`, "Service config".
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {

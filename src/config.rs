@@ -128,8 +128,8 @@ pub struct PoolConfig {
     /// HTTP/2 settings.
     pub h2: H2Config,
     /// gRPC's service config, the JSON document itself (per-method `timeout`,
-    /// `waitForReady` and `retryPolicy`, and `retryThrottling`; see the README's "Service
-    /// config"). Checked at build: a bad field fails the build naming its JSON path. Default:
+    /// `waitForReady` and `retryPolicy`, and `retryThrottling`; see
+    /// `docs/deadlines-and-retries.md`). Checked at build: a bad field fails the build naming its JSON path. Default:
     /// none.
     pub service_config: Option<String>,
     /// The same, read from this file at build. Default: none; set one of the two.

@@ -5,7 +5,7 @@
 //! `cargo test --all-features --test simulation` runs a batch of seeds
 //! (`GRPC_POOL_SIM_SEEDS`, from `GRPC_POOL_SIM_FROM`; `GRPC_POOL_SIM_DUMP=dir` writes every
 //! seed's trace there); a failing seed prints the command that replays it with its trace. `scripts/simulate` runs long batches. What runs and what
-//! cannot run under simulation: README, "Simulation".
+//! cannot run under simulation: `docs/development.md`, "Simulation".
 
 #[path = "simulation/check.rs"]
 mod check;

@@ -10,7 +10,7 @@
 //! `try_recv`, then leave).
 //!
 //! `RUSTFLAGS="--cfg grpc_pool_loom" CARGO_TARGET_DIR=target/loom cargo test -p grpc-pool-core --lib loom`
-//! (the README's Development section; CI runs it).
+//! (`docs/development.md`; CI runs it).
 
 use loom::sync::atomic::AtomicUsize;
 use loom::sync::Arc;
