@@ -90,6 +90,9 @@ impl PoolInner {
             }
             None => (None, None),
         };
+        for ignored in config.service_config.iter().flat_map(|c| c.ignored()) {
+            tracing::warn!(pool = %config.name, field = %ignored, "service config field ignored");
+        }
         let config_tokens = config
             .service_config
             .as_ref()

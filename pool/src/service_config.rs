@@ -92,6 +92,8 @@ pub struct ServiceConfig {
     services: HashMap<String, usize>,
     /// The config with the empty name.
     default: Option<usize>,
+    /// Fields of the document that were ignored, each with why ([`ServiceConfig::ignored`]).
+    ignored: Vec<String>,
 }
 
 /// One entry of `methodConfig`: what applies to the calls of the methods it names.
@@ -200,7 +202,8 @@ pub struct RetryThrottling {
 
 impl ServiceConfig {
     /// Parses and checks a service config document. Fails with the JSON path of the first
-    /// bad field (`methodConfig[1].timeout: ...`); fields it does not know are ignored.
+    /// bad field (`methodConfig[1].timeout: ...`); fields it does not know are ignored, and
+    /// listed by [`ServiceConfig::ignored`].
     pub fn from_json(json: &str) -> Result<ServiceConfig, Error> {
         let value: Value = serde_json::from_str(json)
             .map_err(|e| Error::service_config("", &format!("not valid JSON: {e}")))?;
@@ -219,7 +222,17 @@ impl ServiceConfig {
         if let Some(throttling) = get(root, "retryThrottling") {
             config.retry_throttling = Some(retry_throttling(throttling, "retryThrottling")?);
         }
+        ignored_fields(root, "", ROOT_FIELDS, &mut config.ignored);
+        config.ignored.sort();
         Ok(config)
+    }
+
+    /// The document's fields that were ignored, each named by its JSON path with why: unknown
+    /// to the service config (a typo such as `retrypolicy` leaves retries off, so the pool
+    /// logs each of these as a warning at build) or not supported by the pool. The gRPC spec
+    /// has clients ignore fields they do not know, so they do not fail the build.
+    pub fn ignored(&self) -> &[String] {
+        &self.ignored
     }
 
     /// Lists `method` under its names; a name already listed is an error (the spec's).
@@ -265,6 +278,76 @@ impl ServiceConfig {
 }
 
 // ----- reading the document, with the path of each field -----
+
+/// The fields the pool reads, per object of the document; a field of an object missing here
+/// is ignored, and said so.
+const ROOT_FIELDS: &[&str] = &["methodConfig", "retryThrottling"];
+const METHOD_FIELDS: &[&str] = &[
+    "name",
+    "timeout",
+    "waitForReady",
+    "maxRequestMessageBytes",
+    "maxResponseMessageBytes",
+    "retryPolicy",
+    "hedgingPolicy",
+];
+const NAME_FIELDS: &[&str] = &["service", "method"];
+const RETRY_FIELDS: &[&str] =
+    &["maxAttempts", "initialBackoff", "maxBackoff", "backoffMultiplier", "retryableStatusCodes"];
+const HEDGING_FIELDS: &[&str] = &["maxAttempts", "hedgingDelay", "nonFatalStatusCodes"];
+const THROTTLING_FIELDS: &[&str] = &["maxTokens", "tokenRatio"];
+/// Fields of the gRPC service config the pool does not act on, and why.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("loadBalancingPolicy", "the pool picks endpoints and connections itself"),
+    ("loadBalancingConfig", "the pool picks endpoints and connections itself"),
+    ("healthCheckConfig", "set health checks with `health_checks` / `[health_checks]`"),
+    ("perAttemptRecvTimeout", "not supported; the call's deadline bounds every attempt"),
+];
+
+/// Notes in `out` every field of `object` (at `path`) not in `known`, and goes down into the
+/// known ones that hold objects. Runs on a document already checked, so types are right.
+fn ignored_fields(object: &Map<String, Value>, path: &str, known: &[&str], out: &mut Vec<String>) {
+    for (name, value) in object {
+        let field = join(path, name);
+        if !known.contains(&name.as_str()) {
+            let why = match UNSUPPORTED.iter().find(|(n, _)| n == name) {
+                Some((_, why)) => format!("not supported by grpc-pool ({why})"),
+                None => match known.iter().find(|k| same_but_spelling(k, name)) {
+                    Some(meant) => format!("unknown field; did you mean `{meant}`?"),
+                    None => format!("unknown field; the fields here are {}", known.join(", ")),
+                },
+            };
+            out.push(format!("`{field}`: {why}"));
+            continue;
+        }
+        let inner = match name.as_str() {
+            "methodConfig" => METHOD_FIELDS,
+            "name" => NAME_FIELDS,
+            "retryPolicy" => RETRY_FIELDS,
+            "hedgingPolicy" => HEDGING_FIELDS,
+            "retryThrottling" => THROTTLING_FIELDS,
+            _ => continue,
+        };
+        match value {
+            Value::Object(map) => ignored_fields(map, &field, inner, out),
+            Value::Array(list) => {
+                for (i, entry) in list.iter().enumerate() {
+                    if let Value::Object(map) = entry {
+                        ignored_fields(map, &format!("{field}[{i}]"), inner, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether two field names differ only in case and underscores (`retrypolicy`,
+/// `retry_policy` and `retryPolicy`).
+fn same_but_spelling(a: &str, b: &str) -> bool {
+    let plain = |s: &str| s.chars().filter(|c| *c != '_').flat_map(char::to_lowercase).collect::<String>();
+    plain(a) == plain(b)
+}
 
 fn kind(value: &Value) -> &'static str {
     match value {
@@ -596,6 +679,40 @@ impl RetryTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ignored_fields_are_named_with_why() {
+        let config = ServiceConfig::from_json(
+            r#"{
+              "methodConfig": [{
+                "name": [{ "service": "echo.Echo", "methd": "UnaryEcho" }],
+                "retrypolicy": { "maxAttempts": 3 },
+                "hedgingPolicy": { "maxAttempts": 2, "hedgingDelay": "0.1s", "extra": 1 }
+              }],
+              "loadBalancingConfig": [{ "round_robin": {} }],
+              "retry_throttling": { "maxTokens": 10 }
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.ignored(),
+            [
+                "`loadBalancingConfig`: not supported by grpc-pool (the pool picks endpoints and connections itself)",
+                "`methodConfig[0].hedgingPolicy.extra`: unknown field; the fields here are maxAttempts, hedgingDelay, nonFatalStatusCodes",
+                "`methodConfig[0].name[0].methd`: unknown field; the fields here are service, method",
+                "`methodConfig[0].retrypolicy`: unknown field; did you mean `retryPolicy`?",
+                "`retry_throttling`: unknown field; did you mean `retryThrottling`?",
+            ]
+        );
+        assert!(
+            config.method("echo.Echo", "Other").unwrap().retry_policy.is_none(),
+            "the typo left retries off"
+        );
+        assert!(ServiceConfig::from_json(r#"{"methodConfig": [{"name": [{}], "timeout": "1s"}]}"#)
+            .unwrap()
+            .ignored()
+            .is_empty());
+    }
 
     fn error(json: &str) -> String {
         ServiceConfig::from_json(json).unwrap_err().to_string()
