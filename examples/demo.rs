@@ -7,6 +7,9 @@
 //! PING policy, and a silent drop. A live view shows both clients and the pool's members; a
 //! summary compares them, fault by fault.
 
+#[path = "demo/chart.rs"]
+mod chart;
+
 use std::cell::Cell;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -41,6 +44,8 @@ OPTIONS:
   --duration SECS   length of each phase (default 5, at least 3); a 2 s baseline comes first
   --callers N       concurrent callers per client (default 16)
   --quiet           no live view, only the summary
+  --svg FILE        also draw the run: calls/s and failed calls/s of both clients over
+                    time, the fault phases shaded and named (an SVG file)
   -h, --help        this text
 
 Every call has a 1 s deadline. The servers close each connection at 10 s of age (GOAWAY).
@@ -53,6 +58,8 @@ timeout), grpc.health.v1 Watch per endpoint. The Channel: tonic's defaults
 const DEADLINE: Duration = Duration::from_secs(1);
 const BASELINE: Duration = Duration::from_secs(2);
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(10);
+/// The chart's resolution: calls are counted per quarter second.
+const BUCKET: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -93,11 +100,17 @@ struct Options {
     faults: Vec<Fault>,
     callers: usize,
     quiet: bool,
+    svg: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Options, String> {
-    let mut options =
-        Options { phase: Duration::from_secs(5), faults: Fault::ALL.to_vec(), callers: 16, quiet: false };
+    let mut options = Options {
+        phase: Duration::from_secs(5),
+        faults: Fault::ALL.to_vec(),
+        callers: 16,
+        quiet: false,
+        svg: None,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -132,6 +145,9 @@ fn parse_args() -> Result<Options, String> {
                 options.faults = Fault::ALL.into_iter().filter(|f| chosen.contains(f)).collect();
             }
             "--quiet" => options.quiet = true,
+            "--svg" => {
+                options.svg = Some(args.next().ok_or("--svg takes a file name, e.g. demo.svg")?.into())
+            }
             other => return Err(format!("unknown option `{other}`; see --help")),
         }
     }
@@ -158,6 +174,8 @@ struct Load {
     phase: AtomicUsize,
     /// Per phase, per client (0: channel, 1: pool).
     tallies: Vec<[Tally; 2]>,
+    /// Per `BUCKET` of the run, per client: calls and failed calls ended in it (the chart).
+    buckets: Vec<[[AtomicU64; 2]; 2]>,
     paused: watch::Receiver<bool>,
     stopped: watch::Receiver<bool>,
 }
@@ -181,6 +199,11 @@ async fn caller(load: Arc<Load>, client: usize, mut echo: Client, n: usize) {
         let tally = &load.tallies[load.phase.load(Ordering::Relaxed)][client];
         tally.calls.fetch_add(1, Ordering::Relaxed);
         tally.worst_micros.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let bucket = (load.started.elapsed().as_millis() / BUCKET.as_millis()) as usize;
+        if let Some(counts) = load.buckets.get(bucket) {
+            counts[client][0].fetch_add(1, Ordering::Relaxed);
+            counts[client][1].fetch_add(u64::from(error.is_some()), Ordering::Relaxed);
+        }
         if let Some(error) = error {
             tally.ok_since_failure.store(0, Ordering::Relaxed);
             tally.failed.fetch_add(1, Ordering::Relaxed);
@@ -505,6 +528,10 @@ async fn main() {
         started: Instant::now(),
         phase: AtomicUsize::new(0),
         tallies: phases.iter().map(|_| Default::default()).collect(),
+        buckets: {
+            let run = BASELINE + options.phase * options.faults.len() as u32;
+            (0..=run.as_millis() / BUCKET.as_millis() + 8).map(|_| Default::default()).collect()
+        },
         paused,
         stopped,
     });
@@ -530,6 +557,7 @@ async fn main() {
     };
 
     let mut rows: Vec<Row> = Vec::new();
+    let mut drawn_phases: Vec<chart::Phase> = Vec::new();
     let mut baseline_rates = [0.0; 2];
     for (index, fault) in phases.iter().enumerate() {
         let phase_start = Instant::now();
@@ -556,6 +584,11 @@ async fn main() {
         }
         drop(script);
         view.keep();
+        drawn_phases.push(chart::Phase {
+            from: phase_start.saturating_duration_since(load.started).as_secs_f64(),
+            to: load.started.elapsed().as_secs_f64(),
+            name: fault.map(|f| f.name()).unwrap_or("baseline"),
+        });
         if let Some(f) = fault {
             heal(*f, &world, &pause);
         }
@@ -649,5 +682,39 @@ async fn main() {
         "the pool's failures are calls in flight on a connection that then went silent or was cut: \
          the server may have run them, so they are not resent"
     );
+    if let Some(path) = &options.svg {
+        let length = drawn_phases.last().map_or(0.0, |p| p.to);
+        // Whole buckets only: the last, cut short by the end, would read as a fall.
+        let buckets = ((length / BUCKET.as_secs_f64()).floor() as usize).min(load.buckets.len());
+        let per_second = |client: usize, what: usize| -> Vec<f64> {
+            load.buckets[..buckets]
+                .iter()
+                .map(|b| b[client][what].load(Ordering::Relaxed) as f64 / BUCKET.as_secs_f64())
+                .collect()
+        };
+        let series = [
+            chart::Series {
+                name: "tonic Channel",
+                colour: "#d95f02",
+                calls: per_second(0, 0),
+                failed: per_second(0, 1),
+            },
+            chart::Series {
+                name: "grpc-pool",
+                colour: "#1b9e77",
+                calls: per_second(1, 0),
+                failed: per_second(1, 1),
+            },
+        ];
+        let title = format!(
+            "grpc-pool demo: {} callers per client, {DEADLINE:?} deadlines, one fault per phase",
+            options.callers
+        );
+        let svg = chart::render(BUCKET.as_secs_f64(), length, &drawn_phases, &series, &title);
+        match std::fs::write(path, svg) {
+            Ok(()) => println!("the run's chart: {}", path.display()),
+            Err(e) => eprintln!("error: writing {}: {e}", path.display()),
+        }
+    }
     pool.close().await;
 }
