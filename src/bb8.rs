@@ -31,7 +31,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::{Endpoint, Error, MemberState};
+use crate::state::MemberState;
+use crate::{Endpoint, Error};
 
 /// Opens, checks and retires HTTP/2 connections to one endpoint for a bb8 pool.
 #[derive(Debug, Clone)]

@@ -9,9 +9,10 @@
 use std::time::Duration;
 
 use crate::dns::{DnsDiscover, SystemResolver};
+use crate::service_config::ServiceConfig;
 use crate::{
     AllUnhealthy, BackoffConfig, Builder, Connector, Error, H2Config, HealthCheck, Keepalive,
-    OutlierDetection, Pool, ServiceConfig, TlsConfig, DEFAULT_PING_BEFORE_USE,
+    OutlierDetection, Pool, TlsConfig, DEFAULT_PING_BEFORE_USE,
 };
 
 /// A whole pool configuration. [`PoolConfig::default`] holds the defaults, and is the one

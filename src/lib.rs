@@ -44,12 +44,28 @@ pub use builder::{Builder, DEFAULT_PING_BEFORE_USE, DEFAULT_PING_BEFORE_USE_TIME
 pub use config::EtcdConfig;
 pub use config::{DnsConfig, PoolConfig};
 pub use grpc_pool_core::{
-    discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, ClientIdentity, Connector, Endpoint,
-    EndpointState, Error, ErrorKind, EvictionReason, H2Config, HedgingPolicy, MemberSnapshot, MemberState,
-    MethodConfig, MethodName, OutlierDetection, PoolEvent, PoolEvents, ResponseBody, RetryPolicy,
-    RetryReason, RetryThrottling, ServiceConfig, State, Statistics, TlsConfig, WaitForReady,
-    DEFAULT_POOL_NAME, EVENT_BUFFER, POOL_USER_AGENT,
+    discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, ClientIdentity, Connector, Endpoint, Error,
+    ErrorKind, EvictionReason, H2Config, OutlierDetection, PoolEvent, PoolEvents, ResponseBody, State,
+    TlsConfig, WaitForReady, DEFAULT_POOL_NAME, EVENT_BUFFER, POOL_USER_AGENT,
 };
+
+/// gRPC's service config as the pool reads it: [`ServiceConfig::from_json`] checks a document
+/// in code (the pool itself takes the JSON, through [`Builder::service_config`] or a config
+/// file), and [`ServiceConfig::ignored`] says which of its fields the pool ignores.
+///
+/// [`ServiceConfig::from_json`]: service_config::ServiceConfig::from_json
+/// [`ServiceConfig::ignored`]: service_config::ServiceConfig::ignored
+pub mod service_config {
+    pub use grpc_pool_core::{
+        HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig,
+    };
+}
+
+/// What [`Pool::state`] shows beside the [`State`] itself: each endpoint, each member and
+/// its state, and the pool's statistics.
+pub mod state {
+    pub use grpc_pool_core::{EndpointState, MemberSnapshot, MemberState, RetryReason, Statistics};
+}
 pub use grpc_pool_health::{
     CheckMode, HealthCheck, Keepalive, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,
 };

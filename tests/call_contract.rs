@@ -354,7 +354,7 @@ async fn a_ping_whose_caller_gave_up_does_not_stop_later_keepalive_pings() {
     .await;
     let rtt = member.ping(Duration::from_secs(5)).await.expect("a PING after an abandoned one is answered");
     assert!(rtt < Duration::from_secs(5));
-    assert_eq!(member.state(), grpc_pool::MemberState::Ready);
+    assert_eq!(member.state(), grpc_pool::state::MemberState::Ready);
     assert_eq!(pool.state().statistics.closed(grpc_pool::EvictionReason::PingTimeout), 0);
 }
 
@@ -479,7 +479,8 @@ async fn an_outage_fails_calls_fast_with_the_cause_and_one_connect_at_a_time_bac
     let up_at = Instant::now();
     let mut first_success_after_up = None;
     wait_until(WAIT, "the endpoint takes calls again", || {
-        let ok = pool.state().endpoints[0].members.iter().any(|m| m.state == grpc_pool::MemberState::Ready);
+        let ok =
+            pool.state().endpoints[0].members.iter().any(|m| m.state == grpc_pool::state::MemberState::Ready);
         if ok && first_success_after_up.is_none() {
             first_success_after_up = Some(up_at.elapsed());
         }
@@ -641,7 +642,7 @@ async fn a_call_resent_after_a_refusal_tells_the_server_the_time_left() {
     let server = grpc_pool_testkit::RefuseFirstServer::start(pause).await;
     let pool = Pool::builder().build([server.uri()]).await.unwrap();
     client(&pool).unary_echo(with_deadline(0, Duration::from_secs(10))).await.unwrap();
-    assert_eq!(pool.state().statistics.retried(grpc_pool::RetryReason::Refused), 1);
+    assert_eq!(pool.state().statistics.retried(grpc_pool::state::RetryReason::Refused), 1);
     let seen = server.grpc_timeouts();
     assert_eq!(seen.len(), 2, "{seen:?}");
     let first = parse_grpc_timeout(seen[0].as_deref().expect("the first attempt's grpc-timeout"));

@@ -148,6 +148,7 @@ fn the_example_file_writes_out_every_default() {
     config.outlier_detection = None;
     assert_eq!(config.user_agent.take().as_deref(), Some("example/1.0"));
     let service_config = config.service_config.take().expect("the example has a service config");
-    grpc_pool::ServiceConfig::from_json(&service_config).expect("the example's service config is valid");
+    grpc_pool::service_config::ServiceConfig::from_json(&service_config)
+        .expect("the example's service config is valid");
     assert_eq!(format!("{config:#?}"), format!("{:#?}", PoolConfig::default()));
 }

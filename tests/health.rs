@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use grpc_pool::{BackoffConfig, CheckMode, EvictionReason, HealthCheck, Keepalive, MemberState, Pool};
+use grpc_pool::state::MemberState;
+use grpc_pool::{BackoffConfig, CheckMode, EvictionReason, HealthCheck, Keepalive, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::{wait_until, HeldClock, Relay, ServerOptions, TestServer};

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use grpc_pool::{BackoffConfig, ErrorKind, EvictionReason, MemberState, Pool, RetryReason};
+use grpc_pool::state::{MemberState, RetryReason};
+use grpc_pool::{BackoffConfig, ErrorKind, EvictionReason, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::{

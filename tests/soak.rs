@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use grpc_pool::{BackoffConfig, CheckMode, EvictionReason, HealthCheck, Keepalive, Pool, RetryReason};
+use grpc_pool::state::RetryReason;
+use grpc_pool::{BackoffConfig, CheckMode, EvictionReason, HealthCheck, Keepalive, Pool};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::{wait_until, Relay, ServerOptions, TestServer};

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use grpc_pool::Statistics;
+use grpc_pool::state::Statistics;
 
 use super::plan::Plan;
 use super::trace::Journal;

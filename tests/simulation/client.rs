@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use grpc_pool::discover::Change;
-use grpc_pool::{BackoffConfig, CheckMode, HealthCheck, Keepalive, MemberState, Pool, WaitForReady};
+use grpc_pool::state::MemberState;
+use grpc_pool::{BackoffConfig, CheckMode, HealthCheck, Keepalive, Pool, WaitForReady};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use tokio::sync::mpsc;
