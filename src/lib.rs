@@ -172,8 +172,27 @@ impl fmt::Debug for Pool {
 }
 
 /// The future of a call through a [`Pool`]: resolves to the response head; the body
-/// streams after it.
-pub type ResponseFuture = grpc_pool_core::ResponseFuture<tonic::body::Body>;
+/// streams after it. Dropping it cancels the call (its stream is reset, its slot freed).
+///
+/// Like most futures, it panics if polled again after it returned `Ready`.
+pub struct ResponseFuture(grpc_pool_core::ResponseFuture<tonic::body::Body>);
+
+impl std::future::Future for ResponseFuture {
+    type Output = Result<http::Response<ResponseBody>, Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// `tower::Service` for a wrapper of a core pool, by handing each call to it.
 ///
@@ -196,7 +215,7 @@ macro_rules! service_through_core_pool {
             }
 
             fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-                tower_service::Service::call(&mut self.$field, request)
+                $crate::ResponseFuture(tower_service::Service::call(&mut self.$field, request))
             }
         }
     };

@@ -133,14 +133,18 @@ impl Error {
     }
 
     /// A configuration error for settings outside this crate (the health task's), worded
-    /// like the pool's own: the field, its value, and what is allowed.
+    /// like the pool's own: the field, its value, and what is allowed. Between this
+    /// workspace's crates only: hidden from the docs, not part of the API.
+    #[doc(hidden)]
     pub fn invalid_config(field: &str, value: &str, allowed: &str) -> Error {
         Error::config(field, value, allowed)
     }
 
     /// A connection that cannot take calls any more (closed, or not answering PINGs), for
     /// code that manages connections itself on top of the pool (the bb8 adapter):
-    /// `UNAVAILABLE`, kind [`ErrorKind::Connection`].
+    /// `UNAVAILABLE`, kind [`ErrorKind::Connection`]. Between this workspace's crates only:
+    /// hidden from the docs, not part of the API.
+    #[doc(hidden)]
     pub fn connection_unusable(endpoint: &str, what: &str) -> Error {
         Error::new(
             ErrorKind::Connection,
