@@ -226,8 +226,9 @@ pub(crate) use service_through_core_pool;
 
 service_through_core_pool!(Pool, core);
 
-/// For the crate's tests, benchmarks and fuzz targets only: not part of the API, and may
-/// change in any release.
+/// For the crate's tests, benchmarks and fuzz targets only (feature `test-hooks`): not part
+/// of the API, and may change in any release.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub mod __private {
     pub use grpc_pool_core::__fuzz as fuzz;

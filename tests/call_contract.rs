@@ -320,6 +320,8 @@ async fn a_call_cancelled_during_its_ping_before_use_leaves_the_member_usable() 
     assert_eq!(server.answered(), 100 + calls);
 }
 
+// The member is reached through a test hook (feature `test-hooks`).
+#[cfg(feature = "test-hooks")]
 #[tokio::test]
 async fn a_ping_whose_caller_gave_up_does_not_stop_later_keepalive_pings() {
     let server = FrameServer::start(Behaviour::AnswerAfter(Duration::ZERO)).await;

@@ -842,6 +842,8 @@ async fn a_server_without_watch_is_polled_with_check_instead() {
     assert_eq!(server.watches.load(Ordering::Relaxed), 1);
 }
 
+// The panic is asked for through a test hook (feature `test-hooks`).
+#[cfg(feature = "test-hooks")]
 #[tokio::test]
 async fn a_health_task_that_panics_is_restarted_and_goes_on_judging_endpoints() {
     let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;

@@ -17,4 +17,6 @@ pub use config::{
     DEFAULT_KEEPALIVE_TIMEOUT,
 };
 pub use grpc_pool_core::EvictionReason;
-pub use task::{__test, spawn};
+#[cfg(feature = "test-hooks")]
+pub use task::__test;
+pub use task::spawn;

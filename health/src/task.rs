@@ -49,7 +49,9 @@ mod supervisor;
 mod tests;
 mod verdicts;
 
-pub use supervisor::{__test, spawn};
+#[cfg(feature = "test-hooks")]
+pub use supervisor::__test;
+pub use supervisor::spawn;
 
 use crate::config::{CheckMode, HealthConfig, Keepalive};
 use grid::{GridKey, GridQueue};
@@ -255,6 +257,7 @@ impl Task {
         let closed = monitor.closed();
         tokio::pin!(closed);
         loop {
+            #[cfg(feature = "test-hooks")]
             __test::maybe_panic(monitor.name());
             // `biased`: branches are looked at in this order, not a random one, so that the
             // task does the same for the same inputs (the simulation replays seeds exactly).

@@ -67,6 +67,7 @@ pub use stats::{RetryReason, Statistics};
 pub use tokio_rustls::rustls;
 
 /// For the crate's benchmarks only: not part of the API, and may change in any release.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub mod __bench {
     /// Takes a stream slot the way a call does (endpoint and member selection, then the
@@ -78,6 +79,7 @@ pub mod __bench {
 
 /// For the fuzz targets (`fuzz/`) and their smoke test only: not part of the API, and may
 /// change in any release.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub mod __fuzz {
     /// Feeds `bytes`, as a server would send them, to the frame observer twice: whole, and

@@ -43,6 +43,7 @@ async fn supervise(monitor: PoolMonitor, config: HealthConfig) {
 }
 
 /// For tests of the supervision only: not part of the API.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub mod __test {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

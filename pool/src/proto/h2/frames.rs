@@ -343,6 +343,7 @@ impl FrameReader {
 }
 
 /// What [`ConnSignals`] recorded, for comparing two runs.
+#[cfg(feature = "test-hooks")]
 #[derive(Debug, PartialEq, Eq)]
 struct Recorded {
     server_max_streams: u32,
@@ -353,6 +354,7 @@ struct Recorded {
     pongs: u64,
 }
 
+#[cfg(feature = "test-hooks")]
 fn observe(pieces: &mut dyn Iterator<Item = &[u8]>) -> Recorded {
     let (mut reader, signals) = (FrameReader::default(), ConnSignals::new());
     for piece in pieces {
@@ -369,6 +371,7 @@ fn observe(pieces: &mut dyn Iterator<Item = &[u8]>) -> Recorded {
 }
 
 /// The fuzz targets' check (see `crate::__fuzz::frame_observer`).
+#[cfg(feature = "test-hooks")]
 pub(crate) fn check_chunking(bytes: &[u8], seed: u64) {
     let whole = observe(&mut std::iter::once(bytes));
     // Piece sizes from 1 to 64 bytes, drawn from `seed` (a 64-bit LCG).
