@@ -7,8 +7,6 @@
 //! Nothing here runs against a server: `cargo run --example guide --all-features` only says
 //! where the snippets are.
 
-use std::time::Duration;
-
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 
@@ -24,7 +22,7 @@ async fn quickstart(request: EchoRequest) -> Result {
     let pool = Pool::builder()
         .name("echo")                                 // in logs, errors and metric labels
         .max_connections(4)                           // per endpoint (default 8)
-        .timeout(Some(Duration::from_secs(2)))        // every call's deadline, unless it has its own
+        .timeout(Some(Duration::from_secs(2)))        // every call's deadline, or its own if shorter
         .health_checks(Some(HealthCheck::service("echo.Echo")))   // grpc.health.v1 Watch
         .build(["http://10.0.0.7:50051", "http://10.0.0.8:50051"])   // or build_lazy: connect in the background
         .await?;
@@ -51,7 +49,7 @@ async fn more_settings() -> Result {
         .min_connections(1)                 // per endpoint, kept open
         .max_connections(4)                 // per endpoint
         .max_concurrent_streams(100)        // the server's SETTINGS_MAX_CONCURRENT_STREAMS applies too
-        .timeout(Some(Duration::from_secs(2)))          // a call's deadline unless it has its own
+        .timeout(Some(Duration::from_secs(2)))          // every call's deadline, or its own if shorter
         .checkout_timeout(Duration::from_secs(5))       // the longest a call waits for a free stream
         .keepalive(Some(Keepalive::new(Duration::from_secs(20), Duration::from_secs(10))))   // the default
         .health_checks(Some(HealthCheck::service("echo.Echo")))
@@ -85,6 +83,7 @@ async fn config_file() -> Result {
 async fn etcd() -> Result {
     // snippet: etcd
     use grpc_pool::etcd::{register, EtcdClient, EtcdDiscover};
+    use std::time::Duration;
 
     let etcd = EtcdClient::new(["http://10.0.0.1:2379"])?;
     // Client side: the pool follows every key under the prefix.
