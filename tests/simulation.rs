@@ -57,6 +57,10 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
         "every-call-ends: the way to a server died (the way back did not) under a PING given up on after a deadline; keepalive waited for silence that never came, so a call without a deadline on that draining member waited for ever",
     ),
     (28563, "every-call-ends: the same, with a hedged server-streaming call"),
+    (
+        170420,
+        "recovery (the check): probes waiting behind the workload's own slow calls in a saturated pool (one connection of two streams) were counted as the pool failing to recover",
+    ),
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
