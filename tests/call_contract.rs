@@ -572,6 +572,120 @@ async fn wait_for_ready_calls_ride_out_an_outage_shorter_than_their_deadline() {
     assert_eq!(outage.most_held.load(std::sync::atomic::Ordering::SeqCst), 1, "connects overlapped");
 }
 
+/// A backoff far longer than the tests below run: whatever brings the endpoint back within
+/// them, it is not the backoff's next attempt.
+fn long_backoff() -> grpc_pool::BackoffConfig {
+    let mut v = grpc_pool::BackoffConfig::default();
+    v.base = Duration::from_secs(60);
+    v.max = Duration::from_secs(60);
+    v
+}
+
+/// The first call of `outcomes` that succeeded at or after `since`: when it started.
+fn first_success_since(
+    outcomes: &[(Instant, Duration, Option<tonic::Status>)],
+    since: Instant,
+) -> Option<Instant> {
+    outcomes
+        .iter()
+        .filter(|(started, _, status)| *started >= since && status.is_none())
+        .map(|(s, _, _)| *s)
+        .min()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_back_from_a_restart_is_found_by_the_next_call_not_by_the_backoff() {
+    // A restart closes the port: connects are refused (the kernel answers for the server).
+    // The calls that find the endpoint down pull the next attempt forward, at most one per
+    // `refused_retry`, so the first call after the server listens again is served, though
+    // the backoff alone would wait a minute.
+    let server = TestServer::start().await;
+    let port = server.addr().port();
+    let refused_retry = grpc_pool::BackoffConfig::default().refused_retry;
+    let pool = Pool::builder().backoff(long_backoff()).build([server.uri()]).await.unwrap();
+    let (stop, callers) = start_callers(&pool, 4, Duration::from_secs(5), false);
+    wait_until(WAIT, "calls are flowing", || pool.state().statistics.checkouts_direct > 50).await;
+
+    server.shutdown().await;
+    let down_at = Instant::now();
+    let failures_before = pool.state().statistics.connect_failures;
+    wait_until(WAIT, "connects are refused", || {
+        pool.state().statistics.connect_failures > failures_before + 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let attempts = pool.state().statistics.connect_failures - failures_before;
+    let down_for = down_at.elapsed();
+    let _server = TestServer::start_with(ServerOptions { port: Some(port), ..Default::default() }).await;
+    let up_at = Instant::now();
+    wait_until(WAIT, "the endpoint takes calls again", || {
+        pool.state().endpoints[0].members.iter().any(|m| m.state == grpc_pool::state::MemberState::Ready)
+    })
+    .await;
+    let back_after = up_at.elapsed();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(true).unwrap();
+    let mut outcomes = Vec::new();
+    for caller in callers {
+        outcomes.extend(caller.await.unwrap());
+    }
+    let served_after = first_success_since(&outcomes, up_at).map(|at| at - up_at);
+    eprintln!(
+        "restart: {attempts} refused connects in {down_for:?} down; connection back {back_after:?} after the \
+         server listened, first call served {served_after:?} after"
+    );
+    // No more attempts than one per `refused_retry` (and the one that found the port closed).
+    let most = (down_for.as_secs_f64() / refused_retry.as_secs_f64()).floor() as u64 + 2;
+    assert!(
+        attempts <= most,
+        "{attempts} connect attempts in {down_for:?}: more than one per {refused_retry:?}"
+    );
+    assert!(
+        attempts >= 3,
+        "only {attempts} attempts in {down_for:?} of calls failing: calls pulled none forward"
+    );
+    // Back long before the backoff (a minute) would have tried again.
+    assert!(back_after < Duration::from_secs(10), "the connection came back {back_after:?} after the server");
+    // The outage's failures were fast, and none came once the connection was back.
+    for (started, took, status) in &outcomes {
+        if let Some(status) = status {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(*took < Duration::from_secs(1), "a call failed after {took:?}");
+            assert!(*started < up_at + back_after, "a call failed after the connection was back: {status:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_min_connections_a_pool_whose_connects_failed_tries_again_when_calls_come() {
+    // With `min_connections` 0 nothing keeps a connection open for its own sake: the calls
+    // that fail fast while the endpoint is down must be what keeps the pool trying, or it
+    // would stay down for good once its retrier gave up.
+    let mut outage = Outage::start().await;
+    let pool =
+        Pool::builder().min_connections(0).backoff(outage_backoff()).build_lazy([outage.uri()]).unwrap();
+    let (stop, callers) = start_callers(&pool, 2, Duration::from_secs(5), false);
+    wait_until(WAIT, "calls are flowing", || pool.state().statistics.checkouts_direct > 50).await;
+    // Down with connections accepted and closed at once: not refused, so the backoff rules.
+    outage.down().await;
+    wait_until(WAIT, "connects fail", || pool.state().statistics.connect_failures >= 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    outage.up().await;
+    let up_at = Instant::now();
+    let served = pool.state().statistics.checkouts_direct;
+    wait_until(Duration::from_secs(30), "calls are served again", || {
+        pool.state().statistics.checkouts_direct > served + 10
+    })
+    .await;
+    stop.send(true).unwrap();
+    let mut outcomes = Vec::new();
+    for caller in callers {
+        outcomes.extend(caller.await.unwrap());
+    }
+    assert!(first_success_since(&outcomes, up_at).is_some(), "no call was served after the server came back");
+    assert_eq!(outage.most_held.load(std::sync::atomic::Ordering::SeqCst), 1, "connects overlapped");
+}
+
 #[tokio::test]
 async fn calls_queued_behind_a_dead_host_are_released_once_health_checks_mark_it_down() {
     let server = TestServer::start_with(ServerOptions { health: true, ..Default::default() }).await;

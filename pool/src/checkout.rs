@@ -134,8 +134,14 @@ impl PoolInner {
         let found = self.try_checkout().map(|slot| self.waiters.hand_on::<Arc<Member>>(slot)).is_some();
         let result = match waiting.slot.try_recv() {
             Ok(result) => result,
-            Err(_) if !found && !wait.wait_for_ready && self.all_in_transient_failure() => {
-                // Nothing can serve the call now, and it asked not to wait (gRPC's default).
+            Err(_)
+                if !found
+                    && !wait.wait_for_ready
+                    && self.all_in_transient_failure()
+                    && !self.pull_attempts() =>
+            {
+                // Nothing can serve the call now, and it asked not to wait (gRPC's default);
+                // no endpoint's next attempt could be pulled forward for it to wait for.
                 drop(waiting);
                 let (error, result) = self.hopeless_error();
                 metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => result).increment(1);

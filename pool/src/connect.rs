@@ -32,6 +32,8 @@ impl Drop for ConnectingGuard {
         locked.connecting = locked.connecting.saturating_sub(1);
         if self.retrier {
             locked.retrier = false;
+            // Nobody is left to make the attempt a call pulled forward.
+            locked.pulled = false;
         }
     }
 }
@@ -68,15 +70,15 @@ impl PoolInner {
 
     /// Starts a task that opens one member of `entry`, retrying with backoff while the pool
     /// still wants it. An endpoint whose connects are failing gets no second task: the one
-    /// under way retries for everybody, one attempt at a time.
-    pub(crate) fn spawn_connect(self: &Arc<Self>, entry: Arc<EndpointEntry>) {
+    /// under way retries for everybody, one attempt at a time. Returns whether it started one.
+    pub(crate) fn spawn_connect(self: &Arc<Self>, entry: Arc<EndpointEntry>) -> bool {
         {
             let mut locked = entry.lock();
             if entry.members().len() + locked.connecting >= self.config.max_connections {
-                return;
+                return false;
             }
             if locked.consecutive_failures > 0 && locked.connecting > 0 {
-                return;
+                return false;
             }
             locked.connecting += 1;
         }
@@ -98,13 +100,64 @@ impl PoolInner {
                 pool.replenish(&entry);
             }
         });
+        true
     }
 
     /// Whether a connect task of `entry` is still wanted: the endpoint is below
-    /// `min_connections` without it, or callers are waiting.
+    /// `min_connections` without it, callers are waiting, or a call found it down since its
+    /// last attempt (and failed fast, or pulled the next attempt forward).
     pub(crate) fn connect_wanted(&self, entry: &EndpointEntry, locked: &EndpointInternals) -> bool {
         let others = (entry.members().len() + locked.connecting).saturating_sub(1);
-        others < self.config.min_connections || self.waiters.has_waiters()
+        others < self.config.min_connections || self.waiters.has_waiters() || locked.demand || locked.pulled
+    }
+
+    /// A call found every endpoint down (gRPC's transient failure) and is about to fail fast.
+    /// Each endpoint that failed to connect learns that a connect is wanted; one whose last
+    /// attempt was refused (nothing listened: a server restarting) and started at least
+    /// `backoff.refused_retry` ago gets its next attempt now instead of at the end of its
+    /// backoff. Returns whether any did: then the call waits for that attempt instead of
+    /// failing, and a server that is back serves it.
+    ///
+    /// This departs from gRPC's connection-backoff spec, whose only clock is the backoff: a
+    /// refused connect costs the server nothing (the kernel answers it), so trying again at
+    /// a call's request, at most once per `refused_retry` per endpoint, finds a restarted
+    /// server within that interval without storming it, where the spec's backoff (1 s, then
+    /// growing to 120 s) leaves calls failing for up to the backoff after the server is
+    /// back. A timeout, a failed handshake or a connection closed at once still waits out
+    /// the backoff: those cost the server work.
+    pub(crate) fn pull_attempts(self: &Arc<Self>) -> bool {
+        let retry = self.config.backoff.refused_retry;
+        let now = Instant::now();
+        let mut pulled_any = false;
+        let endpoints = self.endpoints.load();
+        for entry in endpoints.iter() {
+            if !entry.is_routable() {
+                continue;
+            }
+            let (pulled, spawn) = {
+                let mut locked = entry.lock();
+                if locked.consecutive_failures == 0 || locked.pulled {
+                    continue;
+                }
+                locked.demand = true;
+                let due = locked.last_attempt.is_none_or(|at| now.saturating_duration_since(at) >= retry);
+                let pulled = locked.refused && !retry.is_zero() && due;
+                locked.pulled = pulled;
+                (pulled, locked.connecting == 0)
+            };
+            if spawn {
+                // No task retries this endpoint (`min_connections` 0, and the last one gave
+                // up when no call was left waiting): start one.
+                if !self.spawn_connect(entry.clone()) && pulled {
+                    entry.lock().pulled = false;
+                    continue;
+                }
+            } else if pulled {
+                entry.wake_retrier.notify_one();
+            }
+            pulled_any |= pulled;
+        }
+        pulled_any
     }
 
     /// Opens one member of `entry`, waiting out the endpoint's backoff before each attempt;
@@ -128,18 +181,26 @@ impl PoolInner {
                     locked.retrier = true;
                     guard.retrier = true;
                 }
-                let wait = locked.next_attempt.map(|at| at.saturating_duration_since(Instant::now()));
+                let wait = match locked.pulled {
+                    true => None,
+                    false => locked.next_attempt.map(|at| at.saturating_duration_since(Instant::now())),
+                };
                 (locked.failure_round, wait.unwrap_or_default())
             };
             if !wait.is_zero() && !self.wait_backoff(entry, wait).await {
                 return false;
+            }
+            {
+                let mut locked = entry.lock();
+                locked.last_attempt = Some(Instant::now());
+                locked.demand = false;
             }
             let listed = match self.open_member(entry, round).await {
                 Ok(member) => {
                     let listed = self.add_member(entry, member.clone());
                     if !listed {
                         // It ended before it could serve: as good as a failed connect.
-                        self.note_failure(entry, round, "the connection ended as soon as it opened");
+                        self.note_failure(entry, round, "the connection ended as soon as it opened", false);
                     }
                     listed
                 }
@@ -155,18 +216,37 @@ impl PoolInner {
     }
 
     /// Sleeps out a backoff `wait` (plus a little spread), looking every
-    /// [`BACKOFF_RECHECK`] whether the attempt is still wanted; false if it is not.
+    /// [`BACKOFF_RECHECK`] whether the attempt is still wanted; false if it is not. Ends
+    /// early when a call pulls the attempt forward (`pull_attempts`), or, while calls are
+    /// queued and the last attempt was refused, `backoff.refused_retry` after it: the queued
+    /// calls are the demand that pulls it.
     pub(crate) async fn wait_backoff(&self, entry: &EndpointEntry, wait: Duration) -> bool {
         // A little spread of its own, so that pools started together do not reconnect in
         // lockstep.
         let spread = wait.mul_f64(0.1 * fastrand::f64());
-        let until = tokio::time::Instant::now() + wait + spread;
+        let until = Instant::now() + wait + spread;
+        let retry = self.config.backoff.refused_retry;
         loop {
-            let now = tokio::time::Instant::now();
-            if now >= until {
+            let now = Instant::now();
+            let wake_at = {
+                let locked = entry.lock();
+                if locked.pulled {
+                    return true;
+                }
+                match locked.last_attempt {
+                    Some(at) if locked.refused && !retry.is_zero() && self.waiters.has_waiters() => {
+                        (at + retry).min(until)
+                    }
+                    _ => until,
+                }
+            };
+            if now >= wake_at {
                 return true;
             }
-            tokio::time::sleep_until(until.min(now + BACKOFF_RECHECK)).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake_at.min(now + BACKOFF_RECHECK)) => {}
+                _ = entry.wake_retrier.notified() => {}
+            }
             if entry.is_removed() || !self.connect_wanted(entry, &entry.lock()) {
                 return false;
             }
@@ -280,7 +360,8 @@ impl PoolInner {
             Err(error) => {
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(names::CONNECTS, names::LABEL_POOL => pool_label, names::LABEL_ENDPOINT => endpoint_label, names::LABEL_RESULT => "error").increment(1);
-                let (failures, delay) = self.note_failure(entry, round, &error.to_string());
+                let (failures, delay) =
+                    self.note_failure(entry, round, &error.to_string(), error.is_connection_refused());
                 tracing::warn!(pool = %self.name(), endpoint = %entry.label(), failures, retry_in = ?delay, error = %error, "connect failed");
             }
         }
@@ -299,7 +380,8 @@ impl PoolInner {
     pub(crate) fn note_short_life(&self, entry: &EndpointEntry, member: &Member) {
         if member.age() < SHORT_LIFE && member.streams_opened() == 0 && !member.signals.goaway_seen() {
             let round = entry.lock().failure_round;
-            self.note_failure(entry, round, &format!("connection closed {:?} after it opened", member.age()));
+            let what = format!("connection closed {:?} after it opened", member.age());
+            self.note_failure(entry, round, &what, false);
         }
     }
 
@@ -307,11 +389,23 @@ impl PoolInner {
     /// grows by one round only if no other attempt's failure was counted since (attempts under
     /// way together fail as one), and releases the queued calls that now have nothing to wait
     /// for. Returns the failures in a row and the delay before the next attempt.
-    pub(crate) fn note_failure(&self, entry: &EndpointEntry, round: u64, what: &str) -> (u32, Duration) {
+    ///
+    /// `refused` says the attempt was refused at the TCP level; one that a call pulled
+    /// forward and was refused is not a round of the backoff (the server is simply not back
+    /// yet, and the backoff must not grow at the pace of the calls).
+    pub(crate) fn note_failure(
+        &self,
+        entry: &EndpointEntry,
+        round: u64,
+        what: &str,
+        refused: bool,
+    ) -> (u32, Duration) {
         let counted = {
             let mut locked = entry.lock();
             locked.last_error = Some(what.to_owned());
-            if locked.failure_round == round {
+            let pulled = std::mem::take(&mut locked.pulled);
+            locked.refused = refused;
+            if locked.failure_round == round && !(pulled && refused && locked.consecutive_failures > 0) {
                 locked.failure_round += 1;
                 locked.consecutive_failures = locked.consecutive_failures.saturating_add(1);
                 let delay = backoff::delay(&self.config.backoff, locked.consecutive_failures);

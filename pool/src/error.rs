@@ -173,6 +173,26 @@ impl Error {
         )
     }
 
+    /// Whether this is a connect that nobody answered at the TCP level: the host is up and
+    /// nothing listens on the port (`ECONNREFUSED`), as while a server restarts. Such an
+    /// attempt cost the server nothing, so the pool may try again sooner than its backoff
+    /// (`BackoffConfig::refused_retry`).
+    pub(crate) fn is_connection_refused(&self) -> bool {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = match &self.inner.cause {
+            Some(cause) => Some(cause.as_ref()),
+            None => return false,
+        };
+        while let Some(error) = next {
+            if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                    return true;
+                }
+            }
+            next = error.source();
+        }
+        false
+    }
+
     /// The pool could not be built eagerly because no endpoint could be reached.
     pub(crate) fn no_endpoint_reachable(pool: &str, errors: &[Error]) -> Error {
         let each: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();

@@ -205,6 +205,9 @@ impl PoolInner {
             locked.consecutive_failures = 0;
             locked.next_attempt = None;
             locked.last_error = None;
+            locked.refused = false;
+            locked.pulled = false;
+            locked.demand = false;
         }
         if member.max_streams() == 0 {
             tracing::warn!(pool = %self.name(), endpoint = %entry.label(), member = member.id, "server allows 0 concurrent streams on this connection; it carries no calls until it raises the limit");

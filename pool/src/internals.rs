@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::endpoint::{Endpoint, EndpointShared, OutlierReports};
@@ -25,6 +25,8 @@ pub(crate) struct EndpointEntry {
     healthy: AtomicBool,
     /// One permit per connect that may be under way at once.
     pub(crate) connect_permits: Semaphore,
+    /// Wakes the retrier waiting out a backoff when a call pulls the next attempt forward.
+    pub(crate) wake_retrier: Notify,
     /// Removed from the pool (discovery): no new streams or connects; members drain.
     removed: AtomicBool,
     /// Ejected by outlier detection: no new streams until the ejection ends.
@@ -46,8 +48,21 @@ pub(crate) struct EndpointInternals {
     /// Whether a connect task has taken the role of retrying this endpoint while it fails:
     /// one attempt at a time goes to a failing endpoint, whoever is waiting for it.
     pub(crate) retrier: bool,
-    /// No connect attempt before this instant.
+    /// No connect attempt before this instant (unless a call pulls one forward: `pulled`).
     pub(crate) next_attempt: Option<Instant>,
+    /// When the last connect attempt started: pulled attempts keep `refused_retry` apart
+    /// from any attempt.
+    pub(crate) last_attempt: Option<Instant>,
+    /// The last failed attempt was refused at the TCP level (nothing listened): the next
+    /// one may be pulled forward by a call.
+    pub(crate) refused: bool,
+    /// A call pulled the next attempt forward: the retrier makes it now, without waiting out
+    /// the backoff, and until it ends the endpoint is not in transient failure (calls wait
+    /// for it, as gRPC's calls wait for a connection in `CONNECTING`).
+    pub(crate) pulled: bool,
+    /// A call found the endpoint down since its last attempt started: a connect is wanted
+    /// even with no `min_connections` to keep and no call queued (the call failed fast).
+    pub(crate) demand: bool,
     pub(crate) last_error: Option<String>,
     /// Why the endpoint is unhealthy, when it is.
     pub(crate) health_reason: Option<String>,
@@ -71,6 +86,7 @@ impl EndpointEntry {
             internals: Mutex::new(EndpointInternals::default()),
             healthy: AtomicBool::new(true),
             connect_permits: Semaphore::new(concurrent_connects),
+            wake_retrier: Notify::new(),
             removed: AtomicBool::new(false),
             ejected: AtomicBool::new(false),
         })
@@ -165,7 +181,8 @@ impl EndpointEntry {
     /// Whether the endpoint cannot take a call now and is not about to: it takes no new
     /// streams (unhealthy, ejected, removed), or it has no ready member and its last connect
     /// failed, so the next attempt waits for the backoff (gRPC's `TRANSIENT_FAILURE`). An
-    /// endpoint still making its first connection is not.
+    /// endpoint still making its first connection is not, nor one making an attempt a call
+    /// pulled forward.
     pub(crate) fn in_transient_failure(&self) -> bool {
         if !self.is_routable() {
             return true;
@@ -174,7 +191,8 @@ impl EndpointEntry {
         if members.iter().any(|m| m.state() == crate::member::MemberState::Ready) {
             return false;
         }
-        self.lock().consecutive_failures > 0
+        let locked = self.lock();
+        locked.consecutive_failures > 0 && !locked.pulled
     }
 
     /// A slot on the least loaded ready member, room or not (see `Member::force_acquire`).
