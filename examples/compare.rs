@@ -15,6 +15,8 @@
 mod counting;
 #[path = "compare/measure.rs"]
 mod measure;
+#[path = "compare/open_loop.rs"]
+mod open_loop;
 #[path = "compare/report.rs"]
 mod report;
 
@@ -48,6 +50,12 @@ OPTIONS:
   --ports N              server ports, one endpoint each (default 4)
   --rounds N             run every cell N times, interleaved; the tables give medians
                          (default 1)
+  --open-loop LIST       also run every client in open loop: calls started at a fixed rate
+                         whether or not earlier ones returned, latency from each call's
+                         intended start; each rate absolute (calls/s) or a percentage of
+                         the `channel`'s closed-loop calls/s at the largest --concurrency in
+                         the same round and layout (measured for it if the channel is not in
+                         --clients), e.g. 50%,75%,5000 (default: none)
   --markdown FILE        also write the tables as Markdown
   --json FILE            also write the results as JSON
 
@@ -65,6 +73,7 @@ struct Options {
     layouts: Vec<String>,
     ports: usize,
     rounds: usize,
+    open_loop: Vec<Rate>,
     markdown: Option<String>,
     json: Option<String>,
 }
@@ -78,6 +87,7 @@ fn parse() -> Result<Options, String> {
         layouts: vec!["multi".into(), "single".into()],
         ports: 4,
         rounds: 1,
+        open_loop: Vec::new(),
         markdown: None,
         json: None,
     };
@@ -115,6 +125,14 @@ fn parse() -> Result<Options, String> {
                     .filter(|n| (1..=20).contains(n))
                     .ok_or("--rounds takes 1 to 20")?
             }
+            "--open-loop" => {
+                o.open_loop = list(args.next())
+                    .ok_or("--open-loop takes a list")?
+                    .iter()
+                    .map(|r| Rate::parse(r))
+                    .collect::<Option<_>>()
+                    .ok_or("--open-loop takes rates: calls/s (1 to 10000000) or percentages (1% to 500%)")?
+            }
             "--markdown" => o.markdown = Some(args.next().ok_or("--markdown takes a file")?),
             "--json" => o.json = Some(args.next().ok_or("--json takes a file")?),
             other => return Err(format!("unknown option `{other}`; see --help")),
@@ -131,6 +149,31 @@ fn parse() -> Result<Options, String> {
         }
     }
     Ok(o)
+}
+
+/// An open-loop rate: absolute, or a share of the `channel`'s closed-loop capacity.
+#[derive(Clone, Copy)]
+enum Rate {
+    PerSecond(f64),
+    OfChannel(f64),
+}
+
+impl Rate {
+    fn parse(text: &str) -> Option<Rate> {
+        match text.strip_suffix('%') {
+            Some(p) => {
+                p.parse().ok().filter(|p| (1.0..=500.0).contains(p)).map(|p: f64| Rate::OfChannel(p / 100.0))
+            }
+            None => text.parse().ok().filter(|r| (1.0..=1e7).contains(r)).map(Rate::PerSecond),
+        }
+    }
+
+    fn calls_per_sec(self, channel_capacity: f64) -> f64 {
+        match self {
+            Rate::PerSecond(r) => r,
+            Rate::OfChannel(share) => (channel_capacity * share).round().max(1.0),
+        }
+    }
 }
 
 fn secs(value: Option<String>, flag: &str) -> Result<Duration, String> {
@@ -260,9 +303,11 @@ async fn run(client: Client, concurrency: usize, warmup: Duration, duration: Dur
         starved += usize::from(n == 0);
     }
     Row {
+        round: 0,
         layout: String::new(),
         client: String::new(),
         concurrency,
+        offered: None,
         calls_per_sec: calls as f64 / elapsed,
         p50_us: all.value_at_quantile(0.5) as f64,
         p99_us: all.value_at_quantile(0.99) as f64,
@@ -286,10 +331,23 @@ fn grpc_frame() -> Vec<u8> {
 /// One h2load cell. h2load runs `warmup` + `duration`; the probe is read 0.3 s into its
 /// measured part and 0.3 s before its end (its own clock starts after it connects), and the
 /// calls in that window are its rate times the window.
-fn h2load(uri: &str, concurrency: usize, options: &Options, single: bool, mut probe: Probe) -> Option<Row> {
+/// With `rate`, in open loop: h2load's `--rps` (per connection) over 4 connections of up to
+/// `concurrency` streams each; its latency then runs from each request's actual start.
+fn h2load(
+    uri: &str,
+    concurrency: usize,
+    rate: Option<f64>,
+    options: &Options,
+    single: bool,
+    mut probe: Probe,
+) -> Option<Row> {
     let body = std::env::temp_dir().join("grpc-pool-compare-request.bin");
     std::fs::write(&body, grpc_frame()).ok()?;
     let connections = concurrency.min(4);
+    let rps: Vec<String> = match rate {
+        Some(rate) => vec!["--rps".into(), format!("{:.0}", (rate / connections as f64).max(1.0))],
+        None => Vec::new(),
+    };
     let seconds = |d: Duration| (d.as_secs_f64().ceil() as u64).max(1);
     let (warmup, duration) = (seconds(options.warmup), seconds(options.duration));
     let child = Command::new("h2load")
@@ -298,6 +356,7 @@ fn h2load(uri: &str, concurrency: usize, options: &Options, single: bool, mut pr
         .args(["-D", &duration.to_string(), "--warm-up-time", &warmup.to_string()])
         // h2load wants no more threads than connections.
         .args(["-t", &(if single { 1 } else { 2 }).min(connections).to_string()])
+        .args(&rps)
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .arg("-d")
         .arg(&body)
@@ -314,7 +373,7 @@ fn h2load(uri: &str, concurrency: usize, options: &Options, single: bool, mut pr
     let window = started.elapsed().as_secs_f64();
     let output = child.wait_with_output().ok()?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let rps: f64 = text
+    let achieved: f64 = text
         .lines()
         .find(|l| l.starts_with("finished in"))?
         .split(", ")
@@ -336,16 +395,18 @@ fn h2load(uri: &str, concurrency: usize, options: &Options, single: bool, mut pr
         .and_then(|l| parse_h2load_time(l.split_whitespace().nth(5)?))
         .unwrap_or(f64::NAN);
     Some(Row {
+        round: 0,
         layout: String::new(),
         client: "h2load".into(),
-        concurrency,
-        calls_per_sec: rps,
+        concurrency: if rate.is_some() { 0 } else { concurrency },
+        offered: rate,
+        calls_per_sec: achieved,
         p50_us: mean,
         p99_us: f64::NAN,
         p999_us: f64::NAN,
         errors: errored,
         starved: 0,
-        per: per_call(before, after, rps * window),
+        per: per_call(before, after, achieved * window),
     })
 }
 
@@ -360,6 +421,82 @@ fn parse_h2load_time(text: &str) -> Option<f64> {
         return None;
     };
     number.parse::<f64>().ok().map(|n| n * scale)
+}
+
+/// A cell's load.
+#[derive(Clone, Copy)]
+enum Load {
+    /// This many callers, each starting a call when its last one returns.
+    Closed(usize),
+    /// Calls started at this rate a second, whatever comes back.
+    Open(f64),
+}
+
+/// What the cells of one round and layout share.
+struct Setup<'a> {
+    options: &'a Options,
+    uris: &'a [String],
+    server: &'a ServerProcess,
+    client_rt: &'a tokio::runtime::Runtime,
+    single: bool,
+    has_h2load: bool,
+}
+
+impl Setup<'_> {
+    /// One cell of `client` under `load`; none for h2load when it is missing or fails.
+    fn cell(&self, client: &str, load: Load) -> Option<Row> {
+        let probe = Probe {
+            client: std::process::id(),
+            server: self.server.child.id(),
+            ports: self.server.ports.clone(),
+            writes: if client == "balance" { Writes::None } else { Writes::Counted },
+        };
+        let (warmup, duration) = (self.options.warmup, self.options.duration);
+        if client == "h2load" {
+            if !self.has_h2load {
+                return None;
+            }
+            // In open loop, as many streams as the largest closed-loop cell had.
+            let most = self.options.concurrency.iter().max().copied().unwrap_or(256).max(4);
+            let (concurrency, rate) = match load {
+                Load::Closed(c) => (c, None),
+                Load::Open(rate) => (most, Some(rate)),
+            };
+            let row = h2load(&self.uris[0], concurrency, rate, self.options, self.single, probe);
+            if row.is_none() {
+                eprintln!("h2load failed at concurrency {concurrency}, rate {rate:?}");
+            }
+            return row;
+        }
+        // The callers run on the runtime's workers; this future, and the probe's reads, on
+        // this thread.
+        Some(self.client_rt.block_on(async {
+            let c = make_client(client, self.uris).await;
+            match load {
+                Load::Closed(concurrency) => run(c, concurrency, warmup, duration, probe).await,
+                Load::Open(rate) => open_loop::run(c, rate, warmup, duration, probe).await,
+            }
+        }))
+    }
+}
+
+/// The `channel`'s closed-loop calls/s at the largest concurrency in this round and layout,
+/// for open-loop rates given as percentages: from its row if it ran, else measured now.
+fn channel_capacity(rows: &[Row], round: usize, layout: &str, setup: &Setup) -> f64 {
+    let most = setup.options.concurrency.iter().max().copied().unwrap_or(256);
+    let ran = rows.iter().find(|r| {
+        r.round == round
+            && r.layout == layout
+            && r.client == "channel"
+            && r.offered.is_none()
+            && r.concurrency == most
+    });
+    if let Some(row) = ran {
+        return row.calls_per_sec;
+    }
+    let measured = setup.cell("channel", Load::Closed(most)).map(|r| r.calls_per_sec).unwrap_or(f64::NAN);
+    println!("channel capacity for open-loop rates: {measured:.0} calls/s at c={most}");
+    measured
 }
 
 fn runtime(single: bool) -> tokio::runtime::Runtime {
@@ -403,36 +540,33 @@ fn main() {
                 if single { "1" } else { "default" },
                 uris.len()
             );
+            let setup = Setup {
+                options: &options,
+                uris: &uris,
+                server: &server,
+                client_rt: &client_rt,
+                single,
+                has_h2load,
+            };
             for client in &options.clients {
-                let probe = Probe {
-                    client: std::process::id(),
-                    server: server.child.id(),
-                    ports: server.ports.clone(),
-                    writes: if client == "balance" { Writes::None } else { Writes::Counted },
-                };
                 for &concurrency in &options.concurrency {
-                    let row = if client == "h2load" {
-                        if !has_h2load {
-                            continue;
+                    if let Some(row) = setup.cell(client, Load::Closed(concurrency)) {
+                        let row = Row { layout: layout.clone(), client: client.clone(), round, ..row };
+                        println!("{}", report::line(&row));
+                        rows.push(row);
+                    }
+                }
+            }
+            if !options.open_loop.is_empty() {
+                let capacity = channel_capacity(&rows, round, layout, &setup);
+                for rate in &options.open_loop {
+                    for client in &options.clients {
+                        if let Some(row) = setup.cell(client, Load::Open(rate.calls_per_sec(capacity))) {
+                            let row = Row { layout: layout.clone(), client: client.clone(), round, ..row };
+                            println!("{}", report::line(&row));
+                            rows.push(row);
                         }
-                        match h2load(&uris[0], concurrency, &options, single, probe.clone()) {
-                            Some(row) => row,
-                            None => {
-                                eprintln!("h2load failed at concurrency {concurrency}");
-                                continue;
-                            }
-                        }
-                    } else {
-                        // The callers run on the runtime's workers; this future, and the probe's
-                        // reads, on this thread.
-                        client_rt.block_on(async {
-                            let c = make_client(client, &uris).await;
-                            run(c, concurrency, options.warmup, options.duration, probe.clone()).await
-                        })
-                    };
-                    let row = Row { layout: layout.clone(), client: client.clone(), ..row };
-                    println!("{}", report::line(&row));
-                    rows.push(row);
+                    }
                 }
             }
             drop(client_rt);
