@@ -19,6 +19,8 @@ mod measure;
 mod open_loop;
 #[path = "compare/report.rs"]
 mod report;
+#[path = "compare/restart.rs"]
+mod restart;
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -56,6 +58,13 @@ OPTIONS:
                          the `channel`'s closed-loop calls/s at the largest --concurrency in
                          the same round and layout (measured for it if the channel is not in
                          --clients), e.g. 50%,75%,5000 (default: none)
+  --restart LIST         instead of the tables: each Rust client under open-loop load while
+                         its server (one port) stops gracefully, stays down this many
+                         seconds, and starts again on the same port, e.g. 0,1,3; reports
+                         failed calls, how soon after the server listens calls succeed,
+                         connection attempts a second while down, and the p99 of the
+                         second the stop began in
+  --restart-rate N       calls/s offered in the restart cells (default 1000)
   --markdown FILE        also write the tables as Markdown
   --json FILE            also write the results as JSON
 
@@ -74,6 +83,8 @@ struct Options {
     ports: usize,
     rounds: usize,
     open_loop: Vec<Rate>,
+    restart: Vec<Duration>,
+    restart_rate: f64,
     markdown: Option<String>,
     json: Option<String>,
 }
@@ -88,6 +99,8 @@ fn parse() -> Result<Options, String> {
         ports: 4,
         rounds: 1,
         open_loop: Vec::new(),
+        restart: Vec::new(),
+        restart_rate: 1000.0,
         markdown: None,
         json: None,
     };
@@ -111,20 +124,8 @@ fn parse() -> Result<Options, String> {
             }
             "--clients" => o.clients = list(args.next()).ok_or("--clients takes a list")?,
             "--layouts" => o.layouts = list(args.next()).ok_or("--layouts takes a list")?,
-            "--ports" => {
-                o.ports = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|n| (1..=64).contains(n))
-                    .ok_or("--ports takes 1 to 64")?
-            }
-            "--rounds" => {
-                o.rounds = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|n| (1..=20).contains(n))
-                    .ok_or("--rounds takes 1 to 20")?
-            }
+            "--ports" => o.ports = number(args.next(), 1..=64, "--ports takes 1 to 64")?,
+            "--rounds" => o.rounds = number(args.next(), 1..=20, "--rounds takes 1 to 20")?,
             "--open-loop" => {
                 o.open_loop = list(args.next())
                     .ok_or("--open-loop takes a list")?
@@ -132,6 +133,22 @@ fn parse() -> Result<Options, String> {
                     .map(|r| Rate::parse(r))
                     .collect::<Option<_>>()
                     .ok_or("--open-loop takes rates: calls/s (1 to 10000000) or percentages (1% to 500%)")?
+            }
+            "--restart" => {
+                o.restart = list(args.next())
+                    .ok_or("--restart takes a list")?
+                    .iter()
+                    .map(|d| {
+                        d.parse::<f64>()
+                            .ok()
+                            .filter(|d| (0.0..=600.0).contains(d))
+                            .map(Duration::from_secs_f64)
+                    })
+                    .collect::<Option<_>>()
+                    .ok_or("--restart takes seconds down, 0 to 600")?
+            }
+            "--restart-rate" => {
+                o.restart_rate = number(args.next(), 1.0..=1e6, "--restart-rate takes 1 to 1000000 calls/s")?
             }
             "--markdown" => o.markdown = Some(args.next().ok_or("--markdown takes a file")?),
             "--json" => o.json = Some(args.next().ok_or("--json takes a file")?),
@@ -176,6 +193,15 @@ impl Rate {
     }
 }
 
+/// An option's number, in `range`, or `message`.
+fn number<T: std::str::FromStr + PartialOrd>(
+    value: Option<String>,
+    range: std::ops::RangeInclusive<T>,
+    message: &str,
+) -> Result<T, String> {
+    value.and_then(|v| v.parse().ok()).filter(|n| range.contains(n)).ok_or_else(|| message.to_owned())
+}
+
 fn secs(value: Option<String>, flag: &str) -> Result<Duration, String> {
     value
         .and_then(|v| v.parse::<f64>().ok())
@@ -213,7 +239,18 @@ enum Client {
 }
 
 impl Client {
+    /// A call with a deadline: `grpc-timeout` on the request, which each client enforces.
+    async fn call_with_deadline(&mut self, request: EchoRequest, deadline: Duration) -> Result<(), String> {
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(deadline);
+        self.send(request).await
+    }
+
     async fn call(&mut self, request: EchoRequest) -> Result<(), String> {
+        self.send(tonic::Request::new(request)).await
+    }
+
+    async fn send(&mut self, request: tonic::Request<EchoRequest>) -> Result<(), String> {
         let result = match self {
             Client::Pool(c) => c.unary_echo(request).await.map(drop),
             Client::Channel(c) => c.unary_echo(request).await.map(drop),
@@ -499,6 +536,29 @@ fn channel_capacity(rows: &[Row], round: usize, layout: &str, setup: &Setup) -> 
     measured
 }
 
+/// `--restart`: the restart cells, every Rust client at every time down, interleaved.
+fn restarts(options: &Options) {
+    let client_rt = runtime(false);
+    let mut rows = Vec::new();
+    for round in 1..=options.rounds {
+        for &down in &options.restart {
+            for client in options.clients.iter().filter(|c| *c != "h2load") {
+                let row = restart::run(client, down, options.restart_rate, &client_rt);
+                println!(
+                    "round {round}: {client:<8} down {down:?}: {} of {} calls failed, served again {:?} after the server listened, {:.1} connection attempts/s while down, p99 of the stop's second {:.0} µs",
+                    row.failed, row.calls, row.back_after, row.attempts_per_sec, row.p99_stop_second_us
+                );
+                rows.push(row);
+            }
+        }
+    }
+    let table = restart::table(&rows);
+    println!("\n{table}");
+    if let Some(path) = &options.markdown {
+        std::fs::write(path, &table).expect("write the Markdown file");
+    }
+}
+
 fn runtime(single: bool) -> tokio::runtime::Runtime {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if single {
@@ -511,7 +571,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--serve") {
         let ports = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(4);
-        return measure::serve(ports, args.get(3).map(String::as_str) == Some("single"));
+        let on = args.get(4).map(|p| p.split(',').filter_map(|p| p.parse().ok()).collect());
+        return measure::serve(ports, args.get(3).map(String::as_str) == Some("single"), on);
     }
     let options = match parse() {
         Ok(o) => o,
@@ -523,6 +584,9 @@ fn main() {
     let has_h2load = Command::new("h2load").arg("--version").output().is_ok();
     if !has_h2load && options.clients.iter().any(|c| c == "h2load") {
         eprintln!("h2load is not installed (scripts/setup-bench installs it): its rows are left out");
+    }
+    if !options.restart.is_empty() {
+        return restarts(&options);
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load =

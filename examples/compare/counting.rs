@@ -17,6 +17,14 @@ static WRITES: AtomicU64 = AtomicU64::new(0);
 /// `poll_flush` calls (free on a TCP socket, but each is one flush of the caller's buffer).
 static FLUSHES: AtomicU64 = AtomicU64::new(0);
 
+/// Connection attempts (TCP connects begun, whatever came of them).
+static CONNECTS: AtomicU64 = AtomicU64::new(0);
+
+/// Connection attempts so far, over every counting connector of this process.
+pub fn connects() -> u64 {
+    CONNECTS.load(Ordering::Relaxed)
+}
+
 /// (writes, flushes) so far.
 pub fn counts() -> (u64, u64) {
     (WRITES.load(Ordering::Relaxed), FLUSHES.load(Ordering::Relaxed))
@@ -29,6 +37,7 @@ pub struct Counted(TcpStream);
 async fn connect(uri: Uri) -> io::Result<Counted> {
     let host = uri.host().unwrap_or("127.0.0.1");
     let port = uri.port_u16().unwrap_or(80);
+    CONNECTS.fetch_add(1, Ordering::Relaxed);
     let stream = TcpStream::connect((host, port)).await?;
     stream.set_nodelay(true)?;
     Ok(Counted(stream))

@@ -173,15 +173,18 @@ pub fn per_call(start: Sample, end: Sample, calls: f64) -> PerCall {
     }
 }
 
-/// The hidden `--serve N single|multi`: in the child, starts N echo servers on a runtime of
-/// the layout's shape, prints their ports on one line, and serves until stdin closes (or the
-/// parent kills it).
-pub fn serve(ports: usize, single: bool) {
+/// The hidden `--serve N single|multi [PORT,...]`: in the child, starts N echo servers (on
+/// the ports given, or any) on a runtime of the layout's shape, prints their ports on one
+/// line, and serves until stdin closes (then shuts down gracefully: GOAWAY on every
+/// connection) or the parent kills it.
+pub fn serve(ports: usize, single: bool, on: Option<Vec<u16>>) {
     let rt = super::runtime(single);
     rt.block_on(async {
         let mut servers = Vec::new();
-        for _ in 0..ports {
-            servers.push(grpc_pool_testkit::TestServer::start().await);
+        for i in 0..ports {
+            let port = on.as_ref().and_then(|p| p.get(i).copied());
+            let options = grpc_pool_testkit::ServerOptions { port, ..Default::default() };
+            servers.push(grpc_pool_testkit::TestServer::start_with(options).await);
         }
         let line: Vec<String> = servers.iter().map(|s| s.addr().port().to_string()).collect();
         println!("{}", line.join(" "));
@@ -191,6 +194,9 @@ pub fn serve(ports: usize, single: bool) {
         })
         .await
         .expect("stdin watcher");
+        for server in servers {
+            server.shutdown().await;
+        }
     });
 }
 
@@ -202,8 +208,16 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn start(ports: usize, single: bool) -> ServerProcess {
+        ServerProcess::start_on(ports, single, None)
+    }
+
+    /// Starts it on the given ports (a restart of one that stopped), or on any.
+    pub fn start_on(ports: usize, single: bool, on: Option<&[u16]>) -> ServerProcess {
+        let on: Vec<String> =
+            on.map(|p| vec![p.iter().map(u16::to_string).collect::<Vec<_>>().join(",")]).unwrap_or_default();
         let mut child = Command::new(std::env::current_exe().expect("this executable"))
             .args(["--serve", &ports.to_string(), if single { "single" } else { "multi" }])
+            .args(&on)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -212,6 +226,13 @@ impl ServerProcess {
         BufReader::new(child.stdout.take().expect("its stdout")).read_line(&mut line).expect("its ports");
         let ports = line.split_whitespace().map(|p| p.parse().expect("a port")).collect();
         ServerProcess { child, ports }
+    }
+
+    /// Graceful stop: stdin closed, so the servers send GOAWAY, finish their calls and exit;
+    /// returns when the process has.
+    pub fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
     }
 
     pub fn uris(&self) -> Vec<String> {
