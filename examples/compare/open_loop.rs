@@ -46,49 +46,56 @@ pub async fn run(client: Client, rate: f64, warmup: Duration, duration: Duration
     let started = Instant::now();
     let window_start = started + warmup;
     let window_end = window_start + duration;
-    let mut before = None;
-    let mut skipped = 0u64;
-    let mut measured_starts = 0u64;
-    let mut next = 0u64;
-    loop {
-        let intended = started + interval.mul_f64(next as f64);
-        if intended >= window_end {
-            break;
-        }
-        let now = Instant::now();
-        if intended > now {
-            // tokio's timers tick by the millisecond: the calls due within one tick start
-            // together, each with its own intended start.
-            tokio::time::sleep_until(intended.into()).await;
-        }
-        if before.is_none() && intended >= window_start {
-            before = Some(probe.start());
-        }
-        next += 1;
-        let measured = intended >= window_start;
-        measured_starts += u64::from(measured);
-        if in_flight.load(Ordering::Relaxed) >= MOST_IN_FLIGHT {
-            skipped += u64::from(measured);
-            continue;
-        }
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        let (mut client, tally, in_flight, payload) =
-            (client.clone(), tally.clone(), in_flight.clone(), payload.clone());
-        tokio::spawn(async move {
-            let result = client.call(EchoRequest { message: payload, repeat: 0, delay_ms: 0 }).await;
-            let latency = intended.elapsed();
-            in_flight.fetch_sub(1, Ordering::Relaxed);
-            if measured {
-                tally.calls.fetch_add(1, Ordering::Relaxed);
-                if result.is_err() {
-                    tally.errors.fetch_add(1, Ordering::Relaxed);
+    // The schedule is kept by a thread of its own, which sleeps to each call's start and
+    // spawns the call onto the runtime: tokio's timers tick by the millisecond, which would
+    // start the calls of each millisecond together and add up to a millisecond to each.
+    let handle = tokio::runtime::Handle::current();
+    let dispatch = {
+        let (tally, in_flight) = (tally.clone(), in_flight.clone());
+        std::thread::spawn(move || {
+            let (mut before, mut skipped, mut measured_starts) = (None, 0u64, 0u64);
+            let mut next = 0u64;
+            loop {
+                let intended = started + interval.mul_f64(next as f64);
+                if intended >= window_end {
+                    break;
                 }
-                let _ = tally.histogram.lock().unwrap().record(latency.as_micros() as u64);
+                let now = Instant::now();
+                if intended > now {
+                    std::thread::sleep(intended - now);
+                }
+                if before.is_none() && intended >= window_start {
+                    before = Some(probe.start());
+                }
+                next += 1;
+                let measured = intended >= window_start;
+                measured_starts += u64::from(measured);
+                if in_flight.load(Ordering::Relaxed) >= MOST_IN_FLIGHT {
+                    skipped += u64::from(measured);
+                    continue;
+                }
+                in_flight.fetch_add(1, Ordering::Relaxed);
+                let (mut client, tally, in_flight, payload) =
+                    (client.clone(), tally.clone(), in_flight.clone(), payload.clone());
+                handle.spawn(async move {
+                    let result = client.call(EchoRequest { message: payload, repeat: 0, delay_ms: 0 }).await;
+                    let latency = intended.elapsed();
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    if measured {
+                        tally.calls.fetch_add(1, Ordering::Relaxed);
+                        if result.is_err() {
+                            tally.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = tally.histogram.lock().unwrap().record(latency.as_micros() as u64);
+                    }
+                });
             }
-        });
-    }
-    let after = probe.end();
-    let before = before.unwrap_or(after);
+            let after = probe.end();
+            (before.unwrap_or(after), after, skipped, measured_starts)
+        })
+    };
+    let (before, after, skipped, measured_starts) =
+        tokio::task::spawn_blocking(move || dispatch.join().expect("the dispatching thread")).await.unwrap();
     // The calls started in the window finish (or are given up on) before the figures are read.
     let drained = Instant::now() + DRAIN;
     while in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < drained {
