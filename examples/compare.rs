@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release --example compare -- --help`
 //!
-//! Clients: `pool` (grpc-pool), `channel` (one tonic Channel), `balance` (tonic
+//! Clients: `pool` (grpc-pool), `pool-ewma` (the same with `Balance::PEAK_EWMA`, on request), `channel` (one tonic Channel), `balance` (tonic
 //! `Channel::balance_list` over the ports), `rr4` (four Channels picked round-robin), `bb8` (a
 //! bb8 pool of Channels, checked out per call), and `h2load` (nghttp2's C load generator with
 //! correctly framed gRPC requests, when installed: Debian's `nghttp2-client`) as the
@@ -46,7 +46,8 @@ OPTIONS:
   --duration SECS        measured time per run (default 5)
   --warmup SECS          unmeasured time before each run (default 1)
   --concurrency LIST     concurrent callers, comma-separated (default 1,32,256)
-  --clients LIST         from pool,channel,balance,rr4,bb8,h2load (default: all)
+  --clients LIST         from pool,pool-ewma,channel,balance,rr4,bb8,h2load (default: all
+                         but pool-ewma, the pool with Balance::PEAK_EWMA)
   --layouts LIST         multi (default runtimes, both sides) and/or single (one worker
                          thread per side) (default multi,single)
   --ports N              server ports, one endpoint each (default 4)
@@ -58,6 +59,8 @@ OPTIONS:
                          the `channel`'s closed-loop calls/s at the largest --concurrency in
                          the same round and layout (measured for it if the channel is not in
                          --clients), e.g. 50%,75%,5000 (default: none)
+  --slow MS              the first port's server answers every call MS milliseconds later
+                         than the others (a slow endpoint among fast ones; default 0)
   --restart LIST         instead of the tables: each Rust client under open-loop load while
                          its server (one port) stops gracefully, stays down this many
                          seconds, and starts again on the same port, e.g. 0,1,3; reports
@@ -85,6 +88,7 @@ struct Options {
     open_loop: Vec<Rate>,
     restart: Vec<Duration>,
     restart_rate: f64,
+    slow: Option<Duration>,
     markdown: Option<String>,
     json: Option<String>,
 }
@@ -101,6 +105,7 @@ fn parse() -> Result<Options, String> {
         open_loop: Vec::new(),
         restart: Vec::new(),
         restart_rate: 1000.0,
+        slow: None,
         markdown: None,
         json: None,
     };
@@ -150,13 +155,17 @@ fn parse() -> Result<Options, String> {
             "--restart-rate" => {
                 o.restart_rate = number(args.next(), 1.0..=1e6, "--restart-rate takes 1 to 1000000 calls/s")?
             }
+            "--slow" => {
+                let ms: u64 = number(args.next(), 0..=10_000, "--slow takes 0 to 10000 ms")?;
+                o.slow = Some(Duration::from_millis(ms)).filter(|d| !d.is_zero());
+            }
             "--markdown" => o.markdown = Some(args.next().ok_or("--markdown takes a file")?),
             "--json" => o.json = Some(args.next().ok_or("--json takes a file")?),
             other => return Err(format!("unknown option `{other}`; see --help")),
         }
     }
     for c in &o.clients {
-        if !["pool", "channel", "balance", "rr4", "bb8", "h2load"].contains(&c.as_str()) {
+        if !["pool", "pool-ewma", "channel", "balance", "rr4", "bb8", "h2load"].contains(&c.as_str()) {
             return Err(format!("unknown client `{c}`"));
         }
     }
@@ -267,6 +276,19 @@ impl Client {
     }
 }
 
+/// The decay of `pool-ewma`'s latency estimate: `GRPC_POOL_COMPARE_EWMA_DECAY_MS`, or
+/// `Balance::PEAK_EWMA`'s.
+fn ewma_decay() -> Duration {
+    let default = match grpc_pool::Balance::PEAK_EWMA {
+        grpc_pool::Balance::PeakEwma { decay } => decay,
+        _ => unreachable!("PEAK_EWMA is latency-aware"),
+    };
+    std::env::var("GRPC_POOL_COMPARE_EWMA_DECAY_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(default, Duration::from_millis)
+}
+
 async fn make_client(kind: &str, uris: &[String]) -> Client {
     let endpoint = |uri: &String| Endpoint::from_shared(uri.clone()).unwrap();
     // Every client but `balance` (`balance_list` takes no connector) over the counting socket.
@@ -277,6 +299,15 @@ async fn make_client(kind: &str, uris: &[String]) -> Client {
     match kind {
         "pool" => Client::Pool(EchoClient::new(
             Pool::builder().name("compare").connector(counting::for_pool()).build(uris).await.unwrap(),
+        )),
+        "pool-ewma" => Client::Pool(EchoClient::new(
+            Pool::builder()
+                .name("compare")
+                .balance(grpc_pool::Balance::PeakEwma { decay: ewma_decay() })
+                .connector(counting::for_pool())
+                .build(uris)
+                .await
+                .unwrap(),
         )),
         "channel" => Client::Channel(EchoClient::new(channel(&uris[0]).await.unwrap())),
         "balance" => Client::Channel(EchoClient::new(Channel::balance_list(uris.iter().map(endpoint)))),
@@ -571,8 +602,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--serve") {
         let ports = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(4);
-        let on = args.get(4).map(|p| p.split(',').filter_map(|p| p.parse().ok()).collect());
-        return measure::serve(ports, args.get(3).map(String::as_str) == Some("single"), on);
+        let on =
+            args.get(4).filter(|p| *p != "-").map(|p| p.split(',').filter_map(|p| p.parse().ok()).collect());
+        let slow = args.get(5).and_then(|ms| ms.parse().ok()).filter(|ms| *ms > 0).map(Duration::from_millis);
+        return measure::serve(ports, args.get(3).map(String::as_str) == Some("single"), on, slow);
     }
     let options = match parse() {
         Ok(o) => o,
@@ -596,7 +629,7 @@ fn main() {
     for round in 1..=options.rounds {
         for layout in &options.layouts {
             let single = layout == "single";
-            let server = ServerProcess::start(options.ports, single);
+            let server = ServerProcess::start(options.ports, single, options.slow);
             let uris = server.uris();
             let client_rt = runtime(single);
             println!(

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::{
-    dns, AllUnhealthy, BackoffConfig, Connector, DnsConfig, Error, H2Config, HealthCheck, Keepalive,
+    dns, AllUnhealthy, BackoffConfig, Balance, Connector, DnsConfig, Error, H2Config, HealthCheck, Keepalive,
     OutlierDetection, Pool, PoolConfig, TlsConfig,
 };
 #[cfg(doc)]
@@ -188,6 +188,10 @@ impl Builder {
         /// What calls do when every endpoint is unhealthy: fail fast, or route to all of
         /// them anyway.
         when_all_unhealthy: AllUnhealthy;
+        /// How calls choose between endpoints: fewer calls in flight
+        /// ([`Balance::LeastLoaded`], the default), or latency times calls in flight
+        /// ([`Balance::PeakEwma`]: better when one endpoint is slower than the others).
+        balance: Balance;
         /// How often the connection, stream and waiter gauges are sampled (10 ms to an
         /// hour).
         metrics_interval: Duration;

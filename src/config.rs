@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::dns::{DnsDiscover, SystemResolver};
 use crate::service_config::ServiceConfig;
 use crate::{
-    AllUnhealthy, BackoffConfig, Builder, Connector, Error, H2Config, HealthCheck, Keepalive,
+    AllUnhealthy, BackoffConfig, Balance, Builder, Connector, Error, H2Config, HealthCheck, Keepalive,
     OutlierDetection, Pool, TlsConfig, DEFAULT_PING_BEFORE_USE,
 };
 
@@ -70,6 +70,10 @@ pub struct PoolConfig {
     pub replay_buffer_limit: usize,
     /// What calls do when every endpoint is unhealthy. Default: fail fast.
     pub when_all_unhealthy: AllUnhealthy,
+    /// How calls choose between endpoints. Default: fewer calls in flight
+    /// ([`Balance::LeastLoaded`]); `{ peak_ewma = { decay = "10s" } }` in a file for the
+    /// latency-aware choice.
+    pub balance: Balance,
     /// How often the gauges are sampled (10 ms to an hour). Default 1 s.
     #[cfg_attr(feature = "serde", serde(deserialize_with = "grpc_pool_core::de::duration"))]
     pub metrics_interval: Duration,
@@ -362,6 +366,7 @@ impl Default for PoolConfig {
             max_attempts: core.max_attempts,
             replay_buffer_limit: core.replay_buffer_limit,
             when_all_unhealthy: core.all_unhealthy,
+            balance: core.balance,
             metrics_interval: core.metrics_interval,
             ping_before_use: Some(DEFAULT_PING_BEFORE_USE),
             tcp_keepalive: core.tcp_keepalive,
@@ -463,6 +468,7 @@ impl PoolConfig {
                 .ping_before_use
                 .map(|after| (after, crate::DEFAULT_PING_BEFORE_USE_TIMEOUT)),
             all_unhealthy: self.when_all_unhealthy,
+            balance: self.balance,
             max_attempts: self.max_attempts,
             replay_buffer_limit: self.replay_buffer_limit,
             outlier_detection: self.outlier_detection.clone(),

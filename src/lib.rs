@@ -44,9 +44,9 @@ pub use builder::{Builder, DEFAULT_PING_BEFORE_USE, DEFAULT_PING_BEFORE_USE_TIME
 pub use config::EtcdConfig;
 pub use config::{DnsConfig, PoolConfig};
 pub use grpc_pool_core::{
-    discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, ClientIdentity, Connector, Endpoint, Error,
-    ErrorKind, EvictionReason, H2Config, OutlierDetection, PoolEvent, PoolEvents, ResponseBody, State,
-    TlsConfig, WaitForReady, DEFAULT_POOL_NAME, EVENT_BUFFER, POOL_USER_AGENT,
+    discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, Balance, ClientIdentity, Connector,
+    Endpoint, Error, ErrorKind, EvictionReason, H2Config, OutlierDetection, PoolEvent, PoolEvents,
+    ResponseBody, State, TlsConfig, WaitForReady, DEFAULT_POOL_NAME, EVENT_BUFFER, POOL_USER_AGENT,
 };
 
 /// gRPC's service config as the pool reads it: [`ServiceConfig::from_json`] checks a document

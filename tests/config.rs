@@ -62,6 +62,17 @@ fn json_works_the_same_and_empty_means_defaults() {
     assert_eq!(empty.max_connections, 8);
     assert!(empty.health_checks.is_none());
     assert!(empty.keepalive.is_some());
+    assert_eq!(empty.balance, grpc_pool::Balance::LeastLoaded);
+}
+
+#[test]
+fn the_choice_between_endpoints_is_named_in_a_file() {
+    let aware: PoolConfig = toml::from_str("balance = { peak_ewma = { decay = \"250ms\" } }").unwrap();
+    assert_eq!(aware.balance, grpc_pool::Balance::PeakEwma { decay: Duration::from_millis(250) });
+    let least: PoolConfig = toml::from_str("balance = \"least_loaded\"").unwrap();
+    assert_eq!(least.balance, grpc_pool::Balance::LeastLoaded);
+    let wrong = toml::from_str::<PoolConfig>("balance = \"fastest\"").unwrap_err().to_string();
+    assert!(wrong.contains("least_loaded") && wrong.contains("peak_ewma"), "{wrong}");
 }
 
 #[test]

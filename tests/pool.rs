@@ -1074,3 +1074,39 @@ async fn connections_come_from_the_local_address_as_tonic_channels_can() {
         Pool::builder().name("v6-from").local_address(Some(v6)).build([server.uri()]).await.unwrap_err();
     assert!(error.to_string().contains("no IPv6 address to connect to"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latency_aware_choice_keeps_calls_off_a_slow_endpoint_where_least_loaded_does_not() {
+    // One call at a time: every endpoint has 0 calls in flight, so least loaded cannot tell
+    // a slow endpoint from a fast one and sends it half the calls; the latency-aware choice
+    // learns from the first answer of each and sends it (next to) none.
+    let fast = TestServer::start().await;
+    let slow = TestServer::start_with(ServerOptions {
+        slow: Some(Duration::from_millis(200)),
+        ..Default::default()
+    })
+    .await;
+    let endpoints = [fast.uri(), slow.uri()];
+    let least_loaded = Pool::builder().build(&endpoints).await.unwrap();
+    let mut calls = client(&least_loaded);
+    for _ in 0..40 {
+        calls.unary_echo(request(b"hi", 0)).await.unwrap();
+    }
+    let slow_share = slow.calls();
+    assert!(
+        slow_share >= 8,
+        "least loaded sent {slow_share} of 40 calls to the slow endpoint, not about half"
+    );
+
+    let latency_aware =
+        Pool::builder().balance(grpc_pool::Balance::PEAK_EWMA).build(&endpoints).await.unwrap();
+    let mut calls = client(&latency_aware);
+    for _ in 0..100 {
+        calls.unary_echo(request(b"hi", 0)).await.unwrap();
+    }
+    let to_slow = slow.calls() - slow_share;
+    assert!(
+        to_slow <= 5,
+        "the latency-aware choice sent {to_slow} of 100 calls to the endpoint 200 ms slower"
+    );
+}

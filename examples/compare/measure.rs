@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 /// Clock ticks per second, for `/proc/<pid>/stat` (`getconf CLK_TCK`; 100 if that fails,
 /// which is what Linux uses everywhere but a few old architectures).
@@ -173,17 +174,19 @@ pub fn per_call(start: Sample, end: Sample, calls: f64) -> PerCall {
     }
 }
 
-/// The hidden `--serve N single|multi [PORT,...]`: in the child, starts N echo servers (on
-/// the ports given, or any) on a runtime of the layout's shape, prints their ports on one
+/// The hidden `--serve N single|multi [PORT,...|-] [SLOW_MS]`: in the child, starts N echo
+/// servers (on the ports given, or any; the first slower by SLOW_MS) on a runtime of the layout's shape, prints their ports on one
 /// line, and serves until stdin closes (then shuts down gracefully: GOAWAY on every
 /// connection) or the parent kills it.
-pub fn serve(ports: usize, single: bool, on: Option<Vec<u16>>) {
+pub fn serve(ports: usize, single: bool, on: Option<Vec<u16>>, slow: Option<Duration>) {
     let rt = super::runtime(single);
     rt.block_on(async {
         let mut servers = Vec::new();
         for i in 0..ports {
             let port = on.as_ref().and_then(|p| p.get(i).copied());
-            let options = grpc_pool_testkit::ServerOptions { port, ..Default::default() };
+            // The first server is the slow one, when there is one.
+            let slow = slow.filter(|_| i == 0);
+            let options = grpc_pool_testkit::ServerOptions { port, slow, ..Default::default() };
             servers.push(grpc_pool_testkit::TestServer::start_with(options).await);
         }
         let line: Vec<String> = servers.iter().map(|s| s.addr().port().to_string()).collect();
@@ -207,17 +210,20 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    pub fn start(ports: usize, single: bool) -> ServerProcess {
-        ServerProcess::start_on(ports, single, None)
+    pub fn start(ports: usize, single: bool, slow: Option<Duration>) -> ServerProcess {
+        ServerProcess::start_on(ports, single, None, slow)
     }
 
-    /// Starts it on the given ports (a restart of one that stopped), or on any.
-    pub fn start_on(ports: usize, single: bool, on: Option<&[u16]>) -> ServerProcess {
-        let on: Vec<String> =
-            on.map(|p| vec![p.iter().map(u16::to_string).collect::<Vec<_>>().join(",")]).unwrap_or_default();
+    /// Starts it on the given ports (a restart of one that stopped), or on any; the first
+    /// server slower than the others by `slow`.
+    pub fn start_on(ports: usize, single: bool, on: Option<&[u16]>, slow: Option<Duration>) -> ServerProcess {
+        let on = match on {
+            Some(p) => p.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
+            None => "-".to_owned(),
+        };
+        let slow = slow.map(|s| s.as_millis().to_string()).unwrap_or_else(|| "0".into());
         let mut child = Command::new(std::env::current_exe().expect("this executable"))
-            .args(["--serve", &ports.to_string(), if single { "single" } else { "multi" }])
-            .args(&on)
+            .args(["--serve", &ports.to_string(), if single { "single" } else { "multi" }, &on, &slow])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -43,7 +43,7 @@ const DEADLINE: Duration = Duration::from_secs(1);
 /// One cell: `client` at `rate` calls a second over one server port; the server stops, stays
 /// down for `down`, and comes back on the same port.
 pub fn run(client: &str, down: Duration, rate: f64, client_rt: &tokio::runtime::Runtime) -> RestartRow {
-    let server = ServerProcess::start(1, false);
+    let server = ServerProcess::start(1, false, None);
     let ports = server.ports.clone();
     let uris = server.uris();
     let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
@@ -58,7 +58,7 @@ pub fn run(client: &str, down: Duration, rate: f64, client_rt: &tokio::runtime::
     std::thread::sleep(down);
     let attempts = counting::connects() - connects_down;
     let down_for = down_at.elapsed();
-    let server = ServerProcess::start_on(1, false, Some(&ports));
+    let server = ServerProcess::start_on(1, false, Some(&ports), None);
     let listen_at = Instant::now();
     std::thread::sleep(STEADY);
     stop.store(true, Ordering::Relaxed);

@@ -1,4 +1,4 @@
-//! Checkout: choosing a slot (power of two choices between endpoints, then the least
+//! Checkout: choosing a slot (power of two choices between endpoints by `Balance`, then the least
 //! loaded member), waiting for one in the FIFO queue, growing the pool for the waiters, and
 //! failing fast when no endpoint can take a call (gRPC's transient failure).
 
@@ -25,14 +25,31 @@ pub(crate) struct CheckoutWait {
 }
 
 impl PoolInner {
-    /// A free slot, without waiting: power of two choices between endpoints by streams in
-    /// flight, then the least loaded member of the chosen one; the other endpoints if it is
-    /// full. Lock-free.
+    /// A free slot, without waiting: power of two choices between endpoints by the pool's
+    /// `Balance` (streams in flight, or latency times streams in flight), then the least
+    /// loaded member of the chosen one; the other endpoints if it is full. Lock-free.
     pub(crate) fn try_checkout(&self) -> Option<Slot> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
         let usable = |i: usize| endpoints[i].is_routable();
-        let load = |i: usize| if usable(i) { endpoints[i].load() } else { usize::MAX };
+        // Least loaded: calls in flight. Latency-aware: latency times (calls in flight + 1),
+        // on one reading of the clock for both endpoints drawn.
+        let latency_aware = match self.config.balance {
+            crate::Balance::PeakEwma { decay } if n > 1 => Some((Instant::now(), decay)),
+            _ => None,
+        };
+        let load = |i: usize| -> u64 {
+            if !usable(i) {
+                return u64::MAX;
+            }
+            let entry = &endpoints[i];
+            match latency_aware {
+                Some((now, decay)) if !entry.members().is_empty() => {
+                    entry.shared.latency.cost(now, entry.in_flight(), decay)
+                }
+                _ => entry.load() as u64,
+            }
+        };
         let first = match n {
             0 => return None,
             1 => 0,

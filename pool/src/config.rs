@@ -165,6 +165,8 @@ pub struct Config {
     pub ping_before_use: Option<(Duration, Duration)>,
     /// What calls do when every endpoint is unhealthy.
     pub all_unhealthy: AllUnhealthy,
+    /// How calls choose between endpoints.
+    pub balance: crate::Balance,
     /// Attempts per call for calls the server never processed.
     pub max_attempts: u32,
     /// Request-body bytes kept per call for a resend.
@@ -253,6 +255,7 @@ impl Default for Config {
             local_address: None,
             ping_before_use: None,
             all_unhealthy: AllUnhealthy::FailFast,
+            balance: crate::Balance::LeastLoaded,
             max_attempts: 3,
             replay_buffer_limit: 256 * 1024,
             outlier_detection: None,
@@ -335,6 +338,9 @@ impl Config {
             })?;
         }
         check_backoff(&self.backoff)?;
+        if let crate::Balance::PeakEwma { decay } = self.balance {
+            check_duration("balance.decay", decay, Duration::from_millis(10), HOUR)?;
+        }
         check_h2(&self.h2)
     }
 }
@@ -552,6 +558,11 @@ mod tests {
             (Box::new(|c| c.backoff.multiplier = 0.5), "backoff.multiplier", "1.0 to 100.0"),
             (Box::new(|c| c.backoff.multiplier = f64::NAN), "backoff.multiplier", "1.0 to 100.0"),
             (Box::new(|c| c.backoff.jitter = 1.0), "backoff.jitter", "0.0 up to"),
+            (
+                Box::new(|c| c.balance = crate::Balance::PeakEwma { decay: Duration::ZERO }),
+                "balance.decay",
+                "10ms to 3600s",
+            ),
             (
                 Box::new(|c| c.backoff.refused_retry = Duration::from_millis(1)),
                 "backoff.refused_retry",

@@ -252,6 +252,9 @@ pub(crate) struct EndpointShared {
     pub(crate) ejection_asked: AtomicBool,
     /// Connections open now (their driver tasks running), listed or draining.
     pub(crate) open_connections: AtomicUsize,
+    /// Time to the response head, for the latency-aware choice between endpoints (kept only
+    /// when the pool balances so).
+    pub(crate) latency: crate::balance::LatencyEstimate,
 }
 
 /// Outlier detection's settings, and where its decision goes: the pool's ejector task
@@ -277,6 +280,7 @@ impl EndpointShared {
             failures_in_a_row: AtomicU32::new(0),
             ejection_asked: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
+            latency: crate::balance::LatencyEstimate::new(),
         }
     }
 

@@ -15,6 +15,7 @@
 
 pub mod api;
 mod backoff;
+mod balance;
 pub mod call;
 mod checkout;
 mod clock;
@@ -46,6 +47,7 @@ mod sync;
 mod wait_queue;
 
 pub use api::{Builder, Pool};
+pub use balance::Balance;
 pub use call::{ResponseBody, ResponseFuture, WaitForReady};
 #[doc(hidden)]
 pub use config::check_duration;

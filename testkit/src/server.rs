@@ -39,6 +39,8 @@ pub struct EchoServer {
     counters: Arc<Counters>,
     /// While set, unary calls end with `UNAVAILABLE` (an overloaded or broken backend).
     unavailable: Arc<AtomicBool>,
+    /// Every unary call waits this long more before its answer (a slow backend).
+    slow: Duration,
 }
 
 struct ActiveGuard(Arc<Counters>);
@@ -78,6 +80,9 @@ impl Echo for EchoServer {
         }
         let request = request.into_inner();
         delay(request.delay_ms).await;
+        if !self.slow.is_zero() {
+            tokio::time::sleep(self.slow).await;
+        }
         if self.unavailable.load(Ordering::Relaxed) {
             return Err(Status::unavailable("the test made this server unavailable"));
         }
@@ -177,6 +182,9 @@ pub struct ServerOptions {
     /// Close each connection gracefully (GOAWAY, in-flight calls finish) once it is this old,
     /// as servers with a `max_connection_age` do.
     pub max_connection_age: Option<Duration>,
+    /// Every unary call waits this long more before it is answered: a slow backend among
+    /// fast ones.
+    pub slow: Option<Duration>,
 }
 
 /// A TLS server's certificate chain and key (PEM), and the CA its clients must present a
@@ -220,7 +228,7 @@ impl TestServer {
     /// in another network namespace); `options.port` is not used.
     pub async fn start_on(listener: TcpListener, options: ServerOptions) -> TestServer {
         let addr = listener.local_addr().expect("local address");
-        let service = EchoServer::default();
+        let service = EchoServer { slow: options.slow.unwrap_or_default(), ..EchoServer::default() };
         let counters = service.counters.clone();
         let unavailable = service.unavailable.clone();
         let (stop, stopped) = oneshot::channel::<()>();

@@ -69,6 +69,9 @@ pub(super) struct Sending<B> {
     /// For a call under a service config, this attempt's span (entered while the attempt
     /// is polled, closed when it ends); none for other calls.
     pub(super) span: tracing::Span,
+    /// When the request went out, for the latency-aware choice between endpoints (only
+    /// when the pool balances so: a clock reading per call otherwise saved).
+    pub(super) sent_at: Option<tokio::time::Instant>,
 }
 
 /// Runs the rest of a request body on a task of its own.

@@ -345,6 +345,10 @@ where
                     body_over_limit: false,
                     pump_stopped: false,
                     span,
+                    sent_at: match self.pool.config.balance {
+                        crate::Balance::PeakEwma { .. } => Some(tokio::time::Instant::now()),
+                        _ => None,
+                    },
                 })
             }
             Err(err) if err.is_go_away() || err.is_io() => {
@@ -544,6 +548,11 @@ where
         let endpoint = &sending.slot.member().endpoint;
         if let Some(failures) = endpoint.record_outcome(|| crate::outlier::unavailable(response.headers())) {
             self.pool.eject_shared(endpoint, failures);
+        }
+        if let (Some(sent_at), crate::Balance::PeakEwma { decay }) =
+            (sending.sent_at, self.pool.config.balance)
+        {
+            endpoint.latency.observe(sent_at.elapsed(), decay);
         }
         let mut watch = None;
         if let Some(hedging) = self.method.as_ref().and_then(|m| m.hedging_policy.as_ref()) {
