@@ -181,21 +181,43 @@ impl PoolInner {
                     locked.retrier = true;
                     guard.retrier = true;
                 }
+                let now = Instant::now();
                 let wait = match locked.pulled {
-                    true => None,
-                    false => locked.next_attempt.map(|at| at.saturating_duration_since(Instant::now())),
+                    true => Duration::ZERO,
+                    false => {
+                        let backoff = locked.next_attempt.map(|at| at.saturating_duration_since(now));
+                        // After a refused attempt, the backoff's own attempt keeps
+                        // `refused_retry` from the last one too (pulled attempts may have
+                        // come just before it): at most one attempt per `refused_retry`.
+                        let retry = self.config.backoff.refused_retry;
+                        let spaced = match locked.last_attempt {
+                            Some(at) if locked.refused && !retry.is_zero() && backoff.is_some() => {
+                                (at + retry).saturating_duration_since(now)
+                            }
+                            _ => Duration::ZERO,
+                        };
+                        backoff.unwrap_or_default().max(spaced)
+                    }
                 };
-                (locked.failure_round, wait.unwrap_or_default())
+                (locked.failure_round, wait)
             };
             if !wait.is_zero() && !self.wait_backoff(entry, wait).await {
                 return false;
             }
+            // Paced per endpoint. A failure counted while this task waited for its turn
+            // makes it start over (the backoff, and the retrier's role, which another task
+            // may hold): connects queued behind one that failed must not follow it at once,
+            // and to a failing endpoint only the retrier connects.
+            let permit = entry.connect_permits.acquire().await.ok();
             {
                 let mut locked = entry.lock();
+                if locked.failure_round != round || (locked.consecutive_failures > 0 && !guard.retrier) {
+                    continue;
+                }
                 locked.last_attempt = Some(Instant::now());
                 locked.demand = false;
             }
-            let listed = match self.open_member(entry, round).await {
+            let listed = match self.open_member_holding(entry, round, permit).await {
                 Ok(member) => {
                     let listed = self.add_member(entry, member.clone());
                     if !listed {
@@ -263,7 +285,18 @@ impl PoolInner {
         round: u64,
     ) -> Result<Arc<Member>, Error> {
         // Paced per endpoint; the wait for a turn is not part of the connect's time.
-        let _permit = entry.connect_permits.acquire().await;
+        let permit = entry.connect_permits.acquire().await.ok();
+        self.open_member_holding(entry, round, permit).await
+    }
+
+    /// `open_member` with the endpoint's connect permit taken already (held until the
+    /// connect ends).
+    async fn open_member_holding(
+        self: &Arc<Self>,
+        entry: &Arc<EndpointEntry>,
+        round: u64,
+        _permit: Option<tokio::sync::SemaphorePermit<'_>>,
+    ) -> Result<Arc<Member>, Error> {
         let started = Instant::now();
         let span = tracing::debug_span!("connect", pool = %self.name(), endpoint = %entry.label());
         let result = match tokio::time::timeout(
