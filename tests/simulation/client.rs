@@ -32,7 +32,7 @@ const CLOSE_BOUND: Duration = Duration::from_secs(5);
 /// The calls not ended yet (id, start, deadline), for the report when a run never finishes.
 pub type Open = Arc<Mutex<BTreeMap<u64, (Duration, Option<Duration>)>>>;
 
-fn builder(plan: &Plan) -> grpc_pool::Builder {
+fn builder(plan: &Plan, journal: &Journal) -> grpc_pool::Builder {
     let mut keepalive = Keepalive::new(KEEPALIVE_TIME, KEEPALIVE_TIMEOUT);
     keepalive.permit_without_stream = true;
     keepalive.max_pings_without_data = 0;
@@ -43,7 +43,7 @@ fn builder(plan: &Plan) -> grpc_pool::Builder {
     backoff.max = BACKOFF_MAX;
     let mut builder = Pool::builder()
         .name(&format!("sim-{}", plan.seed))
-        .connector(super::net::connector())
+        .connector(super::net::connector(journal.clone()))
         .min_connections(1)
         .max_connections(plan.pool.max_connections)
         .max_concurrent_streams(plan.pool.max_concurrent_streams)
@@ -64,6 +64,9 @@ fn builder(plan: &Plan) -> grpc_pool::Builder {
     }
     if let Some(json) = plan.pool.policy.service_config() {
         builder = builder.service_config(&json);
+    }
+    if plan.pool.latency_aware {
+        builder = builder.balance(grpc_pool::Balance::PEAK_EWMA);
     }
     builder
 }
@@ -87,7 +90,7 @@ pub async fn workload(
 ) -> turmoil::Result {
     let base = Instant::now();
     let initial: Vec<String> = plan.initial.iter().map(|&s| server_uri(s)).collect();
-    let pool = builder(&plan).build_lazy(&initial)?;
+    let pool = builder(&plan, &journal).build_lazy(&initial)?;
     let stream =
         futures_util::stream::unfold(changes, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     pool.discover(stream);
@@ -202,6 +205,7 @@ pub async fn workload(
         journal.violation("close", format!("{} connections open after the close", state.open_connections));
     }
     super::check::statistics(&plan, &state.statistics, &journal);
+    super::check::connects(&plan, &journal);
     let _ = base;
     Ok(())
 }

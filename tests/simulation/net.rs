@@ -12,19 +12,44 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 use turmoil::net::{TcpListener, TcpStream};
 
+use super::trace::{now, Journal};
+
 /// The pool's `Builder::connector`: `http://server-3:50051` becomes a turmoil connect to
 /// the host named `server-3`. TCP socket options (TCP_NODELAY, TCP_USER_TIMEOUT, keepalive,
 /// local address) are the connector's business and turmoil has none, so none is simulated.
+/// Every connect is written in `journal`, with when it began and how it ended (a connect
+/// the pool gave up on, at its connect timeout, ends failed when it is dropped).
 pub fn connector(
+    journal: Journal,
 ) -> impl tower_service::Service<http::Uri, Response = TcpStream, Error = io::Error, Future: Send>
        + Clone
        + Send
        + Sync {
-    tower::service_fn(|uri: http::Uri| async move {
-        let host = uri.host().ok_or_else(|| io::Error::other(format!("no host in {uri}")))?.to_owned();
-        let port = uri.port_u16().unwrap_or(80);
-        TcpStream::connect((host, port)).await
+    tower::service_fn(move |uri: http::Uri| {
+        let journal = journal.clone();
+        async move {
+            let host = uri.host().ok_or_else(|| io::Error::other(format!("no host in {uri}")))?.to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            let mut attempt = Attempt { journal, host: host.clone(), started: now(), connected: None };
+            let result = TcpStream::connect((host, port)).await;
+            attempt.connected = Some(result.is_ok());
+            result
+        }
     })
+}
+
+/// A connect under way: written in the journal when it ends, however it ends.
+struct Attempt {
+    journal: Journal,
+    host: String,
+    started: std::time::Duration,
+    connected: Option<bool>,
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.journal.connect(&self.host, self.started, self.connected.unwrap_or(false));
+    }
 }
 
 /// A switch that closes a server's accepted connections, in the order they were accepted.

@@ -92,6 +92,9 @@ pub struct PoolPlan {
     pub max_concurrent_streams: u32,
     pub health_checks: bool,
     pub policy: Policy,
+    /// `Balance::PEAK_EWMA` instead of least loaded: every other seed, drawn from the seed
+    /// itself so that the rest of each seed's plan is what it was before the choice existed.
+    pub latency_aware: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +208,7 @@ impl Plan {
             max_concurrent_streams: [2, 8, 100][rng.usize(0..3)],
             health_checks: rng.bool(),
             policy,
+            latency_aware: seed % 2 == 1,
         };
 
         // An outage of every server, from a moment until the heal (a third of the seeds):

@@ -18,6 +18,17 @@ struct Inner {
     violations: Vec<String>,
     /// The pool's state as the sampler last saw it (not a trace line: for reports).
     last_state: String,
+    /// Every TCP connect the pool began: host, start, end, whether it connected.
+    connects: Vec<Connect>,
+}
+
+/// One TCP connect the pool began.
+#[derive(Debug, Clone)]
+pub struct Connect {
+    pub host: String,
+    pub started: Duration,
+    pub ended: Duration,
+    pub connected: bool,
 }
 
 /// Simulated time now, as the host running the caller sees it (the driver passes its own).
@@ -69,6 +80,18 @@ impl Journal {
 
     pub fn violations(&self) -> Vec<String> {
         self.inner().violations.clone()
+    }
+
+    /// A TCP connect to `host` that began at `started` ended now.
+    pub fn connect(&self, host: &str, started: Duration, connected: bool) {
+        let ended = now();
+        let how = if connected { "connected" } else { "failed" };
+        self.at(ended, format!("TCP connect to {host} begun at {:.3}ms {how}", started.as_secs_f64() * 1e3));
+        self.inner().connects.push(Connect { host: host.to_owned(), started, ended, connected });
+    }
+
+    pub fn connects(&self) -> Vec<Connect> {
+        self.inner().connects.clone()
     }
 
     pub fn ledger(&self) -> Vec<(u64, String, u32)> {
