@@ -147,8 +147,9 @@ async fn accept_loop(
             let _ = inbound.set_nodelay(true);
             let _ = outbound.set_nodelay(true);
             if !frozen_from_start {
+                let frozen = freeze.clone();
                 tokio::select! {
-                    forgotten = relay(&mut inbound, &mut outbound, &idle_expiry_ms) => {
+                    forgotten = relay(&mut inbound, &mut outbound, &idle_expiry_ms, frozen) => {
                         if forgotten {
                             rst(&inbound, &outbound);
                         }
@@ -175,8 +176,14 @@ async fn accept_loop(
 
 /// Copies both ways until both sides have closed (false), or until a byte arrives on a flow
 /// that was quiet for the idle expiry or longer (true: the caller resets it).
-async fn relay(inbound: &mut TcpStream, outbound: &mut TcpStream, idle_expiry_ms: &AtomicU64) -> bool {
-    let clock = Activity { start: std::time::Instant::now(), last_ms: AtomicU64::new(0), idle_expiry_ms };
+async fn relay(
+    inbound: &mut TcpStream,
+    outbound: &mut TcpStream,
+    idle_expiry_ms: &AtomicU64,
+    frozen: watch::Receiver<u64>,
+) -> bool {
+    let clock =
+        Activity { start: std::time::Instant::now(), last_ms: AtomicU64::new(0), idle_expiry_ms, frozen };
     let (mut in_read, mut in_write) = inbound.split();
     let (mut out_read, mut out_write) = outbound.split();
     let up = forward(&mut in_read, &mut out_write, &clock);
@@ -193,6 +200,10 @@ struct Activity<'a> {
     start: std::time::Instant,
     last_ms: AtomicU64,
     idle_expiry_ms: &'a AtomicU64,
+    /// Changes when the relay freezes: bytes read after that are never passed on, even
+    /// when they were read in the same poll that the freeze came in (else a write made just
+    /// after `freeze()` could still get through).
+    frozen: watch::Receiver<u64>,
 }
 
 /// One direction of [`relay`]: false when `from` closes (after passing the close on), true
@@ -218,6 +229,10 @@ async fn forward(
             return true;
         }
         activity.last_ms.store(now_ms, Ordering::Relaxed);
+        if activity.frozen.has_changed().unwrap_or(false) {
+            // The caller's select takes the freeze; these bytes are swallowed.
+            return std::future::pending().await;
+        }
         if to.write_all(&buf[..n]).await.is_err() {
             return false;
         }
