@@ -194,6 +194,14 @@ impl Rate {
         }
     }
 
+    /// The share of the channel's capacity, for a rate given as one.
+    fn share(self) -> Option<f64> {
+        match self {
+            Rate::PerSecond(_) => None,
+            Rate::OfChannel(share) => Some(share),
+        }
+    }
+
     fn calls_per_sec(self, channel_capacity: f64) -> f64 {
         match self {
             Rate::PerSecond(r) => r,
@@ -372,6 +380,7 @@ async fn run(client: Client, concurrency: usize, warmup: Duration, duration: Dur
     }
     Row {
         round: 0,
+        share: None,
         layout: String::new(),
         client: String::new(),
         concurrency,
@@ -464,6 +473,7 @@ fn h2load(
         .unwrap_or(f64::NAN);
     Some(Row {
         round: 0,
+        share: None,
         layout: String::new(),
         client: "h2load".into(),
         concurrency: if rate.is_some() { 0 } else { concurrency },
@@ -659,7 +669,9 @@ fn main() {
                 for rate in &options.open_loop {
                     for client in &options.clients {
                         if let Some(row) = setup.cell(client, Load::Open(rate.calls_per_sec(capacity))) {
-                            let row = Row { layout: layout.clone(), client: client.clone(), round, ..row };
+                            let share = rate.share();
+                            let row =
+                                Row { layout: layout.clone(), client: client.clone(), round, share, ..row };
                             println!("{}", report::line(&row));
                             rows.push(row);
                         }

@@ -110,6 +110,7 @@ pub async fn run(client: Client, rate: f64, warmup: Duration, duration: Duration
     };
     Row {
         round: 0,
+        share: None,
         layout: String::new(),
         client: String::new(),
         concurrency: 0,

@@ -7,6 +7,9 @@ use super::measure::PerCall;
 pub struct Row {
     /// The round it ran in (1-based; 0 for a median over rounds).
     pub round: usize,
+    /// Open loop at a share of the channel's capacity: the share, which names the cell
+    /// across rounds (each round measures the capacity, so the rates differ).
+    pub share: Option<f64>,
     pub layout: String,
     pub client: String,
     /// Closed loop: the callers, each starting a call when its last one returns (0 in open loop).
@@ -86,7 +89,11 @@ pub fn medians(rows: &[Row]) -> Vec<Row> {
             r.layout == row.layout
                 && r.client == row.client
                 && r.concurrency == row.concurrency
-                && r.offered == row.offered
+                && match (r.share, row.share) {
+                    (Some(a), Some(b)) => a == b,
+                    (None, None) => r.offered == row.offered,
+                    _ => false,
+                }
         };
         if out.iter().any(|r| same(&r)) {
             continue;
@@ -95,10 +102,15 @@ pub fn medians(rows: &[Row]) -> Vec<Row> {
         let m = |f: &dyn Fn(&Row) -> f64| median(cell.iter().map(|r| f(r)).collect());
         out.push(Row {
             round: 0,
+            share: row.share,
             layout: row.layout.clone(),
             client: row.client.clone(),
             concurrency: row.concurrency,
-            offered: row.offered,
+            offered: if row.share.is_some() {
+                Some(m(&|r| r.offered.unwrap_or(f64::NAN)))
+            } else {
+                row.offered
+            },
             calls_per_sec: m(&|r| r.calls_per_sec),
             p50_us: m(&|r| r.p50_us),
             p99_us: m(&|r| r.p99_us),
@@ -174,20 +186,22 @@ pub fn tables(rows: &[Row]) -> String {
 /// same rate.
 fn open_table(rows: &[Row], layout: &str) -> String {
     let mut out = format!(
-        "#### layout `{layout}`, open loop (latency from each call's intended start)\n\n| client | offered calls/s | calls/s | p50 µs | p99 µs | p99.9 µs | errors | client CPU µs/call | server CPU µs/call | p99 / channel | p99.9 / channel |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "#### layout `{layout}`, open loop (latency from each call's intended start)\n\n| client | share of the channel's capacity | offered calls/s | calls/s | p50 µs | p99 µs | p99.9 µs | errors | client CPU µs/call | server CPU µs/call | p99 / channel | p99.9 / channel |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     let mut open: Vec<&Row> = rows.iter().filter(|r| r.layout == layout && r.offered.is_some()).collect();
     open.sort_by(|a, b| a.offered.partial_cmp(&b.offered).unwrap().then_with(|| a.client.cmp(&b.client)));
     for row in open {
-        let channel =
-            rows.iter().find(|r| r.layout == layout && r.offered == row.offered && r.client == "channel");
+        let channel = rows.iter().find(|r| {
+            r.layout == layout && r.share == row.share && r.offered == row.offered && r.client == "channel"
+        });
         let versus = |f: fn(&Row) -> f64| match channel {
             Some(c) if f(c).is_finite() && f(row).is_finite() => format!("{:.2}", f(row) / f(c)),
             _ => "-".into(),
         };
         out.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row.client,
+            row.share.map(|s| format!("{:.0}%", s * 100.0)).unwrap_or_else(|| "-".into()),
             row.offered.unwrap_or(f64::NAN),
             row.calls_per_sec,
             show(row.p50_us, 0),
