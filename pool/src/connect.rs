@@ -140,7 +140,7 @@ impl PoolInner {
                     continue;
                 }
                 locked.demand = true;
-                let due = locked.last_attempt.is_none_or(|at| now.saturating_duration_since(at) >= retry);
+                let due = locked.refused_retry_at(retry).is_none_or(|at| now >= at);
                 let pulled = locked.refused && !retry.is_zero() && due;
                 locked.pulled = pulled;
                 (pulled, locked.connecting == 0)
@@ -189,11 +189,8 @@ impl PoolInner {
                         // After a refused attempt, the backoff's own attempt keeps
                         // `refused_retry` from the last one too (pulled attempts may have
                         // come just before it): at most one attempt per `refused_retry`.
-                        let retry = self.config.backoff.refused_retry;
-                        let spaced = match locked.last_attempt {
-                            Some(at) if locked.refused && !retry.is_zero() && backoff.is_some() => {
-                                (at + retry).saturating_duration_since(now)
-                            }
+                        let spaced = match locked.refused_retry_at(self.config.backoff.refused_retry) {
+                            Some(at) if backoff.is_some() => at.saturating_duration_since(now),
                             _ => Duration::ZERO,
                         };
                         backoff.unwrap_or_default().max(spaced)
@@ -255,10 +252,8 @@ impl PoolInner {
                 if locked.pulled {
                     return true;
                 }
-                match locked.last_attempt {
-                    Some(at) if locked.refused && !retry.is_zero() && self.waiters.has_waiters() => {
-                        (at + retry).min(until)
-                    }
+                match locked.refused_retry_at(retry) {
+                    Some(at) if self.waiters.has_waiters() => at.min(until),
                     _ => until,
                 }
             };

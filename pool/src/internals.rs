@@ -4,6 +4,7 @@
 //! the mutex here is taken only when membership changes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, Semaphore};
@@ -72,6 +73,18 @@ pub(crate) struct EndpointInternals {
     pub(crate) back_since: Option<Instant>,
     /// When the ejection under way ends.
     pub(crate) ejected_until: Option<Instant>,
+}
+
+impl EndpointInternals {
+    /// After a refused attempt, the earliest the next one may start: `refused_retry` after
+    /// the last one began. `None` when the last failure was not a refusal, the rule is off
+    /// (`retry` zero), or no attempt has been stamped yet.
+    pub(crate) fn refused_retry_at(&self, retry: Duration) -> Option<Instant> {
+        match self.last_attempt {
+            Some(at) if self.refused && !retry.is_zero() => Some(at + retry),
+            _ => None,
+        }
+    }
 }
 
 impl EndpointEntry {
