@@ -48,8 +48,10 @@ OPTIONS:
   --concurrency LIST     concurrent callers, comma-separated (default 1,32,256)
   --clients LIST         from pool,pool-ewma,channel,balance,rr4,bb8,h2load (default: all
                          but pool-ewma, the pool with Balance::PEAK_EWMA)
-  --layouts LIST         multi (default runtimes, both sides) and/or single (one worker
-                         thread per side) (default multi,single)
+  --layouts LIST         multi (default runtimes, both sides), single (one worker thread
+                         per side) and/or pinned (one worker thread per side, the client's
+                         on the first CPU and the server's on the second)
+                         (default multi,single)
   --ports N              server ports, one endpoint each (default 4)
   --rounds N             run every cell N times, interleaved; the tables give medians
                          (default 1)
@@ -170,8 +172,11 @@ fn parse() -> Result<Options, String> {
         }
     }
     for l in &o.layouts {
-        if !["multi", "single"].contains(&l.as_str()) {
-            return Err(format!("unknown layout `{l}` (multi or single)"));
+        if !["multi", "single", "pinned"].contains(&l.as_str()) {
+            return Err(format!("unknown layout `{l}` (multi, single or pinned)"));
+        }
+        if l == "pinned" && std::thread::available_parallelism().map_or(0, |n| n.get()) < 2 {
+            return Err("layout `pinned` needs two CPUs".into());
         }
     }
     Ok(o)
@@ -284,6 +289,13 @@ impl Client {
     }
 }
 
+/// The `pool`'s connections per endpoint kept open from the start:
+/// `GRPC_POOL_COMPARE_MIN_CONNECTIONS`, or the default, 1 (for trying as many connections as
+/// worker threads, or more).
+fn min_connections() -> usize {
+    std::env::var("GRPC_POOL_COMPARE_MIN_CONNECTIONS").ok().and_then(|n| n.parse().ok()).unwrap_or(1)
+}
+
 /// The decay of `pool-ewma`'s latency estimate: `GRPC_POOL_COMPARE_EWMA_DECAY_MS`, or
 /// `Balance::PEAK_EWMA`'s.
 fn ewma_decay() -> Duration {
@@ -306,7 +318,13 @@ async fn make_client(kind: &str, uris: &[String]) -> Client {
     };
     match kind {
         "pool" => Client::Pool(EchoClient::new(
-            Pool::builder().name("compare").connector(counting::for_pool()).build(uris).await.unwrap(),
+            Pool::builder()
+                .name("compare")
+                .min_connections(min_connections())
+                .connector(counting::for_pool())
+                .build(uris)
+                .await
+                .unwrap(),
         )),
         "pool-ewma" => Client::Pool(EchoClient::new(
             Pool::builder()
@@ -615,7 +633,12 @@ fn main() {
         let on =
             args.get(4).filter(|p| *p != "-").map(|p| p.split(',').filter_map(|p| p.parse().ok()).collect());
         let slow = args.get(5).and_then(|ms| ms.parse().ok()).filter(|ms| *ms > 0).map(Duration::from_millis);
-        return measure::serve(ports, args.get(3).map(String::as_str) == Some("single"), on, slow);
+        let layout = args.get(3).map(String::as_str);
+        if layout == Some("pinned") {
+            // Before the runtime, whose threads take this thread's CPU set.
+            measure::pin_this_thread(Some(1));
+        }
+        return measure::serve(ports, layout != Some("multi"), on, slow);
     }
     let options = match parse() {
         Ok(o) => o,
@@ -638,9 +661,14 @@ fn main() {
     let mut rows = Vec::new();
     for round in 1..=options.rounds {
         for layout in &options.layouts {
-            let single = layout == "single";
-            let server = ServerProcess::start(options.ports, single, options.slow);
+            let single = layout != "multi";
+            let server = ServerProcess::start_in(options.ports, layout, None, options.slow);
             let uris = server.uris();
+            if layout == "pinned" {
+                // Threads (the client runtime's) and processes (h2load) started from here on
+                // take this thread's CPU set.
+                measure::pin_this_thread(Some(0));
+            }
             let client_rt = runtime(single);
             println!(
                 "\n## round {round}, layout `{layout}`: {} worker thread(s) per side, {} ports\n",
@@ -680,6 +708,7 @@ fn main() {
             }
             drop(client_rt);
             drop(server);
+            measure::pin_this_thread(None);
         }
     }
     let rows = report::medians(&rows);

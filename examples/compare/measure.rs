@@ -217,13 +217,18 @@ impl ServerProcess {
     /// Starts it on the given ports (a restart of one that stopped), or on any; the first
     /// server slower than the others by `slow`.
     pub fn start_on(ports: usize, single: bool, on: Option<&[u16]>, slow: Option<Duration>) -> ServerProcess {
+        ServerProcess::start_in(ports, if single { "single" } else { "multi" }, on, slow)
+    }
+
+    /// Starts it in a layout (`multi`, `single` or `pinned`: one worker thread on the second CPU).
+    pub fn start_in(ports: usize, layout: &str, on: Option<&[u16]>, slow: Option<Duration>) -> ServerProcess {
         let on = match on {
             Some(p) => p.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
             None => "-".to_owned(),
         };
         let slow = slow.map(|s| s.as_millis().to_string()).unwrap_or_else(|| "0".into());
         let mut child = Command::new(std::env::current_exe().expect("this executable"))
-            .args(["--serve", &ports.to_string(), if single { "single" } else { "multi" }, &on, &slow])
+            .args(["--serve", &ports.to_string(), layout, &on, &slow])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -252,4 +257,23 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Keeps the calling thread (and the threads and processes it starts from then on) on one CPU,
+/// or, given `None`, lets it run on every CPU again.
+pub fn pin_this_thread(cpu: Option<usize>) {
+    // The machine's CPUs, not this thread's share (available_parallelism's answer, which
+    // shrinks while the thread is pinned).
+    // SAFETY: sysconf only reads.
+    let cpus = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1).max(1);
+    // SAFETY: a zeroed cpu_set_t is the empty set, CPU_SET writes inside it, and
+    // sched_setaffinity reads it; pid 0 is the calling thread.
+    let result = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in (0..cpus).filter(|c| cpu.is_none_or(|only| only == *c)) {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(result, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
 }
