@@ -97,9 +97,27 @@ async fn etcd() -> Result {
     Ok(())
 }
 
+/// docs/discovery.md, subsetting.
+#[rustfmt::skip]
+async fn subset() -> Result {
+    // snippet: subset
+    use std::time::Duration;
+    let mut subset = grpc_pool::Subset::new(20);
+    subset.client = Some(7); // this replica's ordinal: clients 0, 1, 2, ... spread evenly
+    subset.replace_after = Duration::from_secs(30);
+    let pool = grpc_pool::Pool::builder().subset(Some(subset)).build_lazy(Vec::<String>::new())?;
+    pool.discover(grpc_pool::dns::DnsDiscover::new(
+        "http://orders.internal:50051",
+        Duration::from_secs(30),
+        grpc_pool::dns::SystemResolver,
+    )?);
+    // end snippet
+    Ok(())
+}
+
 fn main() {
     // Named, not run: they need servers at the addresses they show.
-    let _snippets = (quickstart, more_settings, config_file, etcd);
+    let _snippets = (quickstart, more_settings, config_file, etcd, subset);
     println!(
         "the guide's snippets are in examples/guide.rs; tests/doc_snippets.rs holds the Markdown to them"
     );

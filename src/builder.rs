@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::{
     dns, AllUnhealthy, BackoffConfig, Balance, Connector, DnsConfig, Error, H2Config, HealthCheck, Keepalive,
-    OutlierDetection, Pool, PoolConfig, TlsConfig,
+    OutlierDetection, Pool, PoolConfig, Subset, TlsConfig,
 };
 #[cfg(doc)]
 use crate::{WaitForReady, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_POOL_NAME};
@@ -218,6 +218,19 @@ impl Builder {
         /// Outlier ejection: an endpoint whose calls fail `consecutive_failures` times in a
         /// row takes no new streams for a while. `None`: none.
         outlier_detection: Option<OutlierDetection>;
+        /// Subsetting: of the endpoints the pool knows (given, added, discovered), only
+        /// `size` are live (connections, health checks, calls), chosen so that a change of
+        /// the set moves only the endpoints it must, and so that clients numbered 0, 1,
+        /// 2, ... spread evenly over the endpoints. `None` (the default): every endpoint is
+        /// live.
+        ///
+        /// ```
+        /// let mut subset = grpc_pool::Subset::new(20);
+        /// subset.client = Some(7); // e.g. this replica's ordinal
+        /// let builder = grpc_pool::Pool::builder().subset(Some(subset));
+        /// assert_eq!(builder.config().subset.as_ref().map(|s| s.size), Some(20));
+        /// ```
+        subset: Option<Subset>;
         /// Reconnect backoff after failed connects.
         backoff: BackoffConfig;
         /// HTTP/2 window, frame and header-list settings.

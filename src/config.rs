@@ -12,7 +12,7 @@ use crate::dns::{DnsDiscover, SystemResolver};
 use crate::service_config::ServiceConfig;
 use crate::{
     AllUnhealthy, BackoffConfig, Balance, Builder, Connector, Error, H2Config, HealthCheck, Keepalive,
-    OutlierDetection, Pool, TlsConfig, DEFAULT_PING_BEFORE_USE,
+    OutlierDetection, Pool, Subset, TlsConfig, DEFAULT_PING_BEFORE_USE,
 };
 
 /// A whole pool configuration. [`PoolConfig::default`] holds the defaults, and is the one
@@ -116,6 +116,10 @@ pub struct PoolConfig {
     pub health_checks: Option<HealthCheck>,
     /// Outlier ejection. Default: none.
     pub outlier_detection: Option<OutlierDetection>,
+    /// Subsetting: at most `size` of the known endpoints live, the rest known only
+    /// (`[subset]` in a file: `size`, `client`, `replace_after`). Default: none, every
+    /// endpoint live.
+    pub subset: Option<Subset>,
     /// TLS for `https://` endpoints. Default: the system's roots, no client certificate.
     pub tls: Option<TlsConfig>,
     /// A connector of your own, instead of the pool's TCP (or Unix socket) connects, and its
@@ -379,6 +383,7 @@ impl Default for PoolConfig {
             max_streams_per_connection: core.max_streams_per_connection,
             health_checks: None,
             outlier_detection: core.outlier_detection,
+            subset: core.subset,
             tls: core.tls,
             connector: core.connector,
             dns: None,
@@ -472,6 +477,7 @@ impl PoolConfig {
             max_attempts: self.max_attempts,
             replay_buffer_limit: self.replay_buffer_limit,
             outlier_detection: self.outlier_detection.clone(),
+            subset: self.subset.clone(),
             metrics_interval: self.metrics_interval,
             tls: self.tls.clone(),
             connector: self.connector.clone(),

@@ -46,7 +46,7 @@ pub use config::{DnsConfig, PoolConfig};
 pub use grpc_pool_core::{
     discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, Balance, ClientIdentity, Connector,
     Endpoint, Error, ErrorKind, EvictionReason, H2Config, OutlierDetection, PoolEvent, PoolEvents,
-    ResponseBody, State, TlsConfig, WaitForReady, DEFAULT_POOL_NAME, EVENT_BUFFER, POOL_USER_AGENT,
+    ResponseBody, State, Subset, TlsConfig, WaitForReady, DEFAULT_POOL_NAME, EVENT_BUFFER, POOL_USER_AGENT,
 };
 
 /// gRPC's service config as the pool reads it: [`ServiceConfig::from_json`] checks a document
@@ -64,7 +64,9 @@ pub mod service_config {
 /// What [`Pool::state`] shows beside the [`State`] itself: each endpoint, each member and
 /// its state, and the pool's statistics.
 pub mod state {
-    pub use grpc_pool_core::{EndpointState, MemberSnapshot, MemberState, RetryReason, Statistics};
+    pub use grpc_pool_core::{
+        EndpointState, MemberSnapshot, MemberState, RetryReason, Statistics, SubsetState,
+    };
 }
 pub use grpc_pool_health::{
     CheckMode, HealthCheck, Keepalive, DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT,

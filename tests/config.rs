@@ -163,3 +163,36 @@ fn the_example_file_writes_out_every_default() {
         .expect("the example's service config is valid");
     assert_eq!(format!("{config:#?}"), format!("{:#?}", PoolConfig::default()));
 }
+
+#[tokio::test]
+async fn the_subset_section_reads_as_the_example_writes_it_and_bad_values_are_named() {
+    // The example's `[subset]` section, uncommented.
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pool.toml")).unwrap();
+    let section: String = text
+        .lines()
+        .skip_while(|l| *l != "# [subset]")
+        .take_while(|l| l.starts_with('#'))
+        .filter(|l| !l.starts_with("#  "))
+        .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+        .collect();
+    let config: PoolConfig =
+        toml::from_str(&format!("endpoints = [\"http://127.0.0.1:1\"]\n{section}")).unwrap();
+    let subset = config.subset.clone().expect("the section");
+    assert_eq!((subset.size, subset.client, subset.replace_after), (20, Some(7), Duration::from_secs(30)));
+    let pool = config.build_lazy().unwrap();
+    let state = pool.state().subset.expect("subsetting shows in the state");
+    assert_eq!((state.size, state.client, state.known), (20, 7, 1));
+
+    for (text, field) in [
+        ("[subset]\nsize = 0\n", "`subset.size`"),
+        ("[subset]\nsize = 10001\n", "`subset.size`"),
+        ("[subset]\nreplace_after = \"1ms\"\n", "`subset.replace_after`"),
+    ] {
+        let config: PoolConfig =
+            toml::from_str(&format!("endpoints = [\"http://127.0.0.1:1\"]\n{text}")).unwrap();
+        let err = config.build_lazy().unwrap_err().to_string();
+        assert!(err.contains(field), "{text}: {err}");
+    }
+    let err = toml::from_str::<PoolConfig>("[subset]\nsise = 3\n").unwrap_err();
+    assert!(err.to_string().contains("sise"), "{err}");
+}

@@ -251,3 +251,29 @@ async fn the_health_task_checks_endpoints_added_after_the_pool_was_built() {
     assert!(pool.remove_endpoint(&added.uri()).unwrap());
     assert_eq!(endpoints(&pool), BTreeSet::from([first.uri()]));
 }
+
+#[tokio::test]
+async fn a_burst_of_changes_is_applied_in_order_as_one() {
+    // 300 endpoints added, 100 of them removed, one key moved to another endpoint, and one
+    // endpoint added and removed again, all sent before the pool looks: the set is what the
+    // changes say in their order. (The pool connects to none: min_connections 0.)
+    let pool = Pool::builder().min_connections(0).build_lazy(Vec::<String>::new()).unwrap();
+    let (discover, stream) = changes();
+    let uri = |i: usize| format!("http://127.2.{}.{}:9", i / 250, i % 250 + 1);
+    for i in 0..300 {
+        discover.send(Ok(Change::Insert(i, uri(i)))).unwrap();
+    }
+    for i in 0..100 {
+        discover.send(Ok(Change::Remove(i))).unwrap();
+    }
+    discover.send(Ok(Change::Insert(150, uri(1000)))).unwrap();
+    discover.send(Ok(Change::Insert(500, uri(500)))).unwrap();
+    discover.send(Ok(Change::Remove(500))).unwrap();
+    pool.discover(stream);
+    let expected: BTreeSet<String> = (100..300).filter(|i| *i != 150).map(uri).chain([uri(1000)]).collect();
+    wait_until(WAIT, "the changes are applied", || endpoints(&pool) == expected).await;
+    // And one change after the burst is applied too.
+    discover.send(Ok(Change::Remove(299))).unwrap();
+    wait_until(WAIT, "the later change is applied", || !endpoints(&pool).contains(&uri(299))).await;
+    assert_eq!(endpoints(&pool).len(), 199);
+}

@@ -89,7 +89,8 @@ impl Pool {
 
     /// Adds an endpoint at run time; it opens its `min_connections` and takes calls as soon as
     /// a connection is ready. Returns `Ok(false)` if the pool has it already, and an error
-    /// if `uri` is not a valid endpoint.
+    /// if `uri` is not a valid endpoint. With subsetting (`Config::subset`) the endpoint is
+    /// known, and live only if it is one of the subset (then it may push another out).
     ///
     /// ```no_run
     /// # async fn run(pool: grpc_pool_core::Pool) -> Result<(), grpc_pool_core::Error> {
@@ -99,15 +100,16 @@ impl Pool {
     /// ```
     pub fn add_endpoint(&self, uri: &str) -> Result<bool, Error> {
         let endpoint = Endpoint::parse(uri)?;
-        Ok(self.inner().add_endpoint(endpoint))
+        Ok(self.inner().add_known(endpoint))
     }
 
     /// Removes an endpoint at run time: it takes no new calls and opens no connections; the
     /// calls in flight on it finish, then its connections close. Returns `Ok(false)` if the
-    /// pool does not have it.
+    /// pool does not have it. With subsetting, if it was live, the next endpoint in the
+    /// order takes its place.
     pub fn remove_endpoint(&self, uri: &str) -> Result<bool, Error> {
         let endpoint = Endpoint::parse(uri)?;
-        Ok(self.inner().remove_endpoint(&endpoint))
+        Ok(self.inner().remove_known(&endpoint))
     }
 
     /// Follows an endpoint set that changes at run time: every `Change::Insert` of the
@@ -228,6 +230,7 @@ impl Builder {
             inner.spawn_ejector(requests);
         }
         inner.spawn_gauge_sampler(inner.config.metrics_interval);
+        inner.spawn_subset_keeper();
         Ok(inner)
     }
 
@@ -252,7 +255,7 @@ impl Builder {
                     let round = entry.lock().failure_round;
                     let result = inner.open_member(&entry, round).await;
                     if let Ok(member) = &result {
-                        inner.add_member(&entry, member.clone());
+                        inner.add_member(&entry, member.clone(), round);
                     }
                     result.map(|_| ())
                 });

@@ -173,6 +173,8 @@ pub struct Config {
     pub replay_buffer_limit: usize,
     /// Outlier ejection.
     pub outlier_detection: Option<crate::outlier::OutlierDetection>,
+    /// Subsetting: how many of the known endpoints are live, and which.
+    pub subset: Option<crate::subset::Subset>,
     /// How often the gauges are sampled.
     pub metrics_interval: Duration,
     /// TLS for `https://` endpoints.
@@ -259,6 +261,7 @@ impl Default for Config {
             max_attempts: 3,
             replay_buffer_limit: 256 * 1024,
             outlier_detection: None,
+            subset: None,
             metrics_interval: Duration::from_secs(1),
             tls: None,
             connector: None,
@@ -318,6 +321,10 @@ impl Config {
         if let Some(outliers) = &self.outlier_detection {
             check_outliers(outliers)?;
         }
+        if let Some(subset) = &self.subset {
+            check_range("subset.size", subset.size, 1, MAX_SUBSET)?;
+            check_duration("subset.replace_after", subset.replace_after, Duration::from_millis(10), DAY)?;
+        }
         if self.metrics_interval < Duration::from_millis(10) || self.metrics_interval > MAX_BACKOFF {
             return Err(Error::config(
                 "metrics_interval",
@@ -344,6 +351,9 @@ impl Config {
         check_h2(&self.h2)
     }
 }
+
+/// The largest subset: the most endpoints a pool is measured with (docs/benchmarks.md).
+const MAX_SUBSET: usize = 10_000;
 
 fn check_outliers(outliers: &crate::outlier::OutlierDetection) -> Result<(), Error> {
     check_range("outlier_detection.consecutive_failures", outliers.consecutive_failures, 1, 10_000)?;

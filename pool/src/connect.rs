@@ -216,7 +216,7 @@ impl PoolInner {
             }
             let listed = match self.open_member_holding(entry, round, permit).await {
                 Ok(member) => {
-                    let listed = self.add_member(entry, member.clone());
+                    let listed = self.add_member(entry, member.clone(), round);
                     if !listed {
                         // It ended before it could serve: as good as a failed connect.
                         self.note_failure(entry, round, "the connection ended as soon as it opened", false);

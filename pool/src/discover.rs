@@ -2,9 +2,11 @@
 //! stream: each `Insert` adds an endpoint to the pool, each `Remove` drains one away.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::fmt;
 use std::future::poll_fn;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
 
 pub use tower::discover::{Change, Discover};
 
@@ -24,59 +26,106 @@ where
     let mut keys = Keys::default();
     loop {
         // `biased`: a fixed order (shutdown first), the same on every run.
-        let change = tokio::select! {
+        let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
             change = poll_fn(|cx| discover.as_mut().poll_discover(cx)) => change,
         };
         let Some(pool) = pool.upgrade() else { return };
-        match change {
-            None => {
-                tracing::info!(pool = %pool.name(), "endpoint discovery ended; the endpoints stay as they are");
-                return;
+        // Every change ready now goes with the first (up to `MAX_BATCH`): a burst (a first
+        // listing, a deploy) is applied as one change of the pool's endpoint list, not one
+        // change per endpoint. A stream that is not ready is polled again below with the
+        // task's own waker.
+        let mut changes = vec![first];
+        while changes.len() < MAX_BATCH && matches!(changes.last(), Some(Some(_))) {
+            let mut cx = Context::from_waker(Waker::noop());
+            match discover.as_mut().poll_discover(&mut cx) {
+                Poll::Ready(change) => changes.push(change),
+                Poll::Pending => break,
             }
-            Some(Err(error)) => {
-                tracing::warn!(pool = %pool.name(), error = %error, "endpoint discovery failed; the endpoints stay as they are");
-            }
-            Some(Ok(Change::Insert(key, service))) => {
-                // An `Endpoint` is taken as it is (it may carry a resolved address that its
-                // label does not parse back into); anything else is parsed as a URI.
-                let uri = service.to_string();
-                let parsed = match (&service as &dyn Any).downcast_ref::<Endpoint>() {
-                    Some(endpoint) => Ok(endpoint.clone()),
-                    None => Endpoint::parse(&uri),
-                };
-                match parsed {
-                    Ok(endpoint) => {
-                        if let Some(replaced) = keys.insert(key, endpoint.clone()) {
-                            pool.remove_endpoint(&replaced);
+        }
+        let mut batch = Batch::default();
+        for change in changes {
+            match change {
+                None => {
+                    batch.apply(&pool);
+                    tracing::info!(pool = %pool.name(), "endpoint discovery ended; the endpoints stay as they are");
+                    return;
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(pool = %pool.name(), error = %error, "endpoint discovery failed; the endpoints stay as they are");
+                }
+                Some(Ok(Change::Insert(key, service))) => {
+                    // An `Endpoint` is taken as it is (it may carry a resolved address that its
+                    // label does not parse back into); anything else is parsed as a URI.
+                    let uri = service.to_string();
+                    let parsed = match (&service as &dyn Any).downcast_ref::<Endpoint>() {
+                        Some(endpoint) => Ok(endpoint.clone()),
+                        None => Endpoint::parse(&uri),
+                    };
+                    match parsed {
+                        Ok(endpoint) => {
+                            if let Some(replaced) = keys.insert(key, endpoint.clone()) {
+                                batch.push(false, replaced);
+                            }
+                            batch.push(true, endpoint);
                         }
-                        pool.add_endpoint(endpoint);
+                        Err(error) => {
+                            tracing::warn!(pool = %pool.name(), endpoint = %uri, error = %error, "discovered endpoint ignored");
+                        }
                     }
-                    Err(error) => {
-                        tracing::warn!(pool = %pool.name(), endpoint = %uri, error = %error, "discovered endpoint ignored");
+                }
+                Some(Ok(Change::Remove(key))) => {
+                    if let Some(removed) = keys.remove(&key) {
+                        batch.push(false, removed);
                     }
                 }
             }
-            Some(Ok(Change::Remove(key))) => {
-                if let Some(removed) = keys.remove(&key) {
-                    pool.remove_endpoint(&removed);
-                }
+        }
+        batch.apply(&pool);
+    }
+}
+
+/// The most changes applied together.
+const MAX_BATCH: usize = 10_000;
+
+/// Additions and removals in the order discovery made them, runs of the same kind together.
+#[derive(Default)]
+struct Batch {
+    runs: Vec<(bool, Vec<Endpoint>)>,
+}
+
+impl Batch {
+    fn push(&mut self, add: bool, endpoint: Endpoint) {
+        match self.runs.last_mut() {
+            Some((kind, run)) if *kind == add => run.push(endpoint),
+            _ => self.runs.push((add, vec![endpoint])),
+        }
+    }
+
+    fn apply(self, pool: &Arc<PoolInner>) {
+        for (add, run) in self.runs {
+            if add {
+                pool.add_known_all(run);
+            } else {
+                pool.remove_known_all(&run);
             }
         }
     }
 }
 
-/// Which endpoint each discovery key stands for. `Discover` keys need only `Eq`, so this is a
-/// list; endpoint sets are small. Two keys may name one endpoint: it stays in the pool until
-/// neither does.
+/// Which endpoint each discovery key stands for. `Discover` keys need only `Eq`, so the keys
+/// are a list; how many keys name each endpoint is a map, so that finding whether an endpoint
+/// is still named costs nothing however many there are. Two keys may name one endpoint: it
+/// stays in the pool until neither does.
 struct Keys<K> {
     entries: Vec<(K, Endpoint)>,
+    named: HashMap<Endpoint, usize>,
 }
 
 impl<K> Default for Keys<K> {
     fn default() -> Self {
-        Keys { entries: Vec::new() }
+        Keys { entries: Vec::new(), named: HashMap::new() }
     }
 }
 
@@ -84,25 +133,35 @@ impl<K: Eq> Keys<K> {
     /// Maps `key` to `endpoint`; returns the endpoint it named before if no key names that
     /// one any more (the caller removes it from the pool).
     fn insert(&mut self, key: K, endpoint: Endpoint) -> Option<Endpoint> {
-        let before = match self.entries.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, current)) => Some(std::mem::replace(current, endpoint)),
+        *self.named.entry(endpoint.clone()).or_default() += 1;
+        match self.entries.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, current)) => {
+                let before = std::mem::replace(current, endpoint);
+                self.unname(before)
+            }
             None => {
                 self.entries.push((key, endpoint));
                 None
             }
-        };
-        before.filter(|old| !self.names(old))
+        }
     }
 
     /// Forgets `key`; returns its endpoint if no other key names it.
     fn remove(&mut self, key: &K) -> Option<Endpoint> {
         let index = self.entries.iter().position(|(k, _)| k == key)?;
         let (_, endpoint) = self.entries.swap_remove(index);
-        (!self.names(&endpoint)).then_some(endpoint)
+        self.unname(endpoint)
     }
 
-    fn names(&self, endpoint: &Endpoint) -> bool {
-        self.entries.iter().any(|(_, e)| e == endpoint)
+    /// One key fewer names `endpoint`; returns it if none does now.
+    fn unname(&mut self, endpoint: Endpoint) -> Option<Endpoint> {
+        let count = self.named.get_mut(&endpoint)?;
+        *count -= 1;
+        if *count > 0 {
+            return None;
+        }
+        self.named.remove(&endpoint);
+        Some(endpoint)
     }
 }
 

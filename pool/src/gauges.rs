@@ -28,6 +28,16 @@ impl PoolInner {
             }
             metrics::gauge!(names::IN_FLIGHT, names::LABEL_POOL => pool.clone(), names::LABEL_ENDPOINT => endpoint).set(entry.in_flight() as f64);
         }
+        if let Some(subset) = &self.subset {
+            let (known, displaced) = {
+                let subset = &subset.lock().unwrap_or_else(|e| e.into_inner()).choice;
+                (subset.known(), subset.displaced(tokio::time::Instant::now()).len())
+            };
+            let live = self.endpoints.load().len();
+            for (state, count) in [("known", known), ("live", live), ("displaced", displaced)] {
+                metrics::gauge!(names::SUBSET_ENDPOINTS, names::LABEL_POOL => pool.clone(), names::LABEL_STATE => state).set(count as f64);
+            }
+        }
         if let Some(tokens) = &self.retry_tokens {
             metrics::gauge!(names::RETRY_TOKENS, names::LABEL_POOL => pool.clone()).set(tokens.tokens());
         }
@@ -36,21 +46,6 @@ impl PoolInner {
 
     /// Samples the gauges every `interval` until the pool closes.
     pub(crate) fn spawn_gauge_sampler(self: &Arc<Self>, interval: Duration) {
-        let (pool, shutdown) = (Arc::downgrade(self), self.shutdown.clone());
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = ticks.tick() => {}
-                    _ = shutdown.cancelled() => return,
-                }
-                match pool.upgrade() {
-                    Some(pool) => pool.sample_gauges(),
-                    None => return,
-                }
-            }
-        });
+        self.spawn_periodic(interval, |pool| pool.sample_gauges());
     }
 }

@@ -6,6 +6,7 @@
 //! (opening members, backoff), `routing` (health, ejection, endpoints coming and going),
 //! `gauges`, and `driver` (each connection's task).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -20,11 +21,13 @@ use crate::endpoint::{EjectionRequest, Endpoint, EndpointShared, OutlierReports}
 use crate::error::Error;
 use crate::events::{MemberEvent, PoolEvent, PoolEvents, EVENT_BUFFER};
 use crate::internals::EndpointEntry;
+use crate::internals::Subsetting;
 use crate::member::{EvictionReason, Member, MemberState, Slot};
 use crate::metrics::{self as names, PoolName};
 use crate::outlier::Outliers;
 use crate::service_config::{code_name, RetryTokens};
 use crate::stats::{RetryReason, Stats};
+use crate::subset::Subsetter;
 use crate::wait_queue::WaitQueue;
 
 /// Pre-registered handles for the metrics touched on every call.
@@ -37,8 +40,15 @@ pub(crate) struct PoolInner {
     /// The endpoints now, replaced whole when one is added or removed; checkouts read it
     /// without a lock.
     pub(crate) endpoints: ArcSwap<Vec<Arc<EndpointEntry>>>,
+    /// `endpoints` by endpoint, replaced with it (under `membership`): the health task looks
+    /// endpoints up by name, once per endpoint added, and a scan of the list would make a
+    /// pool of 10,000 endpoints cost 10^8 comparisons to start.
+    pub(crate) index: ArcSwap<HashMap<Endpoint, Arc<EndpointEntry>>>,
     /// Held while the endpoint list or the endpoints' routing changes.
     pub(crate) membership: Mutex<()>,
+    /// With subsetting: every known endpoint, and which of them are live (`endpoints`).
+    /// Taken before `membership`, never after.
+    pub(crate) subset: Option<Mutex<Subsetting>>,
     /// Outlier detection, when configured: every endpoint shares its settings, and sends
     /// its ejection requests to the pool's ejector task.
     pub(crate) outliers: Option<OutlierReports>,
@@ -72,6 +82,11 @@ pub(crate) struct PoolInner {
     pub(crate) origin: Option<(http::uri::Scheme, http::uri::Authority)>,
 }
 
+/// Each endpoint of `list` to its entry.
+fn index_of(list: &[Arc<EndpointEntry>]) -> HashMap<Endpoint, Arc<EndpointEntry>> {
+    list.iter().map(|e| (e.endpoint().clone(), e.clone())).collect()
+}
+
 impl PoolInner {
     /// The pool's shared state, and, with outlier detection, the receiving end of its
     /// endpoints' ejection requests (for `spawn_ejector`).
@@ -100,16 +115,29 @@ impl PoolInner {
             .map(|t| Arc::new(RetryTokens::new(t)));
         let user_agent = config.user_agent_header();
         let origin = config.origin_parts();
+        // With subsetting, the endpoints given are known, and the subset of them live.
+        let (subset, endpoints) = match config.subset.clone() {
+            Some(settings) => {
+                let mut subset = Subsetter::new(settings);
+                for endpoint in endpoints {
+                    subset.insert(endpoint);
+                }
+                let live = subset.rebalance(tokio::time::Instant::now()).add;
+                (Some(Mutex::new(Subsetting { choice: subset, histories: Default::default() })), live)
+            }
+            None => (None, endpoints),
+        };
+        let list: Vec<Arc<EndpointEntry>> = endpoints
+            .into_iter()
+            .map(|e| EndpointEntry::new(e, config.max_concurrent_connects, outliers.clone()))
+            .collect();
         let inner = PoolInner {
             user_agent,
             origin,
-            endpoints: ArcSwap::from_pointee(
-                endpoints
-                    .into_iter()
-                    .map(|e| EndpointEntry::new(e, config.max_concurrent_connects, outliers.clone()))
-                    .collect(),
-            ),
+            index: ArcSwap::from_pointee(index_of(&list)),
+            endpoints: ArcSwap::from_pointee(list),
             membership: Mutex::new(()),
+            subset,
             outliers,
             tls: std::sync::OnceLock::new(),
             config,
@@ -133,6 +161,27 @@ impl PoolInner {
         &self.config.name
     }
 
+    /// Runs `work` every `interval` (the first at once) until the pool closes or is
+    /// dropped. The task holds the pool only while `work` runs.
+    pub(crate) fn spawn_periodic(self: &Arc<Self>, interval: std::time::Duration, work: fn(&Arc<PoolInner>)) {
+        let (pool, shutdown) = (Arc::downgrade(self), self.shutdown.clone());
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                match pool.upgrade() {
+                    Some(pool) => work(&pool),
+                    None => return,
+                }
+            }
+        });
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -144,7 +193,18 @@ impl PoolInner {
 
     /// The entry of `endpoint`, if the pool has it now.
     pub(crate) fn entry(&self, endpoint: &Endpoint) -> Option<Arc<EndpointEntry>> {
-        self.endpoints.load().iter().find(|e| e.endpoint() == endpoint).cloned()
+        self.index.load().get(endpoint).cloned()
+    }
+
+    /// Makes `list` the pool's endpoints, and its index with it. Call with the membership
+    /// lock held.
+    pub(crate) fn set_endpoints(
+        &self,
+        list: Vec<Arc<EndpointEntry>>,
+        _membership: &std::sync::MutexGuard<'_, ()>,
+    ) {
+        self.index.store(Arc::new(index_of(&list)));
+        self.endpoints.store(Arc::new(list));
     }
 
     pub(crate) fn lock_membership(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -184,8 +244,17 @@ impl PoolInner {
 
     /// Puts a freshly connected member in service and gives its slots to waiters. Returns
     /// false if it could not be listed (the pool closed, or the connection already ended or
-    /// got a GOAWAY).
-    pub(crate) fn add_member(self: &Arc<Self>, entry: &Arc<EndpointEntry>, member: Arc<Member>) -> bool {
+    /// got a GOAWAY). `round` is the endpoint's `failure_round` when the connect was
+    /// decided: the success ends the endpoint's failing connects only if no failure was
+    /// counted since. One that was (an attempt begun before the server went away, and done
+    /// after another found it gone) says the server was up then, not now: its member
+    /// serves, and the next attempts still wait out the backoff.
+    pub(crate) fn add_member(
+        self: &Arc<Self>,
+        entry: &Arc<EndpointEntry>,
+        member: Arc<Member>,
+        round: u64,
+    ) -> bool {
         {
             // Under the endpoint's lock, so that a close or the connection's end cannot slip
             // in between the checks and the listing.
@@ -202,11 +271,13 @@ impl PoolInner {
             // Counted here, not when the handshake ends: every connection counted is then
             // counted again when it leaves service (`count_eviction`), so the two add up.
             self.stats.connections_created.fetch_add(1, Ordering::Relaxed);
-            locked.consecutive_failures = 0;
-            locked.next_attempt = None;
-            locked.last_error = None;
-            locked.refused = false;
-            locked.pulled = false;
+            if locked.failure_round == round {
+                locked.consecutive_failures = 0;
+                locked.next_attempt = None;
+                locked.last_error = None;
+                locked.refused = false;
+                locked.pulled = false;
+            }
             locked.demand = false;
         }
         if member.max_streams() == 0 {

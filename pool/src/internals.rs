@@ -75,7 +75,59 @@ pub(crate) struct EndpointInternals {
     pub(crate) ejected_until: Option<Instant>,
 }
 
+/// Where an endpoint's failing connects stood when it left the pool's routing (pushed out of
+/// its subset), carried to the entry made for it if it comes back before its next attempt
+/// was due: going out of the subset and back in must not make that attempt sooner.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectHistory {
+    consecutive_failures: u32,
+    next_attempt: Option<Instant>,
+    last_attempt: Option<Instant>,
+    refused: bool,
+    last_error: Option<String>,
+}
+
+impl ConnectHistory {
+    /// Whether its next attempt is still to wait for at `now`: the backoff's, or, after a
+    /// refused attempt, `refused_retry` from the last.
+    pub(crate) fn pending(&self, now: Instant, refused_retry: Duration) -> bool {
+        let refused_at = match self.last_attempt {
+            Some(at) if self.refused && !refused_retry.is_zero() => Some(at + refused_retry),
+            _ => None,
+        };
+        self.next_attempt.into_iter().chain(refused_at).any(|at| at > now)
+    }
+}
+
+/// With subsetting: the subset's choice, and the connect histories of endpoints that left
+/// it while failing.
+#[derive(Debug)]
+pub(crate) struct Subsetting {
+    pub(crate) choice: crate::subset::Subsetter,
+    pub(crate) histories: std::collections::HashMap<Endpoint, ConnectHistory>,
+}
+
 impl EndpointInternals {
+    /// Its connects' history while they fail; `None` when the last one succeeded.
+    pub(crate) fn history(&self) -> Option<ConnectHistory> {
+        (self.consecutive_failures > 0).then(|| ConnectHistory {
+            consecutive_failures: self.consecutive_failures,
+            next_attempt: self.next_attempt,
+            last_attempt: self.last_attempt,
+            refused: self.refused,
+            last_error: self.last_error.clone(),
+        })
+    }
+
+    /// Takes up a history where it stood (a fresh entry, before its first connect).
+    pub(crate) fn resume(&mut self, history: ConnectHistory) {
+        self.consecutive_failures = history.consecutive_failures;
+        self.next_attempt = history.next_attempt;
+        self.last_attempt = history.last_attempt;
+        self.refused = history.refused;
+        self.last_error = history.last_error;
+    }
+
     /// After a refused attempt, the earliest the next one may start: `refused_retry` after
     /// the last one began. `None` when the last failure was not a refusal, the rule is off
     /// (`retry` zero), or no attempt has been stamped yet.

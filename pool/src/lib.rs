@@ -43,6 +43,7 @@ mod routing;
 mod service_config;
 mod state;
 mod stats;
+mod subset;
 mod sync;
 mod wait_queue;
 
@@ -63,8 +64,9 @@ pub use proto::tls::{ClientIdentity, TlsConfig};
 pub use service_config::{
     HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig, MAX_POLICY_ATTEMPTS,
 };
-pub use state::{EndpointState, MemberSnapshot, State};
+pub use state::{EndpointState, MemberSnapshot, State, SubsetState};
 pub use stats::{RetryReason, Statistics};
+pub use subset::Subset;
 /// The rustls this crate is built with, for [`TlsConfig::rustls`].
 pub use tokio_rustls::rustls;
 

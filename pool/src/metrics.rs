@@ -72,6 +72,15 @@ pub const EJECTIONS: &str = "grpc_pool_ejections_total";
 /// Gauge: 1 while outlier detection keeps the endpoint out of routing, 0 after.
 pub const ENDPOINT_EJECTED: &str = "grpc_pool_endpoint_ejected";
 
+/// Gauge: with subsetting, endpoints by `state`: `known` (every endpoint the pool was given
+/// or discovered), `live` (the subset: in routing, with connections), `displaced` (held out
+/// of the subset after they could not take calls for `replace_after`); sampled every
+/// `metrics_interval`.
+pub const SUBSET_ENDPOINTS: &str = "grpc_pool_subset_endpoints";
+/// Counter: with subsetting, live endpoints displaced from the subset (the next endpoint in
+/// the order took their place).
+pub const SUBSET_DISPLACEMENTS: &str = "grpc_pool_subset_displacements_total";
+
 /// Gauge: connections per endpoint, by `state` (`ready`, `draining`, `connecting`); sampled
 /// every `metrics_interval`.
 pub const CONNECTIONS: &str = "grpc_pool_connections";

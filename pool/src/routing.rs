@@ -1,6 +1,7 @@
 //! Which endpoints take new streams: health verdicts, outlier ejection, and endpoints added
 //! and removed at run time.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -11,7 +12,8 @@ use crate::config::AllUnhealthy;
 use crate::endpoint::{EjectionRequest, Endpoint, EndpointShared};
 use crate::events::{MemberEvent, PoolEvent};
 use crate::inner::PoolInner;
-use crate::internals::EndpointEntry;
+use crate::internals::Subsetting;
+use crate::internals::{ConnectHistory, EndpointEntry};
 use crate::member::{EvictionReason, MemberState};
 use crate::metrics as names;
 
@@ -162,63 +164,90 @@ impl PoolInner {
         self.publish(|| PoolEvent::EndpointHealth { endpoint: entry.endpoint().clone(), healthy, reason });
     }
 
-    /// Adds `endpoint` (if the pool does not have it yet) and opens its `min_connections`;
-    /// returns whether it was added.
-    pub(crate) fn add_endpoint(self: &Arc<Self>, endpoint: Endpoint) -> bool {
-        if self.is_closed() {
-            return false;
+    /// Adds each endpoint the pool does not have yet (and opens its `min_connections`), its connects taking up its history
+    /// (if any) where it stood, and opens their `min_connections`; returns how many were
+    /// added. The endpoint list is replaced once for all of them, so a discovery that sends
+    /// thousands of changes at once costs one copy of the list, not one per change.
+    pub(crate) fn add_endpoints(
+        self: &Arc<Self>,
+        endpoints: Vec<(Endpoint, Option<ConnectHistory>)>,
+    ) -> usize {
+        if self.is_closed() || endpoints.is_empty() {
+            return 0;
         }
-        let entry = {
+        let added = {
             let membership = self.lock_membership();
             let current = self.endpoints.load();
-            if current.iter().any(|e| e.endpoint() == &endpoint) {
-                return false;
-            }
-            let entry = EndpointEntry::new(
-                endpoint.clone(),
-                self.config.max_concurrent_connects,
-                self.outliers.clone(),
-            );
+            let mut known: HashSet<Endpoint> = current.iter().map(|e| e.endpoint().clone()).collect();
             let mut list = Vec::clone(&current);
-            list.push(entry.clone());
-            self.endpoints.store(Arc::new(list));
+            let mut added = Vec::new();
+            for (endpoint, history) in endpoints {
+                if !known.insert(endpoint.clone()) {
+                    continue;
+                }
+                let entry =
+                    EndpointEntry::new(endpoint, self.config.max_concurrent_connects, self.outliers.clone());
+                if let Some(history) = history {
+                    entry.lock().resume(history);
+                }
+                list.push(entry.clone());
+                added.push(entry);
+            }
+            if added.is_empty() {
+                return 0;
+            }
+            self.set_endpoints(list, &membership);
             // A healthy newcomer ends "all unhealthy", or joins the others in it.
             self.update_routing(&membership);
-            entry
+            added
         };
-        tracing::info!(pool = %self.name(), endpoint = %entry.label(), "endpoint added");
-        self.emit(|| MemberEvent::EndpointAdded(endpoint.clone()));
-        self.publish(|| PoolEvent::EndpointAdded(endpoint.clone()));
-        self.replenish(&entry);
+        for entry in &added {
+            let endpoint = entry.endpoint();
+            tracing::info!(pool = %self.name(), endpoint = %entry.label(), "endpoint added");
+            self.emit(|| MemberEvent::EndpointAdded(endpoint.clone()));
+            self.publish(|| PoolEvent::EndpointAdded(endpoint.clone()));
+            self.replenish(entry);
+        }
         if self.waiters.has_waiters() {
             self.grow();
         }
-        true
+        added.len()
     }
 
-    /// Removes `endpoint`: it takes no new streams and opens no connection; its members
-    /// drain (the streams on them finish) and close. Returns whether the pool had it.
-    pub(crate) fn remove_endpoint(self: &Arc<Self>, endpoint: &Endpoint) -> bool {
-        let entry = {
+    /// Removes each of `endpoints` the pool has: it takes no new streams and opens no
+    /// connection; its members drain (the streams on them finish) and close. One copy of the
+    /// endpoint list for all of them; returns how many it had.
+    pub(crate) fn remove_endpoints(self: &Arc<Self>, endpoints: &[Endpoint]) -> usize {
+        if endpoints.is_empty() {
+            return 0;
+        }
+        let removed = {
             let membership = self.lock_membership();
             let current = self.endpoints.load();
-            let Some(entry) = current.iter().find(|e| e.endpoint() == endpoint).cloned() else {
-                return false;
-            };
-            let rest: Vec<_> = current.iter().filter(|e| !Arc::ptr_eq(e, &entry)).cloned().collect();
-            self.endpoints.store(Arc::new(rest));
-            entry.set_removed();
-            if !entry.is_healthy() {
-                self.unhealthy.fetch_sub(1, Ordering::AcqRel);
+            let leaving: HashSet<&Endpoint> = endpoints.iter().collect();
+            let (removed, rest): (Vec<_>, Vec<_>) =
+                current.iter().cloned().partition(|e| leaving.contains(e.endpoint()));
+            if removed.is_empty() {
+                return 0;
+            }
+            self.set_endpoints(rest, &membership);
+            for entry in &removed {
+                entry.set_removed();
+                if !entry.is_healthy() {
+                    self.unhealthy.fetch_sub(1, Ordering::AcqRel);
+                }
             }
             self.update_routing(&membership);
-            entry
+            removed
         };
-        let draining =
-            self.drain_all(&entry, EvictionReason::EndpointRemoved, "endpoint removed from the pool");
-        tracing::info!(pool = %self.name(), endpoint = %entry.label(), draining, "endpoint removed; its connections drain");
-        self.emit(|| MemberEvent::EndpointRemoved(endpoint.clone()));
-        self.publish(|| PoolEvent::EndpointRemoved(endpoint.clone()));
+        for entry in &removed {
+            let endpoint = entry.endpoint();
+            let draining =
+                self.drain_all(entry, EvictionReason::EndpointRemoved, "endpoint removed from the pool");
+            tracing::info!(pool = %self.name(), endpoint = %entry.label(), draining, "endpoint removed; its connections drain");
+            self.emit(|| MemberEvent::EndpointRemoved(endpoint.clone()));
+            self.publish(|| PoolEvent::EndpointRemoved(endpoint.clone()));
+        }
         // Removing the last unhealthy endpoint may leave only healthy ones with room; removing
         // the last healthy one may leave nothing to wait for.
         self.serve_waiters_everywhere();
@@ -226,7 +255,7 @@ impl PoolInner {
         if self.waiters.has_waiters() {
             self.grow();
         }
-        true
+        removed.len()
     }
 
     /// Unlists every member of `entry` and drains it (its streams finish, then it closes);
@@ -243,5 +272,130 @@ impl PoolInner {
             }
         }
         members.len()
+    }
+}
+
+// ----- subsetting: which known endpoints are live -----
+
+impl PoolInner {
+    fn lock_subset(subset: &std::sync::Mutex<Subsetting>) -> std::sync::MutexGuard<'_, Subsetting> {
+        subset.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds an endpoint the pool knows of (given by the user or discovered): live at once
+    /// without subsetting; with it, live if it is one of the subset. Returns whether it was
+    /// new to the pool.
+    pub(crate) fn add_known(self: &Arc<Self>, endpoint: Endpoint) -> bool {
+        self.add_known_all(vec![endpoint]) == 1
+    }
+
+    /// Forgets an endpoint: it leaves the pool if it was live (its calls in flight finish),
+    /// and its place in the subset goes to the next endpoint in the order. Returns whether
+    /// the pool knew it.
+    pub(crate) fn remove_known(self: &Arc<Self>, endpoint: &Endpoint) -> bool {
+        self.remove_known_all(std::slice::from_ref(endpoint)) == 1
+    }
+
+    /// Makes the live endpoints the subset's choice now: newcomers first, so that calls
+    /// always have somewhere to go, then the leavers, which drain. A leaver whose connects
+    /// were failing leaves its history behind, and takes it up again if it comes back before
+    /// its next attempt was due, so that the subset's moves never hurry a connect. Called
+    /// with the subset's lock held, so that two changes are applied in the order they were
+    /// decided.
+    fn apply_subset(self: &Arc<Self>, subset: &mut Subsetting) {
+        let now = Instant::now();
+        let changes = subset.choice.rebalance(now);
+        let mut joining = Vec::with_capacity(changes.add.len());
+        for endpoint in changes.add {
+            let history = subset
+                .histories
+                .remove(&endpoint)
+                .filter(|h| h.pending(now, self.config.backoff.refused_retry));
+            tracing::info!(pool = %self.name(), endpoint = %endpoint, failing = history.is_some(), "endpoint joins the subset");
+            joining.push((endpoint, history));
+        }
+        self.add_endpoints(joining);
+        if changes.remove.is_empty() {
+            return;
+        }
+        let leaving: HashSet<&Endpoint> = changes.remove.iter().collect();
+        for entry in self.endpoints.load().iter().filter(|e| leaving.contains(e.endpoint())) {
+            if let Some(history) = entry.lock().history() {
+                subset.histories.insert(entry.endpoint().clone(), history);
+            }
+            tracing::info!(pool = %self.name(), endpoint = %entry.label(), "endpoint leaves the subset");
+        }
+        self.remove_endpoints(&changes.remove);
+    }
+
+    /// Adds every endpoint of `endpoints` the pool does not know yet, with one change of the
+    /// subset (or of the endpoint list) for all; returns how many were new.
+    pub(crate) fn add_known_all(self: &Arc<Self>, endpoints: Vec<Endpoint>) -> usize {
+        let Some(subset) = &self.subset else {
+            return self.add_endpoints(endpoints.into_iter().map(|e| (e, None)).collect());
+        };
+        if self.is_closed() {
+            return 0;
+        }
+        let mut subset = Self::lock_subset(subset);
+        let added = endpoints.into_iter().filter(|e| subset.choice.insert(e.clone())).count();
+        if added > 0 {
+            self.apply_subset(&mut subset);
+        }
+        added
+    }
+
+    /// Forgets every endpoint of `endpoints` the pool knows, as `remove_known` does, with one
+    /// change for all; returns how many it knew.
+    pub(crate) fn remove_known_all(self: &Arc<Self>, endpoints: &[Endpoint]) -> usize {
+        let Some(subset) = &self.subset else { return self.remove_endpoints(endpoints) };
+        let mut subset = Self::lock_subset(subset);
+        let mut removed = 0;
+        for endpoint in endpoints {
+            if subset.choice.remove(endpoint) {
+                subset.histories.remove(endpoint);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            self.apply_subset(&mut subset);
+        }
+        removed
+    }
+
+    /// With subsetting: notes which live endpoints cannot take calls, gives the place of
+    /// those that could not for `replace_after` to the next endpoints in the order, and
+    /// gives back the places whose hold ended.
+    pub(crate) fn keep_subset(self: &Arc<Self>) {
+        let Some(subset) = &self.subset else { return };
+        if self.is_closed() {
+            return;
+        }
+        let mut subset = Self::lock_subset(subset);
+        let endpoints = self.endpoints.load();
+        let unusable: std::collections::HashSet<&Endpoint> =
+            endpoints.iter().filter(|e| e.in_transient_failure()).map(|e| e.endpoint()).collect();
+        let now = Instant::now();
+        for displaced in subset.choice.observe(now, |e| !unusable.contains(e)) {
+            tracing::warn!(
+                pool = %self.name(),
+                endpoint = %displaced.endpoint,
+                unusable_for = ?displaced.unusable_for,
+                hold = ?displaced.hold,
+                "endpoint displaced from the subset: it could not take calls for replace_after; the next endpoint in the order takes its place for the hold",
+            );
+            metrics::counter!(names::SUBSET_DISPLACEMENTS, names::LABEL_POOL => self.name().to_owned())
+                .increment(1);
+        }
+        drop(endpoints);
+        self.apply_subset(&mut subset);
+    }
+
+    /// Keeps the subset every quarter of `replace_after` (at most a second apart) until the
+    /// pool closes.
+    pub(crate) fn spawn_subset_keeper(self: &Arc<Self>) {
+        let Some(settings) = self.config.subset.as_ref() else { return };
+        let interval = (settings.replace_after / 4).min(std::time::Duration::from_secs(1));
+        self.spawn_periodic(interval, |pool| pool.keep_subset());
     }
 }

@@ -51,6 +51,16 @@ impl PoolInner {
             closed: self.is_closed(),
             statistics: self.stats.snapshot(),
             retry_tokens: self.retry_tokens.as_ref().map(|t| t.tokens()),
+            subset: self.subset.as_ref().map(|subset| {
+                let subset = &subset.lock().unwrap_or_else(|e| e.into_inner()).choice;
+                SubsetState {
+                    size: subset.settings().size,
+                    client: subset.client(),
+                    known: subset.known(),
+                    clients_per_ring: subset.points(),
+                    displaced: subset.displaced(tokio::time::Instant::now()),
+                }
+            }),
         }
     }
 }
@@ -74,6 +84,28 @@ pub struct State {
     /// The retry throttle's tokens now, when the service config sets `retryThrottling`:
     /// failed calls are sent again only while they are above half of `maxTokens`.
     pub retry_tokens: Option<f64>,
+    /// With subsetting: the subset's settings and the endpoints it holds out. `endpoints`
+    /// above are the live ones (the subset); the others are known only.
+    pub subset: Option<SubsetState>,
+}
+
+/// Subsetting in a [`State`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SubsetState {
+    /// Endpoints kept live, at most.
+    pub size: usize,
+    /// This client's number: `Subset::client`, or the one drawn for the pool.
+    pub client: u64,
+    /// Endpoints the pool knows of, live or not.
+    pub known: usize,
+    /// How many numbered clients share this client's ring (the known endpoints over `size`
+    /// when the set first outgrew the subset, fixed from then on); `None` while every known
+    /// endpoint is live.
+    pub clients_per_ring: Option<u64>,
+    /// Endpoints out of the subset because they could not take calls, with the time until
+    /// they take their place back.
+    pub displaced: Vec<(Endpoint, Duration)>,
 }
 
 impl State {

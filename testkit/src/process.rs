@@ -43,8 +43,14 @@ pub fn serve_until_stdin_closes(count: usize) {
 /// In the parent: starts this binary again as the serving child and returns it with the
 /// `http://127.0.0.1:port` URIs it serves. Drop the child's stdin to stop it.
 pub fn start_server_process() -> (Child, Vec<String>) {
+    spawn_server_process("1")
+}
+
+/// This binary again, with [`SERVER_ENV`] set to `value`; returns it once it printed its
+/// ports, with their URIs.
+fn spawn_server_process(value: &str) -> (Child, Vec<String>) {
     let mut child = Command::new(std::env::current_exe().expect("current executable"))
-        .env(SERVER_ENV, "1")
+        .env(SERVER_ENV, value)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -53,6 +59,30 @@ pub fn start_server_process() -> (Child, Vec<String>) {
     BufReader::new(child.stdout.take().expect("child stdout")).read_line(&mut line).expect("ports");
     let uris = line.split_whitespace().map(|port| format!("http://127.0.0.1:{port}")).collect();
     (child, uris)
+}
+
+/// In a child started by [`start_server_processes`]: the number of servers it is to start.
+pub fn server_process_count() -> Option<usize> {
+    std::env::var(SERVER_ENV).ok().and_then(|count| count.parse().ok())
+}
+
+/// In the parent: `total` echo servers over as many children (this binary again) as it
+/// takes at `per_process` each (file descriptors: a listener and a connection a server),
+/// with the URIs they serve, in order. Each child serves until its stdin is dropped; its
+/// `main` must call [`serve_until_stdin_closes`] with [`server_process_count`].
+pub fn start_server_processes(total: usize, per_process: usize) -> (Vec<Child>, Vec<String>) {
+    let mut children = Vec::new();
+    let mut uris = Vec::new();
+    let mut left = total;
+    while left > 0 {
+        let count = left.min(per_process.max(1));
+        let (child, served) = spawn_server_process(&count.to_string());
+        uris.extend(served);
+        children.push(child);
+        left -= count;
+    }
+    assert_eq!(uris.len(), total, "every server process printed its ports");
+    (children, uris)
 }
 
 /// (user, kernel) CPU seconds of this process so far.

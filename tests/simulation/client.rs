@@ -68,6 +68,12 @@ fn builder(plan: &Plan, journal: &Journal) -> grpc_pool::Builder {
     if plan.pool.latency_aware {
         builder = builder.balance(grpc_pool::Balance::PEAK_EWMA);
     }
+    if let Some(size) = plan.pool.subset {
+        let mut subset = grpc_pool::Subset::new(size);
+        subset.client = Some(plan.seed % 5);
+        subset.replace_after = super::plan::SUBSET_REPLACE_AFTER;
+        builder = builder.subset(Some(subset));
+    }
     builder
 }
 
@@ -102,8 +108,7 @@ pub async fn workload(
     let sampler = tokio::spawn(sample(
         pool.clone(),
         journal.clone(),
-        plan.pool.max_connections,
-        extra_streams,
+        Limits { max_connections: plan.pool.max_connections, extra_streams, subset: plan.pool.subset },
         sampling.clone(),
     ));
 
@@ -210,18 +215,31 @@ pub async fn workload(
     Ok(())
 }
 
-/// Reads `Pool::state()` every [`SAMPLE_EVERY`] while the workload runs.
-async fn sample(
-    pool: Pool,
-    journal: Journal,
+/// What `sample` holds the pool's state to.
+struct Limits {
     max_connections: usize,
+    /// Streams a member may have over its limit (health checks).
     extra_streams: u32,
-    on: Arc<std::sync::atomic::AtomicBool>,
-) {
+    /// The most live endpoints, with subsetting.
+    subset: Option<usize>,
+}
+
+/// Reads `Pool::state()` every [`SAMPLE_EVERY`] while the workload runs.
+async fn sample(pool: Pool, journal: Journal, limits: Limits, on: Arc<std::sync::atomic::AtomicBool>) {
+    let Limits { max_connections, extra_streams, subset } = limits;
     let mut reported = false;
     while on.load(std::sync::atomic::Ordering::Relaxed) {
         let state = pool.state();
         journal.set_last_state(summary(&state));
+        if let Some(size) = subset {
+            if state.endpoints.len() > size && !reported {
+                reported = true;
+                journal.violation(
+                    "subset-size",
+                    format!("{} endpoints live, over the subset's {size}", state.endpoints.len()),
+                );
+            }
+        }
         for endpoint in &state.endpoints {
             let listed = endpoint
                 .members

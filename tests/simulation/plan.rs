@@ -95,7 +95,14 @@ pub struct PoolPlan {
     /// `Balance::PEAK_EWMA` instead of least loaded: every other seed, drawn from the seed
     /// itself so that the rest of each seed's plan is what it was before the choice existed.
     pub latency_aware: bool,
+    /// Subsetting, on a third of the seeds (from the seed itself, as `latency_aware`): a
+    /// subset of one server fewer than the seed has, for client number `seed % 5`, with
+    /// `SUBSET_REPLACE_AFTER`.
+    pub subset: Option<usize>,
 }
+
+/// With subsetting, a live endpoint unable to take calls this long gives its place away.
+pub const SUBSET_REPLACE_AFTER: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -209,6 +216,7 @@ impl Plan {
             health_checks: rng.bool(),
             policy,
             latency_aware: seed % 2 == 1,
+            subset: seed.is_multiple_of(3).then_some(servers - 1),
         };
 
         // An outage of every server, from a moment until the heal (a third of the seeds):
