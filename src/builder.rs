@@ -128,6 +128,13 @@ impl Builder {
         min_connections: usize;
         /// Most connections per endpoint (1 to 10,000).
         max_connections: usize;
+        /// Most connections over every endpoint, open and being opened (1 to 1,000,000): for
+        /// a pool over thousands of endpoints, where `min_connections` each would be too
+        /// many. When reached, the pool opens no more (`min_connections` are kept as far as
+        /// it allows) and calls wait for a stream slot, up to `checkout_timeout`, whose
+        /// error then says so. `None` (the default): no cap beyond `max_connections` per
+        /// endpoint.
+        max_total_connections: Option<usize>;
         /// Most concurrent streams per connection (1 to 2^20); the server's
         /// `SETTINGS_MAX_CONCURRENT_STREAMS` lowers it further.
         max_concurrent_streams: u32;

@@ -46,6 +46,11 @@ pub struct PoolConfig {
     pub min_connections: usize,
     /// Most connections per endpoint (1 to 10,000). Default 8.
     pub max_connections: usize,
+    /// Most connections over every endpoint, open and being opened (1 to 1,000,000). When
+    /// reached, the pool opens no more (`min_connections` are kept as far as it allows, a
+    /// first connection to each endpoint before a second to any at build) and calls wait for
+    /// a stream slot, up to `checkout_timeout`. Default: none.
+    pub max_total_connections: Option<usize>,
     /// Most concurrent streams per connection (1 to 2^20); the server's
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` lowers it further. Default 100.
     pub max_concurrent_streams: u32,
@@ -361,6 +366,7 @@ impl Default for PoolConfig {
             endpoints: Vec::new(),
             min_connections: core.min_connections,
             max_connections: core.max_connections,
+            max_total_connections: core.max_total_connections,
             max_concurrent_streams: core.max_concurrent_streams,
             max_concurrent_connects: core.max_concurrent_connects,
             checkout_timeout: core.checkout_timeout,
@@ -456,6 +462,7 @@ impl PoolConfig {
             name: self.name.clone(),
             min_connections: self.min_connections,
             max_connections: self.max_connections,
+            max_total_connections: self.max_total_connections,
             max_concurrent_streams: self.max_concurrent_streams,
             max_streams_per_connection: self.max_streams_per_connection,
             checkout_timeout: self.checkout_timeout,

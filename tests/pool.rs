@@ -1110,3 +1110,68 @@ async fn the_latency_aware_choice_keeps_calls_off_a_slow_endpoint_where_least_lo
         "the latency-aware choice sent {to_slow} of 100 calls to the endpoint 200 ms slower"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_total_connections_caps_the_pool_over_every_endpoint_and_a_freed_place_is_used_again() {
+    // Four servers behind relays that count connections; two connections wanted per
+    // endpoint, three allowed in all, two streams a connection.
+    let mut servers = Vec::new();
+    let mut relays = Vec::new();
+    for _ in 0..4 {
+        let server = TestServer::start().await;
+        relays.push(Relay::start(server.addr()).await);
+        servers.push(server);
+    }
+    let uris: Vec<String> = relays.iter().map(Relay::uri).collect();
+    let pool = Pool::builder()
+        .min_connections(2)
+        .max_total_connections(Some(3))
+        .max_concurrent_streams(2)
+        .checkout_timeout(Duration::from_millis(300))
+        .backoff(fast_backoff())
+        .build(&uris)
+        .await
+        .unwrap();
+    let open = |relays: &[Relay]| relays.iter().map(Relay::open_connections).sum::<usize>();
+    // A first connection to three endpoints, none to a second before each has a first.
+    assert_eq!(pool.state().members(), 3);
+    assert_eq!(relays.iter().filter(|r| r.accepted() == 1).count(), 3, "one each to three endpoints");
+
+    // Under more load than three connections carry: calls wait for slots, the pool never
+    // opens a fourth, and a call that waits too long says why.
+    let busy = Arc::new(AtomicUsize::new(0));
+    let mut calls = Vec::new();
+    for _ in 0..12 {
+        let (mut client, busy) = (client(&pool), busy.clone());
+        calls.push(tokio::spawn(async move {
+            let result = client.unary_echo(request(b"hold", 400)).await;
+            busy.fetch_add(1, Ordering::Relaxed);
+            result
+        }));
+    }
+    let mut most = 0;
+    while busy.load(Ordering::Relaxed) < 12 {
+        most = most.max(open(&relays)).max(pool.state().open_connections);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(most <= 3, "at most 3 connections at once, saw {most}");
+    let mut timed_out = 0;
+    for call in calls {
+        if let Err(status) = call.await.unwrap() {
+            assert!(status.message().contains("max_total_connections (3) reached"), "{status:?}");
+            timed_out += 1;
+        }
+    }
+    assert!(timed_out > 0, "6 slots for 12 calls of 400 ms with a 300 ms checkout timeout");
+
+    // One server stops: its connection ends, and its place in the budget is used again by
+    // the endpoints still up (each wants two; the budget allows three), never a fourth.
+    let stopped = relays.iter().position(|r| r.accepted() >= 1).unwrap();
+    servers.remove(stopped).shutdown().await;
+    let up = |relays: &[Relay]| -> usize {
+        relays.iter().enumerate().filter(|(i, _)| *i != stopped).map(|(_, r)| r.open_connections()).sum()
+    };
+    wait_until(WAIT, "the freed place is used again", || up(&relays) == 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(open(&relays) <= 3 && pool.state().open_connections <= 3, "{}", open(&relays));
+}

@@ -231,6 +231,7 @@ impl Builder {
         }
         inner.spawn_gauge_sampler(inner.config.metrics_interval);
         inner.spawn_subset_keeper();
+        inner.spawn_budget_keeper();
         Ok(inner)
     }
 
@@ -248,12 +249,15 @@ impl Builder {
         let pool = Pool { handle: Arc::new(Handle { inner: inner.clone() }) };
         let per_endpoint = inner.config.min_connections.max(1);
         let mut attempts = tokio::task::JoinSet::new();
-        for entry in inner.endpoints().iter() {
-            for _ in 0..per_endpoint {
+        // A first connection to every endpoint before a second to any, as far as
+        // `max_total_connections` goes.
+        'budget: for _ in 0..per_endpoint {
+            for entry in inner.endpoints().iter() {
+                let Some(ticket) = inner.budget.take() else { break 'budget };
                 let (inner, entry) = (inner.clone(), entry.clone());
                 attempts.spawn(async move {
                     let round = entry.lock().failure_round;
-                    let result = inner.open_member(&entry, round).await;
+                    let result = inner.open_member(&entry, round, ticket).await;
                     if let Ok(member) = &result {
                         inner.add_member(&entry, member.clone(), round);
                     }

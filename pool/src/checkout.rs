@@ -218,6 +218,17 @@ impl PoolInner {
 
     /// What every endpoint looked like when a checkout gave up.
     pub(crate) fn busy_summary(&self) -> String {
+        let budget = match self.config.max_total_connections {
+            Some(max) if self.budget.is_exhausted() => {
+                format!("max_total_connections ({max}) reached, so the pool opens no more; ")
+            }
+            _ => String::new(),
+        };
+        budget + &self.busy_endpoints()
+    }
+
+    /// `busy_summary`'s endpoints.
+    fn busy_endpoints(&self) -> String {
         let endpoints = self.endpoints.load();
         if endpoints.is_empty() {
             return format!("{} waiter(s) queued; the pool has no endpoints", self.waiters.len());

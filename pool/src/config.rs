@@ -175,6 +175,8 @@ pub struct Config {
     pub outlier_detection: Option<crate::outlier::OutlierDetection>,
     /// Subsetting: how many of the known endpoints are live, and which.
     pub subset: Option<crate::subset::Subset>,
+    /// Most connections, open and being opened, over every endpoint.
+    pub max_total_connections: Option<usize>,
     /// How often the gauges are sampled.
     pub metrics_interval: Duration,
     /// TLS for `https://` endpoints.
@@ -262,6 +264,7 @@ impl Default for Config {
             replay_buffer_limit: 256 * 1024,
             outlier_detection: None,
             subset: None,
+            max_total_connections: None,
             metrics_interval: Duration::from_secs(1),
             tls: None,
             connector: None,
@@ -321,6 +324,9 @@ impl Config {
         if let Some(outliers) = &self.outlier_detection {
             check_outliers(outliers)?;
         }
+        if let Some(max) = self.max_total_connections {
+            check_range("max_total_connections", max, 1, MAX_TOTAL_CONNECTIONS)?;
+        }
         if let Some(subset) = &self.subset {
             check_range("subset.size", subset.size, 1, MAX_SUBSET)?;
             check_duration("subset.replace_after", subset.replace_after, Duration::from_millis(10), DAY)?;
@@ -354,6 +360,9 @@ impl Config {
 
 /// The largest subset: the most endpoints a pool is measured with (docs/benchmarks.md).
 const MAX_SUBSET: usize = 10_000;
+
+/// The largest `max_total_connections`: far above what one process's file descriptors allow.
+const MAX_TOTAL_CONNECTIONS: usize = 1_000_000;
 
 fn check_outliers(outliers: &crate::outlier::OutlierDetection) -> Result<(), Error> {
     check_range("outlier_detection.consecutive_failures", outliers.consecutive_failures, 1, 10_000)?;

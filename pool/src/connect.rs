@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::backoff;
+use crate::budget::Ticket;
 use crate::driver::drive;
 use crate::error::Error;
 use crate::inner::PoolInner;
@@ -101,6 +102,36 @@ impl PoolInner {
             }
         });
         true
+    }
+
+    /// With `max_total_connections`: each time a connection gives its place in the budget
+    /// back after a connect was refused one, tries the endpoints' `min_connections` again
+    /// (from a random endpoint on, so none is always last) and grows the pool for queued
+    /// calls. Ends when the pool closes.
+    pub(crate) fn spawn_budget_keeper(self: &Arc<Self>) {
+        if self.config.max_total_connections.is_none() {
+            return;
+        }
+        let (pool, shutdown, budget) = (Arc::downgrade(self), self.shutdown.clone(), self.budget.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = budget.freed.notified() => {}
+                }
+                let Some(pool) = pool.upgrade() else { return };
+                let endpoints = pool.endpoints();
+                let offset = fastrand::usize(..endpoints.len().max(1));
+                for i in 0..endpoints.len() {
+                    if pool.budget.is_exhausted() {
+                        break;
+                    }
+                    pool.replenish(&endpoints[(offset + i) % endpoints.len()]);
+                }
+                pool.grow();
+            }
+        });
     }
 
     /// Whether a connect task of `entry` is still wanted: the endpoint is below
@@ -206,6 +237,12 @@ impl PoolInner {
             // may hold): connects queued behind one that failed must not follow it at once,
             // and to a failing endpoint only the retrier connects.
             let permit = entry.connect_permits.acquire().await.ok();
+            // The whole pool's budget (`max_total_connections`): with no room, no attempt;
+            // the budget task starts the endpoints' connects again when a connection ends.
+            let Some(ticket) = self.budget.take() else {
+                tracing::debug!(pool = %self.name(), endpoint = %entry.label(), "no connect: max_total_connections reached");
+                return false;
+            };
             {
                 let mut locked = entry.lock();
                 if locked.failure_round != round || (locked.consecutive_failures > 0 && !guard.retrier) {
@@ -214,7 +251,7 @@ impl PoolInner {
                 locked.last_attempt = Some(Instant::now());
                 locked.demand = false;
             }
-            let listed = match self.open_member_holding(entry, round, permit).await {
+            let listed = match self.open_member_holding(entry, round, permit, ticket).await {
                 Ok(member) => {
                     let listed = self.add_member(entry, member.clone(), round);
                     if !listed {
@@ -278,10 +315,11 @@ impl PoolInner {
         self: &Arc<Self>,
         entry: &Arc<EndpointEntry>,
         round: u64,
+        ticket: Ticket,
     ) -> Result<Arc<Member>, Error> {
         // Paced per endpoint; the wait for a turn is not part of the connect's time.
         let permit = entry.connect_permits.acquire().await.ok();
-        self.open_member_holding(entry, round, permit).await
+        self.open_member_holding(entry, round, permit, ticket).await
     }
 
     /// `open_member` with the endpoint's connect permit taken already (held until the
@@ -291,12 +329,13 @@ impl PoolInner {
         entry: &Arc<EndpointEntry>,
         round: u64,
         _permit: Option<tokio::sync::SemaphorePermit<'_>>,
+        ticket: Ticket,
     ) -> Result<Arc<Member>, Error> {
         let started = Instant::now();
         let span = tracing::debug_span!("connect", pool = %self.name(), endpoint = %entry.label());
         let result = match tokio::time::timeout(
             self.config.connect_timeout,
-            tracing::Instrument::instrument(self.connect_member(entry), span),
+            tracing::Instrument::instrument(self.connect_member(entry, ticket), span),
         )
         .await
         {
@@ -313,7 +352,11 @@ impl PoolInner {
 
     /// The connect itself: the transport and the HTTP/2 handshake, the member and its
     /// connection's driver task, then the server's SETTINGS.
-    async fn connect_member(self: &Arc<Self>, entry: &Arc<EndpointEntry>) -> Result<Arc<Member>, Error> {
+    async fn connect_member(
+        self: &Arc<Self>,
+        entry: &Arc<EndpointEntry>,
+        ticket: Ticket,
+    ) -> Result<Arc<Member>, Error> {
         // A connector of the user's makes the whole stream, TLS included, unless TLS settings
         // are given too: then the pool runs them over its stream, as tonic runs `tls_config`
         // over `connect_with_connector`'s.
@@ -349,6 +392,7 @@ impl PoolInner {
             Arc::downgrade(&member),
             Arc::downgrade(self),
             entry.shared.clone(),
+            ticket,
         )));
         member.set_driver(driver.abort_handle());
         if !hs.signals.settings_or_closed().await {

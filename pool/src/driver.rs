@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::budget::Ticket;
 use crate::endpoint::EndpointShared;
 use crate::events::MemberEvent;
 use crate::events::PoolEvent;
@@ -41,7 +42,10 @@ pub(crate) async fn drive(
     member: Weak<Member>,
     pool: Weak<PoolInner>,
     endpoint: Arc<EndpointShared>,
+    ticket: Ticket,
 ) {
+    // The connection's place in the pool's budget, given back when it ends.
+    let _ticket = ticket;
     let open = OpenConnection::enter(endpoint);
     let mut goaway_reported = false;
     // Each poll of the connection writes all the frames queued by then in one write. Woken

@@ -16,6 +16,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::ConnectionBudget;
 use crate::config::Config;
 use crate::endpoint::{EjectionRequest, Endpoint, EndpointShared, OutlierReports};
 use crate::error::Error;
@@ -46,6 +47,8 @@ pub(crate) struct PoolInner {
     pub(crate) index: ArcSwap<HashMap<Endpoint, Arc<EndpointEntry>>>,
     /// Held while the endpoint list or the endpoints' routing changes.
     pub(crate) membership: Mutex<()>,
+    /// Connects under way and connections open, against `max_total_connections`.
+    pub(crate) budget: Arc<ConnectionBudget>,
     /// With subsetting: every known endpoint, and which of them are live (`endpoints`).
     /// Taken before `membership`, never after.
     pub(crate) subset: Option<Mutex<Subsetting>>,
@@ -137,6 +140,7 @@ impl PoolInner {
             index: ArcSwap::from_pointee(index_of(&list)),
             endpoints: ArcSwap::from_pointee(list),
             membership: Mutex::new(()),
+            budget: ConnectionBudget::new(config.max_total_connections),
             subset,
             outliers,
             tls: std::sync::OnceLock::new(),

@@ -16,6 +16,7 @@
 pub mod api;
 mod backoff;
 mod balance;
+mod budget;
 pub mod call;
 mod checkout;
 mod clock;

@@ -68,6 +68,9 @@ fn builder(plan: &Plan, journal: &Journal) -> grpc_pool::Builder {
     if plan.pool.latency_aware {
         builder = builder.balance(grpc_pool::Balance::PEAK_EWMA);
     }
+    if let Some(max) = plan.pool.max_total_connections {
+        builder = builder.max_total_connections(Some(max));
+    }
     if let Some(size) = plan.pool.subset {
         let mut subset = grpc_pool::Subset::new(size);
         subset.client = Some(plan.seed % 5);
@@ -108,7 +111,12 @@ pub async fn workload(
     let sampler = tokio::spawn(sample(
         pool.clone(),
         journal.clone(),
-        Limits { max_connections: plan.pool.max_connections, extra_streams, subset: plan.pool.subset },
+        Limits {
+            max_connections: plan.pool.max_connections,
+            extra_streams,
+            subset: plan.pool.subset,
+            max_total: plan.pool.max_total_connections,
+        },
         sampling.clone(),
     ));
 
@@ -222,15 +230,26 @@ struct Limits {
     extra_streams: u32,
     /// The most live endpoints, with subsetting.
     subset: Option<usize>,
+    /// `max_total_connections`.
+    max_total: Option<usize>,
 }
 
 /// Reads `Pool::state()` every [`SAMPLE_EVERY`] while the workload runs.
 async fn sample(pool: Pool, journal: Journal, limits: Limits, on: Arc<std::sync::atomic::AtomicBool>) {
-    let Limits { max_connections, extra_streams, subset } = limits;
+    let Limits { max_connections, extra_streams, subset, max_total } = limits;
     let mut reported = false;
     while on.load(std::sync::atomic::Ordering::Relaxed) {
         let state = pool.state();
         journal.set_last_state(summary(&state));
+        if let Some(max) = max_total {
+            if state.open_connections > max && !reported {
+                reported = true;
+                journal.violation(
+                    "max-total-connections",
+                    format!("{} connections open, over max_total_connections {max}", state.open_connections),
+                );
+            }
+        }
         if let Some(size) = subset {
             if state.endpoints.len() > size && !reported {
                 reported = true;

@@ -99,6 +99,9 @@ pub struct PoolPlan {
     /// subset of one server fewer than the seed has, for client number `seed % 5`, with
     /// `SUBSET_REPLACE_AFTER`.
     pub subset: Option<usize>,
+    /// `max_total_connections`, on a quarter of the seeds (from the seed itself): half the
+    /// servers, and one more.
+    pub max_total_connections: Option<usize>,
 }
 
 /// With subsetting, a live endpoint unable to take calls this long gives its place away.
@@ -217,6 +220,7 @@ impl Plan {
             policy,
             latency_aware: seed % 2 == 1,
             subset: seed.is_multiple_of(3).then_some(servers - 1),
+            max_total_connections: (seed % 4 == 1).then_some(servers / 2 + 1),
         };
 
         // An outage of every server, from a moment until the heal (a third of the seeds):
