@@ -44,7 +44,7 @@ impl PoolInner {
             }
             let entry = &endpoints[i];
             match latency_aware {
-                Some((now, decay)) if !entry.members().is_empty() => {
+                Some((now, decay)) if entry.has_members() => {
                     entry.shared.latency.cost(now, entry.in_flight(), decay)
                 }
                 _ => entry.load() as u64,

@@ -243,6 +243,10 @@ pub(crate) struct EndpointShared {
     /// Whether new streams may go here: healthy, or every endpoint unhealthy and the pool
     /// routing to all of them then, and not removed. Kept by the pool; read on every checkout.
     pub(crate) routable: AtomicBool,
+    /// Members listed now (the length of the entry's member list), kept beside `in_flight`
+    /// and `routable` so that weighing an endpoint reads one cache line, not the list: in a
+    /// pool of thousands of endpoints each weighed endpoint is a cache miss.
+    pub(crate) listed: AtomicUsize,
     /// Outlier detection, when the pool has it: calls report how they ended here.
     outliers: Option<OutlierReports>,
     /// Calls that failed in a row, for outlier detection.
@@ -276,6 +280,7 @@ impl EndpointShared {
             endpoint,
             in_flight: AtomicUsize::new(0),
             routable: AtomicBool::new(true),
+            listed: AtomicUsize::new(0),
             outliers,
             failures_in_a_row: AtomicU32::new(0),
             ejection_asked: AtomicBool::new(false),

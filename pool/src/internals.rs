@@ -209,11 +209,16 @@ impl EndpointEntry {
     /// Load for choosing between endpoints: streams in flight, or the most possible when the
     /// endpoint has no member to take a stream (so an endpoint that is down never wins).
     pub(crate) fn load(&self) -> usize {
-        if self.members.load().is_empty() {
+        if !self.has_members() {
             usize::MAX
         } else {
             self.in_flight()
         }
+    }
+
+    /// Whether any member is listed, without reading the list.
+    pub(crate) fn has_members(&self) -> bool {
+        self.shared.listed.load(Ordering::Acquire) > 0
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -224,6 +229,7 @@ impl EndpointEntry {
     pub(crate) fn insert(&self, _locked: &mut EndpointInternals, member: Arc<Member>) {
         let mut list = Vec::clone(&self.members.load());
         list.push(member);
+        self.shared.listed.store(list.len(), Ordering::Release);
         self.members.store(Arc::new(list));
     }
 
@@ -234,12 +240,14 @@ impl EndpointEntry {
             return false;
         }
         let list: Vec<_> = current.iter().filter(|m| m.id != member_id).cloned().collect();
+        self.shared.listed.store(list.len(), Ordering::Release);
         self.members.store(Arc::new(list));
         true
     }
 
     /// Takes every member out of the list.
     pub(crate) fn take_all(&self, _locked: &mut EndpointInternals) -> Arc<Vec<Arc<Member>>> {
+        self.shared.listed.store(0, Ordering::Release);
         self.members.swap(Arc::new(Vec::new()))
     }
 
