@@ -91,11 +91,18 @@ impl ConnectHistory {
     /// Whether its next attempt is still to wait for at `now`: the backoff's, or, after a
     /// refused attempt, `refused_retry` from the last.
     pub(crate) fn pending(&self, now: Instant, refused_retry: Duration) -> bool {
-        let refused_at = match self.last_attempt {
-            Some(at) if self.refused && !refused_retry.is_zero() => Some(at + refused_retry),
-            _ => None,
-        };
+        let refused_at = refused_retry_at(self.last_attempt, self.refused, refused_retry);
         self.next_attempt.into_iter().chain(refused_at).any(|at| at > now)
+    }
+}
+
+/// After a refused attempt that began at `last_attempt`, the earliest the next one may
+/// start: `retry` later. `None` when the last failure was not a refusal, the rule is off
+/// (`retry` zero), or no attempt has been stamped yet.
+fn refused_retry_at(last_attempt: Option<Instant>, refused: bool, retry: Duration) -> Option<Instant> {
+    match last_attempt {
+        Some(at) if refused && !retry.is_zero() => Some(at + retry),
+        _ => None,
     }
 }
 
@@ -128,14 +135,9 @@ impl EndpointInternals {
         self.last_error = history.last_error;
     }
 
-    /// After a refused attempt, the earliest the next one may start: `refused_retry` after
-    /// the last one began. `None` when the last failure was not a refusal, the rule is off
-    /// (`retry` zero), or no attempt has been stamped yet.
+    /// After a refused attempt, the earliest the next one may start (`refused_retry_at`).
     pub(crate) fn refused_retry_at(&self, retry: Duration) -> Option<Instant> {
-        match self.last_attempt {
-            Some(at) if self.refused && !retry.is_zero() => Some(at + retry),
-            _ => None,
-        }
+        refused_retry_at(self.last_attempt, self.refused, retry)
     }
 }
 

@@ -177,12 +177,13 @@ impl PoolInner {
         }
         let added = {
             let membership = self.lock_membership();
-            let current = self.endpoints.load();
-            let mut known: HashSet<Endpoint> = current.iter().map(|e| e.endpoint().clone()).collect();
+            let (current, index) = (self.endpoints.load(), self.index.load());
             let mut list = Vec::clone(&current);
             let mut added = Vec::new();
+            // The pool's index says what it has; `batch` what this call added already.
+            let mut batch = HashSet::new();
             for (endpoint, history) in endpoints {
-                if !known.insert(endpoint.clone()) {
+                if index.contains_key(&endpoint) || !batch.insert(endpoint.clone()) {
                     continue;
                 }
                 let entry =
