@@ -115,4 +115,27 @@ async fn the_metrics_page_has_every_family_and_the_values_move() {
     held.await.unwrap().unwrap();
     let second = scrape_until(addr, "the gauge shows no call", |page| in_flight(page) == 0.0).await;
     assert!(direct(&second) >= direct(&first) + 25.0, "checkouts did not move:\n{second}");
+
+    // A pool with a subset and a connection budget of one: the subset's gauges, and the
+    // connect the budget did not allow at build.
+    let mut subset = grpc_pool::Subset::new(2);
+    subset.client = Some(0);
+    let _budgeted = Pool::builder()
+        .name("budgeted")
+        .metrics_interval(Duration::from_millis(20))
+        .subset(Some(subset))
+        .max_total_connections(Some(1))
+        .build(servers.iter().map(|s| s.uri()))
+        .await
+        .unwrap();
+    let budgeted = "pool=\"budgeted\"";
+    let subset_count = |page: &str, state: &str| {
+        value(page, names::SUBSET_ENDPOINTS, &[budgeted, &format!("state=\"{state}\"")])
+    };
+    let third =
+        scrape_until(addr, "the subset's gauges", |page| subset_count(page, "live") == Some(2.0)).await;
+    assert_eq!(subset_count(&third, "known"), Some(2.0), "{third}");
+    assert_eq!(subset_count(&third, "displaced"), Some(0.0), "{third}");
+    let refused = value(&third, names::BUDGET_REFUSALS, &[budgeted]).unwrap_or(0.0);
+    assert!(refused >= 1.0, "the second endpoint's connect was beyond the budget:\n{third}");
 }

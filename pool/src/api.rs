@@ -253,7 +253,10 @@ impl Builder {
         // `max_total_connections` goes.
         'budget: for _ in 0..per_endpoint {
             for entry in inner.endpoints().iter() {
-                let Some(ticket) = inner.budget.take() else { break 'budget };
+                let Some(ticket) = inner.budget.take() else {
+                    inner.count_budget_refusal(entry);
+                    break 'budget;
+                };
                 let (inner, entry) = (inner.clone(), entry.clone());
                 attempts.spawn(async move {
                     let round = entry.lock().failure_round;

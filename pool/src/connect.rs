@@ -134,6 +134,12 @@ impl PoolInner {
         });
     }
 
+    /// A connect to `entry` not made: the budget had no room.
+    pub(crate) fn count_budget_refusal(&self, entry: &EndpointEntry) {
+        tracing::debug!(pool = %self.name(), endpoint = %entry.label(), "no connect: max_total_connections reached");
+        metrics::counter!(names::BUDGET_REFUSALS, names::LABEL_POOL => self.config.name.clone()).increment(1);
+    }
+
     /// Whether a connect task of `entry` is still wanted: the endpoint is below
     /// `min_connections` without it, callers are waiting, or a call found it down since its
     /// last attempt (and failed fast, or pulled the next attempt forward).
@@ -240,7 +246,7 @@ impl PoolInner {
             // The whole pool's budget (`max_total_connections`): with no room, no attempt;
             // the budget task starts the endpoints' connects again when a connection ends.
             let Some(ticket) = self.budget.take() else {
-                tracing::debug!(pool = %self.name(), endpoint = %entry.label(), "no connect: max_total_connections reached");
+                self.count_budget_refusal(entry);
                 return false;
             };
             {

@@ -81,6 +81,10 @@ pub const SUBSET_ENDPOINTS: &str = "grpc_pool_subset_endpoints";
 /// the order took their place).
 pub const SUBSET_DISPLACEMENTS: &str = "grpc_pool_subset_displacements_total";
 
+/// Counter: connects not made because `max_total_connections` was reached (a connect task
+/// that found no room, or a build's connect beyond the cap).
+pub const BUDGET_REFUSALS: &str = "grpc_pool_budget_refusals_total";
+
 /// Gauge: connections per endpoint, by `state` (`ready`, `draining`, `connecting`); sampled
 /// every `metrics_interval`.
 pub const CONNECTIONS: &str = "grpc_pool_connections";
