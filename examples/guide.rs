@@ -115,9 +115,22 @@ async fn subset() -> Result {
     Ok(())
 }
 
+/// docs/xds.md.
+#[rustfmt::skip]
+async fn xds() -> Result {
+    // snippet: xds
+    // GRPC_XDS_BOOTSTRAP=/etc/grpc/bootstrap.json (or the JSON itself in
+    // GRPC_XDS_BOOTSTRAP_CONFIG), as for the other gRPC languages.
+    let pool = grpc_pool::Pool::builder().name("echo").build_xds("xds:///echo.prod:50051")?;
+    let mut client = EchoClient::new(pool.clone());
+    // end snippet
+    let _ = &mut client;
+    Ok(())
+}
+
 fn main() {
     // Named, not run: they need servers at the addresses they show.
-    let _snippets = (quickstart, more_settings, config_file, etcd, subset);
+    let _snippets = (quickstart, more_settings, config_file, etcd, subset, xds);
     println!(
         "the guide's snippets are in examples/guide.rs; tests/doc_snippets.rs holds the Markdown to them"
     );

@@ -363,6 +363,56 @@ impl Builder {
         Ok(Pool::start(core, health, discover, etcd))
     }
 
+    /// Builds a pool whose endpoints come from the xDS control plane of the bootstrap the
+    /// environment names (`GRPC_XDS_BOOTSTRAP` or `GRPC_XDS_BOOTSTRAP_CONFIG`, as in the other
+    /// gRPC languages) for `target` (`xds:///name`). Connects in the background, as
+    /// [`build_lazy`](Self::build_lazy): calls wait for the first endpoints up to
+    /// `checkout_timeout`. See [`xds`](crate::xds) for what is followed. Fails without a
+    /// bootstrap, with a bad target, or with endpoints, `dns` or `etcd` also set.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), grpc_pool::Error> {
+    /// let pool = grpc_pool::Pool::builder().name("echo").build_xds("xds:///echo.prod:50051")?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "xds")]
+    pub fn build_xds(self, target: &str) -> Result<Pool, Error> {
+        let bootstrap = crate::xds::Bootstrap::from_env()?;
+        self.build_xds_with(target, &bootstrap).map(|(pool, _)| pool)
+    }
+
+    /// [`build_xds`](Self::build_xds) with a bootstrap given in code; returns the
+    /// [`XdsStatus`](crate::xds::XdsStatus) of the stream beside the pool.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), grpc_pool::Error> {
+    /// let bootstrap = grpc_pool::xds::Bootstrap::from_json(
+    ///     r#"{"xds_servers": [{"server_uri": "localhost:18000", "channel_creds": [{"type": "insecure"}]}]}"#,
+    /// )?;
+    /// let (pool, status) = grpc_pool::Pool::builder().build_xds_with("xds:///echo", &bootstrap)?;
+    /// println!("{:?}", status.endpoints());
+    /// # drop(pool); Ok(()) }
+    /// ```
+    #[cfg(feature = "xds")]
+    pub fn build_xds_with(
+        self,
+        target: &str,
+        bootstrap: &crate::xds::Bootstrap,
+    ) -> Result<(Pool, crate::xds::XdsStatus), Error> {
+        if !self.config.endpoints.is_empty() || self.config.dns.is_some() || self.etcd_set() {
+            return Err(Error::invalid_config(
+                "endpoints",
+                &format!("{} endpoints, dns or etcd", self.config.endpoints.len()),
+                "none: a pool built for an xDS target takes its endpoints from the control plane",
+            ));
+        }
+        let discover = crate::xds::XdsDiscover::new(bootstrap, target)?;
+        let status = discover.status();
+        let pool = self.build_lazy(Vec::<String>::new())?;
+        pool.discover(discover);
+        Ok((pool, status))
+    }
+
     /// Whether an `etcd` section is set.
     fn etcd_set(&self) -> bool {
         #[cfg(feature = "etcd")]

@@ -36,6 +36,10 @@ mod builder;
 mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(any(feature = "etcd", feature = "xds"))]
+mod reconnect;
+#[cfg(feature = "xds")]
+pub mod xds;
 
 use std::fmt;
 

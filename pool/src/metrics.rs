@@ -122,6 +122,17 @@ pub const ETCD_AUTHENTICATIONS: &str = "grpc_pool_etcd_authentications_total";
 /// `range`, `compact`, `lease grant`, `lease revoke`, `authenticate`, `watch`: a watch's
 /// creation).
 pub const ETCD_CALL_TIMEOUTS: &str = "grpc_pool_etcd_call_timeouts_total";
+/// Gauge: the resources an xDS client (facade feature `xds`) holds for a target, by `type`
+/// (`lds`, `rds`, `cds`, `eds`) and `state` (`requested`: asked for, not yet received;
+/// `acked`; `nacked`: its last version refused, the one before kept; `does_not_exist`).
+pub const XDS_RESOURCES: &str = "grpc_pool_xds_resources";
+/// Counter: xDS responses by `type` and `result` (`ack`: every resource in it taken; `nack`:
+/// one or more refused, named in the NACK's error detail).
+pub const XDS_RESPONSES: &str = "grpc_pool_xds_responses_total";
+/// Counter: ADS streams made again after one broke or could not start.
+pub const XDS_RECONNECTS: &str = "grpc_pool_xds_stream_reconnects_total";
+/// Gauge: 1 while the xDS client's ADS stream is up, 0 while it reconnects.
+pub const XDS_CONNECTED: &str = "grpc_pool_xds_connected";
 
 /// Label: the pool's name.
 pub const LABEL_POOL: &str = "pool";
@@ -141,6 +152,10 @@ pub const LABEL_PREFIX: &str = "prefix";
 pub const LABEL_CHANGE: &str = "change";
 /// Label: an etcd call (`put`, `range`, `lease grant`, ...).
 pub const LABEL_OP: &str = "op";
+/// Label: an xDS target's listener name (`echo.prod:50051` for `xds:///echo.prod:50051`).
+pub const LABEL_TARGET: &str = "target";
+/// Label: an xDS resource type (`lds`, `rds`, `cds`, `eds`).
+pub const LABEL_TYPE: &str = "type";
 
 /// A live pool's hold on its name; dropping it frees the name.
 #[derive(Debug)]

@@ -31,7 +31,7 @@ mod value;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,8 @@ pub use discover::{EtcdDiscover, WatchStatus};
 pub use register::{register, Registration};
 pub use value::{parse_value, ParseValue};
 
-use crate::{Error, ErrorKind, Pool, TlsConfig};
+pub(crate) use crate::reconnect::Backoff;
+use crate::{Error, Pool, TlsConfig};
 use auth::{Credentials, SendToken, SharedCredentials, Token};
 use grpc_pool_core::metrics as m;
 use proto::kv_client::KvClient;
@@ -113,34 +114,17 @@ impl EtcdClient {
                 }
             }
         }
-        loop {
-            let n = CLIENTS.fetch_add(1, Ordering::Relaxed) + 1;
-            let name = if n == 1 { "etcd".to_owned() } else { format!("etcd-{n}") };
-            // A registry that was away is wanted back soon: reconnects at most 5 s apart
-            // (the pool's default goes to 120 s).
-            let mut backoff = crate::BackoffConfig::default();
-            backoff.base = Duration::from_millis(200);
-            backoff.max = Duration::from_secs(5);
-            let mut builder = Pool::builder().backoff(backoff);
+        let pool = crate::reconnect::registry_pool("etcd", &CLIENTS, |mut builder| {
             if let Some(tls) = &tls {
                 builder = builder.tls(tls.clone());
             }
-            let built = builder
-                .name(&name)
+            builder
                 // Watches and lease keepalives are long calls; a few connections carry them.
                 .max_connections(2)
                 .connect_timeout(Duration::from_secs(3))
-                .build_lazy(&endpoints);
-            match built {
-                Ok(pool) => {
-                    return Ok(EtcdClient { pool, credentials: None, call_timeout: DEFAULT_CALL_TIMEOUT })
-                }
-                // A pool of the application's holds that name: take the next.
-                Err(e)
-                    if e.kind() == ErrorKind::Config && e.to_string().contains("`name`") && n < 1 << 20 => {}
-                Err(e) => return Err(e),
-            }
-        }
+                .build_lazy(&endpoints)
+        })?;
+        Ok(EtcdClient { pool, credentials: None, call_timeout: DEFAULT_CALL_TIMEOUT })
     }
 
     /// The same client, signing in to etcd as `user` (for an etcd with authentication
@@ -450,32 +434,6 @@ impl std::error::Error for EtcdError {
     }
 }
 
-/// Backoff between reconnects: `min` doubling to `max`, with +/-20% jitter (the pool's own
-/// backoff arithmetic, [`BackoffConfig::delay`](crate::BackoffConfig::delay)).
-#[derive(Debug, Clone)]
-pub(crate) struct Backoff {
-    policy: crate::BackoffConfig,
-    failures: u32,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
-        let mut policy = crate::BackoffConfig::default();
-        (policy.base, policy.multiplier, policy.jitter, policy.max) = (min, 2.0, 0.2, max);
-        Backoff { policy, failures: 0 }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    /// The wait before the next try; the one after is twice as long, up to `max`.
-    pub(crate) fn next_wait(&mut self) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        self.policy.delay(self.failures)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,15 +444,5 @@ mod tests {
         assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
         assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
         assert_eq!(prefix_end(b""), vec![0]);
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(300));
-        let waits: Vec<Duration> = (0..4).map(|_| backoff.next_wait()).collect();
-        assert!(waits[0] >= Duration::from_millis(80) && waits[0] <= Duration::from_millis(120));
-        assert!(waits[3] >= Duration::from_millis(240) && waits[3] <= Duration::from_millis(360));
-        backoff.reset();
-        assert!(backoff.next_wait() <= Duration::from_millis(120));
     }
 }

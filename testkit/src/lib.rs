@@ -17,6 +17,7 @@ pub mod raw;
 pub mod refusing;
 pub mod relay;
 pub mod server;
+pub mod xds;
 
 pub use bare::BareH2;
 pub use clock::HeldClock;

@@ -1,0 +1,611 @@
+//! The ADS stream: one state-of-the-world `StreamAggregatedResources` call to the control
+//! plane, the subscriptions a target needs (LDS, then RDS, CDS and EDS as each answer names
+//! the next), ACK and NACK, the does-not-exist timer, and reconnects that keep what was
+//! learned. Its output is the endpoint set of the target's cluster.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf as pb;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use grpc_pool_core::discover::Change;
+use grpc_pool_core::metrics as m;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::bootstrap::Node;
+use super::resources::{self, Invalid, Kind, Resource, RouteSource};
+use super::XdsStatus;
+use crate::reconnect::Backoff;
+use crate::{Endpoint, Pool};
+
+/// gRFC A27: a subscribed resource that no response has carried this long after it was
+/// requested does not exist.
+pub(crate) const DOES_NOT_EXIST_AFTER: Duration = Duration::from_secs(15);
+
+/// One subscription per resource type.
+#[derive(Debug, Default)]
+struct Subscription {
+    names: BTreeSet<String>,
+    /// The version of the last response accepted (sent back in every request of the type).
+    version: String,
+    /// The nonce of the last response of the type on this stream.
+    nonce: String,
+}
+
+/// What is known of one resource.
+#[derive(Debug)]
+struct Known {
+    /// The last good version of it (kept when a later one is NACKed).
+    resource: Option<Resource>,
+    /// The problem with the last one received, if it was refused.
+    refused: Option<String>,
+    /// The control plane said (or its silence did) that it does not exist.
+    missing: bool,
+    /// When the does-not-exist timer runs out, while it runs.
+    deadline: Option<Instant>,
+}
+
+/// The ADS client's state: what it subscribes to, what it holds, what it told the pool.
+pub(crate) struct AdsState {
+    /// The listener's name (the target's path), also the authority virtual hosts match.
+    target: String,
+    subscriptions: BTreeMap<Kind, Subscription>,
+    known: HashMap<(Kind, String), Known>,
+    /// The endpoints passed to the pool.
+    published: BTreeSet<String>,
+}
+
+/// An endpoint set to give the pool, and why it is empty when the target resolves to a
+/// resource that does not exist.
+type Published = (BTreeSet<String>, Option<String>);
+
+/// How the target resolves at the moment.
+#[derive(Debug, PartialEq)]
+enum Resolution {
+    /// The endpoints of its cluster that take calls.
+    Endpoints(Vec<String>),
+    /// A resource on the way is still awaited: keep what the pool has.
+    Pending,
+    /// A resource on the way does not exist (or names nothing that does): the pool keeps no
+    /// endpoint, so calls fail with the reason rather than go to a stale set.
+    Broken(String),
+}
+
+impl AdsState {
+    pub(crate) fn new(target: &str) -> AdsState {
+        let mut state = AdsState {
+            target: target.to_owned(),
+            subscriptions: Kind::ALL.iter().map(|k| (*k, Subscription::default())).collect(),
+            known: HashMap::new(),
+            published: BTreeSet::new(),
+        };
+        state.subscriptions.get_mut(&Kind::Listener).expect("every kind").names.insert(target.to_owned());
+        state
+    }
+
+    fn resource(&self, kind: Kind, name: &str) -> Result<Option<&Resource>, String> {
+        match self.known.get(&(kind, name.to_owned())) {
+            Some(k) if k.missing => Err(format!("{kind} resource {name:?} does not exist")),
+            Some(k) => Ok(k.resource.as_ref()),
+            None => Ok(None),
+        }
+    }
+
+    /// Walks listener -> routes -> cluster -> endpoints, noting the names each step needs.
+    fn resolve(&self, wanted: &mut BTreeMap<Kind, BTreeSet<String>>) -> Resolution {
+        let mut want = |kind: Kind, name: &str| {
+            wanted.entry(kind).or_default().insert(name.to_owned());
+        };
+        want(Kind::Listener, &self.target);
+        let listener = match self.resource(Kind::Listener, &self.target) {
+            Ok(Some(Resource::Listener(l))) => l,
+            Ok(_) => return Resolution::Pending,
+            Err(e) => return Resolution::Broken(e),
+        };
+        let table = match listener {
+            RouteSource::Inline(table) => table,
+            RouteSource::Rds(name) => {
+                want(Kind::Route, name);
+                match self.resource(Kind::Route, name) {
+                    Ok(Some(Resource::Route(t))) => t,
+                    Ok(_) => return Resolution::Pending,
+                    Err(e) => return Resolution::Broken(e),
+                }
+            }
+        };
+        let Some(host) = resources::virtual_host(table, &self.target) else {
+            return Resolution::Broken(format!("no virtual host's domains match {:?}", self.target));
+        };
+        want(Kind::Cluster, &host.cluster);
+        let cluster = match self.resource(Kind::Cluster, &host.cluster) {
+            Ok(Some(Resource::Cluster(c))) => c,
+            Ok(_) => return Resolution::Pending,
+            Err(e) => return Resolution::Broken(e),
+        };
+        want(Kind::Endpoints, &cluster.eds_name);
+        match self.resource(Kind::Endpoints, &cluster.eds_name) {
+            Ok(Some(Resource::Endpoints(a))) => Resolution::Endpoints(a.in_use()),
+            Ok(_) => Resolution::Pending,
+            Err(e) => Resolution::Broken(e),
+        }
+    }
+
+    /// Applies a response: every resource in it that passes its checks is taken, the others
+    /// keep their last good version. Returns the request that ACKs it (all passed) or NACKs
+    /// it (the problems in `error_detail`), and whether anything changed.
+    fn apply(&mut self, response: &DiscoveryResponse) -> Option<(DiscoveryRequest, Vec<Invalid>)> {
+        let kind = Kind::from_type_url(&response.type_url)?;
+        let mut problems = Vec::new();
+        let mut seen = BTreeSet::new();
+        for any in &response.resources {
+            match resources::decode(kind, any) {
+                Ok((name, resource)) => {
+                    if let Resource::Cluster(c) = &resource {
+                        if c.max_requests.is_some() || c.outlier_detection {
+                            tracing::warn!(target_name = %self.target, cluster = %name,
+                                "the cluster's circuit_breakers.max_requests and outlier_detection are not applied yet; the pool's own settings hold");
+                        }
+                    }
+                    seen.insert(name.clone());
+                    let known = self.known_mut(kind, &name);
+                    known.resource = Some(resource);
+                    known.refused = None;
+                    known.missing = false;
+                    known.deadline = None;
+                }
+                Err(invalid) => {
+                    if let Some(name) = &invalid.name {
+                        seen.insert(name.clone());
+                        let known = self.known_mut(kind, name);
+                        known.refused = Some(invalid.problem.clone());
+                        known.deadline = None;
+                    }
+                    problems.push(invalid);
+                }
+            }
+        }
+        let subscription = &self.subscriptions[&kind];
+        // LDS and CDS responses list all that exist: a subscribed one left out was deleted.
+        if kind.complete_in_each_response() {
+            for name in subscription.names.clone() {
+                if !seen.contains(&name) {
+                    let known = self.known_mut(kind, &name);
+                    known.resource = None;
+                    known.refused = None;
+                    known.missing = true;
+                    known.deadline = None;
+                }
+            }
+        }
+        let subscription = self.subscriptions.get_mut(&kind).expect("every kind");
+        subscription.nonce = response.nonce.clone();
+        if problems.is_empty() {
+            subscription.version = response.version_info.clone();
+        }
+        let mut request = self.request(kind);
+        if !problems.is_empty() {
+            let message = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            request.error_detail =
+                Some(RpcStatus { code: tonic::Code::InvalidArgument as i32, message, details: vec![] });
+        }
+        Some((request, problems))
+    }
+
+    fn known_mut(&mut self, kind: Kind, name: &str) -> &mut Known {
+        self.known.entry((kind, name.to_owned())).or_insert(Known {
+            resource: None,
+            refused: None,
+            missing: false,
+            deadline: None,
+        })
+    }
+
+    /// The request of `kind` as things stand: its names, last accepted version and nonce.
+    fn request(&self, kind: Kind) -> DiscoveryRequest {
+        let subscription = &self.subscriptions[&kind];
+        DiscoveryRequest {
+            version_info: subscription.version.clone(),
+            resource_names: subscription.names.iter().cloned().collect(),
+            type_url: kind.type_url().to_owned(),
+            response_nonce: subscription.nonce.clone(),
+            ..DiscoveryRequest::default()
+        }
+    }
+
+    /// Resolves the target and moves the subscriptions to what it needs now. Returns the
+    /// requests for the types whose names changed, and the endpoint set if it changed.
+    fn settle(&mut self, now: Instant) -> (Vec<DiscoveryRequest>, Option<Published>) {
+        let mut wanted: BTreeMap<Kind, BTreeSet<String>> = BTreeMap::new();
+        let resolution = self.resolve(&mut wanted);
+        let mut requests = Vec::new();
+        for kind in Kind::ALL {
+            let names = wanted.remove(&kind).unwrap_or_default();
+            let subscription = self.subscriptions.get_mut(&kind).expect("every kind");
+            if subscription.names == names {
+                continue;
+            }
+            let dropped: Vec<String> = subscription.names.difference(&names).cloned().collect();
+            let added: Vec<String> = names.difference(&subscription.names).cloned().collect();
+            subscription.names = names;
+            for name in dropped {
+                self.known.remove(&(kind, name));
+            }
+            for name in added {
+                let known = self.known_mut(kind, &name);
+                if known.resource.is_none() && !known.missing {
+                    known.deadline = Some(now + DOES_NOT_EXIST_AFTER);
+                }
+            }
+            requests.push(self.request(kind));
+        }
+        let endpoints = match resolution {
+            Resolution::Pending => None,
+            Resolution::Endpoints(list) => Some((list.into_iter().collect(), None)),
+            Resolution::Broken(why) => Some((BTreeSet::new(), Some(why))),
+        };
+        let changed = endpoints.filter(|(set, _)| *set != self.published);
+        (requests, changed)
+    }
+
+    /// Every subscribed resource not yet received starts its does-not-exist timer again (a
+    /// new stream: gRFC A27 runs the timer from the request).
+    fn restart_timers(&mut self, now: Instant) {
+        let subscribed: Vec<(Kind, String)> = self
+            .subscriptions
+            .iter()
+            .flat_map(|(kind, s)| s.names.iter().map(|n| (*kind, n.clone())))
+            .collect();
+        for (kind, name) in subscribed {
+            let known = self.known_mut(kind, &name);
+            if known.resource.is_none() && !known.missing {
+                known.deadline = Some(now + DOES_NOT_EXIST_AFTER);
+            }
+        }
+    }
+
+    fn stop_timers(&mut self) {
+        for known in self.known.values_mut() {
+            known.deadline = None;
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.known.values().filter_map(|k| k.deadline).min()
+    }
+
+    /// Resources whose timer ran out by `now` do not exist.
+    fn expire(&mut self, now: Instant) -> Vec<(Kind, String)> {
+        let mut expired = Vec::new();
+        for ((kind, name), known) in &mut self.known {
+            if known.deadline.is_some_and(|d| d <= now) {
+                known.deadline = None;
+                known.missing = true;
+                expired.push((*kind, name.clone()));
+            }
+        }
+        expired.sort();
+        expired
+    }
+
+    /// The first request of each type with names, for a new stream.
+    fn initial_requests(&self) -> Vec<DiscoveryRequest> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| !self.subscriptions[k].names.is_empty())
+            .map(|k| DiscoveryRequest { response_nonce: String::new(), ..self.request(k) })
+            .collect()
+    }
+
+    /// What the status shows of each resource.
+    fn resource_states(&self) -> Vec<super::XdsResource> {
+        let mut out: Vec<super::XdsResource> = self
+            .known
+            .iter()
+            .map(|((kind, name), known)| super::XdsResource {
+                kind: kind.label(),
+                name: name.clone(),
+                state: if known.missing {
+                    "does_not_exist"
+                } else if known.refused.is_some() {
+                    "nacked"
+                } else if known.resource.is_some() {
+                    "acked"
+                } else {
+                    "requested"
+                },
+                error: known.refused.clone(),
+                version: if known.resource.is_some() {
+                    self.subscriptions[kind].version.clone()
+                } else {
+                    String::new()
+                },
+            })
+            .collect();
+        out.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+        out
+    }
+}
+
+/// The request side of the stream: what the client sends, as a `Stream` for tonic.
+struct Requests(mpsc::UnboundedReceiver<DiscoveryRequest>);
+
+impl futures_core::Stream for Requests {
+    type Item = DiscoveryRequest;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<DiscoveryRequest>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// The task behind an `XdsDiscover`: runs ADS streams until the pool it feeds is gone.
+pub(crate) struct AdsClient {
+    pub(crate) pool: Pool,
+    pub(crate) node: Node,
+    pub(crate) state: AdsState,
+    pub(crate) changes: mpsc::Sender<Change<String, Endpoint>>,
+    pub(crate) status: XdsStatus,
+    pub(crate) backoff: Backoff,
+}
+
+impl AdsClient {
+    pub(crate) async fn run(mut self) {
+        let mut first = true;
+        loop {
+            if !first {
+                metrics::counter!(m::XDS_RECONNECTS, m::LABEL_TARGET => self.state.target.clone())
+                    .increment(1);
+            }
+            first = false;
+            // A clone to watch for the pool's end while the stream borrows `self`.
+            let changes = self.changes.clone();
+            let answered = tokio::select! {
+                biased;
+                _ = changes.closed() => return,
+                answered = self.stream() => answered,
+            };
+            self.state.stop_timers();
+            self.status.update(|s| s.connected = false);
+            metrics::gauge!(m::XDS_CONNECTED, m::LABEL_TARGET => self.state.target.clone()).set(0.0);
+            if answered {
+                self.backoff.reset();
+            }
+            let wait = self.backoff.next_wait();
+            tracing::info!(target_name = %self.state.target, wait = ?wait, "xDS stream ended; the endpoints stay as they are, reconnecting");
+            tokio::select! {
+                biased;
+                _ = self.changes.closed() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One stream, until it breaks. Returns whether the control plane answered on it.
+    async fn stream(&mut self) -> bool {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut requests = self.state.initial_requests();
+        if let Some(first) = requests.first_mut() {
+            first.node = Some(node(&self.node));
+        }
+        for request in requests {
+            let _ = tx.send(request);
+        }
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(self.pool.clone()).max_decoding_message_size(64 << 20);
+        let mut responses = match client.stream_aggregated_resources(Requests(rx)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                tracing::warn!(target_name = %self.state.target, error = %status, "xDS stream could not start");
+                self.status.update(|s| s.last_error = Some(status.to_string()));
+                return false;
+            }
+        };
+        self.status.update(|s| s.connected = true);
+        metrics::gauge!(m::XDS_CONNECTED, m::LABEL_TARGET => self.state.target.clone()).set(1.0);
+        self.state.restart_timers(Instant::now());
+        let mut answered = false;
+        loop {
+            let deadline = self.state.next_deadline();
+            let timer = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                message = responses.message() => match message {
+                    Ok(Some(response)) => {
+                        answered = true;
+                        self.on_response(&response, &tx).await;
+                    }
+                    Ok(None) => {
+                        self.status.update(|s| s.last_error = Some("the control plane ended the stream".to_owned()));
+                        return answered;
+                    }
+                    Err(status) => {
+                        tracing::warn!(target_name = %self.state.target, error = %status, "xDS stream broke");
+                        self.status.update(|s| s.last_error = Some(status.to_string()));
+                        return answered;
+                    }
+                },
+                _ = timer => {
+                    let now = Instant::now();
+                    for (kind, name) in self.state.expire(now) {
+                        tracing::warn!(target_name = %self.state.target, kind = %kind, resource = %name,
+                            after = ?DOES_NOT_EXIST_AFTER, "xDS resource does not exist: no response carried it");
+                    }
+                    self.settle(&tx).await;
+                }
+            }
+        }
+    }
+
+    async fn on_response(
+        &mut self,
+        response: &DiscoveryResponse,
+        tx: &mpsc::UnboundedSender<DiscoveryRequest>,
+    ) {
+        let Some((request, problems)) = self.state.apply(response) else {
+            tracing::warn!(target_name = %self.state.target, type_url = %response.type_url, "xDS response of a type the pool did not ask for, ignored");
+            return;
+        };
+        let kind = Kind::from_type_url(&response.type_url).expect("applied");
+        let target = self.state.target.clone();
+        if problems.is_empty() {
+            tracing::info!(target_name = %target, kind = %kind, version = %response.version_info,
+                resources = response.resources.len(), "xDS update accepted");
+            metrics::counter!(m::XDS_RESPONSES, m::LABEL_TARGET => target.clone(), m::LABEL_TYPE => kind.label(), m::LABEL_RESULT => "ack").increment(1);
+        } else {
+            let detail = request.error_detail.as_ref().map(|d| d.message.clone()).unwrap_or_default();
+            tracing::warn!(target_name = %target, kind = %kind, version = %response.version_info, error = %detail,
+                "xDS update refused (NACK); the last good version of each refused resource is kept");
+            metrics::counter!(m::XDS_RESPONSES, m::LABEL_TARGET => target.clone(), m::LABEL_TYPE => kind.label(), m::LABEL_RESULT => "nack").increment(1);
+            self.status.update(|s| {
+                s.nacks += 1;
+                s.last_nack = Some(format!("{kind} version {:?}: {detail}", response.version_info));
+            });
+        }
+        if problems.is_empty() {
+            self.status.update(|s| s.acks += 1);
+        }
+        let _ = tx.send(request);
+        self.settle(tx).await;
+    }
+
+    /// Re-resolves the target: new subscriptions go out, a changed endpoint set goes to the
+    /// pool.
+    async fn settle(&mut self, tx: &mpsc::UnboundedSender<DiscoveryRequest>) {
+        let (requests, endpoints) = self.state.settle(Instant::now());
+        for request in requests {
+            let _ = tx.send(request);
+        }
+        if let Some((set, broken)) = endpoints {
+            self.publish(set, broken).await;
+        }
+        let resources = self.state.resource_states();
+        let mut counts: BTreeMap<(&'static str, &'static str), usize> = BTreeMap::new();
+        for r in &resources {
+            *counts.entry((r.kind, r.state)).or_default() += 1;
+        }
+        for kind in Kind::ALL {
+            for state in ["requested", "acked", "nacked", "does_not_exist"] {
+                let n = counts.get(&(kind.label(), state)).copied().unwrap_or(0);
+                metrics::gauge!(m::XDS_RESOURCES, m::LABEL_TARGET => self.state.target.clone(),
+                    m::LABEL_TYPE => kind.label(), m::LABEL_STATE => state)
+                .set(n as f64);
+            }
+        }
+        self.status.update(|s| s.resources = resources);
+    }
+
+    async fn publish(&mut self, set: BTreeSet<String>, broken: Option<String>) {
+        let target = self.state.target.clone();
+        let removed: Vec<String> = self.state.published.difference(&set).cloned().collect();
+        let added: Vec<String> = set.difference(&self.state.published).cloned().collect();
+        match &broken {
+            Some(why) => {
+                tracing::warn!(target_name = %target, reason = %why, removed = removed.len(), "xDS target resolves to no endpoint")
+            }
+            None => {
+                tracing::info!(target_name = %target, added = added.len(), removed = removed.len(), endpoints = set.len(), "xDS endpoints applied")
+            }
+        }
+        for address in removed {
+            if self.changes.send(Change::Remove(address)).await.is_err() {
+                return;
+            }
+        }
+        for address in added {
+            let Ok(endpoint) = Endpoint::parse(&format!("http://{address}")) else {
+                tracing::warn!(target_name = %target, endpoint = %address, "xDS endpoint is not a valid address, skipped");
+                continue;
+            };
+            if self.changes.send(Change::Insert(address, endpoint)).await.is_err() {
+                return;
+            }
+        }
+        self.status.update(|s| {
+            s.endpoints = set.iter().cloned().collect();
+            s.broken = broken;
+            s.updates += 1;
+        });
+        self.state.published = set;
+    }
+}
+
+/// The bootstrap's node as the control plane gets it.
+fn node(node: &Node) -> core::Node {
+    core::Node {
+        id: node.id.clone(),
+        cluster: node.cluster.clone(),
+        metadata: Some(pb::Struct {
+            fields: node.metadata.iter().map(|(k, v)| (k.clone(), value(v))).collect(),
+        }),
+        locality: Some(core::Locality {
+            region: node.region.clone(),
+            zone: node.zone.clone(),
+            sub_zone: node.sub_zone.clone(),
+        }),
+        user_agent_name: "grpc-pool".to_owned(),
+        user_agent_version_type: Some(core::node::UserAgentVersionType::UserAgentVersion(
+            env!("CARGO_PKG_VERSION").to_owned(),
+        )),
+        ..core::Node::default()
+    }
+}
+
+/// A JSON value as a `google.protobuf.Value`.
+fn value(v: &Value) -> pb::Value {
+    use pb::value::Kind as K;
+    let kind = match v {
+        Value::Null => K::NullValue(0),
+        Value::Bool(b) => K::BoolValue(*b),
+        Value::Number(n) => K::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => K::StringValue(s.clone()),
+        Value::Array(a) => K::ListValue(pb::ListValue { values: a.iter().map(value).collect() }),
+        Value::Object(o) => {
+            K::StructValue(pb::Struct { fields: o.iter().map(|(k, v)| (k.clone(), value(v))).collect() })
+        }
+    };
+    pb::Value { kind: Some(kind) }
+}
+
+/// Shared between the task and `XdsStatus` handles.
+pub(crate) type SharedStatus = Arc<Mutex<super::StatusInner>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resource_no_response_carries_does_not_exist_after_the_timer_and_the_target_has_no_endpoints() {
+        let start = Instant::now();
+        let mut state = AdsState::new("echo");
+        // Nothing received yet: pending, the listener asked for.
+        let (requests, endpoints) = state.settle(start);
+        assert!(requests.is_empty(), "the listener's subscription is there from the start");
+        assert_eq!(endpoints, None);
+        assert_eq!(state.initial_requests()[0].resource_names, vec!["echo".to_owned()]);
+        state.restart_timers(start);
+        assert_eq!(state.next_deadline(), Some(start + DOES_NOT_EXIST_AFTER));
+        assert!(state.expire(start + DOES_NOT_EXIST_AFTER - Duration::from_millis(1)).is_empty());
+        assert_eq!(state.expire(start + DOES_NOT_EXIST_AFTER), vec![(Kind::Listener, "echo".to_owned())]);
+        let (_, endpoints) = state.settle(start + DOES_NOT_EXIST_AFTER);
+        // The set was already empty: no change to publish, but the reason is known.
+        assert_eq!(endpoints, None);
+        let mut wanted = BTreeMap::new();
+        assert!(
+            matches!(state.resolve(&mut wanted), Resolution::Broken(why) if why.contains("does not exist"))
+        );
+        // A broken stream stops the timers; a new one runs them again for what is missing.
+        state.stop_timers();
+        assert_eq!(state.next_deadline(), None);
+    }
+}

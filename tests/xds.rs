@@ -1,0 +1,311 @@
+//! A pool built for an `xds:///` target against the test control plane (testkit's ADS
+//! server on the published Envoy protos): endpoints from LDS -> RDS -> CDS -> EDS, health
+//! status and priority failover, a NACK that names the field and keeps the last good
+//! resource, a control plane restart, and a listener that goes away.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use grpc_pool::xds::{Bootstrap, XdsStatus};
+use grpc_pool::Pool;
+use grpc_pool_testkit::echo::echo_client::EchoClient;
+use grpc_pool_testkit::echo::EchoRequest;
+use grpc_pool_testkit::xds::{self as cp, ControlPlane, HealthStatus, LocalityEndpoints};
+use grpc_pool_testkit::{wait_until, TestServer};
+
+const WAIT: Duration = Duration::from_secs(20);
+const TARGET: &str = "xds:///echo.test:50051";
+const LISTENER: &str = "echo.test:50051";
+
+fn request() -> EchoRequest {
+    EchoRequest { message: Bytes::from_static(b"hello"), repeat: 0, delay_ms: 0 }
+}
+
+async fn servers(n: usize) -> Vec<TestServer> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(TestServer::start().await);
+    }
+    out
+}
+
+/// A control plane serving the listener, its routes, the cluster `echo` and its endpoints.
+fn serve(plane: &ControlPlane, localities: &[LocalityEndpoints]) {
+    plane.set(LISTENER, cp::listener(LISTENER, "echo-routes"));
+    plane.set("echo-routes", cp::route_config("echo-routes", &["echo.test:50051"], "echo"));
+    plane.set("echo", cp::cluster("echo", "echo-endpoints"));
+    plane.set("echo-endpoints", cp::assignment("echo-endpoints", localities));
+}
+
+fn addresses(servers: &[&TestServer]) -> Vec<String> {
+    let mut out: Vec<String> = servers.iter().map(|s| s.addr().to_string()).collect();
+    out.sort();
+    out
+}
+
+fn pool_endpoints(pool: &Pool) -> BTreeSet<String> {
+    pool.state()
+        .endpoints
+        .iter()
+        .map(|e| e.endpoint.to_string().trim_start_matches("http://").to_owned())
+        .collect()
+}
+
+async fn xds_pool(plane: &ControlPlane) -> (Pool, XdsStatus) {
+    let bootstrap = Bootstrap::from_json(&plane.bootstrap("pool-test")).unwrap();
+    Pool::builder().checkout_timeout(Duration::from_secs(10)).build_xds_with(TARGET, &bootstrap).unwrap()
+}
+
+/// Waits until the pool holds exactly `want`, as the status and the pool itself show.
+async fn wait_for_endpoints(pool: &Pool, status: &XdsStatus, want: &[String], what: &str) {
+    let set: BTreeSet<String> = want.iter().cloned().collect();
+    wait_until(WAIT, what, || status.endpoints() == want && pool_endpoints(pool) == set).await;
+}
+
+/// Makes `n` calls; every one must succeed.
+async fn calls(pool: &Pool, n: usize) {
+    let mut client = EchoClient::new(pool.clone());
+    for i in 0..n {
+        if let Err(status) = client.unary_echo(request()).await {
+            panic!("call {i} failed: {status}");
+        }
+    }
+}
+
+fn addr(server: &TestServer) -> SocketAddr {
+    server.addr()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_follows_the_endpoints_of_the_targets_cluster_through_lds_rds_cds_and_eds() {
+    let s = servers(3).await;
+    let plane = ControlPlane::start().await;
+    serve(&plane, &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0]), addr(&s[1])])]);
+    let (pool, status) = xds_pool(&plane).await;
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[0], &s[1]]), "the first two servers are the pool's")
+        .await;
+    calls(&pool, 40).await;
+    assert!(
+        s[0].calls() > 0 && s[1].calls() > 0,
+        "both endpoints take calls: {} {}",
+        s[0].calls(),
+        s[1].calls()
+    );
+    assert_eq!(s[2].calls(), 0, "the server not in the assignment takes none");
+
+    // Every type's version ACKed, with the node sent on the stream's first request.
+    for type_url in [cp::LISTENER, cp::ROUTE, cp::CLUSTER, cp::ENDPOINTS] {
+        let version = plane.version(type_url);
+        wait_until(WAIT, "each type is ACKed", || plane.acked(type_url, version)).await;
+    }
+    let first = plane.requests().into_iter().next().unwrap();
+    assert_eq!(first.node.as_ref().map(|n| n.id.as_str()), Some("pool-test"));
+    assert_eq!(first.resource_names, vec![LISTENER.to_owned()]);
+    assert!(plane.nacks().is_empty(), "{:?}", plane.nacks());
+    let kinds: Vec<(&str, String)> =
+        status.resources().iter().map(|r| (r.kind, r.state.to_owned())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("cds", "acked".to_owned()),
+            ("eds", "acked".to_owned()),
+            ("lds", "acked".to_owned()),
+            ("rds", "acked".to_owned())
+        ]
+    );
+
+    // The assignment moves to servers 1 and 2: server 0 is drained away, 2 joins.
+    plane.set(
+        "echo-endpoints",
+        cp::assignment("echo-endpoints", &[LocalityEndpoints::healthy("a", 0, &[addr(&s[1]), addr(&s[2])])]),
+    );
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[1], &s[2]]), "the pool follows the new assignment")
+        .await;
+    let before = s[0].calls();
+    calls(&pool, 40).await;
+    assert_eq!(s[0].calls(), before, "the endpoint removed takes no new call");
+    assert!(s[2].calls() > 0, "the endpoint added takes calls");
+
+    // The route moves the target to another cluster with its own endpoints.
+    plane.set("other", cp::cluster("other", "other-endpoints"));
+    plane.set(
+        "other-endpoints",
+        cp::assignment("other-endpoints", &[LocalityEndpoints::healthy("b", 0, &[addr(&s[0])])]),
+    );
+    plane.set("echo-routes", cp::route_config("echo-routes", &["echo.test:50051"], "other"));
+    wait_for_endpoints(
+        &pool,
+        &status,
+        &addresses(&[&s[0]]),
+        "the pool follows the route to the other cluster",
+    )
+    .await;
+    let eds: Vec<String> =
+        status.resources().into_iter().filter(|r| r.kind == "eds").map(|r| r.name).collect();
+    assert_eq!(
+        eds,
+        vec!["other-endpoints".to_owned()],
+        "the old cluster's endpoints are no longer subscribed"
+    );
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_and_draining_endpoints_take_no_calls_and_the_next_priority_takes_over() {
+    let s = servers(3).await;
+    let plane = ControlPlane::start().await;
+    let p0 = |h0: HealthStatus, h1: HealthStatus| LocalityEndpoints {
+        zone: "a".to_owned(),
+        priority: 0,
+        weight: 1,
+        endpoints: vec![(addr(&s[0]), h0), (addr(&s[1]), h1)],
+    };
+    let p1 = LocalityEndpoints::healthy("b", 1, &[addr(&s[2])]);
+    serve(&plane, &[p0(HealthStatus::Healthy, HealthStatus::Unknown), p1.clone()]);
+    let (pool, status) = xds_pool(&plane).await;
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[0], &s[1]]), "priority 0 alone, healthy").await;
+
+    // Both of priority 0 unhealthy: priority 1 takes every call.
+    plane.set(
+        "echo-endpoints",
+        cp::assignment("echo-endpoints", &[p0(HealthStatus::Unhealthy, HealthStatus::Draining), p1.clone()]),
+    );
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[2]]), "priority 1 takes over").await;
+    let before = (s[0].calls(), s[1].calls());
+    calls(&pool, 20).await;
+    assert_eq!((s[0].calls(), s[1].calls()), before, "unhealthy and draining endpoints take no call");
+
+    // One of two back: 50% x 1.4 = 70% < 100%, so priority 1 still helps.
+    plane.set(
+        "echo-endpoints",
+        cp::assignment("echo-endpoints", &[p0(HealthStatus::Unhealthy, HealthStatus::Healthy), p1]),
+    );
+    wait_for_endpoints(
+        &pool,
+        &status,
+        &addresses(&[&s[1], &s[2]]),
+        "priority 0's healthy one and priority 1",
+    )
+    .await;
+    calls(&pool, 20).await;
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_the_pool_cannot_honour_is_nacked_naming_the_field_and_the_last_good_one_is_kept() {
+    let s = servers(2).await;
+    let plane = ControlPlane::start().await;
+    serve(&plane, &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0])])]);
+    let (pool, status) = xds_pool(&plane).await;
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[0]]), "the first assignment").await;
+    let good = plane.version(cp::CLUSTER);
+
+    // A ring-hash cluster: refused, and the NACK says which resource and field.
+    let mut ring_hash = cp::cluster("echo", "echo-endpoints");
+    ring_hash.lb_policy = 2; // RING_HASH
+    plane.set("echo", ring_hash);
+    wait_until(WAIT, "the cluster is NACKed", || !plane.nacks().is_empty()).await;
+    let (type_url, kept, detail) = plane.nacks().remove(0);
+    assert_eq!(type_url, cp::CLUSTER);
+    assert_eq!(kept, good.to_string(), "the NACK carries the version the client keeps");
+    assert!(detail.contains("\"echo\"") && detail.contains("lb_policy"), "{detail}");
+    assert!(status.last_nack().is_some_and(|n| n.contains("lb_policy")), "{:?}", status.last_nack());
+    let cds = status.resources().into_iter().find(|r| r.kind == "cds").unwrap();
+    assert_eq!(cds.state, "nacked");
+    assert!(cds.error.is_some_and(|e| e.contains("lb_policy")));
+
+    // The last good cluster still holds: an endpoint change under it is followed.
+    plane.set(
+        "echo-endpoints",
+        cp::assignment("echo-endpoints", &[LocalityEndpoints::healthy("a", 0, &[addr(&s[1])])]),
+    );
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[1]]), "EDS is followed under the kept cluster").await;
+    calls(&pool, 10).await;
+
+    // A bad assignment (a port of 0) is refused too, naming the endpoint's field; the
+    // endpoints stay.
+    let mut bad = cp::assignment("echo-endpoints", &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0])])]);
+    bad.endpoints[0].lb_endpoints[0].host_identifier = None;
+    plane.set("echo-endpoints", bad);
+    wait_until(WAIT, "the assignment is NACKed", || plane.nacks().iter().any(|n| n.0 == cp::ENDPOINTS)).await;
+    let detail = plane.nacks().into_iter().find(|n| n.0 == cp::ENDPOINTS).unwrap().2;
+    assert!(detail.contains("endpoints[0].lb_endpoints[0].endpoint"), "{detail}");
+    assert_eq!(status.endpoints(), addresses(&[&s[1]]));
+
+    // Fixed: ACKed, and followed.
+    plane.set("echo", cp::cluster("echo", "echo-endpoints"));
+    let fixed = plane.version(cp::CLUSTER);
+    wait_until(WAIT, "the fixed cluster is ACKed", || plane.acked(cp::CLUSTER, fixed)).await;
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_restart_keeps_the_endpoints_and_the_stream_resumes() {
+    let s = servers(2).await;
+    let mut plane = ControlPlane::start().await;
+    serve(&plane, &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0])])]);
+    let (pool, status) = xds_pool(&plane).await;
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[0]]), "the first assignment").await;
+
+    plane.stop().await;
+    wait_until(WAIT, "the client sees the stream gone", || !status.connected()).await;
+    calls(&pool, 10).await; // the endpoints stay while the control plane is away
+    assert_eq!(pool_endpoints(&pool), addresses(&[&s[0]]).into_iter().collect());
+
+    plane.restart().await;
+    wait_until(WAIT, "the stream is made again", || plane.streams() >= 2 && status.connected()).await;
+    // The new stream asks again with the versions it holds.
+    let listener_version = plane.version(cp::LISTENER).to_string();
+    let resumed = plane
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.type_url == cp::LISTENER && r.response_nonce.is_empty());
+    assert_eq!(resumed.map(|r| r.version_info), Some(listener_version));
+    plane.set(
+        "echo-endpoints",
+        cp::assignment("echo-endpoints", &[LocalityEndpoints::healthy("a", 0, &[addr(&s[1])])]),
+    );
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[1]]), "changes after the restart are followed").await;
+    calls(&pool, 10).await;
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_goes_away_leaves_the_target_without_endpoints_and_says_why() {
+    let s = servers(1).await;
+    let plane = ControlPlane::start().await;
+    serve(&plane, &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0])])]);
+    let (pool, status) = xds_pool(&plane).await;
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[0]]), "the first assignment").await;
+
+    plane.remove(cp::LISTENER, LISTENER);
+    wait_for_endpoints(&pool, &status, &[], "the endpoints go with the listener").await;
+    let why = status.broken().unwrap();
+    assert!(why.contains("does not exist") && why.contains(LISTENER), "{why}");
+
+    // Back: the endpoints return.
+    plane.set(LISTENER, cp::listener(LISTENER, "echo-routes"));
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[0]]), "the listener is back").await;
+    assert_eq!(status.broken(), None);
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_route_configuration_needs_no_rds() {
+    let s = servers(1).await;
+    let plane = ControlPlane::start().await;
+    plane.set(LISTENER, cp::listener_inline(LISTENER, "echo"));
+    plane.set("echo", cp::cluster("echo", "echo-endpoints"));
+    plane.set(
+        "echo-endpoints",
+        cp::assignment("echo-endpoints", &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0])])]),
+    );
+    let (pool, status) = xds_pool(&plane).await;
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[0]]), "the inline route's cluster").await;
+    assert!(plane.requests().iter().all(|r| r.type_url != cp::ROUTE), "no RDS request");
+    calls(&pool, 5).await;
+    pool.close().await;
+}
