@@ -13,7 +13,7 @@ use grpc_pool::Pool;
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
 use grpc_pool_testkit::xds::{self as cp, ControlPlane, HealthStatus, LocalityEndpoints};
-use grpc_pool_testkit::{wait_until, TestServer};
+use grpc_pool_testkit::{wait_until, GrpcioXdsClient, TestServer};
 
 const WAIT: Duration = Duration::from_secs(20);
 const TARGET: &str = "xds:///echo.test:50051";
@@ -307,5 +307,122 @@ async fn an_inline_route_configuration_needs_no_rds() {
     wait_for_endpoints(&pool, &status, &addresses(&[&s[0]]), "the inline route's cluster").await;
     assert!(plane.requests().iter().all(|r| r.type_url != cp::ROUTE), "no RDS request");
     calls(&pool, 5).await;
+    pool.close().await;
+}
+
+/// The servers whose call counts moved between `before` and now.
+fn hit(servers: &[TestServer], before: &[u64]) -> Vec<String> {
+    let mut out: Vec<String> = servers
+        .iter()
+        .zip(before)
+        .filter(|(s, b)| s.calls() > **b)
+        .map(|(s, _)| s.addr().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+fn counts(servers: &[TestServer]) -> Vec<u64> {
+    servers.iter().map(TestServer::calls).collect()
+}
+
+/// The endpoints the C core sends calls to once it has taken the control plane's current
+/// resources: batches of calls until one reaches exactly `want` (its xDS client applies an
+/// update a moment after the control plane sends it), or the last batch's set after 30 s.
+async fn c_core_endpoints(
+    client: &mut GrpcioXdsClient,
+    servers: &[TestServer],
+    want: &[String],
+) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = counts(servers);
+        let batch = client.calls(10 * servers.len() as u64).await;
+        let seen = hit(servers, &before);
+        if (seen == want && (batch.failed == 0 || want.is_empty())) || tokio::time::Instant::now() > deadline
+        {
+            return seen;
+        }
+    }
+}
+
+/// The endpoints the pool sends calls to: every endpoint it holds must take some of 10 per
+/// server, and no other.
+async fn pool_hits(pool: &Pool, servers: &[TestServer]) -> Vec<String> {
+    let before = counts(servers);
+    calls(pool, 10 * servers.len()).await;
+    hit(servers, &before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_c_core_sees_the_same_endpoints_as_the_pool_on_each_resource_set() {
+    let s = servers(3).await;
+    let plane = ControlPlane::start().await;
+    let p0 = |h0: HealthStatus, h1: HealthStatus| LocalityEndpoints {
+        zone: "a".to_owned(),
+        priority: 0,
+        weight: 1,
+        endpoints: vec![(addr(&s[0]), h0), (addr(&s[1]), h1)],
+    };
+    let p1 = LocalityEndpoints::healthy("b", 1, &[addr(&s[2])]);
+    serve(&plane, &[p0(HealthStatus::Healthy, HealthStatus::Healthy), p1.clone()]);
+    let (pool, status) = xds_pool(&plane).await;
+    let mut c_core = GrpcioXdsClient::start(TARGET, &plane.bootstrap("c-core")).await;
+
+    // Each resource set: the endpoints both must use.
+    let sets: Vec<(&str, Vec<LocalityEndpoints>, Vec<String>)> = vec![
+        (
+            "priority 0 healthy",
+            vec![p0(HealthStatus::Healthy, HealthStatus::Healthy), p1.clone()],
+            addresses(&[&s[0], &s[1]]),
+        ),
+        (
+            "priority 0 unhealthy and draining: priority 1",
+            vec![p0(HealthStatus::Unhealthy, HealthStatus::Draining), p1.clone()],
+            addresses(&[&s[2]]),
+        ),
+        (
+            "UNKNOWN counts as healthy",
+            vec![p0(HealthStatus::Unknown, HealthStatus::Unknown), p1.clone()],
+            addresses(&[&s[0], &s[1]]),
+        ),
+        (
+            "DEGRADED and TIMEOUT do not",
+            vec![p0(HealthStatus::Degraded, HealthStatus::Timeout), p1.clone()],
+            addresses(&[&s[2]]),
+        ),
+        (
+            "one locality with its own endpoints",
+            vec![LocalityEndpoints::healthy("c", 0, &[addr(&s[1]), addr(&s[2])])],
+            addresses(&[&s[1], &s[2]]),
+        ),
+    ];
+    for (what, localities, want) in sets {
+        plane.set("echo-endpoints", cp::assignment("echo-endpoints", &localities));
+        wait_for_endpoints(&pool, &status, &want, what).await;
+        assert_eq!(pool_hits(&pool, &s).await, want, "the pool, {what}");
+        assert_eq!(c_core_endpoints(&mut c_core, &s, &want).await, want, "the C core, {what}");
+    }
+
+    // Where the two differ, on purpose: one of priority 0's two endpoints unhealthy. The pool
+    // follows Envoy's overprovisioning factor (50% x 1.4 = 70% healthy, so priority 1 takes
+    // calls too); the C core's priority policy stays on priority 0 while it has a ready
+    // endpoint (gRFC A27 and A56 have no overprovisioning).
+    plane.set(
+        "echo-endpoints",
+        cp::assignment("echo-endpoints", &[p0(HealthStatus::Healthy, HealthStatus::Unhealthy), p1]),
+    );
+    let envoy = addresses(&[&s[0], &s[2]]);
+    wait_for_endpoints(&pool, &status, &envoy, "priority 0 half healthy").await;
+    assert_eq!(pool_hits(&pool, &s).await, envoy);
+    let grpc = addresses(&[&s[0]]);
+    assert_eq!(c_core_endpoints(&mut c_core, &s, &grpc).await, grpc, "the C core stays on priority 0");
+
+    // The listener gone: neither sends a call anywhere.
+    plane.remove(cp::LISTENER, LISTENER);
+    wait_for_endpoints(&pool, &status, &[], "no listener").await;
+    assert_eq!(c_core_endpoints(&mut c_core, &s, &[]).await, Vec::<String>::new());
+    let batch = c_core.calls(3).await;
+    assert_eq!((batch.ok, batch.failed), (0, 3), "{batch:?}");
     pool.close().await;
 }

@@ -25,7 +25,7 @@ pub use etcd::EtcdServer;
 pub use frame_server::{Behaviour, FrameServer};
 #[cfg(target_os = "linux")]
 pub use netns::BlackHoleLink;
-pub use peer::{grpcio_calls, PeerOptions, PythonPeer};
+pub use peer::{grpcio_calls, CallBatch, GrpcioXdsClient, PeerOptions, PythonPeer};
 pub use ping_policy::{PingEnforcer, PingPolicy};
 pub use raw::{serve_echo, Misbehaviour, RawServer};
 pub use refusing::RefuseFirstServer;

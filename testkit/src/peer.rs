@@ -182,3 +182,77 @@ impl PythonPeer {
         let _ = self.child.kill().await;
     }
 }
+
+/// A gRPC C core xDS client (Python grpcio, `peer/xds_client.py`): one channel to an
+/// `xds:///` target, resolved by the C core's own xDS client through the control plane of
+/// `bootstrap`. Killed when dropped.
+pub struct GrpcioXdsClient {
+    _child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+/// What a batch of calls from the C core ended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallBatch {
+    /// Calls that succeeded.
+    pub ok: u64,
+    /// Calls that failed.
+    pub failed: u64,
+    /// The last failure's status code name (`UNAVAILABLE`), or `-`.
+    pub last_code: String,
+}
+
+impl GrpcioXdsClient {
+    /// Starts the client on `target` with the bootstrap JSON in `GRPC_XDS_BOOTSTRAP_CONFIG`.
+    pub async fn start(target: &str, bootstrap: &str) -> GrpcioXdsClient {
+        let python = python();
+        assert!(
+            python.exists(),
+            "the Python gRPC peer is not installed ({} is missing): run scripts/setup-peer, or \
+             scripts/test, which runs it",
+            python.display()
+        );
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peer/xds_client.py");
+        let mut child = Command::new(&python)
+            .arg(&script)
+            .arg(target)
+            .env("GRPC_XDS_BOOTSTRAP_CONFIG", bootstrap)
+            .env_remove("GRPC_XDS_BOOTSTRAP")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", python.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+            .await
+            .expect("the xDS client did not start within 30 s")
+            .expect("reading the xDS client's output")
+            .expect("the xDS client exited before it was ready");
+        assert_eq!(line, "ready", "unexpected first line from the xDS client");
+        GrpcioXdsClient { _child: child, stdin, stdout }
+    }
+
+    /// Makes `n` calls, one after another (5 s deadline each, failing fast).
+    pub async fn calls(&mut self, n: u64) -> CallBatch {
+        self.stdin.write_all(format!("calls {n}\n").as_bytes()).await.expect("writing to the xDS client");
+        self.stdin.flush().await.expect("writing to the xDS client");
+        let line = tokio::time::timeout(Duration::from_secs(5 * n + 30), self.stdout.next_line())
+            .await
+            .expect("the xDS client did not answer in time")
+            .expect("reading the xDS client's output")
+            .expect("the xDS client exited");
+        let words: Vec<&str> = line.split(' ').collect();
+        match words.as_slice() {
+            ["ok", ok, "failed", failed, code] => CallBatch {
+                ok: ok.parse().expect("a count"),
+                failed: failed.parse().expect("a count"),
+                last_code: (*code).to_owned(),
+            },
+            _ => panic!("unexpected answer from the xDS client: {line}"),
+        }
+    }
+}
