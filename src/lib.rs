@@ -138,6 +138,14 @@ impl Pool {
         self.core.remove_endpoint(uri)
     }
 
+    /// Sets an endpoint's weight in the choice between endpoints (1 to 1,000,000; 1 unless
+    /// set): an endpoint of weight 3 beside one of weight 1 takes about three quarters of the
+    /// calls. `Ok(false)` if the pool does not have it. See the core's
+    /// [`Pool::set_endpoint_weight`](grpc_pool_core::Pool::set_endpoint_weight).
+    pub fn set_endpoint_weight(&self, uri: &str, weight: u32) -> Result<bool, Error> {
+        self.core.set_endpoint_weight(uri, weight)
+    }
+
     /// Follows an endpoint set that changes at run time: every `Change::Insert` of the
     /// `discover` stream adds an endpoint (its service is the endpoint's URI, anything that
     /// displays as one), every `Change::Remove` removes the one its key named. A discovery

@@ -404,6 +404,40 @@ async fn the_grpc_c_core_sees_the_same_endpoints_as_the_pool_on_each_resource_se
         assert_eq!(c_core_endpoints(&mut c_core, &s, &want).await, want, "the C core, {what}");
     }
 
+    // Locality weights 3:1 (one endpoint each): both send about three quarters of the
+    // calls to the first (400 calls: 300 expected, sd 8.7).
+    let weighted = [
+        LocalityEndpoints { weight: 3, ..LocalityEndpoints::healthy("a", 0, &[addr(&s[0])]) },
+        LocalityEndpoints { weight: 1, ..LocalityEndpoints::healthy("b", 0, &[addr(&s[1])]) },
+    ];
+    plane.set("echo-endpoints", cp::assignment("echo-endpoints", &weighted));
+    let both = addresses(&[&s[0], &s[1]]);
+    let mut want = vec![(s[0].addr().to_string(), 750_000), (s[1].addr().to_string(), 250_000)];
+    want.sort();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let pool_weights: Vec<u32> = pool.state().endpoints.iter().map(|e| e.weight).collect();
+        if status.weights() == want && pool_weights.contains(&750_000) && pool_weights.contains(&250_000) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "weights: {:?} in the status, {pool_weights:?} in the pool",
+            status.weights()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = counts(&s);
+    calls(&pool, 400).await;
+    let pool_share = (s[0].calls() - before[0]) as f64 / 400.0;
+    assert_eq!(c_core_endpoints(&mut c_core, &s, &both).await, both);
+    let before = counts(&s);
+    assert_eq!(c_core.calls(400).await.ok, 400);
+    let c_core_share = (s[0].calls() - before[0]) as f64 / 400.0;
+    println!("share of the weight-3 locality: pool {pool_share:.3}, C core {c_core_share:.3}");
+    assert!((0.65..=0.85).contains(&pool_share), "the pool: {pool_share:.3}");
+    assert!((0.65..=0.85).contains(&c_core_share), "the C core: {c_core_share:.3}");
+
     // Where the two differ, on purpose: one of priority 0's two endpoints unhealthy. The pool
     // follows Envoy's overprovisioning factor (50% x 1.4 = 70% healthy, so priority 1 takes
     // calls too); the C core's priority policy stays on priority 0 while it has a ready

@@ -148,3 +148,57 @@ mod tests {
         assert_eq!(estimate.cost(Instant::now(), 0, DECAY), FLOOR_NANOS as u64, "faded to the floor");
     }
 }
+
+/// Endpoint weights as a checkout draws by them: the running sums of the weights of one
+/// endpoint list, in its order. Empty when every endpoint weighs the same (the usual case:
+/// weights come only from a control plane, `Pool::set_endpoint_weight` or a `Weighted`
+/// discovery), and then endpoints are drawn uniformly as before.
+#[derive(Debug, Default)]
+pub(crate) struct Weights {
+    /// The list these sums are of (its address), so that a checkout that loaded a newer
+    /// list than these weights draws uniformly rather than by another list's weights.
+    list: usize,
+    sums: Vec<u64>,
+}
+
+impl Weights {
+    /// The weights of the list at address `list`, in its order.
+    pub(crate) fn of(list: usize, weights: impl Iterator<Item = u32>) -> Weights {
+        let weights: Vec<u64> = weights.map(|w| u64::from(w.max(1))).collect();
+        if weights.windows(2).all(|w| w[0] == w[1]) {
+            return Weights::default();
+        }
+        let sums = weights
+            .iter()
+            .scan(0u64, |sum, w| {
+                *sum += w;
+                Some(*sum)
+            })
+            .collect();
+        Weights { list, sums }
+    }
+
+    /// Whether every endpoint weighs the same.
+    pub(crate) fn is_uniform(&self) -> bool {
+        self.sums.is_empty()
+    }
+
+    /// Whether these are the weights of the list at `list`, of `len` endpoints, and not all
+    /// equal.
+    pub(crate) fn apply_to(&self, list: usize, len: usize) -> bool {
+        !self.sums.is_empty() && self.list == list && self.sums.len() == len
+    }
+
+    /// An index drawn with a chance in proportion to its weight.
+    pub(crate) fn draw(&self) -> usize {
+        let total = self.sums.last().copied().unwrap_or(0);
+        let r = fastrand::u64(..total.max(1));
+        self.sums.partition_point(|sum| *sum <= r).min(self.sums.len().saturating_sub(1))
+    }
+
+    /// The weight of the endpoint at `index`.
+    pub(crate) fn weight(&self, index: usize) -> u64 {
+        let before = if index == 0 { 0 } else { self.sums[index - 1] };
+        self.sums[index] - before
+    }
+}

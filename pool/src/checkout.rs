@@ -54,15 +54,30 @@ impl PoolInner {
             0 => return None,
             1 => 0,
             _ => {
-                let a = fastrand::usize(..n);
-                let mut b = fastrand::usize(..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                if load(b) < load(a) {
-                    b
+                let weights = self.weighted.load(Ordering::Acquire).then(|| self.weights.load());
+                if let Some(weights) = weights.filter(|w| w.apply_to(Arc::as_ptr(&endpoints) as usize, n)) {
+                    // Weighted: both drawn in proportion to their weights, and the one with
+                    // less load per unit of weight taken; on a tie (an idle pool), the first
+                    // drawn, so that light traffic splits by weight too.
+                    let a = weights.draw();
+                    let b = (0..4).map(|_| weights.draw()).find(|b| *b != a).unwrap_or((a + 1) % n);
+                    let (wa, wb) = (u128::from(weights.weight(a)), u128::from(weights.weight(b)));
+                    if u128::from(load(b)) * wa < u128::from(load(a)) * wb {
+                        b
+                    } else {
+                        a
+                    }
                 } else {
-                    a
+                    let a = fastrand::usize(..n);
+                    let mut b = fastrand::usize(..n - 1);
+                    if b >= a {
+                        b += 1;
+                    }
+                    if load(b) < load(a) {
+                        b
+                    } else {
+                        a
+                    }
                 }
             }
         };

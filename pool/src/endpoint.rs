@@ -259,6 +259,10 @@ pub(crate) struct EndpointShared {
     /// Time to the response head, for the latency-aware choice between endpoints (kept only
     /// when the pool balances so).
     pub(crate) latency: crate::balance::LatencyEstimate,
+    /// Its weight in the choice between endpoints (1 unless set: `Pool::set_endpoint_weight`,
+    /// a `Weighted` discovery, a control plane); read into the pool's `Weights` when the
+    /// list or a weight changes, not on every checkout.
+    pub(crate) weight: AtomicU32,
 }
 
 /// Outlier detection's settings, and where its decision goes: the pool's ejector task
@@ -286,6 +290,7 @@ impl EndpointShared {
             ejection_asked: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
             latency: crate::balance::LatencyEstimate::new(),
+            weight: AtomicU32::new(1),
         }
     }
 

@@ -44,6 +44,12 @@ pub(crate) struct PoolInner {
     /// endpoints up by name, once per endpoint added, and a scan of the list would make a
     /// pool of 10,000 endpoints cost 10^8 comparisons to start.
     pub(crate) index: ArcSwap<HashMap<Endpoint, Arc<EndpointEntry>>>,
+    /// The weights of `endpoints` when they differ, replaced with it (under `membership`)
+    /// and when a weight changes.
+    pub(crate) weights: ArcSwap<crate::balance::Weights>,
+    /// Whether `weights` has any (not every endpoint weighs the same): checkouts of a pool
+    /// without weights read this flag, not the weights.
+    pub(crate) weighted: std::sync::atomic::AtomicBool,
     /// Held while the endpoint list or the endpoints' routing changes.
     pub(crate) membership: Mutex<()>,
     /// Connects under way and connections open, against `max_total_connections`.
@@ -82,6 +88,12 @@ pub(crate) struct PoolInner {
     pub(crate) user_agent: http::HeaderValue,
     /// The `:scheme` and `:authority` of every call, when set apart from the endpoints'.
     pub(crate) origin: Option<(http::uri::Scheme, http::uri::Authority)>,
+}
+
+/// The weights of `list`, as checkouts draw by them.
+fn weights_of(list: &Arc<Vec<Arc<EndpointEntry>>>) -> crate::balance::Weights {
+    let weights = list.iter().map(|e| e.shared.weight.load(std::sync::atomic::Ordering::Relaxed));
+    crate::balance::Weights::of(Arc::as_ptr(list) as usize, weights)
 }
 
 /// Each endpoint of `list` to its entry.
@@ -137,6 +149,8 @@ impl PoolInner {
             user_agent,
             origin,
             index: ArcSwap::from_pointee(index_of(&list)),
+            weights: ArcSwap::from_pointee(crate::balance::Weights::default()),
+            weighted: std::sync::atomic::AtomicBool::new(false),
             endpoints: ArcSwap::from_pointee(list),
             membership: Mutex::new(()),
             budget: ConnectionBudget::new(config.max_total_connections),
@@ -207,7 +221,31 @@ impl PoolInner {
         _membership: &std::sync::MutexGuard<'_, ()>,
     ) {
         self.index.store(Arc::new(index_of(&list)));
-        self.endpoints.store(Arc::new(list));
+        let list = Arc::new(list);
+        self.store_weights(weights_of(&list));
+        self.endpoints.store(list);
+    }
+
+    /// Sets the weights of the endpoints named (those the pool has); returns how many it
+    /// has. Weights are 1 or more; the choice between endpoints draws by them.
+    pub(crate) fn set_weights(&self, weights: &[(Endpoint, u32)]) -> usize {
+        let membership = self.lock_membership();
+        let index = self.index.load();
+        let mut found = 0;
+        for (endpoint, weight) in weights {
+            if let Some(entry) = index.get(endpoint) {
+                entry.shared.weight.store((*weight).max(1), std::sync::atomic::Ordering::Relaxed);
+                found += 1;
+            }
+        }
+        self.store_weights(weights_of(&self.endpoints.load_full()));
+        drop(membership);
+        found
+    }
+
+    fn store_weights(&self, weights: crate::balance::Weights) {
+        self.weighted.store(!weights.is_uniform(), std::sync::atomic::Ordering::Release);
+        self.weights.store(Arc::new(weights));
     }
 
     pub(crate) fn lock_membership(&self) -> std::sync::MutexGuard<'_, ()> {

@@ -40,6 +40,7 @@ impl PoolInner {
                     ejected_for: locked
                         .ejected_until
                         .map(|until| until.saturating_duration_since(tokio::time::Instant::now())),
+                    weight: entry.shared.weight.load(std::sync::atomic::Ordering::Relaxed),
                 }
             })
             .collect();
@@ -142,6 +143,8 @@ pub struct EndpointState {
     pub last_connect_error: Option<String>,
     /// While outlier detection has it ejected: the time left.
     pub ejected_for: Option<Duration>,
+    /// Its weight in the choice between endpoints (1 unless set).
+    pub weight: u32,
 }
 
 /// One member in a [`State`].

@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf as pb;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use grpc_pool_core::discover::Change;
+use grpc_pool_core::discover::{Change, Weighted};
 use grpc_pool_core::metrics as m;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -59,19 +59,19 @@ pub(crate) struct AdsState {
     target: String,
     subscriptions: BTreeMap<Kind, Subscription>,
     known: HashMap<(Kind, String), Known>,
-    /// The endpoints passed to the pool.
-    published: BTreeSet<String>,
+    /// The endpoints passed to the pool, with their weights.
+    published: BTreeMap<String, u32>,
 }
 
 /// An endpoint set to give the pool, and why it is empty when the target resolves to a
 /// resource that does not exist.
-type Published = (BTreeSet<String>, Option<String>);
+type Published = (BTreeMap<String, u32>, Option<String>);
 
 /// How the target resolves at the moment.
 #[derive(Debug, PartialEq)]
 enum Resolution {
-    /// The endpoints of its cluster that take calls.
-    Endpoints(Vec<String>),
+    /// The endpoints of its cluster that take calls, with their weights.
+    Endpoints(Vec<(String, u32)>),
     /// A resource on the way is still awaited: keep what the pool has.
     Pending,
     /// A resource on the way does not exist (or names nothing that does): the pool keeps no
@@ -85,7 +85,7 @@ impl AdsState {
             target: target.to_owned(),
             subscriptions: Kind::ALL.iter().map(|k| (*k, Subscription::default())).collect(),
             known: HashMap::new(),
-            published: BTreeSet::new(),
+            published: BTreeMap::new(),
         };
         state.subscriptions.get_mut(&Kind::Listener).expect("every kind").names.insert(target.to_owned());
         state
@@ -249,7 +249,7 @@ impl AdsState {
         let endpoints = match resolution {
             Resolution::Pending => None,
             Resolution::Endpoints(list) => Some((list.into_iter().collect(), None)),
-            Resolution::Broken(why) => Some((BTreeSet::new(), Some(why))),
+            Resolution::Broken(why) => Some((BTreeMap::new(), Some(why))),
         };
         let changed = endpoints.filter(|(set, _)| *set != self.published);
         (requests, changed)
@@ -349,7 +349,7 @@ pub(crate) struct AdsClient {
     pub(crate) pool: Pool,
     pub(crate) node: Node,
     pub(crate) state: AdsState,
-    pub(crate) changes: mpsc::Sender<Change<String, Endpoint>>,
+    pub(crate) changes: mpsc::Sender<Change<String, Weighted>>,
     pub(crate) status: XdsStatus,
     pub(crate) backoff: Backoff,
 }
@@ -505,16 +505,22 @@ impl AdsClient {
         self.status.update(|s| s.resources = resources);
     }
 
-    async fn publish(&mut self, set: BTreeSet<String>, broken: Option<String>) {
+    async fn publish(&mut self, set: BTreeMap<String, u32>, broken: Option<String>) {
         let target = self.state.target.clone();
-        let removed: Vec<String> = self.state.published.difference(&set).cloned().collect();
-        let added: Vec<String> = set.difference(&self.state.published).cloned().collect();
+        let removed: Vec<String> =
+            self.state.published.keys().filter(|a| !set.contains_key(*a)).cloned().collect();
+        // New endpoints, and those whose weight changed (inserted again: only the weight moves).
+        let changed: Vec<(String, u32)> = set
+            .iter()
+            .filter(|(a, w)| self.state.published.get(*a) != Some(*w))
+            .map(|(a, w)| (a.clone(), *w))
+            .collect();
         match &broken {
             Some(why) => {
                 tracing::warn!(target_name = %target, reason = %why, removed = removed.len(), "xDS target resolves to no endpoint")
             }
             None => {
-                tracing::info!(target_name = %target, added = added.len(), removed = removed.len(), endpoints = set.len(), "xDS endpoints applied")
+                tracing::info!(target_name = %target, added_or_reweighed = changed.len(), removed = removed.len(), endpoints = set.len(), "xDS endpoints applied")
             }
         }
         for address in removed {
@@ -522,17 +528,18 @@ impl AdsClient {
                 return;
             }
         }
-        for address in added {
+        for (address, weight) in changed {
             let Ok(endpoint) = Endpoint::parse(&format!("http://{address}")) else {
                 tracing::warn!(target_name = %target, endpoint = %address, "xDS endpoint is not a valid address, skipped");
                 continue;
             };
-            if self.changes.send(Change::Insert(address, endpoint)).await.is_err() {
+            if self.changes.send(Change::Insert(address, Weighted { endpoint, weight })).await.is_err() {
                 return;
             }
         }
         self.status.update(|s| {
-            s.endpoints = set.iter().cloned().collect();
+            s.endpoints = set.keys().cloned().collect();
+            s.weights = set.iter().map(|(a, w)| (a.clone(), *w)).collect();
             s.broken = broken;
             s.updates += 1;
         });

@@ -45,11 +45,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 pub use bootstrap::Bootstrap;
-use grpc_pool_core::discover::Change;
+use grpc_pool_core::discover::{Change, Weighted};
 use tokio::sync::mpsc;
 
 use crate::reconnect::Backoff;
-use crate::{Endpoint, Error, Pool};
+use crate::{Error, Pool};
 use client::{AdsClient, AdsState, SharedStatus};
 
 /// A `tower::discover::Discover` stream of the endpoints an xDS control plane gives a
@@ -71,7 +71,7 @@ use client::{AdsClient, AdsState, SharedStatus};
 /// ```
 pub struct XdsDiscover {
     client: Option<AdsClient>,
-    changes: mpsc::Receiver<Change<String, Endpoint>>,
+    changes: mpsc::Receiver<Change<String, Weighted>>,
     status: XdsStatus,
 }
 
@@ -112,7 +112,7 @@ impl fmt::Debug for XdsDiscover {
 }
 
 impl futures_core::Stream for XdsDiscover {
-    type Item = Result<Change<String, Endpoint>, Infallible>;
+    type Item = Result<Change<String, Weighted>, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(client) = self.client.take() {
@@ -166,6 +166,7 @@ pub struct XdsStatus {
 pub(crate) struct StatusInner {
     pub(crate) connected: bool,
     pub(crate) endpoints: Vec<String>,
+    pub(crate) weights: Vec<(String, u32)>,
     pub(crate) broken: Option<String>,
     pub(crate) resources: Vec<XdsResource>,
     pub(crate) acks: u64,
@@ -209,6 +210,12 @@ impl XdsStatus {
     /// The endpoints (`host:port`) given to the pool, sorted.
     pub fn endpoints(&self) -> Vec<String> {
         self.read(|s| s.endpoints.clone())
+    }
+
+    /// The endpoints given to the pool with their weights: each one's share of the calls in
+    /// millionths, from its priority's share, its locality's weight and its own.
+    pub fn weights(&self) -> Vec<(String, u32)> {
+        self.read(|s| s.weights.clone())
     }
 
     /// Why the target resolves to no endpoint (a resource that does not exist, no virtual

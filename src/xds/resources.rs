@@ -399,32 +399,58 @@ fn lb_endpoint(lb: &eds::LbEndpoint) -> Result<LbEndpoint, String> {
     })
 }
 
+/// The weights the endpoints in use are given: a million shared out, so that each
+/// endpoint's is its share of the calls in millionths.
+const WEIGHT_SCALE: f64 = 1_000_000.0;
+
 impl Assignment {
-    /// The endpoints that take calls: the usable ones of priority 0, and of each next
-    /// priority while the ones before it are not enough. A priority's health is its usable
-    /// share of its endpoints times the overprovisioning factor (140%: a priority with 5 of 7
-    /// endpoints usable still takes all the calls); the next takes calls while the health of
-    /// the ones before adds up to less than 100% (Envoy's priority levels, gRFC A27's
-    /// failover).
-    pub(crate) fn in_use(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut health = 0u64;
-        for localities in &self.priorities {
+    /// The endpoints that take calls, each with its weight. Priority 0 takes calls, and each
+    /// next priority joins while the ones before are not enough: a priority's health is
+    /// its usable share of its endpoints times the overprovisioning factor (140%: a
+    /// priority with 5 of 7 endpoints usable still takes all the calls), capped at 100%, and
+    /// it takes that much of the calls, the next priorities the rest (Envoy's priority
+    /// levels). Within a priority the localities share its calls by their weights, and
+    /// within a locality its usable endpoints by theirs. An endpoint usable only where it
+    /// gets no share takes none.
+    pub(crate) fn in_use(&self) -> Vec<(String, u32)> {
+        let mut shares: Vec<(usize, f64)> = Vec::new();
+        let mut left = 100.0f64;
+        for (p, localities) in self.priorities.iter().enumerate() {
             let total: usize = localities.iter().map(|l| l.endpoints.len()).sum();
-            let usable: Vec<&LbEndpoint> =
-                localities.iter().flat_map(|l| &l.endpoints).filter(|e| e.usable).collect();
-            out.extend(usable.iter().map(|e| e.address.clone()));
-            if total > 0 {
-                health +=
-                    (usable.len() as u64 * u64::from(self.overprovisioning_factor) / total as u64).min(100);
+            let usable = localities.iter().flat_map(|l| &l.endpoints).filter(|e| e.usable).count();
+            if total == 0 || usable == 0 {
+                continue;
             }
-            if health >= 100 {
+            let health = (usable as f64 * f64::from(self.overprovisioning_factor) / total as f64).min(100.0);
+            let share = health.min(left);
+            shares.push((p, share));
+            left -= share;
+            if left <= 0.0 {
                 break;
             }
         }
-        out.sort();
-        out.dedup();
-        out
+        // Every priority short of healthy endpoints: what there is takes it all.
+        let taken: f64 = shares.iter().map(|(_, s)| s).sum();
+        let mut weights: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+        for (p, share) in shares {
+            let localities: Vec<&Locality> =
+                self.priorities[p].iter().filter(|l| l.endpoints.iter().any(|e| e.usable)).collect();
+            let locality_total: f64 = localities.iter().map(|l| f64::from(l.weight)).sum();
+            for locality in localities {
+                let usable: Vec<&LbEndpoint> = locality.endpoints.iter().filter(|e| e.usable).collect();
+                let endpoint_total: f64 = usable.iter().map(|e| f64::from(e.weight)).sum();
+                for endpoint in usable {
+                    let fraction = share / taken * f64::from(locality.weight) / locality_total
+                        * f64::from(endpoint.weight)
+                        / endpoint_total;
+                    *weights.entry(endpoint.address.clone()).or_default() += fraction;
+                }
+            }
+        }
+        weights
+            .into_iter()
+            .map(|(address, w)| (address, ((w * WEIGHT_SCALE).round() as u32).max(1)))
+            .collect()
     }
 }
 
@@ -489,7 +515,46 @@ mod tests {
             priorities: vec![priority(0, 3, 0), priority(2, 2, 100)],
             overprovisioning_factor: 140,
         };
-        assert_eq!(a.in_use(), vec!["10.0.0.100:1".to_owned(), "10.0.0.101:1".to_owned()]);
+        let addresses: Vec<String> = a.in_use().into_iter().map(|(a, _)| a).collect();
+        assert_eq!(addresses, vec!["10.0.0.100:1".to_owned(), "10.0.0.101:1".to_owned()]);
+    }
+
+    #[test]
+    fn calls_are_shared_by_priority_health_then_locality_and_endpoint_weights() {
+        let weighted = |name: &str, weight: u32, endpoints: &[(&str, u32)]| Locality {
+            name: name.to_owned(),
+            weight,
+            endpoints: endpoints
+                .iter()
+                .map(|(a, w)| LbEndpoint {
+                    address: (*a).to_owned(),
+                    usable: true,
+                    health: "HEALTHY",
+                    weight: *w,
+                })
+                .collect(),
+        };
+        // Localities 3:1; in the first, endpoints 1:1; in the second one endpoint.
+        let a = Assignment {
+            priorities: vec![vec![
+                weighted("a", 3, &[("a1:1", 1), ("a2:1", 1)]),
+                weighted("b", 1, &[("b1:1", 5)]),
+            ]],
+            overprovisioning_factor: 140,
+        };
+        assert_eq!(
+            a.in_use(),
+            vec![("a1:1".to_owned(), 375_000), ("a2:1".to_owned(), 375_000), ("b1:1".to_owned(), 250_000)]
+        );
+        // Priority 0 at 4 of 7: 80% of the calls; priority 1 the other 20%.
+        let a = Assignment {
+            priorities: vec![priority(4, 7, 0), priority(1, 1, 100)],
+            overprovisioning_factor: 140,
+        };
+        let weights = a.in_use();
+        assert_eq!(weights.len(), 5);
+        assert!(weights.iter().all(|(_, w)| *w == 200_000), "{weights:?}");
+        assert!(weights.iter().any(|(a, _)| a == "10.0.0.100:1"), "{weights:?}");
     }
 
     #[test]
