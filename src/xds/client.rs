@@ -145,8 +145,20 @@ impl AdsState {
         let kind = Kind::from_type_url(&response.type_url)?;
         let mut problems = Vec::new();
         let mut seen = BTreeSet::new();
-        for any in &response.resources {
-            match resources::decode(kind, any) {
+        // A response may carry resources no longer (or never) asked for: a reply to an
+        // earlier subscription crossing the request that changed it. They are read past.
+        let subscribed = |name: &str| self.subscriptions[&kind].names.contains(name);
+        let decoded: Vec<Result<(String, Resource), Invalid>> = response
+            .resources
+            .iter()
+            .map(|any| resources::decode(kind, any))
+            .filter(|r| match r {
+                Ok((name, _)) => subscribed(name),
+                Err(invalid) => invalid.name.as_deref().is_none_or(subscribed),
+            })
+            .collect();
+        for decoded in decoded {
+            match decoded {
                 Ok((name, resource)) => {
                     if let Resource::Cluster(c) = &resource {
                         if c.max_requests.is_some() || c.outlier_detection {
@@ -173,10 +185,13 @@ impl AdsState {
             }
         }
         let subscription = &self.subscriptions[&kind];
-        // LDS and CDS responses list all that exist: a subscribed one left out was deleted.
+        // LDS and CDS responses list all that exist: a subscribed one left out was deleted,
+        // if it had come before (one asked for since may be missing from a response to the
+        // subscription before it: its does-not-exist timer decides, as in the C core).
         if kind.complete_in_each_response() {
             for name in subscription.names.clone() {
-                if !seen.contains(&name) {
+                let held = self.known.get(&(kind, name.clone())).is_some_and(|k| k.resource.is_some());
+                if !seen.contains(&name) && held {
                     let known = self.known_mut(kind, &name);
                     known.resource = None;
                     known.refused = None;
@@ -486,9 +501,7 @@ impl AdsClient {
         for request in requests {
             let _ = tx.send(request);
         }
-        if let Some((set, broken)) = endpoints {
-            self.publish(set, broken).await;
-        }
+        // The resources first: whoever sees the endpoints change sees what they came from.
         let resources = self.state.resource_states();
         let mut counts: BTreeMap<(&'static str, &'static str), usize> = BTreeMap::new();
         for r in &resources {
@@ -503,6 +516,9 @@ impl AdsClient {
             }
         }
         self.status.update(|s| s.resources = resources);
+        if let Some((set, broken)) = endpoints {
+            self.publish(set, broken).await;
+        }
     }
 
     async fn publish(&mut self, set: BTreeMap<String, u32>, broken: Option<String>) {
@@ -590,6 +606,58 @@ pub(crate) type SharedStatus = Arc<Mutex<super::StatusInner>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3 as cds;
+    use prost::{Message, Name};
+
+    /// A CDS response with EDS clusters of these names.
+    fn clusters(names: &[&str], version: &str) -> DiscoveryResponse {
+        let resources = names
+            .iter()
+            .map(|name| {
+                let cluster = cds::Cluster {
+                    name: (*name).to_owned(),
+                    cluster_discovery_type: Some(cds::cluster::ClusterDiscoveryType::Type(
+                        cds::cluster::DiscoveryType::Eds as i32,
+                    )),
+                    eds_cluster_config: Some(cds::cluster::EdsClusterConfig {
+                        eds_config: Some(core::ConfigSource {
+                            config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+                                core::AggregatedConfigSource {},
+                            )),
+                            ..core::ConfigSource::default()
+                        }),
+                        service_name: String::new(),
+                    }),
+                    ..cds::Cluster::default()
+                };
+                pb::Any { type_url: cds::Cluster::type_url(), value: cluster.encode_to_vec() }
+            })
+            .collect();
+        DiscoveryResponse {
+            version_info: version.to_owned(),
+            resources,
+            type_url: Kind::Cluster.type_url().to_owned(),
+            nonce: version.to_owned(),
+            ..DiscoveryResponse::default()
+        }
+    }
+
+    #[test]
+    fn a_response_crossing_a_subscription_change_neither_adds_nor_deletes_what_it_should_not() {
+        let mut state = AdsState::new("echo");
+        state.subscriptions.get_mut(&Kind::Cluster).unwrap().names.insert("new".to_owned());
+        // A reply to the subscription before: "old" (no longer asked for) and not "new".
+        let (ack, problems) = state.apply(&clusters(&["old"], "1")).unwrap();
+        assert!(problems.is_empty() && ack.error_detail.is_none());
+        assert!(!state.known.contains_key(&(Kind::Cluster, "old".to_owned())), "not asked for: read past");
+        let new = (Kind::Cluster, "new".to_owned());
+        assert!(state.known.get(&new).is_none_or(|k| !k.missing), "never received: the timer decides");
+        // Received, then left out of a response: deleted.
+        state.apply(&clusters(&["new"], "2")).unwrap();
+        assert!(state.known[&new].resource.is_some());
+        state.apply(&clusters(&[], "3")).unwrap();
+        assert!(state.known[&new].missing && state.known[&new].resource.is_none());
+    }
 
     #[test]
     fn a_resource_no_response_carries_does_not_exist_after_the_timer_and_the_target_has_no_endpoints() {
