@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::{
-    dns, AllUnhealthy, BackoffConfig, Balance, Connector, DnsConfig, Error, H2Config, HealthCheck, Keepalive,
+    AllUnhealthy, BackoffConfig, Balance, Connector, Error, H2Config, HealthCheck, Keepalive,
     OutlierDetection, Pool, PoolConfig, Subset, TlsConfig,
 };
 #[cfg(doc)]
@@ -336,14 +336,13 @@ impl Builder {
         S: AsRef<str>,
     {
         let endpoints = self.endpoints(endpoints);
-        if endpoints.is_empty() && (self.config.dns.is_some() || self.etcd_set()) {
+        if endpoints.is_empty() && (self.config.dns.is_some() || self.etcd_set() || self.xds_set()) {
             return self.build_lazy(endpoints);
         }
         let (core, health) = self.config.split()?;
-        let discover = self.config.dns.as_ref().map(DnsConfig::discover).transpose()?;
-        let etcd = self.etcd()?;
+        let discoveries = self.discoveries(&endpoints)?;
         let core = grpc_pool_core::Builder::from_config(core).build(endpoints).await?;
-        Ok(Pool::start(core, health, discover, etcd))
+        Ok(Pool::start(core, health, discoveries))
     }
 
     /// Builds the pool at once and connects in the background (`min_connections` per
@@ -357,10 +356,9 @@ impl Builder {
     {
         let endpoints = self.endpoints(endpoints);
         let (core, health) = self.config.split()?;
-        let discover = self.config.dns.as_ref().map(DnsConfig::discover).transpose()?;
-        let etcd = self.etcd()?;
+        let discoveries = self.discoveries(&endpoints)?;
         let core = grpc_pool_core::Builder::from_config(core).build_lazy(endpoints)?;
-        Ok(Pool::start(core, health, discover, etcd))
+        Ok(Pool::start(core, health, discoveries))
     }
 
     /// Builds a pool whose endpoints come from the xDS control plane of the bootstrap the
@@ -399,16 +397,12 @@ impl Builder {
         target: &str,
         bootstrap: &crate::xds::Bootstrap,
     ) -> Result<(Pool, crate::xds::XdsStatus), Error> {
-        if !self.config.endpoints.is_empty() || self.config.dns.is_some() || self.etcd_set() {
-            return Err(Error::invalid_config(
-                "endpoints",
-                &format!("{} endpoints, dns or etcd", self.config.endpoints.len()),
-                "none: a pool built for an xDS target takes its endpoints from the control plane",
-            ));
-        }
         let discover = crate::xds::XdsDiscover::new(bootstrap, target)?;
         let status = discover.status();
-        let pool = self.build_lazy(Vec::<String>::new())?;
+        let mut builder = self;
+        builder.config.xds = None;
+        builder.check_xds_alone(&builder.config.endpoints)?;
+        let pool = builder.build_lazy(Vec::<String>::new())?;
         pool.discover(discover);
         Ok((pool, status))
     }
@@ -421,41 +415,64 @@ impl Builder {
         false
     }
 
-    /// The `etcd` section's discovery stream, checked.
-    #[cfg(feature = "etcd")]
-    fn etcd(&self) -> Result<Option<crate::etcd::EtcdDiscover>, Error> {
-        self.config.etcd.as_ref().map(crate::EtcdConfig::discover).transpose()
+    /// Whether an `xds` section is set.
+    fn xds_set(&self) -> bool {
+        #[cfg(feature = "xds")]
+        return self.config.xds.is_some();
+        #[cfg(not(feature = "xds"))]
+        false
     }
 
-    #[cfg(not(feature = "etcd"))]
-    fn etcd(&self) -> Result<Option<std::convert::Infallible>, Error> {
-        Ok(None)
+    /// An xDS pool's endpoints come from the control plane alone.
+    #[cfg(feature = "xds")]
+    fn check_xds_alone(&self, endpoints: &[String]) -> Result<(), Error> {
+        if !endpoints.is_empty() || self.config.dns.is_some() || self.etcd_set() {
+            return Err(Error::invalid_config(
+                "xds",
+                &format!("with {} endpoints, dns or etcd", endpoints.len()),
+                "alone: a pool built for an xDS target takes its endpoints from the control plane",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The discovery streams the settings ask for (`dns`, `etcd`, `xds`), each checked, as
+    /// tasks to start on the built pool.
+    fn discoveries(&self, endpoints: &[String]) -> Result<Vec<Discovery>, Error> {
+        let mut out: Vec<Discovery> = Vec::new();
+        if let Some(dns) = &self.config.dns {
+            let discover = dns.discover()?;
+            out.push(Box::new(move |pool| drop(pool.discover(discover))));
+        }
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = &self.config.etcd {
+            let discover = etcd.discover()?;
+            out.push(Box::new(move |pool| drop(pool.discover(discover))));
+        }
+        #[cfg(feature = "xds")]
+        if let Some(xds) = &self.config.xds {
+            self.check_xds_alone(endpoints)?;
+            let discover = xds.discover()?;
+            out.push(Box::new(move |pool| drop(pool.discover(discover))));
+        }
+        let _ = endpoints;
+        Ok(out)
     }
 }
 
-/// What the `etcd` section adds to a pool: its discovery stream, when the feature is on.
-#[cfg(feature = "etcd")]
-type EtcdStream = crate::etcd::EtcdDiscover;
-#[cfg(not(feature = "etcd"))]
-type EtcdStream = std::convert::Infallible;
+/// A discovery stream to start on a built pool.
+type Discovery = Box<dyn FnOnce(&grpc_pool_core::Pool) + Send>;
 
 impl Pool {
     fn start(
         core: grpc_pool_core::Pool,
         health: grpc_pool_health::HealthConfig,
-        discover: Option<dns::DnsDiscover<dns::SystemResolver>>,
-        etcd: Option<EtcdStream>,
+        discoveries: Vec<Discovery>,
     ) -> Pool {
         grpc_pool_health::spawn(core.monitor(), health);
-        if let Some(discover) = discover {
-            core.discover(discover);
+        for start in discoveries {
+            start(&core);
         }
-        #[cfg(feature = "etcd")]
-        if let Some(etcd) = etcd {
-            core.discover(etcd);
-        }
-        #[cfg(not(feature = "etcd"))]
-        let _ = etcd;
         Pool { core }
     }
 }

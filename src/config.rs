@@ -137,6 +137,10 @@ pub struct PoolConfig {
     /// `etcd`). Default: none.
     #[cfg(feature = "etcd")]
     pub etcd: Option<EtcdConfig>,
+    /// Endpoints from an xDS control plane, instead of `endpoints` (feature `xds`).
+    /// Default: none.
+    #[cfg(feature = "xds")]
+    pub xds: Option<XdsConfig>,
     /// Reconnect backoff after failed connects. Default: gRPC's.
     pub backoff: BackoffConfig,
     /// HTTP/2 settings.
@@ -358,6 +362,51 @@ impl EtcdConfig {
     }
 }
 
+/// `xds` (feature `xds`): the pool's endpoints from an xDS control plane, for `target`
+/// (`xds:///name`), with the bootstrap in the file `bootstrap` or, without it, where the
+/// environment says (`GRPC_XDS_BOOTSTRAP`, `GRPC_XDS_BOOTSTRAP_CONFIG`). See
+/// [`xds`](crate::xds). A pool with this section lists no `endpoints`, `dns` or `etcd`.
+///
+/// ```
+/// # #[cfg(feature = "serde")] {
+/// let config: grpc_pool::PoolConfig = toml::from_str(r#"
+///     [xds]
+///     target = "xds:///echo.prod:50051"
+///     bootstrap = "/etc/grpc/bootstrap.json"
+/// "#).unwrap();
+/// assert_eq!(config.xds.unwrap().target, "xds:///echo.prod:50051");
+/// # }
+/// ```
+#[cfg(feature = "xds")]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize), serde(deny_unknown_fields))]
+#[non_exhaustive]
+pub struct XdsConfig {
+    /// The target: `xds:///name`, the name of the listener the control plane serves.
+    pub target: String,
+    /// The bootstrap file (gRFC A27). Default: the environment's.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub bootstrap: Option<std::path::PathBuf>,
+}
+
+#[cfg(feature = "xds")]
+impl XdsConfig {
+    /// `target`, with the environment's bootstrap.
+    pub fn new(target: &str) -> XdsConfig {
+        XdsConfig { target: target.to_owned(), bootstrap: None }
+    }
+
+    /// The discovery stream; fails naming `xds.target`, `xds.bootstrap` or the bootstrap's
+    /// field.
+    pub(crate) fn discover(&self) -> Result<crate::xds::XdsDiscover, Error> {
+        let bootstrap = match &self.bootstrap {
+            Some(path) => crate::xds::Bootstrap::from_file(path)?,
+            None => crate::xds::Bootstrap::from_env()?,
+        };
+        crate::xds::XdsDiscover::new(&bootstrap, &self.target)
+    }
+}
+
 impl Default for PoolConfig {
     fn default() -> Self {
         let core = grpc_pool_core::Config::default();
@@ -395,6 +444,8 @@ impl Default for PoolConfig {
             dns: None,
             #[cfg(feature = "etcd")]
             etcd: None,
+            #[cfg(feature = "xds")]
+            xds: None,
             backoff: core.backoff,
             h2: core.h2,
             service_config: None,

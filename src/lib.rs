@@ -46,6 +46,8 @@ use std::fmt;
 pub use builder::{Builder, DEFAULT_PING_BEFORE_USE, DEFAULT_PING_BEFORE_USE_TIMEOUT};
 #[cfg(feature = "etcd")]
 pub use config::EtcdConfig;
+#[cfg(feature = "xds")]
+pub use config::XdsConfig;
 pub use config::{DnsConfig, PoolConfig};
 pub use grpc_pool_core::{
     discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, Balance, ClientIdentity, Connector,

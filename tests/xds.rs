@@ -460,3 +460,37 @@ async fn the_grpc_c_core_sees_the_same_endpoints_as_the_pool_on_each_resource_se
     assert_eq!((batch.ok, batch.failed), (0, 3), "{batch:?}");
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_files_xds_section_builds_a_pool_that_follows_the_control_plane() {
+    let s = servers(1).await;
+    let plane = ControlPlane::start().await;
+    serve(&plane, &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0])])]);
+    let dir = std::env::temp_dir().join(format!("grpc-pool-xds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bootstrap = dir.join("bootstrap.json");
+    std::fs::write(&bootstrap, plane.bootstrap("from-a-file")).unwrap();
+    let text = format!("[xds]\ntarget = \"{TARGET}\"\nbootstrap = \"{}\"\n", bootstrap.display());
+    let config: grpc_pool::PoolConfig = toml::from_str(&text).unwrap();
+    let pool = config.clone().builder().build([] as [&str; 0]).await.unwrap();
+    wait_until(WAIT, "the pool has the control plane's endpoint", || {
+        pool_endpoints(&pool) == addresses(&[&s[0]]).into_iter().collect()
+    })
+    .await;
+    calls(&pool, 5).await;
+    let first = plane.requests().into_iter().next().unwrap();
+    assert_eq!(first.node.map(|n| n.id), Some("from-a-file".to_owned()));
+    pool.close().await;
+
+    // Alone: with endpoints beside it, or a target that is not xds, the build names the field.
+    let err = config.clone().builder().build_lazy(["http://127.0.0.1:1"]).unwrap_err().to_string();
+    assert!(err.contains("`xds`"), "{err}");
+    let bad: grpc_pool::PoolConfig = toml::from_str(&text.replace(TARGET, "dns:///echo.test:50051")).unwrap();
+    let err = bad.builder().build_lazy([] as [&str; 0]).unwrap_err().to_string();
+    assert!(err.contains("`xds.target`"), "{err}");
+    let missing: grpc_pool::PoolConfig =
+        toml::from_str(&text.replace("bootstrap.json", "absent.json")).unwrap();
+    let err = missing.builder().build_lazy([] as [&str; 0]).unwrap_err().to_string();
+    assert!(err.contains("`xds.bootstrap`"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
