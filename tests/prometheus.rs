@@ -138,4 +138,48 @@ async fn the_metrics_page_has_every_family_and_the_values_move() {
     assert_eq!(subset_count(&third, "displaced"), Some(0.0), "{third}");
     let refused = value(&third, names::BUDGET_REFUSALS, &[budgeted]).unwrap_or(0.0);
     assert!(refused >= 1.0, "the second endpoint's connect was beyond the budget:\n{third}");
+
+    #[cfg(feature = "xds")]
+    xds_families(addr, &servers[0]).await;
+}
+
+/// An xDS client's families: its resources by state, ACKs and a NACK, the stream up, then
+/// down and made again.
+#[cfg(feature = "xds")]
+async fn xds_families(addr: std::net::SocketAddr, server: &TestServer) {
+    use grpc_pool_testkit::xds::{self as cp, ControlPlane, LocalityEndpoints};
+    let mut plane = ControlPlane::start().await;
+    plane.set("scraped.xds", cp::listener("scraped.xds", "routes"));
+    plane.set("routes", cp::route_config("routes", &["*"], "echo"));
+    plane.set("echo", cp::cluster("echo", "echo-eds"));
+    plane
+        .set("echo-eds", cp::assignment("echo-eds", &[LocalityEndpoints::healthy("a", 0, &[server.addr()])]));
+    let bootstrap = grpc_pool::xds::Bootstrap::from_json(&plane.bootstrap("scraped")).unwrap();
+    let (_pool, status) =
+        Pool::builder().name("xds-scraped").build_xds_with("xds:///scraped.xds", &bootstrap).unwrap();
+    wait_until(Duration::from_secs(10), "the xDS endpoint arrives", || status.endpoints().len() == 1).await;
+    let mut ring_hash = cp::cluster("echo", "echo-eds");
+    ring_hash.lb_policy = 2;
+    plane.set("echo", ring_hash);
+    let target = "target=\"scraped.xds\"";
+    let page = scrape_until(addr, "the NACK is counted", |page| {
+        value(page, names::XDS_RESPONSES, &[target, "type=\"cds\"", "result=\"nack\""]) == Some(1.0)
+    })
+    .await;
+    for kind in ["lds", "rds", "eds"] {
+        let acked =
+            value(&page, names::XDS_RESOURCES, &[target, &format!("type=\"{kind}\""), "state=\"acked\""]);
+        assert_eq!(acked, Some(1.0), "{kind}:\n{page}");
+    }
+    let nacked = value(&page, names::XDS_RESOURCES, &[target, "type=\"cds\"", "state=\"nacked\""]);
+    assert_eq!(nacked, Some(1.0), "{page}");
+    assert!(value(&page, names::XDS_RESPONSES, &[target, "type=\"eds\"", "result=\"ack\""]) >= Some(1.0));
+    assert_eq!(value(&page, names::XDS_CONNECTED, &[target]), Some(1.0), "{page}");
+    plane.stop().await;
+    plane.restart().await;
+    scrape_until(addr, "the stream is made again", |page| {
+        value(page, names::XDS_RECONNECTS, &[target]) >= Some(1.0)
+            && value(page, names::XDS_CONNECTED, &[target]) == Some(1.0)
+    })
+    .await;
 }
