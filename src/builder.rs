@@ -403,7 +403,7 @@ impl Builder {
         builder.config.xds = None;
         builder.check_xds_alone(&builder.config.endpoints)?;
         let pool = builder.build_lazy(Vec::<String>::new())?;
-        pool.discover(discover);
+        pool.discover(discover.applying_policy_to(&pool));
         Ok((pool, status))
     }
 
@@ -452,8 +452,11 @@ impl Builder {
         #[cfg(feature = "xds")]
         if let Some(xds) = &self.config.xds {
             self.check_xds_alone(endpoints)?;
-            let discover = xds.discover()?;
-            out.push(Box::new(move |pool| drop(pool.discover(discover))));
+            let mut discover = xds.discover()?;
+            out.push(Box::new(move |pool| {
+                discover.set_policy(pool.monitor());
+                drop(pool.discover(discover))
+            }));
         }
         let _ = endpoints;
         Ok(out)

@@ -148,6 +148,14 @@ impl Pool {
         self.core.set_endpoint_weight(uri, weight)
     }
 
+    /// Caps the calls the pool has in flight (circuit breaking): while `max` calls hold a
+    /// stream, a new call fails at once with `UNAVAILABLE`; `None` lifts the cap (the
+    /// default). See the core's
+    /// [`Pool::set_max_requests`](grpc_pool_core::Pool::set_max_requests).
+    pub fn set_max_requests(&self, max: Option<u32>) {
+        self.core.set_max_requests(max);
+    }
+
     /// Follows an endpoint set that changes at run time: every `Change::Insert` of the
     /// `discover` stream adds an endpoint (its service is the endpoint's URI, anything that
     /// displays as one), every `Change::Remove` removes the one its key named. A discovery

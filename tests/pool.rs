@@ -1229,3 +1229,36 @@ async fn endpoint_weights_share_the_calls_under_light_load_and_heavy() {
     let share = (heavy.calls() - h0) as f64 / (heavy.calls() - h0 + light.calls() - l0) as f64;
     assert!((0.38..=0.62).contains(&share), "equal weights: {share:.3}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_fails_the_call_past_the_cap_at_once_and_lifting_it_lets_all_through() {
+    let server = TestServer::start().await;
+    let pool = Pool::builder().build([server.uri()]).await.unwrap();
+    pool.set_max_requests(Some(2));
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = client(&pool);
+        held.push(tokio::spawn(async move { c.unary_echo(request(b"slow", 1_000)).await }));
+    }
+    wait_until(WAIT, "both slow calls are at the server", || server.active() == 2).await;
+    // Failed, not queued: queued, it would have had a slot when a slow call ended (1 s, well
+    // within the 5 s checkout timeout) and succeeded.
+    let status = client(&pool).unary_echo(request(b"third", 0)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("max_requests (2) reached"), "{status:?}");
+    for call in held {
+        call.await.unwrap().unwrap();
+    }
+    client(&pool).unary_echo(request(b"after", 0)).await.unwrap();
+
+    // Lifted: 8 at once all go through.
+    pool.set_max_requests(None);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let mut c = client(&pool);
+        calls.spawn(async move { c.unary_echo(request(b"many", 50)).await });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.unwrap().unwrap();
+    }
+}

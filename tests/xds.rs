@@ -494,3 +494,52 @@ async fn a_config_files_xds_section_builds_a_pool_that_follows_the_control_plane
     assert!(err.contains("`xds.bootstrap`"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clusters_circuit_breaker_caps_the_pools_calls_in_flight_while_it_is_set() {
+    use envoy_types::pb::envoy::config::cluster::v3::{circuit_breakers::Thresholds, CircuitBreakers};
+    let s = servers(1).await;
+    let plane = ControlPlane::start().await;
+    serve(&plane, &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0])])]);
+    let mut capped = cp::cluster("echo", "echo-endpoints");
+    capped.circuit_breakers = Some(CircuitBreakers {
+        thresholds: vec![Thresholds {
+            max_requests: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 1 }),
+            ..Thresholds::default()
+        }],
+        ..CircuitBreakers::default()
+    });
+    plane.set("echo", capped);
+    let (pool, status) = xds_pool(&plane).await;
+    wait_until(WAIT, "the cap is applied", || {
+        status.max_requests() == Some(1) && status.endpoints().len() == 1
+    })
+    .await;
+    let mut c = EchoClient::new(pool.clone());
+    let held = tokio::spawn(async move {
+        c.unary_echo(EchoRequest { message: Bytes::from_static(b"slow"), repeat: 0, delay_ms: 1_000 }).await
+    });
+    wait_until(WAIT, "the slow call is at the server", || s[0].active() == 1).await;
+    let status_code = EchoClient::new(pool.clone()).unary_echo(request()).await.unwrap_err();
+    assert_eq!(status_code.code(), tonic::Code::Unavailable, "{status_code:?}");
+    assert!(status_code.message().contains("max_requests (1)"), "{status_code:?}");
+    held.await.unwrap().unwrap();
+
+    // The cluster without a circuit breaker: the cap goes.
+    plane.set("echo", cp::cluster("echo", "echo-endpoints"));
+    wait_until(WAIT, "the cap is lifted", || {
+        status.max_requests().is_none() && plane.acked(cp::CLUSTER, plane.version(cp::CLUSTER))
+    })
+    .await;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let mut c = EchoClient::new(pool.clone());
+        calls.spawn(async move {
+            c.unary_echo(EchoRequest { message: Bytes::from_static(b"x"), repeat: 0, delay_ms: 50 }).await
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.unwrap().unwrap();
+    }
+    pool.close().await;
+}

@@ -134,6 +134,22 @@ impl Pool {
         Ok(self.inner().set_weights(&[(endpoint, weight)]) == 1)
     }
 
+    /// Caps the calls the pool has in flight (circuit breaking, gRFC A32's `max_requests`):
+    /// while `max` calls hold a stream, a new call fails at once with `UNAVAILABLE`
+    /// (`max_requests (N) reached`) instead of queueing; `None` (or `Some(0)`) lifts the cap,
+    /// as it is by default.
+    /// Health checks and probes do not count. A control plane's cluster
+    /// `circuit_breakers` sets it for a pool built for an xDS target.
+    ///
+    /// ```no_run
+    /// # async fn run(pool: grpc_pool_core::Pool) {
+    /// pool.set_max_requests(Some(1024));
+    /// # }
+    /// ```
+    pub fn set_max_requests(&self, max: Option<u32>) {
+        self.monitor().set_max_requests(max);
+    }
+
     /// Follows an endpoint set that changes at run time: every `Change::Insert` of the
     /// `discover` stream adds an endpoint (its service is the endpoint's URI, anything that
     /// displays as one: a `String`, an [`Endpoint`], or a

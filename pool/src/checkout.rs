@@ -95,6 +95,18 @@ impl PoolInner {
             .find_map(|i| endpoints[i].try_acquire())
     }
 
+    /// Whether a call may start under the pool's cap on calls in flight (circuit breaking);
+    /// if not, the error it fails with at once, counted as a checkout with result
+    /// `over_limit`.
+    pub(crate) fn admit(&self) -> Result<(), Error> {
+        if self.requests.admits() {
+            return Ok(());
+        }
+        let limit = self.requests.limit().unwrap_or(0);
+        metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "over_limit").increment(1);
+        Err(Error::over_limit(self.name(), limit))
+    }
+
     /// Whether the pool has endpoints and every one is marked unhealthy.
     pub(crate) fn all_unhealthy(&self) -> bool {
         let n = self.endpoints.load().len();

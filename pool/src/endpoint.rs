@@ -263,6 +263,8 @@ pub(crate) struct EndpointShared {
     /// a `Weighted` discovery, a control plane); read into the pool's `Weights` when the
     /// list or a weight changes, not on every checkout.
     pub(crate) weight: AtomicU32,
+    /// The pool's cap on calls in flight, counted by the slots taken here.
+    pub(crate) requests: Arc<crate::circuit::RequestLimit>,
 }
 
 /// Outlier detection's settings, and where its decision goes: the pool's ejector task
@@ -278,7 +280,11 @@ pub(crate) struct OutlierReports {
 pub(crate) type EjectionRequest = (Arc<EndpointShared>, u32);
 
 impl EndpointShared {
-    pub(crate) fn new(endpoint: Endpoint, outliers: Option<OutlierReports>) -> EndpointShared {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        outliers: Option<OutlierReports>,
+        requests: Arc<crate::circuit::RequestLimit>,
+    ) -> EndpointShared {
         EndpointShared {
             label: endpoint.to_string(),
             endpoint,
@@ -291,6 +297,7 @@ impl EndpointShared {
             open_connections: AtomicUsize::new(0),
             latency: crate::balance::LatencyEstimate::new(),
             weight: AtomicU32::new(1),
+            requests,
         }
     }
 

@@ -240,6 +240,18 @@ impl Error {
         )
     }
 
+    pub(crate) fn over_limit(pool: &str, limit: u64) -> Error {
+        Error::new(
+            ErrorKind::Unavailable,
+            Code::Unavailable,
+            format!(
+                "pool `{pool}`: {limit} calls in flight, max_requests ({limit}) reached: circuit breaker \
+                 open, failing at once"
+            ),
+            None,
+        )
+    }
+
     pub(crate) fn all_unhealthy(pool: &str, endpoints: &[(String, String)]) -> Error {
         let each: Vec<String> = endpoints.iter().map(|(e, why)| format!("{e}: {why}")).collect();
         Error::new(

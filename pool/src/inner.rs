@@ -50,6 +50,8 @@ pub(crate) struct PoolInner {
     /// Whether `weights` has any (not every endpoint weighs the same): checkouts of a pool
     /// without weights read this flag, not the weights.
     pub(crate) weighted: std::sync::atomic::AtomicBool,
+    /// The cap on calls in flight (circuit breaking), and their count while it is set.
+    pub(crate) requests: Arc<crate::circuit::RequestLimit>,
     /// Held while the endpoint list or the endpoints' routing changes.
     pub(crate) membership: Mutex<()>,
     /// Connects under way and connections open, against `max_total_connections`.
@@ -141,9 +143,12 @@ impl PoolInner {
             }
             None => (None, endpoints),
         };
+        let requests = Arc::new(crate::circuit::RequestLimit::default());
         let list: Vec<Arc<EndpointEntry>> = endpoints
             .into_iter()
-            .map(|e| EndpointEntry::new(e, config.max_concurrent_connects, outliers.clone()))
+            .map(|e| {
+                EndpointEntry::new(e, config.max_concurrent_connects, outliers.clone(), requests.clone())
+            })
             .collect();
         let inner = PoolInner {
             user_agent,
@@ -151,6 +156,7 @@ impl PoolInner {
             index: ArcSwap::from_pointee(index_of(&list)),
             weights: ArcSwap::from_pointee(crate::balance::Weights::default()),
             weighted: std::sync::atomic::AtomicBool::new(false),
+            requests,
             endpoints: ArcSwap::from_pointee(list),
             membership: Mutex::new(()),
             budget: ConnectionBudget::new(config.max_total_connections),

@@ -146,9 +146,10 @@ impl EndpointEntry {
         endpoint: Endpoint,
         concurrent_connects: usize,
         outliers: Option<OutlierReports>,
+        requests: Arc<crate::circuit::RequestLimit>,
     ) -> Arc<EndpointEntry> {
         Arc::new(EndpointEntry {
-            shared: Arc::new(EndpointShared::new(endpoint, outliers)),
+            shared: Arc::new(EndpointShared::new(endpoint, outliers, requests)),
             members: ArcSwap::from_pointee(Vec::new()),
             internals: Mutex::new(EndpointInternals::default()),
             healthy: AtomicBool::new(true),

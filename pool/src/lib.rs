@@ -19,6 +19,7 @@ mod balance;
 mod budget;
 pub mod call;
 mod checkout;
+pub(crate) mod circuit;
 mod clock;
 mod config;
 mod connect;

@@ -277,7 +277,8 @@ impl Member {
         }
         self.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         let unused_for = self.last_used.swap_now();
-        Some(Slot::new(self.clone(), unused_for))
+        let counted = self.endpoint.requests.count();
+        Some(Slot::new(self.clone(), unused_for, counted))
     }
 
     /// Takes a stream slot if the member is `Ready`, even above its limit: the stream then
@@ -288,7 +289,8 @@ impl Member {
         }
         self.slots.force_take();
         self.endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some(Slot::new(self.clone(), Duration::ZERO))
+        // Probes and health checks are not calls: never counted against the cap.
+        Some(Slot::new(self.clone(), Duration::ZERO, false))
     }
 }
 
@@ -324,7 +326,8 @@ mod tests {
     async fn unanswered_member() -> (Arc<Member>, impl Sized) {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (send, connection) = h2::client::handshake(client).await.expect("h2 client preface");
-        let entry = EndpointEntry::new(Endpoint::parse("http://127.0.0.1:1").unwrap(), 1, None);
+        let entry =
+            EndpointEntry::new(Endpoint::parse("http://127.0.0.1:1").unwrap(), 1, None, Default::default());
         let signals = Arc::new(ConnSignals::new());
         let member = Member::new(
             1,

@@ -86,6 +86,12 @@ impl PoolMonitor {
         }
     }
 
+    /// Caps the pool's calls in flight, as [`Pool::set_max_requests`] does: for a policy that
+    /// follows a control plane's circuit breakers without keeping the pool open.
+    pub fn set_max_requests(&self, max: Option<u32>) {
+        self.inner.requests.set(max.filter(|m| *m > 0));
+    }
+
     /// Whether `endpoint` takes new streams as far as health goes (`None` for an endpoint the
     /// pool does not have): what the last [`set_endpoint_health`](Self::set_endpoint_health)
     /// said, for a health task that starts over.

@@ -186,8 +186,12 @@ impl PoolInner {
                 if index.contains_key(&endpoint) || !batch.insert(endpoint.clone()) {
                     continue;
                 }
-                let entry =
-                    EndpointEntry::new(endpoint, self.config.max_concurrent_connects, self.outliers.clone());
+                let entry = EndpointEntry::new(
+                    endpoint,
+                    self.config.max_concurrent_connects,
+                    self.outliers.clone(),
+                    self.requests.clone(),
+                );
                 if let Some(history) = history {
                     entry.lock().resume(history);
                 }

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::bootstrap::Node;
-use super::resources::{self, Invalid, Kind, Resource, RouteSource};
+use super::resources::{self, ClusterPolicy, Invalid, Kind, Resource, RouteSource};
 use super::XdsStatus;
 use crate::reconnect::Backoff;
 use crate::{Endpoint, Pool};
@@ -99,8 +99,23 @@ impl AdsState {
         }
     }
 
+    /// The policy of the cluster the target resolves to now, if it does.
+    fn cluster_in_use(&self) -> Option<&ClusterPolicy> {
+        let mut cluster = None;
+        self.walk(&mut BTreeMap::new(), &mut cluster);
+        cluster
+    }
+
     /// Walks listener -> routes -> cluster -> endpoints, noting the names each step needs.
     fn resolve(&self, wanted: &mut BTreeMap<Kind, BTreeSet<String>>) -> Resolution {
+        self.walk(wanted, &mut None)
+    }
+
+    fn walk<'a>(
+        &'a self,
+        wanted: &mut BTreeMap<Kind, BTreeSet<String>>,
+        in_use: &mut Option<&'a ClusterPolicy>,
+    ) -> Resolution {
         let mut want = |kind: Kind, name: &str| {
             wanted.entry(kind).or_default().insert(name.to_owned());
         };
@@ -130,6 +145,7 @@ impl AdsState {
             Ok(_) => return Resolution::Pending,
             Err(e) => return Resolution::Broken(e),
         };
+        *in_use = Some(cluster);
         want(Kind::Endpoints, &cluster.eds_name);
         match self.resource(Kind::Endpoints, &cluster.eds_name) {
             Ok(Some(Resource::Endpoints(a))) => Resolution::Endpoints(a.in_use()),
@@ -161,9 +177,9 @@ impl AdsState {
             match decoded {
                 Ok((name, resource)) => {
                     if let Resource::Cluster(c) = &resource {
-                        if c.max_requests.is_some() || c.outlier_detection {
+                        if c.outlier_detection {
                             tracing::warn!(target_name = %self.target, cluster = %name,
-                                "the cluster's circuit_breakers.max_requests and outlier_detection are not applied yet; the pool's own settings hold");
+                                "the cluster's outlier_detection is not applied yet; the pool's own settings hold");
                         }
                     }
                     seen.insert(name.clone());
@@ -367,6 +383,10 @@ pub(crate) struct AdsClient {
     pub(crate) changes: mpsc::Sender<Change<String, Weighted>>,
     pub(crate) status: XdsStatus,
     pub(crate) backoff: Backoff,
+    /// The pool the cluster's policy goes to, if any.
+    pub(crate) policy: Option<grpc_pool_core::PoolMonitor>,
+    /// The cap on calls in flight last given to the pool (`None`: none given yet).
+    pub(crate) applied: Option<Option<u32>>,
 }
 
 impl AdsClient {
@@ -516,9 +536,25 @@ impl AdsClient {
             }
         }
         self.status.update(|s| s.resources = resources);
+        self.apply_policy();
         if let Some((set, broken)) = endpoints {
             self.publish(set, broken).await;
         }
+    }
+
+    /// Gives the pool the cap on calls in flight of the cluster in use (none when it sets
+    /// none), when it changed.
+    fn apply_policy(&mut self) {
+        let Some(monitor) = &self.policy else { return };
+        let Some(cluster) = self.state.cluster_in_use() else { return };
+        let max = cluster.max_requests;
+        if self.applied == Some(max) {
+            return;
+        }
+        tracing::info!(target_name = %self.state.target, max_requests = ?max, "xDS circuit breaker applied to the pool");
+        monitor.set_max_requests(max);
+        self.applied = Some(max);
+        self.status.update(|s| s.max_requests = max);
     }
 
     async fn publish(&mut self, set: BTreeMap<String, u32>, broken: Option<String>) {

@@ -95,8 +95,26 @@ impl XdsDiscover {
             changes: tx,
             status: status.clone(),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
+            policy: None,
+            applied: None,
         };
         Ok(XdsDiscover { client: Some(client), changes, status })
+    }
+
+    /// The same stream, applying the target's cluster policy to `pool` too (the pool it is
+    /// given to): the cluster's `circuit_breakers` max_requests caps the pool's calls in
+    /// flight while the cluster sets it ([`Pool::set_max_requests`]). The pools
+    /// [`Builder::build_xds`](crate::Builder::build_xds) and the `[xds]` section build do
+    /// this themselves. Does not keep the pool open.
+    pub fn applying_policy_to(mut self, pool: &Pool) -> XdsDiscover {
+        self.set_policy(pool.core.monitor());
+        self
+    }
+
+    pub(crate) fn set_policy(&mut self, monitor: grpc_pool_core::PoolMonitor) {
+        if let Some(client) = &mut self.client {
+            client.policy = Some(monitor);
+        }
     }
 
     /// A handle on what the stream holds, kept after this is given to the pool.
@@ -168,6 +186,7 @@ pub(crate) struct StatusInner {
     pub(crate) endpoints: Vec<String>,
     pub(crate) weights: Vec<(String, u32)>,
     pub(crate) broken: Option<String>,
+    pub(crate) max_requests: Option<u32>,
     pub(crate) resources: Vec<XdsResource>,
     pub(crate) acks: u64,
     pub(crate) nacks: u64,
@@ -216,6 +235,12 @@ impl XdsStatus {
     /// millionths, from its priority's share, its locality's weight and its own.
     pub fn weights(&self) -> Vec<(String, u32)> {
         self.read(|s| s.weights.clone())
+    }
+
+    /// The cap on calls in flight the target's cluster sets (`circuit_breakers`
+    /// max_requests) and the pool applies, if any.
+    pub fn max_requests(&self) -> Option<u32> {
+        self.read(|s| s.max_requests)
     }
 
     /// Why the target resolves to no endpoint (a resource that does not exist, no virtual

@@ -263,6 +263,7 @@ pub(super) fn slot_now(
 ) -> Result<Option<Slot>, Error> {
     match target {
         Target::Pool => {
+            pool.admit()?;
             Ok(avoid.and_then(|avoid| pool.checkout_elsewhere(avoid)).or_else(|| pool.checkout_now()))
         }
         Target::Endpoint(entry, label) => {

@@ -104,12 +104,14 @@ pub(crate) struct Slot {
     /// How long no stream had started on the member before this one: a member unused for
     /// long is PINGed before use when the pool is configured so.
     pub(crate) unused_for: Duration,
+    /// Counted against the pool's cap on calls in flight (`circuit.rs`).
+    counted: bool,
 }
 
 impl Slot {
     #[inline]
-    pub(super) fn new(member: Arc<Member>, unused_for: Duration) -> Slot {
-        Slot { member, serve_waiters: true, unused_for }
+    pub(super) fn new(member: Arc<Member>, unused_for: Duration, counted: bool) -> Slot {
+        Slot { member, serve_waiters: true, unused_for, counted }
     }
 
     pub(crate) fn member(&self) -> &Arc<Member> {
@@ -125,6 +127,9 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if self.counted {
+            self.member.endpoint.requests.uncount();
+        }
         self.member.slot_dropped(self.serve_waiters);
     }
 }
