@@ -100,6 +100,7 @@ pub async fn workload(
     let base = Instant::now();
     let initial: Vec<String> = plan.initial.iter().map(|&s| server_uri(s)).collect();
     let pool = builder(&plan, &journal).build_lazy(&initial)?;
+    pool.set_max_requests(plan.pool.max_requests);
     let stream =
         futures_util::stream::unfold(changes, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     pool.discover(stream);
@@ -116,6 +117,7 @@ pub async fn workload(
             extra_streams,
             subset: plan.pool.subset,
             max_total: plan.pool.max_total_connections,
+            max_requests: plan.pool.max_requests,
         },
         sampling.clone(),
     ));
@@ -151,7 +153,7 @@ pub async fn workload(
         if ok {
             break Some(now());
         }
-        if saturated(&pool, plan.pool.max_connections) {
+        if saturated(&pool, plan.pool.max_connections, plan.pool.max_requests) {
             saturated_until = now();
         }
         if now() > healed + RECOVERY_BOUND + Duration::from_secs(5) {
@@ -232,11 +234,13 @@ struct Limits {
     subset: Option<usize>,
     /// `max_total_connections`.
     max_total: Option<usize>,
+    /// `Pool::set_max_requests`.
+    max_requests: Option<u32>,
 }
 
 /// Reads `Pool::state()` every [`SAMPLE_EVERY`] while the workload runs.
 async fn sample(pool: Pool, journal: Journal, limits: Limits, on: Arc<std::sync::atomic::AtomicBool>) {
-    let Limits { max_connections, extra_streams, subset, max_total } = limits;
+    let Limits { max_connections, extra_streams, subset, max_total, max_requests } = limits;
     let mut reported = false;
     while on.load(std::sync::atomic::Ordering::Relaxed) {
         let state = pool.state();
@@ -247,6 +251,17 @@ async fn sample(pool: Pool, journal: Journal, limits: Limits, on: Arc<std::sync:
                 journal.violation(
                     "max-total-connections",
                     format!("{} connections open, over max_total_connections {max}", state.open_connections),
+                );
+            }
+        }
+        if let Some(max) = max_requests {
+            // Health checks hold a stream per endpoint and are not calls: not counted.
+            let allowed = max as usize + state.endpoints.len() * extra_streams as usize;
+            if state.in_flight() > allowed && !reported {
+                reported = true;
+                journal.violation(
+                    "max-requests",
+                    format!("{} streams in flight, over max_requests {max} (and {extra_streams} health stream an endpoint)", state.in_flight()),
                 );
             }
         }
@@ -423,8 +438,14 @@ async fn perform(pool: Pool, call: &CallPlan) -> Ended {
 
 /// Whether every usable endpoint (healthy, not ejected) has as many ready members as it may
 /// and every one of them carries as many streams as it may: a new call can only wait.
-fn saturated(pool: &Pool, max_connections: usize) -> bool {
+fn saturated(pool: &Pool, max_connections: usize, max_requests: Option<u32>) -> bool {
     let state = pool.state();
+    // The workload's calls may hold every call the cap allows: the streams in flight reach it
+    // (with health streams among them this also counts a pool one call short of the cap as
+    // saturated, which only widens what the recovery bound forgives).
+    if max_requests.is_some_and(|max| state.in_flight() >= max as usize) {
+        return true;
+    }
     let usable: Vec<_> = state.endpoints.iter().filter(|e| e.healthy && e.ejected_for.is_none()).collect();
     !usable.is_empty()
         && usable.iter().all(|e| {

@@ -102,6 +102,9 @@ pub struct PoolPlan {
     /// `max_total_connections`, on a quarter of the seeds (from the seed itself): half the
     /// servers, and one more.
     pub max_total_connections: Option<usize>,
+    /// `Pool::set_max_requests`, on a fifth of the seeds (from the seed itself): 3 calls in
+    /// flight, so that the workload meets the cap.
+    pub max_requests: Option<u32>,
 }
 
 /// With subsetting, a live endpoint unable to take calls this long gives its place away.
@@ -221,6 +224,7 @@ impl Plan {
             latency_aware: seed % 2 == 1,
             subset: seed.is_multiple_of(3).then_some(servers - 1),
             max_total_connections: (seed % 4 == 1).then_some(servers / 2 + 1),
+            max_requests: (seed % 5 == 3).then_some(3),
         };
 
         // An outage of every server, from a moment until the heal (a third of the seeds):
