@@ -64,6 +64,18 @@ async fn wait_for_endpoints(pool: &Pool, status: &XdsStatus, want: &[String], wh
     wait_until(WAIT, what, || status.endpoints() == want && pool_endpoints(pool) == set).await;
 }
 
+/// Waits until every endpoint of the pool has a ready connection: a share of calls measured
+/// before would count the calls that went elsewhere while one connected.
+async fn wait_ready(pool: &Pool) {
+    wait_until(WAIT, "every endpoint has a ready connection", || {
+        pool.state()
+            .endpoints
+            .iter()
+            .all(|e| e.members.iter().any(|m| m.state == grpc_pool::state::MemberState::Ready))
+    })
+    .await;
+}
+
 /// Makes `n` calls; every one must succeed.
 async fn calls(pool: &Pool, n: usize) {
     let mut client = EchoClient::new(pool.clone());
@@ -427,6 +439,7 @@ async fn the_grpc_c_core_sees_the_same_endpoints_as_the_pool_on_each_resource_se
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    wait_ready(&pool).await;
     let before = counts(&s);
     calls(&pool, 400).await;
     let pool_share = (s[0].calls() - before[0]) as f64 / 400.0;
@@ -541,5 +554,49 @@ async fn the_clusters_circuit_breaker_caps_the_pools_calls_in_flight_while_it_is
     while let Some(done) = calls.join_next().await {
         done.unwrap().unwrap();
     }
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_clusters_split_the_calls_by_weight_in_the_pool_and_in_the_c_core() {
+    let s = servers(2).await;
+    let plane = ControlPlane::start().await;
+    plane.set(LISTENER, cp::listener(LISTENER, "echo-routes"));
+    plane.set("echo-routes", cp::route_config_weighted("echo-routes", &["*"], &[("big", 3), ("small", 1)]));
+    plane.set("big", cp::cluster("big", "big-endpoints"));
+    plane.set("small", cp::cluster("small", "small-endpoints"));
+    plane.set(
+        "big-endpoints",
+        cp::assignment("big-endpoints", &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0])])]),
+    );
+    plane.set(
+        "small-endpoints",
+        cp::assignment("small-endpoints", &[LocalityEndpoints::healthy("a", 0, &[addr(&s[1])])]),
+    );
+    let (pool, status) = xds_pool(&plane).await;
+    let both = addresses(&[&s[0], &s[1]]);
+    wait_for_endpoints(&pool, &status, &both, "both clusters' endpoints").await;
+    let weight_of = |a: &TestServer| {
+        status.weights().into_iter().find(|(e, _)| *e == a.addr().to_string()).map(|(_, w)| w)
+    };
+    assert_eq!((weight_of(&s[0]), weight_of(&s[1])), (Some(750_000), Some(250_000)));
+
+    wait_ready(&pool).await;
+    let before = counts(&s);
+    calls(&pool, 400).await;
+    let pool_share = (s[0].calls() - before[0]) as f64 / 400.0;
+    let mut c_core = GrpcioXdsClient::start(TARGET, &plane.bootstrap("c-core")).await;
+    assert_eq!(c_core_endpoints(&mut c_core, &s, &both).await, both);
+    let before = counts(&s);
+    assert_eq!(c_core.calls(400).await.ok, 400);
+    let c_core_share = (s[0].calls() - before[0]) as f64 / 400.0;
+    println!("share of the weight-3 cluster: pool {pool_share:.3}, C core {c_core_share:.3}");
+    assert!((0.65..=0.85).contains(&pool_share), "the pool: {pool_share:.3}");
+    assert!((0.65..=0.85).contains(&c_core_share), "the C core: {c_core_share:.3}");
+
+    // A cluster that goes away gives its share to the other.
+    plane.remove(cp::CLUSTER, "small");
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[0]]), "the remaining cluster takes every call").await;
+    calls(&pool, 10).await;
     pool.close().await;
 }

@@ -99,22 +99,22 @@ impl AdsState {
         }
     }
 
-    /// The policy of the cluster the target resolves to now, if it does.
-    fn cluster_in_use(&self) -> Option<&ClusterPolicy> {
-        let mut cluster = None;
-        self.walk(&mut BTreeMap::new(), &mut cluster);
-        cluster
+    /// The policies of the clusters the target resolves to now (none while it does not).
+    fn clusters_in_use(&self) -> Vec<&ClusterPolicy> {
+        let mut clusters = Vec::new();
+        self.walk(&mut BTreeMap::new(), &mut clusters);
+        clusters
     }
 
     /// Walks listener -> routes -> cluster -> endpoints, noting the names each step needs.
     fn resolve(&self, wanted: &mut BTreeMap<Kind, BTreeSet<String>>) -> Resolution {
-        self.walk(wanted, &mut None)
+        self.walk(wanted, &mut Vec::new())
     }
 
     fn walk<'a>(
         &'a self,
         wanted: &mut BTreeMap<Kind, BTreeSet<String>>,
-        in_use: &mut Option<&'a ClusterPolicy>,
+        in_use: &mut Vec<&'a ClusterPolicy>,
     ) -> Resolution {
         let mut want = |kind: Kind, name: &str| {
             wanted.entry(kind).or_default().insert(name.to_owned());
@@ -139,19 +139,47 @@ impl AdsState {
         let Some(host) = resources::virtual_host(table, &self.target) else {
             return Resolution::Broken(format!("no virtual host's domains match {:?}", self.target));
         };
-        want(Kind::Cluster, &host.cluster);
-        let cluster = match self.resource(Kind::Cluster, &host.cluster) {
-            Ok(Some(Resource::Cluster(c))) => c,
-            Ok(_) => return Resolution::Pending,
-            Err(e) => return Resolution::Broken(e),
-        };
-        *in_use = Some(cluster);
-        want(Kind::Endpoints, &cluster.eds_name);
-        match self.resource(Kind::Endpoints, &cluster.eds_name) {
-            Ok(Some(Resource::Endpoints(a))) => Resolution::Endpoints(a.in_use()),
-            Ok(_) => Resolution::Pending,
-            Err(e) => Resolution::Broken(e),
+        // Each cluster of the route (one, or weighted clusters) and its endpoints; the
+        // endpoints of all go to the pool, weighed by their cluster's share of the calls.
+        let (mut pending, mut broken, mut resolved) = (false, Vec::new(), Vec::new());
+        for (name, weight) in host.clusters.iter().filter(|(_, w)| *w > 0) {
+            want(Kind::Cluster, name);
+            let cluster = match self.resource(Kind::Cluster, name) {
+                Ok(Some(Resource::Cluster(c))) => c,
+                Ok(_) => {
+                    pending = true;
+                    continue;
+                }
+                Err(e) => {
+                    broken.push(e);
+                    continue;
+                }
+            };
+            want(Kind::Endpoints, &cluster.eds_name);
+            match self.resource(Kind::Endpoints, &cluster.eds_name) {
+                Ok(Some(Resource::Endpoints(a))) => {
+                    in_use.push(cluster);
+                    resolved.push((*weight, a.in_use()));
+                }
+                Ok(_) => pending = true,
+                Err(e) => broken.push(e),
+            }
         }
+        if pending {
+            return Resolution::Pending;
+        }
+        if resolved.is_empty() {
+            return Resolution::Broken(broken.join("; "));
+        }
+        // A cluster that does not exist gives its share to the others.
+        let total: f64 = resolved.iter().map(|(w, _)| f64::from(*w)).sum();
+        let mut merged: BTreeMap<String, f64> = BTreeMap::new();
+        for (weight, endpoints) in resolved {
+            for (address, share) in endpoints {
+                *merged.entry(address).or_default() += f64::from(weight) / total * f64::from(share);
+            }
+        }
+        Resolution::Endpoints(merged.into_iter().map(|(a, w)| (a, (w.round() as u32).max(1))).collect())
     }
 
     /// Applies a response: every resource in it that passes its checks is taken, the others
@@ -546,8 +574,12 @@ impl AdsClient {
     /// none), when it changed.
     fn apply_policy(&mut self) {
         let Some(monitor) = &self.policy else { return };
-        let Some(cluster) = self.state.cluster_in_use() else { return };
-        let max = cluster.max_requests;
+        let clusters = self.state.clusters_in_use();
+        if clusters.is_empty() {
+            return;
+        }
+        // Weighted clusters share one pool: their caps add up, if each has one.
+        let max = clusters.iter().map(|c| c.max_requests).sum::<Option<u32>>();
         if self.applied == Some(max) {
             return;
         }

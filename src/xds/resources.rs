@@ -91,7 +91,8 @@ pub(crate) struct RouteTable {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct VirtualHost {
     pub(crate) domains: Vec<String>,
-    pub(crate) cluster: String,
+    /// The clusters its route sends calls to, each with its weight (one cluster: weight 1).
+    pub(crate) clusters: Vec<(String, u32)>,
 }
 
 /// What the pool takes from a `Cluster`.
@@ -274,19 +275,40 @@ fn route_table(config: &rds::RouteConfiguration) -> Result<RouteTable, String> {
                 "{field}.match: only a route that matches every call (prefix \"\" or \"/\") is supported"
             ));
         }
-        let cluster = match &route.action {
+        let clusters = match &route.action {
             Some(rds::route::Action::Route(action)) => match &action.cluster_specifier {
-                Some(rds::route_action::ClusterSpecifier::Cluster(name)) if !name.is_empty() => name.clone(),
-                Some(rds::route_action::ClusterSpecifier::WeightedClusters(_)) => {
-                    return Err(format!("{field}.route.weighted_clusters: not supported yet (one cluster)"))
+                Some(rds::route_action::ClusterSpecifier::Cluster(name)) if !name.is_empty() => {
+                    vec![(name.clone(), 1)]
+                }
+                Some(rds::route_action::ClusterSpecifier::WeightedClusters(weighted)) => {
+                    weighted_clusters(weighted).map_err(|e| format!("{field}.route.weighted_clusters.{e}"))?
                 }
                 _ => return Err(format!("{field}.route.cluster_specifier: a cluster name is required")),
             },
             _ => return Err(format!("{field}.action: must be `route`")),
         };
-        virtual_hosts.push(VirtualHost { domains: host.domains.clone(), cluster });
+        virtual_hosts.push(VirtualHost { domains: host.domains.clone(), clusters });
     }
     Ok(RouteTable { virtual_hosts })
+}
+
+/// gRFC A28's weighted clusters: names and weights, the weights adding up to more than 0
+/// (and to at most 2^32-1).
+fn weighted_clusters(weighted: &rds::WeightedCluster) -> Result<Vec<(String, u32)>, String> {
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    for (i, cluster) in weighted.clusters.iter().enumerate() {
+        if cluster.name.is_empty() {
+            return Err(format!("clusters[{i}].name: empty"));
+        }
+        let weight = cluster.weight.map_or(0, |w| w.value);
+        total += u64::from(weight);
+        out.push((cluster.name.clone(), weight));
+    }
+    if total == 0 || total > u64::from(u32::MAX) {
+        return Err(format!("clusters: weights add up to {total} (1 to 4294967295)"));
+    }
+    Ok(out)
 }
 
 fn cluster(c: &cds::Cluster) -> Result<ClusterPolicy, String> {
@@ -561,7 +583,7 @@ mod tests {
     fn a_virtual_host_is_matched_as_grpc_does() {
         let host = |d: &[&str], c: &str| VirtualHost {
             domains: d.iter().map(|s| s.to_string()).collect(),
-            cluster: c.to_owned(),
+            clusters: vec![(c.to_owned(), 1)],
         };
         let table = RouteTable {
             virtual_hosts: vec![
@@ -571,9 +593,9 @@ mod tests {
                 host(&["echo.prod"], "exact"),
             ],
         };
-        assert_eq!(virtual_host(&table, "echo.prod").unwrap().cluster, "exact");
-        assert_eq!(virtual_host(&table, "x.prod").unwrap().cluster, "suffix");
-        assert_eq!(virtual_host(&table, "echo.dev").unwrap().cluster, "prefix");
-        assert_eq!(virtual_host(&table, "other").unwrap().cluster, "any");
+        assert_eq!(virtual_host(&table, "echo.prod").unwrap().clusters[0].0, "exact");
+        assert_eq!(virtual_host(&table, "x.prod").unwrap().clusters[0].0, "suffix");
+        assert_eq!(virtual_host(&table, "echo.dev").unwrap().clusters[0].0, "prefix");
+        assert_eq!(virtual_host(&table, "other").unwrap().clusters[0].0, "any");
     }
 }

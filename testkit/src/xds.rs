@@ -377,6 +377,31 @@ pub fn route_config(name: &str, domains: &[&str], cluster: &str) -> rds::RouteCo
     }
 }
 
+/// A route configuration: one virtual host for `domains`, its calls split over `clusters` by
+/// their weights (gRFC A28's weighted clusters).
+pub fn route_config_weighted(
+    name: &str,
+    domains: &[&str],
+    clusters: &[(&str, u32)],
+) -> rds::RouteConfiguration {
+    let mut config = route_config(name, domains, "unused");
+    let weighted = rds::WeightedCluster {
+        clusters: clusters
+            .iter()
+            .map(|(cluster, weight)| rds::weighted_cluster::ClusterWeight {
+                name: (*cluster).to_owned(),
+                weight: Some(UInt32Value { value: *weight }),
+                ..rds::weighted_cluster::ClusterWeight::default()
+            })
+            .collect(),
+        ..rds::WeightedCluster::default()
+    };
+    if let Some(rds::route::Action::Route(action)) = &mut config.virtual_hosts[0].routes[0].action {
+        action.cluster_specifier = Some(rds::route_action::ClusterSpecifier::WeightedClusters(weighted));
+    }
+    config
+}
+
 /// An EDS cluster (round robin) whose endpoints are the assignment `eds_name`.
 pub fn cluster(name: &str, eds_name: &str) -> cds::Cluster {
     cds::Cluster {
