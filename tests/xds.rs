@@ -76,6 +76,23 @@ async fn wait_ready(pool: &Pool) {
     .await;
 }
 
+/// With weights 3:1 between `s[0]` and `s[1]`: the pool and the C core each send about
+/// three quarters of 400 calls to `s[0]` (300 expected, sd 8.7).
+async fn three_quarters_each(pool: &Pool, c_core: &mut GrpcioXdsClient, s: &[TestServer], what: &str) {
+    let both = addresses(&[&s[0], &s[1]]);
+    wait_ready(pool).await;
+    let before = counts(s);
+    calls(pool, 400).await;
+    let pool_share = (s[0].calls() - before[0]) as f64 / 400.0;
+    assert_eq!(c_core_endpoints(c_core, s, &both).await, both);
+    let before = counts(s);
+    assert_eq!(c_core.calls(400).await.ok, 400);
+    let c_core_share = (s[0].calls() - before[0]) as f64 / 400.0;
+    println!("share of the weight-3 {what}: pool {pool_share:.3}, C core {c_core_share:.3}");
+    assert!((0.65..=0.85).contains(&pool_share), "the pool: {pool_share:.3}");
+    assert!((0.65..=0.85).contains(&c_core_share), "the C core: {c_core_share:.3}");
+}
+
 /// Makes `n` calls; every one must succeed.
 async fn calls(pool: &Pool, n: usize) {
     let mut client = EchoClient::new(pool.clone());
@@ -423,7 +440,6 @@ async fn the_grpc_c_core_sees_the_same_endpoints_as_the_pool_on_each_resource_se
         LocalityEndpoints { weight: 1, ..LocalityEndpoints::healthy("b", 0, &[addr(&s[1])]) },
     ];
     plane.set("echo-endpoints", cp::assignment("echo-endpoints", &weighted));
-    let both = addresses(&[&s[0], &s[1]]);
     let mut want = vec![(s[0].addr().to_string(), 750_000), (s[1].addr().to_string(), 250_000)];
     want.sort();
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -439,17 +455,7 @@ async fn the_grpc_c_core_sees_the_same_endpoints_as_the_pool_on_each_resource_se
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    wait_ready(&pool).await;
-    let before = counts(&s);
-    calls(&pool, 400).await;
-    let pool_share = (s[0].calls() - before[0]) as f64 / 400.0;
-    assert_eq!(c_core_endpoints(&mut c_core, &s, &both).await, both);
-    let before = counts(&s);
-    assert_eq!(c_core.calls(400).await.ok, 400);
-    let c_core_share = (s[0].calls() - before[0]) as f64 / 400.0;
-    println!("share of the weight-3 locality: pool {pool_share:.3}, C core {c_core_share:.3}");
-    assert!((0.65..=0.85).contains(&pool_share), "the pool: {pool_share:.3}");
-    assert!((0.65..=0.85).contains(&c_core_share), "the C core: {c_core_share:.3}");
+    three_quarters_each(&pool, &mut c_core, &s, "locality").await;
 
     // Where the two differ, on purpose: one of priority 0's two endpoints unhealthy. The pool
     // follows Envoy's overprovisioning factor (50% x 1.4 = 70% healthy, so priority 1 takes
@@ -581,18 +587,8 @@ async fn weighted_clusters_split_the_calls_by_weight_in_the_pool_and_in_the_c_co
     };
     assert_eq!((weight_of(&s[0]), weight_of(&s[1])), (Some(750_000), Some(250_000)));
 
-    wait_ready(&pool).await;
-    let before = counts(&s);
-    calls(&pool, 400).await;
-    let pool_share = (s[0].calls() - before[0]) as f64 / 400.0;
     let mut c_core = GrpcioXdsClient::start(TARGET, &plane.bootstrap("c-core")).await;
-    assert_eq!(c_core_endpoints(&mut c_core, &s, &both).await, both);
-    let before = counts(&s);
-    assert_eq!(c_core.calls(400).await.ok, 400);
-    let c_core_share = (s[0].calls() - before[0]) as f64 / 400.0;
-    println!("share of the weight-3 cluster: pool {pool_share:.3}, C core {c_core_share:.3}");
-    assert!((0.65..=0.85).contains(&pool_share), "the pool: {pool_share:.3}");
-    assert!((0.65..=0.85).contains(&c_core_share), "the C core: {c_core_share:.3}");
+    three_quarters_each(&pool, &mut c_core, &s, "cluster").await;
 
     // A cluster that goes away gives its share to the other.
     plane.remove(cp::CLUSTER, "small");
