@@ -339,6 +339,7 @@ impl Builder {
         if endpoints.is_empty() && (self.config.dns.is_some() || self.etcd_set() || self.xds_set()) {
             return self.build_lazy(endpoints);
         }
+        // (An xDS pool is built lazily, above: no xds section here.)
         let (core, health) = self.config.split()?;
         let discoveries = self.discoveries(&endpoints)?;
         let core = grpc_pool_core::Builder::from_config(core).build(endpoints).await?;
@@ -355,7 +356,13 @@ impl Builder {
         S: AsRef<str>,
     {
         let endpoints = self.endpoints(endpoints);
-        let (core, health) = self.config.split()?;
+        let mut config = self.config.clone();
+        if self.xds_set() {
+            // A cluster's outlier detection overrides the pool's: the pool needs some, off
+            // unless configured.
+            config.outlier_detection.get_or_insert_with(crate::OutlierDetection::off);
+        }
+        let (core, health) = config.split()?;
         let discoveries = self.discoveries(&endpoints)?;
         let core = grpc_pool_core::Builder::from_config(core).build_lazy(endpoints)?;
         Ok(Pool::start(core, health, discoveries))
@@ -402,6 +409,7 @@ impl Builder {
         let mut builder = self;
         builder.config.xds = None;
         builder.check_xds_alone(&builder.config.endpoints)?;
+        builder.config.outlier_detection.get_or_insert_with(crate::OutlierDetection::off);
         let pool = builder.build_lazy(Vec::<String>::new())?;
         pool.discover(discover.applying_policy_to(&pool));
         Ok((pool, status))

@@ -51,8 +51,9 @@ pub use config::XdsConfig;
 pub use config::{DnsConfig, PoolConfig};
 pub use grpc_pool_core::{
     discover, dns, metrics, rustls, AllUnhealthy, BackoffConfig, Balance, ClientIdentity, Connector,
-    Endpoint, Error, ErrorKind, EvictionReason, H2Config, OutlierDetection, PoolEvent, PoolEvents,
-    ResponseBody, State, Subset, TlsConfig, WaitForReady, DEFAULT_POOL_NAME, EVENT_BUFFER, POOL_USER_AGENT,
+    Endpoint, Error, ErrorKind, EvictionReason, FailurePercentageEjection, H2Config, OutlierDetection,
+    PoolEvent, PoolEvents, ResponseBody, State, Subset, SuccessRateEjection, TlsConfig, WaitForReady,
+    DEFAULT_POOL_NAME, EVENT_BUFFER, POOL_USER_AGENT,
 };
 
 /// gRPC's service config as the pool reads it: [`ServiceConfig::from_json`] checks a document
@@ -154,6 +155,13 @@ impl Pool {
     /// [`Pool::set_max_requests`](grpc_pool_core::Pool::set_max_requests).
     pub fn set_max_requests(&self, max: Option<u32>) {
         self.core.set_max_requests(max);
+    }
+
+    /// Puts other outlier detection settings in force while the pool runs, or (`None`) the
+    /// pool's own back. See the core's
+    /// [`Pool::override_outlier_detection`](grpc_pool_core::Pool::override_outlier_detection).
+    pub fn override_outlier_detection(&self, settings: Option<OutlierDetection>) -> Result<(), Error> {
+        self.core.override_outlier_detection(settings)
     }
 
     /// Follows an endpoint set that changes at run time: every `Change::Insert` of the

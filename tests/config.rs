@@ -196,3 +196,24 @@ async fn the_subset_section_reads_as_the_example_writes_it_and_bad_values_are_na
     let err = toml::from_str::<PoolConfig>("[subset]\nsise = 3\n").unwrap_err();
     assert!(err.to_string().contains("sise"), "{err}");
 }
+
+#[tokio::test]
+async fn the_outlier_sections_interval_algorithms_read_from_a_file_and_bad_values_are_named() {
+    let text = "endpoints = [\"http://127.0.0.1:1\"]\n[outlier_detection]\nconsecutive_failures = 0\ninterval = \"1s\"\n\
+                [outlier_detection.success_rate]\nminimum_hosts = 3\n[outlier_detection.failure_percentage]\nthreshold = 60\n";
+    let config: PoolConfig = toml::from_str(text).unwrap();
+    let outliers = config.outlier_detection.clone().unwrap();
+    assert_eq!((outliers.consecutive_failures, outliers.interval), (0, Duration::from_secs(1)));
+    assert_eq!(outliers.success_rate.unwrap().minimum_hosts, 3);
+    let failures = outliers.failure_percentage.unwrap();
+    assert_eq!((failures.threshold, failures.request_volume), (60, 50));
+    config.build_lazy().unwrap();
+    for (from, to, field) in [
+        ("threshold = 60", "threshold = 101", "`outlier_detection.failure_percentage.threshold`"),
+        ("interval = \"1s\"", "interval = \"1ms\"", "`outlier_detection.interval`"),
+    ] {
+        let config: PoolConfig = toml::from_str(&text.replace(from, to)).unwrap();
+        let err = config.build_lazy().unwrap_err().to_string();
+        assert!(err.contains(field), "{to}: {err}");
+    }
+}

@@ -1262,3 +1262,67 @@ async fn max_requests_fails_the_call_past_the_cap_at_once_and_lifting_it_lets_al
         done.unwrap().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outlier_detection_override_ejects_by_failure_percentage_and_none_puts_the_pools_own_back() {
+    let servers = [TestServer::start().await, TestServer::start().await, TestServer::start().await];
+    let unmanaged = Pool::builder().build_lazy([servers[0].uri()]).unwrap();
+    let err = unmanaged.override_outlier_detection(None).unwrap_err().to_string();
+    assert!(err.contains("`outlier_detection`"), "{err}");
+
+    let pool = Pool::builder()
+        .outlier_detection(Some(grpc_pool::OutlierDetection::off()))
+        .build(servers.iter().map(|s| s.uri()))
+        .await
+        .unwrap();
+    let mut settings = grpc_pool::OutlierDetection::off();
+    settings.interval = Duration::from_millis(100);
+    settings.max_ejection_percent = 50;
+    let mut failures = grpc_pool::FailurePercentageEjection::default();
+    (failures.threshold, failures.minimum_hosts, failures.request_volume) = (50, 3, 10);
+    settings.failure_percentage = Some(failures);
+    let mut bad = settings.clone();
+    bad.failure_percentage.as_mut().unwrap().threshold = 101;
+    let err = pool.override_outlier_detection(Some(bad)).unwrap_err().to_string();
+    assert!(err.contains("`outlier_detection.failure_percentage.threshold`"), "{err}");
+    pool.override_outlier_detection(Some(settings)).unwrap();
+
+    // The first server fails every call; the others answer. Calls go on until the sweep
+    // ejects it (its failures in a row would not: the pool's own settings eject nothing).
+    servers[0].set_unavailable(true);
+    let ejected = |pool: &Pool| {
+        pool.state()
+            .endpoints
+            .iter()
+            .any(|e| e.endpoint.to_string() == servers[0].uri() && e.ejected_for.is_some())
+    };
+    let mut c = client(&pool);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ejected(&pool) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ejected by failure percentage: {:?}",
+            pool.state()
+        );
+        let _ = c.unary_echo(request(b"x", 0)).await;
+    }
+    let others = ejected_count(&pool);
+    assert_eq!(others, 1, "only the failing endpoint is ejected");
+
+    // Back to the pool's own settings (off): nothing more is ejected, however it fails.
+    pool.override_outlier_detection(None).unwrap();
+    servers[1].set_unavailable(true);
+    for _ in 0..200 {
+        let _ = c.unary_echo(request(b"x", 0)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // three of the old intervals
+    assert!(pool
+        .state()
+        .endpoints
+        .iter()
+        .all(|e| e.endpoint.to_string() != servers[1].uri() || e.ejected_for.is_none()));
+}
+
+fn ejected_count(pool: &Pool) -> usize {
+    pool.state().endpoints.iter().filter(|e| e.ejected_for.is_some()).count()
+}

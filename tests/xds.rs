@@ -596,3 +596,57 @@ async fn weighted_clusters_split_the_calls_by_weight_in_the_pool_and_in_the_c_co
     calls(&pool, 10).await;
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clusters_outlier_detection_ejects_as_grfc_a50_reads_it_and_its_removal_gives_the_pools_back() {
+    use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection as ClusterOutliers;
+    use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, UInt32Value};
+    let s = servers(3).await;
+    let plane = ControlPlane::start().await;
+    serve(&plane, &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0]), addr(&s[1]), addr(&s[2])])]);
+    let percent = |value| Some(UInt32Value { value });
+    let mut ejecting = cp::cluster("echo", "echo-endpoints");
+    ejecting.outlier_detection = Some(ClusterOutliers {
+        interval: Some(ProtoDuration { seconds: 0, nanos: 100_000_000 }),
+        max_ejection_percent: percent(50),
+        enforcing_success_rate: percent(0),
+        enforcing_failure_percentage: percent(100),
+        failure_percentage_threshold: percent(50),
+        failure_percentage_minimum_hosts: percent(3),
+        failure_percentage_request_volume: percent(10),
+        ..ClusterOutliers::default()
+    });
+    plane.set("echo", ejecting.clone());
+    let (pool, status) = xds_pool(&plane).await;
+    wait_until(WAIT, "the cluster's outlier detection is applied", || {
+        status.outlier_detection().is_some_and(|o| o.failure_percentage.is_some() && o.success_rate.is_none())
+            && status.endpoints().len() == 3
+    })
+    .await;
+    s[0].set_unavailable(true);
+    let ejected = |pool: &Pool| {
+        pool.state()
+            .endpoints
+            .iter()
+            .any(|e| e.endpoint.to_string().ends_with(&s[0].addr().to_string()) && e.ejected_for.is_some())
+    };
+    let mut c = EchoClient::new(pool.clone());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ejected(&pool) {
+        assert!(tokio::time::Instant::now() < deadline, "not ejected: {:?}", pool.state());
+        let _ = c.unary_echo(request()).await;
+    }
+
+    // A percentage over 100 is refused, naming the field; the last good cluster holds.
+    let mut bad = ejecting;
+    bad.outlier_detection.as_mut().unwrap().failure_percentage_threshold = percent(150);
+    plane.set("echo", bad);
+    wait_until(WAIT, "the bad cluster is NACKed", || !plane.nacks().is_empty()).await;
+    let detail = plane.nacks().remove(0).2;
+    assert!(detail.contains("outlier_detection.failure_percentage_threshold: 150 (0 to 100)"), "{detail}");
+
+    // The cluster without outlier detection: the pool's own (off) is back.
+    plane.set("echo", cp::cluster("echo", "echo-endpoints"));
+    wait_until(WAIT, "the pool's own settings are back", || status.outlier_detection().is_none()).await;
+    pool.close().await;
+}

@@ -150,6 +150,24 @@ impl Pool {
         self.monitor().set_max_requests(max);
     }
 
+    /// Puts other outlier detection settings in force while the pool runs (`Some`), or the
+    /// pool's own back (`None`): the ejections under way run their course, the next ones
+    /// follow the new settings. A control plane's cluster `outlier_detection` does this for
+    /// a pool built for an xDS target. Fails if the pool was built without outlier detection
+    /// (build it with [`OutlierDetection::off`](crate::OutlierDetection::off) to have the
+    /// machinery and no ejections until an override), or naming the field of a bad setting.
+    ///
+    /// ```no_run
+    /// # async fn run(pool: grpc_pool_core::Pool) -> Result<(), grpc_pool_core::Error> {
+    /// let mut settings = grpc_pool_core::OutlierDetection::off();
+    /// settings.failure_percentage = Some(grpc_pool_core::FailurePercentageEjection::default());
+    /// pool.override_outlier_detection(Some(settings))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn override_outlier_detection(&self, settings: Option<crate::OutlierDetection>) -> Result<(), Error> {
+        self.monitor().override_outlier_detection(settings)
+    }
+
     /// Follows an endpoint set that changes at run time: every `Change::Insert` of the
     /// `discover` stream adds an endpoint (its service is the endpoint's URI, anything that
     /// displays as one: a `String`, an [`Endpoint`], or a
@@ -268,6 +286,7 @@ impl Builder {
         }
         if let Some(requests) = ejections {
             inner.spawn_ejector(requests);
+            inner.spawn_outlier_sweep();
         }
         inner.spawn_gauge_sampler(inner.config.metrics_interval);
         inner.spawn_subset_keeper();

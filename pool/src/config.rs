@@ -364,8 +364,26 @@ const MAX_SUBSET: usize = 10_000;
 /// The largest `max_total_connections`: far above what one process's file descriptors allow.
 const MAX_TOTAL_CONNECTIONS: usize = 1_000_000;
 
-fn check_outliers(outliers: &crate::outlier::OutlierDetection) -> Result<(), Error> {
-    check_range("outlier_detection.consecutive_failures", outliers.consecutive_failures, 1, 10_000)?;
+pub(crate) fn check_outliers(outliers: &crate::outlier::OutlierDetection) -> Result<(), Error> {
+    check_range("outlier_detection.consecutive_failures", outliers.consecutive_failures, 0, 10_000)?;
+    check_duration("outlier_detection.interval", outliers.interval, Duration::from_millis(10), DAY)?;
+    if let Some(rate) = &outliers.success_rate {
+        check_range(
+            "outlier_detection.success_rate.enforcement_percentage",
+            rate.enforcement_percentage,
+            0,
+            100,
+        )?;
+    }
+    if let Some(failures) = &outliers.failure_percentage {
+        check_range("outlier_detection.failure_percentage.threshold", failures.threshold, 0, 100)?;
+        check_range(
+            "outlier_detection.failure_percentage.enforcement_percentage",
+            failures.enforcement_percentage,
+            0,
+            100,
+        )?;
+    }
     check_duration(
         "outlier_detection.base_ejection_time",
         outliers.base_ejection_time,
@@ -614,12 +632,12 @@ mod tests {
             (
                 Box::new(|c| {
                     c.outlier_detection = Some(crate::outlier::OutlierDetection {
-                        consecutive_failures: 0,
+                        consecutive_failures: 10_001,
                         ..Default::default()
                     })
                 }),
                 "outlier_detection.consecutive_failures",
-                "1 to 10000",
+                "0 to 10000",
             ),
             (
                 Box::new(|c| {

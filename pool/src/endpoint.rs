@@ -263,6 +263,9 @@ pub(crate) struct EndpointShared {
     /// a `Weighted` discovery, a control plane); read into the pool's `Weights` when the
     /// list or a weight changes, not on every checkout.
     pub(crate) weight: AtomicU32,
+    /// Calls ended here since the outlier sweep last looked, while its interval algorithms
+    /// are on.
+    pub(crate) calls: crate::outlier::CallCounter,
     /// The pool's cap on calls in flight, counted by the slots taken here.
     pub(crate) requests: Arc<crate::circuit::RequestLimit>,
 }
@@ -297,6 +300,7 @@ impl EndpointShared {
             open_connections: AtomicUsize::new(0),
             latency: crate::balance::LatencyEstimate::new(),
             weight: AtomicU32::new(1),
+            calls: crate::outlier::CallCounter::default(),
             requests,
         }
     }
@@ -310,7 +314,7 @@ impl EndpointShared {
     #[must_use = "a count at the threshold means: eject the endpoint"]
     pub(crate) fn record_outcome(&self, failed: impl FnOnce() -> Option<bool>) -> Option<u32> {
         let reports = self.outliers.as_ref()?;
-        reports.outliers.count(&self.failures_in_a_row, failed()?)
+        reports.outliers.count(&self.failures_in_a_row, &self.calls, failed()?)
     }
 
     /// Sends an ejection decision to the pool's ejector task, for a response body, which has

@@ -60,7 +60,7 @@ pub use error::{Error, ErrorKind};
 pub use events::{PoolEvent, PoolEvents, EVENT_BUFFER};
 pub use member::{EvictionReason, MemberState};
 pub use monitor::{MemberHandle, MemberStatus, MonitorEvent, MonitorEvents, PoolMonitor, SentPing};
-pub use outlier::OutlierDetection;
+pub use outlier::{FailurePercentageEjection, OutlierDetection, SuccessRateEjection};
 pub use proto::connector::Connector;
 pub use proto::tls::{ClientIdentity, TlsConfig};
 pub use service_config::{

@@ -92,6 +92,23 @@ impl PoolMonitor {
         self.inner.requests.set(max.filter(|m| *m > 0));
     }
 
+    /// Puts other outlier detection settings in force, as
+    /// [`Pool::override_outlier_detection`] does.
+    pub fn override_outlier_detection(&self, settings: Option<crate::OutlierDetection>) -> Result<(), Error> {
+        let Some(reports) = &self.inner.outliers else {
+            return Err(Error::invalid_config(
+                "outlier_detection",
+                "(none at build)",
+                "a pool built with outlier detection (OutlierDetection::off() ejects nothing) to override it",
+            ));
+        };
+        if let Some(settings) = &settings {
+            crate::config::check_outliers(settings)?;
+        }
+        reports.outliers.set(settings);
+        Ok(())
+    }
+
     /// Whether `endpoint` takes new streams as far as health goes (`None` for an endpoint the
     /// pool does not have): what the last [`set_endpoint_health`](Self::set_endpoint_health)
     /// said, for a health task that starts over.

@@ -31,7 +31,7 @@ impl PoolInner {
 
     /// Outlier detection: `failures` calls in a row failed on `entry`. Ejects it unless it
     /// is ejected already or the cap on ejected endpoints is reached.
-    pub(crate) fn eject(self: &Arc<Self>, entry: &Arc<EndpointEntry>, failures: u32) {
+    pub(crate) fn eject(self: &Arc<Self>, entry: &Arc<EndpointEntry>, why: &str) {
         let Some(outliers) = self.outliers.as_ref().map(|r| r.outliers.clone()) else { return };
         let duration = {
             let membership = self.lock_membership();
@@ -41,13 +41,13 @@ impl PoolInner {
             let endpoints = self.endpoints.load();
             let ejected = endpoints.iter().filter(|e| e.is_ejected()).count();
             if ejected >= outliers.max_ejected(endpoints.len()) {
-                tracing::debug!(pool = %self.name(), endpoint = %entry.label(), failures, ejected, "not ejected: max_ejection_percent reached");
+                tracing::debug!(pool = %self.name(), endpoint = %entry.label(), why, ejected, "not ejected: max_ejection_percent reached");
                 return;
             }
             let mut locked = entry.lock();
             // Time back in service earns the multiplier down again.
             if let Some(back) = locked.back_since {
-                let base = outliers.config.base_ejection_time.as_nanos().max(1);
+                let base = outliers.config().base_ejection_time.as_nanos().max(1);
                 let earned = (back.elapsed().as_nanos() / base).min(u128::from(u32::MAX)) as u32;
                 locked.ejections = locked.ejections.saturating_sub(earned);
             }
@@ -64,7 +64,7 @@ impl PoolInner {
         metrics::counter!(names::EJECTIONS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).increment(1);
         metrics::gauge!(names::ENDPOINT_EJECTED, names::LABEL_POOL => self.config.name.clone(), names::LABEL_ENDPOINT => entry.label().to_owned()).set(1.0);
         self.publish(|| PoolEvent::EndpointEjected { endpoint: entry.endpoint().clone(), duration });
-        tracing::warn!(pool = %self.name(), endpoint = %entry.label(), failures, ejected_for = ?duration, "endpoint ejected: its calls failed {failures} times in a row; no new streams go there until the ejection ends");
+        tracing::warn!(pool = %self.name(), endpoint = %entry.label(), ejected_for = ?duration, "endpoint ejected: {why}; no new streams go there until the ejection ends");
         self.release_hopeless_waiters();
         let (pool, entry) = (Arc::downgrade(self), Arc::downgrade(entry));
         let shutdown = self.shutdown.clone();
@@ -82,7 +82,47 @@ impl PoolInner {
     /// with the pool at hand: its future); ejects it now if the pool still has it.
     pub(crate) fn eject_shared(self: &Arc<Self>, shared: &Arc<EndpointShared>, failures: u32) {
         if let Some(entry) = self.entry_sharing(shared) {
-            self.eject(&entry, failures);
+            self.eject(&entry, &format!("its calls failed {failures} times in a row"));
+        }
+    }
+
+    /// Every `interval` of the outlier settings in force: each endpoint's calls since the
+    /// last time, judged by gRFC A50's success-rate and failure-percentage algorithms when
+    /// they are on; the outliers found are ejected (up to `max_ejection_percent`). The
+    /// interval is read again each time: an override may change it.
+    pub(crate) fn spawn_outlier_sweep(self: &Arc<Self>) {
+        let Some(outliers) = self.outliers.as_ref().map(|r| r.outliers.clone()) else { return };
+        let (pool, shutdown) = (Arc::downgrade(self), self.shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let interval = outliers.config().interval.max(std::time::Duration::from_millis(10));
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    // New settings: their interval starts now (the calls counted so far
+                    // count in it).
+                    _ = outliers.changed.notified() => continue,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let Some(pool) = pool.upgrade() else { return };
+                pool.sweep_outliers(&outliers);
+            }
+        });
+    }
+
+    fn sweep_outliers(self: &Arc<Self>, outliers: &crate::outlier::Outliers) {
+        let config = outliers.config();
+        let endpoints = self.endpoints.load_full();
+        // Taken from every endpoint, so that each next interval starts from zero; judged for
+        // those not ejected.
+        let calls: Vec<(usize, crate::outlier::IntervalCalls)> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, e.shared.calls.take()))
+            .filter(|(i, _)| !endpoints[*i].is_ejected())
+            .collect();
+        for (i, why) in crate::outlier::judge(&config, &calls, endpoints.len(), || fastrand::u32(..100)) {
+            self.eject(&endpoints[i], &why);
         }
     }
 

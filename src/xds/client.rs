@@ -204,12 +204,6 @@ impl AdsState {
         for decoded in decoded {
             match decoded {
                 Ok((name, resource)) => {
-                    if let Resource::Cluster(c) = &resource {
-                        if c.outlier_detection {
-                            tracing::warn!(target_name = %self.target, cluster = %name,
-                                "the cluster's outlier_detection is not applied yet; the pool's own settings hold");
-                        }
-                    }
                     seen.insert(name.clone());
                     let known = self.known_mut(kind, &name);
                     known.resource = Some(resource);
@@ -413,8 +407,8 @@ pub(crate) struct AdsClient {
     pub(crate) backoff: Backoff,
     /// The pool the cluster's policy goes to, if any.
     pub(crate) policy: Option<grpc_pool_core::PoolMonitor>,
-    /// The cap on calls in flight last given to the pool (`None`: none given yet).
-    pub(crate) applied: Option<Option<u32>>,
+    /// The cluster policy last given to the pool (`None`: none given yet).
+    pub(crate) applied: Option<AppliedPolicy>,
 }
 
 impl AdsClient {
@@ -570,23 +564,35 @@ impl AdsClient {
         }
     }
 
-    /// Gives the pool the cap on calls in flight of the cluster in use (none when it sets
-    /// none), when it changed.
+    /// Gives the pool the policy of the cluster in use when it changed: its cap on calls in
+    /// flight (none when it sets none) and its outlier detection (the pool's own when it has
+    /// none).
     fn apply_policy(&mut self) {
         let Some(monitor) = &self.policy else { return };
         let clusters = self.state.clusters_in_use();
         if clusters.is_empty() {
             return;
         }
-        // Weighted clusters share one pool: their caps add up, if each has one.
-        let max = clusters.iter().map(|c| c.max_requests).sum::<Option<u32>>();
-        if self.applied == Some(max) {
+        // Weighted clusters share one pool: their caps add up, if each has one; the outlier
+        // detection is the first cluster's that has one.
+        let policy = AppliedPolicy {
+            max_requests: clusters.iter().map(|c| c.max_requests).sum::<Option<u32>>(),
+            outlier_detection: clusters.iter().find_map(|c| c.outlier_detection.clone()),
+        };
+        if self.applied.as_ref() == Some(&policy) {
             return;
         }
-        tracing::info!(target_name = %self.state.target, max_requests = ?max, "xDS circuit breaker applied to the pool");
-        monitor.set_max_requests(max);
-        self.applied = Some(max);
-        self.status.update(|s| s.max_requests = max);
+        tracing::info!(target_name = %self.state.target, max_requests = ?policy.max_requests,
+            outlier_detection = ?policy.outlier_detection, "xDS cluster policy applied to the pool");
+        monitor.set_max_requests(policy.max_requests);
+        if let Err(error) = monitor.override_outlier_detection(policy.outlier_detection.clone()) {
+            tracing::warn!(target_name = %self.state.target, %error, "the cluster's outlier detection could not be applied");
+        }
+        self.status.update(|s| {
+            s.max_requests = policy.max_requests;
+            s.outlier_detection = policy.outlier_detection.clone();
+        });
+        self.applied = Some(policy);
     }
 
     async fn publish(&mut self, set: BTreeMap<String, u32>, broken: Option<String>) {
@@ -629,6 +635,13 @@ impl AdsClient {
         });
         self.state.published = set;
     }
+}
+
+/// What of a cluster's policy the pool was given.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct AppliedPolicy {
+    max_requests: Option<u32>,
+    outlier_detection: Option<crate::OutlierDetection>,
 }
 
 /// The bootstrap's node as the control plane gets it.

@@ -187,6 +187,7 @@ pub(crate) struct StatusInner {
     pub(crate) weights: Vec<(String, u32)>,
     pub(crate) broken: Option<String>,
     pub(crate) max_requests: Option<u32>,
+    pub(crate) outlier_detection: Option<crate::OutlierDetection>,
     pub(crate) resources: Vec<XdsResource>,
     pub(crate) acks: u64,
     pub(crate) nacks: u64,
@@ -241,6 +242,12 @@ impl XdsStatus {
     /// max_requests) and the pool applies, if any.
     pub fn max_requests(&self) -> Option<u32> {
         self.read(|s| s.max_requests)
+    }
+
+    /// The outlier detection the target's cluster sets (as gRFC A50 reads it) and the pool
+    /// applies in place of its own, if any.
+    pub fn outlier_detection(&self) -> Option<crate::OutlierDetection> {
+        self.read(|s| s.outlier_detection.clone())
     }
 
     /// Why the target resolves to no endpoint (a resource that does not exist, no virtual

@@ -3,6 +3,7 @@
 //! field, and the response that carried it is NACKed (never a field read past in silence).
 
 use std::fmt;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3 as cds;
 use envoy_types::pb::envoy::config::core::v3 as core;
@@ -104,7 +105,8 @@ pub(crate) struct ClusterPolicy {
     pub(crate) least_request: bool,
     /// `circuit_breakers.thresholds[DEFAULT].max_requests`.
     pub(crate) max_requests: Option<u32>,
-    pub(crate) outlier_detection: bool,
+    /// `outlier_detection`, as gRFC A50 maps it.
+    pub(crate) outlier_detection: Option<crate::OutlierDetection>,
 }
 
 /// A `ClusterLoadAssignment`: its endpoints by priority.
@@ -340,12 +342,70 @@ fn cluster(c: &cds::Cluster) -> Result<ClusterPolicy, String> {
     });
     let eds_name =
         if eds_config.service_name.is_empty() { c.name.clone() } else { eds_config.service_name.clone() };
-    Ok(ClusterPolicy {
-        eds_name,
-        least_request,
-        max_requests,
-        outlier_detection: c.outlier_detection.is_some(),
-    })
+    let outlier_detection = c
+        .outlier_detection
+        .as_ref()
+        .map(outliers)
+        .transpose()
+        .map_err(|e| format!("outlier_detection.{e}"))?;
+    Ok(ClusterPolicy { eds_name, least_request, max_requests, outlier_detection })
+}
+
+/// gRFC A50's reading of a cluster's `outlier_detection`: the interval, ejection times and
+/// cap, success-rate ejection unless `enforcing_success_rate` is 0, failure-percentage
+/// ejection when `enforcing_failure_percentage` is above 0; consecutive-5xx and gateway
+/// criteria are HTTP's and not read (A50 leaves them out, and so failures in a row eject
+/// nothing while the cluster's settings are in force). Durations must not be negative and
+/// percentages at most 100.
+fn outliers(o: &cds::OutlierDetection) -> Result<crate::OutlierDetection, String> {
+    use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
+    let duration = |field: &str, d: Option<&ProtoDuration>, default: Duration| -> Result<Duration, String> {
+        match d {
+            None => Ok(default),
+            Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => {
+                Err(format!("{field}: {}s {}ns (a duration of 0 or more)", d.seconds, d.nanos))
+            }
+            Some(d) => Ok(Duration::new(d.seconds as u64, d.nanos as u32)),
+        }
+    };
+    let percent = |field: &str, v: Option<u32>, default: u32| -> Result<u32, String> {
+        match v.unwrap_or(default) {
+            p if p > 100 => Err(format!("{field}: {p} (0 to 100)")),
+            p => Ok(p),
+        }
+    };
+    let value = |v: Option<envoy_types::pb::google::protobuf::UInt32Value>| v.map(|v| v.value);
+    let mut settings = crate::OutlierDetection::off();
+    settings.interval =
+        duration("interval", o.interval.as_ref(), Duration::from_secs(10))?.max(Duration::from_millis(10));
+    settings.base_ejection_time =
+        duration("base_ejection_time", o.base_ejection_time.as_ref(), Duration::from_secs(30))?
+            .max(Duration::from_millis(1));
+    settings.max_ejection_time =
+        duration("max_ejection_time", o.max_ejection_time.as_ref(), Duration::from_secs(300))?
+            .max(settings.base_ejection_time);
+    settings.max_ejection_percent = percent("max_ejection_percent", value(o.max_ejection_percent), 10)?;
+    let enforcing_success_rate = percent("enforcing_success_rate", value(o.enforcing_success_rate), 100)?;
+    if enforcing_success_rate > 0 {
+        let mut rate = crate::SuccessRateEjection::default();
+        rate.enforcement_percentage = enforcing_success_rate;
+        rate.stdev_factor = value(o.success_rate_stdev_factor).unwrap_or(1900);
+        rate.minimum_hosts = value(o.success_rate_minimum_hosts).unwrap_or(5);
+        rate.request_volume = value(o.success_rate_request_volume).unwrap_or(100);
+        settings.success_rate = Some(rate);
+    }
+    let enforcing_failure_percentage =
+        percent("enforcing_failure_percentage", value(o.enforcing_failure_percentage), 0)?;
+    if enforcing_failure_percentage > 0 {
+        let mut failures = crate::FailurePercentageEjection::default();
+        failures.enforcement_percentage = enforcing_failure_percentage;
+        failures.threshold =
+            percent("failure_percentage_threshold", value(o.failure_percentage_threshold), 85)?;
+        failures.minimum_hosts = value(o.failure_percentage_minimum_hosts).unwrap_or(5);
+        failures.request_volume = value(o.failure_percentage_request_volume).unwrap_or(50);
+        settings.failure_percentage = Some(failures);
+    }
+    Ok(settings)
 }
 
 fn assignment(a: &eds::ClusterLoadAssignment) -> Result<Assignment, String> {
