@@ -650,3 +650,60 @@ async fn the_clusters_outlier_detection_ejects_as_grfc_a50_reads_it_and_its_remo
     wait_until(WAIT, "the pool's own settings are back", || status.outlier_detection().is_none()).await;
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_1_takes_over_when_the_pool_finds_priority_0_failing_and_gives_back_when_it_returns() {
+    let mut s = servers(3).await;
+    let plane = ControlPlane::start().await;
+    let p0 = LocalityEndpoints::healthy("a", 0, &[addr(&s[0]), addr(&s[1])]);
+    let p1 = LocalityEndpoints::healthy("b", 1, &[addr(&s[2])]);
+    serve(&plane, &[p0, p1]);
+    let bootstrap = Bootstrap::from_json(&plane.bootstrap("failover")).unwrap();
+    let mut backoff = grpc_pool::BackoffConfig::default();
+    (backoff.base, backoff.max) = (Duration::from_millis(50), Duration::from_millis(200));
+    let (pool, status) = Pool::builder()
+        .backoff(backoff)
+        .checkout_timeout(Duration::from_secs(10))
+        .build_xds_with(TARGET, &bootstrap)
+        .unwrap();
+    let p0_addresses = addresses(&[&s[0], &s[1]]);
+    wait_for_endpoints(&pool, &status, &p0_addresses, "priority 0 alone").await;
+    let mut c_core = GrpcioXdsClient::start(TARGET, &plane.bootstrap("c-core")).await;
+    assert_eq!(c_core_endpoints(&mut c_core, &s, &p0_addresses).await, p0_addresses);
+
+    // Both servers of priority 0 go away (the control plane still lists them HEALTHY): the
+    // pool finds them failing, and priority 1 joins. The C core fails over too.
+    let (a0, a1) = (s[0].addr(), s[1].addr());
+    let gone: Vec<TestServer> = s.drain(0..2).collect();
+    for server in gone {
+        server.shutdown().await;
+    }
+    let all = {
+        let mut all = vec![a0.to_string(), a1.to_string(), s[0].addr().to_string()];
+        all.sort();
+        all
+    };
+    wait_for_endpoints(&pool, &status, &all, "priority 1 joins").await;
+    let before = s[0].calls();
+    calls(&pool, 20).await;
+    assert_eq!(s[0].calls() - before, 20, "every call goes to priority 1");
+    let before = s[0].calls();
+    let batch = c_core.calls(20).await;
+    assert_eq!((batch.ok, s[0].calls() - before), (20, 20), "the C core fails over too: {batch:?}");
+
+    // Priority 0 comes back on its ports: priority 1 gives its calls back.
+    let mut back = Vec::new();
+    for a in [a0, a1] {
+        back.push(
+            TestServer::start_with(grpc_pool_testkit::ServerOptions {
+                port: Some(a.port()),
+                ..Default::default()
+            })
+            .await,
+        );
+    }
+    wait_for_endpoints(&pool, &status, &p0_addresses, "priority 0 alone again").await;
+    calls(&pool, 20).await;
+    assert!(back.iter().all(|b| b.calls() > 0), "priority 0 takes the calls again");
+    pool.close().await;
+}

@@ -271,6 +271,19 @@ impl EndpointEntry {
         locked.consecutive_failures > 0 && !locked.pulled
     }
 
+    /// Whether the endpoint is failing: it takes no new streams (unhealthy, ejected,
+    /// removed), or it has no ready member and its connects are failing. Unlike
+    /// `in_transient_failure`, an attempt a call pulled forward does not change it, so that
+    /// what follows it (a priority failover) does not flap with each pulled attempt.
+    pub(crate) fn is_failing(&self) -> bool {
+        if !self.is_routable() {
+            return true;
+        }
+        let members = self.members.load();
+        !members.iter().any(|m| m.state() == crate::member::MemberState::Ready)
+            && self.lock().consecutive_failures > 0
+    }
+
     /// A slot on the least loaded ready member, room or not (see `Member::force_acquire`).
     pub(crate) fn force_acquire(&self) -> Option<Slot> {
         let members = self.members.load();

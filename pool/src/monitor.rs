@@ -86,6 +86,14 @@ impl PoolMonitor {
         }
     }
 
+    /// Whether `endpoint` is failing (`None` for one the pool does not have): it takes no new
+    /// streams (unhealthy, ejected), or it has no ready connection and its connects fail.
+    /// For a policy above the pool that moves calls elsewhere when endpoints fail (an xDS
+    /// priority failover).
+    pub fn is_endpoint_failing(&self, endpoint: &Endpoint) -> Option<bool> {
+        self.inner.entry(endpoint).map(|entry| entry.is_failing())
+    }
+
     /// Caps the pool's calls in flight, as [`Pool::set_max_requests`] does: for a policy that
     /// follows a control plane's circuit breakers without keeping the pool open.
     pub fn set_max_requests(&self, max: Option<u32>) {

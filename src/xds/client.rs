@@ -30,6 +30,9 @@ use crate::{Endpoint, Pool};
 /// requested does not exist.
 pub(crate) const DOES_NOT_EXIST_AFTER: Duration = Duration::from_secs(15);
 
+/// How often the client looks at which of its endpoints the pool finds failing.
+const POOL_LOOK: Duration = Duration::from_millis(200);
+
 /// One subscription per resource type.
 #[derive(Debug, Default)]
 struct Subscription {
@@ -61,6 +64,8 @@ pub(crate) struct AdsState {
     known: HashMap<(Kind, String), Known>,
     /// The endpoints passed to the pool, with their weights.
     published: BTreeMap<String, u32>,
+    /// Those the pool finds failing, as last looked at: unhealthy for the priorities.
+    failing: std::collections::HashSet<String>,
 }
 
 /// An endpoint set to give the pool, and why it is empty when the target resolves to a
@@ -86,6 +91,7 @@ impl AdsState {
             subscriptions: Kind::ALL.iter().map(|k| (*k, Subscription::default())).collect(),
             known: HashMap::new(),
             published: BTreeMap::new(),
+            failing: Default::default(),
         };
         state.subscriptions.get_mut(&Kind::Listener).expect("every kind").names.insert(target.to_owned());
         state
@@ -159,7 +165,7 @@ impl AdsState {
             match self.resource(Kind::Endpoints, &cluster.eds_name) {
                 Ok(Some(Resource::Endpoints(a))) => {
                     in_use.push(cluster);
-                    resolved.push((*weight, a.in_use()));
+                    resolved.push((*weight, a.in_use(&self.failing)));
                 }
                 Ok(_) => pending = true,
                 Err(e) => broken.push(e),
@@ -409,6 +415,8 @@ pub(crate) struct AdsClient {
     pub(crate) policy: Option<grpc_pool_core::PoolMonitor>,
     /// The cluster policy last given to the pool (`None`: none given yet).
     pub(crate) applied: Option<AppliedPolicy>,
+    /// The endpoints given to the pool, parsed once, for the looks at the pool.
+    pub(crate) parsed: HashMap<String, Endpoint>,
 }
 
 impl AdsClient {
@@ -435,12 +443,50 @@ impl AdsClient {
             }
             let wait = self.backoff.next_wait();
             tracing::info!(target_name = %self.state.target, wait = ?wait, "xDS stream ended; the endpoints stay as they are, reconnecting");
+            let changes = self.changes.clone();
             tokio::select! {
                 biased;
-                _ = self.changes.closed() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = changes.closed() => return,
+                _ = self.watching(tokio::time::sleep(wait)) => {}
             }
         }
+    }
+
+    /// Runs `work` while looking at the pool's endpoints every `POOL_LOOK` (a priority
+    /// failover must not wait for the control plane to be back). Requests the looks make go
+    /// nowhere: the next stream starts with every subscription.
+    async fn watching<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let (nowhere, _) = mpsc::unbounded_channel();
+        let mut looks = tokio::time::interval(POOL_LOOK);
+        looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                _ = looks.tick() => self.look_at_pool(&nowhere).await,
+            }
+        }
+    }
+
+    /// Which endpoints the pool finds failing; when that changed, the target is resolved
+    /// again (a priority may take calls, or give them back).
+    async fn look_at_pool(&mut self, tx: &mpsc::UnboundedSender<DiscoveryRequest>) {
+        let Some(monitor) = &self.policy else { return };
+        let failing: std::collections::HashSet<String> = self
+            .parsed
+            .iter()
+            .filter(|(_, endpoint)| monitor.is_endpoint_failing(endpoint) == Some(true))
+            .map(|(address, _)| address.clone())
+            .collect();
+        if failing == self.state.failing {
+            return;
+        }
+        let mut now: Vec<&String> = failing.iter().collect();
+        now.sort();
+        tracing::info!(target_name = %self.state.target, failing = ?now, "the pool's failing endpoints changed; priorities weighed again");
+        self.state.failing = failing;
+        self.settle(tx).await;
     }
 
     /// One stream, until it breaks. Returns whether the control plane answered on it.
@@ -455,7 +501,8 @@ impl AdsClient {
         }
         let mut client =
             AggregatedDiscoveryServiceClient::new(self.pool.clone()).max_decoding_message_size(64 << 20);
-        let mut responses = match client.stream_aggregated_resources(Requests(rx)).await {
+        let started = self.watching(client.stream_aggregated_resources(Requests(rx))).await;
+        let mut responses = match started {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 tracing::warn!(target_name = %self.state.target, error = %status, "xDS stream could not start");
@@ -467,6 +514,8 @@ impl AdsClient {
         metrics::gauge!(m::XDS_CONNECTED, m::LABEL_TARGET => self.state.target.clone()).set(1.0);
         self.state.restart_timers(Instant::now());
         let mut answered = false;
+        let mut looks = tokio::time::interval(POOL_LOOK);
+        looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.state.next_deadline();
             let timer = async {
@@ -492,6 +541,7 @@ impl AdsClient {
                         return answered;
                     }
                 },
+                _ = looks.tick() => self.look_at_pool(&tx).await,
                 _ = timer => {
                     let now = Instant::now();
                     for (kind, name) in self.state.expire(now) {
@@ -625,6 +675,14 @@ impl AdsClient {
             };
             if self.changes.send(Change::Insert(address, Weighted { endpoint, weight })).await.is_err() {
                 return;
+            }
+        }
+        self.parsed.retain(|address, _| set.contains_key(address));
+        for address in set.keys() {
+            if !self.parsed.contains_key(address) {
+                if let Ok(endpoint) = Endpoint::parse(&format!("http://{address}")) {
+                    self.parsed.insert(address.clone(), endpoint);
+                }
             }
         }
         self.status.update(|s| {

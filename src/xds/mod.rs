@@ -97,6 +97,7 @@ impl XdsDiscover {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
             policy: None,
             applied: None,
+            parsed: Default::default(),
         };
         Ok(XdsDiscover { client: Some(client), changes, status })
     }

@@ -492,18 +492,25 @@ impl Assignment {
     /// priority with 5 of 7 endpoints usable still takes all the calls), capped at 100%, and
     /// it takes that much of the calls, the next priorities the rest (Envoy's priority
     /// levels). Within a priority the localities share its calls by their weights, and
-    /// within a locality its usable endpoints by theirs. An endpoint usable only where it
-    /// gets no share takes none.
-    pub(crate) fn in_use(&self) -> Vec<(String, u32)> {
+    /// within a locality its usable endpoints by theirs. `failing` (addresses) are the
+    /// endpoints the pool finds failing: they count as unhealthy for the priorities' health,
+    /// and stay in the pool with the least weight.
+    pub(crate) fn in_use(&self, failing: &std::collections::HashSet<String>) -> Vec<(String, u32)> {
+        // Usable: its health status lets it take calls; healthy: usable and the pool does not
+        // find it failing (no connection and its connects failing, ejected, or unhealthy by
+        // its checks). A priority's health counts its healthy endpoints; its usable ones all
+        // stay in the pool, so that a failing one is tried again and comes back.
+        let healthy = |e: &LbEndpoint| e.usable && !failing.contains(&e.address);
         let mut shares: Vec<(usize, f64)> = Vec::new();
         let mut left = 100.0f64;
         for (p, localities) in self.priorities.iter().enumerate() {
             let total: usize = localities.iter().map(|l| l.endpoints.len()).sum();
-            let usable = localities.iter().flat_map(|l| &l.endpoints).filter(|e| e.usable).count();
-            if total == 0 || usable == 0 {
+            let count = localities.iter().flat_map(|l| &l.endpoints).filter(|e| healthy(e)).count();
+            let any_usable = localities.iter().flat_map(|l| &l.endpoints).any(|e| e.usable);
+            if total == 0 || !any_usable {
                 continue;
             }
-            let health = (usable as f64 * f64::from(self.overprovisioning_factor) / total as f64).min(100.0);
+            let health = (count as f64 * f64::from(self.overprovisioning_factor) / total as f64).min(100.0);
             let share = health.min(left);
             shares.push((p, share));
             left -= share;
@@ -517,14 +524,21 @@ impl Assignment {
         for (p, share) in shares {
             let localities: Vec<&Locality> =
                 self.priorities[p].iter().filter(|l| l.endpoints.iter().any(|e| e.usable)).collect();
-            let locality_total: f64 = localities.iter().map(|l| f64::from(l.weight)).sum();
+            let healthy_localities: Vec<&&Locality> =
+                localities.iter().filter(|l| l.endpoints.iter().any(|e| healthy(e))).collect();
+            let locality_total: f64 = healthy_localities.iter().map(|l| f64::from(l.weight)).sum();
             for locality in localities {
-                let usable: Vec<&LbEndpoint> = locality.endpoints.iter().filter(|e| e.usable).collect();
-                let endpoint_total: f64 = usable.iter().map(|e| f64::from(e.weight)).sum();
-                for endpoint in usable {
-                    let fraction = share / taken * f64::from(locality.weight) / locality_total
-                        * f64::from(endpoint.weight)
-                        / endpoint_total;
+                let endpoint_total: f64 =
+                    locality.endpoints.iter().filter(|e| healthy(e)).map(|e| f64::from(e.weight)).sum();
+                for endpoint in locality.endpoints.iter().filter(|e| e.usable) {
+                    // A failing endpoint stays with the least weight: the pool keeps trying it.
+                    let fraction = if healthy(endpoint) && taken > 0.0 {
+                        share / taken * f64::from(locality.weight) / locality_total
+                            * f64::from(endpoint.weight)
+                            / endpoint_total
+                    } else {
+                        0.0
+                    };
                     *weights.entry(endpoint.address.clone()).or_default() += fraction;
                 }
             }
@@ -585,19 +599,19 @@ mod tests {
             priorities: vec![priority(5, 7, 0), priority(2, 2, 100)],
             overprovisioning_factor: 140,
         };
-        assert_eq!(a.in_use().len(), 5);
+        assert_eq!(a.in_use(&Default::default()).len(), 5);
         // 4 of 7: 80%, and priority 1 joins.
         let a = Assignment {
             priorities: vec![priority(4, 7, 0), priority(2, 2, 100)],
             overprovisioning_factor: 140,
         };
-        assert_eq!(a.in_use().len(), 6);
+        assert_eq!(a.in_use(&Default::default()).len(), 6);
         // None usable in 0: priority 1 alone.
         let a = Assignment {
             priorities: vec![priority(0, 3, 0), priority(2, 2, 100)],
             overprovisioning_factor: 140,
         };
-        let addresses: Vec<String> = a.in_use().into_iter().map(|(a, _)| a).collect();
+        let addresses: Vec<String> = a.in_use(&Default::default()).into_iter().map(|(a, _)| a).collect();
         assert_eq!(addresses, vec!["10.0.0.100:1".to_owned(), "10.0.0.101:1".to_owned()]);
     }
 
@@ -625,7 +639,7 @@ mod tests {
             overprovisioning_factor: 140,
         };
         assert_eq!(
-            a.in_use(),
+            a.in_use(&Default::default()),
             vec![("a1:1".to_owned(), 375_000), ("a2:1".to_owned(), 375_000), ("b1:1".to_owned(), 250_000)]
         );
         // Priority 0 at 4 of 7: 80% of the calls; priority 1 the other 20%.
@@ -633,7 +647,7 @@ mod tests {
             priorities: vec![priority(4, 7, 0), priority(1, 1, 100)],
             overprovisioning_factor: 140,
         };
-        let weights = a.in_use();
+        let weights = a.in_use(&Default::default());
         assert_eq!(weights.len(), 5);
         assert!(weights.iter().all(|(_, w)| *w == 200_000), "{weights:?}");
         assert!(weights.iter().any(|(a, _)| a == "10.0.0.100:1"), "{weights:?}");
