@@ -525,7 +525,7 @@ impl Assignment {
             let localities: Vec<&Locality> =
                 self.priorities[p].iter().filter(|l| l.endpoints.iter().any(|e| e.usable)).collect();
             let healthy_localities: Vec<&&Locality> =
-                localities.iter().filter(|l| l.endpoints.iter().any(|e| healthy(e))).collect();
+                localities.iter().filter(|l| l.endpoints.iter().any(&healthy)).collect();
             let locality_total: f64 = healthy_localities.iter().map(|l| f64::from(l.weight)).sum();
             for locality in localities {
                 let endpoint_total: f64 =
