@@ -1251,7 +1251,10 @@ async fn max_requests_fails_the_call_past_the_cap_at_once_and_lifting_it_lets_al
     }
     client(&pool).unary_echo(request(b"after", 0)).await.unwrap();
 
-    // Lifted: 8 at once all go through.
+    // A cap of 0 refuses every call (as Envoy's); lifted, 8 at once all go through.
+    pool.set_max_requests(Some(0));
+    let status = client(&pool).unary_echo(request(b"none", 0)).await.unwrap_err();
+    assert!(status.message().contains("max_requests (0) reached"), "{status:?}");
     pool.set_max_requests(None);
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..8 {

@@ -707,3 +707,21 @@ async fn priority_1_takes_over_when_the_pool_finds_priority_0_failing_and_gives_
     assert!(back.iter().all(|b| b.calls() > 0), "priority 0 takes the calls again");
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_the_control_plane_never_answers_for_does_not_exist_after_the_timer() {
+    // A control plane that sends nothing for resources it does not have (gRFC A57 allows it):
+    // the stream is up from when its requests go out, and the 15 s timer decides.
+    let plane = ControlPlane::start().await;
+    plane.set_silent_when_empty(true);
+    let (pool, status) = xds_pool(&plane).await;
+    wait_until(WAIT, "the stream is up without any answer", || status.connected()).await;
+    assert!(status.broken().is_none(), "not before the timer");
+    wait_until(Duration::from_secs(30), "the listener does not exist", || {
+        status.broken().is_some_and(|why| why.contains("does not exist") && why.contains(LISTENER))
+    })
+    .await;
+    let lds = status.resources().into_iter().find(|r| r.kind == "lds").unwrap();
+    assert_eq!(lds.state, "does_not_exist");
+    pool.close().await;
+}

@@ -60,7 +60,17 @@ impl PoolInner {
                     // less load per unit of weight taken; on a tie (an idle pool), the first
                     // drawn, so that light traffic splits by weight too.
                     let a = weights.draw();
-                    let b = (0..4).map(|_| weights.draw()).find(|b| *b != a).unwrap_or((a + 1) % n);
+                    // The second, drawn by weight too; should `a` weigh so much that four
+                    // draws give it again, any other at random (not `a`'s neighbour, which
+                    // would take every call when `a` cannot).
+                    let b = (0..4).map(|_| weights.draw()).find(|b| *b != a).unwrap_or_else(|| {
+                        let b = fastrand::usize(..n - 1);
+                        if b >= a {
+                            b + 1
+                        } else {
+                            b
+                        }
+                    });
                     let (wa, wb) = (u128::from(weights.weight(a)), u128::from(weights.weight(b)));
                     if u128::from(load(b)) * wa < u128::from(load(a)) * wb {
                         b

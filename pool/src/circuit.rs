@@ -5,25 +5,38 @@
 //! Counted per stream slot taken for a call through the pool, while a cap is set: each slot
 //! remembers whether it was counted, so setting or lifting the cap while calls are in flight
 //! leaves the count right. Without a cap a slot reads one flag and counts nothing.
+//!
+//! The cap is a soft one, as the C core's: a call is admitted when fewer than the cap are
+//! in flight, and counted when it takes its stream, so calls admitted at the same instant may
+//! pass it together, and a call queued for a stream before the cap was reached gets one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The cap and the count, shared by the pool and every endpoint's slots.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct RequestLimit {
-    /// 0: no cap.
+    /// `NO_CAP`: none.
     limit: AtomicU64,
     /// Slots taken for calls while a cap was set, not yet given back.
     active: AtomicU64,
 }
 
+const NO_CAP: u64 = u64::MAX;
+
+impl Default for RequestLimit {
+    fn default() -> Self {
+        RequestLimit { limit: AtomicU64::new(NO_CAP), active: AtomicU64::new(0) }
+    }
+}
+
 impl RequestLimit {
+    /// `Some(0)` refuses every call, as Envoy's and gRPC's `max_requests` of 0 do.
     pub(crate) fn set(&self, limit: Option<u32>) {
-        self.limit.store(limit.map_or(0, u64::from), Ordering::Relaxed);
+        self.limit.store(limit.map_or(NO_CAP, u64::from), Ordering::Relaxed);
     }
 
     pub(crate) fn limit(&self) -> Option<u64> {
-        Some(self.limit.load(Ordering::Relaxed)).filter(|l| *l > 0)
+        Some(self.limit.load(Ordering::Relaxed)).filter(|l| *l != NO_CAP)
     }
 
     /// Whether another call may start: no cap, or fewer in flight than it.
@@ -34,7 +47,7 @@ impl RequestLimit {
     /// Counts a slot taken for a call, if a cap is set; returns whether it did.
     #[inline]
     pub(crate) fn count(&self) -> bool {
-        if self.limit.load(Ordering::Relaxed) == 0 {
+        if self.limit.load(Ordering::Relaxed) == NO_CAP {
             return false;
         }
         self.active.fetch_add(1, Ordering::Relaxed);

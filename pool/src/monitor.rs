@@ -97,7 +97,7 @@ impl PoolMonitor {
     /// Caps the pool's calls in flight, as [`Pool::set_max_requests`] does: for a policy that
     /// follows a control plane's circuit breakers without keeping the pool open.
     pub fn set_max_requests(&self, max: Option<u32>) {
-        self.inner.requests.set(max.filter(|m| *m > 0));
+        self.inner.requests.set(max);
     }
 
     /// Puts other outlier detection settings in force, as

@@ -66,11 +66,9 @@ pub(crate) struct AdsState {
     published: BTreeMap<String, u32>,
     /// Those the pool finds failing, as last looked at: unhealthy for the priorities.
     failing: std::collections::HashSet<String>,
+    /// Why the target resolves to no endpoint, while it does not.
+    broken: Option<String>,
 }
-
-/// An endpoint set to give the pool, and why it is empty when the target resolves to a
-/// resource that does not exist.
-type Published = (BTreeMap<String, u32>, Option<String>);
 
 /// How the target resolves at the moment.
 #[derive(Debug, PartialEq)]
@@ -92,6 +90,7 @@ impl AdsState {
             known: HashMap::new(),
             published: BTreeMap::new(),
             failing: Default::default(),
+            broken: None,
         };
         state.subscriptions.get_mut(&Kind::Listener).expect("every kind").names.insert(target.to_owned());
         state
@@ -231,8 +230,10 @@ impl AdsState {
         let subscription = &self.subscriptions[&kind];
         // LDS and CDS responses list all that exist: a subscribed one left out was deleted,
         // if it had come before (one asked for since may be missing from a response to the
-        // subscription before it: its does-not-exist timer decides, as in the C core).
-        if kind.complete_in_each_response() {
+        // subscription before it: its does-not-exist timer decides, as in the C core). Not
+        // when a resource in it could not even be named: that one may be the one left out.
+        let unnamed = problems.iter().any(|p| p.name.is_none());
+        if kind.complete_in_each_response() && !unnamed {
             for name in subscription.names.clone() {
                 let held = self.known.get(&(kind, name.clone())).is_some_and(|k| k.resource.is_some());
                 if !seen.contains(&name) && held {
@@ -281,7 +282,7 @@ impl AdsState {
 
     /// Resolves the target and moves the subscriptions to what it needs now. Returns the
     /// requests for the types whose names changed, and the endpoint set if it changed.
-    fn settle(&mut self, now: Instant) -> (Vec<DiscoveryRequest>, Option<Published>) {
+    fn settle(&mut self, now: Instant) -> (Vec<DiscoveryRequest>, Option<BTreeMap<String, u32>>) {
         let mut wanted: BTreeMap<Kind, BTreeSet<String>> = BTreeMap::new();
         let resolution = self.resolve(&mut wanted);
         let mut requests = Vec::new();
@@ -307,10 +308,16 @@ impl AdsState {
         }
         let endpoints = match resolution {
             Resolution::Pending => None,
-            Resolution::Endpoints(list) => Some((list.into_iter().collect(), None)),
-            Resolution::Broken(why) => Some((BTreeMap::new(), Some(why))),
+            Resolution::Endpoints(list) => {
+                self.broken = None;
+                Some(list.into_iter().collect())
+            }
+            Resolution::Broken(why) => {
+                self.broken = Some(why);
+                Some(BTreeMap::new())
+            }
         };
-        let changed = endpoints.filter(|(set, _)| *set != self.published);
+        let changed = endpoints.filter(|set| *set != self.published);
         (requests, changed)
     }
 
@@ -327,6 +334,13 @@ impl AdsState {
             if known.resource.is_none() && !known.missing {
                 known.deadline = Some(now + DOES_NOT_EXIST_AFTER);
             }
+        }
+    }
+
+    /// A new stream: the nonces of the last one mean nothing on it.
+    fn forget_nonces(&mut self) {
+        for subscription in self.subscriptions.values_mut() {
+            subscription.nonce.clear();
         }
     }
 
@@ -417,6 +431,8 @@ pub(crate) struct AdsClient {
     pub(crate) applied: Option<AppliedPolicy>,
     /// The endpoints given to the pool, parsed once, for the looks at the pool.
     pub(crate) parsed: HashMap<String, Endpoint>,
+    /// Whether the current stream is up (its requests went out).
+    pub(crate) on_stream: bool,
 }
 
 impl AdsClient {
@@ -447,26 +463,71 @@ impl AdsClient {
             tokio::select! {
                 biased;
                 _ = changes.closed() => return,
-                _ = self.watching(tokio::time::sleep(wait)) => {}
+                _ = self.watching(tokio::time::sleep(wait), false) => {}
             }
         }
     }
 
     /// Runs `work` while looking at the pool's endpoints every `POOL_LOOK` (a priority
-    /// failover must not wait for the control plane to be back). Requests the looks make go
-    /// nowhere: the next stream starts with every subscription.
-    async fn watching<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
+    /// failover must not wait for the control plane to be back). With `starting` (a stream
+    /// being made), the stream counts as up once the control plane's connection is ready,
+    /// and the does-not-exist timers run from then. Requests made meanwhile go nowhere: the
+    /// next stream starts with every subscription.
+    async fn watching<T>(&mut self, work: impl std::future::Future<Output = T>, starting: bool) -> T {
         tokio::pin!(work);
         let (nowhere, _) = mpsc::unbounded_channel();
         let mut looks = tokio::time::interval(POOL_LOOK);
         looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let deadline = self.state.next_deadline().filter(|_| starting && self.on_stream);
+            let timer = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 out = &mut work => return out,
-                _ = looks.tick() => self.look_at_pool(&nowhere).await,
+                _ = looks.tick() => {
+                    if starting && !self.on_stream && self.control_plane_ready() {
+                        self.stream_up();
+                    }
+                    self.look_at_pool(&nowhere).await;
+                }
+                _ = timer => self.expire(&nowhere).await,
             }
         }
+    }
+
+    /// Whether the control plane's pool has a ready connection (so a stream's requests go out).
+    fn control_plane_ready(&self) -> bool {
+        self.pool
+            .state()
+            .endpoints
+            .iter()
+            .any(|e| e.members.iter().any(|m| m.state == crate::state::MemberState::Ready))
+    }
+
+    /// The stream is up: said once a stream, and the does-not-exist timers start.
+    fn stream_up(&mut self) {
+        if self.on_stream {
+            return;
+        }
+        self.on_stream = true;
+        self.status.update(|s| s.connected = true);
+        metrics::gauge!(m::XDS_CONNECTED, m::LABEL_TARGET => self.state.target.clone()).set(1.0);
+        self.state.restart_timers(Instant::now());
+    }
+
+    /// Resources whose does-not-exist timer ran out do not exist; the target is resolved
+    /// again.
+    async fn expire(&mut self, tx: &mpsc::UnboundedSender<DiscoveryRequest>) {
+        for (kind, name) in self.state.expire(Instant::now()) {
+            tracing::warn!(target_name = %self.state.target, kind = %kind, resource = %name,
+                after = ?DOES_NOT_EXIST_AFTER, "xDS resource does not exist: no response carried it");
+        }
+        self.settle(tx).await;
     }
 
     /// Which endpoints the pool finds failing; when that changed, the target is resolved
@@ -492,6 +553,9 @@ impl AdsClient {
     /// One stream, until it breaks. Returns whether the control plane answered on it.
     async fn stream(&mut self) -> bool {
         let (tx, rx) = mpsc::unbounded_channel();
+        // Nonces belong to a stream: none from the last one goes on this one.
+        self.state.forget_nonces();
+        self.on_stream = false;
         let mut requests = self.state.initial_requests();
         if let Some(first) = requests.first_mut() {
             first.node = Some(node(&self.node));
@@ -501,7 +565,11 @@ impl AdsClient {
         }
         let mut client =
             AggregatedDiscoveryServiceClient::new(self.pool.clone()).max_decoding_message_size(64 << 20);
-        let started = self.watching(client.stream_aggregated_resources(Requests(rx))).await;
+        // A server may send its response headers only with its first message, and need not
+        // answer at all for resources it does not have (gRFC A57): the stream counts as up,
+        // and the does-not-exist timers run, from when the control plane's connection is
+        // ready and the requests go out, not from the headers.
+        let started = self.watching(client.stream_aggregated_resources(Requests(rx)), true).await;
         let mut responses = match started {
             Ok(response) => response.into_inner(),
             Err(status) => {
@@ -510,9 +578,7 @@ impl AdsClient {
                 return false;
             }
         };
-        self.status.update(|s| s.connected = true);
-        metrics::gauge!(m::XDS_CONNECTED, m::LABEL_TARGET => self.state.target.clone()).set(1.0);
-        self.state.restart_timers(Instant::now());
+        self.stream_up();
         let mut answered = false;
         let mut looks = tokio::time::interval(POOL_LOOK);
         looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -542,14 +608,7 @@ impl AdsClient {
                     }
                 },
                 _ = looks.tick() => self.look_at_pool(&tx).await,
-                _ = timer => {
-                    let now = Instant::now();
-                    for (kind, name) in self.state.expire(now) {
-                        tracing::warn!(target_name = %self.state.target, kind = %kind, resource = %name,
-                            after = ?DOES_NOT_EXIST_AFTER, "xDS resource does not exist: no response carried it");
-                    }
-                    self.settle(&tx).await;
-                }
+                _ = timer => self.expire(&tx).await,
             }
         }
     }
@@ -609,8 +668,20 @@ impl AdsClient {
         }
         self.status.update(|s| s.resources = resources);
         self.apply_policy();
-        if let Some((set, broken)) = endpoints {
-            self.publish(set, broken).await;
+        // Why the target has no endpoints: said when it changes, whether or not the set does
+        // (a target that never resolved goes from none to none).
+        let broken = self.state.broken.clone();
+        if self.status.read(|s| s.broken.clone()) != broken {
+            match &broken {
+                Some(why) => {
+                    tracing::warn!(target_name = %self.state.target, reason = %why, "xDS target resolves to no endpoint")
+                }
+                None => tracing::info!(target_name = %self.state.target, "xDS target resolves again"),
+            }
+            self.status.update(|s| s.broken = broken);
+        }
+        if let Some(set) = endpoints {
+            self.publish(set).await;
         }
     }
 
@@ -626,7 +697,10 @@ impl AdsClient {
         // Weighted clusters share one pool: their caps add up, if each has one; the outlier
         // detection is the first cluster's that has one.
         let policy = AppliedPolicy {
-            max_requests: clusters.iter().map(|c| c.max_requests).sum::<Option<u32>>(),
+            max_requests: clusters
+                .iter()
+                .map(|c| c.max_requests)
+                .try_fold(0u32, |sum, max| max.map(|m| sum.saturating_add(m))),
             outlier_detection: clusters.iter().find_map(|c| c.outlier_detection.clone()),
         };
         if self.applied.as_ref() == Some(&policy) {
@@ -636,7 +710,10 @@ impl AdsClient {
             outlier_detection = ?policy.outlier_detection, "xDS cluster policy applied to the pool");
         monitor.set_max_requests(policy.max_requests);
         if let Err(error) = monitor.override_outlier_detection(policy.outlier_detection.clone()) {
+            // The resources were checked against the pool's ranges: not expected. Said, and
+            // tried again at the next change.
             tracing::warn!(target_name = %self.state.target, %error, "the cluster's outlier detection could not be applied");
+            return;
         }
         self.status.update(|s| {
             s.max_requests = policy.max_requests;
@@ -645,7 +722,7 @@ impl AdsClient {
         self.applied = Some(policy);
     }
 
-    async fn publish(&mut self, set: BTreeMap<String, u32>, broken: Option<String>) {
+    async fn publish(&mut self, set: BTreeMap<String, u32>) {
         let target = self.state.target.clone();
         let removed: Vec<String> =
             self.state.published.keys().filter(|a| !set.contains_key(*a)).cloned().collect();
@@ -655,14 +732,7 @@ impl AdsClient {
             .filter(|(a, w)| self.state.published.get(*a) != Some(*w))
             .map(|(a, w)| (a.clone(), *w))
             .collect();
-        match &broken {
-            Some(why) => {
-                tracing::warn!(target_name = %target, reason = %why, removed = removed.len(), "xDS target resolves to no endpoint")
-            }
-            None => {
-                tracing::info!(target_name = %target, added_or_reweighed = changed.len(), removed = removed.len(), endpoints = set.len(), "xDS endpoints applied")
-            }
-        }
+        tracing::info!(target_name = %target, added_or_reweighed = changed.len(), removed = removed.len(), endpoints = set.len(), "xDS endpoints applied");
         for address in removed {
             if self.changes.send(Change::Remove(address)).await.is_err() {
                 return;
@@ -688,7 +758,6 @@ impl AdsClient {
         self.status.update(|s| {
             s.endpoints = set.keys().cloned().collect();
             s.weights = set.iter().map(|(a, w)| (a.clone(), *w)).collect();
-            s.broken = broken;
             s.updates += 1;
         });
         self.state.published = set;
@@ -794,7 +863,14 @@ mod tests {
         // Received, then left out of a response: deleted.
         state.apply(&clusters(&["new"], "2")).unwrap();
         assert!(state.known[&new].resource.is_some());
-        state.apply(&clusters(&[], "3")).unwrap();
+        // A response with a resource that cannot even be named deletes nothing: it may be
+        // the one left out.
+        let mut garbled = clusters(&[], "3");
+        garbled.resources.push(pb::Any { type_url: cds::Cluster::type_url(), value: vec![0xff, 0xff] });
+        let (nack, problems) = state.apply(&garbled).unwrap();
+        assert!(nack.error_detail.is_some() && problems.len() == 1);
+        assert!(state.known[&new].resource.is_some(), "kept");
+        state.apply(&clusters(&[], "4")).unwrap();
         assert!(state.known[&new].missing && state.known[&new].resource.is_none());
     }
 
@@ -814,6 +890,11 @@ mod tests {
         let (_, endpoints) = state.settle(start + DOES_NOT_EXIST_AFTER);
         // The set was already empty: no change to publish, but the reason is known.
         assert_eq!(endpoints, None);
+        assert!(
+            state.broken.as_deref().is_some_and(|why| why.contains("does not exist")),
+            "{:?}",
+            state.broken
+        );
         let mut wanted = BTreeMap::new();
         assert!(
             matches!(state.resolve(&mut wanted), Resolution::Broken(why) if why.contains("does not exist"))

@@ -98,6 +98,7 @@ impl XdsDiscover {
             policy: None,
             applied: None,
             parsed: Default::default(),
+            on_stream: false,
         };
         Ok(XdsDiscover { client: Some(client), changes, status })
     }

@@ -362,8 +362,13 @@ fn outliers(o: &cds::OutlierDetection) -> Result<crate::OutlierDetection, String
     let duration = |field: &str, d: Option<&ProtoDuration>, default: Duration| -> Result<Duration, String> {
         match d {
             None => Ok(default),
-            Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => {
-                Err(format!("{field}: {}s {}ns (a duration of 0 or more)", d.seconds, d.nanos))
+            Some(d)
+                if d.seconds < 0
+                    || d.nanos < 0
+                    || d.nanos >= 1_000_000_000
+                    || d.seconds > 315_576_000_000 =>
+            {
+                Err(format!("{field}: {}s {}ns (a duration of 0 to 10,000 years)", d.seconds, d.nanos))
             }
             Some(d) => Ok(Duration::new(d.seconds as u64, d.nanos as u32)),
         }
@@ -375,15 +380,18 @@ fn outliers(o: &cds::OutlierDetection) -> Result<crate::OutlierDetection, String
         }
     };
     let value = |v: Option<envoy_types::pb::google::protobuf::UInt32Value>| v.map(|v| v.value);
+    // Within the pool's ranges (an interval of 10 ms to a day, ejections of 1 ms to a day and
+    // at most 30 days): valid A50 values outside them are brought to the nearest.
+    const DAY: Duration = Duration::from_secs(86_400);
     let mut settings = crate::OutlierDetection::off();
-    settings.interval =
-        duration("interval", o.interval.as_ref(), Duration::from_secs(10))?.max(Duration::from_millis(10));
+    settings.interval = duration("interval", o.interval.as_ref(), Duration::from_secs(10))?
+        .clamp(Duration::from_millis(10), DAY);
     settings.base_ejection_time =
         duration("base_ejection_time", o.base_ejection_time.as_ref(), Duration::from_secs(30))?
-            .max(Duration::from_millis(1));
+            .clamp(Duration::from_millis(1), DAY);
     settings.max_ejection_time =
         duration("max_ejection_time", o.max_ejection_time.as_ref(), Duration::from_secs(300))?
-            .max(settings.base_ejection_time);
+            .clamp(settings.base_ejection_time, 30 * DAY);
     settings.max_ejection_percent = percent("max_ejection_percent", value(o.max_ejection_percent), 10)?;
     let enforcing_success_rate = percent("enforcing_success_rate", value(o.enforcing_success_rate), 100)?;
     if enforcing_success_rate > 0 {
@@ -472,6 +480,9 @@ fn lb_endpoint(lb: &eds::LbEndpoint) -> Result<LbEndpoint, String> {
     }
     let host =
         if socket.address.contains(':') { format!("[{}]", socket.address) } else { socket.address.clone() };
+    if let Err(e) = crate::Endpoint::parse(&format!("http://{host}:{port}")) {
+        return Err(format!("endpoint.address.socket_address.address: {:?} ({e})", socket.address));
+    }
     let health = core::HealthStatus::try_from(lb.health_status).unwrap_or(core::HealthStatus::Unknown);
     Ok(LbEndpoint {
         address: format!("{host}:{port}"),

@@ -59,6 +59,9 @@ struct Shared {
     requests: Mutex<Vec<DiscoveryRequest>>,
     streams: AtomicUsize,
     nonce: AtomicU64,
+    /// Send nothing for a type none of whose subscribed resources exist (as go-control-plane
+    /// does; gRFC A57 allows it): the client's does-not-exist timer must decide.
+    silent_when_empty: std::sync::atomic::AtomicBool,
 }
 
 /// The control plane: start it, set resources, read what clients sent.
@@ -113,6 +116,13 @@ impl ControlPlane {
   "node": {{"id": "{node_id}", "cluster": "test", "locality": {{"zone": "test-zone"}}}}}}"#,
             self.addr
         )
+    }
+
+    /// From now on, sends nothing for a type none of whose subscribed resources exist,
+    /// instead of an empty response, and a new stream's response headers only with its
+    /// first message.
+    pub fn set_silent_when_empty(&self, silent: bool) {
+        self.shared.silent_when_empty.store(silent, Ordering::Relaxed);
     }
 
     /// Sets (adds or replaces) a resource under `name`.
@@ -235,6 +245,11 @@ impl AggregatedDiscoveryService for Ads {
         let shared = self.shared.clone();
         let mut changed = self.changed.clone();
         let mut alive = self.alive.clone();
+        // In silent mode the response headers go with the first message, as grpc-go's and
+        // grpc-java's servers send them: no message, no headers.
+        let (first_sent, first) = oneshot::channel::<()>();
+        let mut first_sent = Some(first_sent);
+        let silent = self.shared.silent_when_empty.load(Ordering::Relaxed);
         tokio::spawn(async move {
             // Per type: the names subscribed, and the version last sent.
             let mut subscribed: HashMap<String, BTreeSet<String>> = HashMap::new();
@@ -278,6 +293,9 @@ impl AggregatedDiscoveryService for Ads {
                         continue;
                     }
                     sent.insert(type_url.clone(), now);
+                    if resources.is_empty() && shared.silent_when_empty.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     let nonce = shared.nonce.fetch_add(1, Ordering::Relaxed) + 1;
                     let response = DiscoveryResponse {
                         version_info: version.to_string(),
@@ -289,9 +307,15 @@ impl AggregatedDiscoveryService for Ads {
                     if tx.send(Ok(response)).await.is_err() {
                         return;
                     }
+                    if let Some(first_sent) = first_sent.take() {
+                        let _ = first_sent.send(());
+                    }
                 }
             }
         });
+        if silent {
+            let _ = first.await;
+        }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
