@@ -137,8 +137,9 @@ impl Pool {
     /// Caps the calls the pool has in flight (circuit breaking, gRFC A32's `max_requests`):
     /// while `max` calls hold a stream, a new call fails at once with `UNAVAILABLE`
     /// (`max_requests (N) reached`) instead of queueing; `Some(0)` refuses every call (as
-    /// Envoy's 0 does); `None` lifts the cap, as it is by default. A soft cap, as the C core's:
-    /// calls admitted at the same instant may pass it together.
+    /// Envoy's 0 does); `None` lifts the cap, as it is by default. A call admitted under the
+    /// cap that finds it reached when it gets its stream (it waited while others took theirs)
+    /// fails then.
     /// Health checks and probes do not count. A control plane's cluster
     /// `circuit_breakers` sets it for a pool built for an xDS target.
     ///

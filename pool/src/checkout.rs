@@ -112,9 +112,15 @@ impl PoolInner {
         if self.requests.admits() {
             return Ok(());
         }
+        Err(self.over_limit())
+    }
+
+    /// The error of a call refused by the cap on calls in flight, counted as a checkout with
+    /// result `over_limit`.
+    pub(crate) fn over_limit(&self) -> Error {
         let limit = self.requests.limit().unwrap_or(0);
         metrics::counter!(names::CHECKOUTS, names::LABEL_POOL => self.config.name.clone(), names::LABEL_RESULT => "over_limit").increment(1);
-        Err(Error::over_limit(self.name(), limit))
+        Error::over_limit(self.name(), limit)
     }
 
     /// Whether the pool has endpoints and every one is marked unhealthy.

@@ -6,9 +6,10 @@
 //! remembers whether it was counted, so setting or lifting the cap while calls are in flight
 //! leaves the count right. Without a cap a slot reads one flag and counts nothing.
 //!
-//! The cap is a soft one, as the C core's: a call is admitted when fewer than the cap are
-//! in flight, and counted when it takes its stream, so calls admitted at the same instant may
-//! pass it together, and a call queued for a stream before the cap was reached gets one.
+//! A call is admitted when fewer than the cap are in flight, and counted when it takes its
+//! stream; one that finds the count past the cap then (it waited for its stream while others
+//! took theirs, or raced another to the last place) gives the stream back and fails too. So
+//! the count passes the cap only between a stream's taking and its giving back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -42,6 +43,11 @@ impl RequestLimit {
     /// Whether another call may start: no cap, or fewer in flight than it.
     pub(crate) fn admits(&self) -> bool {
         self.limit().is_none_or(|limit| self.active.load(Ordering::Relaxed) < limit)
+    }
+
+    /// Whether more calls are counted than the cap allows.
+    pub(crate) fn over(&self) -> bool {
+        self.limit().is_some_and(|limit| self.active.load(Ordering::Relaxed) > limit)
     }
 
     /// Counts a slot taken for a call, if a cap is set; returns whether it did.

@@ -71,6 +71,22 @@ fn builder(plan: &Plan, journal: &Journal) -> grpc_pool::Builder {
     if let Some(max) = plan.pool.max_total_connections {
         builder = builder.max_total_connections(Some(max));
     }
+    if let Some(kind) = plan.pool.outliers {
+        let mut outliers = grpc_pool::OutlierDetection::off();
+        outliers.base_ejection_time = Duration::from_millis(300);
+        outliers.max_ejection_time = Duration::from_secs(1);
+        outliers.max_ejection_percent = super::plan::MAX_EJECTION_PERCENT;
+        outliers.interval = Duration::from_millis(100);
+        match kind {
+            super::plan::Outliers::InARow => outliers.consecutive_failures = 3,
+            super::plan::Outliers::FailurePercentage => {
+                let mut failures = grpc_pool::FailurePercentageEjection::default();
+                (failures.threshold, failures.minimum_hosts, failures.request_volume) = (50, 2, 4);
+                outliers.failure_percentage = Some(failures);
+            }
+        }
+        builder = builder.outlier_detection(Some(outliers));
+    }
     if let Some(size) = plan.pool.subset {
         let mut subset = grpc_pool::Subset::new(size);
         subset.client = Some(plan.seed % 5);
@@ -118,6 +134,7 @@ pub async fn workload(
             subset: plan.pool.subset,
             max_total: plan.pool.max_total_connections,
             max_requests: plan.pool.max_requests,
+            outliers: plan.pool.outliers.is_some(),
         },
         sampling.clone(),
     ));
@@ -236,11 +253,13 @@ struct Limits {
     max_total: Option<usize>,
     /// `Pool::set_max_requests`.
     max_requests: Option<u32>,
+    /// Outlier detection, with `MAX_EJECTION_PERCENT`.
+    outliers: bool,
 }
 
 /// Reads `Pool::state()` every [`SAMPLE_EVERY`] while the workload runs.
 async fn sample(pool: Pool, journal: Journal, limits: Limits, on: Arc<std::sync::atomic::AtomicBool>) {
-    let Limits { max_connections, extra_streams, subset, max_total, max_requests } = limits;
+    let Limits { max_connections, extra_streams, subset, max_total, max_requests, outliers } = limits;
     let mut reported = false;
     while on.load(std::sync::atomic::Ordering::Relaxed) {
         let state = pool.state();
@@ -251,6 +270,24 @@ async fn sample(pool: Pool, journal: Journal, limits: Limits, on: Arc<std::sync:
                 journal.violation(
                     "max-total-connections",
                     format!("{} connections open, over max_total_connections {max}", state.open_connections),
+                );
+            }
+        }
+        if outliers {
+            // At most MAX_EJECTION_PERCENT of the endpoints out at once (one always may when
+            // there are two or more), and never the last.
+            let n = state.endpoints.len();
+            let ejected = state.endpoints.iter().filter(|e| e.ejected_for.is_some()).count();
+            let cap = if n < 2 {
+                0
+            } else {
+                (n * super::plan::MAX_EJECTION_PERCENT as usize / 100).clamp(1, n - 1)
+            };
+            if ejected > cap && !reported {
+                reported = true;
+                journal.violation(
+                    "outlier-cap",
+                    format!("{ejected} of {n} endpoints ejected, over the cap of {cap}"),
                 );
             }
         }

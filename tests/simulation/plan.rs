@@ -105,7 +105,20 @@ pub struct PoolPlan {
     /// `Pool::set_max_requests`, on a fifth of the seeds (from the seed itself): 3 calls in
     /// flight, so that the workload meets the cap.
     pub max_requests: Option<u32>,
+    /// Outlier detection, on two sevenths of the seeds (from the seed itself): 3 failures in
+    /// a row, or gRFC A50's failure percentage over 100 ms intervals; ejections of 300 ms to
+    /// 1 s, at most half the endpoints.
+    pub outliers: Option<Outliers>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outliers {
+    InARow,
+    FailurePercentage,
+}
+
+/// Most endpoints ejected at once, in percent, on the seeds with outlier detection.
+pub const MAX_EJECTION_PERCENT: u32 = 50;
 
 /// With subsetting, a live endpoint unable to take calls this long gives its place away.
 pub const SUBSET_REPLACE_AFTER: Duration = Duration::from_millis(300);
@@ -225,6 +238,11 @@ impl Plan {
             subset: seed.is_multiple_of(3).then_some(servers - 1),
             max_total_connections: (seed % 4 == 1).then_some(servers / 2 + 1),
             max_requests: (seed % 5 == 3).then_some(3),
+            outliers: match seed % 7 {
+                2 => Some(Outliers::InARow),
+                5 => Some(Outliers::FailurePercentage),
+                _ => None,
+            },
         };
 
         // An outage of every server, from a moment until the heal (a third of the seeds):

@@ -264,7 +264,13 @@ pub(super) fn slot_now(
     match target {
         Target::Pool => {
             pool.admit()?;
-            Ok(avoid.and_then(|avoid| pool.checkout_elsewhere(avoid)).or_else(|| pool.checkout_now()))
+            let slot = avoid.and_then(|avoid| pool.checkout_elsewhere(avoid)).or_else(|| pool.checkout_now());
+            // Another call took the last place between the look and the stream.
+            if slot.as_ref().is_some_and(|s| s.counted() && pool.requests.over()) {
+                drop(slot);
+                return Err(pool.over_limit());
+            }
+            Ok(slot)
         }
         Target::Endpoint(entry, label) => {
             let Some(entry) = entry.upgrade().filter(|e| !e.is_removed()) else {

@@ -518,6 +518,13 @@ where
 
     /// Sends on `slot`, after a PING of its member if it needs one.
     fn use_slot(&mut self, slot: Slot, request: Request<CallBody<B>>) -> Step {
+        // Past the cap on calls in flight once counted (a call admitted under it that waited
+        // while others took their streams, or one that raced another): the stream goes back
+        // and the call fails as one refused at the door would.
+        if slot.counted() && self.pool.requests.over() {
+            drop(slot);
+            return Step::Break(Err(self.pool.over_limit()));
+        }
         match needs_check(&self.pool, &self.target, &slot) {
             Some(check) => {
                 self.state = Some(Live::Verifying { slot, request, check });

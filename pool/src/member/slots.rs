@@ -118,6 +118,11 @@ impl Slot {
         &self.member
     }
 
+    /// Whether it counts against the pool's cap on calls in flight.
+    pub(crate) fn counted(&self) -> bool {
+        self.counted
+    }
+
     /// Frees the slot without serving waiters; for the wait queue itself, which holds its
     /// lock while it calls this.
     pub(crate) fn release_quietly(mut self) {
