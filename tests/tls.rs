@@ -7,45 +7,8 @@ use bytes::Bytes;
 use grpc_pool::{ClientIdentity, Pool, TlsConfig};
 use grpc_pool_testkit::echo::echo_client::EchoClient;
 use grpc_pool_testkit::echo::EchoRequest;
-use grpc_pool_testkit::{ServerOptions, ServerTls, TestServer};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use grpc_pool_testkit::{Ca, ServerOptions, ServerTls, TestServer};
 use rustls_pki_types::pem::PemObject;
-
-/// A certificate authority for one test.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        Ca { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A leaf certificate for `names`, valid now unless `expired`; (certificate, key) PEM.
-    fn issue(&self, names: &[&str], expired: bool) -> (String, String) {
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn server(&self, names: &[&str], expired: bool, client_ca: Option<&Ca>) -> ServerTls {
-        let (cert_pem, key_pem) = self.issue(names, expired);
-        ServerTls { cert_pem, key_pem, client_ca_pem: client_ca.map(Ca::pem) }
-    }
-}
 
 async fn tls_server(tls: ServerTls) -> TestServer {
     TestServer::start_with(ServerOptions { tls: Some(tls), ..Default::default() }).await

@@ -725,3 +725,38 @@ async fn a_listener_the_control_plane_never_answers_for_does_not_exist_after_the
     assert_eq!(lds.state, "does_not_exist");
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_over_tls_is_reached_with_the_bootstraps_ca_file() {
+    let s = servers(1).await;
+    let ca = grpc_pool_testkit::Ca::new("xds test CA");
+    let plane = ControlPlane::start_tls(ca.server(&["127.0.0.1"], false, None)).await;
+    serve(&plane, &[LocalityEndpoints::healthy("a", 0, &[addr(&s[0])])]);
+    let dir = std::env::temp_dir().join(format!("grpc-pool-xds-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let bootstrap = Bootstrap::from_json(&plane.bootstrap_tls("tls-client", &ca_file)).unwrap();
+    assert!(bootstrap.server_uri().starts_with("https://"));
+    let (pool, status) = Pool::builder().build_xds_with(TARGET, &bootstrap).unwrap();
+    wait_for_endpoints(&pool, &status, &addresses(&[&s[0]]), "the endpoints come over TLS").await;
+    calls(&pool, 3).await;
+    pool.close().await;
+
+    // A bootstrap naming a CA file that is not there fails at once, naming the field.
+    let missing = plane.bootstrap_tls("tls-client", &dir.join("absent.pem"));
+    let err = Bootstrap::from_json(&missing).unwrap_err().to_string();
+    assert!(err.contains("`xds_servers[0].channel_creds[0].config.ca_certificate_file`"), "{err}");
+    // Trusting another CA: the control plane is never reached, and the stream says why.
+    let other = grpc_pool_testkit::Ca::new("another CA");
+    std::fs::write(&ca_file, other.pem()).unwrap();
+    let bootstrap = Bootstrap::from_json(&plane.bootstrap_tls("tls-client", &ca_file)).unwrap();
+    let (pool, status) =
+        Pool::builder().checkout_timeout(Duration::from_secs(1)).build_xds_with(TARGET, &bootstrap).unwrap();
+    wait_until(WAIT, "the stream fails to start", || status.last_error().is_some()).await;
+    let why = status.last_error().unwrap();
+    assert!(why.to_lowercase().contains("certificate"), "{why}");
+    assert!(!status.connected() && status.endpoints().is_empty(), "{status:?}");
+    pool.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

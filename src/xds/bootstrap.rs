@@ -14,7 +14,9 @@ use crate::Error;
 ///
 /// Of the file, the pool reads `xds_servers` (the first server is used: its `server_uri`,
 /// a gRPC target such as `localhost:18000` or `dns:///cp.mesh:18000`, and the first of its
-/// `channel_creds` that it supports: `insecure`, or `tls` with the system's roots) and
+/// `channel_creds` that it supports: `insecure`, or `tls`, with the system's roots or, as
+/// gRFC A65 has it, the PEM files its `config` names: `ca_certificate_file`, and
+/// `certificate_file` with `private_key_file` for mTLS) and
 /// `node` (`id`, `cluster`, `locality`, `metadata`: sent to the control plane, which picks
 /// the resources by them). `server_features` and the other top-level fields
 /// (`certificate_providers`, `authorities`, ...) are read past; a server that has only
@@ -29,10 +31,12 @@ use crate::Error;
 /// assert_eq!(bootstrap.node_id(), "echo-client-1");
 /// # Ok::<(), grpc_pool::Error>(())
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Bootstrap {
     /// `http://host:port` or `https://host:port`.
     server_uri: String,
+    /// For `https://`, when the `tls` credentials name files (A65).
+    tls: Option<crate::TlsConfig>,
     node: Node,
 }
 
@@ -98,13 +102,13 @@ impl Bootstrap {
                 ))
             }
         };
-        let server_uri = server(&servers[0])?;
+        let (server_uri, tls) = server(&servers[0])?;
         let node = match root.get("node") {
             None => Node::default(),
             Some(Value::Object(node)) => read_node(node)?,
             Some(other) => return Err(Error::invalid_config("node", &shown(Some(other)), "an object")),
         };
-        Ok(Bootstrap { server_uri, node })
+        Ok(Bootstrap { server_uri, tls, node })
     }
 
     /// The control plane's URI, as the pool connects to it (`http://` for `insecure`
@@ -118,13 +122,20 @@ impl Bootstrap {
         &self.node.id
     }
 
+    /// The TLS settings for the control plane's connection, when its `tls` credentials
+    /// name files.
+    pub(crate) fn tls(&self) -> Option<&crate::TlsConfig> {
+        self.tls.as_ref()
+    }
+
     pub(crate) fn node(&self) -> &Node {
         &self.node
     }
 }
 
-/// The first server: its URI, with the scheme its credentials call for.
-fn server(server: &Value) -> Result<String, Error> {
+/// The first server: its URI, with the scheme its credentials call for, and the TLS settings
+/// its `tls` credentials name.
+fn server(server: &Value) -> Result<(String, Option<crate::TlsConfig>), Error> {
     let Value::Object(server) = server else {
         return Err(Error::invalid_config("xds_servers[0]", &shown(Some(server)), "an object"));
     };
@@ -149,11 +160,12 @@ fn server(server: &Value) -> Result<String, Error> {
         }
     };
     // A27: the first type the client supports is used, the others are read past.
-    let scheme = creds
+    let (index, scheme) = creds
         .iter()
-        .find_map(|c| match c.get("type").and_then(Value::as_str) {
-            Some("insecure") => Some("http"),
-            Some("tls") => Some("https"),
+        .enumerate()
+        .find_map(|(i, c)| match c.get("type").and_then(Value::as_str) {
+            Some("insecure") => Some((i, "http")),
+            Some("tls") => Some((i, "https")),
             _ => None,
         })
         .ok_or_else(|| {
@@ -180,7 +192,39 @@ fn server(server: &Value) -> Result<String, Error> {
     crate::Endpoint::parse(&uri).map_err(|e| {
         Error::invalid_config("xds_servers[0].server_uri", &format!("\"{target}\" ({e})"), "`host:port`")
     })?;
-    Ok(uri)
+    let tls = match creds[index].get("config") {
+        Some(Value::Object(config)) if scheme == "https" => Some(tls_files(config, index)?),
+        _ => None,
+    };
+    Ok((uri, tls))
+}
+
+/// gRFC A65's `tls` credentials: the PEM files to trust and to present, read now.
+fn tls_files(config: &Map<String, Value>, index: usize) -> Result<crate::TlsConfig, Error> {
+    let field = |name: &str| format!("xds_servers[0].channel_creds[{index}].config.{name}");
+    let read = |name: &str| -> Result<Option<Vec<u8>>, Error> {
+        match config.get(name) {
+            None => Ok(None),
+            Some(Value::String(path)) => std::fs::read(path).map(Some).map_err(|e| {
+                Error::invalid_config(&field(name), &format!("{path} ({e})"), "a readable PEM file")
+            }),
+            Some(other) => Err(Error::invalid_config(&field(name), &other.to_string(), "a file path")),
+        }
+    };
+    let mut tls = crate::TlsConfig::default();
+    tls.ca_pem = read("ca_certificate_file")?;
+    match (read("certificate_file")?, read("private_key_file")?) {
+        (Some(cert), Some(key)) => tls.client_identity = Some(crate::ClientIdentity::new(cert, key)),
+        (None, None) => {}
+        _ => {
+            return Err(Error::invalid_config(
+                &field("certificate_file"),
+                "(one of certificate_file and private_key_file)",
+                "both, or neither",
+            ))
+        }
+    }
+    Ok(tls)
 }
 
 fn read_node(node: &Map<String, Value>) -> Result<Node, Error> {

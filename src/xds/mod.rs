@@ -166,7 +166,10 @@ fn listener_name(target: &str) -> Result<String, Error> {
 
 /// The pool that carries the ADS stream: one connection is enough.
 fn control_plane_pool(bootstrap: &Bootstrap) -> Result<Pool, Error> {
-    crate::reconnect::registry_pool("xds", &CLIENTS, |builder| {
+    crate::reconnect::registry_pool("xds", &CLIENTS, |mut builder| {
+        if let Some(tls) = bootstrap.tls() {
+            builder = builder.tls(tls.clone());
+        }
         builder
             .max_connections(1)
             .connect_timeout(Duration::from_secs(5))
@@ -276,6 +279,11 @@ impl XdsStatus {
     /// The last NACK's error detail, with the type and version it refused.
     pub fn last_nack(&self) -> Option<String> {
         self.read(|s| s.last_nack.clone())
+    }
+
+    /// Why the last ADS stream broke or could not start, if one did.
+    pub fn last_error(&self) -> Option<String> {
+        self.read(|s| s.last_error.clone())
     }
 
     /// Endpoint set changes given to the pool since the start.

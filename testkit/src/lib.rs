@@ -2,6 +2,7 @@
 //! servers started in-process on 127.0.0.1, and a TCP relay that injects faults.
 #![deny(missing_docs)]
 pub mod bare;
+pub mod ca;
 pub mod clock;
 /// The echo service, generated from `testkit/proto/echo.proto` by `scripts/regen-proto.sh`.
 #[allow(missing_docs)] // generated code, documented by the proto's comments
@@ -20,6 +21,7 @@ pub mod server;
 pub mod xds;
 
 pub use bare::BareH2;
+pub use ca::Ca;
 pub use clock::HeldClock;
 pub use etcd::EtcdServer;
 pub use frame_server::{Behaviour, FrameServer};

@@ -73,16 +73,27 @@ pub struct ControlPlane {
     /// Ends every stream of the current server when set to false.
     alive: Option<watch::Sender<bool>>,
     task: Option<JoinHandle<()>>,
+    /// Serves TLS with this certificate.
+    tls: Option<crate::ServerTls>,
 }
 
 impl ControlPlane {
     /// Starts one on a free port of 127.0.0.1.
     pub async fn start() -> ControlPlane {
+        ControlPlane::start_with(None).await
+    }
+
+    /// Starts one that serves TLS with `tls` (a certificate for `127.0.0.1`).
+    pub async fn start_tls(tls: crate::ServerTls) -> ControlPlane {
+        ControlPlane::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<crate::ServerTls>) -> ControlPlane {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1");
         let addr = listener.local_addr().expect("local address");
         let (changed, _) = watch::channel(0);
         let mut plane =
-            ControlPlane { addr, shared: Arc::default(), changed, stop: None, alive: None, task: None };
+            ControlPlane { addr, shared: Arc::default(), changed, stop: None, alive: None, task: None, tls };
         plane.serve(listener);
         plane
     }
@@ -91,8 +102,14 @@ impl ControlPlane {
         let (alive, alive_rx) = watch::channel(true);
         let service = Ads { shared: self.shared.clone(), changed: self.changed.subscribe(), alive: alive_rx };
         let (stop, stopped) = oneshot::channel::<()>();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            let config = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            builder = builder.tls_config(config).expect("the control plane's TLS");
+        }
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = builder
                 .add_service(AggregatedDiscoveryServiceServer::new(service))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stopped.await;
@@ -123,6 +140,17 @@ impl ControlPlane {
     /// first message.
     pub fn set_silent_when_empty(&self, silent: bool) {
         self.shared.silent_when_empty.store(silent, Ordering::Relaxed);
+    }
+
+    /// A bootstrap naming this control plane with `tls` credentials whose `config` (gRFC
+    /// A65) trusts the CA in the file `ca_file`.
+    pub fn bootstrap_tls(&self, node_id: &str, ca_file: &std::path::Path) -> String {
+        format!(
+            r#"{{"xds_servers": [{{"server_uri": "{}", "channel_creds": [{{"type": "tls", "config": {{"ca_certificate_file": "{}"}}}}]}}],
+  "node": {{"id": "{node_id}"}}}}"#,
+            self.addr,
+            ca_file.display()
+        )
     }
 
     /// Sets (adds or replaces) a resource under `name`.
