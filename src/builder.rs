@@ -411,7 +411,7 @@ impl Builder {
         builder.check_xds_alone(&builder.config.endpoints)?;
         builder.config.outlier_detection.get_or_insert_with(crate::OutlierDetection::off);
         let pool = builder.build_lazy(Vec::<String>::new())?;
-        pool.discover(discover.applying_policy_to(&pool));
+        pool.discover(discover);
         Ok((pool, status))
     }
 

@@ -185,6 +185,14 @@ impl Pool {
         D::Service: fmt::Display + 'static,
         D::Error: fmt::Display,
     {
+        // An xDS stream also puts its cluster's policy on this pool, and looks at which of
+        // its endpoints the pool finds failing.
+        #[cfg(feature = "xds")]
+        let mut discover = discover;
+        #[cfg(feature = "xds")]
+        if let Some(xds) = (&mut discover as &mut dyn std::any::Any).downcast_mut::<xds::XdsDiscover>() {
+            xds.set_policy(self.core.monitor());
+        }
         self.core.discover(discover)
     }
 

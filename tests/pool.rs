@@ -1270,7 +1270,11 @@ async fn max_requests_fails_the_call_past_the_cap_at_once_and_lifting_it_lets_al
 async fn an_outlier_detection_override_ejects_by_failure_percentage_and_none_puts_the_pools_own_back() {
     let servers = [TestServer::start().await, TestServer::start().await, TestServer::start().await];
     let unmanaged = Pool::builder().build_lazy([servers[0].uri()]).unwrap();
-    let err = unmanaged.override_outlier_detection(None).unwrap_err().to_string();
+    unmanaged.override_outlier_detection(None).expect("its own (none) back: nothing to do");
+    let err = unmanaged
+        .override_outlier_detection(Some(grpc_pool::OutlierDetection::off()))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`outlier_detection`"), "{err}");
 
     let pool = Pool::builder()

@@ -529,7 +529,13 @@ async fn the_clusters_circuit_breaker_caps_the_pools_calls_in_flight_while_it_is
         ..CircuitBreakers::default()
     });
     plane.set("echo", capped);
-    let (pool, status) = xds_pool(&plane).await;
+    // The stream made by hand and given to a pool built otherwise: `Pool::discover` hands
+    // it the pool for the cluster's policy too.
+    let bootstrap = Bootstrap::from_json(&plane.bootstrap("by-hand")).unwrap();
+    let discover = grpc_pool::xds::XdsDiscover::new(&bootstrap, TARGET).unwrap();
+    let status = discover.status();
+    let pool = Pool::builder().build_lazy(Vec::<String>::new()).unwrap();
+    pool.discover(discover);
     wait_until(WAIT, "the cap is applied", || {
         status.max_requests() == Some(1) && status.endpoints().len() == 1
     })

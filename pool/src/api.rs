@@ -156,8 +156,9 @@ impl Pool {
     /// pool's own back (`None`): the ejections under way run their course, the next ones
     /// follow the new settings. A control plane's cluster `outlier_detection` does this for
     /// a pool built for an xDS target. Fails if the pool was built without outlier detection
-    /// (build it with [`OutlierDetection::off`](crate::OutlierDetection::off) to have the
-    /// machinery and no ejections until an override), or naming the field of a bad setting.
+    /// and `settings` is `Some` (build it with
+    /// [`OutlierDetection::off`](crate::OutlierDetection::off) to have the machinery and no
+    /// ejections until an override), or naming the field of a bad setting.
     ///
     /// ```no_run
     /// # async fn run(pool: grpc_pool_core::Pool) -> Result<(), grpc_pool_core::Error> {

@@ -104,6 +104,9 @@ impl PoolMonitor {
     /// [`Pool::override_outlier_detection`] does.
     pub fn override_outlier_detection(&self, settings: Option<crate::OutlierDetection>) -> Result<(), Error> {
         let Some(reports) = &self.inner.outliers else {
+            if settings.is_none() {
+                return Ok(()); // the pool's own (none) is what it has
+            }
             return Err(Error::invalid_config(
                 "outlier_detection",
                 "(none at build)",

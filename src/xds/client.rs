@@ -709,15 +709,18 @@ impl AdsClient {
         tracing::info!(target_name = %self.state.target, max_requests = ?policy.max_requests,
             outlier_detection = ?policy.outlier_detection, "xDS cluster policy applied to the pool");
         monitor.set_max_requests(policy.max_requests);
-        if let Err(error) = monitor.override_outlier_detection(policy.outlier_detection.clone()) {
-            // The resources were checked against the pool's ranges: not expected. Said, and
-            // tried again at the next change.
-            tracing::warn!(target_name = %self.state.target, %error, "the cluster's outlier detection could not be applied");
-            return;
-        }
+        // Fails only for a pool built without outlier detection (the resources were checked
+        // against the pool's ranges): said once for this policy; the status shows none.
+        let outliers = match monitor.override_outlier_detection(policy.outlier_detection.clone()) {
+            Ok(()) => policy.outlier_detection.clone(),
+            Err(error) => {
+                tracing::warn!(target_name = %self.state.target, %error, "the cluster's outlier detection is not applied");
+                None
+            }
+        };
         self.status.update(|s| {
             s.max_requests = policy.max_requests;
-            s.outlier_detection = policy.outlier_detection.clone();
+            s.outlier_detection = outliers;
         });
         self.applied = Some(policy);
     }

@@ -53,9 +53,12 @@ use crate::{Error, Pool};
 use client::{AdsClient, AdsState, SharedStatus};
 
 /// A `tower::discover::Discover` stream of the endpoints an xDS control plane gives a
-/// target, for [`Pool::discover`]. The ADS stream starts on the first poll (inside the
-/// runtime) and stops when this is dropped (the pool closed). [`XdsDiscover::status`] shows
-/// what it holds.
+/// target, for [`Pool::discover`], which also hands it the pool for the cluster's policy
+/// (its circuit breaker; its outlier detection, if the pool was built with outlier
+/// detection, [`OutlierDetection::off`](crate::OutlierDetection::off) will do) and for the
+/// priorities' failover on the endpoints the pool finds failing. The ADS stream starts on
+/// the first poll (inside the runtime) and stops when this is dropped (the pool closed).
+/// [`XdsDiscover::status`] shows what it holds.
 ///
 /// ```no_run
 /// use grpc_pool::xds::{Bootstrap, XdsDiscover};
@@ -101,16 +104,6 @@ impl XdsDiscover {
             on_stream: false,
         };
         Ok(XdsDiscover { client: Some(client), changes, status })
-    }
-
-    /// The same stream, applying the target's cluster policy to `pool` too (the pool it is
-    /// given to): the cluster's `circuit_breakers` max_requests caps the pool's calls in
-    /// flight while the cluster sets it ([`Pool::set_max_requests`]). The pools
-    /// [`Builder::build_xds`](crate::Builder::build_xds) and the `[xds]` section build do
-    /// this themselves. Does not keep the pool open.
-    pub fn applying_policy_to(mut self, pool: &Pool) -> XdsDiscover {
-        self.set_policy(pool.core.monitor());
-        self
     }
 
     pub(crate) fn set_policy(&mut self, monitor: grpc_pool_core::PoolMonitor) {
