@@ -103,6 +103,16 @@ async fn calls(pool: &Pool, n: usize) {
     }
 }
 
+/// Priority 0 in zone `a`: the first two servers, with these health statuses.
+fn priority_0(s: &[TestServer], h0: HealthStatus, h1: HealthStatus) -> LocalityEndpoints {
+    LocalityEndpoints {
+        zone: "a".to_owned(),
+        priority: 0,
+        weight: 1,
+        endpoints: vec![(addr(&s[0]), h0), (addr(&s[1]), h1)],
+    }
+}
+
 fn addr(server: &TestServer) -> SocketAddr {
     server.addr()
 }
@@ -185,12 +195,7 @@ async fn the_pool_follows_the_endpoints_of_the_targets_cluster_through_lds_rds_c
 async fn unhealthy_and_draining_endpoints_take_no_calls_and_the_next_priority_takes_over() {
     let s = servers(3).await;
     let plane = ControlPlane::start().await;
-    let p0 = |h0: HealthStatus, h1: HealthStatus| LocalityEndpoints {
-        zone: "a".to_owned(),
-        priority: 0,
-        weight: 1,
-        endpoints: vec![(addr(&s[0]), h0), (addr(&s[1]), h1)],
-    };
+    let p0 = |h0, h1| priority_0(&s, h0, h1);
     let p1 = LocalityEndpoints::healthy("b", 1, &[addr(&s[2])]);
     serve(&plane, &[p0(HealthStatus::Healthy, HealthStatus::Unknown), p1.clone()]);
     let (pool, status) = xds_pool(&plane).await;
@@ -387,12 +392,7 @@ async fn pool_hits(pool: &Pool, servers: &[TestServer]) -> Vec<String> {
 async fn the_grpc_c_core_sees_the_same_endpoints_as_the_pool_on_each_resource_set() {
     let s = servers(3).await;
     let plane = ControlPlane::start().await;
-    let p0 = |h0: HealthStatus, h1: HealthStatus| LocalityEndpoints {
-        zone: "a".to_owned(),
-        priority: 0,
-        weight: 1,
-        endpoints: vec![(addr(&s[0]), h0), (addr(&s[1]), h1)],
-    };
+    let p0 = |h0, h1| priority_0(&s, h0, h1);
     let p1 = LocalityEndpoints::healthy("b", 1, &[addr(&s[2])]);
     serve(&plane, &[p0(HealthStatus::Healthy, HealthStatus::Healthy), p1.clone()]);
     let (pool, status) = xds_pool(&plane).await;

@@ -476,16 +476,10 @@ impl AdsClient {
     async fn watching<T>(&mut self, work: impl std::future::Future<Output = T>, starting: bool) -> T {
         tokio::pin!(work);
         let (nowhere, _) = mpsc::unbounded_channel();
-        let mut looks = tokio::time::interval(POOL_LOOK);
-        looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut looks = looks();
         loop {
             let deadline = self.state.next_deadline().filter(|_| starting && self.on_stream);
-            let timer = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let timer = sleep_until(deadline);
             tokio::select! {
                 biased;
                 out = &mut work => return out,
@@ -580,16 +574,10 @@ impl AdsClient {
         };
         self.stream_up();
         let mut answered = false;
-        let mut looks = tokio::time::interval(POOL_LOOK);
-        looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut looks = looks();
         loop {
             let deadline = self.state.next_deadline();
-            let timer = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let timer = sleep_until(deadline);
             tokio::select! {
                 biased;
                 message = responses.message() => match message {
@@ -764,6 +752,21 @@ impl AdsClient {
             s.updates += 1;
         });
         self.state.published = set;
+    }
+}
+
+/// Ticks every `POOL_LOOK`, a late tick not made up for.
+fn looks() -> tokio::time::Interval {
+    let mut looks = tokio::time::interval(POOL_LOOK);
+    looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    looks
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

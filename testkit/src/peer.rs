@@ -101,33 +101,53 @@ fn python() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
 }
 
+/// A peer script run with the venv's Python, its stdin and stdout piped, and its first
+/// line of output (within 30 s).
+struct Launched {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+    first_line: String,
+}
+
+fn launch(script: &str, configure: impl FnOnce(&mut Command)) -> impl std::future::Future<Output = Launched> {
+    let python = python();
+    assert!(
+        python.exists(),
+        "the Python gRPC peer is not installed ({} is missing): run scripts/setup-peer, or \
+         scripts/test, which runs it",
+        python.display()
+    );
+    let mut command = Command::new(&python);
+    command.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peer").join(script));
+    configure(&mut command);
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", python.display()));
+    let script = script.to_owned();
+    async move {
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let first_line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{script} did not start within 30 s"))
+            .expect("reading the peer's output")
+            .unwrap_or_else(|| panic!("{script} exited before it was ready"));
+        Launched { child, stdin, stdout, first_line }
+    }
+}
+
 impl PythonPeer {
     /// Starts the peer and waits until it listens.
     pub async fn start(options: PeerOptions) -> PythonPeer {
-        let python = python();
-        assert!(
-            python.exists(),
-            "the Python gRPC peer is not installed ({} is missing): run scripts/setup-peer, or \
-             scripts/test, which runs it",
-            python.display()
-        );
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peer/echo_peer.py");
-        let mut child = Command::new(&python)
-            .arg(&script)
-            .args(options.args())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", python.display()));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
-            .await
-            .expect("the peer did not start within 30 s")
-            .expect("reading the peer's output")
-            .expect("the peer exited before listening");
+        let Launched { child, stdin, stdout, first_line: line } = launch("echo_peer.py", |command| {
+            command.args(options.args());
+        })
+        .await;
         let port = line
             .strip_prefix("listening ")
             .and_then(|p| p.parse().ok())
@@ -206,32 +226,10 @@ pub struct CallBatch {
 impl GrpcioXdsClient {
     /// Starts the client on `target` with the bootstrap JSON in `GRPC_XDS_BOOTSTRAP_CONFIG`.
     pub async fn start(target: &str, bootstrap: &str) -> GrpcioXdsClient {
-        let python = python();
-        assert!(
-            python.exists(),
-            "the Python gRPC peer is not installed ({} is missing): run scripts/setup-peer, or \
-             scripts/test, which runs it",
-            python.display()
-        );
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peer/xds_client.py");
-        let mut child = Command::new(&python)
-            .arg(&script)
-            .arg(target)
-            .env("GRPC_XDS_BOOTSTRAP_CONFIG", bootstrap)
-            .env_remove("GRPC_XDS_BOOTSTRAP")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", python.display()));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
-            .await
-            .expect("the xDS client did not start within 30 s")
-            .expect("reading the xDS client's output")
-            .expect("the xDS client exited before it was ready");
+        let Launched { child, stdin, stdout, first_line: line } = launch("xds_client.py", |command| {
+            command.arg(target).env("GRPC_XDS_BOOTSTRAP_CONFIG", bootstrap).env_remove("GRPC_XDS_BOOTSTRAP");
+        })
+        .await;
         assert_eq!(line, "ready", "unexpected first line from the xDS client");
         GrpcioXdsClient { _child: child, stdin, stdout }
     }
